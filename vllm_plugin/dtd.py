@@ -26,6 +26,7 @@ Everything here is deterministic and runs on any device the input tensors are on
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
@@ -50,6 +51,7 @@ __all__ = [
     "kept_thw",
     "mrope_positions",
     "dtd_stats",
+    "mask_digest",
 ]
 
 Metric = Literal["cosine", "l1"]
@@ -346,6 +348,8 @@ def pixel_tokens(
     channels: int = 3,
     image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
     image_std: Sequence[float] = OPENAI_CLIP_STD,
+    normalized: bool = True,
+    rescale_factor: float = 1.0 / 255.0,
 ) -> torch.Tensor:
     """Qwen2-VL / Qwen2.5-VL processed video patches -> one pixel token per LLM position.
 
@@ -355,6 +359,9 @@ def pixel_tokens(
             merge_row, merge_col) and columns (channel, temporal, patch_row, patch_col), normalized
             with ``image_mean``/``image_std``.
         grid_thw: (grid_t, grid_h, grid_w) in patches (before merging).
+        normalized: True when the patches are rescaled and normalized (the HF processor's default);
+            False when they are raw pixel values (vLLM's ``mm_device_do_normalize``, where the
+            vision tower normalizes on the device): those are multiplied by ``rescale_factor``.
     Returns:
         float32 (T, H, W, C) with T = grid_t, H = grid_h // merge_size, W = grid_w // merge_size and
         C = channels * temporal_patch_size * merge_size² * patch²: all pixels the LLM token covers
@@ -374,9 +381,12 @@ def pixel_tokens(
         raise ValueError(f"pixel_values feature dim {d} is not a multiple of channels*temporal_patch_size")
     H, W = h // merge_size, w // merge_size
     x = pixel_values.float().reshape(t, H, W, merge_size * merge_size, channels, -1)
-    mean = torch.tensor(image_mean, dtype=x.dtype, device=x.device).view(channels, 1)
-    std = torch.tensor(image_std, dtype=x.dtype, device=x.device).view(channels, 1)
-    x = x * std + mean
+    if normalized:
+        mean = torch.tensor(image_mean, dtype=x.dtype, device=x.device).view(channels, 1)
+        std = torch.tensor(image_std, dtype=x.dtype, device=x.device).view(channels, 1)
+        x = x * std + mean
+    else:
+        x = x * float(rescale_factor)
     return x.reshape(t, H, W, -1)
 
 
@@ -429,3 +439,13 @@ def dtd_stats(mask: torch.Tensor) -> DTDStats:
         raise ValueError("mask must be a bool tensor of shape (T, H, W)")
     T, H, W = mask.shape
     return DTDStats(kept_per_frame=tuple(int(k) for k in mask.reshape(T, -1).sum(dim=1).tolist()), tokens_per_frame=H * W)
+
+
+def mask_digest(mask: torch.Tensor) -> str:
+    """SHA-256 (hex) of a bool (T, H, W) mask's bits in raster order, with its shape: a compact,
+    exact identity to compare masks across processes."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 3:
+        raise ValueError("mask must be a bool tensor of shape (T, H, W)")
+    h = hashlib.sha256(repr(tuple(mask.shape)).encode())
+    h.update(bytes(mask.flatten().to(torch.uint8).tolist()))
+    return h.hexdigest()

@@ -1,0 +1,61 @@
+"""Plugin pieces that need no running server: options, launcher arguments, registration."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.serve import MIDDLEWARE, build_argv
+
+
+def test_options_defaults_and_overrides():
+    c = dtd_config_from_kwargs({})
+    assert (c.enabled, c.metric, c.threshold, c.reference, c.criterion) == (True, "l1", 0.05, "previous", "pixel")
+    c = dtd_config_from_kwargs({"dtd_metric": "cosine", "max_pixels": 5})
+    assert c.metric == "cosine" and c.threshold == 0.98
+    assert split_dtd_kwargs({"dtd_threshold": 0.1, "fps": 2}) == ({"dtd_threshold": 0.1}, {"fps": 2})
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"dtd_threshold": 2}, "dtd_threshold"), ({"dtd_metric": "x"}, "dtd_metric"),
+    ({"dtd_reference": "x"}, "dtd_reference"), ({"dtd_enabled": 1}, "dtd_enabled"),
+    ({"dtd_criterion": "feature"}, "dtd_criterion"), ({"dtd_x": 1}, "dtd_x"),
+])
+def test_option_errors_start_with_the_field(kw, field):
+    with pytest.raises(ValueError) as e:
+        dtd_config_from_kwargs(kw)
+    assert str(e.value).startswith(field + ":")
+
+
+def test_launcher_adds_architecture_and_middleware(tiny_model_path):
+    argv = build_argv(["--model", str(tiny_model_path), "--port", "1"])
+    i = argv.index("--hf-overrides")
+    assert json.loads(argv[i + 1]) == {"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}
+    assert argv[argv.index("--middleware") + 1] == MIDDLEWARE
+    mine = build_argv(["--model", str(tiny_model_path), "--hf-overrides", "{}", "--middleware", MIDDLEWARE])
+    assert mine.count("--hf-overrides") == 1 and mine.count(MIDDLEWARE) == 1
+
+
+def test_launcher_rejects_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(SystemExit, match="DTD supports"):
+        build_argv(["--model", str(tmp_path)])
+
+
+def test_register_is_idempotent_and_entry_point_is_declared():
+    code = (
+        "import logging, vllm_plugin\n"
+        "from importlib.metadata import entry_points\n"
+        "eps = [e.value for e in entry_points(group='vllm.general_plugins') if e.name == 'dtd']\n"
+        "assert eps == ['vllm_plugin:register'], eps\n"
+        "vllm_plugin.register(); vllm_plugin.register()\n"
+        "from vllm import ModelRegistry\n"
+        "assert 'Qwen2_5_VLDTDForConditionalGeneration' in ModelRegistry.get_supported_archs()\n"
+        "from vllm.renderers import online_renderer as o\n"
+        "assert o.validate_request_mm_kwargs._vllm_dtd_wrapped and o.OnlineRenderer.preprocess_chat._vllm_dtd_wrapped\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -1,0 +1,179 @@
+"""Qwen2.5-VL with Differential Token Drop, decided when the request is processed.
+
+* :class:`DTDQwen2_5_VLMultiModalProcessor` runs the HF processor, computes each video's keep mask
+  with :func:`vllm_plugin.dtd.dtd_keep_mask` on the processed patches (pixel level), carries it
+  with the item (``video_dtd_mask``, one bool per LLM token, ``flat_from_sizes``) and emits only the
+  kept number of ``<|video_pad|>`` tokens. The prompt length, the prefix-cache block hashes and the
+  KV cache all see the reduced video.
+* :class:`Qwen2_5_VLDTDForConditionalGeneration` runs the vision encoder on the whole video (its
+  window attention needs every patch) and keeps exactly the masked rows; its
+  ``get_mrope_input_positions`` gives survivors their ORIGINAL (t, h, w) positions
+  (:func:`vllm_plugin.dtd.mrope_positions`), text after a video continues where it would without DTD.
+
+Select it for any Qwen2.5-VL checkpoint with
+``--hf-overrides '{"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.processing import PromptReplacement
+
+from vllm_plugin import stats as dtd_stats_registry
+from vllm_plugin.dtd import dtd_keep_mask, dtd_stats, mask_digest, mrope_positions, pixel_tokens
+from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
+
+MASK_KEY = "video_dtd_mask"
+
+
+def _tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    return grid_thw.prod(-1) // (merge * merge)
+
+
+class DTDMultiModalProcessorMixin:
+    """Adds the DTD keep mask to Qwen-VL style processors (pixel-level, processing time)."""
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        dtd_kwargs, rest = split_dtd_kwargs(hf_kwargs)
+        processed = super()._call_hf_processor(hf_data, rest)
+        if "pixel_values_videos" not in processed:
+            return processed
+        # server defaults (--mm-processor-kwargs) merged with the request's own dtd_* keys
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        config = dtd_config_from_kwargs(merged)
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        grids = processed["video_grid_thw"]
+        sizes = _tokens_per_video(grids, merge)
+        patches = processed["pixel_values_videos"].split((grids.prod(-1)).tolist())
+        vp = getattr(self.info.get_hf_processor(), "video_processor", None) or self.info.get_image_processor()
+        # vLLM may leave rescale+normalize to the vision tower (mm_device_do_normalize): then the
+        # patches are raw pixel values. Read what the HF processor was actually asked to do.
+        normalized = bool(merged.get("do_normalize", vp.do_normalize))
+        if normalized != bool(merged.get("do_rescale", vp.do_rescale)):
+            raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
+        masks = []
+        for pv, grid in zip(patches, grids):
+            T, H, W = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
+            if not config.enabled:
+                masks.append(torch.ones(T * H * W, dtype=torch.bool))
+                continue
+            tokens = pixel_tokens(
+                pv, grid, merge_size=merge, temporal_patch_size=self.info.get_hf_config().vision_config.temporal_patch_size,
+                image_mean=vp.image_mean, image_std=vp.image_std, normalized=normalized, rescale_factor=vp.rescale_factor,
+            )
+            masks.append(dtd_keep_mask(tokens, config.threshold, metric=config.metric, reference=config.reference).flatten())
+        mask = torch.cat(masks)
+        assert mask.numel() == int(sizes.sum())
+        processed[MASK_KEY] = mask
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if MASK_KEY in hf_inputs:
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
+            sizes = _tokens_per_video(hf_inputs.get("video_grid_thw", torch.empty((0, 3))), merge)
+            fields[MASK_KEY] = MultiModalFieldConfig.flat_from_sizes("video", sizes, keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs) -> Sequence[PromptReplacement]:
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+
+        def with_dtd(update: PromptReplacement) -> PromptReplacement:
+            full_replacement = update.replacement
+
+            def replacement(item_idx: int):
+                full = full_replacement(item_idx)
+                elem = out_mm_kwargs["video"][item_idx].get(MASK_KEY)
+                if elem is None:
+                    return full
+                return full[:1] * int(elem.data.sum())
+
+            return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+        return [with_dtd(u) if u.modality == "video" else u for u in updates]
+
+    def apply(self, inputs, timing_ctx):
+        result = super().apply(inputs, timing_ctx)
+        # Remember each freshly processed video's stats under its multimodal hash (the request
+        # task looks them up after preprocessing; cached items were recorded when first seen).
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        for item, mm_hash in zip(result["mm_kwargs"].get("video", []), result["mm_hashes"].get("video", [])):
+            if item is None or item.get(MASK_KEY) is None:
+                continue
+            t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
+            mask = item[MASK_KEY].data.reshape(t, h // merge, w // merge)
+            dtd_stats_registry.record(mm_hash, dtd_stats(mask), mask_digest(mask))
+        return result
+
+
+class DTDQwen2_5_VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+class DTDModelMixin:
+    """Model side: keep the masked encoder outputs; survivors keep their original M-RoPE positions."""
+
+    def _parse_and_validate_video_input(self, **kwargs: object):
+        mask = kwargs.pop(MASK_KEY, None)
+        video_input = super()._parse_and_validate_video_input(**kwargs)
+        if video_input is not None and mask is not None:
+            setattr(video_input, "dtd_mask", mask)  # TensorSchema: attribute access, .get() works
+        return video_input
+
+    def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
+        embeds = tuple(super()._process_video_input(video_input))
+        mask = video_input.get("dtd_mask")
+        if mask is None:
+            return embeds
+        sizes = [e.shape[0] for e in embeds]
+        masks = list(mask.split(sizes)) if isinstance(mask, torch.Tensor) else list(mask)
+        if [m.numel() for m in masks] != sizes:
+            raise ValueError(f"DTD mask sizes {[m.numel() for m in masks]} do not match video token counts {sizes}")
+        return tuple(e[m.to(device=e.device, dtype=torch.bool)] for e, m in zip(embeds, masks))
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        parts: list[np.ndarray] = []
+        st = 0  # index in input_tokens after the last placed item
+        next_pos = 0  # position id of the next text token
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset = feature.mm_position.offset
+            text_len = offset - st
+            parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
+            start = next_pos + text_len
+            (_, t, h, w, t_factor), = self.iter_mm_grid_thw([feature])
+            elem = feature.data.get(MASK_KEY) if feature.modality == "video" else None
+            mask = (
+                elem.data.reshape(t, h, w).bool() if elem is not None else torch.ones((t, h, w), dtype=torch.bool)
+            )
+            pos, next_pos = mrope_positions(mask, start=start, second_per_grid_t=t_factor, tokens_per_second=1.0)
+            parts.append(pos.numpy())
+            st = offset + pos.shape[1]
+        if st < len(input_tokens):
+            text_len = len(input_tokens) - st
+            parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
+        positions = np.concatenate(parts, axis=1).reshape(3, -1)
+        if positions.shape[1] != len(input_tokens):
+            raise ValueError(f"M-RoPE positions cover {positions.shape[1]} tokens, the prompt has {len(input_tokens)}")
+        return torch.from_numpy(np.ascontiguousarray(positions)), int(positions.max() + 1 - len(input_tokens))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DTDQwen2_5_VLMultiModalProcessor,
+    info=Qwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class Qwen2_5_VLDTDForConditionalGeneration(DTDModelMixin, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL whose video prompts carry only the tokens that survive DTD."""

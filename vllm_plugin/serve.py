@@ -1,0 +1,68 @@
+"""Start vLLM's OpenAI-compatible server with DTD on.
+
+    python -m vllm_plugin.serve --model PATH [any vllm serve argument]
+
+Adds, unless given: ``--hf-overrides`` selecting the DTD architecture of the checkpoint (read from
+its config.json), and ``--middleware vllm_plugin.middleware.DTDStatsMiddleware`` (the
+``x-dtd-stats`` response header). Everything else goes to vLLM unchanged. Server-wide DTD
+defaults: ``--mm-processor-kwargs '{"dtd_threshold": 0.05, "dtd_metric": "l1"}'``.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+from vllm_plugin import DTD_ARCHITECTURES
+
+MIDDLEWARE = "vllm_plugin.middleware.DTDStatsMiddleware"
+
+
+def _arg(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def dtd_architecture(model: str) -> str:
+    cfg_path = Path(model) / "config.json"
+    archs = []
+    if cfg_path.is_file():
+        archs = json.loads(cfg_path.read_text()).get("architectures", []) or []
+    else:  # a hub id or remote path: let transformers resolve it (may use its local cache)
+        from transformers import AutoConfig
+
+        archs = getattr(AutoConfig.from_pretrained(model), "architectures", []) or []
+    for a in archs:
+        if a in DTD_ARCHITECTURES:
+            return DTD_ARCHITECTURES[a]
+        if a in DTD_ARCHITECTURES.values():
+            return a
+    raise SystemExit(f"vllm_plugin.serve: {model} has architectures {archs}; DTD supports {sorted(DTD_ARCHITECTURES)}")
+
+
+def build_argv(argv: list[str]) -> list[str]:
+    model = _arg(argv, "--model")
+    if model is None:
+        raise SystemExit("usage: python -m vllm_plugin.serve --model PATH [vllm serve arguments]")
+    out = list(argv)
+    if _arg(out, "--hf-overrides") is None:
+        out += ["--hf-overrides", json.dumps({"architectures": [dtd_architecture(model)]})]
+    if MIDDLEWARE not in out:
+        out += ["--middleware", MIDDLEWARE]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = build_argv(list(sys.argv[1:] if argv is None else argv))
+    sys.argv = ["vllm.entrypoints.openai.api_server", *argv]
+    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

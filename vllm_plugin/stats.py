@@ -1,0 +1,81 @@
+"""Per-request DTD statistics in the API server: log line, response header, Prometheus counters.
+
+The multimodal processor runs in a worker thread of the API server; it records each video's
+:class:`~vllm_plugin.dtd.DTDStats` under the item's multimodal hash. After preprocessing, the request
+task looks the hashes of its prompt up (:func:`collect`) and files them for the current request
+(a context variable set by :class:`vllm_plugin.middleware.DTDStatsMiddleware`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any, Iterable, Optional
+
+from vllm_plugin.dtd import DTDStats
+
+logger = logging.getLogger("vllm.dtd_plugin")  # under "vllm": shown by vLLM's log handler
+
+_LOCK = threading.Lock()
+_BY_HASH: "OrderedDict[str, tuple[DTDStats, str]]" = OrderedDict()
+_MAX = 4096
+
+# The list of stats of the request being handled (None outside a request).
+REQUEST_STATS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("dtd_request_stats", default=None)
+
+_metrics: dict[str, Any] = {}
+
+
+def record(mm_hash: str, stats: DTDStats, digest: str) -> None:
+    with _LOCK:
+        _BY_HASH[mm_hash] = (stats, digest)
+        _BY_HASH.move_to_end(mm_hash)
+        while len(_BY_HASH) > _MAX:
+            _BY_HASH.popitem(last=False)
+
+
+def lookup(mm_hash: str) -> Optional[tuple[DTDStats, str]]:
+    with _LOCK:
+        return _BY_HASH.get(mm_hash)
+
+
+def _counters():
+    if not _metrics:
+        from prometheus_client import Counter
+
+        _metrics["in"] = Counter("vllm_dtd_video_tokens_in", "Video tokens before Differential Token Drop")
+        _metrics["kept"] = Counter("vllm_dtd_video_tokens_kept", "Video tokens kept by Differential Token Drop")
+        _metrics["videos"] = Counter("vllm_dtd_videos", "Video items processed with Differential Token Drop")
+    return _metrics
+
+
+def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:
+    """File the stats of these video items for the current request, count and log them."""
+    found = [s for h in mm_hashes if (s := lookup(h)) is not None]
+    if not found:
+        return found
+    holder = REQUEST_STATS.get()
+    if holder is not None:
+        holder.extend(found)
+    try:
+        c = _counters()
+        for s, _ in found:
+            c["in"].inc(s.total)
+            c["kept"].inc(s.kept)
+            c["videos"].inc()
+    except Exception:  # metrics are best effort, never fail a request
+        logger.debug("DTD metrics unavailable", exc_info=True)
+    for s, _ in found:
+        logger.info(
+            "DTD: video tokens kept %d of %d (%.1f%% dropped); kept per frame %s",
+            s.kept, s.total, 100 * s.drop_ratio, list(s.kept_per_frame),
+        )
+    return found
+
+
+def header_value(found: list[tuple[DTDStats, str]]) -> str:
+    import json
+
+    return json.dumps({"videos": [{**s.as_dict(), "mask_sha256": d} for s, d in found]}, separators=(",", ":"))

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_plugin.media import VideoDecodeError, decode_video
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_VIDEO = ASSETS / "moviepy_airplane.mp4"
-
-
-class VideoDecodeError(ValueError):
-    """The file is missing, not a video, corrupt, or has no frames."""
 
 
 @dataclass
@@ -31,12 +29,6 @@ class Video:
         return len(self.frames)
 
 
-def sample_times(duration: float, fps: float) -> np.ndarray:
-    """Times k / fps for k = 0, 1, ... strictly before ``duration``."""
-    n = max(1, int(np.floor(duration * fps + 1e-9)))
-    return np.arange(n) / fps
-
-
 def load_video(
     path: str | os.PathLike,
     fps: float | None = 1.0,
@@ -44,56 +36,11 @@ def load_video(
     start: float = 0.0,
     end: float | None = None,
 ) -> Video:
-    """Decode ``path`` with PyAV and keep, for every time k/fps, the first frame at or after it.
-
-    ``fps=None`` keeps every decoded frame. ``start``/``end`` (seconds) cut a window; timestamps in
-    the result are relative to ``start``. Raises :class:`VideoDecodeError` for unreadable input.
-    """
-    import av
-
-    path = str(path)
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps!r}")
-    if not Path(path).is_file():
-        raise VideoDecodeError(f"no such video file: {path}")
-    frames: list[np.ndarray] = []
-    times: list[float] = []
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            source_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            next_t = start
-            last_t = start
-            for frame in container.decode(stream):
-                t = float(frame.time) if frame.time is not None else len(times) / source_fps
-                last_t = t
-                if t + 1e-6 < start:
-                    continue
-                if end is not None and t >= end:
-                    break
-                if fps is None or t + 1e-6 >= next_t:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    times.append(t - start)
-                    if fps is not None:
-                        # next sampling instant after t (skip instants with no frame of their own)
-                        next_t = start + (np.floor((t - start) * fps + 1e-6) + 1) / fps
-                    if max_frames is not None and len(frames) >= max_frames:
-                        break
-    except av.error.FFmpegError as e:  # corrupt / truncated / not a video
-        raise VideoDecodeError(f"cannot decode {path}: {e}") from e
-    if not frames:
-        raise VideoDecodeError(f"{path} has no decodable frames")
-    duration = (last_t - start) + 1.0 / source_fps
-    return Video(
-        frames=np.stack(frames),
-        timestamps=np.asarray(times, dtype=np.float64),
-        fps=float(fps) if fps is not None else source_fps,
-        source_fps=source_fps,
-        duration=duration,
-        path=path,
-    )
+    """Decode ``path`` (PyAV) keeping, for every time k/fps, the first frame at or after it
+    (:func:`vllm_plugin.media.decode_video`). ``fps=None`` keeps every frame. Raises
+    :class:`VideoDecodeError` for unreadable input."""
+    frames, times, source_fps, duration = decode_video(path, fps=fps, max_frames=max_frames, start=start, end=end)
+    return Video(frames, times, float(fps) if fps is not None else source_fps, source_fps, duration, str(path))
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, lossless: bool = True) -> Path:

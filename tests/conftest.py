@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
+BLOCK_SIZE = 32  # KV block size of the DTD test server (the CPU backend needs a multiple of 32)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +83,9 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
     from analysis.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
-    with VLLMServer(tiny_model_path, serve_args(media_dir), module="vllm_plugin.serve", log_path=log) as srv:
+    env = {"VLLM_DTD_STREAM_MAX_STREAMS": "4", "VLLM_DTD_STREAM_MAX_FRAMES": "64"}
+    args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE)]
+    with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv
 
 

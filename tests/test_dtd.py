@@ -14,6 +14,7 @@ from vllm_plugin.dtd import (
     dtd_stats,
     kept_thw,
     mrope_positions,
+    frame_tokens,
     next_reference,
     pixel_tokens,
     relative_kept_counts,
@@ -240,3 +241,15 @@ def test_dtd_module_imports_without_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "dtd_keep_mask"
+
+
+def test_frame_tokens_equal_pixel_tokens_of_raw_patches():
+    t, gh, gw, ps, tps, m, C = 3, 4, 6, 14, 2, 2, 3
+    frames = torch.randint(0, 256, (t * tps, gh * ps, gw * ps, C), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    # Qwen2-VL's processor layout of the same (unresized, unnormalized) frames
+    v = frames.permute(0, 3, 1, 2).float()
+    p = v.reshape(t, tps, C, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    from_patches = pixel_tokens(p.reshape(t * gh * gw, -1), (t, gh, gw), normalized=False)
+    assert torch.equal(frame_tokens(frames), from_patches)
+    with pytest.raises(ValueError, match="multiple"):
+        frame_tokens(frames[:5])

@@ -6,7 +6,7 @@ import pytest
 import requests
 import torch
 
-from conftest import assert_same_top_logprobs, chat_video, served_top_logprobs
+from conftest import BLOCK_SIZE, assert_same_top_logprobs, chat_video, served_top_logprobs
 from vllm_plugin.dtd import DTDConfig, dtd_keep_mask, mask_digest, pixel_tokens
 
 pytestmark = pytest.mark.vllm
@@ -157,9 +157,10 @@ def test_same_video_twice_hits_prefix_and_mm_caches(dtd_server, real_clip_mp4):
     hits0 = _metric(dtd_server, "vllm:mm_cache_hits_total")
     first, s1 = _chat_with_stats(dtd_server, real_clip_mp4, **mm)
     second, s2 = _chat_with_stats(dtd_server, real_clip_mp4, **mm)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # cold: at most the text blocks before the video can come from other requests' cache
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - s1[0]["kept"]
     cached = second.usage.prompt_tokens_details.cached_tokens
-    block = 128  # the CPU backend's KV block size here; cached tokens come in whole blocks
+    block = BLOCK_SIZE  # cached tokens come in whole KV blocks
     assert cached >= (second.usage.prompt_tokens // block) * block - block and cached > 0
     assert _metric(dtd_server, "vllm:mm_cache_hits_total") >= hits0 + 1
     assert s1 == s2  # stats are reported for cached items too

@@ -48,6 +48,7 @@ __all__ = [
     "relative_kept_counts",
     "next_reference",
     "pixel_tokens",
+    "frame_tokens",
     "kept_thw",
     "mrope_positions",
     "dtd_stats",
@@ -388,6 +389,38 @@ def pixel_tokens(
     else:
         x = x * float(rescale_factor)
     return x.reshape(t, H, W, -1)
+
+
+def frame_tokens(
+    frames: torch.Tensor,
+    merge_size: int = 2,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    rescale_factor: float = 1.0 / 255.0,
+) -> torch.Tensor:
+    """Pixel tokens straight from frames that are already at the processor's target size.
+
+    Args:
+        frames: uint8 or float (N, height, width, 3) RGB with N a multiple of ``temporal_patch_size``
+            and height, width multiples of ``patch_size * merge_size``.
+    Returns:
+        float32 (T, H, W, C), T = N / temporal_patch_size, in EXACTLY the element order of
+        :func:`pixel_tokens` (so both give bit-identical tokens for the same pixels when the
+        processor does not resize): per token (merge_row, merge_col, channel, temporal, py, px).
+    """
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError("frames must be a tensor of shape (N, height, width, 3)")
+    n, hh, ww, c = frames.shape
+    cell = patch_size * merge_size
+    if n == 0 or n % temporal_patch_size or hh % cell or ww % cell:
+        raise ValueError(
+            f"frames {tuple(frames.shape)}: N must be a positive multiple of {temporal_patch_size}, "
+            f"height and width multiples of {cell}"
+        )
+    T, H, W, m, ps = n // temporal_patch_size, hh // cell, ww // cell, merge_size, patch_size
+    x = frames.reshape(T, temporal_patch_size, H, m, ps, W, m, ps, c)
+    x = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7)  # T, H, W, mh, mw, C, tps, py, px
+    return x.reshape(T, H, W, -1).float() * float(rescale_factor)
 
 
 def kept_thw(mask: torch.Tensor) -> torch.Tensor:

@@ -43,10 +43,56 @@ def _tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     return grid_thw.prod(-1) // (merge * merge)
 
 
+REFERENCE_FRAMES = "dtd_reference_frames"  # video metadata key: frames preceding this item (streams)
+_REF_STEPS = "_dtd_reference_steps"  # internal hf_kwargs key: reference temporal steps per video
+
+
 class DTDMultiModalProcessorMixin:
-    """Adds the DTD keep mask to Qwen-VL style processors (pixel-level, processing time)."""
+    """Adds the DTD keep mask to Qwen-VL style processors (pixel-level, processing time).
+
+    A video item of a stream may carry, in its metadata under ``dtd_reference_frames``, the frames
+    that precede it (one temporal patch: the end of the previous chunk). They are processed with
+    the item, serve as the initial DTD reference (so chunked DTD equals DTD on the whole stream),
+    and are removed before the encoder: the item's tokens are its own frames only. The keep mask is
+    thus a pure function of the item, and content-hash caching stays correct.
+    """
+
+    def _get_hf_mm_inputs(self, mm_items, hf_kwargs: Mapping[str, object]):
+        from transformers.video_utils import VideoMetadata
+
+        from vllm.multimodal.processing.processor import BaseMultiModalProcessor, HFMultiModalInputs
+
+        # Qwen2.5-VL's own override turns (video, metadata) pairs into videos + VideoMetadata; it is
+        # redone here so that the reference frames can be taken out of the metadata first.
+        hf_inputs = BaseMultiModalProcessor._get_hf_mm_inputs(self, mm_items, hf_kwargs)
+        hf_data, hf_kwargs = dict(hf_inputs.hf_data), dict(hf_inputs.hf_kwargs)
+        videos = hf_data.get("videos")
+        if videos:
+            tps = self.info.get_hf_config().vision_config.temporal_patch_size
+            frames_out, metas, ref_steps = [], [], []
+            for video, metadata in videos:
+                meta = {k: v for k, v in dict(metadata).items() if k != "do_sample_frames"}
+                ref = meta.pop(REFERENCE_FRAMES, None)
+                if ref is not None and len(ref):
+                    ref = np.asarray(ref)
+                    if len(ref) % tps or ref.shape[1:] != np.asarray(video).shape[1:]:
+                        raise ValueError(f"{REFERENCE_FRAMES} must be whole temporal patches of the video's frame size")
+                    video = np.concatenate([ref, np.asarray(video)])
+                    n = len(video)
+                    meta.update(total_num_frames=n, frames_indices=list(range(n)))
+                    ref_steps.append(len(ref) // tps)
+                else:
+                    ref_steps.append(0)
+                frames_out.append(video)
+                metas.append(VideoMetadata(**meta))
+            hf_data["videos"], hf_data["video_metadata"] = frames_out, metas
+            if any(ref_steps):
+                hf_kwargs[_REF_STEPS] = ref_steps
+        return HFMultiModalInputs(hf_data, hf_kwargs, hf_inputs.passthrough_data)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        hf_kwargs = dict(hf_kwargs)
+        ref_steps = hf_kwargs.pop(_REF_STEPS, None)
         dtd_kwargs, rest = split_dtd_kwargs(hf_kwargs)
         processed = super()._call_hf_processor(hf_data, rest)
         if "pixel_values_videos" not in processed:
@@ -56,28 +102,39 @@ class DTDMultiModalProcessorMixin:
         config = dtd_config_from_kwargs(merged)
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
         grids = processed["video_grid_thw"]
-        sizes = _tokens_per_video(grids, merge)
-        patches = processed["pixel_values_videos"].split((grids.prod(-1)).tolist())
+        patches = list(processed["pixel_values_videos"].split((grids.prod(-1)).tolist()))
+        ref_steps = ref_steps or [0] * len(patches)
         vp = getattr(self.info.get_hf_processor(), "video_processor", None) or self.info.get_image_processor()
         # vLLM may leave rescale+normalize to the vision tower (mm_device_do_normalize): then the
         # patches are raw pixel values. Read what the HF processor was actually asked to do.
         normalized = bool(merged.get("do_normalize", vp.do_normalize))
         if normalized != bool(merged.get("do_rescale", vp.do_rescale)):
             raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
-        masks = []
-        for pv, grid in zip(patches, grids):
+        masks, kept_patches, kept_grids = [], [], []
+        for pv, grid, r in zip(patches, grids, ref_steps):
             T, H, W = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
-            if not config.enabled:
-                masks.append(torch.ones(T * H * W, dtype=torch.bool))
-                continue
+            if r >= T:
+                raise ValueError("a video item has no frames after its reference frames")
             tokens = pixel_tokens(
                 pv, grid, merge_size=merge, temporal_patch_size=self.info.get_hf_config().vision_config.temporal_patch_size,
                 image_mean=vp.image_mean, image_std=vp.image_std, normalized=normalized, rescale_factor=vp.rescale_factor,
             )
-            masks.append(dtd_keep_mask(tokens, config.threshold, metric=config.metric, reference=config.reference).flatten())
-        mask = torch.cat(masks)
-        assert mask.numel() == int(sizes.sum())
-        processed[MASK_KEY] = mask
+            own = tokens[r:]
+            if not config.enabled:
+                mask = torch.ones(own.shape[:3], dtype=torch.bool)
+            else:
+                mask = dtd_keep_mask(own, config.threshold, metric=config.metric, reference=config.reference,
+                                     initial_reference=tokens[r - 1] if r else None)
+                if not mask.any():  # a fully static stream chunk: keep one token, no empty placeholder
+                    mask.view(-1)[0] = True
+            masks.append(mask.flatten())
+            # the reference steps are not part of the item: drop their patches before the encoder
+            kept_patches.append(pv[r * int(grid[1]) * int(grid[2]):])
+            kept_grids.append(torch.stack([grid[0] - r, grid[1], grid[2]]))
+        if any(ref_steps):
+            processed["pixel_values_videos"] = torch.cat(kept_patches)
+            processed["video_grid_thw"] = torch.stack(kept_grids)
+        processed[MASK_KEY] = torch.cat(masks)
         return processed
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:

@@ -1,6 +1,6 @@
 """Start vLLM's OpenAI-compatible server with DTD on.
 
-    python -m vllm_plugin.serve --model PATH [any vllm serve argument]
+    python -m vllm_plugin.serve --model PATH [--dtd-streams] [any vllm serve argument]
 
 Adds, unless given: ``--hf-overrides`` selecting the DTD architecture of the checkpoint (read from
 its config.json), and ``--middleware vllm_plugin.middleware.DTDStatsMiddleware`` (the
@@ -46,6 +46,22 @@ def dtd_architecture(model: str) -> str:
     raise SystemExit(f"vllm_plugin.serve: {model} has architectures {archs}; DTD supports {sorted(DTD_ARCHITECTURES)}")
 
 
+STREAMS_FLAG = "--dtd-streams"
+
+
+def enable_streams(argv: list[str], env) -> list[str]:
+    """``--dtd-streams``: allow-list the stream routes (endpoint plugins are opt-in through
+    ``VLLM_PLUGINS``, which then also lists the general plugin) and let a prompt hold a stream's
+    video chunks."""
+    argv = [a for a in argv if a != STREAMS_FLAG]
+    names = [n for n in (env.get("VLLM_PLUGINS") or "").split(",") if n]
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*names, "dtd", "dtd_streams"]))
+    if _arg(argv, "--limit-mm-per-prompt") is None:
+        chunks = int(env.get("VLLM_DTD_STREAM_MAX_CHUNKS", "100"))
+        argv += ["--limit-mm-per-prompt", json.dumps({"video": chunks, "image": 1})]
+    return argv
+
+
 def build_argv(argv: list[str]) -> list[str]:
     model = _arg(argv, "--model")
     if model is None:
@@ -59,7 +75,12 @@ def build_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = build_argv(list(sys.argv[1:] if argv is None else argv))
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if STREAMS_FLAG in argv:
+        argv = enable_streams(argv, os.environ)
+    argv = build_argv(argv)
     sys.argv = ["vllm.entrypoints.openai.api_server", *argv]
     runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
 

@@ -1,0 +1,90 @@
+"""Stream bookkeeping without a server: causal chunked DTD, events, items, limits, ids."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_plugin.dtd import DTDConfig, dtd_keep_mask, dtd_stats, frame_tokens
+from vllm_plugin.streaming import Geometry, Limits, StreamError, StreamManager, StreamSettings
+
+
+def _settings(**kw):
+    return StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), **kw)
+
+
+def test_geometry_sizes_are_token_aligned_and_bounded():
+    g = Geometry()
+    for hw in [(360, 640), (224, 224), (1810, 2048), (30, 40), (1080, 1920)]:
+        h, w = g.target_size(*hw)
+        assert h % 28 == 0 and w % 28 == 0 and g.min_pixels <= h * w <= g.max_pixels
+    assert g.target_size(224, 224) == (224, 224)
+    with pytest.raises(StreamError):
+        g.target_size(1, 1000)
+
+
+def test_appends_of_any_size_give_whole_video_dtd_and_events(synthetic_clip):
+    c = synthetic_clip
+    s = StreamManager().open(_settings(event_level=0.5))
+    i, sizes = 0, [1, 3, 5, 2, 7, 11, 19]
+    while i < len(c.frames):
+        n = sizes[i % len(sizes)]
+        s.add_frames(list(c.frames[i : i + n]))
+        i += n
+    whole = dtd_keep_mask(frame_tokens(torch.from_numpy(c.frames)), 0.05, "l1")
+    assert s.kept_per_step == list(dtd_stats(whole).kept_per_frame) == c.expected_kept_per_step()
+    steps = [e["step"] for e in s.events if e["type"] == "scene_change"]
+    assert steps == [12, 16, 20]  # both cuts and the start of the fade; nothing in static stretches
+    assert not set(steps) & set(c.static_steps)
+    assert s.events[0]["time"] == pytest.approx(12.0) and s.events[0]["kept_fraction"] == 1.0
+
+
+def test_chunks_carry_the_previous_step_as_reference_and_are_stable(synthetic_clip):
+    s = StreamManager().open(_settings())
+    s.add_frames(list(synthetic_clip.frames[:9]))  # 4 complete steps + 1 pending frame
+    assert s.cut_chunk() == (0, 8)
+    assert s.cut_chunk() is None
+    s.add_frames(list(synthetic_clip.frames[9:20]))
+    assert s.cut_chunk() == (8, 20)
+    items = s.video_items()
+    assert len(items) == 2 and "dtd_reference_frames" not in items[0][1]
+    ref = items[1][1]["dtd_reference_frames"]
+    assert np.array_equal(ref, synthetic_clip.frames[6:8]) and len(items[1][0]) == 12
+    again = s.video_items()
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(items, again))
+    assert s.prompt_text("q", True).startswith("<|im_start|>system")
+
+
+def test_frames_are_resized_once_to_the_stream_size():
+    s = StreamManager().open(_settings())
+    s.add_frames([np.zeros((360, 640, 3), np.uint8), np.full((720, 1280, 3), 9, np.uint8)])
+    assert s.size == Geometry().target_size(360, 640)
+    assert all(f.shape[:2] == s.size for f in s.frames)
+
+
+def test_limits_errors_and_ids():
+    m = StreamManager(Limits(max_streams=2, max_frames=4, idle_seconds=0.2))
+    a, b = m.open(_settings()), m.open(_settings())
+    with pytest.raises(StreamError) as e:
+        m.open(_settings())
+    assert e.value.status == 429
+    frame = np.zeros((56, 56, 3), np.uint8)
+    a.add_frames([frame] * 4)
+    with pytest.raises(StreamError) as e:
+        a.add_frames([frame])
+    assert e.value.status == 409
+    with pytest.raises(StreamError, match="increase"):
+        b.add_frames([frame, frame], timestamps=[1.0, 0.5])
+    with pytest.raises(StreamError, match="uint8"):
+        b.add_frames([np.zeros((56, 56), np.float32)])
+    with pytest.raises(StreamError) as e:
+        m.get("strm-nope")
+    assert e.value.status == 404
+    assert a.id != b.id and len(a.id) > 30 and a.id.startswith("strm-")
+    time.sleep(0.3)
+    assert sorted(m.sweep()) == sorted([a.id, b.id]) and len(m) == 0  # idle streams are freed
+    with pytest.raises(StreamError, match="previous"):
+        StreamSettings(dtd=DTDConfig(reference="last_kept"))
+    with pytest.raises(StreamError, match="fps"):
+        StreamSettings(fps=0)

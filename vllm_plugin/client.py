@@ -1,0 +1,119 @@
+"""A small client for the DTD stream routes.
+
+    from vllm_plugin.client import open_stream
+    s = open_stream("http://127.0.0.1:8000", fps=2, standing_question="What changed?")
+    s.push(frames)                       # uint8 (N, H, W, 3) RGB frames (PNG over the wire), or
+    s.push_video("clip.mp4")             # a video chunk, sampled at the stream's fps by the server
+    r = s.ask("What is happening?")      # OpenAI chat.completion dict, usage incl. cached tokens
+    for e in s.events(): ...             # scene changes and proactive answers
+    s.close()
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import requests
+
+from vllm_plugin.media import encode_png
+
+
+class StreamHTTPError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _check(resp: requests.Response) -> dict:
+    if resp.status_code >= 400:
+        try:
+            msg = resp.json()["error"]["message"]
+        except Exception:
+            msg = resp.text[:500]
+        raise StreamHTTPError(resp.status_code, msg)
+    return resp.json()
+
+
+class StreamClient:
+    def __init__(self, base_url: str, stream_id: str, session: Optional[requests.Session] = None, timeout: float = 600):
+        self.base_url = base_url.rstrip("/")
+        self.id = stream_id
+        self.http = session or requests.Session()
+        self.timeout = timeout
+        self._after = -1
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1/streams/{self.id}"
+
+    def push(self, frames: Sequence[np.ndarray] | np.ndarray, timestamps: Optional[Sequence[float]] = None) -> dict:
+        """Append frames; returns {frames, steps, events (raised by these frames), kept_per_step}."""
+        items = []
+        for i, f in enumerate(frames):
+            item = {"image": base64.b64encode(encode_png(f)).decode()}
+            if timestamps is not None:
+                item["timestamp"] = float(timestamps[i])
+            items.append(item)
+        return _check(self.http.post(self.url + "/frames", json={"frames": items}, timeout=self.timeout))
+
+    def push_video(self, video: str | Path | bytes, start_time: Optional[float] = None) -> dict:
+        data = video if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
+        body = {"video": base64.b64encode(data).decode()}
+        if start_time is not None:
+            body["start_time"] = start_time
+        return _check(self.http.post(self.url + "/frames", json=body, timeout=self.timeout))
+
+    def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0, return_token_ids: bool = False) -> dict:
+        """A question at the current point: the chat.completion dict (usage.prompt_tokens_details.
+        cached_tokens shows the reused past; stream_state has ttft_s)."""
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": temperature,
+                "return_token_ids": return_token_ids}
+        return _check(self.http.post(self.url + "/chat/completions", json=body, timeout=self.timeout))
+
+    def ask_stream(self, question: str, max_tokens: int = 64) -> Iterator[dict]:
+        """Server-sent events: chunks with choices[0].delta.content, then a usage chunk."""
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True}
+        with self.http.post(self.url + "/chat/completions", json=body, stream=True, timeout=self.timeout) as r:
+            if r.status_code >= 400:
+                _check(r)
+            for line in r.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    return
+                yield json.loads(data)
+
+    def events(self, after: Optional[int] = None) -> list[dict]:
+        """Events after index ``after`` (default: those not returned yet)."""
+        after = self._after if after is None else after
+        out = _check(self.http.get(self.url + "/events", params={"after": after}, timeout=self.timeout))
+        if out["events"]:
+            self._after = max(self._after, out["events"][-1]["index"])
+        return out["events"]
+
+    def iter_events(self, poll_s: float = 0.5, until: Optional[float] = None) -> Iterator[dict]:
+        while until is None or time.monotonic() < until:
+            yield from self.events()
+            time.sleep(poll_s)
+
+    def status(self) -> dict:
+        return _check(self.http.get(self.url, timeout=self.timeout))
+
+    def close(self) -> None:
+        _check(self.http.delete(self.url, timeout=self.timeout))
+
+
+def open_stream(base_url: str, model: Optional[str] = None, fps: float = 2.0, **settings) -> StreamClient:
+    """Open a stream. ``settings``: dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
+    event_level, standing_question, answer_max_tokens."""
+    http = requests.Session()
+    body = {"model": model, "fps": fps, **settings}
+    info = _check(http.post(base_url.rstrip("/") + "/v1/streams", json=body, timeout=60))
+    return StreamClient(base_url, info["id"], http)

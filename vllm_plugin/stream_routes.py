@@ -1,0 +1,364 @@
+"""Stream routes inside ``vllm serve``: an endpoint plugin (``vllm.endpoint_plugins`` → ``dtd_streams``).
+
+Opt-in as vLLM requires: ``VLLM_PLUGINS=dtd,dtd_streams`` (``python -m vllm_plugin.serve
+--dtd-streams`` sets it). Routes (all JSON; OpenAPI at ``/docs``):
+
+* ``POST   /v1/streams``                         open a stream (fps, DTD settings, event level, standing question)
+* ``POST   /v1/streams/{id}/frames``             append frames (base64 images with timestamps, or a base64 video chunk)
+* ``POST   /v1/streams/{id}/chat/completions``   ask at the current point (OpenAI chat-completions shape, ``stream: true`` for SSE)
+* ``GET    /v1/streams/{id}/events?after=N``     scene-change events and proactive answers
+* ``GET    /v1/streams/{id}``                    status (frames, kept tokens per step, ...)
+* ``DELETE /v1/streams/{id}``                    close
+
+Limits (env ``VLLM_DTD_STREAM_MAX_STREAMS``, ``..._MAX_FRAMES``, ``..._MAX_BYTES``,
+``..._MAX_CHUNKS``, ``..._IDLE_SECONDS``, ``..._MAX_UPLOAD_BYTES``): a full stream or server gets a
+clear 4xx, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any, Optional
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from vllm_plugin.media import VideoDecodeError, decode_image, decode_video
+from vllm_plugin.options import dtd_config_from_kwargs
+from vllm_plugin.streaming import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
+
+logger = logging.getLogger("vllm.dtd_plugin")
+router = APIRouter(prefix="/v1/streams", tags=["DTD streams"])
+
+
+class OpenStreamRequest(BaseModel):
+    model: Optional[str] = None
+    fps: float = Field(2.0, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)")
+    dtd_enabled: Optional[bool] = None
+    dtd_threshold: Optional[float] = None
+    dtd_metric: Optional[str] = None
+    dtd_reference: Optional[str] = None
+    event_level: float = Field(0.5, description="kept fraction of a temporal step that signals a scene change")
+    standing_question: Optional[str] = Field(None, description="asked automatically at every scene change")
+    answer_max_tokens: int = Field(64, ge=1, le=4096)
+
+
+class FrameIn(BaseModel):
+    image: str = Field(..., description="base64 JPEG/PNG/WebP")
+    timestamp: Optional[float] = Field(None, description="seconds since the stream started")
+
+
+class AppendFramesRequest(BaseModel):
+    frames: Optional[list[FrameIn]] = None
+    video: Optional[str] = Field(None, description="base64 video chunk (any container PyAV reads), sampled at the stream's fps")
+    start_time: Optional[float] = Field(None, description="stream time of the video chunk's first frame")
+
+
+class StreamChatRequest(BaseModel):
+    messages: list[dict[str, Any]]
+    model: Optional[str] = None
+    max_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    stream: bool = False
+    return_token_ids: bool = Field(False, description="add prompt/completion token ids to stream_state")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLargeError", 429: "TooManyRequestsError"}
+    return JSONResponse({"error": {"message": message, "type": kind.get(status, "BadRequestError"), "code": status}}, status_code=status)
+
+
+def _b64(data: str, limit: int) -> bytes:
+    if len(data) > limit * 4 // 3 + 8:
+        raise StreamError(f"upload larger than {limit} bytes", 413)
+    try:
+        return base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise StreamError("not valid base64") from None
+
+
+def _question(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c
+            if isinstance(c, list):
+                texts = [p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"]
+                if len(texts) == len(c):
+                    return "".join(texts)
+            raise StreamError("stream questions are text; the video comes from the stream's frames")
+    raise StreamError("messages must contain a user message")
+
+
+class StreamService:
+    def __init__(self, engine_client, args):
+        from transformers import AutoProcessor
+
+        self.engine = engine_client
+        self.tasks: set = set()
+        self.model = args.model
+        names = getattr(args, "served_model_name", None) or [args.model]
+        self.served_names = [names] if isinstance(names, str) else list(names)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
+        self.tokenizer = processor.tokenizer
+        self.manager = StreamManager(Limits.from_env(os.environ), Geometry.from_video_processor(processor.video_processor))
+        raw = getattr(args, "mm_processor_kwargs", None) or {}
+        self.server_dtd = {k: v for k, v in (json.loads(raw) if isinstance(raw, str) else dict(raw)).items() if k.startswith("dtd_")}
+        self.end_ids = self.tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
+        self.newline_ids = self.tokenizer.encode("\n", add_special_tokens=False)
+        self.im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model not in self.served_names:
+            raise StreamError(f"model {model!r} is not served here (serving {self.served_names})", 404)
+
+    def settings(self, req: OpenStreamRequest) -> StreamSettings:
+        mine = {k: v for k, v in req.model_dump().items() if k.startswith("dtd_") and v is not None}
+        try:
+            dtd = dtd_config_from_kwargs({**self.server_dtd, **mine})
+        except ValueError as e:
+            raise StreamError(str(e)) from None
+        return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level,
+                              standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens)
+
+    def dtd_kwargs(self, stream: Stream) -> dict:
+        c = stream.settings.dtd
+        return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference}
+
+    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float):
+        """Async generator of vLLM RequestOutputs for one question at the stream's current point."""
+        from vllm import SamplingParams
+
+        async with stream.chat_lock:
+            chunk = stream.cut_chunk()
+            try:
+                items = stream.video_items()
+                new_ids = self.tokenizer.encode(stream.prompt_text(question, chunk is not None), add_special_tokens=False)
+                prompt_ids = stream.history_ids + new_ids
+                prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
+                if items:
+                    prompt["multi_modal_data"] = {"video": items}
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+                rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
+                last = None
+                async for out in self.engine.generate(prompt, params, rid):
+                    last = out
+                    yield out
+            except BaseException:
+                if chunk is not None:  # the turn did not happen: its chunk is not part of the conversation
+                    stream.chunks.pop()
+                raise
+            ids = list(last.outputs[0].token_ids) if last is not None else []
+            tail = self.newline_ids if ids and ids[-1] == self.im_end else self.end_ids
+            stream.history_ids = prompt_ids + ids + tail
+            stream.questions += 1
+
+    async def answer(self, stream: Stream, question: str, max_tokens: int, temperature: float = 0.0, with_ids: bool = False) -> dict:
+        t0 = time.perf_counter()
+        ttft, out = None, None
+        async for out in self.generate(stream, question, max_tokens, temperature):
+            if ttft is None and out.outputs and out.outputs[0].token_ids:
+                ttft = time.perf_counter() - t0
+        return self.completion(stream, out, ttft, time.perf_counter() - t0, with_ids)
+
+    def video_tokens_per_chunk(self, prompt_ids: list[int]) -> list[int]:
+        """Kept video tokens of each video item, read off the served (expanded) prompt."""
+        runs, n = [], 0
+        for t in prompt_ids:
+            if t == self.video_pad:
+                n += 1
+            elif n:
+                runs.append(n)
+                n = 0
+        return runs + ([n] if n else [])
+
+    def completion(self, stream: Stream, out, ttft: Optional[float], e2e: float, with_ids: bool = False) -> dict:
+        o = out.outputs[0]
+        prompt_ids = list(out.prompt_token_ids or [])
+        prompt_tokens = len(prompt_ids)
+        state = {"frames": len(stream.frames), "chunks": len(stream.chunks), "time": stream.timestamps[-1] if stream.timestamps else None,
+                 "question": stream.questions, "ttft_s": ttft, "e2e_s": e2e,
+                 "video_tokens_per_chunk": self.video_tokens_per_chunk(prompt_ids)}
+        if with_ids:
+            state["prompt_token_ids"] = prompt_ids
+            state["completion_token_ids"] = list(o.token_ids)
+        return {
+            "id": f"chatcmpl-{out.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.served_names[0],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(o.token_ids),
+                      "total_tokens": prompt_tokens + len(o.token_ids),
+                      "prompt_tokens_details": {"cached_tokens": int(out.num_cached_tokens or 0)}},
+            "stream_state": state,
+        }
+
+    async def proactive(self, stream: Stream, events: list[dict]) -> None:
+        q = stream.settings.standing_question
+        for e in events:
+            try:
+                resp = await self.answer(stream, q, stream.settings.answer_max_tokens)
+                stream.add_event({"type": "answer", "trigger": e["index"], "time": e["time"], "question": q,
+                                  "text": resp["choices"][0]["message"]["content"], "usage": resp["usage"]})
+            except Exception as exc:  # never let a background answer take anything down
+                logger.warning("DTD stream %s: proactive answer failed: %s", stream.id, exc)
+                stream.add_event({"type": "error", "trigger": e["index"], "message": str(exc)})
+
+
+def _service(request: Request) -> StreamService:
+    svc = getattr(request.app.state, "dtd_streams", None)
+    if svc is None:
+        raise StreamError("stream routes are not initialized", 503)
+    return svc
+
+
+def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest):
+    lim = svc.manager.limits
+    if (body.frames is None) == (body.video is None):
+        raise StreamError("give either frames or video")
+    if body.frames is not None:
+        if not body.frames:
+            raise StreamError("frames is empty")
+        if len(body.frames) > lim.max_frames_per_append:
+            raise StreamError(f"at most {lim.max_frames_per_append} frames per append", 413)
+        frames, stamps, budget = [], [], lim.max_upload_bytes
+        for i, f in enumerate(body.frames):
+            raw = _b64(f.image, budget)
+            budget -= len(raw)
+            try:
+                frames.append(decode_image(raw))
+            except ValueError as e:
+                raise StreamError(f"frames[{i}]: {e}") from None
+            stamps.append(f.timestamp)
+        if any(t is None for t in stamps) and not all(t is None for t in stamps):
+            raise StreamError("give a timestamp for every frame or for none")
+        return frames, (None if stamps[0] is None else stamps)
+    raw = _b64(body.video, lim.max_upload_bytes)
+    try:
+        frames, times, _, _ = decode_video(raw, fps=stream.settings.fps, max_frames=lim.max_frames_per_append)
+    except (VideoDecodeError, ValueError) as e:
+        raise StreamError(f"video: {e}") from None
+    if body.start_time is None:
+        return list(frames), None
+    return list(frames), [body.start_time + float(t) for t in times]
+
+
+async def _guard(coro):
+    try:
+        return await coro
+    except StreamError as e:
+        return _error(e.status, str(e))
+    except ValueError as e:  # processing / validation in vLLM (too long a prompt, bad media, ...)
+        return _error(400, str(e))
+
+
+@router.post("", summary="Open a stream")
+async def open_stream(body: OpenStreamRequest, request: Request):
+    async def run():
+        svc = _service(request)
+        svc.check_model(body.model)
+        stream = svc.manager.open(svc.settings(body))
+        return JSONResponse(stream.status())
+    return await _guard(run())
+
+
+@router.post("/{stream_id}/frames", summary="Append frames or a video chunk")
+async def append_frames(stream_id: str, body: AppendFramesRequest, request: Request):
+    async def run():
+        svc = _service(request)
+        stream = svc.manager.get(stream_id)
+        frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
+        events = await asyncio.to_thread(stream.add_frames, frames, stamps)
+        if events and stream.settings.standing_question:
+            task = asyncio.get_running_loop().create_task(svc.proactive(stream, events))
+            svc.tasks.add(task)  # keep a reference until done
+            task.add_done_callback(svc.tasks.discard)
+        return JSONResponse({"frames": len(stream.frames), "steps": stream.steps, "events": events,
+                             "kept_per_step": stream.kept_per_step[-len(frames):]})
+    return await _guard(run())
+
+
+@router.post("/{stream_id}/chat/completions", summary="Ask at the current point of the stream")
+async def ask(stream_id: str, body: StreamChatRequest, request: Request):
+    async def run():
+        svc = _service(request)
+        svc.check_model(body.model)
+        stream = svc.manager.get(stream_id)
+        question = _question(body.messages)
+        if not body.stream:
+            return JSONResponse(await svc.answer(stream, question, body.max_tokens, body.temperature, body.return_token_ids))
+        gen = svc.generate(stream, question, body.max_tokens, body.temperature)
+        t0 = time.perf_counter()
+        first = await gen.__anext__()  # errors surface here as a 4xx, before the event stream starts
+
+        async def sse():
+            out, sent, ttft = first, 0, None
+            try:
+                while True:
+                    text = out.outputs[0].text
+                    if ttft is None and out.outputs[0].token_ids:
+                        ttft = time.perf_counter() - t0
+                    if len(text) > sent:
+                        chunk = {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion.chunk", "model": svc.served_names[0],
+                                 "choices": [{"index": 0, "delta": {"content": text[sent:]}, "finish_reason": out.outputs[0].finish_reason}]}
+                        sent = len(text)
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    try:
+                        out = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                final = svc.completion(stream, out, ttft, time.perf_counter() - t0)
+                yield f"data: {json.dumps({'id': final['id'], 'object': 'chat.completion.chunk', 'choices': [], 'usage': final['usage'], 'stream_state': final['stream_state']})}\n\n"
+            except Exception as e:  # a clean SSE error instead of a torn connection
+                yield f"data: {json.dumps({'error': {'message': str(e), 'code': 500}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+    return await _guard(run())
+
+
+@router.get("/{stream_id}/events", summary="Scene-change events and proactive answers")
+async def events(stream_id: str, request: Request, after: int = -1):
+    async def run():
+        stream = _service(request).manager.get(stream_id)
+        new = [e for e in stream.events if e["index"] > after]
+        return JSONResponse({"events": new, "next": stream.events[-1]["index"] if stream.events else -1})
+    return await _guard(run())
+
+
+@router.get("/{stream_id}", summary="Stream status")
+async def status(stream_id: str, request: Request):
+    async def run():
+        return JSONResponse(_service(request).manager.get(stream_id).status())
+    return await _guard(run())
+
+
+@router.delete("/{stream_id}", summary="Close a stream")
+async def close(stream_id: str, request: Request):
+    async def run():
+        _service(request).manager.close(stream_id)
+        return JSONResponse({"id": stream_id, "closed": True})
+    return await _guard(run())
+
+
+class DTDStreamPlugin:
+    """``vllm.endpoint_plugins`` entry point (see ``vllm/plugins/endpoint_plugins/interface.py``)."""
+
+    name = "dtd_streams"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        state.dtd_streams = StreamService(engine_client, args)
+        logger.info("DTD stream routes ready at /v1/streams (limits %s)", state.dtd_streams.manager.limits)

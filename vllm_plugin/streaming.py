@@ -1,0 +1,328 @@
+"""Live video streams: frames arrive over time, DTD runs causally, questions reuse the KV cache.
+
+No vLLM import: this is the state and bookkeeping; ``stream_routes`` puts it behind HTTP and the
+engine.
+
+How a question reuses the past
+------------------------------
+Frames are resized once, on arrival, to the processor's target size (so the processor does not
+resize them again and the DTD tokens here are bit-identical to the served ones). At every question
+the complete temporal steps that arrived since the previous question become ONE new video item
+(a "chunk"); the conversation is kept as token ids::
+
+    <system> <user: [chunk 0] question 1> <assistant: answer 1> <user: [chunk 1] question 2> ...
+
+Past chunks are byte-identical items in byte-identical places, so vLLM's prefix cache (block
+hashes mix in each item's content hash) serves everything before the new chunk, and its encoder
+work is not redone: a question costs the new frames and the new text only.
+
+Causal DTD across chunks: chunk k ≥ 1 carries the last temporal step of chunk k-1 in its metadata
+(``dtd_reference_frames``); the processor uses it as the initial reference and drops it before the
+encoder. Kept tokens of the past never change; chunked DTD equals DTD on the whole stream.
+
+The per-step kept fraction is the scene-change signal: when it rises to ``event_level`` or above
+(from below) the stream records an event, and may answer a standing question (proactive response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vllm_plugin.dtd import DTDConfig, dtd_keep_mask, frame_tokens, next_reference
+
+SYSTEM_TURN = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def user_turn(num_videos: int, text: str) -> str:
+    return f"<|im_start|>user\n{VIDEO_PLACEHOLDER * num_videos}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class StreamError(Exception):
+    """An HTTP-mappable error: ``status`` is the 4xx code."""
+
+    status = 400
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_streams: int = 16
+    max_frames: int = 7200  # per stream (1 h at 2 fps)
+    max_bytes: int = 4 * 1024**3  # decoded frames kept per stream
+    max_chunks: int = 100  # video items per prompt (server's --limit-mm-per-prompt must allow it)
+    idle_seconds: float = 600.0
+    max_upload_bytes: int = 64 * 1024**2  # one append request
+    max_frames_per_append: int = 256
+
+    @classmethod
+    def from_env(cls, env) -> "Limits":
+        def get(name, default, typ):
+            raw = env.get(f"VLLM_DTD_STREAM_{name.upper()}")
+            return typ(raw) if raw not in (None, "") else default
+
+        return cls(**{f: get(f, getattr(cls, f), type(getattr(cls, f))) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Qwen2-VL style sizing: frames resized so both sides are multiples of ``factor`` (patch ×
+    merge) and the area lies within [min_pixels, max_pixels] (``smart_resize``)."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 448 * 448
+    temporal_patch_size: int = 2
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_video_processor(cls, vp) -> "Geometry":
+        size = getattr(vp, "size", None) or {}
+        return cls(
+            patch_size=int(vp.patch_size), merge_size=int(vp.merge_size),
+            min_pixels=int(size.get("shortest_edge", getattr(vp, "min_pixels", cls.min_pixels))),
+            max_pixels=int(size.get("longest_edge", getattr(vp, "max_pixels", cls.max_pixels))),
+            temporal_patch_size=int(vp.temporal_patch_size),
+        )
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        if height < 1 or width < 1 or max(height, width) / min(height, width) > 200:
+            raise StreamError(f"frame size {width}x{height} is not usable")
+        f = self.factor
+        h = max(f, round(height / f) * f)
+        w = max(f, round(width / f) * f)
+        if h * w > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h = max(f, math.floor(height / beta / f) * f)
+            w = max(f, math.floor(width / beta / f) * f)
+        elif h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h = math.ceil(height * beta / f) * f
+            w = math.ceil(width * beta / f) * f
+        return h, w
+
+
+@dataclass
+class StreamSettings:
+    fps: float = 2.0
+    dtd: DTDConfig = field(default_factory=DTDConfig)
+    event_level: float = 0.5  # kept fraction of a step that signals a scene change
+    standing_question: Optional[str] = None
+    answer_max_tokens: int = 64
+
+    def __post_init__(self):
+        if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 60):
+            raise StreamError(f"fps must be in (0, 60], got {self.fps!r}")
+        if not (isinstance(self.event_level, (int, float)) and 0 < self.event_level <= 1):
+            raise StreamError(f"event_level must be in (0, 1], got {self.event_level!r}")
+        if self.dtd.reference != "previous":
+            raise StreamError("dtd_reference: streams support 'previous' (the carried reference is the last frame)")
+
+
+class Stream:
+    def __init__(self, stream_id: str, settings: StreamSettings, geometry: Geometry, limits: Limits):
+        self.id = stream_id
+        self.settings = settings
+        self.geometry = geometry
+        self.limits = limits
+        self.created = self.last_active = time.monotonic()
+        self.size: Optional[tuple[int, int]] = None  # (height, width) after resizing
+        self.frames: list[np.ndarray] = []
+        self.timestamps: list[float] = []
+        self.nbytes = 0
+        # causal DTD for the signal / events
+        self._ref_tokens: Optional[torch.Tensor] = None
+        self.kept_per_step: list[int] = []
+        self.tokens_per_step = 0
+        self.events: list[dict] = []
+        self._above = False
+        # conversation
+        self.chunks: list[tuple[int, int]] = []  # frame ranges [start, end) of the video items
+        self.history_ids: list[int] = []
+        self.questions = 0
+        self.frames_lock = threading.Lock()  # appends and chunk cuts
+        self.chat_lock = asyncio.Lock()  # one question at a time per stream
+
+    # -- frames ---------------------------------------------------------------------------------
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    @property
+    def steps(self) -> int:
+        return len(self.frames) // self.geometry.temporal_patch_size
+
+    def _resize(self, frame: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise StreamError(f"a frame must be uint8 (H, W, 3) RGB, got {frame.dtype} {frame.shape}")
+        if self.size is None:
+            self.size = self.geometry.target_size(*frame.shape[:2])
+        h, w = self.size
+        if frame.shape[:2] == (h, w):
+            return np.ascontiguousarray(frame)
+        return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
+
+    def add_frames(self, frames: list[np.ndarray], timestamps: Optional[list[float]] = None) -> list[dict]:
+        """Append frames (any size; resized to the stream's), analyze the new complete steps.
+        Returns the events they raised. Thread-safe."""
+        if not frames:
+            raise StreamError("no frames given")
+        if len(frames) > self.limits.max_frames_per_append:
+            raise StreamError(f"at most {self.limits.max_frames_per_append} frames per append", 413)
+        with self.frames_lock:
+            if len(self.frames) + len(frames) > self.limits.max_frames:
+                raise StreamError(f"stream is full: at most {self.limits.max_frames} frames", 409)
+            resized = [self._resize(f) for f in frames]
+            add_bytes = sum(f.nbytes for f in resized)
+            if self.nbytes + add_bytes > self.limits.max_bytes:
+                raise StreamError(f"stream is full: at most {self.limits.max_bytes} bytes of frames", 409)
+            last = self.timestamps[-1] if self.timestamps else -1.0 / self.settings.fps
+            if timestamps is None:
+                timestamps = [last + (i + 1) / self.settings.fps for i in range(len(resized))]
+            if len(timestamps) != len(resized) or any(not math.isfinite(t) for t in timestamps):
+                raise StreamError("timestamps must be finite numbers, one per frame")
+            if any(b <= a for a, b in zip([last, *timestamps], timestamps)):
+                raise StreamError("timestamps must increase")
+            self.frames.extend(resized)
+            self.timestamps.extend(float(t) for t in timestamps)
+            self.nbytes += add_bytes
+            self.touch()
+            return self._analyze()
+
+    def _analyze(self) -> list[dict]:
+        tps = self.geometry.temporal_patch_size
+        done = len(self.kept_per_step)
+        if self.steps <= done:
+            return []
+        frames = torch.from_numpy(np.stack(self.frames[done * tps : self.steps * tps]))
+        g = self.geometry
+        tokens = frame_tokens(frames, merge_size=g.merge_size, patch_size=g.patch_size, temporal_patch_size=tps)
+        cfg = self.settings.dtd
+        mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
+        self._ref_tokens = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
+        self.tokens_per_step = int(mask[0].numel())
+        new_events = []
+        for i, kept in enumerate(mask.reshape(mask.shape[0], -1).sum(1).tolist()):
+            step = done + i
+            self.kept_per_step.append(int(kept))
+            frac = kept / self.tokens_per_step
+            if step >= 1 and frac >= self.settings.event_level and not self._above:
+                new_events.append({
+                    "type": "scene_change", "step": step, "frame": step * tps,
+                    "time": self.timestamps[step * tps], "kept_fraction": frac,
+                })
+            self._above = frac >= self.settings.event_level if step >= 1 else False
+        return [self.add_event(e) for e in new_events]
+
+    def add_event(self, event: dict) -> dict:
+        event = {"index": len(self.events), **event}
+        self.events.append(event)
+        return event
+
+    # -- questions ------------------------------------------------------------------------------
+    def cut_chunk(self) -> Optional[tuple[int, int]]:
+        """Make the complete steps not yet in a chunk the next video item (None if there are none)."""
+        with self.frames_lock:
+            start = self.chunks[-1][1] if self.chunks else 0
+            end = self.steps * self.geometry.temporal_patch_size
+            if end <= start:
+                return None
+            if len(self.chunks) >= self.limits.max_chunks:
+                raise StreamError(f"stream has {len(self.chunks)} video chunks, the most one prompt may hold", 409)
+            self.chunks.append((start, end))
+            return start, end
+
+    def video_items(self) -> list[tuple[np.ndarray, dict]]:
+        """All chunks as (frames, metadata) video items, byte-identical from question to question."""
+        tps = self.geometry.temporal_patch_size
+        items = []
+        for k, (a, b) in enumerate(self.chunks):
+            frames = np.stack(self.frames[a:b])
+            n = len(frames)
+            meta = {
+                "fps": float(self.settings.fps), "total_num_frames": n, "frames_indices": list(range(n)),
+                "duration": n / self.settings.fps, "video_backend": "dtd_stream",
+            }
+            if k > 0:
+                meta["dtd_reference_frames"] = np.stack(self.frames[a - tps : a])
+            items.append((frames, meta))
+        return items
+
+    def prompt_text(self, question: str, new_chunk: bool) -> str:
+        return (SYSTEM_TURN if not self.history_ids else "") + user_turn(1 if new_chunk else 0, question)
+
+    def status(self) -> dict:
+        return {
+            "id": self.id, "frames": len(self.frames), "steps": self.steps, "chunks": len(self.chunks),
+            "questions": self.questions, "events": len(self.events), "bytes": self.nbytes,
+            "size": list(self.size) if self.size else None, "fps": self.settings.fps,
+            "tokens_per_step": self.tokens_per_step, "kept_per_step": list(self.kept_per_step),
+            "time": self.timestamps[-1] if self.timestamps else None,
+            "dtd": {"enabled": self.settings.dtd.enabled, "threshold": self.settings.dtd.threshold,
+                    "metric": self.settings.dtd.metric, "reference": self.settings.dtd.reference},
+            "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
+        }
+
+
+class StreamManager:
+    """Open streams, their limits and idle expiry. Thread-safe."""
+
+    def __init__(self, limits: Limits = Limits(), geometry: Geometry = Geometry()):
+        self.limits = limits
+        self.geometry = geometry
+        self._streams: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+
+    def sweep(self) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            dead = [sid for sid, s in self._streams.items() if now - s.last_active > self.limits.idle_seconds]
+            for sid in dead:
+                del self._streams[sid]
+        return dead
+
+    def open(self, settings: StreamSettings) -> Stream:
+        self.sweep()
+        with self._lock:
+            if len(self._streams) >= self.limits.max_streams:
+                raise StreamError(f"too many open streams (at most {self.limits.max_streams})", 429)
+            sid = "strm-" + secrets.token_urlsafe(24)
+            stream = Stream(sid, settings, self.geometry, self.limits)
+            self._streams[sid] = stream
+            return stream
+
+    def get(self, stream_id: str) -> Stream:
+        self.sweep()
+        with self._lock:
+            stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamError("no such stream (unknown id, closed, or expired after being idle)", 404)
+        stream.touch()
+        return stream
+
+    def close(self, stream_id: str) -> None:
+        with self._lock:
+            if self._streams.pop(stream_id, None) is None:
+                raise StreamError("no such stream", 404)
+
+    def __len__(self) -> int:
+        return len(self._streams)

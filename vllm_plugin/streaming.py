@@ -155,6 +155,7 @@ class Stream:
         self._above = False
         # conversation
         self.chunks: list[tuple[int, int]] = []  # frame ranges [start, end) of the video items
+        self._items: list[tuple[np.ndarray, dict]] = []
         self.history_ids: list[int] = []
         self.questions = 0
         self.frames_lock = threading.Lock()  # appends and chunk cuts
@@ -252,10 +253,11 @@ class Stream:
             return start, end
 
     def video_items(self) -> list[tuple[np.ndarray, dict]]:
-        """All chunks as (frames, metadata) video items, byte-identical from question to question."""
+        """All chunks as (frames, metadata) video items, byte-identical from question to question
+        (built once per chunk: chunks never change)."""
         tps = self.geometry.temporal_patch_size
-        items = []
-        for k, (a, b) in enumerate(self.chunks):
+        for k in range(len(self._items), len(self.chunks)):
+            a, b = self.chunks[k]
             frames = np.stack(self.frames[a:b])
             n = len(frames)
             meta = {
@@ -264,8 +266,19 @@ class Stream:
             }
             if k > 0:
                 meta["dtd_reference_frames"] = np.stack(self.frames[a - tps : a])
-            items.append((frames, meta))
-        return items
+            self._items.append((frames, meta))
+        return list(self._items[: len(self.chunks)])
+
+    def item_uuids(self) -> list[str]:
+        """Cache identities of the chunks (vLLM's ``multi_modal_uuids``): a chunk is immutable and
+        its stream's DTD settings are fixed, so (stream, chunk index) names its content; vLLM then
+        need not hash the past frames at every question."""
+        return [f"{self.id}/chunk{k}/{a}-{b}" for k, (a, b) in enumerate(self.chunks)]
+
+    def drop_last_chunk(self) -> None:
+        with self.frames_lock:
+            self.chunks.pop()
+            del self._items[len(self.chunks):]
 
     def prompt_text(self, question: str, new_chunk: bool) -> str:
         return (SYSTEM_TURN if not self.history_ids else "") + user_turn(1 if new_chunk else 0, question)

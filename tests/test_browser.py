@@ -1,0 +1,102 @@
+"""A person's view: JupyterLab in headless Chromium, run 01_explore_dtd.ipynb, move the threshold
+slider, and the plot changes. Saves a screenshot to results/browser/."""
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from analysis.server import free_port
+from conftest import REPO
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# CI must run it (scripts/setup.sh installs the browser there); elsewhere it may be skipped
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true",
+                                reason="Debian chromium + chromium-driver (scripts/setup.sh installs them)")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    port, token = free_port(), secrets.token_hex(16)
+    log = open(tmp_path_factory.mktemp("lab") / "lab.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO}", "--ServerApp.allow_root=True",
+         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if requests.get(f"{base}/api/status?token={token}", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    yield base, token
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1600",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def _wait(predicate, timeout=180, poll=0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError("condition not met in time")
+
+
+def _titles(driver):
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .gtitle") if e.text]
+
+
+def test_threshold_slider_changes_the_plot(lab, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    base, token = lab
+    browser.get(f"{base}/lab/tree/notebooks/01_explore_dtd.ipynb?token={token}")
+    _wait(lambda: browser.execute_script("return !!(window.jupyterapp && document.querySelector('.jp-Notebook'))"))
+    _wait(lambda: browser.execute_script(
+        "const w = window.jupyterapp.shell.currentWidget; return !!(w && w.sessionContext && w.sessionContext.session"
+        " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle')"))
+    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    before = _wait(lambda: [t for t in _titles(browser) if "kept" in t and "τ=0.05" in t])
+    # let "run all" finish (the last cell's output is there), then use the first slider: τ
+    _wait(lambda: browser.execute_script(
+        "const c = window.jupyterapp.shell.currentWidget.content.widgets; return c[c.length - 1].model.outputs.length > 0"))
+    time.sleep(1)
+    handle = lambda: _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".widget-slider .noUi-handle"))[0]
+    handle().click()
+    for _ in range(10):
+        handle().send_keys(Keys.ARROW_RIGHT)  # τ 0.05 -> 0.15: a person's ten key presses
+    after = _wait(lambda: [t for t in _titles(browser) if "kept" in t and "τ=0.15" in t], timeout=120)
+    assert after[0] != before[0]
+    out = REPO / "results" / "browser"
+    out.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(out / "01_explore_dtd.png"))
+    assert (out / "01_explore_dtd.png").stat().st_size > 10_000

@@ -1,0 +1,99 @@
+"""analysis/ workbench functions (what the notebooks and the sweep CLI call)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis.explore import Explorer
+from analysis.figures import kept_tokens_figure, overlay_figure, overlay_image, serving_figure, stream_ttft_figure, threshold_figure
+from analysis.video import SAMPLE_VIDEO
+from analysis.workbench import cell_key, load_tokens, parse_range, sweep, tokens_from_frames
+from conftest import REPO
+from vllm_plugin.dtd import dtd_keep_mask, pixel_tokens
+
+
+def test_parse_range():
+    assert parse_range("0.5:1.0:0.05") == [round(0.5 + 0.05 * i, 10) for i in range(11)]
+    assert parse_range("0.1,0.2") == [0.1, 0.2]
+    for bad in ("1:0:0.1", "0:1:0", "0:1"):
+        with pytest.raises(ValueError):
+            parse_range(bad)
+
+
+def test_tokens_match_the_processor(reference, synthetic_clip):
+    v = tokens_from_frames(synthetic_clip.frames, synthetic_clip.fps, name="syn")
+    processed = reference.process_video(v.frames, v.fps)
+    assert torch.allclose(v.pixel, pixel_tokens(processed.pixel_values, processed.grid_thw), atol=1e-6)
+    assert v.step_times[:3] == [0.0, 1.0, 2.0]
+
+
+def test_load_tokens_resizes_and_pads():
+    v = load_tokens(SAMPLE_VIDEO, fps=1.0, max_frames=5)
+    assert len(v.frames) == 6 and v.grid == (3, 12, 21) and v.frames.shape[1:3] == (336, 588)
+    assert np.array_equal(v.frames[5], v.frames[4])  # padded with the last frame, like the processor
+
+
+def test_sweep_grid_skip_and_feature_criterion(synthetic_clip):
+    v = tokens_from_frames(synthetic_clip.frames, synthetic_clip.fps, name="syn")
+    rows = sweep([v], [0.01, 0.5, 1.5], metrics=["l1", "cosine"], references=["previous", "last_kept"], progress=False)
+    assert len(rows) == 2 * 2 + 2 * 3 - 2  # l1 skips 1.5 (out of range); cosine keeps all three
+    r = next(r for r in rows if r["metric"] == "l1" and r["threshold"] == 0.01 and r["reference"] == "previous")
+    assert r["kept_per_frame"] == synthetic_clip.expected_kept_per_step() and r["seconds"] >= 0
+    again = sweep([v], [0.01, 0.5], metrics=["l1"], references=["previous"], progress=False,
+                  skip={cell_key("syn", "pixel", "l1", "previous", 0.01)})
+    assert [x["threshold"] for x in again] == [0.5]
+    feat = sweep([v], [0.9], metrics=["cosine"], references=["previous"], criteria=["feature"], progress=False)
+    assert feat[0]["criterion"] == "feature" and feat[0]["kept_per_frame"][0] == 64
+    assert all(feat[0]["kept_per_frame"][s] == 0 for s in synthetic_clip.static_steps)
+
+
+def test_sweep_cli_writes_tables_report_and_skips_on_rerun(tmp_path):
+    cmd = [sys.executable, "-m", "analysis.sweep", "--video", str(SAMPLE_VIDEO), "--thresholds", "0.5:1.0:0.25",
+           "--metric", "cosine,l1", "--reference", "previous,last_kept", "--out", str(tmp_path), "--quiet"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "12 cells run, 0 already" in first.stdout
+    df = pd.read_parquet(tmp_path / "results.parquet")
+    assert len(df) == 12 and set(df.metric) == {"cosine", "l1"} and df.drop_ratio.between(0, 1).all()
+    assert (tmp_path / "results.csv").is_file() and "DTD sweep" in (tmp_path / "report.html").read_text()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "0 cells run, 12 already" in again.stdout
+    bad = subprocess.run(cmd[:-4] + ["--metric", "dot", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--metric" in bad.stderr
+
+
+def test_figures(synthetic_clip):
+    mask = dtd_keep_mask(tokens_from_frames(synthetic_clip.frames, 2.0).pixel, 0.05, "l1")
+    img = overlay_image(synthetic_clip.frames[24], mask[12].numpy())
+    assert img.shape == (224, 224, 3) and np.array_equal(img, synthetic_clip.frames[24])  # a cut: all kept
+    img = overlay_image(synthetic_clip.frames[2], mask[1].numpy())
+    assert (img < synthetic_clip.frames[2]).any()  # a static step: all dropped, shaded
+    assert len(overlay_figure(synthetic_clip.frames, mask.numpy()).frames) == 24
+    assert "0/64 kept" in overlay_figure(synthetic_clip.frames, mask.numpy(), step=1).layout.title.text
+    fig = kept_tokens_figure([64, 0, 2], 64, times=[0, 1, 2], events=[1.0])
+    assert list(fig.data[0].y) == [64, 0, 2] and len(fig.layout.shapes) == 1
+    rows = [{"video": "v", "criterion": "pixel", "metric": "l1", "reference": "previous", "threshold": t, "drop_ratio": t / 2}
+            for t in (0.2, 0.1)]
+    assert list(threshold_figure(rows).data[0].x) == [0.1, 0.2]
+    assert len(serving_figure([{"threshold": None, "latency_s": 1, "prompt_tokens": 9}, {"threshold": 0.1, "latency_s": 0.5, "prompt_tokens": 5}]).data) == 2
+    assert len(stream_ttft_figure([{"time_s": 1, "ttft_s": 0.1}], [{"time_s": 1, "ttft_s": 1.0}], events=[0.5]).data) == 2
+
+
+def test_explorer_logic_and_widgets():
+    e = Explorer(fps=1.0, max_frames=8)
+    r = e.compute("synthetic (cuts, motion, fade)", 0.05, "l1", step=12)
+    assert r["kept_per_frame"][12] == 64 and "drop 70.1%" in r["curve"].layout.title.text
+    w = e.widget
+    before = e.last["drop_ratio"]
+    e.w_threshold.value = 0.4
+    assert e.last["drop_ratio"] > before  # the slider recomputes
+    e.w_metric.value = "cosine"
+    assert e.w_threshold.min == -1.0 and e.last["curve"].layout.title.text.split(":")[1].startswith(" pixel/cosine")
+    e.w_video.value = "synthetic (cuts, motion, fade)"
+    e.w_step.value = 3
+    assert e.w_step.max == 23 and "t=" in e.last["overlay"].layout.title.text
+    assert w is e.widget

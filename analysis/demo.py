@@ -74,7 +74,8 @@ def run_served(args) -> dict:
             print(f"whole clip in one request: prompt tokens {dtd['prompt_tokens']} with DTD vs {vanilla['prompt_tokens']} "
                   f"without; time to first token {dtd['ttft_s'] * 1000:.0f} ms vs {vanilla['ttft_s'] * 1000:.0f} ms "
                   f"({again['ttft_s'] * 1000:.0f} ms when repeated: prefix + multimodal caches)", flush=True)
-            print(f"\nstreaming {args.video.name} at {args.speed:g}x real time, a question every {args.ask_every:g} s:", flush=True)
+            pace = f"{args.speed:g}x real time" if args.speed > 0 else "full speed"
+            print(f"\nstreaming {args.video.name} at {pace}, a question every {args.ask_every:g} s:", flush=True)
             stream = _play(srv.base_url, args)
     finally:
         shutil.rmtree(media, ignore_errors=True)

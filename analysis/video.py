@@ -10,6 +10,8 @@ import numpy as np
 
 from vllm_plugin.media import VideoDecodeError, decode_video
 
+__all__ = ["ASSETS", "SAMPLE_VIDEO", "Video", "VideoDecodeError", "load_video", "write_video"]
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_VIDEO = ASSETS / "moviepy_airplane.mp4"
 

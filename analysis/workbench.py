@@ -56,7 +56,6 @@ def load_tokens(path: str | Path, fps: float = 1.0, max_pixels: int = 448 * 448,
                 name: Optional[str] = None) -> VideoTokens:
     """Decode ``path`` at ``fps`` (PyAV), resize like Qwen2.5-VL's processor, pad to whole temporal
     patches (repeating the last frame, as the processor does) and compute pixel tokens."""
-    from PIL import Image
 
     v = load_video(path, fps=fps, max_frames=max_frames)
     return tokens_from_frames(v.frames, fps, v.timestamps, max_pixels=max_pixels, name=name or Path(path).name, path=str(path))
@@ -82,7 +81,6 @@ def feature_tokens(video: VideoTokens, model_path: Optional[str | Path] = None) 
     """The vision encoder's merged output for every LLM token, (T, H, W, C): the paper's
     feature-level criterion. ``model_path``: any local Qwen2.5-VL checkpoint (the tiny test one by
     default)."""
-    from analysis.reference import ReferencePipeline
     from analysis.tiny_model import ensure_tiny_model
 
     pipe = _pipeline(str(model_path or ensure_tiny_model("test")))

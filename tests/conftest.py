@@ -3,7 +3,6 @@ session-scoped: one per configuration for the whole run."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -47,7 +47,7 @@ def test_01_explore_runs_headless():
     assert "application/vnd.plotly.v1+json" in out
 
 
-def test_02_sweep_runs_headless(tmp_path):
+def test_02_sweep_runs_headless():
     nb = run_notebook("02_threshold_sweep.ipynb")
     out = outputs_of(nb)
     assert "drop_ratio" in out and "application/vnd.plotly.v1+json" in out

@@ -1,6 +1,5 @@
 """The reference (transformers) pipeline: the oracle the serving plugin is held to."""
 
-import pytest
 import torch
 
 from vllm_plugin.dtd import DTDConfig, mrope_positions

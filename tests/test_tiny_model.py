@@ -57,7 +57,7 @@ def test_bench_size_is_prefill_dominated():
 
 
 @pytest.mark.parametrize("size", ["test", "bench"])
-def test_loads_in_transformers(size, tmp_path):
+def test_loads_in_transformers(size):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from analysis.tiny_model import ensure_tiny_model

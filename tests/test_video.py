@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.video import SAMPLE_VIDEO, VideoDecodeError, load_video, write_video
+from analysis.video import SAMPLE_VIDEO, VideoDecodeError, load_video
 from vllm_plugin.dtd import dtd_keep_mask, dtd_stats, pixel_tokens
 
 

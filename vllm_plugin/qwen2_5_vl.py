@@ -112,7 +112,7 @@ class DTDMultiModalProcessorMixin:
             raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
         masks, kept_patches, kept_grids = [], [], []
         for pv, grid, r in zip(patches, grids, ref_steps):
-            T, H, W = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
+            T = int(grid[0])
             if r >= T:
                 raise ValueError("a video item has no frames after its reference frames")
             tokens = pixel_tokens(

@@ -69,13 +69,32 @@ def _wait(predicate, timeout=180, poll=0.5):
 
 
 def _titles(driver):
+    # read in one script call: plotly re-renders titles, so element handles can go stale between calls
+    return [t for t in driver.execute_script(
+        "return Array.from(document.querySelectorAll('.js-plotly-plot .gtitle')).map(e => e.textContent)") if t]
+
+
+def _press(driver, key, times=1):
+    """Press ``key`` on the first slider's handle ``times`` times; a press that hits a handle the widget just
+    re-rendered (stale) is retried on the fresh handle, so exactly ``times`` presses land."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .gtitle") if e.text]
+    done, stale = 0, 0
+    while done < times:
+        handle = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".widget-slider .noUi-handle"))[0]
+        try:
+            if done == 0:
+                handle.click()
+            handle.send_keys(key)
+            done += 1
+        except StaleElementReferenceException:
+            stale += 1
+            assert stale < 20, "the slider kept re-rendering"
+            time.sleep(0.5)
 
 
 def test_threshold_slider_changes_the_plot(lab, browser):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     base, token = lab
@@ -90,10 +109,7 @@ def test_threshold_slider_changes_the_plot(lab, browser):
     _wait(lambda: browser.execute_script(
         "const c = window.jupyterapp.shell.currentWidget.content.widgets; return c[c.length - 1].model.outputs.length > 0"))
     time.sleep(1)
-    handle = lambda: _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".widget-slider .noUi-handle"))[0]
-    handle().click()
-    for _ in range(10):
-        handle().send_keys(Keys.ARROW_RIGHT)  # τ 0.05 -> 0.15: a person's ten key presses
+    _press(browser, Keys.ARROW_RIGHT, times=10)  # τ 0.05 -> 0.15: a person's ten key presses
     after = _wait(lambda: [t for t in _titles(browser) if "kept" in t and "τ=0.15" in t], timeout=120)
     assert after[0] != before[0]
     out = REPO / "results" / "browser"

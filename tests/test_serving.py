@@ -123,8 +123,6 @@ def test_corrupt_and_missing_videos_are_400_and_server_keeps_answering(dtd_serve
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 500)
     truncated = media_dir / "truncated.mp4"
     truncated.write_bytes(synthetic_mp4.read_bytes()[:2000])
-    # (a missing file inside --allowed-local-media-path is a 500 from vLLM's own media loader;
-    # the hardening issue covers it)
     for url in (f"file://{bad}", f"file://{truncated}", "file:///etc/passwd"):
         r = _raw_chat(dtd_server, url)
         assert 400 <= r.status_code < 500, (url, r.status_code, r.text[:300])

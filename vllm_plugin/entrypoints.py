@@ -6,12 +6,19 @@ reduce work, so they are validated here (bad value -> HTTP 400 naming the field)
 while every other key keeps vLLM's own rule. vLLM has no extension point for this check, so
 :func:`install` wraps ``validate_request_mm_kwargs`` where the online renderer calls it, and the
 renderer's preprocessing to look up the DTD stats of the request's videos.
+
+It also guards vLLM's video loading (``VideoMediaIO``): a video the decoder cannot use (one frame,
+an image or text sent as a video, a missing file) raises a plain exception inside vLLM's loader,
+which the API server answers with HTTP 500. Those become a 400 that says what is wrong with the
+``video_url``; the engine never sees the request either way.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+
+from vllm.exceptions import VLLMError, VLLMValidationError
 
 from vllm_plugin import stats
 from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
@@ -21,8 +28,6 @@ _MARK = "_vllm_dtd_wrapped"
 
 
 def _wrap_validate(original):
-    from vllm.exceptions import VLLMValidationError
-
     @functools.wraps(original)
     def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
         dtd, rest = split_dtd_kwargs(mm_processor_kwargs)
@@ -65,6 +70,39 @@ def _wrap_preprocess(original, engine_inputs_of):
     return preprocess
 
 
+class VideoInputError(VLLMValidationError, ValueError):
+    """A video the request points at is unusable: HTTP 400 in vLLM's error mapping, and still a
+    ``ValueError`` for code that catches those."""
+
+
+def _video_error(e: Exception) -> VideoInputError:
+    if isinstance(e, ValueError):
+        msg = f"video_url: {e}"
+    elif isinstance(e, FileNotFoundError):
+        msg = "video_url: no such file"
+    elif isinstance(e, (IsADirectoryError, PermissionError)):
+        msg = "video_url: not a readable file"
+    elif isinstance(e, ZeroDivisionError):  # Qwen2-VL frame sampling with fewer frames than a temporal patch
+        msg = "video_url: too few decodable frames (Qwen2.5-VL needs at least 2)"
+    else:
+        msg = f"video_url: could not decode the video ({type(e).__name__}: {str(e)[:200]})"
+    return VideoInputError(msg, parameter="video_url")
+
+
+def _wrap_media_io(original):
+    @functools.wraps(original)
+    def load(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except (VLLMError, MemoryError):
+            raise  # vLLM's own typed errors keep their status; running out of memory is the server's
+        except Exception as e:
+            raise _video_error(e) from e
+
+    setattr(load, _MARK, True)
+    return load
+
+
 def install() -> None:
     """Idempotent. Only touches the API server's renderer module (other processes skip it cheaply)."""
     try:
@@ -73,6 +111,11 @@ def install() -> None:
         return
     if not getattr(online_renderer.validate_request_mm_kwargs, _MARK, False):
         online_renderer.validate_request_mm_kwargs = _wrap_validate(online_renderer.validate_request_mm_kwargs)
+    from vllm.multimodal.media.video import VideoMediaIO
+
+    for name in ("load_bytes", "load_base64", "load_file"):
+        if not getattr(getattr(VideoMediaIO, name), _MARK, False):
+            setattr(VideoMediaIO, name, _wrap_media_io(getattr(VideoMediaIO, name)))
     R = online_renderer.OnlineRenderer
     if not getattr(R.preprocess_chat, _MARK, False):
         R.preprocess_chat = _wrap_preprocess(R.preprocess_chat, lambda r: r[1] if isinstance(r, tuple) else [])

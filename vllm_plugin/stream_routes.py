@@ -236,7 +236,7 @@ def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest
             raw = _b64(f.image, budget)
             budget -= len(raw)
             try:
-                frames.append(decode_image(raw))
+                frames.append(stream.fit(decode_image(raw)))  # one full-size frame in memory at a time
             except ValueError as e:
                 raise StreamError(f"frames[{i}]: {e}") from None
             stamps.append(f.timestamp)

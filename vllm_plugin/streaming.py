@@ -169,7 +169,8 @@ class Stream:
     def steps(self) -> int:
         return len(self.frames) // self.geometry.temporal_patch_size
 
-    def _resize(self, frame: np.ndarray) -> np.ndarray:
+    def fit(self, frame: np.ndarray) -> np.ndarray:
+        """One frame resized to the stream's size (set by its first frame)."""
         from PIL import Image
 
         frame = np.asarray(frame)
@@ -192,7 +193,7 @@ class Stream:
         with self.frames_lock:
             if len(self.frames) + len(frames) > self.limits.max_frames:
                 raise StreamError(f"stream is full: at most {self.limits.max_frames} frames", 409)
-            resized = [self._resize(f) for f in frames]
+            resized = [self.fit(f) for f in frames]
             add_bytes = sum(f.nbytes for f in resized)
             if self.nbytes + add_bytes > self.limits.max_bytes:
                 raise StreamError(f"stream is full: at most {self.limits.max_bytes} bytes of frames", 409)

@@ -1,0 +1,112 @@
+"""Fuzz the live server with hypothesis: request bodies built from the server's own OpenAPI schema
+for the stream routes (right field names, any JSON values) and random ``mm_processor_kwargs`` for
+the processor. Nothing may answer 5xx, and the engine stays up."""
+
+import json
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vllm_plugin.client import open_stream
+
+pytestmark = pytest.mark.vllm
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _body_schema(openapi: dict, path: str, method: str = "post") -> dict:
+    ref = openapi["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    return openapi["components"]["schemas"][ref.rsplit("/", 1)[1]]
+
+
+def _bodies(schema: dict):
+    """Dicts over the schema's field names (each present or not) with arbitrary JSON values, plus
+    anything at all at the top level."""
+    fields = {name: json_values for name in schema.get("properties", {})}
+    return st.fixed_dictionaries({}, optional=fields) | json_values
+
+
+@pytest.fixture(scope="module")
+def openapi(dtd_server):
+    return requests.get(dtd_server.base_url + "/openapi.json", timeout=30).json()
+
+
+@pytest.fixture(scope="module")
+def fuzz_stream(dtd_server, synthetic_clip):
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    s.push(synthetic_clip.frames[:4])
+    yield s
+    s.close()
+
+
+def _post(url, body):
+    return requests.post(url, data=json.dumps(body), headers={"content-type": "application/json"}, timeout=120)
+
+
+def test_fuzz_open_stream(dtd_server, openapi):
+    opened = []
+
+    @FUZZ
+    @given(_bodies(_body_schema(openapi, "/v1/streams")))
+    def run(body):
+        r = _post(dtd_server.base_url + "/v1/streams", body)
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        if r.status_code == 200:
+            opened.append(r.json()["id"])
+            requests.delete(f"{dtd_server.base_url}/v1/streams/{opened[-1]}", timeout=30)
+
+    run()
+    assert requests.get(dtd_server.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_fuzz_append_and_ask(dtd_server, openapi, fuzz_stream):
+    frames_schema = _body_schema(openapi, "/v1/streams/{stream_id}/frames")
+    chat_schema = _body_schema(openapi, "/v1/streams/{stream_id}/chat/completions")
+
+    @FUZZ
+    @given(_bodies(frames_schema), _bodies(chat_schema))
+    def run(frames_body, chat_body):
+        r = _post(f"{fuzz_stream.url}/frames", frames_body)
+        assert r.status_code < 500, (frames_body, r.status_code, r.text[:300])
+        if isinstance(chat_body, dict):
+            chat_body["max_tokens"] = 1  # keep each request short; the other fields stay fuzzed
+            chat_body.pop("stream", None)
+        r = _post(f"{fuzz_stream.url}/chat/completions", chat_body)
+        assert r.status_code < 500, (chat_body, r.status_code, r.text[:300])
+
+    run()
+    assert fuzz_stream.status()["frames"] == 4  # no fuzzed append got in
+    assert fuzz_stream.ask("still fine?", max_tokens=1)["usage"]["completion_tokens"] == 1
+
+
+dtd_keys = st.sampled_from(["dtd_enabled", "dtd_threshold", "dtd_metric", "dtd_reference", "dtd_criterion", "dtd_x"])
+dtd_values = (st.floats(-2, 2, allow_nan=False) | st.sampled_from(["l1", "cosine", "previous", "last_kept", "pixel", "feature", ""])
+              | st.booleans() | json_values)
+
+
+def test_fuzz_processor_kwargs(dtd_server, synthetic_mp4):
+    seen = set()
+
+    @FUZZ
+    @given(st.dictionaries(dtd_keys, dtd_values, max_size=4))
+    def run(mm):
+        r = _post(dtd_server.base_url + "/v1/chat/completions", {
+            "model": dtd_server.model, "max_tokens": 1, "mm_processor_kwargs": mm,
+            "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": f"file://{synthetic_mp4}"}}, {"type": "text", "text": "q"}]}]})
+        assert r.status_code in (200, 400), (mm, r.status_code, r.text[:300])
+        seen.add(r.status_code)
+
+    run()
+    assert seen == {200, 400}  # the fuzzer reached both sides
+    assert dtd_server.alive()

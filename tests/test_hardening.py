@@ -1,0 +1,225 @@
+"""Bad input over HTTP against the REAL DTD server: every case gets a clear 4xx (or a clean SSE
+error), the engine never dies, and other requests and streams lose nothing."""
+
+import base64
+import json
+import threading
+
+import numpy as np
+import pytest
+import requests
+
+from analysis.video import write_video
+from vllm_plugin.client import open_stream
+
+pytestmark = pytest.mark.vllm
+
+
+def _chat(srv, content, mm_kwargs=None, max_tokens=2, **body):
+    req = {"model": srv.model, "max_tokens": max_tokens, "temperature": 0,
+           "messages": [{"role": "user", "content": content}], **body}
+    if mm_kwargs is not None:
+        req["mm_processor_kwargs"] = mm_kwargs
+    return requests.post(srv.base_url + "/v1/chat/completions", json=req, timeout=300)
+
+
+def _video(url):
+    return [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what happens"}]
+
+
+def _data_url(path, mime="video/mp4"):
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _error(r) -> str:
+    return r.json()["error"]["message"]
+
+
+def _assert_4xx(r, *words):
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:400])
+    msg = _error(r)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.fixture(scope="module")
+def bad_media(media_dir, synthetic_clip):
+    import av
+
+    out = {}
+    out["empty"] = media_dir / "empty.mp4"
+    out["empty"].write_bytes(b"")
+    zero = media_dir / "zero_frames.mp4"  # a valid container with a video stream and no frames
+    c = av.open(str(zero), "w")
+    s = c.add_stream("libx264rgb", rate=2)
+    s.width, s.height, s.pix_fmt = 64, 64, "rgb24"
+    c.start_encoding()
+    c.close()
+    out["zero_frames"] = zero
+    out["one_frame"] = write_video(media_dir / "one_frame.mp4", synthetic_clip.frames[:1], 2.0)
+    out["text"] = media_dir / "notes.mp4"
+    out["text"].write_text("this is not a video\n" * 50)
+    from vllm_plugin.media import encode_png
+
+    out["png"] = media_dir / "frame.png"
+    out["png"].write_bytes(encode_png(synthetic_clip.frames[0]))
+    out["png_as_mp4"] = media_dir / "frame_png.mp4"
+    out["png_as_mp4"].write_bytes(out["png"].read_bytes())
+    out["dir"] = media_dir / "a_directory.mp4"
+    out["dir"].mkdir(exist_ok=True)
+    return out
+
+
+@pytest.mark.parametrize("name,words", [
+    ("empty", ["video_url"]),
+    ("zero_frames", ["video_url"]),
+    ("one_frame", ["video_url", "at least 2"]),
+    ("text", ["video_url"]),
+    ("png_as_mp4", ["video_url"]),
+    ("dir", ["video_url"]),
+])
+def test_unusable_video_files_are_400(dtd_server, bad_media, name, words):
+    r = _chat(dtd_server, _video(f"file://{bad_media[name]}"))
+    _assert_4xx(r, *words)
+
+
+def test_missing_file_is_400_not_500(dtd_server, media_dir):
+    _assert_4xx(_chat(dtd_server, _video(f"file://{media_dir}/no_such_video.mp4")), "video_url", "no such file")
+
+
+@pytest.mark.parametrize("mime", ["video/mp4", "image/png", "text/plain"])
+def test_data_urls_of_the_wrong_kind_are_4xx(dtd_server, bad_media, mime):
+    _assert_4xx(_chat(dtd_server, _video(_data_url(bad_media["png"], mime))))
+    _assert_4xx(_chat(dtd_server, _video("data:video/mp4;base64,%%%not-base64")))
+
+
+def test_a_video_sent_as_an_image_is_4xx(dtd_server, synthetic_mp4):
+    r = _chat(dtd_server, [{"type": "image_url", "image_url": {"url": f"file://{synthetic_mp4}"}}, {"type": "text", "text": "hi"}])
+    _assert_4xx(r)
+
+
+def test_tiny_video_is_served(dtd_server, media_dir):
+    # 1x1 pixels: the processor resizes it up to one 28x28 patch grid; nothing to reject
+    path = write_video(media_dir / "one_by_one.mp4", np.full((4, 1, 1, 3), 200, np.uint8), 2.0)
+    r = _chat(dtd_server, _video(f"file://{path}"))
+    assert r.status_code == 200, r.text[:400]
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_huge_frames_are_resized_and_served(dtd_server, media_dir):
+    # 4K frames: the processor resizes them to its max_pixels; the prompt still fits
+    g = np.zeros((4, 2160, 3840, 3), np.uint8)
+    g[..., 0] = np.arange(3840) % 256
+    g[..., 1] = (np.arange(2160) % 256)[:, None]
+    path = write_video(media_dir / "uhd.mp4", g, 2.0, lossless=False)
+    r = _chat(dtd_server, _video(f"file://{path}"))
+    assert r.status_code == 200, r.text[:400]
+
+
+def test_a_long_video_is_served_and_one_beyond_the_context_is_400(dtd_server, media_dir):
+    # 30 minutes at 1 fps: Qwen2.5-VL's loader samples at most 768 frames
+    def clip(side):
+        levels = (np.arange(1800) * 7 % 251).astype(np.uint8)
+        return np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], (1800, side, side, 3)))
+
+    small = write_video(media_dir / "long_small.mp4", clip(56), 1.0, lossless=False)
+    r = _chat(dtd_server, _video(f"file://{small}"))
+    assert r.status_code == 200, r.text[:400]
+    # at 448x448 that is 384 steps x 256 tokens, far beyond the test server's 16k context
+    big = write_video(media_dir / "long_big.mp4", clip(448), 1.0, lossless=False)
+    _assert_4xx(_chat(dtd_server, _video(f"file://{big}")), "maximum context length")
+    assert dtd_server.alive()
+
+
+@pytest.mark.parametrize("mm", ["not a dict", [1, 2], {"dtd_threshold": None}, {"dtd_threshold": float("nan")},
+                                {"dtd_enabled": 1}, {"dtd_metric": ["l1"]}, {"dtd_threshold": 1e308}])
+def test_invalid_mm_processor_kwargs_are_4xx(dtd_server, synthetic_mp4, mm):
+    body = json.dumps({"model": dtd_server.model, "max_tokens": 2, "mm_processor_kwargs": mm,
+                       "messages": [{"role": "user", "content": _video(f"file://{synthetic_mp4}")}]}, allow_nan=True)
+    r = requests.post(dtd_server.base_url + "/v1/chat/completions", data=body,
+                      headers={"content-type": "application/json"}, timeout=300)
+    assert 400 <= r.status_code < 500, (mm, r.status_code, r.text[:300])
+
+
+def test_oversize_and_bomb_frames_are_4xx(dtd_server):
+    from PIL import Image
+    import io
+
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (20000, 16), (10, 20, 30)).save(buf, format="PNG")  # tiny file, too wide
+        r = requests.post(f"{s.url}/frames", json={"frames": [{"image": base64.b64encode(buf.getvalue()).decode()}]}, timeout=60)
+        _assert_4xx(r, "frames[0]", "size")
+        # a body beyond the upload limit (64 MiB) is refused before decoding
+        r = requests.post(f"{s.url}/frames", json={"video": "A" * (88 * 2**20)}, timeout=120)
+        assert r.status_code == 413, r.text[:300]
+        assert s.status()["frames"] == 0
+    finally:
+        s.close()
+
+
+def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_clip):
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    other = open_stream(dtd_server.base_url, fps=2.0)
+    try:
+        s.push(synthetic_clip.frames[:8])
+        other.push(synthetic_clip.frames[8:16])
+        # SSE: read one chunk of a long answer, then hang up
+        with requests.post(f"{s.url}/chat/completions", stream=True, timeout=120, json={
+                "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": 4000, "stream": True,
+                "temperature": 1.0}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        # the same through vLLM's own endpoint
+        with requests.post(dtd_server.base_url + "/v1/chat/completions", stream=True, timeout=120, json={
+                "model": dtd_server.model, "max_tokens": 4000, "stream": True, "temperature": 1.0,
+                "messages": [{"role": "user", "content": "tell a long story"}]}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        # nothing is left running: both streams answer at once, with their frames intact
+        a = s.ask("still there?", max_tokens=2)
+        b = other.ask("and you?", max_tokens=2)
+        assert a["usage"]["completion_tokens"] == 2 and b["usage"]["completion_tokens"] == 2
+        assert s.status()["frames"] == 8 and other.status()["frames"] == 8
+    finally:
+        s.close()
+        other.close()
+
+
+def test_concurrent_appends_and_questions_on_one_stream(dtd_server, synthetic_clip):
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    errors, answers = [], []
+
+    def push(i):
+        try:
+            s.push(synthetic_clip.frames[i * 2:(i + 1) * 2])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def ask():
+        try:
+            answers.append(s.ask("now?", max_tokens=2))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=push, args=(i,)) for i in range(12)] + [threading.Thread(target=ask) for _ in range(3)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors, errors
+        assert s.status()["frames"] == 24
+        # every question saw a whole number of steps of the frames pushed so far
+        assert all(a["usage"]["completion_tokens"] == 2 for a in answers)
+        final = s.ask("all of it?", max_tokens=1)
+        assert sum(final["stream_state"]["video_tokens_per_chunk"]) > 0
+    finally:
+        s.close()
+
+
+def test_the_engine_survived_everything(dtd_server, synthetic_mp4):
+    assert dtd_server.alive()
+    log = dtd_server.log_path.read_text()
+    assert "EngineDeadError" not in log and "EngineCore encountered a fatal error" not in log
+    r = _chat(dtd_server, _video(f"file://{synthetic_mp4}"))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

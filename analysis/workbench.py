@@ -112,6 +112,26 @@ def run_dtd(tokens: torch.Tensor, threshold: float, metric: str, reference: str)
             "drop_ratio": s.drop_ratio, "seconds": seconds}
 
 
+def held_error(tokens: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much of every frame a model that sees only the kept tokens misses: the mean absolute
+    difference between each token and the most recent kept token at its (h, w).
+
+    Args:
+        tokens: float (T, H, W, C). mask: bool (T, H, W), ``mask[0]`` all True (DTD's first frame,
+            or uniform subsampling's first step).
+    Returns:
+        the mean over T, H, W, C (0 when every token is kept; pixel tokens are on a 0–1 scale).
+    """
+    if mask.shape != tokens.shape[:3] or not bool(mask[0].all()):
+        raise ValueError("mask must be (T, H, W) like tokens, with the first step all kept")
+    held = tokens[0]
+    err = 0.0
+    for t in range(tokens.shape[0]):
+        held = torch.where(mask[t, ..., None], tokens[t], held)
+        err += float((tokens[t] - held).abs().mean())
+    return err / tokens.shape[0]
+
+
 def parse_range(spec: str) -> list[float]:
     """``start:stop:step`` (stop included, up to float rounding) or a comma list -> thresholds."""
     if ":" in spec:

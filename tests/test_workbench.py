@@ -97,3 +97,34 @@ def test_explorer_logic_and_widgets():
     e.w_step.value = 3
     assert e.w_step.max == 23 and "t=" in e.last["overlay"].layout.title.text
     assert w is e.widget
+
+
+def test_held_error_hand_computed():
+    from analysis.workbench import held_error
+
+    tokens = torch.zeros(3, 1, 2, 1)
+    tokens[1, 0, 0] = 1.0  # token (0,0) changes at t=1 and back at t=2
+    tokens[2, 0, 1] = 0.5  # token (0,1) changes at t=2
+    keep_all = torch.ones(3, 1, 2, dtype=torch.bool)
+    assert held_error(tokens, keep_all) == 0.0
+    first_only = torch.zeros(3, 1, 2, dtype=torch.bool)
+    first_only[0] = True
+    # t=1: |1-0| on one of 2 tokens -> 0.5; t=2: |0.5-0| on one of 2 -> 0.25; mean over 3 steps
+    assert held_error(tokens, first_only) == pytest.approx((0.5 + 0.25) / 3)
+    # keeping the changed token at t=1 makes t=2's (0,0) differ from the held 1.0
+    m = first_only.clone()
+    m[1, 0, 0] = True
+    assert held_error(tokens, m) == pytest.approx((0 + (1.0 + 0.5) / 2) / 3)
+    with pytest.raises(ValueError):
+        held_error(tokens, torch.zeros(3, 1, 2, dtype=torch.bool))
+
+
+def test_held_error_dtd_beats_uniform_at_equal_budget_on_the_synthetic_clip(synthetic_clip):
+    from analysis.workbench import held_error
+
+    vt = tokens_from_frames(synthetic_clip.frames, 2.0)
+    mask = dtd_keep_mask(vt.pixel, 0.05, metric="l1")
+    steps = max(1, round(int(mask.sum()) / vt.tokens_per_step))
+    uniform = torch.zeros_like(mask)
+    uniform[np.linspace(0, vt.grid[0] - 1, steps).round().astype(int)] = True
+    assert held_error(vt.pixel, mask) < held_error(vt.pixel, uniform)

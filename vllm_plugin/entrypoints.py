@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 
 from vllm.exceptions import VLLMError, VLLMValidationError
 
@@ -89,15 +91,25 @@ def _video_error(e: Exception) -> VideoInputError:
     return VideoInputError(msg, parameter="video_url")
 
 
+_LOADING = threading.local()
+
+
 def _wrap_media_io(original):
     @functools.wraps(original)
     def load(self, *args, **kwargs):
+        outer = not getattr(_LOADING, "active", False)  # load_base64 / load_file call load_bytes
+        _LOADING.active = True
+        t0 = time.perf_counter()
         try:
             return original(self, *args, **kwargs)
         except (VLLMError, MemoryError):
             raise  # vLLM's own typed errors keep their status; running out of memory is the server's
         except Exception as e:
             raise _video_error(e) from e
+        finally:
+            if outer:
+                _LOADING.active = False
+                stats.record_timing(preprocess_s=time.perf_counter() - t0)  # decoding: preprocessing time
 
     setattr(load, _MARK, True)
     return load

@@ -16,6 +16,8 @@ Select it for any Qwen2.5-VL checkpoint with
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ from vllm_plugin.dtd import dtd_keep_mask, dtd_stats, mask_digest, mrope_positio
 from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
 
 MASK_KEY = "video_dtd_mask"
+_TIMING = threading.local()  # seconds spent on the DTD decision in the current apply() of this thread
 
 
 def _tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -111,6 +114,7 @@ class DTDMultiModalProcessorMixin:
         if normalized != bool(merged.get("do_rescale", vp.do_rescale)):
             raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
         masks, kept_patches, kept_grids = [], [], []
+        t0 = time.perf_counter()
         for pv, grid, r in zip(patches, grids, ref_steps):
             T = int(grid[0])
             if r >= T:
@@ -131,6 +135,7 @@ class DTDMultiModalProcessorMixin:
             # the reference steps are not part of the item: drop their patches before the encoder
             kept_patches.append(pv[r * int(grid[1]) * int(grid[2]):])
             kept_grids.append(torch.stack([grid[0] - r, grid[1], grid[2]]))
+        _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0
         if any(ref_steps):
             processed["pixel_values_videos"] = torch.cat(kept_patches)
             processed["video_grid_thw"] = torch.stack(kept_grids)
@@ -163,7 +168,11 @@ class DTDMultiModalProcessorMixin:
         return [with_dtd(u) if u.modality == "video" else u for u in updates]
 
     def apply(self, inputs, timing_ctx):
+        _TIMING.decision = 0.0
+        t0 = time.perf_counter()
         result = super().apply(inputs, timing_ctx)
+        if _TIMING.decision:  # videos were processed (not all from the processor cache)
+            dtd_stats_registry.record_timing(decision_s=_TIMING.decision, preprocess_s=time.perf_counter() - t0)
         # Remember each freshly processed video's stats under its multimodal hash (the request
         # task looks them up after preprocessing; cached items were recorded when first seen).
         merge = self.info.get_hf_config().vision_config.spatial_merge_size

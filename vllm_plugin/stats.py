@@ -48,7 +48,20 @@ def _counters():
         _metrics["in"] = Counter("vllm_dtd_video_tokens_in", "Video tokens before Differential Token Drop")
         _metrics["kept"] = Counter("vllm_dtd_video_tokens_kept", "Video tokens kept by Differential Token Drop")
         _metrics["videos"] = Counter("vllm_dtd_videos", "Video items processed with Differential Token Drop")
+        _metrics["decision"] = Counter("vllm_dtd_decision_seconds", "Time spent deciding which video tokens to drop")
+        _metrics["preprocess"] = Counter(
+            "vllm_dtd_video_preprocess_seconds", "Time decoding videos and in the multimodal processor (DTD decision included)")
     return _metrics
+
+
+def record_timing(decision_s: float = 0.0, preprocess_s: float = 0.0) -> None:
+    """Add DTD decision time and video preprocessing time (decoding, processor), in seconds."""
+    try:
+        c = _counters()
+        c["decision"].inc(decision_s)
+        c["preprocess"].inc(preprocess_s)
+    except Exception:  # metrics are best effort, never fail a request
+        logger.debug("DTD metrics unavailable", exc_info=True)
 
 
 def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_plugin.dtd import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     DTDConfig,
     dtd_keep_mask,
     dtd_keep_mask_relative,
@@ -16,6 +18,7 @@ from vllm_plugin.dtd import (
     mrope_positions,
     frame_tokens,
     next_reference,
+    pixel_keep_mask,
     pixel_tokens,
     relative_kept_counts,
     token_scores,
@@ -253,3 +256,43 @@ def test_frame_tokens_equal_pixel_tokens_of_raw_patches():
     assert torch.equal(frame_tokens(frames), from_patches)
     with pytest.raises(ValueError, match="multiple"):
         frame_tokens(frames[:5])
+
+
+@st.composite
+def patch_videos(draw):
+    """Processed patches (T*h*w, 3*2*14*14) as uint8 raw pixels or normalized floats, with low-amplitude
+    changes between steps so both kept and dropped tokens occur."""
+    T, H, W = draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    base = torch.randint(0, 256, (1, H * W * 4, 1176), generator=g).float()
+    noise = torch.randint(-12, 13, (T, H * W * 4, 1176), generator=g) * (torch.rand(T, H * W * 4, 1, generator=g) < 0.5)
+    raw = (base + noise.cumsum(0)).clamp(0, 255).reshape(T * H * W * 4, 1176)
+    if draw(st.booleans()):
+        return raw.to(torch.uint8), (T, 2 * H, 2 * W), False
+    mean = torch.tensor(OPENAI_CLIP_MEAN).repeat_interleave(392)
+    std = torch.tensor(OPENAI_CLIP_STD).repeat_interleave(392)
+    return (raw / 255.0 - mean) / std, (T, 2 * H, 2 * W), True
+
+
+@settings(max_examples=60, deadline=None)
+@given(patch_videos(), metric_thresholds, references, st.integers(0, 4))
+def test_pixel_keep_mask_equals_keep_mask_of_pixel_tokens(video, mt, reference, ref_steps):
+    pv, grid, normalized = video
+    metric, threshold = mt
+    ref_steps = min(ref_steps, grid[0] - 1) if reference == "previous" else 0
+    tokens = pixel_tokens(pv, grid, normalized=normalized)
+    want = dtd_keep_mask(tokens[ref_steps:], threshold, metric, reference,
+                         initial_reference=tokens[ref_steps - 1] if ref_steps else None)
+    got = pixel_keep_mask(pv, grid, threshold, metric, reference, reference_steps=ref_steps, normalized=normalized)
+    assert torch.equal(got, want)  # bit for bit, not approximately
+
+
+def test_pixel_keep_mask_bad_input():
+    pv = torch.zeros(8, 1176)
+    with pytest.raises(ValueError, match="reference_steps"):
+        pixel_keep_mask(pv, (2, 2, 2), 0.05, reference_steps=2)
+    with pytest.raises(ValueError, match="patches"):
+        pixel_keep_mask(pv, (3, 2, 2), 0.05)
+    pv[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pixel_keep_mask(pv, (2, 2, 2), 0.05)

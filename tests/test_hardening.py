@@ -159,6 +159,20 @@ def test_oversize_and_bomb_frames_are_4xx(dtd_server):
         s.close()
 
 
+def _running(srv) -> float:
+    text = requests.get(srv.base_url + "/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("vllm:num_requests_running{"))
+
+
+def _wait_idle(srv, within: float):
+    import time
+
+    deadline = time.monotonic() + within
+    while _running(srv) > 0:
+        assert time.monotonic() < deadline, f"requests still running {within} s after the clients hung up"
+        time.sleep(0.2)
+
+
 def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_clip):
     s = open_stream(dtd_server.base_url, fps=2.0)
     other = open_stream(dtd_server.base_url, fps=2.0)
@@ -171,13 +185,17 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
                 "temperature": 1.0}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-        # the same through vLLM's own endpoint
+            assert _running(dtd_server) >= 1
+        _wait_idle(dtd_server, within=10)
+        # the same through vLLM's own endpoint; without the abort, 4000 tokens would run for minutes
         with requests.post(dtd_server.base_url + "/v1/chat/completions", stream=True, timeout=120, json={
-                "model": dtd_server.model, "max_tokens": 4000, "stream": True, "temperature": 1.0,
+                "model": dtd_server.model, "max_tokens": 4000, "stream": True, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "tell a long story"}]}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-        # nothing is left running: both streams answer at once, with their frames intact
+            assert _running(dtd_server) >= 1
+        _wait_idle(dtd_server, within=10)
+        # both streams answer at once, with their frames intact
         a = s.ask("still there?", max_tokens=2)
         b = other.ask("and you?", max_tokens=2)
         assert a["usage"]["completion_tokens"] == 2 and b["usage"]["completion_tokens"] == 2

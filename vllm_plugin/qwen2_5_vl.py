@@ -1,7 +1,7 @@
 """Qwen2.5-VL with Differential Token Drop, decided when the request is processed.
 
 * :class:`DTDQwen2_5_VLMultiModalProcessor` runs the HF processor, computes each video's keep mask
-  with :func:`vllm_plugin.dtd.dtd_keep_mask` on the processed patches (pixel level), carries it
+  with :func:`vllm_plugin.dtd.pixel_keep_mask` on the processed patches (pixel level), carries it
   with the item (``video_dtd_mask``, one bool per LLM token, ``flat_from_sizes``) and emits only the
   kept number of ``<|video_pad|>`` tokens. The prompt length, the prefix-cache block hashes and the
   KV cache all see the reduced video.
@@ -35,7 +35,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 from vllm_plugin import stats as dtd_stats_registry
-from vllm_plugin.dtd import dtd_keep_mask, dtd_stats, mask_digest, mrope_positions, pixel_tokens
+from vllm_plugin.dtd import dtd_stats, mask_digest, mrope_positions, pixel_keep_mask
 from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
 
 MASK_KEY = "video_dtd_mask"
@@ -119,16 +119,16 @@ class DTDMultiModalProcessorMixin:
             T = int(grid[0])
             if r >= T:
                 raise ValueError("a video item has no frames after its reference frames")
-            tokens = pixel_tokens(
-                pv, grid, merge_size=merge, temporal_patch_size=self.info.get_hf_config().vision_config.temporal_patch_size,
-                image_mean=vp.image_mean, image_std=vp.image_std, normalized=normalized, rescale_factor=vp.rescale_factor,
-            )
-            own = tokens[r:]
             if not config.enabled:
-                mask = torch.ones(own.shape[:3], dtype=torch.bool)
+                H, W = int(grid[1]) // merge, int(grid[2]) // merge
+                mask = torch.ones((T - r, H, W), dtype=torch.bool)
             else:
-                mask = dtd_keep_mask(own, config.threshold, metric=config.metric, reference=config.reference,
-                                     initial_reference=tokens[r - 1] if r else None)
+                # == dtd_keep_mask(pixel_tokens(pv, grid, ...)[r:], initial_reference=<step r-1>), step by step
+                mask = pixel_keep_mask(
+                    pv, grid, config.threshold, metric=config.metric, reference=config.reference, reference_steps=r,
+                    merge_size=merge, temporal_patch_size=self.info.get_hf_config().vision_config.temporal_patch_size,
+                    image_mean=vp.image_mean, image_std=vp.image_std, normalized=normalized, rescale_factor=vp.rescale_factor,
+                )
                 if not mask.any():  # a fully static stream chunk: keep one token, no empty placeholder
                     mask.view(-1)[0] = True
             masks.append(mask.flatten())

@@ -164,6 +164,16 @@ def _running(srv) -> float:
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("vllm:num_requests_running{"))
 
 
+def _wait_running(srv, within: float = 10.0):
+    """vLLM's gauges follow the engine's stats, a step behind the first streamed token."""
+    import time
+
+    deadline = time.monotonic() + within
+    while _running(srv) < 1:
+        assert time.monotonic() < deadline, f"no request running {within} s after the answer started"
+        time.sleep(0.1)
+
+
 def _wait_idle(srv, within: float):
     import time
 
@@ -182,10 +192,10 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
         # SSE: read one chunk of a long answer, then hang up
         with requests.post(f"{s.url}/chat/completions", stream=True, timeout=120, json={
                 "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": 4000, "stream": True,
-                "temperature": 1.0}) as r:
+                "temperature": 1.0, "ignore_eos": True}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-            assert _running(dtd_server) >= 1
+            _wait_running(dtd_server)
         _wait_idle(dtd_server, within=10)
         # the same through vLLM's own endpoint; without the abort, 4000 tokens would run for minutes
         with requests.post(dtd_server.base_url + "/v1/chat/completions", stream=True, timeout=120, json={
@@ -193,7 +203,7 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
                 "messages": [{"role": "user", "content": "tell a long story"}]}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
-            assert _running(dtd_server) >= 1
+            _wait_running(dtd_server)
         _wait_idle(dtd_server, within=10)
         # both streams answer at once, with their frames intact
         a = s.ask("still there?", max_tokens=2)

@@ -68,6 +68,7 @@ class StreamChatRequest(BaseModel):
     max_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stream: bool = False
+    ignore_eos: bool = Field(False, description="keep generating past end-of-text, as vLLM's own ignore_eos (benchmarks, tests)")
     return_token_ids: bool = Field(False, description="add prompt/completion token ids to stream_state")
 
 
@@ -135,7 +136,7 @@ class StreamService:
         c = stream.settings.dtd
         return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference}
 
-    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float):
+    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False):
         """Async generator of vLLM RequestOutputs for one question at the stream's current point."""
         from vllm import SamplingParams
 
@@ -149,7 +150,7 @@ class StreamService:
                 if items:
                     prompt["multi_modal_data"] = {"video": items}
                     prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
-                params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
                 async for out in self.engine.generate(prompt, params, rid):
@@ -164,10 +165,11 @@ class StreamService:
             stream.history_ids = prompt_ids + ids + tail
             stream.questions += 1
 
-    async def answer(self, stream: Stream, question: str, max_tokens: int, temperature: float = 0.0, with_ids: bool = False) -> dict:
+    async def answer(self, stream: Stream, question: str, max_tokens: int, temperature: float = 0.0, with_ids: bool = False,
+                     ignore_eos: bool = False) -> dict:
         t0 = time.perf_counter()
         ttft, out = None, None
-        async for out in self.generate(stream, question, max_tokens, temperature):
+        async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos):
             if ttft is None and out.outputs and out.outputs[0].token_ids:
                 ttft = time.perf_counter() - t0
         return self.completion(stream, out, ttft, time.perf_counter() - t0, with_ids)
@@ -296,8 +298,9 @@ async def ask(stream_id: str, body: StreamChatRequest, request: Request):
         stream = svc.manager.get(stream_id)
         question = _question(body.messages)
         if not body.stream:
-            return JSONResponse(await svc.answer(stream, question, body.max_tokens, body.temperature, body.return_token_ids))
-        gen = svc.generate(stream, question, body.max_tokens, body.temperature)
+            return JSONResponse(await svc.answer(stream, question, body.max_tokens, body.temperature, body.return_token_ids,
+                                                 body.ignore_eos))
+        gen = svc.generate(stream, question, body.max_tokens, body.temperature, body.ignore_eos)
         t0 = time.perf_counter()
         first = await gen.__anext__()  # errors surface here as a 4xx, before the event stream starts
 

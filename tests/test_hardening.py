@@ -206,8 +206,8 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
             _wait_running(dtd_server)
         _wait_idle(dtd_server, within=10)
         # both streams answer at once, with their frames intact
-        a = s.ask("still there?", max_tokens=2)
-        b = other.ask("and you?", max_tokens=2)
+        a = s.ask("still there?", max_tokens=2, ignore_eos=True)
+        b = other.ask("and you?", max_tokens=2, ignore_eos=True)
         assert a["usage"]["completion_tokens"] == 2 and b["usage"]["completion_tokens"] == 2
         assert s.status()["frames"] == 8 and other.status()["frames"] == 8
     finally:
@@ -227,7 +227,7 @@ def test_concurrent_appends_and_questions_on_one_stream(dtd_server, synthetic_cl
 
     def ask():
         try:
-            answers.append(s.ask("now?", max_tokens=2))
+            answers.append(s.ask("now?", max_tokens=2, ignore_eos=True))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 

@@ -143,7 +143,7 @@ def test_limits_and_unknown_ids_are_4xx_and_others_keep_working(dtd_server, stre
     for s in extra:
         s.close()
     # the stream and the server keep answering
-    assert stream.ask("still there?", max_tokens=2)["usage"]["completion_tokens"] == 2
+    assert stream.ask("still there?", max_tokens=2, ignore_eos=True)["usage"]["completion_tokens"] == 2
     assert requests.get(base + "/health", timeout=10).status_code == 200
 
 

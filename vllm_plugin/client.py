@@ -69,11 +69,13 @@ class StreamClient:
             body["start_time"] = start_time
         return _check(self.http.post(self.url + "/frames", json=body, timeout=self.timeout))
 
-    def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0, return_token_ids: bool = False) -> dict:
+    def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0, return_token_ids: bool = False,
+            ignore_eos: bool = False) -> dict:
         """A question at the current point: the chat.completion dict (usage.prompt_tokens_details.
-        cached_tokens shows the reused past; stream_state has ttft_s)."""
+        cached_tokens shows the reused past; stream_state has ttft_s). ``ignore_eos`` answers exactly
+        ``max_tokens`` tokens (benchmarks, tests)."""
         body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": temperature,
-                "return_token_ids": return_token_ids}
+                "return_token_ids": return_token_ids, "ignore_eos": ignore_eos}
         return _check(self.http.post(self.url + "/chat/completions", json=body, timeout=self.timeout))
 
     def ask_stream(self, question: str, max_tokens: int = 64) -> Iterator[dict]:

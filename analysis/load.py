@@ -27,22 +27,27 @@ import numpy as np
 import requests
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its children, in MiB."""
+def tree_rss_by_process(pid: int) -> dict[str, float]:
+    """Resident memory (MiB) of a process and each of its children, by ``name[pid]``."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
+        return {}
+    out = {}
     for p in procs:
         try:
-            total += p.memory_info().rss
+            out[f"{p.name()}[{p.pid}]"] = p.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             pass
-    return total / 2**20
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its children, in MiB."""
+    return sum(tree_rss_by_process(pid).values())
 
 
 def _frames(side: int) -> list[str]:
@@ -125,7 +130,8 @@ def run_load(base_url: str, streams: int = 50, seconds: float = 120.0, fps: floa
     sampler = threading.Thread(target=sample_rss, daemon=True) if server_pid else None
     if sampler:
         sampler.start()
-    rss_start = tree_rss_mb(server_pid) if server_pid else None
+    by_process_start = tree_rss_by_process(server_pid) if server_pid else {}
+    rss_start = sum(by_process_start.values()) if server_pid else None
     deadline = time.monotonic() + seconds
     results: list[Optional[dict]] = [None] * streams
 
@@ -157,6 +163,7 @@ def run_load(base_url: str, streams: int = 50, seconds: float = 120.0, fps: floa
         "frames_lost": sum(abs(r["sent"] - r["held"]) for r in res if r["opened"]),
         "latency": by_kind, "rss_start_mb": rss_start, "rss_peak_mb": max(rss) if rss else None,
         "rss_end_mb": rss[-1] if rss else None,
+        "rss_by_process_mb": {"start": by_process_start, "end": tree_rss_by_process(server_pid) if server_pid else {}},
     }
 
 
@@ -169,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--ask-every", type=float, default=10.0)
     ap.add_argument("--side", type=int, default=112)
+    ap.add_argument("--mm-cache-gb", type=float, default=0.5,
+                    help="the started server's --mm-processor-cache-gb (vLLM's default: 4)")
     ap.add_argument("--out", type=Path, default=Path("results/load"))
     args = ap.parse_args(argv)
 
@@ -184,7 +193,8 @@ def main(argv=None) -> int:
 
         env = {"VLLM_DTD_STREAM_MAX_STREAMS": str(args.streams + 8),
                "VLLM_DTD_STREAM_MAX_FRAMES": str(int(args.seconds * args.fps) + 64)}
-        with VLLMServer(ensure_tiny_model("test"), ["--dtd-streams", "--block-size", "32"], module="vllm_plugin.serve", env=env) as srv:
+        server_args = ["--dtd-streams", "--block-size", "32", "--mm-processor-cache-gb", str(args.mm_cache_gb)]
+        with VLLMServer(ensure_tiny_model("test"), server_args, module="vllm_plugin.serve", env=env) as srv:
             out = go(srv.base_url, srv.proc.pid)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(out, indent=2))

@@ -193,18 +193,25 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
     try:
         s.push(synthetic_clip.frames[:8])
         other.push(synthetic_clip.frames[8:16])
-        # SSE: read one chunk of a long answer, then hang up (this model writes ~600 tokens/s here,
-        # so 4000 tokens would finish in seconds: the abort shows in the tokens generated)
+        # SSE: read one chunk of a long answer, then hang up. This model writes ~600 tokens/s here, so
+        # the answer would run ~20 s to max_tokens; an abort ends it within seconds of the hang-up.
         generated = _metric(dtd_server, "vllm:generation_tokens_total")
+        max_tokens = 12000
         with requests.post(f"{s.url}/chat/completions", stream=True, timeout=120, json={
-                "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": 4000, "stream": True,
-                "temperature": 1.0, "ignore_eos": True}) as r:
+                "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": max_tokens,
+                "stream": True, "temperature": 1.0, "ignore_eos": True}) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # held: a dropped generator closes urllib3's chunked connection
             next(lines)
             _wait_running(dtd_server)
-        _wait_idle(dtd_server, within=10)
-        assert _metric(dtd_server, "vllm:generation_tokens_total") - generated < 2000
+            at_hangup = _metric(dtd_server, "vllm:generation_tokens_total") - generated
+        _wait_idle(dtd_server, within=20)
+        total = _metric(dtd_server, "vllm:generation_tokens_total") - generated
+        assert total < max_tokens / 2, f"{total} tokens generated ({at_hangup} before the hang-up): not aborted"
+        # an answer budget beyond the context left is a 400, before the event stream starts
+        r = requests.post(f"{s.url}/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9, "stream": True})
+        _assert_4xx(r, "max_tokens", "context")
         assert s.status()["questions"] == 0  # the turn that was cut off is not part of the conversation
         # the same through vLLM's own endpoint: vLLM 0.32 does not abort it here (measured: all 4000
         # tokens are generated after the hang-up), so only the engine's survival is checked

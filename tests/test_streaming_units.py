@@ -53,6 +53,9 @@ def test_chunks_carry_the_previous_step_as_reference_and_are_stable(synthetic_cl
     assert np.array_equal(ref, synthetic_clip.frames[6:8]) and len(items[1][0]) == 12
     again = s.video_items()
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(items, again))
+    # one copy of the pixels: the stream's frames and the reference are views of the chunks
+    assert all(np.shares_memory(s.frames[i], items[i >= 8][0]) for i in range(20))
+    assert np.shares_memory(ref, items[0][0]) and np.array_equal(s.frames[19], synthetic_clip.frames[19])
     assert s.prompt_text("q", True).startswith("<|im_start|>system")
 
 

@@ -65,7 +65,7 @@ class AppendFramesRequest(BaseModel):
 class StreamChatRequest(BaseModel):
     messages: list[dict[str, Any]]
     model: Optional[str] = None
-    max_tokens: int = Field(64, ge=1, le=4096)
+    max_tokens: int = Field(64, ge=1, description="answer budget; more than the model's context left is a 400")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past end-of-text, as vLLM's own ignore_eos (benchmarks, tests)")
@@ -107,6 +107,7 @@ class StreamService:
         self.engine = engine_client
         self.tasks: set = set()
         self.model = args.model
+        self.max_model_len = getattr(getattr(engine_client, "model_config", None), "max_model_len", None)
         names = getattr(args, "served_model_name", None) or [args.model]
         self.served_names = [names] if isinstance(names, str) else list(names)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
@@ -146,6 +147,9 @@ class StreamService:
                 items = stream.video_items()
                 new_ids = self.tokenizer.encode(stream.prompt_text(question, chunk is not None), add_special_tokens=False)
                 prompt_ids = stream.history_ids + new_ids
+                if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
+                    raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
+                                      f"tokens and this conversation already has at least {len(prompt_ids)}")
                 prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
                 if items:
                     prompt["multi_modal_data"] = {"video": items}

@@ -257,18 +257,21 @@ class Stream:
         """All chunks as (frames, metadata) video items, byte-identical from question to question
         (built once per chunk: chunks never change)."""
         tps = self.geometry.temporal_patch_size
-        for k in range(len(self._items), len(self.chunks)):
-            a, b = self.chunks[k]
-            frames = np.stack(self.frames[a:b])
-            n = len(frames)
-            meta = {
-                "fps": float(self.settings.fps), "total_num_frames": n, "frames_indices": list(range(n)),
-                "duration": n / self.settings.fps, "video_backend": "dtd_stream",
-            }
-            if k > 0:
-                meta["dtd_reference_frames"] = np.stack(self.frames[a - tps : a])
-            self._items.append((frames, meta))
-        return list(self._items[: len(self.chunks)])
+        with self.frames_lock:
+            for k in range(len(self._items), len(self.chunks)):
+                a, b = self.chunks[k]
+                frames = np.stack(self.frames[a:b])
+                # the stream keeps one copy of its pixels: its frames become views of the chunk
+                self.frames[a:b] = list(frames)
+                n = len(frames)
+                meta = {
+                    "fps": float(self.settings.fps), "total_num_frames": n, "frames_indices": list(range(n)),
+                    "duration": n / self.settings.fps, "video_backend": "dtd_stream",
+                }
+                if k > 0:
+                    meta["dtd_reference_frames"] = self._items[k - 1][0][-tps:]
+                self._items.append((frames, meta))
+            return list(self._items[: len(self.chunks)])
 
     def item_uuids(self) -> list[str]:
         """Cache identities of the chunks (vLLM's ``multi_modal_uuids``): a chunk is immutable and

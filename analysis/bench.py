@@ -49,6 +49,7 @@ from typing import Optional
 import numpy as np
 import requests
 
+from analysis.server import metric_sum
 from analysis.video import SAMPLE_VIDEO, write_video
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
@@ -113,14 +114,6 @@ def uniform_subsample(clip: Clip, kept_video_tokens: int, media: Path) -> tuple[
 
 def _metrics(base_url: str) -> str:
     return requests.get(base_url + "/metrics", timeout=10).text
-
-
-def metric_sum(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def kv_capacity_tokens(text: str) -> Optional[int]:

@@ -25,6 +25,15 @@ import requests
 CPU_DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
 
 
+def metric_sum(text: str, name: str) -> float:
+    """Sum of a Prometheus metric over its label sets, in the text of a ``/metrics`` page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +75,10 @@ class VLLMServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        """A metric of the running server (summed over labels), read from its ``/metrics``."""
+        return metric_sum(requests.get(self.base_url + "/metrics", timeout=10).text, name)
 
     def client(self, **kwargs):
         from openai import OpenAI

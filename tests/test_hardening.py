@@ -159,25 +159,20 @@ def test_oversize_and_bomb_frames_are_4xx(dtd_server):
         s.close()
 
 
-def _metric(srv, name: str) -> float:
-    text = requests.get(srv.base_url + "/metrics", timeout=10).text
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + "{"))
-
-
 def _generated_when_settled(srv, within: float) -> float:
-    """vLLM's generated-tokens counter once it stops moving (no request generating any more). Its
-    gauges and counters follow the engine's stats; under load they trail the streamed tokens by
-    seconds (CI: the running gauge showed a request 14 s after its first token), so the test reads
-    what they add up to, not when they change."""
+    """vLLM's generated-tokens counter once it stops moving (no request generating any more). A
+    wait on the running gauge instead once let 8,586 tokens (~14 s) pass between the first streamed
+    chunk and the hang-up (a CI run; whether the gauge or /metrics lagged was not pinned down), so the
+    test reads what the counter adds up to, not when the metrics change."""
     import time
 
     deadline = time.monotonic() + within
-    reads = [_metric(srv, "vllm:generation_tokens_total")]
+    reads = [srv.metric("vllm:generation_tokens_total")]
     while len(reads) < 3 or len(set(reads[-3:])) > 1:  # unchanged for 4 s
         assert time.monotonic() < deadline, f"still generating {within} s after the client hung up"
         time.sleep(2.0)
-        reads.append(_metric(srv, "vllm:generation_tokens_total"))
-    assert _metric(srv, "vllm:num_requests_running") == 0
+        reads.append(srv.metric("vllm:generation_tokens_total"))
+    assert srv.metric("vllm:num_requests_running") == 0
     return reads[-1]
 
 
@@ -190,7 +185,7 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
         # SSE: read the first chunk of a long answer (tokens are being generated), then hang up. This
         # model writes ~600 tokens/s here: the answer would run ~20 s to max_tokens, and with
         # ignore_eos only an abort ends it earlier.
-        generated = _metric(dtd_server, "vllm:generation_tokens_total")
+        generated = dtd_server.metric("vllm:generation_tokens_total")
         max_tokens = 12000
         with requests.post(f"{s.url}/chat/completions", stream=True, timeout=120, json={
                 "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": max_tokens,
@@ -206,7 +201,7 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
         _assert_4xx(r, "max_tokens", "context")
         assert s.status()["questions"] == 0  # the turn that was cut off is not part of the conversation
         # the same through vLLM's own endpoint (its first chunk, the role, follows the first token)
-        generated = _metric(dtd_server, "vllm:generation_tokens_total")
+        generated = dtd_server.metric("vllm:generation_tokens_total")
         with requests.post(dtd_server.base_url + "/v1/chat/completions", stream=True, timeout=120, json={
                 "model": dtd_server.model, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "tell a long story"}]}) as r:

@@ -131,17 +131,9 @@ def test_corrupt_and_missing_videos_are_400_and_server_keeps_answering(dtd_serve
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
 
 
-def _metric(srv, name: str) -> float:
-    total = 0.0
-    for line in requests.get(srv.base_url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_same_video_twice_hits_prefix_and_mm_caches(dtd_server, real_clip_mp4):
     mm = {"dtd_threshold": 0.07}  # a setting no other test uses: the first request is cold
-    hits0 = _metric(dtd_server, "vllm:mm_cache_hits_total")
+    hits0 = dtd_server.metric("vllm:mm_cache_hits_total")
     first, s1 = _chat_with_stats(dtd_server, real_clip_mp4, **mm)
     second, s2 = _chat_with_stats(dtd_server, real_clip_mp4, **mm)
     # cold: at most the text blocks before the video can come from other requests' cache
@@ -149,16 +141,16 @@ def test_same_video_twice_hits_prefix_and_mm_caches(dtd_server, real_clip_mp4):
     cached = second.usage.prompt_tokens_details.cached_tokens
     block = BLOCK_SIZE  # cached tokens come in whole KV blocks
     assert cached >= (second.usage.prompt_tokens // block) * block - block and cached > 0
-    assert _metric(dtd_server, "vllm:mm_cache_hits_total") >= hits0 + 1
+    assert dtd_server.metric("vllm:mm_cache_hits_total") >= hits0 + 1
     assert s1 == s2  # stats are reported for cached items too
 
 
 def test_stats_reach_metrics_and_log(dtd_server, synthetic_mp4):
-    before_in = _metric(dtd_server, "vllm_dtd_video_tokens_in_total")
-    before_kept = _metric(dtd_server, "vllm_dtd_video_tokens_kept_total")
+    before_in = dtd_server.metric("vllm_dtd_video_tokens_in_total")
+    before_kept = dtd_server.metric("vllm_dtd_video_tokens_kept_total")
     _, (s,) = _chat_with_stats(dtd_server, synthetic_mp4, dtd_threshold=0.2)
-    assert _metric(dtd_server, "vllm_dtd_video_tokens_in_total") == before_in + s["total"]
-    assert _metric(dtd_server, "vllm_dtd_video_tokens_kept_total") == before_kept + s["kept"]
+    assert dtd_server.metric("vllm_dtd_video_tokens_in_total") == before_in + s["total"]
+    assert dtd_server.metric("vllm_dtd_video_tokens_kept_total") == before_kept + s["kept"]
     assert f"DTD: video tokens kept {s['kept']} of {s['total']}" in dtd_server.log_path.read_text()
 
 

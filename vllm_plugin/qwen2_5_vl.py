@@ -10,12 +10,19 @@
   ``get_mrope_input_positions`` gives survivors their ORIGINAL (t, h, w) positions
   (:func:`vllm_plugin.dtd.mrope_positions`), text after a video continues where it would without DTD.
 
+vLLM 0.32 GPU paths that would otherwise bypass or misjudge DTD (each piece cites the vLLM file it follows):
+encoder CUDA graphs skip videos (:meth:`DTDModelMixin.get_encoder_cudagraph_config`), videos are encoded
+one at a time (``requires_sequential_video_encoding``), profiling keeps every token of its dummy video
+(:meth:`DTDMultiModalProcessorMixin.get_dummy_inputs`), and ``dtd_*`` request keys never reach the HF
+processor loader (:class:`DTDQwen2_5_VLProcessingInfo`).
+
 Select it for any Qwen2.5-VL checkpoint with
 ``--hf-overrides '{"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}'``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import vllm
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -32,11 +40,30 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing import BaseMultiModalProcessor, ProcessorInputs, PromptReplacement
+from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
 from vllm_plugin import stats as dtd_stats_registry
 from vllm_plugin.dtd import dtd_stats, mask_digest, mrope_positions, pixel_keep_mask
 from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
+
+
+def _require(owner: type, *names: str) -> None:
+    """Fail at import, naming the vLLM version, if a vLLM 0.32 attribute this module relies on is gone."""
+    fields = {f.name for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else set()
+    for name in names:
+        if name not in fields and not hasattr(owner, name):
+            raise RuntimeError(
+                f"vllm_plugin.qwen2_5_vl was written for vLLM 0.32 and relies on {owner.__qualname__}.{name}, "
+                f"which vLLM {vllm.__version__} does not have"
+            )
+
+
+_require(Qwen2_5_VLForConditionalGeneration, "get_encoder_cudagraph_config")
+_require(EncoderCudaGraphConfig, "modalities", "max_frames_per_video")
+_require(BaseMultiModalProcessor, "get_dummy_inputs")
+_require(ProcessorInputs, "hf_processor_mm_kwargs")
+_require(Qwen2_5_VLProcessingInfo, "get_hf_processor")
 
 MASK_KEY = "video_dtd_mask"
 _TIMING = threading.local()  # seconds spent on the DTD decision in the current apply() of this thread
@@ -167,6 +194,20 @@ class DTDMultiModalProcessorMixin:
 
         return [with_dtd(u) if u.modality == "video" else u for u in updates]
 
+    def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> ProcessorInputs:
+        """Profiling inputs keep every video token.
+
+        vLLM 0.32 profiles the encoder and the encoder cache with a constant dummy video
+        (vllm/multimodal/processing/processor.py ``get_dummy_mm_inputs`` -> ``get_dummy_inputs`` ->
+        ``apply``; vllm/multimodal/processing/dummy_inputs.py ``_get_dummy_videos``). DTD would keep its
+        first temporal step only, so the profiled encoder outputs (vllm/v1/worker/gpu_model_runner.py
+        ``profile_run``) would be ~T times too small. ``dtd_enabled: false`` goes in as a request-level
+        processor kwarg (it overrides ``--mm-processor-kwargs``) and is part of the item's cache hash, so
+        a real constant video never gets this item from the processor cache.
+        """
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "dtd_enabled": False})
+
     def apply(self, inputs, timing_ctx):
         _TIMING.decision = 0.0
         t0 = time.perf_counter()
@@ -185,12 +226,47 @@ class DTDMultiModalProcessorMixin:
         return result
 
 
+class DTDQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    """``dtd_*`` keys never reach the HF processor loader.
+
+    vLLM 0.32 passes a request's ``mm_processor_kwargs`` to ``get_hf_processor(**kwargs)`` (e.g. from
+    ``_get_prompt_updates`` and ``get_image_processor``), which loads through an LRU keyed by those
+    kwargs (vllm/transformers_utils/processor.py ``cached_get_processor``): every distinct
+    ``dtd_threshold`` would reload processor and tokenizer. The DTD decision reads the request's keys
+    itself (``DTDMultiModalProcessorMixin._call_hf_processor``).
+    """
+
+    def get_hf_processor(self, **kwargs: object):
+        _, rest = split_dtd_kwargs(kwargs)
+        return super().get_hf_processor(**rest)
+
+
 class DTDQwen2_5_VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
 class DTDModelMixin:
     """Model side: keep the masked encoder outputs; survivors keep their original M-RoPE positions."""
+
+    # vllm/v1/worker/gpu_model_runner.py (0.32) encodes a batch of videos one at a time when the model
+    # has this attribute, the mitigation vLLM applies to EVS pruning for the same reason: the scheduler
+    # charges an item's placeholder count (DTD: the kept tokens) to the encoder budget, while the encoder
+    # runs on every patch. One video per encoder call bounds the peak to one full video.
+    requires_sequential_video_encoding = True
+
+    def get_encoder_cudagraph_config(self) -> EncoderCudaGraphConfig:
+        """Videos never take the encoder CUDA graph path.
+
+        vLLM 0.32 replays a captured graph of the bare vision tower for the modalities listed here
+        (vllm/v1/worker/gpu_model_runner.py ``_execute_mm_encoder``, vllm/v1/worker/gpu/mm/encoder_runner.py
+        ``execute_mm_encoder``: ``supports_modality``), bypassing ``_process_video_input`` and so the DTD
+        mask. Same opt-out as Qwen2.5-VL's own EVS pruning (vllm/model_executor/models/qwen2_5_vl.py
+        ``get_encoder_cudagraph_config``): drop the modality, one frame per item. Images keep their graphs.
+        """
+        config = super().get_encoder_cudagraph_config()
+        return dataclasses.replace(
+            config, modalities=[m for m in config.modalities if m != "video"], max_frames_per_video=1,
+        )
 
     def _parse_and_validate_video_input(self, **kwargs: object):
         mask = kwargs.pop(MASK_KEY, None)
@@ -238,7 +314,7 @@ class DTDModelMixin:
 
 @MULTIMODAL_REGISTRY.register_processor(
     DTDQwen2_5_VLMultiModalProcessor,
-    info=Qwen2_5_VLProcessingInfo,
+    info=DTDQwen2_5_VLProcessingInfo,
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class Qwen2_5_VLDTDForConditionalGeneration(DTDModelMixin, Qwen2_5_VLForConditionalGeneration):

@@ -1,0 +1,189 @@
+"""vLLM 0.32 GPU code paths that must not bypass or misjudge DTD, checked without a GPU or a server.
+
+* encoder CUDA graphs never take videos (they would skip the DTD mask);
+* videos are encoded one at a time (the scheduler charges the kept count, the encoder runs on all);
+* the encoder cache holds exactly the charged (kept) rows;
+* profiling's dummy video keeps every token;
+* per-request ``dtd_*`` keys do not reload the HF processor.
+
+The processors are built in-process from a ``ModelConfig`` of the tiny checkpoint, as vLLM's
+renderer does (``MULTIMODAL_REGISTRY.create_processor``).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
+
+
+def _processor(model_path, arch: str | None):
+    import vllm_plugin
+
+    vllm_plugin.register()
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    overrides = {"hf_overrides": {"architectures": [arch]}} if arch else {}
+    model_config = ModelConfig(model=str(model_path), max_model_len=4096, **overrides)
+    return MULTIMODAL_REGISTRY.create_processor(model_config)
+
+
+@pytest.fixture(scope="module")
+def dtd_processor(tiny_model_path):
+    return _processor(tiny_model_path, DTD_ARCH)
+
+
+@pytest.fixture(scope="module")
+def stock_processor(tiny_model_path):
+    return _processor(tiny_model_path, None)
+
+
+def _video_request(processor, frames: np.ndarray, **mm_kwargs):
+    meta = {
+        "fps": 2.0, "duration": len(frames) / 2.0, "total_num_frames": len(frames),
+        "frames_indices": list(range(len(frames))), "video_backend": "opencv", "do_sample_frames": False,
+    }
+    items = processor.info.parse_mm_data({"video": [(frames, meta)]})
+    prompt = processor.dummy_inputs.get_dummy_text({"video": 1})
+    return processor(prompt, items, hf_processor_mm_kwargs=mm_kwargs)
+
+
+def _full_tokens(item, merge: int = 2) -> int:
+    return int(item["video_grid_thw"].data.prod()) // (merge * merge)
+
+
+# --- A: encoder CUDA graphs --------------------------------------------------------------------
+
+
+def _cudagraph_config(cls):
+    """The config ``EncoderCudaGraphManager`` reads (vllm/v1/worker/encoder_cudagraph.py), from a
+    model object carrying only what ``get_encoder_cudagraph_config`` touches (no weights, no GPU)."""
+    model = cls.__new__(cls)
+    torch.nn.Module.__init__(model)
+    model.is_multimodal_pruning_enabled = False
+    model.visual = SimpleNamespace(attn_backend=None, out_hidden_size=64)
+    model.get_max_frames_per_video = lambda: 8
+    return model.get_encoder_cudagraph_config()
+
+
+def _manager_supports(config, modality: str) -> bool:
+    # the runner's check: gpu_model_runner.py `encoder_cudagraph_manager.supports_modality(modality)`
+    from vllm.v1.worker.encoder_cudagraph import EncoderCudaGraphManager
+
+    manager = EncoderCudaGraphManager.__new__(EncoderCudaGraphManager)
+    manager.config = config
+    return manager.supports_modality(modality)
+
+
+def test_encoder_cudagraphs_exclude_dtd_videos():
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_plugin.qwen2_5_vl import Qwen2_5_VLDTDForConditionalGeneration
+
+    stock = _cudagraph_config(Qwen2_5_VLForConditionalGeneration)
+    assert _manager_supports(stock, "video") and _manager_supports(stock, "image")
+    dtd = _cudagraph_config(Qwen2_5_VLDTDForConditionalGeneration)
+    assert not _manager_supports(dtd, "video"), dtd.modalities
+    assert _manager_supports(dtd, "image")
+    assert dtd.max_frames_per_video == 1  # image-format capture grids, as with EVS
+    assert dtd.buffer_keys == stock.buffer_keys and dtd.out_hidden_size == stock.out_hidden_size
+
+
+# --- B: encoder budget and cache ---------------------------------------------------------------
+
+
+def test_videos_are_encoded_one_at_a_time():
+    """gpu_model_runner.py sets `requires_sequential_video_encoding = hasattr(model, ...)`."""
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+    from vllm_plugin.qwen2_5_vl import Qwen2_5_VLDTDForConditionalGeneration
+
+    assert not hasattr(Qwen2_5_VLForConditionalGeneration, "requires_sequential_video_encoding")
+    assert Qwen2_5_VLDTDForConditionalGeneration.requires_sequential_video_encoding is True
+
+
+def test_encoder_cache_holds_the_charged_rows(dtd_processor):
+    """The scheduler charges and the encoder cache sizes an item by `mm_position.get_num_embeds()`
+    (vllm/v1/request.py get_num_encoder_embeds); `_process_video_input`'s output is what is cached."""
+    from vllm_plugin.qwen2_5_vl import MASK_KEY, DTDModelMixin
+
+    frames = np.zeros((8, 56, 56, 3), dtype=np.uint8)
+    frames[4:, :28] = 255  # a change halfway: some tokens kept after step 0
+    out = _video_request(dtd_processor, frames)
+    item, (placeholder,) = out["mm_kwargs"]["video"][0], out["mm_placeholders"]["video"]
+    mask = item[MASK_KEY].data.bool()
+    full = _full_tokens(item)
+    assert mask.numel() == full and 0 < int(mask.sum()) < full
+
+    class Input(SimpleNamespace):  # vLLM's TensorSchema: attributes, `.get` reads them
+        def get(self, key, default=None):
+            return getattr(self, key, default)
+
+    class Tower:  # stands in for Qwen2.5-VL's encoder: one row per LLM token of the whole video
+        def _parse_and_validate_video_input(self, **kwargs):
+            return Input(video_grid_thw=kwargs["video_grid_thw"])
+
+        def _process_video_input(self, video_input):
+            return (torch.arange(full, dtype=torch.float32)[:, None].repeat(1, 4),)
+
+    class Model(DTDModelMixin, Tower):
+        pass
+
+    model = Model()
+    video_input = model._parse_and_validate_video_input(video_grid_thw=item["video_grid_thw"].data, **{MASK_KEY: mask})
+    (rows,) = model._process_video_input(video_input)
+    assert rows.shape[0] == placeholder.get_num_embeds() == placeholder.length == int(mask.sum())
+    assert torch.equal(rows[:, 0].long(), mask.nonzero().flatten())
+
+
+# --- C: profiling --------------------------------------------------------------------------------
+
+
+def test_profiling_dummy_video_keeps_every_token(dtd_processor, stock_processor):
+    from vllm_plugin.qwen2_5_vl import MASK_KEY
+
+    out = dtd_processor.get_dummy_mm_inputs({"video": 1})
+    item, (placeholder,) = out["mm_kwargs"]["video"][0], out["mm_placeholders"]["video"]
+    full = _full_tokens(item)
+    assert int(item["video_grid_thw"].data[0]) > 1  # a multi-step video: DTD would drop steps 1..T-1
+    assert bool(item[MASK_KEY].data.all()) and item[MASK_KEY].data.numel() == full
+    assert placeholder.get_num_embeds() == full
+    (stock_placeholder,) = stock_processor.get_dummy_mm_inputs({"video": 1})["mm_placeholders"]["video"]
+    assert stock_placeholder.get_num_embeds() == full
+
+
+def test_a_real_constant_video_is_still_reduced(dtd_processor):
+    """The profiling switch is per dummy input, not global."""
+    out = _video_request(dtd_processor, np.full((8, 56, 56, 3), 255, dtype=np.uint8))
+    item, (placeholder,) = out["mm_kwargs"]["video"][0], out["mm_placeholders"]["video"]
+    assert placeholder.length == _full_tokens(item) // int(item["video_grid_thw"].data[0])
+
+
+# --- D: per-request dtd_* keys -----------------------------------------------------------------
+
+
+def test_dtd_keys_do_not_reload_the_hf_processor(dtd_processor):
+    from vllm.transformers_utils.processor import cached_get_processor
+
+    info = dtd_processor.info
+    base = info.get_hf_processor()
+    size = cached_get_processor.cache_info().currsize
+    a = info.get_hf_processor(dtd_threshold=0.11)
+    b = info.get_hf_processor(dtd_threshold=0.12, dtd_metric="l1")
+    assert a is base and b is base
+    assert info.get_image_processor(dtd_threshold=0.13) is base.image_processor
+
+    frames = np.zeros((8, 56, 56, 3), dtype=np.uint8)
+    frames[4:] = 255
+    kept = []
+    for kwargs in ({"dtd_threshold": 0.21}, {"dtd_threshold": 0.22}, {"dtd_enabled": False}):
+        (placeholder,) = _video_request(dtd_processor, frames, **kwargs)["mm_placeholders"]["video"]
+        kept.append(placeholder.length)
+    assert cached_get_processor.cache_info().currsize == size
+    # the DTD decision still sees the request's keys
+    assert kept[0] == kept[1] < kept[2]

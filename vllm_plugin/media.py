@@ -1,11 +1,26 @@
-"""Decoding video and images (PyAV, Pillow) for the plugin's stream routes and the workbench."""
+"""Decoding video and images (PyAV, Pillow) for the plugin's stream routes and the workbench.
+
+Two entry points with different trust:
+
+* :func:`decode_video` reads a file the USER points at (workbench, benchmarks): FFmpeg probes its
+  format as usual.
+* :func:`decode_video_upload` / :func:`decode_image` read bytes a CLIENT sent (stream uploads).
+  Those are decoded only as self-contained containers from :data:`UPLOAD_FORMATS`, the demuxer
+  chosen explicitly from the leading bytes, never by FFmpeg's probing: demuxers that open other
+  files or URLs (``concat``/ffconcat lists, HLS/DASH playlists, ``image2`` patterns, ``tee``,
+  ``data:``/``subfile`` URLs, QuickTime external data references) are never reached. Frame size and
+  frame count are checked from the container's codec parameters before anything is decoded, frames
+  are decoded one at a time and handed to the caller at once (one full-size frame in memory), and
+  a hostile file whose frames turn out larger or more numerous than its header says is stopped at
+  the first frame over the budget.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -16,6 +31,67 @@ class VideoDecodeError(ValueError):
     """Missing, not a video, corrupt, or without frames."""
 
 
+class MediaTooLarge(VideoDecodeError):
+    """The media would decode to more pixels than a limit allows (HTTP 413 at the stream routes)."""
+
+
+# Container formats a stream upload may use: FFmpeg demuxer name -> what it is. Each is
+# self-contained (the demuxer reads only the bytes given; for QuickTime/MP4 external data
+# references are switched off explicitly below).
+UPLOAD_FORMATS = {
+    "mov": "MP4 / QuickTime (ftyp, moov, mdat ... boxes)",
+    "matroska": "Matroska / WebM (EBML header)",
+    "avi": "AVI (RIFF ... AVI)",
+    "mpegts": "MPEG transport stream (0x47 sync bytes every 188)",
+}
+_DEMUXER_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def sniff_container(data: bytes) -> str:
+    """The FFmpeg demuxer of :data:`UPLOAD_FORMATS` for these bytes, from their leading bytes only.
+
+    Raises :class:`VideoDecodeError` for anything else (playlists, concat lists, images, text...).
+    """
+    if len(data) >= 12 and data[4:8] in _MP4_BOXES:
+        return "mov"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    if len(data) >= 376 and data[0] == data[188] == data[376] == 0x47:
+        return "mpegts"
+    allowed = ", ".join(UPLOAD_FORMATS[k] for k in UPLOAD_FORMATS)
+    raise VideoDecodeError(f"not a video container this server accepts (allowed: {allowed})")
+
+
+def _sample(container, stream, fps, start, end, max_frames, check=None) -> Iterator[tuple[object, float]]:
+    """For every time ``start + k/fps`` yield the first decoded frame at or after it, with its time
+    relative to ``start`` (``fps=None``: every frame; ``start=None``: the first frame's time).
+    ``check(frame)`` sees every decoded frame."""
+    source_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+    next_t, n_out, n_in = start, 0, 0
+    for frame in container.decode(stream):
+        if check is not None:
+            check(frame)
+        t = float(frame.time) if frame.time is not None else n_in / source_fps
+        n_in += 1
+        if start is None:  # times from the first frame (a chunk's own clock may start anywhere)
+            start = next_t = t
+        if t + 1e-6 < start:
+            continue
+        if end is not None and t >= end:
+            break
+        if fps is None or t + 1e-6 >= next_t:
+            yield frame, t - start
+            n_out += 1
+            if fps is not None:  # the next sampling instant after t
+                next_t = start + (np.floor((t - start) * fps + 1e-6) + 1) / fps
+            if max_frames is not None and n_out >= max_frames:
+                return
+
+
 def decode_video(
     source: Source,
     fps: Optional[float] = 1.0,
@@ -23,7 +99,8 @@ def decode_video(
     start: float = 0.0,
     end: Optional[float] = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Decode a file path or in-memory bytes; for every time k/fps keep the first frame at or after it.
+    """Decode a file path or in-memory bytes the user trusts; for every time k/fps keep the first
+    frame at or after it.
 
     Returns ``(frames uint8 (N, H, W, 3) RGB, timestamps (N,) s relative to start, source_fps,
     duration)``. ``fps=None`` keeps every frame. Raises :class:`VideoDecodeError`.
@@ -43,45 +120,116 @@ def decode_video(
         handle = name
     frames: list[np.ndarray] = []
     times: list[float] = []
+    last = [start]
     try:
         with av.open(handle) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{name} has no video stream")
             stream = container.streams.video[0]
             source_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            next_t, last_t = start, start
-            for frame in container.decode(stream):
-                t = float(frame.time) if frame.time is not None else len(times) / source_fps
-                last_t = t
-                if t + 1e-6 < start:
-                    continue
-                if end is not None and t >= end:
-                    break
-                if fps is None or t + 1e-6 >= next_t:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    times.append(t - start)
-                    if fps is not None:  # the next sampling instant after t
-                        next_t = start + (np.floor((t - start) * fps + 1e-6) + 1) / fps
-                    if max_frames is not None and len(frames) >= max_frames:
-                        break
+
+            def seen(frame):
+                if frame.time is not None:
+                    last[0] = float(frame.time)
+
+            for frame, t in _sample(container, stream, fps, start, end, max_frames, check=seen):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(t)
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode {name}: {e}") from e
     if not frames:
         raise VideoDecodeError(f"{name} has no decodable frames")
-    return np.stack(frames), np.asarray(times, dtype=np.float64), source_fps, (last_t - start) + 1.0 / source_fps
+    return np.stack(frames), np.asarray(times, dtype=np.float64), source_fps, (last[0] - start) + 1.0 / source_fps
 
 
-def decode_image(data: bytes, max_side: int = 8192) -> np.ndarray:
-    """JPEG/PNG/WebP bytes -> uint8 (H, W, 3) RGB. Raises ``ValueError`` for anything else."""
+def _frames_from_header(container, stream) -> int:
+    """The frame count the container declares (0 if it declares none)."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if rate and stream.duration and stream.time_base:
+        return int(float(stream.duration * stream.time_base) * float(rate)) + 1
+    if rate and container.duration:
+        return int(container.duration / 1_000_000 * float(rate)) + 1
+    return 0
+
+
+def decode_video_upload(
+    data: bytes,
+    fps: float,
+    fit: Callable[[np.ndarray], np.ndarray],
+    max_frames: int,
+    max_frame_pixels: int,
+    max_decoded_pixels: int,
+) -> tuple[list[np.ndarray], list[float]]:
+    """Decode a client's video chunk: ``(fit(frame) for each sampled frame, times s from its start)``.
+
+    ``fit`` gets one full-size uint8 (H, W, 3) frame at a time and returns what is kept (the
+    stream resizes it). Limits: ``max_frame_pixels`` per frame and ``max_decoded_pixels`` over all
+    frames the decoder produces (sampled or not), checked from the codec parameters before decoding
+    and again on every decoded frame; at most ``max_frames`` sampled frames are kept. Raises
+    :class:`MediaTooLarge` over a limit, :class:`VideoDecodeError` for anything unusable.
+    """
+    import av
+
+    if not data:
+        raise VideoDecodeError("empty video data")
+    fmt = sniff_container(data)
+    out: list[np.ndarray] = []
+    times: list[float] = []
+    try:
+        with av.open(io.BytesIO(data), format=fmt, options=_DEMUXER_OPTIONS.get(fmt, {})) as container:
+            if not container.streams.video:
+                raise VideoDecodeError("the video chunk has no video stream")
+            stream = container.streams.video[0]
+            w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+            if w <= 0 or h <= 0:
+                raise VideoDecodeError("the video chunk declares no frame size")
+            if w * h > max_frame_pixels:
+                raise MediaTooLarge(f"video frames of {w}x{h} pixels exceed the limit of {max_frame_pixels} pixels per frame")
+            declared = _frames_from_header(container, stream)
+            if declared * w * h > max_decoded_pixels:
+                raise MediaTooLarge(
+                    f"the video chunk declares {declared} frames of {w}x{h} = {declared * w * h} pixels; "
+                    f"at most {max_decoded_pixels} decoded pixels per upload")
+            budget = [max_decoded_pixels]
+
+            def check(frame):
+                px = int(frame.width) * int(frame.height)
+                if px > max_frame_pixels:
+                    raise MediaTooLarge(f"a decoded frame of {frame.width}x{frame.height} pixels exceeds the limit "
+                                        f"of {max_frame_pixels} pixels per frame")
+                budget[0] -= px
+                if budget[0] < 0:
+                    raise MediaTooLarge(f"the video chunk decodes to more than {max_decoded_pixels} pixels "
+                                        "(the limit per upload)")
+
+            for frame, t in _sample(container, stream, fps, None, None, max_frames, check=check):
+                out.append(fit(frame.to_ndarray(format="rgb24")))
+                times.append(t)
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(f"cannot decode the video chunk: {e}") from e
+    if not out:
+        raise VideoDecodeError("the video chunk has no decodable frames")
+    return out, times
+
+
+def decode_image(data: bytes, max_pixels: int = 4096 * 4096, max_side: int = 8192) -> np.ndarray:
+    """PNG/JPEG/WebP bytes -> uint8 (H, W, 3) RGB. The size is read from the header and checked
+    before the pixels are decoded. Raises :class:`MediaTooLarge` over ``max_pixels``,
+    ``ValueError`` for anything else."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if max(im.size) > max_side or min(im.size) < 1:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            w, h = im.size
+            if max(w, h) > max_side or min(w, h) < 1:
                 raise ValueError(f"image size {im.size} outside 1..{max_side} pixels per side")
+            if w * h > max_pixels:
+                raise MediaTooLarge(f"image of {w}x{h} pixels exceeds the limit of {max_pixels} pixels per frame")
             return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"not a decodable image: {e}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a decodable PNG, JPEG or WebP image: {e}") from None
 
 
 def encode_png(frame: np.ndarray) -> bytes:

@@ -256,3 +256,95 @@ def test_the_engine_survived_everything(dtd_server, synthetic_mp4):
     assert "EngineDeadError" not in log and "EngineCore encountered a fatal error" not in log
     r = _chat(dtd_server, _video(f"file://{synthetic_mp4}"))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def _upload(s, data: bytes):
+    return requests.post(f"{s.url}/frames", json={"video": base64.b64encode(data).decode()}, timeout=120)
+
+
+def test_uploads_that_reference_other_files_are_400_and_read_nothing(dtd_server, tmp_path):
+    """FFmpeg demuxers that open what an upload names (ffconcat lists, HLS playlists, image2
+    patterns) are never reached: the server decodes uploads only as MP4/MOV, Matroska/WebM, AVI or
+    MPEG-TS, chosen from the leading bytes. The server runs in this process's working directory;
+    the bundled clip is named relative to it, as an attacker would name a file on the server."""
+    import io
+    import os
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    target = os.path.relpath(REPO / "assets" / "moviepy_airplane.mp4")  # what the server would open
+    uploads = {
+        "ffconcat": f"ffconcat version 1.0\nfile '{target}'\n".encode(),
+        "hls": f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\n{target}\n#EXT-X-ENDLIST\n".encode(),
+        "image2 pattern": b"assets/frame%03d.png",
+    }
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    try:
+        for name, data in uploads.items():
+            r = _upload(s, data)
+            _assert_4xx(r, "video:", "not a video container")
+            assert r.status_code == 400, (name, r.text[:300])
+        for fmt in ("GIF", "BMP", "TIFF"):  # images: PNG, JPEG, WebP only
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format=fmt)
+            r = requests.post(f"{s.url}/frames", timeout=60,
+                              json={"frames": [{"image": base64.b64encode(buf.getvalue()).decode()}]})
+            _assert_4xx(r, "frames[0]", "PNG, JPEG or WebP")
+        assert s.status()["frames"] == 0
+    finally:
+        s.close()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_decompression_bomb_uploads_are_413_and_cost_no_memory(dtd_server, synthetic_clip):
+    """A 28-KB H.264 chunk of 256 black 1080p frames (1.6 GB of RGB) is refused from its header;
+    one whose container understates its frames (two MPEG-TS segments both starting at 0) is
+    stopped at the decoded-pixel budget, frames decoded one at a time. The API server's peak RSS
+    (VmHWM; this server's API process is the launcher) barely moves."""
+    from test_media_units import make_video
+
+    bomb = make_video("mp4", "h264", 1920, 1080, 256)
+    hidden = make_video("mpegts", "h264", 1920, 1080, 100) * 2  # says ~101 frames, decodes 200
+    assert len(bomb) < 64 * 1024
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    try:
+        s.push(synthetic_clip.frames[:2])
+        peak = _peak_rss_mb(dtd_server.proc.pid)
+        r = _upload(s, bomb)
+        assert r.status_code == 413, r.text[:300]
+        assert "declares 256 frames of 1920x1080" in _error(r) and "decoded pixels per upload" in _error(r)
+        r = _upload(s, hidden)
+        assert r.status_code == 413, r.text[:300]
+        assert "decodes to more than" in _error(r)
+        grew = _peak_rss_mb(dtd_server.proc.pid) - peak
+        assert grew < 300, f"peak RSS of the API server grew by {grew:.0f} MB"
+        assert s.status()["frames"] == 2  # nothing added
+        assert s.ask("still fine?", max_tokens=1)["usage"]["completion_tokens"] == 1
+    finally:
+        s.close()
+
+
+def test_a_question_without_sse_is_aborted_when_its_client_hangs_up(dtd_server, synthetic_clip):
+    s = open_stream(dtd_server.base_url, fps=2.0)
+    try:
+        s.push(synthetic_clip.frames[:4])
+        generated = dtd_server.metric("vllm:generation_tokens_total")
+        max_tokens = 12000  # ~20 s here; only an abort ends it sooner (ignore_eos)
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{s.url}/chat/completions", timeout=(10, 3), json={
+                "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": max_tokens,
+                "temperature": 1.0, "ignore_eos": True})
+        total = _generated_when_settled(dtd_server, within=60) - generated
+        assert 0 < total < max_tokens, f"{total} of {max_tokens} tokens generated: the answer was not aborted"
+        assert s.status()["questions"] == 0  # the unseen turn is not part of the conversation
+        assert s.ask("again?", max_tokens=2, ignore_eos=True)["usage"]["completion_tokens"] == 2
+    finally:
+        s.close()

@@ -91,3 +91,93 @@ def test_limits_errors_and_ids():
         StreamSettings(dtd=DTDConfig(reference="last_kept"))
     with pytest.raises(StreamError, match="fps"):
         StreamSettings(fps=0)
+
+
+def test_server_wide_byte_cap_refuses_then_frees_on_close_and_expiry():
+    frame = np.zeros((56, 56, 3), np.uint8)
+    m = StreamManager(Limits(max_total_bytes=3 * frame.nbytes, idle_seconds=0.2))
+    a, b = m.open(_settings()), m.open(_settings())
+    a.add_frames([frame, frame])
+    with pytest.raises(StreamError) as e:
+        b.add_frames([frame, frame])  # 4 frames held across streams > 3
+    assert e.value.status == 429 and "at most" in str(e.value)
+    assert b.frames == [] and m.bytes.held == 2 * frame.nbytes  # nothing added, nothing reserved
+    m.close(a.id)
+    assert m.bytes.held == 0
+    b.add_frames([frame, frame, frame])
+    time.sleep(0.3)
+    assert m.sweep() == [b.id] and m.bytes.held == 0
+
+
+def test_limits_are_shared_between_api_server_processes():
+    lim = Limits(max_streams=16, max_total_bytes=8 * 2**30)
+    assert lim.per_process(1) == lim
+    two = lim.per_process(2)
+    assert (two.max_streams, two.max_total_bytes) == (8, 4 * 2**30) and two.max_frames == lim.max_frames
+
+
+def test_stream_ids_name_the_process_that_holds_them():
+    from vllm_plugin.streaming import stream_owner
+
+    s = StreamManager(owner=3).open(_settings())
+    assert s.id.startswith("strm-3-") and stream_owner(s.id) == 3
+    for bad in ("strm-nope", "strm--x", "strm-99999-x", "x-1-y", "strm-1"):
+        assert stream_owner(bad) is None
+
+
+def test_append_reports_the_steps_it_completed(synthetic_clip):
+    s = StreamManager().open(_settings())
+    first = s.add_frames(list(synthetic_clip.frames[:3]))  # one step + one pending frame
+    assert len(first["kept_per_step"]) == 1
+    second = s.add_frames(list(synthetic_clip.frames[3:4]))  # completes step 1 with ONE frame
+    assert second["kept_per_step"] == s.kept_per_step[1:2]
+    assert s.add_frames(list(synthetic_clip.frames[4:5]))["kept_per_step"] == []
+
+
+def test_dtd_disabled_streams_count_every_token(synthetic_clip):
+    s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(enabled=False), event_level=0.5))
+    out = s.add_frames(list(synthetic_clip.frames[:8]))
+    assert s.kept_per_step == [s.tokens_per_step] * 4
+    assert out["events"] == []  # nothing is dropped, so the kept fraction signals nothing
+
+
+def test_server_default_last_kept_does_not_break_streams():
+    from types import SimpleNamespace
+
+    from vllm_plugin.stream_routes import OpenStreamRequest, StreamService
+
+    svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1})
+    settings = StreamService.settings(svc, OpenStreamRequest())
+    assert settings.dtd.reference == "previous" and settings.dtd.threshold == 0.1
+    with pytest.raises(StreamError, match="dtd_reference"):  # asked for explicitly: still a clear 400
+        StreamService.settings(svc, OpenStreamRequest(dtd_reference="last_kept"))
+
+
+def test_idle_streams_are_reaped_on_a_timer():
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm_plugin.stream_routes import StreamService
+
+    m = StreamManager(Limits(idle_seconds=0.1))
+    s = m.open(_settings())
+
+    async def run():
+        task = asyncio.create_task(StreamService.reap(SimpleNamespace(manager=m), 0.05))
+        await asyncio.sleep(0.4)
+        task.cancel()
+
+    asyncio.run(run())
+    assert len(m) == 0 and s.id  # no other stream request was needed
+
+
+@pytest.mark.parametrize("server_kwargs", [{}, {"max_pixels": 128 * 28 * 28}, {"size": {"shortest_edge": 3136, "longest_edge": 96 * 28 * 28}}])
+def test_stream_frames_are_not_resized_again_by_the_served_processor(tiny_model_path, server_kwargs):
+    from transformers import AutoProcessor
+
+    vp = AutoProcessor.from_pretrained(tiny_model_path).video_processor
+    g = Geometry.from_video_processor(vp, server_kwargs)
+    h, w = g.target_size(720, 1280)
+    video = np.zeros((2, h, w, 3), np.uint8)
+    out = vp(videos=[video], return_tensors="pt", **server_kwargs)  # as vLLM calls it with --mm-processor-kwargs
+    assert out["video_grid_thw"][0].tolist() == [1, h // 14, w // 14]

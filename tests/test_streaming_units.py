@@ -121,7 +121,7 @@ def test_stream_ids_name_the_process_that_holds_them():
 
     s = StreamManager(owner=3).open(_settings())
     assert s.id.startswith("strm-3-") and stream_owner(s.id) == 3
-    for bad in ("strm-nope", "strm--x", "strm-99999-x", "x-1-y", "strm-1"):
+    for bad in ("strm-nope", "strm--x", "strm-99999-x", "x-1-y", "strm-1", "strm-\u00b2-x", "strm-0001-x", "strm-1-a/b"):
         assert stream_owner(bad) is None
 
 

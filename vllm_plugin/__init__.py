@@ -29,3 +29,9 @@ def register() -> None:
     from vllm_plugin.entrypoints import install
 
     install()
+    import os
+
+    if "dtd_streams" in (os.environ.get("VLLM_PLUGINS") or "").split(","):
+        from vllm_plugin.stream_forward import prepare_socket_dir
+
+        prepare_socket_dir()  # before vLLM spawns its API-server processes, which inherit the path

@@ -45,6 +45,14 @@ UPLOAD_FORMATS = {
     "mpegts": "MPEG transport stream (0x47 sync bytes every 188)",
 }
 _DEMUXER_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
+# FFmpeg decodes a frame of every track while it opens a file (stream-info probing), before any
+# check of ours: a file of many large tracks would cost memory there. Few tracks, each capped.
+MAX_UPLOAD_TRACKS = 4
+
+
+def _refuse_nested_open(url, flags, options):
+    """``io_open`` for uploads: a demuxer that tries to open anything besides the upload fails."""
+    raise PermissionError(f"an upload may not open other files or URLs ({str(url)[:80]!r})")
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -178,10 +186,14 @@ def decode_video_upload(
     out: list[np.ndarray] = []
     times: list[float] = []
     try:
-        with av.open(io.BytesIO(data), format=fmt, options=_DEMUXER_OPTIONS.get(fmt, {})) as container:
+        capped = {"max_pixels": str(max_frame_pixels)}
+        with av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
+                     container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS)},
+                     stream_options=[capped] * MAX_UPLOAD_TRACKS) as container:
             if not container.streams.video:
                 raise VideoDecodeError("the video chunk has no video stream")
             stream = container.streams.video[0]
+            stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
             w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
             if w <= 0 or h <= 0:
                 raise VideoDecodeError("the video chunk declares no frame size")
@@ -207,6 +219,9 @@ def decode_video_upload(
             for frame, t in _sample(container, stream, fps, None, None, max_frames, check=check):
                 out.append(fit(frame.to_ndarray(format="rgb24")))
                 times.append(t)
+    except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
+        raise MediaTooLarge(f"the video chunk exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
+                            f"{max_frame_pixels} pixels per frame)") from e
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode the video chunk: {e}") from e
     if not out:

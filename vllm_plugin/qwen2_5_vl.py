@@ -12,7 +12,7 @@
 
 vLLM 0.32 GPU paths that would otherwise bypass or misjudge DTD (each piece cites the vLLM file it follows):
 encoder CUDA graphs skip videos (:meth:`DTDModelMixin.get_encoder_cudagraph_config`), videos are encoded
-one at a time (``requires_sequential_video_encoding``), profiling keeps every token of its dummy video
+one at a time (``_process_video_input``; ``requires_sequential_video_encoding`` for the V1 runner), profiling keeps every token of its dummy video
 (:meth:`DTDMultiModalProcessorMixin.get_dummy_inputs`), and ``dtd_*`` request keys never reach the HF
 processor loader (:class:`DTDQwen2_5_VLProcessingInfo`).
 
@@ -276,8 +276,21 @@ class DTDModelMixin:
         return video_input
 
     def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
-        embeds = tuple(super()._process_video_input(video_input))
         mask = video_input.get("dtd_mask")
+        grid = video_input["video_grid_thw"]
+        if mask is None or video_input["type"] != "pixel_values_videos" or len(grid) < 2:
+            embeds = tuple(super()._process_video_input(video_input))
+        else:
+            # One video per encoder call, whatever the model runner batched: the scheduler charged
+            # the kept tokens, the encoder works on every patch (vLLM 0.32's V1 GPU runner does the
+            # same for `requires_sequential_video_encoding`; its V2 runner, the default with Triton,
+            # does not). Peak encoder memory is one full video, as for a single request.
+            encode = super()._process_video_input
+            patches = video_input["pixel_values_videos"].split(grid.prod(-1).tolist())
+            embeds = tuple(
+                e for i, pv in enumerate(patches)
+                for e in encode({"type": "pixel_values_videos", "pixel_values_videos": pv, "video_grid_thw": grid[i:i + 1]})
+            )
         if mask is None:
             return embeds
         sizes = [e.shape[0] for e in embeds]

@@ -33,13 +33,26 @@ _PATH = re.compile(r"^/v1/streams/([^/]+)")
 FORWARDED = b"x-dtd-forwarded-from"
 _HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection",
         b"content-length"}
+_SERVER_HEADERS = {b"date", b"server"}  # the forwarding server sends its own
+
+
+SOCKET_DIR_ENV = "VLLM_DTD_STREAM_SOCKET_DIR"
+
+
+def prepare_socket_dir(env=os.environ) -> None:
+    """In the process that starts the API servers (the plugin's ``register()`` runs there before
+    it spawns them): a fresh private directory (``mkdtemp``: unpredictable, mode 0700) whose path
+    the API-server processes inherit."""
+    if env.get(SOCKET_DIR_ENV) is None:
+        env[SOCKET_DIR_ENV] = tempfile.mkdtemp(prefix="vllm-dtd-streams-")
 
 
 def socket_dir(server_key: str) -> Path:
-    """A directory private to this user for the peer sockets of one server (all its API-server
-    processes share ``server_key``: the pid of the process that started them). Refuses a
+    """The private directory of this server's peer sockets: the inherited ``mkdtemp`` one, else
+    one named after the process that started the API servers (``server_key``). Refuses a
     directory another user made or can enter."""
-    d = Path(tempfile.gettempdir()) / f"vllm-dtd-streams-{os.getuid()}-{server_key}"
+    given = os.environ.get(SOCKET_DIR_ENV)
+    d = Path(given) if given else Path(tempfile.gettempdir()) / f"vllm-dtd-streams-{os.getuid()}-{server_key}"
     d.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(d)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -53,6 +66,9 @@ class Peers:
     def __init__(self, index: int, count: int, server_key: Optional[str] = None):
         self.index, self.count = index, count
         self.dir = socket_dir(server_key or str(os.getppid())) if count > 1 else None
+        if count <= 1 and os.environ.get(SOCKET_DIR_ENV):  # one process: nothing to share
+            with contextlib.suppress(OSError):
+                os.rmdir(os.environ[SOCKET_DIR_ENV])
         self._clients: dict[int, object] = {}
         self._server = None
 
@@ -70,7 +86,9 @@ class Peers:
         path = self.path(self.index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # left by an earlier run of the same pid
-        config = uvicorn.Config(app, uds=path, lifespan="off", log_level="warning", access_log=False)
+        # log_config=None: this Config must not reconfigure the process's logging (vLLM's server owns it)
+        config = uvicorn.Config(app, uds=path, lifespan="off", log_config=None, log_level=None)
+        config.access_log = False
         self._server = _PeerServer(config)
         task = asyncio.get_running_loop().create_task(self._server.serve())
         for _ in range(200):  # until the socket accepts
@@ -94,7 +112,9 @@ class Peers:
         import httpx
 
         if owner not in self._clients:
-            transport = httpx.AsyncHTTPTransport(uds=self.path(owner))
+            # no pool limit: a forwarded SSE answer holds its connection as long as it runs
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+            transport = httpx.AsyncHTTPTransport(uds=self.path(owner), limits=limits)
             self._clients[owner] = httpx.AsyncClient(transport=transport, timeout=None)
         return self._clients[owner]
 
@@ -107,18 +127,42 @@ async def _json(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _limited(receive, max_body: int):
+    """``receive`` that ends a request whose body grows past ``max_body`` (as a client hang-up)."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > max_body:
+                return {"type": "http.disconnect"}
+        return msg
+
+    return wrapped
+
+
 class StreamForwarder:
-    """ASGI middleware: a ``/v1/streams/<id>...`` request whose stream lives in another API-server
-    process is sent there; everything else passes through untouched."""
+    """ASGI middleware in front of the stream routes: a body larger than an append may be is
+    refused before it is read (413; FastAPI would parse all of it first), and a
+    ``/v1/streams/<id>...`` request whose stream lives in another API-server process is sent
+    there. Everything else passes through untouched."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/streams"):
             return await self.app(scope, receive, send)
-        m = _PATH.match(scope.get("path", ""))
         svc = getattr(getattr(scope.get("app"), "state", None), "dtd_streams", None)
+        if svc is None:
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > svc.max_body_bytes):
+            return await _json(send, 413, f"request body larger than {svc.max_body_bytes} bytes")
+        receive = _limited(receive, svc.max_body_bytes)
+        m = _PATH.match(scope["path"])
         peers: Optional[Peers] = getattr(svc, "peers", None)
         if m is None or peers is None or peers.count <= 1:
             return await self.app(scope, receive, send)
@@ -133,11 +177,9 @@ class StreamForwarder:
         body = bytearray()
         while True:
             msg = await receive()
-            if msg["type"] == "http.disconnect":
+            if msg["type"] == "http.disconnect":  # the client left (or the body passed the limit)
                 return
             body += msg.get("body", b"")
-            if len(body) > max_body:
-                return await _json(send, 413, f"request body larger than {max_body} bytes")
             if not msg.get("more_body"):
                 break
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
@@ -156,7 +198,7 @@ class StreamForwarder:
                 logger.warning("DTD streams: API server %d cannot reach API server %d: %s", peers.index, owner, e)
                 return await _json(send, 503, f"the API-server process holding this stream is not reachable ({e})")
             try:
-                out = [(k, v) for k, v in resp.headers.raw if k.lower() not in _HOP - {b"content-length"}]
+                out = [(k, v) for k, v in resp.headers.raw if k.lower() not in (_HOP | _SERVER_HEADERS) - {b"content-length"}]
                 out.append((b"x-dtd-stream-owner", str(owner).encode()))
                 await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
                 async for chunk in resp.aiter_raw():

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.entrypoints.serve.utils.api_utils import load_aware_call, with_cancellation
 
 from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
 from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
@@ -162,7 +162,7 @@ class StreamService:
         """Free idle streams on a timer (not only when another stream request arrives)."""
         while True:
             await asyncio.sleep(every_s)
-            for sid in self.manager.sweep():
+            for sid in await asyncio.to_thread(self.manager.sweep):  # may wait for an append's lock
                 logger.info("DTD stream %s closed after %.0f s idle", sid, self.manager.limits.idle_seconds)
 
     def dtd_kwargs(self, stream: Stream) -> dict:
@@ -334,6 +334,7 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
 
 @router.post("/{stream_id}/chat/completions", summary="Ask at the current point of the stream")
 @with_cancellation  # a client that hangs up aborts its question, as on vLLM's own routes
+@load_aware_call  # counted in vLLM's server load (--enable-server-load-tracking), as its own routes
 async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
     request = raw_request
 
@@ -395,7 +396,7 @@ async def status(stream_id: str, request: Request):
 @router.delete("/{stream_id}", summary="Close a stream")
 async def close(stream_id: str, request: Request):
     async def run():
-        _service(request).manager.close(stream_id)
+        await asyncio.to_thread(_service(request).manager.close, stream_id)  # may wait for an append's lock
         return JSONResponse({"id": stream_id, "closed": True})
     return await _guard(run())
 

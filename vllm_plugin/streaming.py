@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import secrets
 import threading
 import time
@@ -47,6 +48,9 @@ def user_turn(num_videos: int, text: str) -> str:
     return f"<|im_start|>user\n{VIDEO_PLACEHOLDER * num_videos}{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+_ID = re.compile(r"strm-(0|[1-9][0-9]{0,3})-[A-Za-z0-9_-]+\Z")
+
+
 def stream_id(owner: int) -> str:
     """``strm-<owner process index>-<192 random bits>``."""
     return f"strm-{owner}-{secrets.token_urlsafe(24)}"
@@ -54,10 +58,8 @@ def stream_id(owner: int) -> str:
 
 def stream_owner(sid: str) -> Optional[int]:
     """The API-server process index a stream id names (None if it is not a stream id)."""
-    parts = sid.split("-", 2)
-    if len(parts) != 3 or parts[0] != "strm" or not parts[1].isdigit() or len(parts[1]) > 4:
-        return None
-    return int(parts[1])
+    m = _ID.match(sid)
+    return int(m.group(1)) if m else None
 
 
 class StreamError(Exception):

@@ -140,6 +140,26 @@ def test_a_forwarded_question_is_aborted_when_its_client_hangs_up(dp_server):
             assert len(reads) < 40, "still generating after the client hung up"
         assert 0 < reads[-1] - g0 < 12000
         assert _get(f"{base}/v1/streams/{sid}").json()["questions"] == 0
+        with requests.Session() as fresh:
+            assert fresh.delete(f"{base}/v1/streams/{sid}", timeout=60).status_code == 200
         if via_peer:
             return
     pytest.skip("no question of 4 went through the other API server (chance 1/16)")
+
+
+def test_streams_open_while_any_process_has_room(dp_server):
+    """Stream caps are split between the processes (8 + 8 of the default 16); an open that lands on
+    a full process is moved to one with room, so all 16 open, and the 17th is a 429."""
+    base, ids = dp_server.base_url, []
+    try:
+        for _ in range(16):
+            r = _post(base + "/v1/streams", json={"fps": 2.0})
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["id"])
+        assert sorted({sid.split("-")[1] for sid in ids}) == ["0", "1"]
+        r = _post(base + "/v1/streams", json={"fps": 2.0})
+        assert r.status_code == 429 and "at most 16" in r.json()["error"]["message"], r.text
+    finally:
+        for sid in ids:
+            with requests.Session() as fresh:
+                fresh.delete(f"{base}/v1/streams/{sid}", timeout=60)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -44,7 +45,10 @@ def prepare_socket_dir(env=os.environ) -> None:
     it spawns them): a fresh private directory (``mkdtemp``: unpredictable, mode 0700) whose path
     the API-server processes inherit."""
     if env.get(SOCKET_DIR_ENV) is None:
-        env[SOCKET_DIR_ENV] = tempfile.mkdtemp(prefix="vllm-dtd-streams-")
+        env[SOCKET_DIR_ENV] = path = tempfile.mkdtemp(prefix="vllm-dtd-streams-")
+        # removed when this process ends (API servers are multiprocessing children: their atexit
+        # handlers never run, so they do not clean up themselves)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
 def socket_dir(server_key: str) -> Path:
@@ -98,15 +102,27 @@ class Peers:
         if task.done():
             task.result()
         os.chmod(path, 0o600)
-        atexit.register(self._remove, path)
         self._task = task
         logger.info("DTD streams: API server %d of %d, peer socket %s", self.index, self.count, path)
 
-    def _remove(self, path: str) -> None:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):
-            self.dir.rmdir()  # the last process to leave removes the directory
+    async def open_elsewhere(self, headers, body: bytes):
+        """Open a stream in another process (this one is full); the first answer that is not a
+        429, or None. Streams and bytes are capped per process: a full process asks its peers."""
+        import httpx
+
+        keep = {k: v for k, v in headers.items() if k.lower().encode() not in _HOP}
+        keep[FORWARDED.decode()] = str(self.index)
+        for peer in range(self.count):
+            if peer == self.index:
+                continue
+            try:
+                resp = await self.client(peer).post("http://dtd-peer/v1/streams", content=body, headers=keep)
+            except httpx.TransportError as e:
+                logger.warning("DTD streams: API server %d cannot reach API server %d: %s", self.index, peer, e)
+                continue
+            if resp.status_code != 429:
+                return resp
+        return None
 
     def client(self, owner: int):
         import httpx

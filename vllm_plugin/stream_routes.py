@@ -35,7 +35,7 @@ from vllm.entrypoints.serve.utils.api_utils import load_aware_call, with_cancell
 
 from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
 from vllm_plugin.options import dtd_config_from_kwargs, split_dtd_kwargs
-from vllm_plugin.stream_forward import Peers, StreamForwarder
+from vllm_plugin.stream_forward import FORWARDED, Peers, StreamForwarder
 from vllm_plugin.streaming import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
@@ -310,7 +310,16 @@ async def open_stream(body: OpenStreamRequest, request: Request):
     async def run():
         svc = _service(request)
         svc.check_model(body.model)
-        stream = svc.manager.open(svc.settings(body))
+        settings = svc.settings(body)
+        try:
+            stream = svc.manager.open(settings)
+        except StreamError as e:  # this process holds its share of streams: another may have room
+            if e.status != 429 or request.headers.get(FORWARDED.decode()) is not None:
+                raise
+            moved = await svc.peers.open_elsewhere(request.headers, await request.body())
+            if moved is None:
+                raise StreamError(f"too many open streams (at most {svc.manager.limits.max_streams * svc.peers.count})", 429) from None
+            return JSONResponse(moved.json(), status_code=moved.status_code)
         return JSONResponse(svc.status(stream))
     return await _guard(run())
 

@@ -186,3 +186,15 @@ def test_images_only_png_jpeg_webp_and_pixel_cap_before_decoding():
     big = enc("PNG", (3000, 3000))  # small file, 9 M pixels
     with pytest.raises(MediaTooLarge, match="3000x3000"):
         decode_image(big, max_pixels=4096 * 2048)
+
+
+def test_only_common_video_codecs_are_decoded():
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mov") as c:  # PNG frames in a QuickTime movie: a valid file
+        s = c.add_stream("png", rate=2)
+        s.width, s.height, s.pix_fmt = 64, 48, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    with pytest.raises(VideoDecodeError, match="codec 'png' is not accepted"):
+        decode_video_upload(buf.getvalue(), 2.0, _keep, 256, 10**7, 10**9)

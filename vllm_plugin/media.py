@@ -55,6 +55,9 @@ def _refuse_nested_open(url, flags, options):
     raise PermissionError(f"an upload may not open other files or URLs ({str(url)[:80]!r})")
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# Video codecs an upload may use (FFmpeg codec names): what cameras, screen recorders and browsers
+# produce. Any other of FFmpeg's hundreds of decoders is never run on client bytes.
+UPLOAD_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg")
 
 
 def sniff_container(data: bytes) -> str:
@@ -193,6 +196,9 @@ def decode_video_upload(
             if not container.streams.video:
                 raise VideoDecodeError("the video chunk has no video stream")
             stream = container.streams.video[0]
+            if stream.codec_context.name not in UPLOAD_CODECS:
+                raise VideoDecodeError(f"video codec {stream.codec_context.name!r} is not accepted "
+                                       f"(accepted: {', '.join(UPLOAD_CODECS)})")
             stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
             w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
             if w <= 0 or h <= 0:

@@ -181,3 +181,22 @@ def test_stream_frames_are_not_resized_again_by_the_served_processor(tiny_model_
     video = np.zeros((2, h, w, 3), np.uint8)
     out = vp(videos=[video], return_tensors="pt", **server_kwargs)  # as vLLM calls it with --mm-processor-kwargs
     assert out["video_grid_thw"][0].tolist() == [1, h // 14, w // 14]
+
+
+def test_the_socket_directory_variable_passes_vllms_environment_validation(monkeypatch):
+    """vLLM 0.32 warns about unknown VLLM_* variables and refuses them under
+    --fail-on-environ-validation: what the plugin sets in the environment must not be one."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    from vllm_plugin.stream_forward import SOCKET_DIR_ENV, prepare_socket_dir
+
+    for name in [n for n in os.environ if n.startswith("VLLM_") or n == SOCKET_DIR_ENV]:
+        monkeypatch.delenv(name)
+    prepare_socket_dir()
+    try:
+        assert os.path.isdir(os.environ[SOCKET_DIR_ENV])
+        current_platform.validate_environ(hard_fail=True)
+    finally:
+        os.rmdir(os.environ[SOCKET_DIR_ENV])

@@ -37,7 +37,9 @@ _HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"up
 _SERVER_HEADERS = {b"date", b"server"}  # the forwarding server sends its own
 
 
-SOCKET_DIR_ENV = "VLLM_DTD_STREAM_SOCKET_DIR"
+# Not VLLM_*: vLLM 0.32 warns about every VLLM_* variable it does not know, and refuses to start
+# with --fail-on-environ-validation (platforms/interface.py validate_environ).
+SOCKET_DIR_ENV = "DTD_STREAM_SOCKET_DIR"
 
 
 def prepare_socket_dir(env=os.environ) -> None:

@@ -131,3 +131,20 @@ def assert_same_top_logprobs(a: list[dict[int, float]], b: list[dict[int, float]
             lp = x.get(tok, y.get(tok))
             fifth = min(min(x.values()), min(y.values()))
             assert abs(lp - fifth) <= atol, (step, tok, lp, fifth)
+
+
+def generated_when_settled(srv, within: float) -> float:
+    """vLLM's generated-tokens counter once it stops moving (no request generating any more). A
+    wait on the running gauge instead once let 8,586 tokens (~14 s) pass between the first streamed
+    chunk and the hang-up (a CI run; whether the gauge or /metrics lagged was not pinned down), so the
+    test reads what the counter adds up to, not when the metrics change."""
+    import time
+
+    deadline = time.monotonic() + within
+    reads = [srv.metric("vllm:generation_tokens_total")]
+    while len(reads) < 3 or len(set(reads[-3:])) > 1:  # unchanged for 4 s
+        assert time.monotonic() < deadline, f"still generating {within} s after the client hung up"
+        time.sleep(2.0)
+        reads.append(srv.metric("vllm:generation_tokens_total"))
+    assert srv.metric("vllm:num_requests_running") == 0
+    return reads[-1]

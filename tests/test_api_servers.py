@@ -6,13 +6,12 @@ must reach one engine (its prefix cache lives there)."""
 
 import base64
 import json
-import time
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import BLOCK_SIZE, serve_args
+from conftest import BLOCK_SIZE, generated_when_settled, serve_args
 from vllm_plugin.media import encode_png
 
 pytestmark = pytest.mark.vllm
@@ -117,14 +116,10 @@ def test_unknown_streams_are_404_on_every_process(dp_server):
 def test_a_forwarded_question_is_aborted_when_its_client_hangs_up(dp_server):
     base = dp_server.base_url
 
-    def generated():
-        return sum(float(l.rsplit(" ", 1)[1]) for l in _get(base + "/metrics").text.splitlines()
-                   if l.startswith("vllm:generation_tokens_total"))
-
     for attempt in range(12):  # until one question went through the other process
         sid = _post(base + "/v1/streams", json={"fps": 2.0}).json()["id"]
         assert _post(f"{base}/v1/streams/{sid}/frames", json={"frames": _frames(attempt)}).status_code == 200
-        g0 = generated()
+        g0 = dp_server.metric("vllm:generation_tokens_total")
         with requests.Session() as fresh:
             r = fresh.post(f"{base}/v1/streams/{sid}/chat/completions", stream=True, timeout=120, json={
                 "messages": [{"role": "user", "content": "go on"}], "max_tokens": 12000, "stream": True,
@@ -133,12 +128,7 @@ def test_a_forwarded_question_is_aborted_when_its_client_hangs_up(dp_server):
             lines = r.iter_lines()
             assert next(lines).startswith(b"data: {")
             r.close()
-        reads = [generated()]
-        while len(reads) < 3 or len(set(reads[-3:])) > 1:
-            time.sleep(2.0)
-            reads.append(generated())
-            assert len(reads) < 40, "still generating after the client hung up"
-        assert 0 < reads[-1] - g0 < 12000
+        assert 0 < generated_when_settled(dp_server, within=80) - g0 < 12000
         assert _get(f"{base}/v1/streams/{sid}").json()["questions"] == 0
         with requests.Session() as fresh:
             assert fresh.delete(f"{base}/v1/streams/{sid}", timeout=60).status_code == 200

@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from analysis.video import write_video
+from conftest import generated_when_settled
 from vllm_plugin.client import open_stream
 
 pytestmark = pytest.mark.vllm
@@ -159,23 +160,6 @@ def test_oversize_and_bomb_frames_are_4xx(dtd_server):
         s.close()
 
 
-def _generated_when_settled(srv, within: float) -> float:
-    """vLLM's generated-tokens counter once it stops moving (no request generating any more). A
-    wait on the running gauge instead once let 8,586 tokens (~14 s) pass between the first streamed
-    chunk and the hang-up (a CI run; whether the gauge or /metrics lagged was not pinned down), so the
-    test reads what the counter adds up to, not when the metrics change."""
-    import time
-
-    deadline = time.monotonic() + within
-    reads = [srv.metric("vllm:generation_tokens_total")]
-    while len(reads) < 3 or len(set(reads[-3:])) > 1:  # unchanged for 4 s
-        assert time.monotonic() < deadline, f"still generating {within} s after the client hung up"
-        time.sleep(2.0)
-        reads.append(srv.metric("vllm:generation_tokens_total"))
-    assert srv.metric("vllm:num_requests_running") == 0
-    return reads[-1]
-
-
 def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_clip):
     s = open_stream(dtd_server.base_url, fps=2.0)
     other = open_stream(dtd_server.base_url, fps=2.0)
@@ -193,7 +177,7 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
             assert r.status_code == 200
             lines = r.iter_lines()  # held: a dropped generator closes urllib3's chunked connection
             assert next(lines).startswith(b"data: {")
-        total = _generated_when_settled(dtd_server, within=60) - generated
+        total = generated_when_settled(dtd_server, within=60) - generated
         assert 0 < total < max_tokens, f"{total} of {max_tokens} tokens generated: the answer was not aborted"
         # an answer budget beyond the context left is a 400, before the event stream starts
         r = requests.post(f"{s.url}/chat/completions", timeout=60, json={
@@ -208,7 +192,7 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
             assert r.status_code == 200
             lines = r.iter_lines()  # held: a dropped generator closes urllib3's chunked connection
             assert next(lines).startswith(b"data: {")
-        total = _generated_when_settled(dtd_server, within=60) - generated
+        total = generated_when_settled(dtd_server, within=60) - generated
         assert 0 < total < max_tokens, f"{total} of {max_tokens} tokens generated: vLLM did not abort"
         # both streams answer at once, with their frames intact
         a = s.ask("still there?", max_tokens=2, ignore_eos=True)
@@ -350,7 +334,7 @@ def test_a_question_without_sse_is_aborted_when_its_client_hangs_up(dtd_server, 
             requests.post(f"{s.url}/chat/completions", timeout=(10, 3), json={
                 "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": max_tokens,
                 "temperature": 1.0, "ignore_eos": True})
-        total = _generated_when_settled(dtd_server, within=60) - generated
+        total = generated_when_settled(dtd_server, within=60) - generated
         assert 0 < total < max_tokens, f"{total} of {max_tokens} tokens generated: the answer was not aborted"
         assert s.status()["questions"] == 0  # the unseen turn is not part of the conversation
         assert s.ask("again?", max_tokens=2, ignore_eos=True)["usage"]["completion_tokens"] == 2

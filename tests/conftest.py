@@ -3,44 +3,109 @@ session-scoped: one per configuration for the whole run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from analysis.harness.browser import CHROMEDRIVER, CHROMIUM, chromium_driver
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 BLOCK_SIZE = 32  # KV block size of the DTD test server (the CPU backend needs a multiple of 32)
+DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
+# CI must run the browser tests (scripts/setup.sh installs Chromium there); elsewhere they may be skipped
+needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true",
+                                   reason="Debian chromium + chromium-driver (scripts/setup.sh installs them)")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """Headless Chromium without DNS (reports must render offline), shared by the report checks."""
+    if not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true":
+        pytest.skip("Debian chromium + chromium-driver (scripts/setup.sh installs them)")
+    driver = chromium_driver(tmp_path_factory.mktemp("chrome"), offline=True)
+    yield driver
+    driver.quit()
+
+
+def renders_offline(request, html: Path, expected_plots: int) -> None:
+    """The report drew in headless Chromium without network (screenshot beside it), where a browser
+    is available (CI always has one); a text check of the page otherwise."""
+    from analysis.harness.browser import assert_offline_source, assert_report_renders
+
+    if not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true":
+        assert_offline_source(html.read_text())
+        return
+    shot = html.with_suffix(".png")
+    assert_report_renders(request.getfixturevalue("browser"), html, shot, expected_plots=expected_plots)
+    print(f"{html.name}: drew offline, screenshot {shot}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def results_dir(tmp_path_factory) -> Path:
+    """Every tool, notebook and test writes its results here, never into the repository tree."""
+    from analysis.lib.paths import RESULTS_ENV
+
+    d = tmp_path_factory.mktemp("results")
+    os.environ[RESULTS_ENV] = str(d)
+    return d
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from analysis.tiny_model import ensure_tiny_model
+    from analysis.harness.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model("test")
 
 
+def mm_processor(model_path, arch: str | None):
+    """vLLM's multimodal processor for the checkpoint, built in-process from a ``ModelConfig`` as
+    vLLM's renderer builds it (``MULTIMODAL_REGISTRY.create_processor``); ``arch=None``: stock."""
+    import vllm_plugin
+
+    vllm_plugin.register()
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    overrides = {"hf_overrides": {"architectures": [arch]}} if arch else {}
+    model_config = ModelConfig(model=str(model_path), max_model_len=4096, **overrides)
+    return MULTIMODAL_REGISTRY.create_processor(model_config)
+
+
+@pytest.fixture(scope="session")
+def dtd_processor(tiny_model_path):
+    return mm_processor(tiny_model_path, DTD_ARCH)
+
+
+@pytest.fixture(scope="session")
+def stock_processor(tiny_model_path):
+    return mm_processor(tiny_model_path, None)
+
+
 @pytest.fixture(scope="session")
 def synthetic_clip():
-    from analysis.synthetic import make_clip
+    from analysis.lib.synthetic import make_clip
 
     return make_clip()
 
 
 @pytest.fixture(scope="session")
 def synthetic_mp4(tmp_path_factory, synthetic_clip) -> Path:
-    from analysis.video import write_video
+    from analysis.lib.video import write_video
 
     return write_video(tmp_path_factory.mktemp("clips") / "synthetic.mp4", synthetic_clip.frames, synthetic_clip.fps)
 
 
 @pytest.fixture(scope="session")
 def reference(tiny_model_path):
-    from analysis.reference import ReferencePipeline
+    from analysis.lib.reference import ReferencePipeline
 
     return ReferencePipeline(tiny_model_path)
 
 
 def shared_video(name: str) -> Path:
+    from analysis.lib.paths import SHARED_VIDEOS
+
     p = SHARED_VIDEOS / name
     if not p.is_file():
         pytest.skip(f"{p} not available (../shared/videos is provided beside the clone in CI)")
@@ -65,7 +130,7 @@ def serve_args(media_dir: Path) -> list[str]:
 def real_clip_mp4(synthetic_mp4) -> Path:
     """The bundled (real, handheld) clip at 2 fps, first 16 frames, re-encoded losslessly so that
     vLLM's decoder and the reference pipeline see the same pixels."""
-    from analysis.video import SAMPLE_VIDEO, load_video, write_video
+    from analysis.lib.video import SAMPLE_VIDEO, load_video, write_video
 
     v = load_video(SAMPLE_VIDEO, fps=2.0, max_frames=16)
     return write_video(synthetic_mp4.parent / "airplane_2fps.mp4", v.frames, 2.0)
@@ -79,10 +144,10 @@ def media_dir(synthetic_mp4, real_clip_mp4) -> Path:
 @pytest.fixture(scope="session")
 def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
     """vLLM with the DTD plugin, started the way users start it: python -m vllm_plugin.serve."""
-    from analysis.server import VLLMServer
+    from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
-    env = {"VLLM_DTD_STREAM_MAX_STREAMS": "4", "VLLM_DTD_STREAM_MAX_FRAMES": "64"}
+    env = {"DTD_STREAM_MAX_STREAMS": "4", "DTD_STREAM_MAX_FRAMES": "64"}
     args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE)]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv
@@ -91,7 +156,7 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def stock_server(tiny_model_path, media_dir, tmp_path_factory):
     """Stock vLLM (no DTD model class) serving the tiny checkpoint."""
-    from analysis.server import VLLMServer
+    from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "stock.log"
     with VLLMServer(tiny_model_path, serve_args(media_dir), log_path=log) as srv:

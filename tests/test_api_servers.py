@@ -20,7 +20,7 @@ DP = 2
 
 @pytest.fixture(scope="module")
 def dp_server(tiny_model_path, media_dir, tmp_path_factory):
-    from analysis.server import VLLMServer
+    from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dp.log"
     args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE),

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from analysis.bench import Clip, kv_capacity_tokens, metric_sum, summarize, uniform_subsample
-from conftest import REPO
+from analysis.cli.bench import Clip, kv_capacity_tokens, metric_sum, summarize, uniform_subsample
+from conftest import REPO, renders_offline
 
 METRICS = """# HELP vllm:kv_cache_usage_perc KV-cache usage.
 vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
@@ -28,14 +27,14 @@ def test_metric_parsing():
 
 
 def test_uniform_subsample_matches_the_budget(tmp_path, synthetic_clip):
-    from analysis.workbench import tokens_from_frames
+    from analysis.lib.workbench import tokens_from_frames
 
     vt = tokens_from_frames(synthetic_clip.frames, 2.0)
     clip = Clip("syn", tmp_path / "syn.mp4", vt.tokens_per_step, vt.grid[0], vt.pixel, vt.frames, 2.0)
     path, mask = uniform_subsample(clip, kept_video_tokens=5 * vt.tokens_per_step + 3, media=tmp_path)
     assert int(mask.sum()) == 5 * vt.tokens_per_step and bool(mask[0].all())
     assert mask.any(dim=(1, 2)).nonzero().flatten().tolist() == [0, 6, 12, 17, 23]
-    from analysis.video import load_video
+    from analysis.lib.video import load_video
 
     assert len(load_video(path, fps=None).frames) == 10  # 2 frames per kept step
     _, all_mask = uniform_subsample(clip, 10**6, tmp_path)
@@ -54,9 +53,9 @@ def test_summary_ratios():
 
 
 @pytest.mark.vllm
-def test_small_run_end_to_end(tmp_path, real_clip_mp4):
+def test_small_run_end_to_end(tmp_path, real_clip_mp4, request):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "analysis.bench", "--size", "test", "--video", str(real_clip_mp4), "--requests", "1",
+    cmd = [sys.executable, "-m", "analysis.cli.bench", "--size", "test", "--video", str(real_clip_mp4), "--requests", "1",
            "--frames", "8", "--concurrency", "2", "--no-evs", "--out", str(out)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -74,4 +73,5 @@ def test_small_run_end_to_end(tmp_path, real_clip_mp4):
         assert r["ceiling"] == pytest.approx(r["stock_prompt_tokens"] / r["dtd_prompt_tokens"])
     assert 0 < float(m.group(3)) < 1 and result["decision"]["decision_s"] > 0
     assert (out / "bench.html").stat().st_size > 1000
+    renders_offline(request, out / "bench.html", expected_plots=1)
     assert result["evs"]["outcome"].startswith("skipped")

@@ -1,9 +1,7 @@
 """A person's view: JupyterLab in headless Chromium, run 01_explore_dtd.ipynb, move the threshold
-slider, and the plot changes. Saves a screenshot to results/browser/."""
+slider, and the plot changes. Saves a screenshot to the session's results directory."""
 
-import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -11,13 +9,11 @@ import time
 import pytest
 import requests
 
-from analysis.server import free_port
-from conftest import REPO
+from analysis.harness.browser import chromium_driver
+from analysis.harness.server import free_port
+from conftest import REPO, needs_browser
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-# CI must run it (scripts/setup.sh installs the browser there); elsewhere it may be skipped
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true",
-                                reason="Debian chromium + chromium-driver (scripts/setup.sh installs them)")
+pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +39,8 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1600",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chrome')}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+def lab_browser(tmp_path_factory):
+    driver = chromium_driver(tmp_path_factory.mktemp("chrome-lab"), offline=False)
     yield driver
     driver.quit()
 
@@ -94,7 +81,8 @@ def _press(driver, key, times=1):
             time.sleep(0.5)
 
 
-def test_threshold_slider_changes_the_plot(lab, browser):
+def test_threshold_slider_changes_the_plot(lab, lab_browser, results_dir):
+    browser = lab_browser
     from selenium.webdriver.common.keys import Keys
 
     base, token = lab
@@ -112,7 +100,7 @@ def test_threshold_slider_changes_the_plot(lab, browser):
     _press(browser, Keys.ARROW_RIGHT, times=10)  # τ 0.05 -> 0.15: a person's ten key presses
     after = _wait(lambda: [t for t in _titles(browser) if "kept" in t and "τ=0.15" in t], timeout=120)
     assert after[0] != before[0]
-    out = REPO / "results" / "browser"
+    out = results_dir / "browser"
     out.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(out / "01_explore_dtd.png"))
     assert (out / "01_explore_dtd.png").stat().st_size > 10_000

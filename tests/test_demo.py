@@ -1,4 +1,4 @@
-"""The README's main job, run as a user runs it (python -m analysis.demo: real vLLM server)."""
+"""The README's main job, run as a user runs it (python -m analysis.cli.demo: real vLLM server)."""
 
 import json
 import subprocess
@@ -6,34 +6,44 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, renders_offline
 
 
 @pytest.mark.vllm
-def test_demo_serves_and_reports(tmp_path):
+def test_demo_serves_and_reports(tmp_path, request):
     out = subprocess.run(
-        [sys.executable, "-m", "analysis.demo", "--out", str(tmp_path), "--speed", "0"], cwd=REPO, capture_output=True,
+        [sys.executable, "-m", "analysis.cli.demo", "--out", str(tmp_path), "--speed", "0"], cwd=REPO, capture_output=True,
         text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert "kept" in text and "time to first token" in text
+    assert "kept" in text and "time to first token" in text and "DTD side by side" in text
     res = json.loads((tmp_path / "demo.json").read_text())
-    d, v = res["dtd"], res["vanilla"]
-    assert d["prompt_tokens"] == v["prompt_tokens"] - d["stats"]["total"] + d["stats"]["kept"]
-    assert d["stats"]["kept"] < d["stats"]["total"]
-    assert f"{d['prompt_tokens']} with DTD vs {v['prompt_tokens']} without" in text
-    qs = res["stream"]["questions"]
-    assert len(qs) >= 2 and all(a["cached_tokens"] < b["cached_tokens"] for a, b in zip(qs, qs[1:]))
-    assert res["stream"]["kept_per_step"][0] == res["stream"]["tokens_per_step"]
-    assert (tmp_path / "kept_tokens.html").stat().st_size > 1000
+    assert list(res) == ["moviepy_airplane.mp4", "screen_recording.mp4"]  # both bundled clips, handheld and screen
+    drop = {}
+    for name, r in res.items():
+        d, v = r["dtd"], r["vanilla"]
+        assert d["prompt_tokens"] == v["prompt_tokens"] - d["stats"]["total"] + d["stats"]["kept"]
+        assert d["stats"]["kept"] < d["stats"]["total"]
+        assert f"{d['prompt_tokens']} with DTD vs {v['prompt_tokens']} without" in text
+        qs = r["stream"]["questions"]
+        assert len(qs) >= 2 and all(a["cached_tokens"] < b["cached_tokens"] for a, b in zip(qs, qs[1:]))
+        st = r["stream"]
+        assert st["kept_per_step"][0] == st["tokens_per_step"]
+        drop[name] = 1 - sum(st["kept_per_step"]) / (st["tokens_per_step"] * len(st["kept_per_step"]))
+    # the spread a newcomer should see first: handheld ~30% dropped, the fixed view ~80%+
+    assert drop["moviepy_airplane.mp4"] < 0.5 < 0.75 < drop["screen_recording.mp4"], drop
+    assert f"{drop['screen_recording.mp4']:.1%}" in text
+    assert (tmp_path / "kept_tokens.html").stat().st_size > 1000 and (tmp_path / "plotly.min.js").is_file()
+    renders_offline(request, tmp_path / "kept_tokens.html", expected_plots=2)
 
 
-def test_demo_reference_only(tmp_path):
+def test_demo_reference_only(tmp_path, request):
     out = subprocess.run(
-        [sys.executable, "-m", "analysis.demo", "--reference-only", "--out", str(tmp_path)], cwd=REPO,
+        [sys.executable, "-m", "analysis.cli.demo", "--reference-only", "--out", str(tmp_path)], cwd=REPO,
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "demo.json").read_text())
-    assert res["dtd"]["stats"]["kept"] < res["dtd"]["stats"]["total"]
+    assert all(r["dtd"]["stats"]["kept"] < r["dtd"]["stats"]["total"] for r in res.values()) and len(res) == 2
+    renders_offline(request, tmp_path / "kept_tokens.html", expected_plots=2)

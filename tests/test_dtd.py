@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_plugin.dtd import (
+from vllm_plugin.core import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     DTDConfig,
     dtd_keep_mask,
     dtd_keep_mask_relative,
-    dtd_stats,
+    mask_stats,
     kept_thw,
     mrope_positions,
     frame_tokens,
@@ -128,15 +128,15 @@ def test_chunked_equals_whole(x, split, mt, reference):
 @given(token_grids(), st.floats(0.0, 1.0), st.sampled_from(["cosine", "l1"]), references)
 def test_relative_mode_counts(x, ratio, metric, reference):
     T, H, W, _ = x.shape
-    m = dtd_keep_mask_relative(x, ratio, metric, reference)
-    assert dtd_stats(m).kept_per_frame == tuple(relative_kept_counts(T, H * W, ratio))
+    m = dtd_keep_mask_relative(x, ratio, metric=metric, reference=reference)
+    assert mask_stats(m).kept_per_step == tuple(relative_kept_counts(T, H * W, ratio))
 
 
 def test_relative_mode_drops_most_redundant():
     x = torch.zeros(2, 1, 4, 1)
     x[0] = 0.5
     x[1, 0] = torch.tensor([[0.5], [0.9], [0.45], [0.0]])  # l1 diffs 0, 0.4, 0.05, 0.5
-    m = dtd_keep_mask_relative(x, 0.5, "l1")
+    m = dtd_keep_mask_relative(x, 0.5, metric="l1")
     assert m[1, 0].tolist() == [False, True, False, True]
     assert relative_kept_counts(3, 4, 0.5) == [4, 2, 2]
     assert relative_kept_counts(3, 10, 0.25) == [10, 8, 8]  # int(10 * 0.25) = 2 dropped
@@ -176,11 +176,11 @@ def test_stats():
     mask = torch.zeros(3, 2, 2, dtype=torch.bool)
     mask[0] = True
     mask[2, 0, 1] = True
-    s = dtd_stats(mask)
-    assert s.kept_per_frame == (4, 0, 1) and s.total == 12 and s.kept == 5
+    s = mask_stats(mask)
+    assert s.kept_per_step == (4, 0, 1) and s.total == 12 and s.kept == 5
     assert s.drop_ratio == pytest.approx(7 / 12)
-    assert s.as_dict()["kept_per_frame"] == [4, 0, 1]
-    assert s.kept_fraction_per_frame == (1.0, 0.0, 0.25)
+    assert s.as_dict()["kept_per_step"] == [4, 0, 1]
+    assert s.kept_fraction_per_step == (1.0, 0.0, 0.25)
 
 
 def test_pixel_tokens_layout_and_denormalization():
@@ -240,7 +240,7 @@ def test_dtd_module_imports_without_vllm():
 
     code = (
         "import sys; sys.modules['vllm'] = None; sys.modules['transformers'] = None\n"
-        "import vllm_plugin.dtd as d; print(d.dtd_keep_mask.__name__)"
+        "import vllm_plugin.core as d; print(d.dtd_keep_mask.__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "dtd_keep_mask"

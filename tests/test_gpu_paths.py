@@ -15,32 +15,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
-
-DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
-
-
-def _processor(model_path, arch: str | None):
-    import vllm_plugin
-
-    vllm_plugin.register()
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-
-    overrides = {"hf_overrides": {"architectures": [arch]}} if arch else {}
-    model_config = ModelConfig(model=str(model_path), max_model_len=4096, **overrides)
-    return MULTIMODAL_REGISTRY.create_processor(model_config)
-
-
-@pytest.fixture(scope="module")
-def dtd_processor(tiny_model_path):
-    return _processor(tiny_model_path, DTD_ARCH)
-
-
-@pytest.fixture(scope="module")
-def stock_processor(tiny_model_path):
-    return _processor(tiny_model_path, None)
 
 
 def _video_request(processor, frames: np.ndarray, **mm_kwargs):
@@ -83,7 +58,7 @@ def _manager_supports(config, modality: str) -> bool:
 def test_encoder_cudagraphs_exclude_dtd_videos():
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-    from vllm_plugin.qwen2_5_vl import Qwen2_5_VLDTDForConditionalGeneration
+    from vllm_plugin.models.qwen2_5_vl import Qwen2_5_VLDTDForConditionalGeneration
 
     stock = _cudagraph_config(Qwen2_5_VLForConditionalGeneration)
     assert _manager_supports(stock, "video") and _manager_supports(stock, "image")
@@ -123,7 +98,7 @@ class _Tower:
 
 
 def _dtd_model():
-    from vllm_plugin.qwen2_5_vl import DTDModelMixin
+    from vllm_plugin.models.base import DTDModelMixin
 
     class Model(DTDModelMixin, _Tower):
         pass
@@ -138,7 +113,8 @@ def test_videos_are_encoded_one_at_a_time(dtd_processor):
     call), the DTD model encodes one video per call; V1 reads `requires_sequential_video_encoding`."""
     from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-    from vllm_plugin.qwen2_5_vl import MASK_KEY, Qwen2_5_VLDTDForConditionalGeneration
+    from vllm_plugin.models.base import MASK_KEY
+    from vllm_plugin.models.qwen2_5_vl import Qwen2_5_VLDTDForConditionalGeneration
 
     assert not hasattr(Qwen2_5_VLForConditionalGeneration, "requires_sequential_video_encoding")
     assert Qwen2_5_VLDTDForConditionalGeneration.requires_sequential_video_encoding is True
@@ -162,7 +138,7 @@ def test_videos_are_encoded_one_at_a_time(dtd_processor):
 def test_encoder_cache_holds_the_charged_rows(dtd_processor):
     """The scheduler charges and the encoder cache sizes an item by `mm_position.get_num_embeds()`
     (vllm/v1/request.py get_num_encoder_embeds); `_process_video_input`'s output is what is cached."""
-    from vllm_plugin.qwen2_5_vl import MASK_KEY
+    from vllm_plugin.models.base import MASK_KEY
 
     frames = np.zeros((8, 56, 56, 3), dtype=np.uint8)
     frames[4:, :28] = 255  # a change halfway: some tokens kept after step 0
@@ -183,7 +159,7 @@ def test_encoder_cache_holds_the_charged_rows(dtd_processor):
 
 
 def test_profiling_dummy_video_keeps_every_token(dtd_processor, stock_processor):
-    from vllm_plugin.qwen2_5_vl import MASK_KEY
+    from vllm_plugin.models.base import MASK_KEY
 
     out = dtd_processor.get_dummy_mm_inputs({"video": 1})
     item, (placeholder,) = out["mm_kwargs"]["video"][0], out["mm_placeholders"]["video"]

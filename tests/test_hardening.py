@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from analysis.video import write_video
+from analysis.lib.video import write_video
 from conftest import generated_when_settled
 from vllm_plugin.client import open_stream
 

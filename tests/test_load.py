@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from analysis.load import run_load
-from conftest import BLOCK_SIZE, REPO
+from analysis.cli.load import run_load
+from conftest import BLOCK_SIZE
 
 pytestmark = pytest.mark.vllm
 
@@ -16,18 +16,18 @@ MM_CACHE_GB = 0.5  # vLLM's multimodal processor cache, one in the API server an
 
 @pytest.fixture(scope="module")
 def load_server(tiny_model_path, tmp_path_factory):
-    from analysis.server import VLLMServer
+    from analysis.harness.server import VLLMServer
 
-    env = {"VLLM_DTD_STREAM_MAX_STREAMS": str(STREAMS + 8), "VLLM_DTD_STREAM_MAX_FRAMES": str(int(SECONDS * FPS) + 64)}
+    env = {"DTD_STREAM_MAX_STREAMS": str(STREAMS + 8), "DTD_STREAM_MAX_FRAMES": str(int(SECONDS * FPS) + 64)}
     log = tmp_path_factory.mktemp("logs") / "load.log"
     args = ["--dtd-streams", "--block-size", str(BLOCK_SIZE), "--mm-processor-cache-gb", str(MM_CACHE_GB)]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv
 
 
-def test_fifty_streams_for_two_minutes(load_server):
+def test_fifty_streams_for_two_minutes(load_server, results_dir):
     out = run_load(load_server.base_url, streams=STREAMS, seconds=SECONDS, fps=FPS, server_pid=load_server.proc.pid)
-    results = REPO / "results" / "load"
+    results = results_dir / "load"
     results.mkdir(parents=True, exist_ok=True)
     (results / "load.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))  # the report (-s or the CI log's captured output on failure)

@@ -47,11 +47,11 @@ def test_01_explore_runs_headless():
     assert "application/vnd.plotly.v1+json" in out
 
 
-def test_02_sweep_runs_headless():
+def test_02_sweep_runs_headless(results_dir):
     nb = run_notebook("02_threshold_sweep.ipynb")
     out = outputs_of(nb)
     assert "drop_ratio" in out and "application/vnd.plotly.v1+json" in out
-    assert (REPO / "results" / "sweep" / "results.parquet").is_file()
+    assert (results_dir / "sweep" / "results.parquet").is_file()
 
 
 @pytest.mark.vllm

@@ -2,7 +2,7 @@
 
 import torch
 
-from vllm_plugin.dtd import DTDConfig, mrope_positions
+from vllm_plugin.core import DTDConfig, mrope_positions
 
 
 def test_disabled_gives_the_unmodified_models_logits(reference, synthetic_clip):
@@ -54,10 +54,10 @@ def test_dtd_drops_tokens_but_keeps_original_positions(reference, synthetic_clip
 
 def test_feature_criterion_and_generation(reference, synthetic_clip):
     feat = reference.prepare("what happens", synthetic_clip.frames, 2.0, DTDConfig(threshold=0.9, metric="cosine", criterion="feature"))
-    assert feat.stats.kept_per_frame[0] == 64 and feat.stats.kept < feat.stats.total
+    assert feat.stats.kept_per_step[0] == 64 and feat.stats.kept < feat.stats.total
     # static steps: identical frames -> identical embeddings -> all dropped
     for s in synthetic_clip.static_steps:
-        assert feat.stats.kept_per_frame[s] == 0
+        assert feat.stats.kept_per_step[s] == 0
     gen = reference.generate(feat, max_new_tokens=4, stop_at_eos=False)
     assert len(gen.token_ids) == 4 and all(len(t) == 5 for t in gen.top_logprobs)
     assert all(gen.top_logprobs[i][gen.token_ids[i]] == max(gen.top_logprobs[i].values()) for i in range(4))

@@ -1,13 +1,11 @@
 """Stream bookkeeping without a server: causal chunked DTD, events, items, limits, ids."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
 
-from vllm_plugin.dtd import DTDConfig, dtd_keep_mask, dtd_stats, frame_tokens
-from vllm_plugin.streaming import Geometry, Limits, StreamError, StreamManager, StreamSettings
+from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_stats, frame_tokens
+from vllm_plugin.streams.session import Geometry, Limits, StreamError, StreamManager, StreamSettings
 
 
 def _settings(**kw):
@@ -33,80 +31,44 @@ def test_appends_of_any_size_give_whole_video_dtd_and_events(synthetic_clip):
         s.add_frames(list(c.frames[i : i + n]))
         i += n
     whole = dtd_keep_mask(frame_tokens(torch.from_numpy(c.frames)), 0.05, "l1")
-    assert s.kept_per_step == list(dtd_stats(whole).kept_per_frame) == c.expected_kept_per_step()
+    assert s.kept_per_step == list(mask_stats(whole).kept_per_step) == c.expected_kept_per_step()
     steps = [e["step"] for e in s.events if e["type"] == "scene_change"]
     assert steps == [12, 16, 20]  # both cuts and the start of the fade; nothing in static stretches
     assert not set(steps) & set(c.static_steps)
     assert s.events[0]["time"] == pytest.approx(12.0) and s.events[0]["kept_fraction"] == 1.0
 
 
-def test_chunks_carry_the_previous_step_as_reference_and_are_stable(synthetic_clip):
+def test_chunks_carry_the_masks_decided_on_arrival_and_are_stable(synthetic_clip):
+    from vllm_plugin.entrypoints.options import GIVEN_MASK
+
+    c = synthetic_clip
     s = StreamManager().open(_settings())
-    s.add_frames(list(synthetic_clip.frames[:9]))  # 4 complete steps + 1 pending frame
+    s.add_frames(list(c.frames[:9]))  # 4 complete steps + 1 pending frame
     assert s.cut_chunk() == (0, 8)
     assert s.cut_chunk() is None
-    s.add_frames(list(synthetic_clip.frames[9:20]))
+    s.add_frames(list(c.frames[9:20]))
     assert s.cut_chunk() == (8, 20)
     items = s.video_items()
-    assert len(items) == 2 and "dtd_reference_frames" not in items[0][1]
-    ref = items[1][1]["dtd_reference_frames"]
-    assert np.array_equal(ref, synthetic_clip.frames[6:8]) and len(items[1][0]) == 12
+    assert len(items) == 2 and len(items[1][0]) == 12
+    # the prompt's masks ARE the masks the events came from: DTD on the whole stream, cut at the chunk border
+    whole = dtd_keep_mask(frame_tokens(torch.from_numpy(c.frames[:20])), 0.05, "l1").numpy()
+    assert items[0][1][GIVEN_MASK].dtype == bool and items[0][1][GIVEN_MASK].shape == (4, 8, 8)
+    assert np.array_equal(np.concatenate([items[0][1][GIVEN_MASK], items[1][1][GIVEN_MASK]]), whole)
+    assert [int(m.sum()) for m in np.concatenate([i[1][GIVEN_MASK] for i in items])] == s.kept_per_step
     again = s.video_items()
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(items, again))
-    # one copy of the pixels: the stream's frames and the reference are views of the chunks
+    assert all(np.array_equal(a[0], b[0]) and a[1] is b[1] for a, b in zip(items, again))
+    # one copy of the pixels: the stream's frames are views of the chunks
     assert all(np.shares_memory(s.frames[i], items[i >= 8][0]) for i in range(20))
-    assert np.shares_memory(ref, items[0][0]) and np.array_equal(s.frames[19], synthetic_clip.frames[19])
-    assert s.prompt_text("q", True).startswith("<|im_start|>system")
+    assert np.array_equal(s.frames[19], c.frames[19])
 
 
-def test_frames_are_resized_once_to_the_stream_size():
-    s = StreamManager().open(_settings())
-    s.add_frames([np.zeros((360, 640, 3), np.uint8), np.full((720, 1280, 3), 9, np.uint8)])
-    assert s.size == Geometry().target_size(360, 640)
-    assert all(f.shape[:2] == s.size for f in s.frames)
-
-
-def test_limits_errors_and_ids():
-    m = StreamManager(Limits(max_streams=2, max_frames=4, idle_seconds=0.2))
-    a, b = m.open(_settings()), m.open(_settings())
-    with pytest.raises(StreamError) as e:
-        m.open(_settings())
-    assert e.value.status == 429
-    frame = np.zeros((56, 56, 3), np.uint8)
-    a.add_frames([frame] * 4)
-    with pytest.raises(StreamError) as e:
-        a.add_frames([frame])
-    assert e.value.status == 409
-    with pytest.raises(StreamError, match="increase"):
-        b.add_frames([frame, frame], timestamps=[1.0, 0.5])
-    with pytest.raises(StreamError, match="uint8"):
-        b.add_frames([np.zeros((56, 56), np.float32)])
-    with pytest.raises(StreamError) as e:
-        m.get("strm-nope")
-    assert e.value.status == 404
-    assert a.id != b.id and len(a.id) > 30 and a.id.startswith("strm-")
-    time.sleep(0.3)
-    assert sorted(m.sweep()) == sorted([a.id, b.id]) and len(m) == 0  # idle streams are freed
-    with pytest.raises(StreamError, match="previous"):
-        StreamSettings(dtd=DTDConfig(reference="last_kept"))
-    with pytest.raises(StreamError, match="fps"):
-        StreamSettings(fps=0)
-
-
-def test_server_wide_byte_cap_refuses_then_frees_on_close_and_expiry():
-    frame = np.zeros((56, 56, 3), np.uint8)
-    m = StreamManager(Limits(max_total_bytes=3 * frame.nbytes, idle_seconds=0.2))
-    a, b = m.open(_settings()), m.open(_settings())
-    a.add_frames([frame, frame])
-    with pytest.raises(StreamError) as e:
-        b.add_frames([frame, frame])  # 4 frames held across streams > 3
-    assert e.value.status == 429 and "at most" in str(e.value)
-    assert b.frames == [] and m.bytes.held == 2 * frame.nbytes  # nothing added, nothing reserved
-    m.close(a.id)
-    assert m.bytes.held == 0
-    b.add_frames([frame, frame, frame])
-    time.sleep(0.3)
-    assert m.sweep() == [b.id] and m.bytes.held == 0
+def test_limits_from_the_environment_new_names_and_deprecated_old_ones(caplog):
+    assert Limits.from_env({"DTD_STREAM_MAX_STREAMS": "3"}).max_streams == 3
+    with caplog.at_level("WARNING", logger="vllm.dtd_plugin"):
+        assert Limits.from_env({"VLLM_DTD_STREAM_MAX_FRAMES": "64"}).max_frames == 64
+    assert "VLLM_DTD_STREAM_MAX_FRAMES is deprecated: use DTD_STREAM_MAX_FRAMES" in caplog.text
+    both = Limits.from_env({"DTD_STREAM_MAX_FRAMES": "10", "VLLM_DTD_STREAM_MAX_FRAMES": "64"})
+    assert both.max_frames == 10  # the new name wins
 
 
 def test_limits_are_shared_between_api_server_processes():
@@ -117,7 +79,7 @@ def test_limits_are_shared_between_api_server_processes():
 
 
 def test_stream_ids_name_the_process_that_holds_them():
-    from vllm_plugin.streaming import stream_owner
+    from vllm_plugin.streams.session import stream_owner
 
     s = StreamManager(owner=3).open(_settings())
     assert s.id.startswith("strm-3-") and stream_owner(s.id) == 3
@@ -144,7 +106,8 @@ def test_dtd_disabled_streams_count_every_token(synthetic_clip):
 def test_server_default_last_kept_does_not_break_streams():
     from types import SimpleNamespace
 
-    from vllm_plugin.stream_routes import OpenStreamRequest, StreamService
+    from vllm_plugin.streams.routes import OpenStreamRequest
+    from vllm_plugin.streams.service import StreamService
 
     svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1})
     settings = StreamService.settings(svc, OpenStreamRequest())
@@ -157,7 +120,7 @@ def test_idle_streams_are_reaped_on_a_timer():
     import asyncio
     from types import SimpleNamespace
 
-    from vllm_plugin.stream_routes import StreamService
+    from vllm_plugin.streams.service import StreamService
 
     m = StreamManager(Limits(idle_seconds=0.1))
     s = m.open(_settings())
@@ -190,7 +153,7 @@ def test_the_socket_directory_variable_passes_vllms_environment_validation(monke
 
     from vllm.platforms import current_platform
 
-    from vllm_plugin.stream_forward import SOCKET_DIR_ENV, prepare_socket_dir
+    from vllm_plugin.streams.forward import SOCKET_DIR_ENV, prepare_socket_dir
 
     for name in [n for n in os.environ if n.startswith("VLLM_") or n == SOCKET_DIR_ENV]:
         monkeypatch.delenv(name)

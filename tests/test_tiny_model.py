@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from analysis.tiny_model import SPECIAL_TOKENS, build, content_hash, flops_per_video_token
+from analysis.harness.tiny_model import SPECIAL_TOKENS, build, content_hash, flops_per_video_token
 from conftest import REPO, chat_video, served_top_logprobs, assert_same_top_logprobs
 
 
@@ -19,7 +19,7 @@ def _digest(path):
 
 def test_cli_builds_deterministically_and_caches(tmp_path, tiny_model_path):
     out = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "analysis.tiny_model", str(out), "--size", "test"]
+    cmd = [sys.executable, "-m", "analysis.harness.tiny_model", str(out), "--size", "test"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     assert _digest(out) == _digest(tiny_model_path)  # same (size, seed) -> same weights
     assert (out / "tokenizer.json").read_text() == (tiny_model_path / "tokenizer.json").read_text()
@@ -60,7 +60,7 @@ def test_bench_size_is_prefill_dominated():
 def test_loads_in_transformers(size):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from analysis.tiny_model import ensure_tiny_model
+    from analysis.harness.tiny_model import ensure_tiny_model
 
     path = ensure_tiny_model(size)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
@@ -75,7 +75,7 @@ def test_loads_in_transformers(size):
 def test_serves_in_vllm_and_matches_reference(stock_server, tiny_model_path, reference, synthetic_clip, synthetic_mp4):
     """Stock vLLM on the tiny checkpoint == the reference pipeline with DTD disabled: same prompt
     length (text + every video token) and the same greedy top-5 log-probabilities."""
-    from vllm_plugin.dtd import DTDConfig
+    from vllm_plugin.core import DTDConfig
 
     client = stock_server.client()
     text = client.chat.completions.create(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.video import SAMPLE_VIDEO, VideoDecodeError, load_video
-from vllm_plugin.dtd import dtd_keep_mask, dtd_stats, pixel_tokens
+from analysis.lib.video import SAMPLE_VIDEO, VideoDecodeError, load_video
+from vllm_plugin.core import dtd_keep_mask, mask_stats, pixel_tokens
 
 
 def test_bundled_clip_is_the_attributed_file():
@@ -57,7 +57,7 @@ def test_synthetic_clip_ground_truth(synthetic_clip):
     kept = c.expected_kept_per_step()
     assert kept[0] == 64 and all(kept[s] == 2 for s in range(6, 12)) and kept[12] == kept[16] == 64
     # deterministic
-    from analysis.synthetic import make_clip
+    from analysis.lib.synthetic import make_clip
 
     assert np.array_equal(make_clip().frames, c.frames)
     assert not np.array_equal(make_clip(seed=1).frames, c.frames)
@@ -77,8 +77,8 @@ def test_pixel_dtd_on_processed_synthetic_equals_ground_truth(reference, synthet
     for reference_mode in ("previous", "last_kept"):
         mask = dtd_keep_mask(tokens, 0.01, metric="l1", reference=reference_mode)
         assert torch.equal(mask, torch.from_numpy(synthetic_clip.changed))
-    stats = dtd_stats(mask)
-    assert list(stats.kept_per_frame) == synthetic_clip.expected_kept_per_step()
+    stats = mask_stats(mask)
+    assert list(stats.kept_per_step) == synthetic_clip.expected_kept_per_step()
     assert stats.drop_ratio == pytest.approx(1 - sum(synthetic_clip.expected_kept_per_step()) / (24 * 64))
     # cosine is blind to a uniform fade (scaled pixels point the same way) but sees cuts and motion
     cos = dtd_keep_mask(tokens, 0.999, metric="cosine")

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.explore import Explorer
-from analysis.figures import kept_tokens_figure, overlay_figure, overlay_image, serving_figure, stream_ttft_figure, threshold_figure
-from analysis.video import SAMPLE_VIDEO
-from analysis.workbench import cell_key, load_tokens, parse_range, sweep, tokens_from_frames
-from conftest import REPO
-from vllm_plugin.dtd import dtd_keep_mask, pixel_tokens
+from analysis.lib.explore import Explorer
+from analysis.lib.figures import kept_tokens_figure, overlay_figure, overlay_image, serving_figure, stream_ttft_figure, threshold_figure
+from analysis.lib.video import SAMPLE_VIDEO
+from analysis.lib.workbench import cell_key, load_tokens, parse_range, sweep, tokens_from_frames
+from conftest import REPO, renders_offline
+from vllm_plugin.core import dtd_keep_mask, pixel_tokens
 
 
 def test_parse_range():
@@ -42,17 +42,17 @@ def test_sweep_grid_skip_and_feature_criterion(synthetic_clip):
     rows = sweep([v], [0.01, 0.5, 1.5], metrics=["l1", "cosine"], references=["previous", "last_kept"], progress=False)
     assert len(rows) == 2 * 2 + 2 * 3 - 2  # l1 skips 1.5 (out of range); cosine keeps all three
     r = next(r for r in rows if r["metric"] == "l1" and r["threshold"] == 0.01 and r["reference"] == "previous")
-    assert r["kept_per_frame"] == synthetic_clip.expected_kept_per_step() and r["seconds"] >= 0
+    assert r["kept_per_step"] == synthetic_clip.expected_kept_per_step() and r["seconds"] >= 0
     again = sweep([v], [0.01, 0.5], metrics=["l1"], references=["previous"], progress=False,
                   skip={cell_key("syn", "pixel", "l1", "previous", 0.01)})
     assert [x["threshold"] for x in again] == [0.5]
     feat = sweep([v], [0.9], metrics=["cosine"], references=["previous"], criteria=["feature"], progress=False)
-    assert feat[0]["criterion"] == "feature" and feat[0]["kept_per_frame"][0] == 64
-    assert all(feat[0]["kept_per_frame"][s] == 0 for s in synthetic_clip.static_steps)
+    assert feat[0]["criterion"] == "feature" and feat[0]["kept_per_step"][0] == 64
+    assert all(feat[0]["kept_per_step"][s] == 0 for s in synthetic_clip.static_steps)
 
 
-def test_sweep_cli_writes_tables_report_and_skips_on_rerun(tmp_path):
-    cmd = [sys.executable, "-m", "analysis.sweep", "--video", str(SAMPLE_VIDEO), "--thresholds", "0.5:1.0:0.25",
+def test_sweep_cli_writes_tables_report_and_skips_on_rerun(tmp_path, request):
+    cmd = [sys.executable, "-m", "analysis.cli.sweep", "--video", str(SAMPLE_VIDEO), "--thresholds", "0.5:1.0:0.25",
            "--metric", "cosine,l1", "--reference", "previous,last_kept", "--out", str(tmp_path), "--quiet"]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -60,6 +60,7 @@ def test_sweep_cli_writes_tables_report_and_skips_on_rerun(tmp_path):
     df = pd.read_parquet(tmp_path / "results.parquet")
     assert len(df) == 12 and set(df.metric) == {"cosine", "l1"} and df.drop_ratio.between(0, 1).all()
     assert (tmp_path / "results.csv").is_file() and "DTD sweep" in (tmp_path / "report.html").read_text()
+    renders_offline(request, tmp_path / "report.html", expected_plots=5)  # drop ratio + one per (metric, reference)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert "0 cells run, 12 already" in again.stdout
     bad = subprocess.run(cmd[:-4] + ["--metric", "dot", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
@@ -86,7 +87,7 @@ def test_figures(synthetic_clip):
 def test_explorer_logic_and_widgets():
     e = Explorer(fps=1.0, max_frames=8)
     r = e.compute("synthetic (cuts, motion, fade)", 0.05, "l1", step=12)
-    assert r["kept_per_frame"][12] == 64 and "drop 70.1%" in r["curve"].layout.title.text
+    assert r["kept_per_step"][12] == 64 and "drop 70.1%" in r["curve"].layout.title.text
     w = e.widget
     before = e.last["drop_ratio"]
     e.w_threshold.value = 0.4
@@ -100,7 +101,7 @@ def test_explorer_logic_and_widgets():
 
 
 def test_held_error_hand_computed():
-    from analysis.workbench import held_error
+    from analysis.lib.workbench import held_error
 
     tokens = torch.zeros(3, 1, 2, 1)
     tokens[1, 0, 0] = 1.0  # token (0,0) changes at t=1 and back at t=2
@@ -120,7 +121,7 @@ def test_held_error_hand_computed():
 
 
 def test_held_error_dtd_beats_uniform_at_equal_budget_on_the_synthetic_clip(synthetic_clip):
-    from analysis.workbench import held_error
+    from analysis.lib.workbench import held_error
 
     vt = tokens_from_frames(synthetic_clip.frames, 2.0)
     mask = dtd_keep_mask(vt.pixel, 0.05, metric="l1")

@@ -1,20 +1,22 @@
 """vLLM plugin applying Differential Token Drop (TimeChat-Online) to video requests.
 
 Installed with this project, vLLM loads :func:`register` (entry point ``vllm.general_plugins``) in
-every process. It registers the DTD model classes; select one for a stock checkpoint with
-``--hf-overrides '{"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}'`` or start the server
-with ``python -m vllm_plugin.serve --model PATH``, which does that for you.
+every process. It only registers the DTD model classes (:mod:`vllm_plugin.models`); select one for
+a stock checkpoint with ``--hf-overrides '{"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}'``
+or start the server with ``python -m vllm_plugin.serve --model PATH``, which does that for you.
+
+Layers: :mod:`vllm_plugin.core` (the DTD math, torch only), :mod:`vllm_plugin.models` (one module
+per model family), :mod:`vllm_plugin.entrypoints` (API-server side: request options, stats, the one
+module of vLLM patches), :mod:`vllm_plugin.streams` (live streams). vLLM internals are patched only
+in an API-server process that serves a DTD architecture or the stream routes
+(:mod:`vllm_plugin.entrypoints.vllm_patches`).
 """
 
 from __future__ import annotations
 
-# stock architecture -> DTD architecture
-DTD_ARCHITECTURES = {
-    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLDTDForConditionalGeneration",
-}
-_CLASSES = {
-    "Qwen2_5_VLDTDForConditionalGeneration": "vllm_plugin.qwen2_5_vl:Qwen2_5_VLDTDForConditionalGeneration",
-}
+from vllm_plugin.models import DTD_ARCHITECTURES, FAMILIES
+
+__all__ = ["DTD_ARCHITECTURES", "register"]
 
 
 def register() -> None:
@@ -22,16 +24,13 @@ def register() -> None:
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
-    for arch, target in _CLASSES.items():
+    for arch, target in FAMILIES.values():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)  # by string: imported lazily where needed
 
-    from vllm_plugin.entrypoints import install
-
-    install()
     import os
 
     if "dtd_streams" in (os.environ.get("VLLM_PLUGINS") or "").split(","):
-        from vllm_plugin.stream_forward import prepare_socket_dir
+        from vllm_plugin.streams.forward import prepare_socket_dir
 
         prepare_socket_dir()  # before vLLM spawns its API-server processes, which inherit the path

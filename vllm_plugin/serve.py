@@ -3,7 +3,7 @@
     python -m vllm_plugin.serve --model PATH [--dtd-streams] [any vllm serve argument]
 
 Adds, unless given: ``--hf-overrides`` selecting the DTD architecture of the checkpoint (read from
-its config.json), and ``--middleware vllm_plugin.middleware.DTDStatsMiddleware`` (the
+its config.json), and ``--middleware vllm_plugin.entrypoints.middleware.DTDStatsMiddleware`` (the
 ``x-dtd-stats`` response header). Everything else goes to vLLM unchanged. Server-wide DTD
 defaults: ``--mm-processor-kwargs '{"dtd_threshold": 0.05, "dtd_metric": "l1"}'``.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vllm_plugin import DTD_ARCHITECTURES
 
-MIDDLEWARE = "vllm_plugin.middleware.DTDStatsMiddleware"
+MIDDLEWARE = "vllm_plugin.entrypoints.middleware.DTDStatsMiddleware"
 
 
 def _arg(argv: list[str], flag: str) -> str | None:
@@ -56,7 +56,9 @@ def enable_streams(argv: list[str], env) -> list[str]:
     names = [n for n in (env.get("VLLM_PLUGINS") or "").split(",") if n]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*names, "dtd", "dtd_streams"]))
     if _arg(argv, "--limit-mm-per-prompt") is None:
-        chunks = int(env.get("VLLM_DTD_STREAM_MAX_CHUNKS", "100"))
+        from vllm_plugin.streams.session import Limits
+
+        chunks = Limits.from_env(env).max_chunks
         argv += ["--limit-mm-per-prompt", json.dumps({"video": chunks, "image": 1})]
     return argv
 

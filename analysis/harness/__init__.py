@@ -1,0 +1,1 @@
+"""Test and benchmark harness: vLLM server processes and tiny checkpoints."""

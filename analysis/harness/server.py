@@ -1,0 +1,149 @@
+"""Start and stop a real vLLM OpenAI-compatible server (tests, demo, benchmarks).
+
+    with VLLMServer(model_path, extra_args=[...]) as srv:
+        client = srv.client()          # openai.OpenAI pointed at it
+
+The server runs as ``python -m vllm.entrypoints.openai.api_server`` (or any module given) in its own
+process group on a free loopback port; its log goes to a file; ``stop()`` ends the whole group.
+
+Stock is stock: a server started with vLLM's own module (not ``vllm_plugin.serve``) runs with
+``VLLM_PLUGINS`` empty unless the caller sets it, so vLLM loads none of this project's plugins
+(no DTD model class, no patch): the baseline is what a user gets without us.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import requests
+
+# CPU defaults that fit the tiny checkpoints on a 2-core / 24 GB machine.
+CPU_DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
+
+
+def metric_sum(text: str, name: str) -> float:
+    """Sum of a Prometheus metric over its label sets, in the text of a ``/metrics`` page."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class VLLMServer:
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        extra_args: Sequence[str] = (),
+        module: str = "vllm.entrypoints.openai.api_server",
+        port: Optional[int] = None,
+        env: Optional[dict[str, str]] = None,
+        startup_timeout: float = 600.0,
+        log_path: Optional[str | os.PathLike] = None,
+        cpu_defaults: bool = True,
+    ):
+        self.model = str(model)
+        self.port = port or free_port()
+        self.module = module
+        self.args = [sys.executable, "-m", module, "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
+        if cpu_defaults:
+            given = set(a for a in extra_args if a.startswith("--"))
+            pairs = list(zip(CPU_DEFAULT_ARGS[::2], CPU_DEFAULT_ARGS[1::2]))
+            for flag, value in pairs:
+                if flag not in given:
+                    self.args += [flag, value]
+        self.args += list(extra_args)
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
+        if self.stock and "VLLM_PLUGINS" not in (env or {}):
+            self.env["VLLM_PLUGINS"] = ""  # vLLM loads only listed plugins: none
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def stock(self) -> bool:
+        """Started without the plugin's launcher: a baseline server."""
+        return not self.module.startswith("vllm_plugin")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str) -> float:
+        """A metric of the running server (summed over labels), read from its ``/metrics``."""
+        return metric_sum(requests.get(self.base_url + "/metrics", timeout=10).text, name)
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url + "/v1", api_key="EMPTY", **kwargs)
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def start(self) -> "VLLMServer":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"vLLM server exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"vLLM server not healthy after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.base_url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.healthy()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,288 @@
+"""Build a tiny random-weight Qwen2.5-VL checkpoint locally (no model hub).
+
+    python -m analysis.harness.tiny_model OUT --size test|bench [--seed N]
+
+writes to OUT: ``config.json``, ``model.safetensors``, a byte-level BPE tokenizer trained here with
+``tokenizers`` (carrying Qwen's special tokens) plus a Qwen-style chat template, and the
+image/video processor configs. The result is deterministic from (size, seed) and cached: if OUT
+already holds the checkpoint of the same content hash, nothing is written.
+
+Sizes:
+* ``test`` — as small as vLLM's CPU backend accepts (LLM head_dim 64: its CPU attention rejects 16).
+* ``bench`` — Qwen2.5-VL-7B's shape scaled down so that LLM FLOPs per video token are ≥ 10× the
+  vision encoder's: prefill (what DTD saves) dominates, as on real deployments.
+
+Both load in transformers (``Qwen2_5_VLForConditionalGeneration``) and serve in vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Bump when the produced files change for the same (size, seed).
+BUILDER_VERSION = 1
+STAMP = ".tiny_model.json"
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL style chat template: string or list content; image/video parts become placeholders.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_VISION = dict(
+    depth=2,
+    hidden_size=128,
+    num_heads=2,
+    intermediate_size=256,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    tokens_per_second=2,  # Qwen2.5-VL's value
+    window_size=112,
+    fullatt_block_indexes=[1],
+    hidden_act="silu",
+)
+
+SIZES: dict[str, dict] = {
+    "test": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+        vision=_VISION,
+        vocab_words=1024,
+    ),
+    "bench": dict(
+        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=2),
+        vision=_VISION,
+        vocab_words=1024,
+    ),
+}
+
+# Video preprocessing of the tiny checkpoints: the paper's 448x448 budget per frame.
+VIDEO_MIN_PIXELS = 4 * 28 * 28
+VIDEO_MAX_PIXELS = 448 * 448
+IMAGE_MIN_PIXELS = 4 * 28 * 28
+IMAGE_MAX_PIXELS = 448 * 448
+
+_WORDS = (
+    "the a an of to in and is are was were be on at by for with from as this that these those it its "
+    "video frame frames scene camera person people car plane jet field sky sun tree trees road house "
+    "man woman child dog cat ball cup cups table hand hands screen window mouse cursor button page text "
+    "moves moving stands walks runs flies sits looks holds opens closes turns shows appears changes "
+    "left right up down top bottom center near far fast slow small large red green blue white black "
+    "what where when who why how many much does do did is there any one two three four five first last "
+    "question answer describe happening now before after during then again yes no maybe"
+).split()
+
+
+def spec_for(size: str, seed: int) -> dict:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    return {"builder_version": BUILDER_VERSION, "size": size, "seed": seed, **SIZES[size]}
+
+
+def content_hash(size: str, seed: int) -> str:
+    blob = json.dumps(spec_for(size, seed), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def flops_per_video_token(size: str) -> dict[str, float]:
+    """Approximate multiply-adds per LLM video token, LLM (linear layers) vs vision encoder.
+
+    The vision encoder runs ``merge²`` patches per LLM token, each through its blocks, plus the
+    patch embedding and the merger MLP.
+    """
+    s = SIZES[size]
+    t, v = s["text"], s["vision"]
+    hd = t["hidden_size"] // t["num_attention_heads"]
+    kv = t["num_key_value_heads"] * hd
+    llm_layer = t["hidden_size"] * (t["hidden_size"] * 2 + kv * 2) + 3 * t["hidden_size"] * t["intermediate_size"]
+    llm = t["num_hidden_layers"] * llm_layer
+    m2 = v["spatial_merge_size"] ** 2
+    vh = v["hidden_size"]
+    vis_layer = 4 * vh * vh + 3 * vh * v["intermediate_size"]
+    patch_embed = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2 * vh
+    merger = (vh * m2) ** 2 + vh * m2 * t["hidden_size"]
+    vision = m2 * (v["depth"] * vis_layer + patch_embed) + merger
+    return {"llm": float(llm), "vision": float(vision), "ratio": llm / vision}
+
+
+def _train_tokenizer(seed: int, vocab_words: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))) for _ in range(4000)]
+    corpus += ["".join(chr(c) for c in range(32, 127))]  # every printable ASCII character
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_words,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
+def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool = False) -> Path:
+    """Write the checkpoint to ``out`` (skipped when ``out`` already holds the same content hash)."""
+    out = Path(out)
+    digest = content_hash(size, seed)
+    stamp = out / STAMP
+    if not force and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("hash") == digest:
+                return out
+        except (OSError, ValueError):
+            pass
+
+    import torch
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    spec = spec_for(size, seed)
+    raw_tok = _train_tokenizer(seed, spec["vocab_words"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw_tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {t: raw_tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    vocab_size = ((raw_tok.get_vocab_size() + 63) // 64) * 64
+
+    t = spec["text"]
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    half = head_dim // 2  # mrope sections (t, h, w) split the rotary half: Qwen's 16/24/24 of 64, scaled
+    mrope_section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 1000000.0},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            initializer_range=0.05,
+            tie_word_embeddings=False,
+            **t,
+        ),
+        vision_config=dict(out_hidden_size=t["hidden_size"], initializer_range=0.05, **spec["vision"]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.torch_dtype = torch.float32
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+
+    v = spec["vision"]
+    common = dict(patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"])
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS}, **common
+        ),
+        video_processor=Qwen2VLVideoProcessor(
+            size={"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}, **common
+        ),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / STAMP).write_text(json.dumps({"hash": digest, **spec}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+CACHE_ENV = "DTD_CACHE_DIR"  # was VLLM_DTD_CACHE (release 0.1; read with a warning: vLLM warns about unknown VLLM_* names)
+
+
+def default_cache_dir() -> Path:
+    """``$DTD_CACHE_DIR``, else the repository's (git-ignored) ``.cache``."""
+    env = os.environ.get(CACHE_ENV)
+    if not env and os.environ.get("VLLM_DTD_CACHE"):
+        import warnings
+
+        warnings.warn("VLLM_DTD_CACHE is deprecated: use DTD_CACHE_DIR", DeprecationWarning, stacklevel=2)
+        env = os.environ["VLLM_DTD_CACHE"]
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / ".cache"
+
+
+def ensure_tiny_model(size: str = "test", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the cached checkpoint for (size, seed), building it on first use."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return build(root / "tiny_models" / f"{size}-{content_hash(size, seed)[:12]}", size=size, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.harness.tiny_model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="output directory")
+    ap.add_argument("--size", choices=sorted(SIZES), default="test")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="rebuild even if OUT holds the same content hash")
+    args = ap.parse_args(argv)
+    path = build(args.out, size=args.size, seed=args.seed, force=args.force)
+    f = flops_per_video_token(args.size)
+    print(f"{path}  (size={args.size}, seed={args.seed}, hash={content_hash(args.size, args.seed)[:12]}, "
+          f"LLM/vision FLOPs per video token = {f['ratio']:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

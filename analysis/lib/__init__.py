@@ -1,0 +1,1 @@
+"""The workbench library: what notebooks and tools import."""

@@ -1,0 +1,125 @@
+"""Plotly figure builders (pure: data in, figure out). Used by the demo, the CLIs and the notebooks."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import plotly.graph_objects as go
+
+
+def kept_tokens_figure(
+    kept_per_step: Sequence[int],
+    tokens_per_step: int,
+    times: Optional[Sequence[float]] = None,
+    events: Iterable[float] = (),
+    title: str = "DTD: kept visual tokens per frame",
+) -> go.Figure:
+    """Bars of kept tokens per temporal step (x = time in s when ``times`` is given), a line at the
+    undropped count, and vertical markers at ``events`` (scene cuts, same x unit)."""
+    x = list(times) if times is not None else list(range(len(kept_per_step)))
+    fig = go.Figure()
+    fig.add_bar(x=x, y=list(kept_per_step), name="kept", marker_color="#2b7bba")
+    fig.add_scatter(x=x, y=[tokens_per_step] * len(x), name="without DTD", mode="lines", line=dict(dash="dash", color="#999"))
+    for e in events:
+        fig.add_vline(x=e, line=dict(color="#d62728", dash="dot"), annotation_text="cut")
+    fig.update_layout(
+        title=title, xaxis_title="time (s)" if times is not None else "temporal step", yaxis_title="tokens",
+        bargap=0.1, template="plotly_white",
+    )
+    return fig
+
+
+def stream_ttft_figure(stream_rows: Sequence[dict], stock_rows: Sequence[dict] = (), events: Iterable[float] = ()) -> go.Figure:
+    """Time to first token per question over the stream: our stream (a) vs re-sending the video (b).
+    Rows: {"time_s", "ttft_s", "prefilled_tokens"}; ``events``: scene-change times."""
+    fig = go.Figure()
+    fig.add_scatter(x=[r["time_s"] for r in stream_rows], y=[r["ttft_s"] * 1000 for r in stream_rows],
+                    mode="lines+markers", name="DTD stream (KV reused)")
+    if stock_rows:
+        fig.add_scatter(x=[r["time_s"] for r in stock_rows], y=[r["ttft_s"] * 1000 for r in stock_rows],
+                        mode="lines+markers", name="stock vLLM, whole video each time")
+    for e in events:
+        fig.add_vline(x=e, line=dict(color="#d62728", dash="dot"))
+    fig.update_layout(title="Time to first token per question", xaxis_title="stream time (s)", yaxis_title="TTFT (ms)",
+                      template="plotly_white")
+    return fig
+
+
+def threshold_figure(rows: Sequence[dict], title: str = "DTD: drop ratio vs threshold") -> go.Figure:
+    """Drop ratio against threshold, one line per (video, criterion, metric, reference) — sweep rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["video"], r["criterion"], r["metric"], r["reference"]), []).append(r)
+    fig = go.Figure()
+    for key, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["threshold"])
+        fig.add_scatter(x=[r["threshold"] for r in rs], y=[r["drop_ratio"] for r in rs], mode="lines+markers",
+                        name=" / ".join(key))
+    fig.update_layout(title=title, xaxis_title="threshold τ", yaxis_title="dropped fraction of video tokens",
+                      yaxis_range=[0, 1], template="plotly_white")
+    return fig
+
+
+def overlay_image(frame, keep_step, cell: int = 28, dim: float = 0.3, tint=(220, 40, 40)):
+    """One frame (uint8 (h, w, 3)) with its DROPPED tokens darkened and tinted; ``keep_step``: bool
+    (H, W) mask of that temporal step (True = kept), h = H·cell, w = W·cell."""
+    import numpy as np
+
+    frame = np.asarray(frame, dtype=np.float32)
+    keep = np.asarray(keep_step, dtype=bool)
+    big = np.repeat(np.repeat(keep, cell, axis=0), cell, axis=1)[: frame.shape[0], : frame.shape[1]]
+    shaded = frame * dim + np.asarray(tint, np.float32) * (1 - dim) * 0.5
+    out = np.where(big[..., None], frame, shaded)
+    return out.clip(0, 255).astype("uint8")
+
+
+def _png_uri(image) -> str:
+    """uint8 (h, w, 3) -> a PNG data URI (compact in notebooks and HTML, unlike a nested-list z)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def overlay_figure(frames, mask, step: Optional[int] = None, step_times: Optional[Sequence[float]] = None,
+                   title: str = "kept (clear) and dropped (shaded) tokens") -> go.Figure:
+    """Frames with dropped tokens shaded. ``frames``: uint8 (N, h, w, 3) with N = 2·T;
+    ``mask``: bool (T, H, W). One step when ``step`` is given, else a slider over all steps."""
+    import numpy as np
+
+    mask = np.asarray(mask)
+    T = mask.shape[0]
+    steps = range(T) if step is None else [step]
+    images = [go.Image(source=_png_uri(overlay_image(frames[2 * t], mask[t]))) for t in steps]
+    label = (lambda t: f"t={step_times[t]:.1f}s") if step_times is not None else (lambda t: f"step {t}")
+    if step is not None:
+        fig = go.Figure(images[0])
+        kept = int(mask[step].sum())
+        fig.update_layout(title=f"{title} — {label(step)}: {kept}/{mask[step].size} kept", template="plotly_white")
+        return fig
+    fig = go.Figure(images[0], frames=[go.Frame(data=[im], name=str(t)) for t, im in enumerate(images)])
+    fig.update_layout(
+        title=title, template="plotly_white",
+        sliders=[{"steps": [{"args": [[str(t)], {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}],
+                             "label": label(t), "method": "animate"} for t in range(T)], "currentvalue": {"prefix": "frame: "}}],
+    )
+    return fig
+
+
+def serving_figure(rows: Sequence[dict], title: str = "Serving: latency and prompt tokens vs threshold") -> go.Figure:
+    """Rows from :func:`analysis.lib.workbench.serving_sweep` (threshold None = DTD off, drawn at x = -0.05)."""
+    from plotly.subplots import make_subplots
+
+    first = [r for r in rows if r.get("repeat", 0) == 0]
+    xs = [(-0.05 if r["threshold"] is None else r["threshold"]) for r in first]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=xs, y=[r["latency_s"] * 1000 for r in first], mode="lines+markers", name="latency (ms)")
+    fig.add_scatter(x=xs, y=[r["prompt_tokens"] for r in first], mode="lines+markers", name="prompt tokens", secondary_y=True)
+    fig.update_layout(title=title, xaxis_title="threshold τ (−0.05: DTD off)", template="plotly_white")
+    fig.update_yaxes(title_text="latency (ms)", secondary_y=False)
+    fig.update_yaxes(title_text="prompt tokens", secondary_y=True)
+    return fig

@@ -1,0 +1,226 @@
+"""Reference DTD pipeline on Hugging Face transformers: the oracle the serving plugin is held to.
+
+Qwen2.5-VL generation with DTD applied between the vision encoder and the LLM:
+
+1. the processor turns frames into patches (``pixel_values_videos``, ``video_grid_thw``);
+2. the vision encoder + merger give one embedding per LLM token;
+3. the keep mask comes from :func:`vllm_plugin.core.dtd_keep_mask` on the processed pixels
+   (``criterion="pixel"``) or on those embeddings (``criterion="feature"``);
+4. M-RoPE positions are computed for the FULL sequence and only the survivors are kept
+   (:func:`vllm_plugin.core.mrope_positions`), so survivors keep their original (t, h, w);
+5. greedy decoding continues at ``max(position) + 1``.
+
+Positions follow the original Qwen2.5-VL / vLLM convention: text after a video starts at
+``max(video positions) + 1``. (transformers 5.x's ``get_rope_index`` restarts it at
+``video start + max(H, W)``; the two agree whenever the temporal extent ``t_max`` ≤ ``max(H, W) - 1``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vllm_plugin.core import DTDConfig, DTDStats, dtd_keep_mask, mask_stats, mrope_positions, pixel_tokens
+
+
+@dataclass
+class ProcessedVideo:
+    """One video as Qwen2.5-VL's processor emits it."""
+
+    pixel_values: torch.Tensor  # (grid_t*grid_h*grid_w, C*tps*ps*ps)
+    grid_thw: tuple[int, int, int]  # in patches, before merging
+    second_per_grid_t: float
+    merge_size: int = 2
+
+    @property
+    def llm_grid(self) -> tuple[int, int, int]:
+        t, h, w = self.grid_thw
+        return t, h // self.merge_size, w // self.merge_size
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.llm_grid
+        return t * h * w
+
+
+@dataclass
+class Prepared:
+    """A prompt after DTD, ready for the LLM."""
+
+    input_ids: torch.Tensor  # long (L,), the kept sequence (video tokens are <|video_pad|>)
+    inputs_embeds: torch.Tensor  # (L, hidden)
+    position_ids: torch.Tensor  # long (3, L)
+    mask: Optional[torch.Tensor]  # bool (T, H, W) for the video, None for text only
+    stats: Optional[DTDStats]
+    video: Optional[ProcessedVideo] = None
+    full_length: int = 0  # prompt length without DTD
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # per generated token
+    text: str = ""
+
+
+def compute_mask(video: ProcessedVideo, dtd: Optional[DTDConfig], embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The keep mask (T, H, W) of ``video`` under ``dtd`` (all True when disabled).
+
+    ``embeddings`` (num_tokens, C) are required for ``criterion="feature"``.
+    """
+    T, H, W = video.llm_grid
+    if dtd is None or not dtd.enabled:
+        return torch.ones((T, H, W), dtype=torch.bool)
+    if dtd.criterion == "pixel":
+        tokens = pixel_tokens(video.pixel_values, video.grid_thw, merge_size=video.merge_size)
+    else:
+        if embeddings is None:
+            raise ValueError("feature-level DTD needs the vision encoder's embeddings")
+        tokens = embeddings.reshape(T, H, W, -1)
+    return dtd_keep_mask(tokens, dtd.threshold, metric=dtd.metric, reference=dtd.reference)
+
+
+class ReferencePipeline:
+    """Qwen2.5-VL (transformers) with DTD between the vision encoder and the LLM."""
+
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        self.model_path = str(model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).eval()
+        self.config = self.model.config
+        vc = self.config.vision_config
+        self.merge_size = vc.spatial_merge_size
+        self.temporal_patch_size = vc.temporal_patch_size
+        self.tokens_per_second = float(getattr(vc, "tokens_per_second", 1.0))
+        self.tokenizer = self.processor.tokenizer
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def chat_text(self, question: str, with_video: bool = True) -> str:
+        content = ([{"type": "video"}] if with_video else []) + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def process_video(self, frames: np.ndarray, fps: float) -> ProcessedVideo:
+        """Frames uint8 (N, H, W, 3) sampled at ``fps`` -> processed patches (no further sampling)."""
+        out = self.processor.video_processor(videos=[np.asarray(frames)], return_tensors="pt", do_sample_frames=False)
+        grid = tuple(int(x) for x in out["video_grid_thw"][0].tolist())
+        return ProcessedVideo(
+            pixel_values=out["pixel_values_videos"],
+            grid_thw=grid,
+            second_per_grid_t=self.temporal_patch_size / float(fps),
+            merge_size=self.merge_size,
+        )
+
+    @torch.no_grad()
+    def video_embeddings(self, video: ProcessedVideo) -> torch.Tensor:
+        """Vision encoder + merger output, (num_tokens, hidden), in (t, h, w) raster order."""
+        out = self.model.model.get_video_features(
+            video.pixel_values, torch.tensor([video.grid_thw]), return_dict=True
+        )
+        return out.pooler_output[0]
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        question: str,
+        frames: Optional[np.ndarray] = None,
+        fps: float = 1.0,
+        dtd: Optional[DTDConfig] = None,
+        video: Optional[ProcessedVideo] = None,
+    ) -> Prepared:
+        """Tokenize the chat prompt, encode the video, apply DTD, keep original positions."""
+        if video is None and frames is not None:
+            video = self.process_video(frames, fps)
+        text = self.chat_text(question, with_video=video is not None)
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+        embed = self.model.get_input_embeddings()
+        if video is None:
+            pos = torch.arange(ids.shape[0]).expand(3, -1)
+            return Prepared(ids, embed(ids), pos, None, None, None, int(ids.shape[0]))
+
+        vid_tok = self.config.video_token_id
+        (where,) = (ids == vid_tok).nonzero(as_tuple=True)
+        if where.numel() != 1:
+            raise ValueError("the prompt must contain exactly one video placeholder")
+        s0 = int(where[0])
+        n = video.num_tokens
+        emb = self.video_embeddings(video)
+        mask = compute_mask(video, dtd, emb)
+
+        before, after = ids[:s0], ids[s0 + 1 :]
+        vid_pos, next_start = mrope_positions(
+            mask, start=s0, second_per_grid_t=video.second_per_grid_t, tokens_per_second=self.tokens_per_second
+        )
+        flat = mask.flatten()
+        kept_ids = torch.cat([before, torch.full((int(flat.sum()),), vid_tok, dtype=ids.dtype), after])
+        embeds = torch.cat([embed(before), emb[flat].to(embed.weight.dtype), embed(after)])
+        positions = torch.cat(
+            [torch.arange(s0).expand(3, -1), vid_pos, (torch.arange(after.shape[0]) + next_start).expand(3, -1)], dim=1
+        )
+        return Prepared(kept_ids, embeds, positions, mask, mask_stats(mask), video, int(ids.shape[0]) - 1 + n)
+
+    # -- model ----------------------------------------------------------------------------------
+    def _lm(self, embeds: torch.Tensor, positions: torch.Tensor, cache):
+        out = self.model.model.language_model(
+            inputs_embeds=embeds[None], position_ids=positions[:, None, :], past_key_values=cache, use_cache=True
+        )
+        return self.model.lm_head(out.last_hidden_state[0]).float(), out.past_key_values
+
+    @torch.no_grad()
+    def logits(self, prepared: Prepared) -> torch.Tensor:
+        """Prefill logits, float32 (L, vocab)."""
+        from transformers import DynamicCache
+
+        logits, _ = self._lm(prepared.inputs_embeds, prepared.position_ids, DynamicCache(config=self.config))
+        return logits
+
+    @torch.no_grad()
+    def generate(self, prepared: Prepared, max_new_tokens: int = 8, top_logprobs: int = 5, stop_at_eos: bool = True) -> Generation:
+        """Greedy decoding; records the top-k log-probabilities of every generated step."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        logits, cache = self._lm(prepared.inputs_embeds, prepared.position_ids, cache)
+        next_pos = int(prepared.position_ids.max()) + 1
+        eos = self.config.text_config.eos_token_id
+        gen = Generation(token_ids=[])
+        last = logits[-1]
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(last, dim=-1)
+            top = torch.topk(logp, top_logprobs)
+            gen.top_logprobs.append({int(i): float(v) for i, v in zip(top.indices, top.values)})
+            tok = int(torch.argmax(last))
+            gen.token_ids.append(tok)
+            if stop_at_eos and tok == eos:
+                break
+            emb = self.model.get_input_embeddings()(torch.tensor([tok]))
+            pos = torch.full((3, 1), next_pos + step, dtype=torch.long)
+            out, cache = self._lm(emb, pos, cache)
+            last = out[-1]
+        gen.text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        return gen
+
+    @torch.no_grad()
+    def plain_logits(self, question: str, frames: np.ndarray, fps: float) -> torch.Tensor:
+        """Logits of the UNMODIFIED transformers model (its own forward and position ids)."""
+        from transformers.video_utils import VideoMetadata
+
+        text = self.chat_text(question, with_video=True)
+        n = len(frames)
+        meta = VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps, frames_indices=list(range(n)))
+        inputs = self.processor(
+            text=[text], videos=[np.asarray(frames)], video_metadata=[meta], return_tensors="pt",
+            do_sample_frames=False,
+        )
+        return self.model(**inputs).logits[0].float()

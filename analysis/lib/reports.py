@@ -1,0 +1,46 @@
+"""HTML reports that render offline: plotly.js travels with the report, never from a CDN.
+
+:func:`write_report` writes a page of figures (and optional HTML, e.g. a table) and, beside it, the
+``plotly.min.js`` of the installed ``plotly`` package, once per directory; ``inline=True`` puts
+plotly.js inside the page instead (one self-contained file, ~4.6 MB).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Iterable, Union
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def plotly_js() -> str:
+    """The plotly.js bundled with the installed ``plotly`` Python package."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def _ensure_js(directory: Path) -> Path:
+    js = directory / PLOTLY_JS
+    text = plotly_js()
+    if not js.is_file() or js.stat().st_size != len(text.encode()):
+        js.write_text(text, encoding="utf-8")
+    return js
+
+
+def write_report(path: Union[str, Path], figures: Iterable, title: str, extra_html: str = "", inline: bool = False) -> Path:
+    """Write ``path`` (an .html page titled ``title``) with ``figures`` (plotly figures) and then
+    ``extra_html``. Returns the page's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if inline:
+        head = f"<script>{plotly_js()}</script>"
+    else:
+        _ensure_js(path.parent)
+        head = f'<script src="{PLOTLY_JS}"></script>'
+    body = "".join(f.to_html(full_html=False, include_plotlyjs=False) for f in figures)
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{head}</head>"
+            f"<body><h1>{html.escape(title)}</h1>{body}{extra_html}</body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,168 @@
+"""The engine glue in-process, without a server (the fast tier): vLLM's own multimodal processor
+for the DTD architecture, built from the tiny checkpoint as vLLM's renderer builds it; the patches
+of vLLM internals; the checks that make a vLLM upgrade fail loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def processor(dtd_processor):
+    return dtd_processor
+
+
+def _apply(processor, videos, **mm_kwargs):
+    from vllm.multimodal.processing import ProcessorInputs
+    from vllm.multimodal.processing.context import TimingContext
+
+    tok = processor.info.get_tokenizer()
+    pad = "<|vision_start|><|video_pad|><|vision_end|>"
+    prompt = tok.encode(f"<|im_start|>user\n{pad * len(videos)}what?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    items = processor.info.parse_mm_data({"video": videos})
+    out = processor.apply(ProcessorInputs(prompt=prompt, mm_data_items=items, hf_processor_mm_kwargs=mm_kwargs),
+                          TimingContext(enabled=False))
+    video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
+    return out, sum(1 for t in out["prompt_token_ids"] if t == video_pad)
+
+
+def _video(frames: np.ndarray, fps: float = 2.0):
+    n = len(frames)
+    meta = {"fps": fps, "total_num_frames": n, "frames_indices": list(range(n)), "duration": n / fps, "video_backend": "test"}
+    return frames, meta
+
+
+def test_processor_keeps_the_core_mask_and_emits_only_kept_tokens(processor, synthetic_clip):
+    from vllm_plugin.core import dtd_keep_mask, frame_tokens
+    from vllm_plugin.models.base import MASK_KEY
+
+    frames = synthetic_clip.frames
+    out, n_pad = _apply(processor, [_video(frames)], dtd_threshold=0.05)
+    mask = out["mm_kwargs"]["video"][0][MASK_KEY].data
+    expected = dtd_keep_mask(frame_tokens(torch.from_numpy(frames)), 0.05, "l1").flatten()
+    assert torch.equal(mask, expected)
+    assert n_pad == int(expected.sum()) < expected.numel()
+    off, n_off = _apply(processor, [_video(frames)], dtd_enabled=False)
+    assert n_off == expected.numel()
+
+
+def test_a_given_mask_is_served_as_is_and_a_wrong_one_is_a_clear_error(processor, synthetic_clip):
+    from vllm_plugin.entrypoints.options import GIVEN_MASK
+    from vllm_plugin.models.base import MASK_KEY
+
+    frames = synthetic_clip.frames[:8]  # 4 temporal steps of 8x8 tokens
+    given = np.zeros((4, 8, 8), bool)
+    given[0, 0, :3] = given[2, 5, 5] = True
+    video, meta = _video(frames)
+    out, n_pad = _apply(processor, [(video, {**meta, GIVEN_MASK: given})])
+    assert n_pad == 4 and torch.equal(out["mm_kwargs"]["video"][0][MASK_KEY].data, torch.from_numpy(given).flatten())
+    with pytest.raises(ValueError, match=r"dtd_keep_mask must be a bool array of shape \(T, H, W\) = \(4, 8, 8\)"):
+        _apply(processor, [(video, {**meta, GIVEN_MASK: given[:3]})])
+    empty, n_empty = _apply(processor, [(video, {**meta, GIVEN_MASK: np.zeros((4, 8, 8), bool)})])
+    assert n_empty == 1  # a fully static chunk keeps one token: never an empty placeholder
+
+
+def test_the_dtd_processor_patches_vllm_here_and_the_patched_validation_works(processor):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers import online_renderer
+
+    from vllm_plugin.entrypoints import vllm_patches
+
+    assert len(vllm_patches.active()) == len(vllm_patches.PATCHES) == 3
+    validate = online_renderer.validate_request_mm_kwargs
+    validate(mm_processor_kwargs={"dtd_threshold": 0.1}, media_io_kwargs=None, trust_request_mm_kwargs=False)
+    with pytest.raises(VLLMValidationError, match="dtd_threshold"):
+        validate(mm_processor_kwargs={"dtd_threshold": 7}, media_io_kwargs=None, trust_request_mm_kwargs=False)
+    with pytest.raises(VLLMValidationError):  # every other key keeps vLLM's own rule
+        validate(mm_processor_kwargs={"fps": 1}, media_io_kwargs=None, trust_request_mm_kwargs=False)
+
+
+STOCK_SCRIPT = """
+import sys
+from vllm.config import ModelConfig
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.renderers import online_renderer
+from vllm_plugin import register
+from vllm_plugin.entrypoints import vllm_patches
+register()
+MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=sys.argv[1], dtype="float32", max_model_len=16384))
+print("ACTIVE", vllm_patches.active(), getattr(online_renderer.validate_request_mm_kwargs, "_vllm_dtd_wrapped", False))
+"""
+
+
+def test_a_stock_architecture_with_the_plugin_installed_is_not_patched(tiny_model_path):
+    """register() runs in every vLLM process; serving a stock architecture must leave vLLM as it is."""
+    out = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, str(tiny_model_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ACTIVE [] False" in out.stdout
+
+
+def test_patches_apply_only_in_api_server_processes(monkeypatch):
+    import multiprocessing
+
+    from vllm_plugin.entrypoints import vllm_patches
+
+    for name, expected in (("MainProcess", True), ("ApiServer_1", True), ("EngineCore_DP0", False), ("VllmWorker-0", False)):
+        monkeypatch.setattr(multiprocessing.current_process(), "name", name)
+        assert vllm_patches.in_api_server_process() is expected
+
+
+def test_a_vllm_that_changed_fails_loudly_naming_the_version():
+    import vllm
+
+    from vllm_plugin.entrypoints.vllm_patches import VLLMMismatch, check_overrides, require
+
+    class Base:
+        def hook(self, a, b):
+            pass
+
+    class Renamed:
+        def hook(self, a, c):
+            pass
+
+    class Ours(Base):
+        def hook(self, a, b):
+            pass
+
+        def _gone(self):
+            pass
+
+    with pytest.raises(VLLMMismatch, match=rf"_gone.*vLLM {vllm.__version__}"):
+        check_overrides(Ours, Base)
+
+    class OursToo(Renamed):
+        def hook(self, a, b):
+            pass
+
+    with pytest.raises(VLLMMismatch, match=r"takes \['a', 'b'\].*it takes \['a', 'c'\]"):
+        check_overrides(OursToo, Renamed)
+    with pytest.raises(VLLMMismatch, match="does not have"):
+        require(Base, "missing")
+
+
+def test_stream_prompts_come_from_the_chat_template(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from vllm_plugin.streams.prompt import ChatPrompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    template = (tiny_model_path / "chat_template.jinja").read_text()
+    conv = ChatPrompt(tok, template)
+    assert conv.end_of_turn == "<|im_end|>\n"
+    first = conv.next_turn("what?", new_chunk=True)
+    assert tok.decode(first) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                                 "<|vision_start|><|video_pad|><|vision_end|>what?<|im_end|>\n<|im_start|>assistant\n")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answer = tok.encode("a b", add_special_tokens=False) + [im_end]
+    conv.commit(first, "what?", True, answer, "a b", stop_ids=[im_end])
+    second = conv.next_turn("and now?", new_chunk=False)
+    assert second[: len(first) + len(answer)] == first + answer  # the past keeps its ids: the prefix cache serves it
+    assert tok.decode(second[len(first) + len(answer):]) == "\n<|im_start|>user\nand now?<|im_end|>\n<|im_start|>assistant\n"

@@ -1,0 +1,102 @@
+"""Per-request DTD statistics in the API server: log line, response header, Prometheus counters.
+
+The multimodal processor runs in a worker thread of the API server; it records each video's
+:class:`~vllm_plugin.core.DTDStats` under the item's multimodal hash. After preprocessing, the request
+task looks the hashes of its prompt up (:func:`collect`) and files them for the current request
+(a context variable set by :class:`vllm_plugin.entrypoints.middleware.DTDStatsMiddleware`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any, Iterable, Optional
+
+from vllm_plugin.core import DTDStats
+
+logger = logging.getLogger("vllm.dtd_plugin")  # under "vllm": shown by vLLM's log handler
+
+_LOCK = threading.Lock()
+_BY_HASH: "OrderedDict[str, tuple[DTDStats, str]]" = OrderedDict()
+_MAX = 4096
+
+# The list of stats of the request being handled (None outside a request).
+REQUEST_STATS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("dtd_request_stats", default=None)
+
+_metrics: dict[str, Any] = {}
+
+
+def record(mm_hash: str, stats: DTDStats, digest: str) -> None:
+    with _LOCK:
+        _BY_HASH[mm_hash] = (stats, digest)
+        _BY_HASH.move_to_end(mm_hash)
+        while len(_BY_HASH) > _MAX:
+            _BY_HASH.popitem(last=False)
+
+
+def lookup(mm_hash: str) -> Optional[tuple[DTDStats, str]]:
+    with _LOCK:
+        return _BY_HASH.get(mm_hash)
+
+
+def _counters():
+    if not _metrics:
+        from prometheus_client import Counter
+
+        _metrics["in"] = Counter("vllm_dtd_video_tokens_in", "Video tokens before Differential Token Drop")
+        _metrics["kept"] = Counter("vllm_dtd_video_tokens_kept", "Video tokens kept by Differential Token Drop")
+        _metrics["videos"] = Counter("vllm_dtd_videos", "Video items processed with Differential Token Drop")
+        _metrics["decision"] = Counter("vllm_dtd_decision_seconds", "Time spent deciding which video tokens to drop")
+        _metrics["preprocess"] = Counter(
+            "vllm_dtd_video_preprocess_seconds", "Time decoding videos and in the multimodal processor (DTD decision included)")
+    return _metrics
+
+
+def record_timing(decision_s: float = 0.0, preprocess_s: float = 0.0) -> None:
+    """Add DTD decision time and video preprocessing time (decoding, processor), in seconds."""
+    try:
+        c = _counters()
+        c["decision"].inc(decision_s)
+        c["preprocess"].inc(preprocess_s)
+    except Exception:  # metrics are best effort, never fail a request
+        logger.debug("DTD metrics unavailable", exc_info=True)
+
+
+def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:
+    """File the stats of these video items for the current request, count and log them."""
+    found = [s for h in mm_hashes if (s := lookup(h)) is not None]
+    if not found:
+        return found
+    holder = REQUEST_STATS.get()
+    if holder is not None:
+        holder.extend(found)
+    try:
+        c = _counters()
+        for s, _ in found:
+            c["in"].inc(s.total)
+            c["kept"].inc(s.kept)
+            c["videos"].inc()
+    except Exception:  # metrics are best effort, never fail a request
+        logger.debug("DTD metrics unavailable", exc_info=True)
+    for s, _ in found:
+        logger.info(
+            "DTD: video tokens kept %d of %d (%.1f%% dropped); kept per temporal step %s",
+            s.kept, s.total, 100 * s.drop_ratio, list(s.kept_per_step),
+        )
+    return found
+
+
+def header_value(found: list[tuple[DTDStats, str]]) -> str:
+    import json
+
+    return json.dumps({"videos": [header_entry(s, d) for s, d in found]}, separators=(",", ":"))
+
+
+def header_entry(s: DTDStats, digest: str) -> dict:
+    """One video of the ``x-dtd-stats`` header. ``kept_per_frame`` / ``tokens_per_frame`` are the
+    names of release 0.1 for ``kept_per_step`` / ``tokens_per_step`` (they always counted temporal
+    steps); they stay as aliases for one release and go in the next."""
+    return {**s.as_dict(), "kept_per_frame": list(s.kept_per_step), "tokens_per_frame": s.tokens_per_step,
+            "mask_sha256": digest}

@@ -1,0 +1,277 @@
+"""DTD for vLLM's Qwen-VL style models: the pieces every model family module combines.
+
+* :class:`DTDMultiModalProcessorMixin` (processing time, API server): runs the HF processor, takes
+  each video's keep mask (given by the caller in the item's metadata, see :data:`GIVEN_MASK`, or
+  computed with :func:`vllm_plugin.core.pixel_keep_mask` on the processed patches), carries it with
+  the item (:data:`MASK_KEY`, one bool per LLM token, ``flat_from_sizes``) and emits only the kept
+  number of video placeholder tokens. Prompt length, prefix-cache block hashes and the KV cache all
+  see the reduced video.
+* :class:`DTDProcessingInfoMixin`: ``dtd_*`` request keys never reach the HF processor loader.
+* :class:`DTDModelMixin` (engine): runs the vision encoder on the whole video (window attention
+  needs every patch), keeps exactly the masked rows, gives survivors their ORIGINAL (t, h, w) M-RoPE
+  positions (:func:`vllm_plugin.core.mrope_positions`).
+
+The hooks overridden here are vLLM's documented processor/model hooks; each is checked against the
+installed vLLM by :func:`vllm_plugin.entrypoints.vllm_patches.check_overrides` when a family module
+is imported (a vLLM upgrade that changes one fails at startup, naming the version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import ProcessorInputs, PromptReplacement
+from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
+
+from vllm_plugin.core import mask_digest, mask_stats, mrope_positions, pixel_keep_mask
+from vllm_plugin.entrypoints import request_stats, vllm_patches
+from vllm_plugin.entrypoints.options import GIVEN_MASK, dtd_config_from_kwargs, split_dtd_kwargs
+
+MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
+_GIVEN = "_dtd_given_masks"  # internal hf_kwargs key: the given masks, one entry (or None) per video
+_TIMING = threading.local()  # seconds spent on the DTD decision in the current apply() of this thread
+
+
+def tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    return grid_thw.prod(-1) // (merge * merge)
+
+
+class DTDMultiModalProcessorMixin:
+    """Adds the DTD keep mask to Qwen-VL style processors (pixel level, at processing time).
+
+    A video item may carry, in its metadata under :data:`GIVEN_MASK`, the keep mask its caller
+    already decided (a stream decides each temporal step causally when its frames arrive, with the
+    previous chunk's last step as reference; the prompt then uses exactly that mask). It must match
+    the processed grid; it is taken out of the metadata before the HF processor sees it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        # vLLM builds the processor in the API server's renderer (and in engine cores, for profiling,
+        # where apply() does nothing): the patches follow the DTD architecture into the API server.
+        vllm_patches.apply("serving a DTD architecture")
+        super().__init__(*args, **kwargs)
+
+    def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
+        videos = mm_items.get("video")
+        given: list = []
+        if videos is not None:
+            data = []
+            for item in videos.data:
+                if isinstance(item, tuple) and isinstance(item[1], Mapping) and GIVEN_MASK in item[1]:
+                    meta = dict(item[1])
+                    given.append(meta.pop(GIVEN_MASK))
+                    item = (item[0], meta)
+                else:
+                    given.append(None)
+                data.append(item)
+            if any(g is not None for g in given):
+                mm_items = MultiModalDataItems({**mm_items, "video": type(videos)(data, videos.metadata)})
+        hf_inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
+        if any(g is not None for g in given):
+            hf_inputs = hf_inputs._replace(hf_kwargs={**hf_inputs.hf_kwargs, _GIVEN: given})  # a NamedTuple
+        return hf_inputs
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        hf_kwargs = dict(hf_kwargs)
+        given = hf_kwargs.pop(_GIVEN, None)
+        dtd_kwargs, rest = split_dtd_kwargs(hf_kwargs)
+        processed = super()._call_hf_processor(hf_data, rest)
+        if "pixel_values_videos" not in processed:
+            return processed
+        # server defaults (--mm-processor-kwargs) merged with the request's own dtd_* keys
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        config = dtd_config_from_kwargs(merged)
+        vc = self.info.get_hf_config().vision_config
+        merge, tps = vc.spatial_merge_size, vc.temporal_patch_size
+        grids = processed["video_grid_thw"]
+        patches = list(processed["pixel_values_videos"].split((grids.prod(-1)).tolist()))
+        given = given or [None] * len(patches)
+        vp = getattr(self.info.get_hf_processor(), "video_processor", None) or self.info.get_image_processor()
+        # vLLM may leave rescale+normalize to the vision tower (mm_device_do_normalize): then the
+        # patches are raw pixel values. Read what the HF processor was actually asked to do.
+        normalized = bool(merged.get("do_normalize", vp.do_normalize))
+        if normalized != bool(merged.get("do_rescale", vp.do_rescale)):
+            raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
+        masks = []
+        t0 = time.perf_counter()
+        for pv, grid, mask in zip(patches, grids, given):
+            shape = (int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge)
+            if mask is not None:
+                mask = torch.as_tensor(np.asarray(mask))
+                if mask.dtype != torch.bool or tuple(mask.shape) != shape:
+                    raise ValueError(f"{GIVEN_MASK} must be a bool array of shape (T, H, W) = {shape} "
+                                     f"(the processed video), got {mask.dtype} {tuple(mask.shape)}")
+                mask = mask.clone()
+            elif not config.enabled:
+                mask = torch.ones(shape, dtype=torch.bool)
+            else:
+                mask = pixel_keep_mask(
+                    pv, grid, config.threshold, metric=config.metric, reference=config.reference,
+                    merge_size=merge, temporal_patch_size=tps,
+                    image_mean=vp.image_mean, image_std=vp.image_std, normalized=normalized, rescale_factor=vp.rescale_factor,
+                )
+            if not mask.any():  # a fully static stream chunk: keep one token, no empty placeholder
+                mask.view(-1)[0] = True
+            masks.append(mask.flatten())
+        _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0
+        processed[MASK_KEY] = torch.cat(masks)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if MASK_KEY in hf_inputs:
+            merge = self.info.get_hf_config().vision_config.spatial_merge_size
+            sizes = tokens_per_video(hf_inputs.get("video_grid_thw", torch.empty((0, 3))), merge)
+            fields[MASK_KEY] = MultiModalFieldConfig.flat_from_sizes("video", sizes, keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs) -> Sequence[PromptReplacement]:
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+
+        def with_dtd(update: PromptReplacement) -> PromptReplacement:
+            full_replacement = update.replacement
+
+            def replacement(item_idx: int):
+                full = full_replacement(item_idx)
+                elem = out_mm_kwargs["video"][item_idx].get(MASK_KEY)
+                if elem is None:
+                    return full
+                return full[:1] * int(elem.data.sum())
+
+            return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+        return [with_dtd(u) if u.modality == "video" else u for u in updates]
+
+    def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> ProcessorInputs:
+        """Profiling inputs keep every video token.
+
+        vLLM 0.32 profiles the encoder and the encoder cache with a constant dummy video
+        (vllm/multimodal/processing/processor.py ``get_dummy_mm_inputs`` -> ``get_dummy_inputs`` ->
+        ``apply``; vllm/multimodal/processing/dummy_inputs.py ``_get_dummy_videos``). DTD would keep its
+        first temporal step only, so the profiled encoder outputs (vllm/v1/worker/gpu_model_runner.py
+        ``profile_run``) would be ~T times too small. ``dtd_enabled: false`` goes in as a request-level
+        processor kwarg (it overrides ``--mm-processor-kwargs``) and is part of the item's cache hash, so
+        a real constant video never gets this item from the processor cache.
+        """
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "dtd_enabled": False})
+
+    def apply(self, inputs, timing_ctx):
+        _TIMING.decision = 0.0
+        t0 = time.perf_counter()
+        result = super().apply(inputs, timing_ctx)
+        if _TIMING.decision:  # videos were processed (not all from the processor cache)
+            request_stats.record_timing(decision_s=_TIMING.decision, preprocess_s=time.perf_counter() - t0)
+        # Remember each freshly processed video's stats under its multimodal hash (the request
+        # task looks them up after preprocessing; cached items were recorded when first seen).
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        for item, mm_hash in zip(result["mm_kwargs"].get("video", []), result["mm_hashes"].get("video", [])):
+            if item is None or item.get(MASK_KEY) is None:
+                continue
+            t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
+            mask = item[MASK_KEY].data.reshape(t, h // merge, w // merge)
+            request_stats.record(mm_hash, mask_stats(mask), mask_digest(mask))
+        return result
+
+
+class DTDProcessingInfoMixin:
+    """``dtd_*`` keys never reach the HF processor loader.
+
+    vLLM 0.32 passes a request's ``mm_processor_kwargs`` to ``get_hf_processor(**kwargs)`` (e.g. from
+    ``_get_prompt_updates`` and ``get_image_processor``), which loads through an LRU keyed by those
+    kwargs (vllm/transformers_utils/processor.py ``cached_get_processor``): every distinct
+    ``dtd_threshold`` would reload processor and tokenizer. The DTD decision reads the request's keys
+    itself (:meth:`DTDMultiModalProcessorMixin._call_hf_processor`).
+    """
+
+    def get_hf_processor(self, **kwargs: object):
+        _, rest = split_dtd_kwargs(kwargs)
+        return super().get_hf_processor(**rest)
+
+
+class DTDModelMixin:
+    """Model side: keep the masked encoder outputs; survivors keep their original M-RoPE positions."""
+
+    # vllm/v1/worker/gpu_model_runner.py (0.32) encodes a batch of videos one at a time when the model
+    # has this attribute, the mitigation vLLM applies to EVS pruning for the same reason: the scheduler
+    # charges an item's placeholder count (DTD: the kept tokens) to the encoder budget, while the encoder
+    # runs on every patch. One video per encoder call bounds the peak to one full video.
+    requires_sequential_video_encoding = True
+
+    def get_encoder_cudagraph_config(self) -> EncoderCudaGraphConfig:
+        """Videos never take the encoder CUDA graph path.
+
+        vLLM 0.32 replays a captured graph of the bare vision tower for the modalities listed here
+        (vllm/v1/worker/gpu_model_runner.py ``_execute_mm_encoder``, vllm/v1/worker/gpu/mm/encoder_runner.py
+        ``execute_mm_encoder``: ``supports_modality``), bypassing ``_process_video_input`` and so the DTD
+        mask. Same opt-out as Qwen2.5-VL's own EVS pruning (vllm/model_executor/models/qwen2_5_vl.py
+        ``get_encoder_cudagraph_config``): drop the modality, one frame per item. Images keep their graphs.
+        """
+        config = super().get_encoder_cudagraph_config()
+        return dataclasses.replace(
+            config, modalities=[m for m in config.modalities if m != "video"], max_frames_per_video=1,
+        )
+
+    def _parse_and_validate_video_input(self, **kwargs: object):
+        mask = kwargs.pop(MASK_KEY, None)
+        video_input = super()._parse_and_validate_video_input(**kwargs)
+        if video_input is not None and mask is not None:
+            setattr(video_input, "dtd_mask", mask)  # TensorSchema: attribute access, .get() works
+        return video_input
+
+    def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
+        mask = video_input.get("dtd_mask")
+        grid = video_input["video_grid_thw"]
+        if mask is None or video_input["type"] != "pixel_values_videos" or len(grid) < 2:
+            embeds = tuple(super()._process_video_input(video_input))
+        else:
+            # One video per encoder call, whatever the model runner batched: the scheduler charged
+            # the kept tokens, the encoder works on every patch (vLLM 0.32's V1 GPU runner does the
+            # same for `requires_sequential_video_encoding`; its V2 runner, the default with Triton,
+            # does not). Peak encoder memory is one full video, as for a single request.
+            encode = super()._process_video_input
+            patches = video_input["pixel_values_videos"].split(grid.prod(-1).tolist())
+            embeds = tuple(
+                e for i, pv in enumerate(patches)
+                for e in encode({"type": "pixel_values_videos", "pixel_values_videos": pv, "video_grid_thw": grid[i:i + 1]})
+            )
+        if mask is None:
+            return embeds
+        sizes = [e.shape[0] for e in embeds]
+        masks = list(mask.split(sizes)) if isinstance(mask, torch.Tensor) else list(mask)
+        if [m.numel() for m in masks] != sizes:
+            raise ValueError(f"DTD mask sizes {[m.numel() for m in masks]} do not match video token counts {sizes}")
+        return tuple(e[m.to(device=e.device, dtype=torch.bool)] for e, m in zip(embeds, masks))
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        parts: list[np.ndarray] = []
+        st = 0  # index in input_tokens after the last placed item
+        next_pos = 0  # position id of the next text token
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset = feature.mm_position.offset
+            text_len = offset - st
+            parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
+            start = next_pos + text_len
+            (_, t, h, w, t_factor), = self.iter_mm_grid_thw([feature])
+            elem = feature.data.get(MASK_KEY) if feature.modality == "video" else None
+            mask = (
+                elem.data.reshape(t, h, w).bool() if elem is not None else torch.ones((t, h, w), dtype=torch.bool)
+            )
+            pos, next_pos = mrope_positions(mask, start=start, second_per_grid_t=t_factor, tokens_per_second=1.0)
+            parts.append(pos.numpy())
+            st = offset + pos.shape[1]
+        if st < len(input_tokens):
+            text_len = len(input_tokens) - st
+            parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
+        positions = np.concatenate(parts, axis=1).reshape(3, -1)
+        if positions.shape[1] != len(input_tokens):
+            raise ValueError(f"M-RoPE positions cover {positions.shape[1]} tokens, the prompt has {len(input_tokens)}")
+        return torch.from_numpy(np.ascontiguousarray(positions)), int(positions.max() + 1 - len(input_tokens))

@@ -1,0 +1,240 @@
+"""Streams under several API-server processes (``--api-server-count N``, or ``--data-parallel-size
+N``, which starts N API servers by default).
+
+vLLM's API-server processes all accept connections on the same port, so consecutive requests of
+one client land on any of them, while a stream's frames and conversation live in the process
+that opened it. Design: the owner process is part of the stream id (``strm-<index>-<random>``);
+every process also serves the same app on a private Unix socket (a directory only this user can
+enter), and :class:`StreamForwarder`, an ASGI middleware in front of the app, forwards a stream
+request that reached the wrong process to its owner over that socket, streaming the answer back
+(SSE included) and closing the forwarded request when the client hangs up (the owner then aborts
+the generation as for a direct client). One process: no socket, nothing forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from vllm_plugin.streams.session import stream_owner
+
+logger = logging.getLogger("vllm.dtd_plugin")
+
+_PATH = re.compile(r"^/v1/streams/([^/]+)")
+FORWARDED = b"x-dtd-forwarded-from"
+_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection",
+        b"content-length"}
+_SERVER_HEADERS = {b"date", b"server"}  # the forwarding server sends its own
+
+
+# Not VLLM_*: vLLM 0.32 warns about every VLLM_* variable it does not know, and refuses to start
+# with --fail-on-environ-validation (platforms/interface.py validate_environ).
+SOCKET_DIR_ENV = "DTD_STREAM_SOCKET_DIR"
+
+
+def prepare_socket_dir(env=os.environ) -> None:
+    """In the process that starts the API servers (the plugin's ``register()`` runs there before
+    it spawns them): a fresh private directory (``mkdtemp``: unpredictable, mode 0700) whose path
+    the API-server processes inherit."""
+    if env.get(SOCKET_DIR_ENV) is None:
+        env[SOCKET_DIR_ENV] = path = tempfile.mkdtemp(prefix="vllm-dtd-streams-")
+        # removed when this process ends (API servers are multiprocessing children: their atexit
+        # handlers never run, so they do not clean up themselves)
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def socket_dir(server_key: str) -> Path:
+    """The private directory of this server's peer sockets: the inherited ``mkdtemp`` one, else
+    one named after the process that started the API servers (``server_key``). Refuses a
+    directory another user made or can enter."""
+    given = os.environ.get(SOCKET_DIR_ENV)
+    d = Path(given) if given else Path(tempfile.gettempdir()) / f"vllm-dtd-streams-{os.getuid()}-{server_key}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{d} is not a private directory of this user: refusing to put stream sockets there")
+    return d
+
+
+class Peers:
+    """The API-server processes of one server: this one's index, their count, their sockets."""
+
+    def __init__(self, index: int, count: int, server_key: Optional[str] = None):
+        self.index, self.count = index, count
+        self.dir = socket_dir(server_key or str(os.getppid())) if count > 1 else None
+        if count <= 1 and os.environ.get(SOCKET_DIR_ENV):  # one process: nothing to share
+            with contextlib.suppress(OSError):
+                os.rmdir(os.environ[SOCKET_DIR_ENV])
+        self._clients: dict[int, object] = {}
+        self._server = None
+
+    def path(self, index: int) -> str:
+        return str(self.dir / f"api{index}.sock")
+
+    async def serve(self, app) -> None:
+        """Serve ``app`` on this process's peer socket (lifespan off: the app runs already)."""
+        import uvicorn
+
+        class _PeerServer(uvicorn.Server):
+            def capture_signals(self):  # the public server owns the signal handlers
+                return contextlib.nullcontext()
+
+        path = self.path(self.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an earlier run of the same pid
+        # log_config=None: this Config must not reconfigure the process's logging (vLLM's server owns it)
+        config = uvicorn.Config(app, uds=path, lifespan="off", log_config=None, log_level=None)
+        config.access_log = False
+        self._server = _PeerServer(config)
+        task = asyncio.get_running_loop().create_task(self._server.serve())
+        for _ in range(200):  # until the socket accepts
+            if self._server.started or task.done():
+                break
+            await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+        os.chmod(path, 0o600)
+        self._task = task
+        logger.info("DTD streams: API server %d of %d, peer socket %s", self.index, self.count, path)
+
+    async def open_elsewhere(self, headers, body: bytes):
+        """Open a stream in another process (this one is full); the first answer that is not a
+        429, or None. Streams and bytes are capped per process: a full process asks its peers."""
+        import httpx
+
+        keep = {k: v for k, v in headers.items() if k.lower().encode() not in _HOP}
+        keep[FORWARDED.decode()] = str(self.index)
+        for peer in range(self.count):
+            if peer == self.index:
+                continue
+            try:
+                resp = await self.client(peer).post("http://dtd-peer/v1/streams", content=body, headers=keep)
+            except httpx.TransportError as e:
+                logger.warning("DTD streams: API server %d cannot reach API server %d: %s", self.index, peer, e)
+                continue
+            if resp.status_code != 429:
+                return resp
+        return None
+
+    def client(self, owner: int):
+        import httpx
+
+        if owner not in self._clients:
+            # no pool limit: a forwarded SSE answer holds its connection as long as it runs
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+            transport = httpx.AsyncHTTPTransport(uds=self.path(owner), limits=limits)
+            self._clients[owner] = httpx.AsyncClient(transport=transport, timeout=None)
+        return self._clients[owner]
+
+
+async def _json(send, status: int, message: str) -> None:
+    kind = {404: "NotFoundError", 413: "PayloadTooLargeError"}.get(status, "ServiceUnavailableError")
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _limited(receive, max_body: int):
+    """``receive`` that ends a request whose body grows past ``max_body`` (as a client hang-up)."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > max_body:
+                return {"type": "http.disconnect"}
+        return msg
+
+    return wrapped
+
+
+class StreamForwarder:
+    """ASGI middleware in front of the stream routes: a body larger than an append may be is
+    refused before it is read (413; FastAPI would parse all of it first), and a
+    ``/v1/streams/<id>...`` request whose stream lives in another API-server process is sent
+    there. Everything else passes through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/streams"):
+            return await self.app(scope, receive, send)
+        svc = getattr(getattr(scope.get("app"), "state", None), "dtd_streams", None)
+        if svc is None:
+            return await self.app(scope, receive, send)
+        length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > svc.max_body_bytes):
+            return await _json(send, 413, f"request body larger than {svc.max_body_bytes} bytes")
+        receive = _limited(receive, svc.max_body_bytes)
+        m = _PATH.match(scope["path"])
+        peers: Optional[Peers] = getattr(svc, "peers", None)
+        if m is None or peers is None or peers.count <= 1:
+            return await self.app(scope, receive, send)
+        owner = stream_owner(m.group(1))
+        if owner is None or owner == peers.index:
+            return await self.app(scope, receive, send)
+        if owner >= peers.count or any(k == FORWARDED for k, _ in scope["headers"]):
+            return await _json(send, 404, "no such stream (unknown id, closed, or expired after being idle)")
+        await self._forward(peers, owner, scope, receive, send, svc.max_body_bytes)
+
+    async def _forward(self, peers: Peers, owner: int, scope, receive, send, max_body: int) -> None:
+        body = bytearray()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":  # the client left (or the body passed the limit)
+                return
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
+        headers.append((FORWARDED, str(peers.index).encode()))
+        qs = scope.get("query_string", b"").decode("latin-1")
+        url = "http://dtd-peer" + scope.get("raw_path", scope["path"].encode()).decode("latin-1") + (f"?{qs}" if qs else "")
+        client = peers.client(owner)
+
+        async def relay():
+            import httpx
+
+            req = client.build_request(scope["method"], url, headers=headers, content=bytes(body))
+            try:
+                resp = await client.send(req, stream=True)
+            except httpx.TransportError as e:
+                logger.warning("DTD streams: API server %d cannot reach API server %d: %s", peers.index, owner, e)
+                return await _json(send, 503, f"the API-server process holding this stream is not reachable ({e})")
+            try:
+                out = [(k, v) for k, v in resp.headers.raw if k.lower() not in (_HOP | _SERVER_HEADERS) - {b"content-length"}]
+                out.append((b"x-dtd-stream-owner", str(owner).encode()))
+                await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
+                async for chunk in resp.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                await resp.aclose()
+
+        async def hang_up():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        work = asyncio.ensure_future(relay())
+        watch = asyncio.ensure_future(hang_up())
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (work, watch):
+                t.cancel()  # a hang-up closes the forwarded request: the owner aborts its generation
+        if work in done:
+            work.result()

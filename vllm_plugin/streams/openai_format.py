@@ -1,0 +1,70 @@
+"""OpenAI chat-completions shapes for stream answers, and the one place time-to-first-token is measured."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+
+class Timing:
+    """Wall time of one answer: ``ttft_s`` when the first generated token is seen, ``e2e_s`` at the end."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.ttft_s: Optional[float] = None
+
+    def saw(self, out) -> None:
+        if self.ttft_s is None and out.outputs and out.outputs[0].token_ids:
+            self.ttft_s = time.perf_counter() - self.t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def video_tokens_per_chunk(prompt_ids: list[int], video_pad: int) -> list[int]:
+    """Kept video tokens of each video item, read off the served (expanded) prompt."""
+    runs, n = [], 0
+    for t in prompt_ids:
+        if t == video_pad:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs + ([n] if n else [])
+
+
+def usage(out) -> dict:
+    o = out.outputs[0]
+    prompt_tokens = len(out.prompt_token_ids or [])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(o.token_ids),
+            "total_tokens": prompt_tokens + len(o.token_ids),
+            "prompt_tokens_details": {"cached_tokens": int(out.num_cached_tokens or 0)}}
+
+
+def completion(out, model: str, state: dict) -> dict:
+    """A ``chat.completion`` from a finished vLLM ``RequestOutput``, with the stream's ``stream_state``."""
+    o = out.outputs[0]
+    return {
+        "id": f"chatcmpl-{out.request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason}],
+        "usage": usage(out), "stream_state": state,
+    }
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def delta_chunk(out, model: str, text: str) -> dict:
+    return {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": out.outputs[0].finish_reason}]}
+
+
+def final_chunk(final: dict) -> dict:
+    """The last SSE chunk: no choices, the usage and stream state of the whole answer."""
+    return {"id": final["id"], "object": "chat.completion.chunk", "choices": [], "usage": final["usage"],
+            "stream_state": final["stream_state"]}
+
+
+DONE = "data: [DONE]\n\n"

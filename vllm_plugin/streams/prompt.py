@@ -1,0 +1,69 @@
+"""A stream's conversation as token ids, grown one turn at a time through the model's chat template.
+
+The template is the one vLLM's chat endpoint would use (``--chat-template``, else the processor's,
+else the tokenizer's: vLLM's ``resolve_chat_template``); this module never writes a model's special
+tokens itself. Each question appends exactly the text the template adds for a new user turn (with a
+video placeholder when the turn brings a new chunk) to the ids of everything before it, so past
+turns keep their ids and the prefix cache serves them; after an answer, the template's end-of-turn
+text follows the generated ids.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+_PROBE = "\x00dtd-probe\x00"
+
+
+class ChatPrompt:
+    """Token ids of one stream's conversation.
+
+    Args:
+        tokenizer: the served tokenizer (``encode``, ``decode``, ``apply_chat_template``).
+        template: the chat template (Jinja source) vLLM resolved for the served model.
+    """
+
+    def __init__(self, tokenizer, template: Optional[str]):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.messages: list[dict] = []  # the conversation as text, only to render the next turn's delta
+        self.ids: list[int] = []  # the conversation as served: prompt ids, generated ids, end-of-turn ids
+        self.end_of_turn = self._end_of_turn()
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _end_of_turn(self) -> str:
+        """What the template writes after an assistant message's content (Qwen: ``<|im_end|>\\n``)."""
+        user = {"role": "user", "content": [{"type": "text", "text": "?"}]}
+        text = self.render([user, {"role": "assistant", "content": _PROBE}], add_generation_prompt=False)
+        return text[text.index(_PROBE) + len(_PROBE):]
+
+    @staticmethod
+    def user_message(question: str, new_chunk: bool) -> dict:
+        content = ([{"type": "video"}] if new_chunk else []) + [{"type": "text", "text": question}]
+        return {"role": "user", "content": content}
+
+    def next_turn(self, question: str, new_chunk: bool) -> list[int]:
+        """Prompt ids for a question at this point: the conversation so far plus the new user turn
+        (a video placeholder first when the turn brings a new chunk) and the generation prompt."""
+        msg = self.user_message(question, new_chunk)
+        before = self.render(self.messages, add_generation_prompt=False) if self.messages else ""
+        after = self.render([*self.messages, msg], add_generation_prompt=True)
+        if not after.startswith(before):
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
+                             "streams need one that does")
+        return self.ids + self.tokenizer.encode(after[len(before):], add_special_tokens=False)
+
+    def commit(self, prompt_ids: list[int], question: str, new_chunk: bool, answer_ids: list[int], answer_text: str,
+               stop_ids: Sequence[int] = ()) -> None:
+        """Record a finished turn: its prompt, the generated ids and the template's end of turn (less
+        the stop token the model already produced, when the end of turn starts with it)."""
+        tail = self.end_of_turn
+        if answer_ids and answer_ids[-1] in stop_ids:
+            stop_text = self.tokenizer.decode([answer_ids[-1]])
+            if stop_text and tail.startswith(stop_text):
+                tail = tail[len(stop_text):]
+        self.messages += [self.user_message(question, new_chunk), {"role": "assistant", "content": answer_text}]
+        self.ids = list(prompt_ids) + list(answer_ids) + self.tokenizer.encode(tail, add_special_tokens=False)

@@ -1,0 +1,198 @@
+"""The stream service of one API-server process: streams, their conversations, and the engine.
+
+It reuses vLLM's own request path wherever there is one: the served tokenizer and multimodal
+processor come from the engine client's renderer (so ``--tokenizer``, ``--revision``,
+``--trust-remote-code`` and ``--mm-processor-kwargs`` apply as for ``/v1/chat/completions``), the
+chat template is the one vLLM resolves (``--chat-template``, the processor's, the tokenizer's), and a
+question is one ``engine_client.generate`` call with token ids and video items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import uuid
+import zlib
+from typing import Any, Optional
+
+from vllm_plugin.entrypoints import vllm_patches
+from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.streams import openai_format
+from vllm_plugin.streams.forward import Peers
+from vllm_plugin.streams.prompt import ChatPrompt
+from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
+
+logger = logging.getLogger("vllm.dtd_plugin")
+
+
+def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
+    """The chat template vLLM's chat endpoint uses for this server (checked vLLM 0.32 functions)."""
+    from vllm.renderers import chat_utils, hf
+
+    load = vllm_patches.require(chat_utils, "load_chat_template", ["chat_template", "is_literal"])
+    resolve = vllm_patches.require(hf, "resolve_chat_template", ["tokenizer", "chat_template", "tools", "model_config"])
+    return resolve(tokenizer, load(getattr(args, "chat_template", None)), None, model_config=engine_client.model_config)
+
+
+class StreamService:
+    def __init__(self, engine_client, args):
+        self.engine = engine_client
+        self.tasks: set = set()
+        self.max_model_len = getattr(getattr(engine_client, "model_config", None), "max_model_len", None)
+        names = getattr(args, "served_model_name", None) or [args.model]
+        self.served_names = [names] if isinstance(names, str) else list(names)
+        renderer = engine_client.renderer
+        self.tokenizer = renderer.get_tokenizer()
+        self.chat_template = served_chat_template(engine_client, args, self.tokenizer)
+        info = renderer.get_mm_processor().info
+        hf_processor = info.get_hf_processor()
+        video_processor = getattr(hf_processor, "video_processor", None) or info.get_image_processor()
+        raw = getattr(args, "mm_processor_kwargs", None) or {}
+        self.server_dtd, server_rest = split_dtd_kwargs(json.loads(raw) if isinstance(raw, str) else dict(raw))
+        # API-server processes (vLLM sets both in each process it starts; one process: 1 and 0)
+        pc = engine_client.vllm_config.parallel_config
+        vllm_patches.require(type(pc), "_api_process_count")  # private in vLLM 0.32: checked, never guessed
+        vllm_patches.require(type(pc), "_api_process_rank")
+        count = max(1, int(pc._api_process_count or 1))
+        index = max(0, int(pc._api_process_rank or 0))
+        limits = Limits.from_env(os.environ).per_process(count)
+        geometry = Geometry.from_video_processor(video_processor, server_rest)
+        self.manager = StreamManager(limits, geometry, owner=index)
+        self.peers = Peers(index, count)
+        # a forwarded append carries base64 (4/3 of the bytes) plus its JSON
+        self.max_body_bytes = limits.max_upload_bytes * 4 // 3 + 2**20
+        # data parallelism: every request of a stream goes to one engine (its prefix cache is there)
+        self.dp_ranks = int(pc.data_parallel_size_local if pc.local_engines_only else pc.data_parallel_size)
+        self.video_pad = self.tokenizer.convert_tokens_to_ids(hf_processor.video_token)
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model not in self.served_names:
+            raise StreamError(f"model {model!r} is not served here (serving {self.served_names})", 404)
+
+    def settings(self, req) -> StreamSettings:
+        mine = {k: v for k, v in req.model_dump().items() if k.startswith("dtd_") and v is not None}
+        defaults = dict(self.server_dtd)
+        if "dtd_reference" not in mine:  # streams compare with the previous step, whatever the server default
+            defaults["dtd_reference"] = "previous"
+        try:
+            dtd = dtd_config_from_kwargs({**defaults, **mine})
+        except ValueError as e:
+            raise StreamError(str(e)) from None
+        return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level,
+                              standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens)
+
+    def open(self, settings: StreamSettings) -> Stream:
+        stream = self.manager.open(settings)
+        stream.conversation = ChatPrompt(self.tokenizer, self.chat_template)
+        return stream
+
+    def dp_rank(self, stream: Stream) -> Optional[int]:
+        """The engine of a stream under data parallelism: crc32(id) mod the ranks this server reaches."""
+        return zlib.crc32(stream.id.encode()) % self.dp_ranks if self.dp_ranks > 1 else None
+
+    def status(self, stream: Stream) -> dict:
+        return {**stream.status(), "api_server": self.manager.owner, "data_parallel_rank": self.dp_rank(stream)}
+
+    async def reap(self, every_s: float) -> None:
+        """Free idle streams on a timer (not only when another stream request arrives)."""
+        while True:
+            await asyncio.sleep(every_s)
+            for sid in await asyncio.to_thread(self.manager.sweep):  # may wait for an append's lock
+                logger.info("DTD stream %s closed after %.0f s idle", sid, self.manager.limits.idle_seconds)
+
+    @staticmethod
+    def dtd_kwargs(stream: Stream) -> dict:
+        c = stream.settings.dtd
+        return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference}
+
+    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False):
+        """Async generator of vLLM RequestOutputs for one question at the stream's current point."""
+        from vllm import SamplingParams
+
+        async with stream.chat_lock:
+            chunk = stream.cut_chunk()
+            try:
+                items = stream.video_items()
+                prompt_ids = stream.conversation.next_turn(question, chunk is not None)
+                if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
+                    raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
+                                      f"tokens and this conversation already has at least {len(prompt_ids)}")
+                prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
+                if items:
+                    prompt["multi_modal_data"] = {"video": items}
+                    prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
+                rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
+                last = None
+                async for out in self.engine.generate(prompt, params, rid, data_parallel_rank=self.dp_rank(stream)):
+                    last = out
+                    yield out
+            except BaseException:
+                if chunk is not None:  # the turn did not happen: its chunk is not part of the conversation
+                    stream.drop_last_chunk()
+                raise
+            o = last.outputs[0] if last is not None else None
+            ids = list(o.token_ids) if o is not None else []
+            stopped = o is not None and o.finish_reason == "stop" and o.stop_reason is None  # ended on an EOS token
+            stream.conversation.commit(prompt_ids, question, chunk is not None, ids, o.text if o is not None else "",
+                                       stop_ids=ids[-1:] if stopped else ())
+            stream.questions += 1
+
+    def state(self, stream: Stream, out, timing: openai_format.Timing, with_ids: bool = False) -> dict:
+        prompt_ids = list(out.prompt_token_ids or [])
+        state = {"frames": len(stream.frames), "chunks": len(stream.chunks), "time": stream.timestamps[-1] if stream.timestamps else None,
+                 "question": stream.questions, "ttft_s": timing.ttft_s, "e2e_s": timing.elapsed(),
+                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(prompt_ids, self.video_pad)}
+        if with_ids:
+            state["prompt_token_ids"] = prompt_ids
+            state["completion_token_ids"] = list(out.outputs[0].token_ids)
+        return state
+
+    async def answer(self, stream: Stream, question: str, max_tokens: int, temperature: float = 0.0, with_ids: bool = False,
+                     ignore_eos: bool = False) -> dict:
+        timing, out = openai_format.Timing(), None
+        async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos):
+            timing.saw(out)
+        return openai_format.completion(out, self.served_names[0], self.state(stream, out, timing, with_ids))
+
+    async def answer_sse(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False):
+        """``(first output, async iterator of SSE lines)``: errors before the first output raise here,
+        so the route can answer them with a 4xx before the event stream starts."""
+        timing = openai_format.Timing()
+        gen = self.generate(stream, question, max_tokens, temperature, ignore_eos)
+        first = await gen.__anext__()
+        model = self.served_names[0]
+
+        async def events():
+            out, sent = first, 0
+            try:
+                while True:
+                    timing.saw(out)
+                    text = out.outputs[0].text
+                    if len(text) > sent:
+                        yield openai_format.sse(openai_format.delta_chunk(out, model, text[sent:]))
+                        sent = len(text)
+                    try:
+                        out = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                final = openai_format.completion(out, model, self.state(stream, out, timing))
+                yield openai_format.sse(openai_format.final_chunk(final))
+            except Exception as e:  # a clean SSE error instead of a torn connection
+                yield openai_format.sse({"error": {"message": str(e), "code": 500}})
+            yield openai_format.DONE
+
+        return events()
+
+    async def proactive(self, stream: Stream, events: list[dict]) -> None:
+        q = stream.settings.standing_question
+        for e in events:
+            try:
+                resp = await self.answer(stream, q, stream.settings.answer_max_tokens)
+                stream.add_event({"type": "answer", "trigger": e["index"], "time": e["time"], "question": q,
+                                  "text": resp["choices"][0]["message"]["content"], "usage": resp["usage"]})
+            except Exception as exc:  # never let a background answer take anything down
+                logger.warning("DTD stream %s: proactive answer failed: %s", stream.id, exc)
+                stream.add_event({"type": "error", "trigger": e["index"], "message": str(exc)})

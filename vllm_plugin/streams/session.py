@@ -1,0 +1,434 @@
+"""Live video streams: frames arrive over time, DTD runs causally, questions reuse the KV cache.
+
+No vLLM import: this is the state and bookkeeping; ``stream_routes`` puts it behind HTTP and the
+engine.
+
+How a question reuses the past
+------------------------------
+Frames are resized once, on arrival, to the processor's target size (transformers' own
+``smart_resize`` with the server's size settings), so the processor does not resize them again. At
+every question the complete temporal steps that arrived since the previous question become ONE new
+video item (a "chunk"); the conversation is kept as token ids (:mod:`vllm_plugin.streams.prompt`,
+through the model's chat template)::
+
+    <system> <user: [chunk 0] question 1> <assistant: answer 1> <user: [chunk 1] question 2> ...
+
+Past chunks are byte-identical items in byte-identical places, so vLLM's prefix cache (block
+hashes mix in each item's content hash) serves everything before the new chunk, and its encoder
+work is not redone: a question costs the new frames and the new text only.
+
+DTD runs once per temporal step, causally, when the step's frames arrive (the first step of the
+stream is kept whole; every later one is compared with the step before it, across chunk borders).
+The mask decided then is the one the prompt uses: a chunk's item carries its steps' masks in its
+metadata (``dtd_keep_mask``) and the processor takes them as they are. Kept tokens of the past never
+change; chunked DTD equals DTD on the whole stream.
+
+The per-step kept fraction is the scene-change signal: when it rises to ``event_level`` or above
+(from below) the stream records an event, and may answer a standing question (proactive response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens, next_reference
+from vllm_plugin.entrypoints.options import GIVEN_MASK
+
+logger = logging.getLogger("vllm.dtd_plugin")
+ENV_PREFIX = "DTD_STREAM_"  # limits from the environment: DTD_STREAM_<FIELD>
+OLD_ENV_PREFIX = "VLLM_DTD_STREAM_"  # release 0.1; still read, with a warning (vLLM warns about unknown VLLM_* names)
+
+_ID = re.compile(r"strm-(0|[1-9][0-9]{0,3})-[A-Za-z0-9_-]+\Z")
+
+
+def stream_id(owner: int) -> str:
+    """``strm-<owner process index>-<192 random bits>``."""
+    return f"strm-{owner}-{secrets.token_urlsafe(24)}"
+
+
+def stream_owner(sid: str) -> Optional[int]:
+    """The API-server process index a stream id names (None if it is not a stream id)."""
+    m = _ID.match(sid)
+    return int(m.group(1)) if m else None
+
+
+class StreamError(Exception):
+    """An HTTP-mappable error: ``status`` is the 4xx code."""
+
+    status = 400
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_streams: int = 16
+    max_frames: int = 7200  # per stream (1 h at 2 fps)
+    max_bytes: int = 4 * 1024**3  # decoded frames kept per stream
+    max_chunks: int = 100  # video items per prompt (server's --limit-mm-per-prompt must allow it)
+    idle_seconds: float = 600.0
+    max_upload_bytes: int = 64 * 1024**2  # one append request
+    max_frames_per_append: int = 256  # frames kept from one append (sampled at the stream's fps)
+    max_frame_pixels: int = 4096 * 4096  # one uploaded frame or video frame, checked before decoding
+    max_decoded_pixels: int = 2**28  # all frames one video upload decodes to (sampled or not)
+    max_total_bytes: int = 8 * 1024**3  # decoded frames held by all streams of this server
+
+    @classmethod
+    def from_env(cls, env) -> "Limits":
+        """``DTD_STREAM_<FIELD>`` for every field (``VLLM_DTD_STREAM_<FIELD>``, the 0.1 name, is read
+        too, with a deprecation warning: vLLM 0.32 warns about every unknown ``VLLM_*`` variable and
+        refuses them under ``--fail-on-environ-validation``)."""
+
+        def get(name, default, typ):
+            raw = env.get(ENV_PREFIX + name.upper())
+            old = env.get(OLD_ENV_PREFIX + name.upper())
+            if raw in (None, "") and old not in (None, ""):
+                logger.warning("%s%s is deprecated: use %s%s", OLD_ENV_PREFIX, name.upper(), ENV_PREFIX, name.upper())
+                raw = old
+            return typ(raw) if raw not in (None, "") else default
+
+        return cls(**{f: get(f, getattr(cls, f), type(getattr(cls, f))) for f in cls.__dataclass_fields__})
+
+    def per_process(self, count: int) -> "Limits":
+        """The share of one of ``count`` API-server processes: streams live in the process that
+        opened them, so the server-wide caps (streams, bytes held) are split evenly."""
+        if count <= 1:
+            return self
+        return replace(self, max_streams=max(1, self.max_streams // count),
+                       max_total_bytes=max(1, self.max_total_bytes // count))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Qwen2-VL family sizing: frames resized so both sides are multiples of ``factor`` (patch ×
+    merge) and the area lies within [min_pixels, max_pixels] (``smart_resize``)."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 448 * 448
+    temporal_patch_size: int = 2
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_video_processor(cls, vp, overrides: Optional[dict] = None) -> "Geometry":
+        """From the HF video processor, with the server's ``--mm-processor-kwargs`` size keys
+        (``size``, ``min_pixels``, ``max_pixels``) applied as the processor applies them: frames
+        resized to this geometry are not resized again when the processor sees them."""
+        o = overrides or {}
+        size = {**dict(getattr(vp, "size", None) or {}), **dict(o.get("size") or {})}
+        if o.get("min_pixels") is not None:
+            size["shortest_edge"] = o["min_pixels"]
+        if o.get("max_pixels") is not None:
+            size["longest_edge"] = o["max_pixels"]
+        return cls(
+            patch_size=int(vp.patch_size), merge_size=int(vp.merge_size),
+            min_pixels=int(size.get("shortest_edge", getattr(vp, "min_pixels", cls.min_pixels))),
+            max_pixels=int(size.get("longest_edge", getattr(vp, "max_pixels", cls.max_pixels))),
+            temporal_patch_size=int(vp.temporal_patch_size),
+        )
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the processor resizes a frame to: transformers' Qwen2-VL ``smart_resize``,
+        the function its video processor calls."""
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+        if height < 1 or width < 1:
+            raise StreamError(f"frame size {width}x{height} is not usable")
+        try:
+            return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except ValueError as e:
+            raise StreamError(f"frame size {width}x{height} is not usable: {e}") from None
+
+
+@dataclass
+class StreamSettings:
+    fps: float = 2.0
+    dtd: DTDConfig = field(default_factory=DTDConfig)
+    event_level: float = 0.5  # kept fraction of a step that signals a scene change
+    standing_question: Optional[str] = None
+    answer_max_tokens: int = 64
+
+    def __post_init__(self):
+        if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 60):
+            raise StreamError(f"fps must be in (0, 60], got {self.fps!r}")
+        if not (isinstance(self.event_level, (int, float)) and 0 < self.event_level <= 1):
+            raise StreamError(f"event_level must be in (0, 1], got {self.event_level!r}")
+        if self.dtd.reference != "previous":
+            raise StreamError("dtd_reference: streams support 'previous' (the carried reference is the last frame)")
+
+
+class Stream:
+    def __init__(self, stream_id: str, settings: StreamSettings, geometry: Geometry, limits: Limits,
+                 bytes_account: Optional["ByteAccount"] = None):
+        self.id = stream_id
+        self.settings = settings
+        self.geometry = geometry
+        self.limits = limits
+        self.created = self.last_active = time.monotonic()
+        self.size: Optional[tuple[int, int]] = None  # (height, width) after resizing
+        self.frames: list[np.ndarray] = []
+        self.timestamps: list[float] = []
+        self.nbytes = 0
+        # causal DTD for the signal / events
+        self._ref_tokens: Optional[torch.Tensor] = None
+        self.step_masks: list[torch.Tensor] = []  # bool (H, W) per temporal step: decided once, served as is
+        self.kept_per_step: list[int] = []
+        self.tokens_per_step = 0
+        self.events: list[dict] = []
+        self._above = False
+        # conversation
+        self.chunks: list[tuple[int, int]] = []  # frame ranges [start, end) of the video items
+        self._items: list[tuple[np.ndarray, dict]] = []
+        self.conversation = None  # a vllm_plugin.streams.prompt.ChatPrompt, set by the service
+        self.questions = 0
+        self.frames_lock = threading.Lock()  # appends and chunk cuts
+        self._size_lock = threading.Lock()
+        self._bytes = bytes_account
+        self.chat_lock = asyncio.Lock()  # one question at a time per stream
+
+    # -- frames ---------------------------------------------------------------------------------
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    @property
+    def steps(self) -> int:
+        return len(self.frames) // self.geometry.temporal_patch_size
+
+    def fit(self, frame: np.ndarray) -> np.ndarray:
+        """One frame resized to the stream's size (set by its first frame)."""
+        from PIL import Image
+
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise StreamError(f"a frame must be uint8 (H, W, 3) RGB, got {frame.dtype} {frame.shape}")
+        if self.size is None:
+            with self._size_lock:  # concurrent first appends agree on one size
+                if self.size is None:
+                    self.size = self.geometry.target_size(*frame.shape[:2])
+        h, w = self.size
+        if frame.shape[:2] == (h, w):
+            return np.ascontiguousarray(frame)
+        return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
+
+    def add_frames(self, frames: list[np.ndarray], timestamps: Optional[list[float]] = None) -> dict:
+        """Append frames (any size; resized to the stream's), analyze the new complete steps.
+        Returns ``{"events": events they raised, "kept_per_step": kept tokens of the temporal
+        steps this append completed}``. Thread-safe."""
+        if not frames:
+            raise StreamError("no frames given")
+        if len(frames) > self.limits.max_frames_per_append:
+            raise StreamError(f"at most {self.limits.max_frames_per_append} frames per append", 413)
+        with self.frames_lock:
+            if len(self.frames) + len(frames) > self.limits.max_frames:
+                raise StreamError(f"stream is full: at most {self.limits.max_frames} frames", 409)
+            resized = [self.fit(f) for f in frames]
+            add_bytes = sum(f.nbytes for f in resized)
+            if self.nbytes + add_bytes > self.limits.max_bytes:
+                raise StreamError(f"stream is full: at most {self.limits.max_bytes} bytes of frames", 409)
+            last = self.timestamps[-1] if self.timestamps else -1.0 / self.settings.fps
+            if timestamps is None:
+                timestamps = [last + (i + 1) / self.settings.fps for i in range(len(resized))]
+            if len(timestamps) != len(resized) or any(not math.isfinite(t) for t in timestamps):
+                raise StreamError("timestamps must be finite numbers, one per frame")
+            if any(b <= a for a, b in zip([last, *timestamps], timestamps)):
+                raise StreamError("timestamps must increase")
+            if self._bytes is not None:
+                self._bytes.reserve(add_bytes)  # the server-wide cap; raises before anything is added
+            self.frames.extend(resized)
+            self.timestamps.extend(float(t) for t in timestamps)
+            self.nbytes += add_bytes
+            self.touch()
+            done = len(self.kept_per_step)
+            events = self._analyze()
+            return {"events": events, "kept_per_step": self.kept_per_step[done:]}
+
+    def release(self) -> None:
+        """Give the stream's frame bytes back to the server-wide account (closed or expired)."""
+        with self.frames_lock:
+            if self._bytes is not None:
+                self._bytes.release(self.nbytes)
+                self._bytes = None
+
+    def _analyze(self) -> list[dict]:
+        tps = self.geometry.temporal_patch_size
+        done = len(self.kept_per_step)
+        if self.steps <= done:
+            return []
+        frames = torch.from_numpy(np.stack(self.frames[done * tps : self.steps * tps]))
+        g = self.geometry
+        tokens = frame_tokens(frames, merge_size=g.merge_size, patch_size=g.patch_size, temporal_patch_size=tps)
+        cfg = self.settings.dtd
+        if cfg.enabled:
+            mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
+            self._ref_tokens = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
+        else:  # DTD off: every token is served, so every token is counted
+            mask = torch.ones(tokens.shape[:3], dtype=torch.bool)
+        self.tokens_per_step = int(mask[0].numel())
+        self.step_masks.extend(mask.unbind(0))
+        new_events = []
+        for i, kept in enumerate(mask.reshape(mask.shape[0], -1).sum(1).tolist()):
+            step = done + i
+            self.kept_per_step.append(int(kept))
+            frac = kept / self.tokens_per_step
+            if cfg.enabled and step >= 1 and frac >= self.settings.event_level and not self._above:
+                new_events.append({
+                    "type": "scene_change", "step": step, "frame": step * tps,
+                    "time": self.timestamps[step * tps], "kept_fraction": frac,
+                })
+            self._above = frac >= self.settings.event_level if step >= 1 else False
+        return [self.add_event(e) for e in new_events]
+
+    def add_event(self, event: dict) -> dict:
+        event = {"index": len(self.events), **event}
+        self.events.append(event)
+        return event
+
+    # -- questions ------------------------------------------------------------------------------
+    def cut_chunk(self) -> Optional[tuple[int, int]]:
+        """Make the complete steps not yet in a chunk the next video item (None if there are none)."""
+        with self.frames_lock:
+            start = self.chunks[-1][1] if self.chunks else 0
+            end = self.steps * self.geometry.temporal_patch_size
+            if end <= start:
+                return None
+            if len(self.chunks) >= self.limits.max_chunks:
+                raise StreamError(f"stream has {len(self.chunks)} video chunks, the most one prompt may hold", 409)
+            self.chunks.append((start, end))
+            return start, end
+
+    def video_items(self) -> list[tuple[np.ndarray, dict]]:
+        """All chunks as (frames, metadata) video items, byte-identical from question to question
+        (built once per chunk: chunks never change). The metadata carries the chunk's keep mask, bool
+        (T, H, W): the masks its steps got when they arrived."""
+        tps = self.geometry.temporal_patch_size
+        with self.frames_lock:
+            for k in range(len(self._items), len(self.chunks)):
+                a, b = self.chunks[k]
+                frames = np.stack(self.frames[a:b])
+                # the stream keeps one copy of its pixels: its frames become views of the chunk
+                self.frames[a:b] = list(frames)
+                n = len(frames)
+                meta = {
+                    "fps": float(self.settings.fps), "total_num_frames": n, "frames_indices": list(range(n)),
+                    "duration": n / self.settings.fps, "video_backend": "dtd_stream",
+                }
+                meta[GIVEN_MASK] = torch.stack(self.step_masks[a // tps : b // tps]).numpy()
+                self._items.append((frames, meta))
+            return list(self._items[: len(self.chunks)])
+
+    def item_uuids(self) -> list[str]:
+        """Cache identities of the chunks (vLLM's ``multi_modal_uuids``): a chunk is immutable and
+        its stream's DTD settings are fixed, so (stream, chunk index) names its content; vLLM then
+        need not hash the past frames at every question."""
+        return [f"{self.id}/chunk{k}/{a}-{b}" for k, (a, b) in enumerate(self.chunks)]
+
+    def drop_last_chunk(self) -> None:
+        with self.frames_lock:
+            self.chunks.pop()
+            del self._items[len(self.chunks):]
+
+    def status(self) -> dict:
+        return {
+            "id": self.id, "frames": len(self.frames), "steps": self.steps, "chunks": len(self.chunks),
+            "questions": self.questions, "events": len(self.events), "bytes": self.nbytes,
+            "size": list(self.size) if self.size else None, "fps": self.settings.fps,
+            "tokens_per_step": self.tokens_per_step, "kept_per_step": list(self.kept_per_step),
+            "temporal_patch_size": self.geometry.temporal_patch_size,
+            "time": self.timestamps[-1] if self.timestamps else None,
+            "dtd": {"enabled": self.settings.dtd.enabled, "threshold": self.settings.dtd.threshold,
+                    "metric": self.settings.dtd.metric, "reference": self.settings.dtd.reference},
+            "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
+        }
+
+
+class ByteAccount:
+    """Decoded frame bytes held by all streams of one process, against ``limits.max_total_bytes``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            if self.held + n > self.limit:
+                raise StreamError(f"the server holds {self.held} bytes of stream frames and allows at most "
+                                  f"{self.limit}: retry when streams have closed", 429)
+            self.held += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.held = max(0, self.held - n)
+
+
+class StreamManager:
+    """Open streams, their limits and idle expiry. Thread-safe.
+
+    ``owner`` is the index of this API-server process: it is part of every stream id, so that a
+    request reaching another process can be forwarded to the one holding the stream."""
+
+    def __init__(self, limits: Limits = Limits(), geometry: Geometry = Geometry(), owner: int = 0):
+        self.limits = limits
+        self.geometry = geometry
+        self.owner = owner
+        self.bytes = ByteAccount(limits.max_total_bytes)
+        self._streams: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+
+    def sweep(self) -> list[str]:
+        """Free the streams idle for longer than ``limits.idle_seconds`` (called on a timer and on
+        every stream request)."""
+        now = time.monotonic()
+        with self._lock:
+            dead = [sid for sid, s in self._streams.items() if now - s.last_active > self.limits.idle_seconds]
+            gone = [self._streams.pop(sid) for sid in dead]
+        for s in gone:
+            s.release()
+        return dead
+
+    def open(self, settings: StreamSettings) -> Stream:
+        self.sweep()
+        with self._lock:
+            if len(self._streams) >= self.limits.max_streams:
+                raise StreamError(f"too many open streams (at most {self.limits.max_streams})", 429)
+            sid = stream_id(self.owner)
+            stream = Stream(sid, settings, self.geometry, self.limits, self.bytes)
+            self._streams[sid] = stream
+            return stream
+
+    def get(self, stream_id: str) -> Stream:
+        self.sweep()
+        with self._lock:
+            stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamError("no such stream (unknown id, closed, or expired after being idle)", 404)
+        stream.touch()
+        return stream
+
+    def close(self, stream_id: str) -> None:
+        with self._lock:
+            stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            raise StreamError("no such stream", 404)
+        stream.release()
+
+    def __len__(self) -> int:
+        return len(self._streams)

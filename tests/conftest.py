@@ -58,9 +58,10 @@ def tiny_model_path() -> Path:
     return ensure_tiny_model("test")
 
 
-def mm_processor(model_path, arch: str | None):
+def mm_processor(model_path, arch: str | None, **config):
     """vLLM's multimodal processor for the checkpoint, built in-process from a ``ModelConfig`` as
-    vLLM's renderer builds it (``MULTIMODAL_REGISTRY.create_processor``); ``arch=None``: stock."""
+    vLLM's renderer builds it (``MULTIMODAL_REGISTRY.create_processor``); ``arch=None``: stock;
+    ``config``: more ``ModelConfig`` fields (e.g. ``mm_processor_kwargs``)."""
     import vllm_plugin
 
     vllm_plugin.register()
@@ -68,7 +69,7 @@ def mm_processor(model_path, arch: str | None):
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
     overrides = {"hf_overrides": {"architectures": [arch]}} if arch else {}
-    model_config = ModelConfig(model=str(model_path), max_model_len=4096, **overrides)
+    model_config = ModelConfig(model=str(model_path), max_model_len=4096, **overrides, **config)
     return MULTIMODAL_REGISTRY.create_processor(model_config)
 
 

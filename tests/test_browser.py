@@ -18,13 +18,21 @@ pytestmark = needs_browser
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    """JupyterLab on a copy of the notebooks (autosave and checkpoints stay out of the repository);
+    the kernel imports the project from the repository (PYTHONPATH)."""
+    import os
+    import shutil
+
     port, token = free_port(), secrets.token_hex(16)
-    log = open(tmp_path_factory.mktemp("lab") / "lab.log", "w")
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
+    log = open(root / "lab.log", "w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={REPO}", "--ServerApp.allow_root=True",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True",
          "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:

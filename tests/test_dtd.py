@@ -1,4 +1,4 @@
-"""The DTD core contract (vllm_plugin/dtd.py): masks, relative mode, chunking, positions, stats, errors."""
+"""The DTD core contract (vllm_plugin/core/): masks, relative mode, chunking, positions, stats, errors."""
 
 import math
 

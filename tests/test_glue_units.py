@@ -53,7 +53,7 @@ def test_processor_keeps_the_core_mask_and_emits_only_kept_tokens(processor, syn
     assert n_off == expected.numel()
 
 
-def test_a_given_mask_is_served_as_is_and_a_wrong_one_is_a_clear_error(processor, synthetic_clip):
+def test_a_given_mask_is_served_as_is_and_one_that_does_not_fit_is_decided_again(processor, synthetic_clip, caplog):
     from vllm_plugin.entrypoints.options import GIVEN_MASK
     from vllm_plugin.models.base import MASK_KEY
 
@@ -63,10 +63,40 @@ def test_a_given_mask_is_served_as_is_and_a_wrong_one_is_a_clear_error(processor
     video, meta = _video(frames)
     out, n_pad = _apply(processor, [(video, {**meta, GIVEN_MASK: given})])
     assert n_pad == 4 and torch.equal(out["mm_kwargs"]["video"][0][MASK_KEY].data, torch.from_numpy(given).flatten())
-    with pytest.raises(ValueError, match=r"dtd_keep_mask must be a bool array of shape \(T, H, W\) = \(4, 8, 8\)"):
-        _apply(processor, [(video, {**meta, GIVEN_MASK: given[:3]})])
+    with pytest.raises(ValueError, match=r"dtd_keep_mask must be a bool array of shape \(T, H, W\)"):
+        _apply(processor, [(video, {**meta, GIVEN_MASK: given.astype(np.uint8)})])
+    # frames the processor resized (a mask of another grid): DTD is decided on what it produced
+    with caplog.at_level("WARNING", logger="vllm.dtd_plugin"):
+        redone, n_redone = _apply(processor, [(video, {**meta, GIVEN_MASK: given[:3]})], dtd_threshold=0.05)
+    plain, n_plain = _apply(processor, [_video(frames)], dtd_threshold=0.05)
+    assert n_redone == n_plain and "does not fit the processed video" in caplog.text
     empty, n_empty = _apply(processor, [(video, {**meta, GIVEN_MASK: np.zeros((4, 8, 8), bool)})])
     assert n_empty == 1  # a fully static chunk keeps one token: never an empty placeholder
+
+
+def test_stream_frames_fit_the_served_processor_whatever_its_size_settings(tiny_model_path, synthetic_clip, caplog):
+    """Streams size frames with the served processor itself: settings the stream does not parse
+    (``videos_kwargs``) still give frames the processor keeps as they are, so the masks decided on
+    arrival are the ones served."""
+    from conftest import DTD_ARCH, mm_processor
+    from vllm_plugin.core import DTDConfig
+    from vllm_plugin.entrypoints.options import GIVEN_MASK
+    from vllm_plugin.models.base import MASK_KEY
+    from vllm_plugin.streams.service import processor_sizer
+    from vllm_plugin.streams.session import Geometry, StreamManager, StreamSettings
+
+    proc = mm_processor(tiny_model_path, DTD_ARCH, mm_processor_kwargs={"videos_kwargs": {"max_pixels": 112 * 112}})
+    sizer = processor_sizer(proc, 14, 2)
+    assert sizer(448, 448) == (112, 112) and sizer(360, 640) == Geometry(max_pixels=112 * 112).target_size(360, 640)
+    s = StreamManager(geometry=Geometry(sizer=sizer)).open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05)))
+    s.add_frames(list(synthetic_clip.frames[:8]))
+    s.cut_chunk()
+    (frames, meta), = s.video_items()
+    with caplog.at_level("WARNING", logger="vllm.dtd_plugin"):
+        out, n_pad = _apply(proc, [(frames, meta)])
+    assert "does not fit" not in caplog.text
+    assert torch.equal(out["mm_kwargs"]["video"][0][MASK_KEY].data, torch.from_numpy(meta[GIVEN_MASK]).flatten())
+    assert n_pad == max(1, sum(s.kept_per_step))
 
 
 def test_the_dtd_processor_patches_vllm_here_and_the_patched_validation_works(processor):

@@ -59,3 +59,19 @@ def test_register_is_idempotent_and_entry_point_is_declared():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_stream_routes_load_only_when_allow_listed(monkeypatch):
+    """vLLM loads endpoint plugins only when VLLM_PLUGINS names them: with the plugin installed, a
+    server gets /v1/streams only from --dtd-streams (VLLM_PLUGINS=dtd,dtd_streams)."""
+    from vllm.plugins import load_endpoint_plugins
+
+    from vllm_plugin.streams.routes import DTDStreamPlugin
+
+    for value, loaded in ((None, False), ("dtd", False), ("", False), ("dtd,dtd_streams", True)):
+        if value is None:
+            monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+        else:
+            monkeypatch.setenv("VLLM_PLUGINS", value)
+        plugins = load_endpoint_plugins(("generate",))
+        assert any(isinstance(p, DTDStreamPlugin) for p in plugins) is loaded, value

@@ -54,7 +54,7 @@ def test_stream_uploads_are_bytes_never_paths_or_urls(dtd_server):
         s.close()
 
 
-def test_the_stock_baseline_runs_no_dtd_code(stock_server, dtd_server, synthetic_mp4):
+def test_the_stock_baseline_runs_no_dtd_code(stock_server, dtd_server, synthetic_mp4, synthetic_clip, media_dir):
     """Baselines are what a user gets without us: the stock server runs with no plugin loaded, so
     every vLLM rule the plugin relaxes or wraps is vLLM's own there (and is not on the DTD server)."""
     body = lambda srv: {"model": srv.model, "max_tokens": 2, "mm_processor_kwargs": {"dtd_threshold": 0.1},
@@ -66,10 +66,12 @@ def test_the_stock_baseline_runs_no_dtd_code(stock_server, dtd_server, synthetic
     assert "x-dtd-stats" not in stock.headers
     ours = requests.post(dtd_server.base_url + "/v1/chat/completions", json=body(dtd_server), timeout=120)
     assert ours.status_code == 200 and "x-dtd-stats" in ours.headers
-    # an unusable video: vLLM's own loader error (a 5xx) on stock, the plugin's 400 on the DTD server
+    # a one-frame video: vLLM's own ZeroDivisionError (a 500) on stock, the plugin's 400 on the DTD server
+    from analysis.lib.video import write_video
+
+    one = write_video(media_dir / "one_frame_for_stock.mp4", synthetic_clip.frames[:1], 2.0)
     bad = {"model": stock_server.model, "max_tokens": 2, "messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"not a video").decode()}},
-        {"type": "text", "text": "what"}]}]}
+        {"type": "video_url", "video_url": {"url": f"file://{one}"}}, {"type": "text", "text": "what"}]}]}
     assert requests.post(stock_server.base_url + "/v1/chat/completions", json=bad, timeout=120).status_code >= 500
     assert requests.post(dtd_server.base_url + "/v1/chat/completions", json={**bad, "model": dtd_server.model},
                          timeout=120).status_code == 400
@@ -77,9 +79,9 @@ def test_the_stock_baseline_runs_no_dtd_code(stock_server, dtd_server, synthetic
     assert "vllm_dtd_" not in metrics and "vllm_dtd_" in requests.get(dtd_server.base_url + "/metrics", timeout=30).text
 
 
-def test_stream_routes_are_off_unless_allow_listed(stock_server):
-    # the plugin is installed in this venv, but this server was not started with --dtd-streams
-    # (VLLM_PLUGINS does not name dtd_streams): the routes do not exist
+def test_the_stock_server_has_no_stream_routes(stock_server):
+    # the plugin is installed in this venv; the baseline loads none of its plugins (the opt-in rule
+    # of vLLM's endpoint plugins is tested in test_plugin_units.py)
     paths = requests.get(stock_server.base_url + "/openapi.json", timeout=30).json()["paths"]
     assert not any(p.startswith("/v1/streams") for p in paths)
     assert requests.post(stock_server.base_url + "/v1/streams", json={}, timeout=30).status_code == 404

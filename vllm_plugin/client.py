@@ -112,10 +112,10 @@ class StreamClient:
         _check(self.http.delete(self.url, timeout=self.timeout))
 
 
-def open_stream(base_url: str, model: Optional[str] = None, fps: float = 2.0, **settings) -> StreamClient:
-    """Open a stream. ``settings``: dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
-    event_level, standing_question, answer_max_tokens."""
+def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float] = None, **settings) -> StreamClient:
+    """Open a stream. ``fps`` and ``settings`` (dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
+    event_level, standing_question, answer_max_tokens) left out take the server's defaults."""
     http = requests.Session()
-    body = {"model": model, "fps": fps, **settings}
+    body = {"model": model, **({"fps": fps} if fps is not None else {}), **settings}
     info = _check(http.post(base_url.rstrip("/") + "/v1/streams", json=body, timeout=60))
     return StreamClient(base_url, info["id"], http)

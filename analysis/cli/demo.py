@@ -177,6 +177,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threshold is None:
         args.threshold = default_threshold(args.metric)
+    if args.reference != "previous" and not args.reference_only:
+        ap.error("--reference last_kept: the served demo streams, and streams compare with the previous step only; "
+                 "use it with --reference-only")
     DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference)  # fail fast on bad values
 
     res = run_reference(args) if args.reference_only else run_served(args)

@@ -4,7 +4,7 @@
         --reference previous,last_kept --out results/ [--criterion pixel,feature] [--fps 1] [--model PATH]
 
 Writes ``results.parquet`` and ``results.csv`` (one row per cell: kept, total, drop ratio, time of
-the decision, kept tokens per frame) and ``report.html`` (drop ratio vs threshold, kept tokens per
+the decision, kept tokens per temporal step) and ``report.html`` (drop ratio vs threshold, kept tokens per
 frame, the table). A rerun with the same ``--out`` skips the cells already there. Thresholds outside
 a metric's range (cosine [-1, 1], l1 [0, 1]) are skipped.
 """

@@ -257,7 +257,7 @@ def default_cache_dir() -> Path:
     if not env and os.environ.get("VLLM_DTD_CACHE"):
         import warnings
 
-        warnings.warn("VLLM_DTD_CACHE is deprecated: use DTD_CACHE_DIR", DeprecationWarning, stacklevel=2)
+        warnings.warn("VLLM_DTD_CACHE is deprecated: use DTD_CACHE_DIR", FutureWarning, stacklevel=2)
         env = os.environ["VLLM_DTD_CACHE"]
     if env:
         return Path(env)

@@ -12,7 +12,7 @@ def kept_tokens_figure(
     tokens_per_step: int,
     times: Optional[Sequence[float]] = None,
     events: Iterable[float] = (),
-    title: str = "DTD: kept visual tokens per frame",
+    title: str = "DTD: kept visual tokens per temporal step",
 ) -> go.Figure:
     """Bars of kept tokens per temporal step (x = time in s when ``times`` is given), a line at the
     undropped count, and vertical markers at ``events`` (scene cuts, same x unit)."""

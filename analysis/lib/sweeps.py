@@ -21,7 +21,8 @@ def load_results(out: Path) -> pd.DataFrame:
     csv = out / "results.csv"
     if not csv.is_file():
         return pd.DataFrame(columns=COLUMNS)
-    df = pd.read_csv(csv)
+    # results of release 0.1 named the per-step columns "per frame": read them under today's names
+    df = pd.read_csv(csv).rename(columns={"kept_per_frame": "kept_per_step", "tokens_per_frame": "tokens_per_step"})
     df["kept_per_step"] = df["kept_per_step"].map(json.loads)
     return df
 

@@ -50,7 +50,7 @@ class VideoTokens:
         return self._features[key]
 
 
-def load_tokens(path: str | Path, fps: float = 1.0, max_pixels: int = 448 * 448, max_frames: Optional[int] = None,
+def load_tokens(path: str | Path, fps: float = 1.0, max_pixels: int = Geometry.max_pixels, max_frames: Optional[int] = None,
                 name: Optional[str] = None) -> VideoTokens:
     """Decode ``path`` at ``fps`` (PyAV), resize like Qwen2.5-VL's processor, pad to whole temporal
     patches (repeating the last frame, as the processor does) and compute pixel tokens."""

@@ -94,6 +94,19 @@ def require(owner, name: str, params: Optional[list[str]] = None, returns: Optio
     return target
 
 
+def require_read(module: str, attribute: str) -> None:
+    """vLLM module ``module`` still reads ``attribute`` (for class attributes vLLM looks up with
+    ``hasattr``/``getattr``: a rename there would silently ignore ours). Reads the source, without
+    importing the module (a GPU runner may not import on this machine)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    source = open(spec.origin, encoding="utf-8").read() if spec and spec.origin else ""
+    if attribute not in source:
+        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, where {module} reads {attribute!r}; "
+                           f"vLLM {_vllm_version()} does not")
+
+
 def check_overrides(cls: type, base: type) -> None:
     """Every method that ``cls`` defines on top of ``base`` (through its DTD mixins) must override a
     method ``base`` still has, with the same parameter names: a DTD override of a renamed or removed
@@ -110,10 +123,12 @@ def check_overrides(cls: type, base: type) -> None:
 
 
 def in_api_server_process() -> bool:
-    """vLLM's API server runs in the main process (one API server) or in processes named
-    ``ApiServer_<i>`` (``--api-server-count``); engine cores are ``EngineCore_*``, workers ``VllmWorker*``."""
+    """vLLM's API server runs in the main process (one API server), in processes named
+    ``ApiServer_<i>`` (``--api-server-count``, vllm/v1/utils.py) or ``APIServer_DPRank_<r>`` (the
+    data-parallel supervisor, vllm/entrypoints/launchers/dp_supervisor.py); engine cores are
+    ``EngineCore*``, workers ``VllmWorker*``."""
     name = multiprocessing.current_process().name
-    return name == "MainProcess" or name.startswith("ApiServer")
+    return name == "MainProcess" or name.lower().startswith("apiserver")
 
 
 # -- the run-time patches --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ is imported (a vLLM upgrade that changes one fails at startup, naming the versio
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,15 @@ from vllm_plugin.entrypoints.options import GIVEN_MASK, dtd_config_from_kwargs, 
 MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
 _GIVEN = "_dtd_given_masks"  # internal hf_kwargs key: the given masks, one entry (or None) per video
 _TIMING = threading.local()  # seconds spent on the DTD decision in the current apply() of this thread
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("vllm.dtd_plugin").warning("DTD: %s", message)
 
 
 def tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -106,13 +116,19 @@ class DTDMultiModalProcessorMixin:
             shape = (int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge)
             if mask is not None:
                 mask = torch.as_tensor(np.asarray(mask))
-                if mask.dtype != torch.bool or tuple(mask.shape) != shape:
-                    raise ValueError(f"{GIVEN_MASK} must be a bool array of shape (T, H, W) = {shape} "
-                                     f"(the processed video), got {mask.dtype} {tuple(mask.shape)}")
-                mask = mask.clone()
-            elif not config.enabled:
+                if mask.dtype != torch.bool or mask.dim() != 3:
+                    raise ValueError(f"{GIVEN_MASK} must be a bool array of shape (T, H, W), got {mask.dtype} {tuple(mask.shape)}")
+                if tuple(mask.shape) != shape:
+                    # The processor did not keep the caller's frames as they were (e.g. a per-frame
+                    # pixel cap that depends on the number of frames): decide on what it produced.
+                    _warn_once(f"{GIVEN_MASK} of shape {tuple(mask.shape)} does not fit the processed video {shape} "
+                               "(the processor resized or resampled its frames): DTD decided again on the processed patches")
+                    mask = None
+                else:
+                    mask = mask.clone()
+            if mask is None and not config.enabled:
                 mask = torch.ones(shape, dtype=torch.bool)
-            else:
+            elif mask is None:
                 mask = pixel_keep_mask(
                     pv, grid, config.threshold, metric=config.metric, reference=config.reference,
                     merge_size=merge, temporal_patch_size=tps,

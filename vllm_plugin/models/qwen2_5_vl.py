@@ -25,6 +25,7 @@ from vllm_plugin.models.base import DTDModelMixin, DTDMultiModalProcessorMixin, 
 vllm_patches.require(EncoderCudaGraphConfig, "modalities")
 vllm_patches.require(EncoderCudaGraphConfig, "max_frames_per_video")
 vllm_patches.require(ProcessorInputs, "hf_processor_mm_kwargs")
+vllm_patches.require_read("vllm.v1.worker.gpu_model_runner", "requires_sequential_video_encoding")
 
 
 class DTDQwen2_5_VLProcessingInfo(DTDProcessingInfoMixin, Qwen2_5_VLProcessingInfo):

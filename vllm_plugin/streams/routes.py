@@ -32,22 +32,23 @@ from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.streams.forward import FORWARDED, StreamForwarder
 from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
 from vllm_plugin.streams.service import StreamService
-from vllm_plugin.streams.session import Stream, StreamError
+from vllm_plugin.streams.session import Stream, StreamError, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
 router = APIRouter(prefix="/v1/streams", tags=["DTD streams"])
+_DEFAULTS = StreamSettings()  # the one place stream defaults are defined
 
 
 class OpenStreamRequest(BaseModel):
     model: Optional[str] = None
-    fps: float = Field(2.0, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)")
+    fps: float = Field(_DEFAULTS.fps, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)")
     dtd_enabled: Optional[bool] = None
     dtd_threshold: Optional[float] = None
     dtd_metric: Optional[str] = None
     dtd_reference: Optional[str] = None
-    event_level: float = Field(0.5, description="kept fraction of a temporal step that signals a scene change")
+    event_level: float = Field(_DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change")
     standing_question: Optional[str] = Field(None, description="asked automatically at every scene change")
-    answer_max_tokens: int = Field(64, ge=1, le=4096)
+    answer_max_tokens: int = Field(_DEFAULTS.answer_max_tokens, ge=1, le=4096)
 
 
 class FrameIn(BaseModel):

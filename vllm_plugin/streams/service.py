@@ -36,6 +36,30 @@ def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
     return resolve(tokenizer, load(getattr(args, "chat_template", None)), None, model_config=engine_client.model_config)
 
 
+def processor_sizer(processor, patch_size: int, temporal_patch_size: int, max_sizes: int = 64):
+    """``(height, width) -> (height, width)`` the served multimodal processor gives a video of that
+    frame size: one temporal step of black frames through vLLM's own processor (DTD off), with the
+    server's processor settings, remembered per input size. Stream frames resized to it are not
+    resized again at question time, whatever sizing the server was configured with."""
+    import functools
+
+    import numpy as np
+
+    prompt = processor.dummy_inputs.get_dummy_text({"video": 1})
+
+    @functools.lru_cache(maxsize=max_sizes)
+    def size(height: int, width: int) -> tuple[int, int]:
+        n = temporal_patch_size
+        meta = {"fps": 1.0, "duration": float(n), "total_num_frames": n, "frames_indices": list(range(n)),
+                "video_backend": "dtd_stream", "do_sample_frames": False}
+        items = processor.info.parse_mm_data({"video": [(np.zeros((n, height, width, 3), np.uint8), meta)]})
+        out = processor(prompt, items, hf_processor_mm_kwargs={"dtd_enabled": False})
+        _, gh, gw = (int(x) for x in out["mm_kwargs"]["video"][0]["video_grid_thw"].data.tolist())
+        return gh * patch_size, gw * patch_size
+
+    return size
+
+
 class StreamService:
     def __init__(self, engine_client, args):
         self.engine = engine_client
@@ -43,10 +67,18 @@ class StreamService:
         self.max_model_len = getattr(getattr(engine_client, "model_config", None), "max_model_len", None)
         names = getattr(args, "served_model_name", None) or [args.model]
         self.served_names = [names] if isinstance(names, str) else list(names)
+        from vllm_plugin.models import DTD_ARCHITECTURES
+
+        archs = list(getattr(engine_client.model_config, "architectures", None) or [])
+        if not set(archs) & set(DTD_ARCHITECTURES.values()):
+            raise RuntimeError(f"the DTD stream routes need a DTD architecture, the server runs {archs}: start it with "
+                               "python -m vllm_plugin.serve or --hf-overrides '{\"architectures\": [<a DTD architecture>]}' "
+                               f"(DTD architectures: {sorted(DTD_ARCHITECTURES.values())})")
         renderer = engine_client.renderer
         self.tokenizer = renderer.get_tokenizer()
         self.chat_template = served_chat_template(engine_client, args, self.tokenizer)
-        info = renderer.get_mm_processor().info
+        mm_processor = renderer.get_mm_processor()
+        info = mm_processor.info
         hf_processor = info.get_hf_processor()
         video_processor = getattr(hf_processor, "video_processor", None) or info.get_image_processor()
         raw = getattr(args, "mm_processor_kwargs", None) or {}
@@ -58,7 +90,8 @@ class StreamService:
         count = max(1, int(pc._api_process_count or 1))
         index = max(0, int(pc._api_process_rank or 0))
         limits = Limits.from_env(os.environ).per_process(count)
-        geometry = Geometry.from_video_processor(video_processor, server_rest)
+        sizer = processor_sizer(mm_processor, int(video_processor.patch_size), int(video_processor.temporal_patch_size))
+        geometry = Geometry.from_video_processor(video_processor, server_rest, sizer=sizer)
         self.manager = StreamManager(limits, geometry, owner=index)
         self.peers = Peers(index, count)
         # a forwarded append carries base64 (4/3 of the bytes) plus its JSON
@@ -84,8 +117,9 @@ class StreamService:
                               standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens)
 
     def open(self, settings: StreamSettings) -> Stream:
+        conversation = ChatPrompt(self.tokenizer, self.chat_template)  # a template that cannot serve fails before a slot is taken
         stream = self.manager.open(settings)
-        stream.conversation = ChatPrompt(self.tokenizer, self.chat_template)
+        stream.conversation = conversation
         return stream
 
     def dp_rank(self, stream: Stream) -> Optional[int]:
@@ -135,7 +169,9 @@ class StreamService:
                 raise
             o = last.outputs[0] if last is not None else None
             ids = list(o.token_ids) if o is not None else []
-            stopped = o is not None and o.finish_reason == "stop" and o.stop_reason is None  # ended on an EOS token
+            # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
+            # which vLLM keeps in token_ids); a stop string (str) is not in the ids
+            stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
             stream.conversation.commit(prompt_ids, question, chunk is not None, ids, o.text if o is not None else "",
                                        stop_ids=ids[-1:] if stopped else ())
             stream.questions += 1

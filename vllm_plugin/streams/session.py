@@ -1,7 +1,7 @@
 """Live video streams: frames arrive over time, DTD runs causally, questions reuse the KV cache.
 
-No vLLM import: this is the state and bookkeeping; ``stream_routes`` puts it behind HTTP and the
-engine.
+No vLLM import: this is the state and bookkeeping; :mod:`vllm_plugin.streams.service` and
+:mod:`vllm_plugin.streams.routes` put it behind HTTP and the engine.
 
 How a question reuses the past
 ------------------------------
@@ -37,7 +37,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -115,20 +115,24 @@ class Limits:
 @dataclass(frozen=True)
 class Geometry:
     """Qwen2-VL family sizing: frames resized so both sides are multiples of ``factor`` (patch ×
-    merge) and the area lies within [min_pixels, max_pixels] (``smart_resize``)."""
+    merge) and the area lies within [min_pixels, max_pixels] (``smart_resize``). ``sizer``, when
+    set, answers instead: the served processor's own answer (see
+    :func:`vllm_plugin.streams.service.processor_sizer`), so every size setting the server applies
+    (``--mm-processor-kwargs``, ``videos_kwargs``, the checkpoint's preprocessor config) is honoured."""
 
     patch_size: int = 14
     merge_size: int = 2
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 448 * 448
     temporal_patch_size: int = 2
+    sizer: Optional[Callable[[int, int], tuple[int, int]]] = field(default=None, compare=False, repr=False)
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_video_processor(cls, vp, overrides: Optional[dict] = None) -> "Geometry":
+    def from_video_processor(cls, vp, overrides: Optional[dict] = None, sizer=None) -> "Geometry":
         """From the HF video processor, with the server's ``--mm-processor-kwargs`` size keys
         (``size``, ``min_pixels``, ``max_pixels``) applied as the processor applies them: frames
         resized to this geometry are not resized again when the processor sees them."""
@@ -139,7 +143,7 @@ class Geometry:
         if o.get("max_pixels") is not None:
             size["longest_edge"] = o["max_pixels"]
         return cls(
-            patch_size=int(vp.patch_size), merge_size=int(vp.merge_size),
+            patch_size=int(vp.patch_size), merge_size=int(vp.merge_size), sizer=sizer,
             min_pixels=int(size.get("shortest_edge", getattr(vp, "min_pixels", cls.min_pixels))),
             max_pixels=int(size.get("longest_edge", getattr(vp, "max_pixels", cls.max_pixels))),
             temporal_patch_size=int(vp.temporal_patch_size),
@@ -153,6 +157,8 @@ class Geometry:
         if height < 1 or width < 1:
             raise StreamError(f"frame size {width}x{height} is not usable")
         try:
+            if self.sizer is not None:
+                return self.sizer(height, width)
             return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         except ValueError as e:
             raise StreamError(f"frame size {width}x{height} is not usable: {e}") from None

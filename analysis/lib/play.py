@@ -9,7 +9,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from vllm_plugin.client import StreamClient
+from vllm_plugin.client import StreamClient, open_stream
+
+__all__ = ["PlayRecord", "open_stream", "play", "print_answer", "print_event"]
 
 
 @dataclass

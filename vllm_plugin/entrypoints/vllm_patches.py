@@ -87,7 +87,10 @@ def require(owner, name: str, params: Optional[list[str]] = None, returns: Optio
         raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: {where} takes {params}, "
                            f"in vLLM {_vllm_version()} it takes {got}")
     if returns is not None:
-        ann = inspect.signature(target).return_annotation
+        try:  # a module with postponed annotations gives strings: resolve them
+            ann = inspect.signature(target, eval_str=True).return_annotation
+        except Exception:
+            ann = inspect.signature(target).return_annotation
         if _shape(ann) != returns:
             raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: {where} returns {returns}, "
                                f"in vLLM {_vllm_version()} it returns {ann}")

@@ -56,7 +56,16 @@ def test_bench_size_is_prefill_dominated():
     assert flops_per_video_token("bench")["llm"] > 50 * flops_per_video_token("test")["llm"]
 
 
-@pytest.mark.parametrize("size", ["test", "bench"])
+def test_bench7b_has_the_encoder_cost_of_qwen2_5_vl_7b():
+    """Vision-encoder multiply-adds per LLM video token relative to the LLM's: Qwen2.5-VL-7B ~0.4,
+    -3B ~0.9 (from their configs); bench7b puts the bench LLM beside an encoder of the 7B's share."""
+    share = {s: 1 / flops_per_video_token(s)["ratio"] for s in ("bench", "bench7b", "Qwen2.5-VL-7B", "Qwen2.5-VL-3B")}
+    assert share["Qwen2.5-VL-7B"] == pytest.approx(0.39, abs=0.02) and share["Qwen2.5-VL-3B"] == pytest.approx(0.92, abs=0.03)
+    assert abs(share["bench7b"] - share["Qwen2.5-VL-7B"]) < 0.05 and share["bench"] < 0.1
+    assert flops_per_video_token("bench7b")["llm"] == flops_per_video_token("bench")["llm"]
+
+
+@pytest.mark.parametrize("size", ["test", "bench", "bench7b"])
 def test_loads_in_transformers(size):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 

@@ -49,6 +49,7 @@ import numpy as np
 import requests
 
 from analysis.harness.server import metric_sum
+from analysis.harness.tiny_model import SIZES
 from analysis.lib.paths import default_videos, results_dir
 from analysis.lib.reports import write_report
 from analysis.lib.summary import percentile
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, help="frames per clip")
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--no-evs", action="store_true", help="skip the EVS attempt")
-    ap.add_argument("--size", default="bench", choices=["bench", "test"], help="tiny checkpoint size")
+    ap.add_argument("--size", default="bench", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's)")
     ap.add_argument("--out", type=Path, default=results_dir("bench"))
     args = ap.parse_args(argv)
     args.requests = args.requests or (2 if args.quick else 4)

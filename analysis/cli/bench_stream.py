@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.harness.tiny_model import SIZES
 from analysis.lib.paths import results_dir
 from vllm_plugin.streams.session import Geometry
 from analysis.lib.video import SAMPLE_VIDEO, load_video, write_video
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--every", type=float, default=10.0, help="seconds of video between questions")
-    ap.add_argument("--size", default="bench", choices=["bench", "test"], help="tiny checkpoint size")
+    ap.add_argument("--size", default="bench", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's)")
     ap.add_argument("--out", type=Path, default=results_dir("bench_stream"))
     args = ap.parse_args(argv)
 

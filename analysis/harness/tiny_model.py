@@ -83,6 +83,26 @@ SIZES: dict[str, dict] = {
         vision=_VISION,
         vocab_words=1024,
     ),
+    # the bench LLM with an encoder as costly per video token as Qwen2.5-VL-7B's relative to its LLM
+    # (vision ≈ 0.4 x LLM multiply-adds per token; `bench` gives the LLM >= 10x): where DTD's saving
+    # on the LLM meets the encoder cost it does not reduce
+    "bench7b": dict(
+        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=2),
+        vision={**_VISION, "depth": 4, "hidden_size": 256, "num_heads": 4, "intermediate_size": 448, "fullatt_block_indexes": [1, 3]},
+        vocab_words=1024,
+    ),
+}
+
+# Real checkpoints' shapes, for the cost ratio only (config.json of Qwen/Qwen2.5-VL-7B-Instruct and -3B-Instruct).
+REAL_SHAPES: dict[str, dict] = {
+    "Qwen2.5-VL-7B": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
+        vision={**_VISION, "depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420},
+    ),
+    "Qwen2.5-VL-3B": dict(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
+        vision={**_VISION, "depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420},
+    ),
 }
 
 # Video preprocessing of the tiny checkpoints: the paper's 448x448 budget per frame.
@@ -114,12 +134,13 @@ def content_hash(size: str, seed: int) -> str:
 
 
 def flops_per_video_token(size: str) -> dict[str, float]:
-    """Approximate multiply-adds per LLM video token, LLM (linear layers) vs vision encoder.
+    """Approximate multiply-adds per LLM video token, LLM (linear layers) vs vision encoder, of a
+    tiny size or a :data:`REAL_SHAPES` model. ``ratio`` = LLM / vision.
 
     The vision encoder runs ``merge²`` patches per LLM token, each through its blocks, plus the
     patch embedding and the merger MLP.
     """
-    s = SIZES[size]
+    s = SIZES[size] if size in SIZES else REAL_SHAPES[size]
     t, v = s["text"], s["vision"]
     hd = t["hidden_size"] // t["num_attention_heads"]
     kv = t["num_key_value_heads"] * hd

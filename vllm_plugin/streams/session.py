@@ -5,8 +5,9 @@ No vLLM import: this is the state and bookkeeping; :mod:`vllm_plugin.streams.ser
 
 How a question reuses the past
 ------------------------------
-Frames are resized once, on arrival, to the processor's target size (transformers' own
-``smart_resize`` with the server's size settings), so the processor does not resize them again. At
+Frames are resized once, on arrival, to the size the served processor gives them (``Geometry.sizer``;
+transformers' ``smart_resize`` where no processor is at hand), so the processor does not resize
+them again. At
 every question the complete temporal steps that arrived since the previous question become ONE new
 video item (a "chunk"); the conversation is kept as token ids (:mod:`vllm_plugin.streams.prompt`,
 through the model's chat template)::

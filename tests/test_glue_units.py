@@ -187,12 +187,19 @@ def test_stream_prompts_come_from_the_chat_template(tiny_model_path):
     template = (tiny_model_path / "chat_template.jinja").read_text()
     conv = ChatPrompt(tok, template)
     assert conv.end_of_turn == "<|im_end|>\n"
-    first = conv.next_turn("what?", new_chunk=True)
+    first = conv.next_turn("what?", videos=1)
     assert tok.decode(first) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                                  "<|vision_start|><|video_pad|><|vision_end|>what?<|im_end|>\n<|im_start|>assistant\n")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     answer = tok.encode("a b", add_special_tokens=False) + [im_end]
-    conv.commit(first, "what?", True, answer, "a b", stop_ids=[im_end])
-    second = conv.next_turn("and now?", new_chunk=False)
+    conv.commit(first, "what?", 1, answer, "a b", stop_ids=[im_end])
+    second = conv.next_turn("and now?", videos=0)
     assert second[: len(first) + len(answer)] == first + answer  # the past keeps its ids: the prefix cache serves it
     assert tok.decode(second[len(first) + len(answer):]) == "\n<|im_start|>user\nand now?<|im_end|>\n<|im_start|>assistant\n"
+    # eager prefill: the open turn up to its videos is a prefix of the question's prompt
+    conv.commit(second, "and now?", 0, answer, "a b", stop_ids=[im_end])
+    prefill = conv.video_prefix(2)
+    third = conv.next_turn("now?", videos=2)
+    assert third[: len(prefill)] == prefill and tok.decode(prefill).endswith(
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>")
+    assert tok.decode(third[len(prefill):]) == "now?<|im_end|>\n<|im_start|>assistant\n"

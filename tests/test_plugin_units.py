@@ -15,13 +15,15 @@ def test_options_defaults_and_overrides():
     assert (c.enabled, c.metric, c.threshold, c.reference, c.criterion) == (True, "l1", 0.05, "previous", "pixel")
     c = dtd_config_from_kwargs({"dtd_metric": "cosine", "max_pixels": 5})
     assert c.metric == "cosine" and c.threshold == 0.98
+    c = dtd_config_from_kwargs({"dtd_criterion": "feature"})  # each criterion has its own default metric and tau
+    assert (c.criterion, c.metric, c.threshold) == ("feature", "cosine", 0.5)
     assert split_dtd_kwargs({"dtd_threshold": 0.1, "fps": 2}) == ({"dtd_threshold": 0.1}, {"fps": 2})
 
 
 @pytest.mark.parametrize("kw, field", [
     ({"dtd_threshold": 2}, "dtd_threshold"), ({"dtd_metric": "x"}, "dtd_metric"),
     ({"dtd_reference": "x"}, "dtd_reference"), ({"dtd_enabled": 1}, "dtd_enabled"),
-    ({"dtd_criterion": "feature"}, "dtd_criterion"), ({"dtd_x": 1}, "dtd_x"),
+    ({"dtd_criterion": "features"}, "dtd_criterion"), ({"dtd_x": 1}, "dtd_x"),
 ])
 def test_option_errors_start_with_the_field(kw, field):
     with pytest.raises(ValueError) as e:

@@ -41,12 +41,25 @@ def _check(resp: requests.Response) -> dict:
 
 
 class StreamClient:
-    def __init__(self, base_url: str, stream_id: str, session: Optional[requests.Session] = None, timeout: float = 600):
+    """``retries``: an append refused with 429 or 503 (the server's vision tower is behind, or its frame
+    memory is full) is sent again after the server's ``Retry-After``, up to this many times."""
+
+    def __init__(self, base_url: str, stream_id: str, session: Optional[requests.Session] = None, timeout: float = 600,
+                 retries: int = 30):
         self.base_url = base_url.rstrip("/")
         self.id = stream_id
         self.http = session or requests.Session()
         self.timeout = timeout
+        self.retries = retries
         self._after = -1
+
+    def _append(self, body: dict) -> dict:
+        for attempt in range(self.retries + 1):
+            resp = self.http.post(self.url + "/frames", json=body, timeout=self.timeout)
+            if resp.status_code not in (429, 503) or attempt == self.retries:
+                return _check(resp)
+            time.sleep(min(30.0, float(resp.headers.get("Retry-After") or 1.0)))
+        raise AssertionError("unreachable")
 
     @property
     def url(self) -> str:
@@ -60,14 +73,14 @@ class StreamClient:
             if timestamps is not None:
                 item["timestamp"] = float(timestamps[i])
             items.append(item)
-        return _check(self.http.post(self.url + "/frames", json={"frames": items}, timeout=self.timeout))
+        return self._append({"frames": items})
 
     def push_video(self, video: str | Path | bytes, start_time: Optional[float] = None) -> dict:
         data = video if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
         body = {"video": base64.b64encode(data).decode()}
         if start_time is not None:
             body["start_time"] = start_time
-        return _check(self.http.post(self.url + "/frames", json=body, timeout=self.timeout))
+        return self._append(body)
 
     def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0, return_token_ids: bool = False,
             ignore_eos: bool = False) -> dict:
@@ -114,7 +127,8 @@ class StreamClient:
 
 def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float] = None, **settings) -> StreamClient:
     """Open a stream. ``fps`` and ``settings`` (dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
-    event_level, standing_question, answer_max_tokens) left out take the server's defaults."""
+    dtd_criterion, prefill, event_level, standing_question, answer_max_tokens) left out take the
+    server's defaults."""
     http = requests.Session()
     body = {"model": model, **({"fps": fps} if fps is not None else {}), **settings}
     info = _check(http.post(base_url.rstrip("/") + "/v1/streams", json=body, timeout=60))

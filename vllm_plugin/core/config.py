@@ -15,8 +15,9 @@ REFERENCES: tuple[str, ...] = ("previous", "last_kept")
 CRITERIA: tuple[str, ...] = ("pixel", "feature")
 THRESHOLD_RANGE = {"cosine": (-1.0, 1.0), "l1": (0.0, 1.0)}
 
-DEFAULT_METRIC = "l1"  # pixel level (what serving decides before the encoder)
+DEFAULT_METRIC = "l1"  # pixel level: the reference code's pixel rule
 DEFAULT_FEATURE_METRIC = "cosine"  # feature level: the paper's criterion
+DEFAULT_METRICS: dict[str, str] = {"pixel": DEFAULT_METRIC, "feature": DEFAULT_FEATURE_METRIC}
 # Default τ per (criterion, metric). Pixel L1 on pixels in [0, 1]; cosine on raw pixels is high for
 # any two natural patches (all values positive), so its useful thresholds sit close to 1. Feature
 # cosine: the paper's evaluation setting (0.5; its demo uses 0.25, its fine-tuning 0.7).
@@ -59,11 +60,12 @@ class DTDConfig:
 
     ``criterion`` says what the tokens are: ``"pixel"`` (the processed patches, decided before the
     vision encoder) or ``"feature"`` (the vision encoder's merged output). ``threshold=None`` takes
-    :func:`default_threshold` of the criterion and metric. ``enabled=False`` keeps every token.
+    :func:`default_threshold` of the criterion and metric; ``metric=None`` the criterion's default
+    metric (:data:`DEFAULT_METRICS`). ``enabled=False`` keeps every token.
     """
 
     threshold: Optional[float] = None
-    metric: str = DEFAULT_METRIC
+    metric: Optional[str] = None
     reference: str = "previous"
     criterion: str = "pixel"
     enabled: bool = True
@@ -71,9 +73,11 @@ class DTDConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"dtd_enabled must be a boolean, got {self.enabled!r}")
+        check_choice("dtd_criterion", self.criterion, CRITERIA)
+        if self.metric is None:
+            object.__setattr__(self, "metric", DEFAULT_METRICS[self.criterion])
         check_choice("dtd_metric", self.metric, METRICS)
         check_choice("dtd_reference", self.reference, REFERENCES)
-        check_choice("dtd_criterion", self.criterion, CRITERIA)
         if self.threshold is None:
             object.__setattr__(self, "threshold", default_threshold(self.metric, self.criterion))
         validate_threshold(self.threshold, self.metric, name="dtd_threshold")

@@ -46,6 +46,14 @@ class PatchLayout:
             return x.mul_(std).add_(mean) if inplace else x * std + mean
         return x.mul_(float(self.rescale_factor)) if inplace else x * float(self.rescale_factor)
 
+    def normalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Raw patches (``normalized=False``: pixel values, e.g. uint8) as the vision tower expects them:
+        rescaled and normalized like the HF processor does. (patches, channels * rest) float32."""
+        x = pixel_values.float().reshape(pixel_values.shape[0], self.channels, -1) * float(self.rescale_factor)
+        mean = torch.tensor(self.image_mean, dtype=x.dtype).view(self.channels, 1)
+        std = torch.tensor(self.image_std, dtype=x.dtype).view(self.channels, 1)
+        return ((x - mean) / std).reshape(pixel_values.shape[0], -1)
+
 
 def pixel_tokens(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor,
                  layout: PatchLayout = PatchLayout(), **overrides) -> torch.Tensor:

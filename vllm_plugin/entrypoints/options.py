@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from vllm_plugin.core import DEFAULT_METRIC, METRICS, DTDConfig
+from vllm_plugin.core import CRITERIA, METRICS, DTDConfig
 
 PREFIX = "dtd_"
 KEYS = ("dtd_enabled", "dtd_threshold", "dtd_metric", "dtd_reference", "dtd_criterion")
-SERVING_CRITERIA = ("pixel",)  # defaults per metric: vllm_plugin.core.DEFAULT_THRESHOLDS
+SERVING_CRITERIA = CRITERIA  # pixel and feature; defaults per (criterion, metric): vllm_plugin.core.DEFAULT_THRESHOLDS
 # Video item metadata key: a keep mask its caller already decided, bool (T, H, W) of the processed
 # video (streams decide each temporal step when its frames arrive). Only in-process callers can
 # set item metadata; the OpenAI API's video loaders never do.
 GIVEN_MASK = "dtd_keep_mask"
+# With GIVEN_MASK, feature level: the vision tower's outputs of the kept tokens, float (kept, hidden),
+# already computed by the caller (streams encode each temporal step on arrival).
+GIVEN_EMBEDS = "dtd_kept_embeds"
 
 
 def split_dtd_kwargs(kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -38,15 +41,12 @@ def dtd_config_from_kwargs(kwargs: Mapping[str, Any] | None, criteria=SERVING_CR
     enabled = dtd.get("dtd_enabled", True)
     if not isinstance(enabled, bool):
         raise ValueError(f"dtd_enabled: must be true or false, got {enabled!r}")
-    metric = dtd.get("dtd_metric", DEFAULT_METRIC)
-    if metric not in METRICS:
-        raise ValueError(f"dtd_metric: must be one of {sorted(METRICS)}, got {metric!r}")
     criterion = dtd.get("dtd_criterion", "pixel")
     if criterion not in criteria:
-        raise ValueError(
-            f"dtd_criterion: {criterion!r} is not available here; choose one of {list(criteria)} "
-            "(feature-level DTD runs in the reference pipeline and the workbench)"
-        )
+        raise ValueError(f"dtd_criterion: must be one of {list(criteria)}, got {criterion!r}")
+    metric = dtd.get("dtd_metric")  # absent: the criterion's default (vllm_plugin.core.DEFAULT_METRICS)
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"dtd_metric: must be one of {sorted(METRICS)}, got {metric!r}")
     if "dtd_threshold" in dtd and dtd["dtd_threshold"] is None:
         raise ValueError("dtd_threshold: must be a number, got None")
     threshold = dtd.get("dtd_threshold")  # absent: the default of the criterion and metric

@@ -51,7 +51,21 @@ def _counters():
         _metrics["decision"] = Counter("vllm_dtd_decision_seconds", "Time spent deciding which video tokens to drop")
         _metrics["preprocess"] = Counter(
             "vllm_dtd_video_preprocess_seconds", "Time decoding videos and in the multimodal processor (DTD decision included)")
+        _metrics["encoder_steps"] = Counter(
+            "vllm_dtd_encoder_steps", "Video temporal steps encoded by the API server's vision tower (feature-level DTD)")
+        _metrics["encoder_seconds"] = Counter(
+            "vllm_dtd_encoder_seconds", "Time the API server's vision tower spent encoding video (feature-level DTD)")
     return _metrics
+
+
+def record_encoder(steps: int, seconds: float) -> None:
+    """Count temporal steps encoded by the API server's vision tower (each is encoded once)."""
+    try:
+        c = _counters()
+        c["encoder_steps"].inc(steps)
+        c["encoder_seconds"].inc(seconds)
+    except Exception:  # metrics are best effort, never fail a request
+        logger.debug("DTD metrics unavailable", exc_info=True)
 
 
 def record_timing(decision_s: float = 0.0, preprocess_s: float = 0.0) -> None:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -32,9 +32,11 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import ProcessorInputs, PromptReplacement
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
-from vllm_plugin.core import mask_digest, mask_stats, mrope_positions, pixel_keep_mask
+from vllm_plugin.core import PatchLayout, dtd_keep_mask, mask_digest, mask_stats, mrope_positions, pixel_keep_mask
 from vllm_plugin.entrypoints import request_stats, vllm_patches
-from vllm_plugin.entrypoints.options import GIVEN_MASK, dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.models import vision
+from vllm_plugin.models.vision import VisionTowerSpec
 
 MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
 _GIVEN = "_dtd_given_masks"  # internal hf_kwargs key: the given masks, one entry (or None) per video
@@ -54,6 +56,31 @@ def tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     return grid_thw.prod(-1) // (merge * merge)
 
 
+def _given(given, shape: tuple[int, int, int], feature: bool):
+    """(mask bool (T, H, W) or None, kept embeddings (kept, hidden) or None) from a caller's item
+    metadata; None where they do not fit the processed video (decided again)."""
+    if given is None:
+        return None, None
+    mask, embeds = given
+    mask = torch.as_tensor(np.asarray(mask))
+    if mask.dtype != torch.bool or mask.dim() != 3:
+        raise ValueError(f"{GIVEN_MASK} must be a bool array of shape (T, H, W), got {mask.dtype} {tuple(mask.shape)}")
+    if tuple(mask.shape) != shape:
+        # The processor did not keep the caller's frames as they were (e.g. a per-frame pixel cap
+        # that depends on the number of frames): decide on what it produced.
+        _warn_once(f"{GIVEN_MASK} of shape {tuple(mask.shape)} does not fit the processed video {shape} "
+                   "(the processor resized or resampled its frames): DTD decided again on the processed patches")
+        return None, None
+    mask = mask.clone()
+    if not feature or embeds is None:
+        return mask, None
+    embeds = torch.as_tensor(embeds)
+    if embeds.dim() != 2 or embeds.shape[0] != int(mask.sum()) or not embeds.is_floating_point():
+        raise ValueError(f"{GIVEN_EMBEDS} must be float (kept tokens, hidden) for the {int(mask.sum())} kept tokens, "
+                         f"got {embeds.dtype} {tuple(embeds.shape)}")
+    return mask, embeds
+
+
 class DTDMultiModalProcessorMixin:
     """Adds the DTD keep mask to Qwen-VL style processors (pixel level, at processing time).
 
@@ -68,6 +95,13 @@ class DTDMultiModalProcessorMixin:
         # where apply() does nothing): the patches follow the DTD architecture into the API server.
         vllm_patches.apply("serving a DTD architecture")
         super().__init__(*args, **kwargs)
+        if vllm_patches.in_api_server_process():
+            model_config = self.info.ctx.model_config
+            server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start
+            if server.enabled and server.criterion == "feature":  # the server's default: load the tower now
+                vision.tower_for(self.vision_tower, model_config)
+
+    vision_tower: Optional[VisionTowerSpec] = None  # set by the family module: feature-level DTD
 
     def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
         videos = mm_items.get("video")
@@ -77,7 +111,7 @@ class DTDMultiModalProcessorMixin:
             for item in videos.data:
                 if isinstance(item, tuple) and isinstance(item[1], Mapping) and GIVEN_MASK in item[1]:
                     meta = dict(item[1])
-                    given.append(meta.pop(GIVEN_MASK))
+                    given.append((meta.pop(GIVEN_MASK), meta.pop(GIVEN_EMBEDS, None)))
                     item = (item[0], meta)
                 else:
                     given.append(None)
@@ -110,35 +144,37 @@ class DTDMultiModalProcessorMixin:
         normalized = bool(merged.get("do_normalize", vp.do_normalize))
         if normalized != bool(merged.get("do_rescale", vp.do_rescale)):
             raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
-        masks = []
+        layout = PatchLayout(merge_size=merge, temporal_patch_size=tps, image_mean=tuple(vp.image_mean),
+                             image_std=tuple(vp.image_std), normalized=normalized, rescale_factor=vp.rescale_factor)
+        feature = config.enabled and config.criterion == "feature"
+        tower = vision.tower_for(self.vision_tower, self.info.ctx.model_config) if feature else None
+        masks, kept_embeds = [], []
         t0 = time.perf_counter()
-        for pv, grid, mask in zip(patches, grids, given):
+        for pv, grid, g in zip(patches, grids, given):
             shape = (int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge)
-            if mask is not None:
-                mask = torch.as_tensor(np.asarray(mask))
-                if mask.dtype != torch.bool or mask.dim() != 3:
-                    raise ValueError(f"{GIVEN_MASK} must be a bool array of shape (T, H, W), got {mask.dtype} {tuple(mask.shape)}")
-                if tuple(mask.shape) != shape:
-                    # The processor did not keep the caller's frames as they were (e.g. a per-frame
-                    # pixel cap that depends on the number of frames): decide on what it produced.
-                    _warn_once(f"{GIVEN_MASK} of shape {tuple(mask.shape)} does not fit the processed video {shape} "
-                               "(the processor resized or resampled its frames): DTD decided again on the processed patches")
-                    mask = None
-                else:
-                    mask = mask.clone()
+            mask, embeds = _given(g, shape, feature)
+            if mask is not None and not mask.any():
+                embeds = None  # the one token kept below is not among the given rows
+            if embeds is None and feature:
+                encoded = tower.encode(pv if normalized else layout.normalize(pv), grid)
+                if mask is None:
+                    mask = dtd_keep_mask(encoded.view(*shape, -1), config.threshold, config.metric, config.reference)
             if mask is None and not config.enabled:
                 mask = torch.ones(shape, dtype=torch.bool)
             elif mask is None:
-                mask = pixel_keep_mask(
-                    pv, grid, config.threshold, metric=config.metric, reference=config.reference,
-                    merge_size=merge, temporal_patch_size=tps,
-                    image_mean=vp.image_mean, image_std=vp.image_std, normalized=normalized, rescale_factor=vp.rescale_factor,
-                )
+                mask = pixel_keep_mask(pv, grid, config.threshold, metric=config.metric, reference=config.reference,
+                                       layout=layout)
             if not mask.any():  # a fully static stream chunk: keep one token, no empty placeholder
                 mask.view(-1)[0] = True
+            if feature and embeds is None:
+                embeds = encoded[mask.flatten()]
             masks.append(mask.flatten())
+            kept_embeds.append(embeds)
         _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0
         processed[MASK_KEY] = torch.cat(masks)
+        if feature:  # the engine gets the kept outputs and never encodes these videos again
+            processed["video_embeds"] = torch.cat(kept_embeds)
+            del processed["pixel_values_videos"]
         return processed
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
@@ -147,6 +183,9 @@ class DTDMultiModalProcessorMixin:
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
             sizes = tokens_per_video(hf_inputs.get("video_grid_thw", torch.empty((0, 3))), merge)
             fields[MASK_KEY] = MultiModalFieldConfig.flat_from_sizes("video", sizes, keep_on_cpu=True)
+            if "video_embeds" in hf_inputs:  # kept rows only: one per kept token
+                kept = torch.stack([m.sum() for m in hf_inputs[MASK_KEY].split(sizes.tolist())]) if len(sizes) else sizes
+                fields["video_embeds"] = MultiModalFieldConfig.flat_from_sizes("video", kept)
         return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs) -> Sequence[PromptReplacement]:
@@ -246,6 +285,15 @@ class DTDModelMixin:
     def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
         mask = video_input.get("dtd_mask")
         grid = video_input["video_grid_thw"]
+        if mask is not None and video_input["type"] == "video_embeds":
+            # feature-level DTD: the API server encoded the video and sent the kept rows only
+            masks = list(mask.split(tokens_per_video(grid, self.visual.spatial_merge_size).tolist())) \
+                if isinstance(mask, torch.Tensor) else list(mask)
+            embeds = video_input["video_embeds"].type(self.visual.dtype)
+            sizes = [int(m.sum()) for m in masks]
+            if sum(sizes) != embeds.shape[0]:
+                raise ValueError(f"DTD kept embeddings {embeds.shape[0]} do not match the masks' kept counts {sizes}")
+            return tuple(embeds.split(sizes))
         if mask is None or video_input["type"] != "pixel_values_videos" or len(grid) < 2:
             embeds = tuple(super()._process_video_input(video_input))
         else:

@@ -20,6 +20,7 @@ from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.models.base import DTDModelMixin, DTDMultiModalProcessorMixin, DTDProcessingInfoMixin
+from vllm_plugin.models.vision import VisionTowerSpec
 
 # fields the mixins read or replace
 vllm_patches.require(EncoderCudaGraphConfig, "modalities")
@@ -33,7 +34,7 @@ class DTDQwen2_5_VLProcessingInfo(DTDProcessingInfoMixin, Qwen2_5_VLProcessingIn
 
 
 class DTDQwen2_5_VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen2_5_VLMultiModalProcessor):
-    pass
+    vision_tower = VisionTowerSpec("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel")
 
 
 @MULTIMODAL_REGISTRY.register_processor(

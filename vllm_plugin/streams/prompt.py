@@ -2,10 +2,12 @@
 
 The template is the one vLLM's chat endpoint would use (``--chat-template``, else the processor's,
 else the tokenizer's: vLLM's ``resolve_chat_template``); this module never writes a model's special
-tokens itself. Each question appends exactly the text the template adds for a new user turn (with a
-video placeholder when the turn brings a new chunk) to the ids of everything before it, so past
+tokens itself. Each question appends exactly the text the template adds for a new user turn (a video
+placeholder per chunk the turn brings, then the question) to the ids of everything before it, so past
 turns keep their ids and the prefix cache serves them; after an answer, the template's end-of-turn
-text follows the generated ids.
+text follows the generated ids. The turn's videos are tokenized apart from its text, so the ids of an
+eager prefill (:meth:`ChatPrompt.video_prefix`: the turn up to its last video) are a prefix of the
+question's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ChatPrompt:
         self.template = template
         self.messages: list[dict] = []  # the conversation as text, only to render the next turn's delta
         self.ids: list[int] = []  # the conversation as served: prompt ids, generated ids, end-of-turn ids
+        self.open_videos = 0  # videos of the open user turn already prefilled (eager), before its question
         self.end_of_turn = self._end_of_turn()
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
@@ -41,22 +44,39 @@ class ChatPrompt:
         return text[text.index(_PROBE) + len(_PROBE):]
 
     @staticmethod
-    def user_message(question: str, new_chunk: bool) -> dict:
-        content = ([{"type": "video"}] if new_chunk else []) + [{"type": "text", "text": question}]
+    def user_message(question: str, videos: int) -> dict:
+        content = [{"type": "video"}] * videos + [{"type": "text", "text": question}]
         return {"role": "user", "content": content}
 
-    def next_turn(self, question: str, new_chunk: bool) -> list[int]:
-        """Prompt ids for a question at this point: the conversation so far plus the new user turn
-        (a video placeholder first when the turn brings a new chunk) and the generation prompt."""
-        msg = self.user_message(question, new_chunk)
+    def _turn(self, question: str, videos: int) -> tuple[str, str]:
+        """(text the template adds for the user turn up to and including its last video placeholder,
+        the rest of the turn up to the generation prompt)."""
         before = self.render(self.messages, add_generation_prompt=False) if self.messages else ""
-        after = self.render([*self.messages, msg], add_generation_prompt=True)
-        if not after.startswith(before):
+        after = self.render([*self.messages, self.user_message(question, videos)], add_generation_prompt=True)
+        probe = self.render([*self.messages, self.user_message(_PROBE, videos)], add_generation_prompt=True)
+        if not after.startswith(before) or not probe.startswith(before):
             raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
                              "streams need one that does")
-        return self.ids + self.tokenizer.encode(after[len(before):], add_special_tokens=False)
+        head = probe[len(before):probe.index(_PROBE)] if videos else ""
+        delta = after[len(before):]
+        if not delta.startswith(head):
+            raise ValueError("the chat template does not render a turn's videos before its text; streams need one that does")
+        return head, delta[len(head):]
 
-    def commit(self, prompt_ids: list[int], question: str, new_chunk: bool, answer_ids: list[int], answer_text: str,
+    def video_prefix(self, videos: int) -> list[int]:
+        """Ids of the conversation and the open user turn up to its ``videos``-th video placeholder:
+        the prompt of an eager prefill, a prefix of the next question's prompt (:meth:`next_turn`)."""
+        head, _ = self._turn("", videos)
+        return self.ids + self.tokenizer.encode(head, add_special_tokens=False)
+
+    def next_turn(self, question: str, videos: int) -> list[int]:
+        """Prompt ids for a question at this point: the conversation so far plus the new user turn
+        (its ``videos`` placeholders first: the chunks prefilled since the last answer and the one the
+        question brings) and the generation prompt."""
+        head, rest = self._turn(question, videos)
+        return self.ids + self.tokenizer.encode(head, add_special_tokens=False) + self.tokenizer.encode(rest, add_special_tokens=False)
+
+    def commit(self, prompt_ids: list[int], question: str, videos: int, answer_ids: list[int], answer_text: str,
                stop_ids: Sequence[int] = ()) -> None:
         """Record a finished turn: its prompt, the generated ids and the template's end of turn (less
         the stop token the model already produced, when the end of turn starts with it)."""
@@ -65,5 +85,6 @@ class ChatPrompt:
             stop_text = self.tokenizer.decode([answer_ids[-1]])
             if stop_text and tail.startswith(stop_text):
                 tail = tail[len(stop_text):]
-        self.messages += [self.user_message(question, new_chunk), {"role": "assistant", "content": answer_text}]
+        self.messages += [self.user_message(question, videos), {"role": "assistant", "content": answer_text}]
+        self.open_videos = 0
         self.ids = list(prompt_ids) + list(answer_ids) + self.tokenizer.encode(tail, add_special_tokens=False)

@@ -46,6 +46,9 @@ class OpenStreamRequest(BaseModel):
     dtd_threshold: Optional[float] = None
     dtd_metric: Optional[str] = None
     dtd_reference: Optional[str] = None
+    dtd_criterion: Optional[str] = Field(None, description="'pixel' or 'feature' (the vision tower's outputs, encoded as frames arrive)")
+    prefill: str = Field(_DEFAULTS.prefill, description="'eager': frames enter the KV cache as they arrive, a question "
+                         "prefills only its own text; 'lazy': the frames since the last question are prefilled with the next")
     event_level: float = Field(_DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change")
     standing_question: Optional[str] = Field(None, description="asked automatically at every scene change")
     answer_max_tokens: int = Field(_DEFAULTS.answer_max_tokens, ge=1, le=4096)
@@ -74,8 +77,11 @@ class StreamChatRequest(BaseModel):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLargeError", 429: "TooManyRequestsError"}
-    return JSONResponse({"error": {"message": message, "type": kind.get(status, "BadRequestError"), "code": status}}, status_code=status)
+    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLargeError", 429: "TooManyRequestsError",
+            503: "ServiceUnavailableError"}
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"error": {"message": message, "type": kind.get(status, "BadRequestError"), "code": status}},
+                        status_code=status, headers=headers)
 
 
 def _b64(data: str, limit: int) -> bytes:
@@ -159,6 +165,8 @@ async def open_stream(body: OpenStreamRequest, request: Request):
         svc = _service(request)
         svc.check_model(body.model)
         settings = svc.settings(body)
+        if settings.dtd.enabled and settings.dtd.criterion == "feature":
+            await asyncio.to_thread(svc.encoder)  # the vision tower loads once, off the event loop
         try:
             stream = svc.open(settings)
         except StreamError as e:  # this process holds its share of streams: another may have room
@@ -179,6 +187,7 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
         stream = svc.manager.get(stream_id)
         frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
         added = await asyncio.to_thread(stream.add_frames, frames, stamps)
+        svc.after_append(stream)
         events = added["events"]
         if events and stream.settings.standing_question:
             task = asyncio.get_running_loop().create_task(svc.proactive(stream, events))
@@ -247,6 +256,8 @@ class DTDStreamPlugin:
 
     async def init_state(self, engine_client, state, args) -> None:
         svc = state.dtd_streams = StreamService(engine_client, args)
+        if svc.server_dtd.get("dtd_criterion") == "feature" and svc.server_dtd.get("dtd_enabled", True):
+            await asyncio.to_thread(svc.encoder)  # the server's default criterion: load the tower at start
         if svc.peers.count > 1:
             await svc.peers.serve(self.app)
         task = asyncio.get_running_loop().create_task(svc.reap(min(30.0, max(0.05, svc.manager.limits.idle_seconds / 4))))

@@ -13,13 +13,16 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import uuid
 import zlib
 from typing import Any, Optional
 
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.models import vision
 from vllm_plugin.streams import openai_format
+from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
 from vllm_plugin.streams.forward import Peers
 from vllm_plugin.streams.prompt import ChatPrompt
 from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
@@ -99,6 +102,24 @@ class StreamService:
         # data parallelism: every request of a stream goes to one engine (its prefix cache is there)
         self.dp_ranks = int(pc.data_parallel_size_local if pc.local_engines_only else pc.data_parallel_size)
         self.video_pad = self.tokenizer.convert_tokens_to_ids(hf_processor.video_token)
+        # feature criterion: the family's vision tower in this process, fed by one batching queue
+        self.video_processor = video_processor
+        self.tower_spec = getattr(mm_processor, "vision_tower", None)
+        self._encoder: Optional[EncodeQueue] = None
+        self._encoder_lock = threading.Lock()
+
+    def encoder(self) -> EncodeQueue:
+        """This process's encode-on-arrival queue (loads the vision tower on first use: call it off the
+        event loop). Raises :class:`StreamError` 400 naming ``dtd_criterion`` when no tower can run."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                try:
+                    tower = vision.tower_for(self.tower_spec, self.engine.model_config)
+                except vision.EncoderUnavailable as e:
+                    raise StreamError(str(e)) from None
+                self._encoder = EncodeQueue(processor_patchify(self.video_processor), tower.encode_many,
+                                            self.manager.limits.max_pending_encode_steps)
+            return self._encoder
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model not in self.served_names:
@@ -113,12 +134,14 @@ class StreamService:
             dtd = dtd_config_from_kwargs({**defaults, **mine})
         except ValueError as e:
             raise StreamError(str(e)) from None
-        return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level,
+        return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level, prefill=req.prefill,
                               standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens)
 
     def open(self, settings: StreamSettings) -> Stream:
+        """Open a stream (feature criterion: call :meth:`encoder` first, off the event loop)."""
         conversation = ChatPrompt(self.tokenizer, self.chat_template)  # a template that cannot serve fails before a slot is taken
-        stream = self.manager.open(settings)
+        feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
+        stream = self.manager.open(settings, encoder=self.encoder() if feature else None)
         stream.conversation = conversation
         return stream
 
@@ -139,7 +162,62 @@ class StreamService:
     @staticmethod
     def dtd_kwargs(stream: Stream) -> dict:
         c = stream.settings.dtd
-        return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference}
+        return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference,
+                "dtd_criterion": c.criterion}
+
+    def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
+        items = stream.video_items()
+        if items:
+            prompt["multi_modal_data"] = {"video": items}
+            prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
+        return prompt
+
+    def after_append(self, stream: Stream) -> None:
+        """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
+        if stream.settings.prefill != "eager" or stream.prefill_task is not None or not stream.uncut_steps():
+            return
+        task = asyncio.get_running_loop().create_task(self.prefill(stream))
+        stream.prefill_task = task
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def prefill(self, stream: Stream) -> None:
+        """Eager prefill: while complete temporal steps are not in a chunk, cut them into one and send
+        the conversation up to that chunk as a prompt-only request (one generated token, discarded).
+        Its KV blocks stay in vLLM's prefix cache, so the next question prefills only its own text
+        (plus the partial block before it). Eviction costs speed only: every question sends its
+        whole prompt."""
+        from vllm import SamplingParams
+
+        try:
+            while True:
+                async with stream.chat_lock:
+                    if stream.closed:
+                        return
+                    chunk = stream.cut_chunk()
+                    if chunk is None:
+                        return
+                    try:
+                        prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
+                        if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
+                            raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
+                        rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
+                        params = SamplingParams(max_tokens=1, temperature=0.0)
+                        async for _ in self.engine.generate(self._prompt(stream, prompt_ids), params, rid,
+                                                            data_parallel_rank=self.dp_rank(stream)):
+                            pass
+                    except BaseException as e:
+                        stream.drop_last_chunk()  # its steps go with the next question (or the next prefill)
+                        if not isinstance(e, Exception):
+                            raise
+                        logger.warning("DTD stream %s: eager prefill failed: %s", stream.id, e)
+                        stream.add_event({"type": "error", "message": f"eager prefill failed: {e}"})
+                        return
+                    stream.conversation.open_videos += 1
+                    stream.prefills += 1
+        finally:
+            stream.prefill_task = None
 
     async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False):
         """Async generator of vLLM RequestOutputs for one question at the stream's current point."""
@@ -147,16 +225,13 @@ class StreamService:
 
         async with stream.chat_lock:
             chunk = stream.cut_chunk()
+            videos = stream.conversation.open_videos + (chunk is not None)
             try:
-                items = stream.video_items()
-                prompt_ids = stream.conversation.next_turn(question, chunk is not None)
+                prompt_ids = stream.conversation.next_turn(question, videos)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
                                       f"tokens and this conversation already has at least {len(prompt_ids)}")
-                prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
-                if items:
-                    prompt["multi_modal_data"] = {"video": items}
-                    prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
+                prompt = self._prompt(stream, prompt_ids)
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
@@ -172,7 +247,7 @@ class StreamService:
             # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
             # which vLLM keeps in token_ids); a stop string (str) is not in the ids
             stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
-            stream.conversation.commit(prompt_ids, question, chunk is not None, ids, o.text if o is not None else "",
+            stream.conversation.commit(prompt_ids, question, videos, ids, o.text if o is not None else "",
                                        stop_ids=ids[-1:] if stopped else ())
             stream.questions += 1
 

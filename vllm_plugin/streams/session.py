@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens, next_reference
-from vllm_plugin.entrypoints.options import GIVEN_MASK
+from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK
 
 logger = logging.getLogger("vllm.dtd_plugin")
 ENV_PREFIX = "DTD_STREAM_"  # limits from the environment: DTD_STREAM_<FIELD>
@@ -80,13 +80,14 @@ class Limits:
     max_streams: int = 16
     max_frames: int = 7200  # per stream (1 h at 2 fps)
     max_bytes: int = 4 * 1024**3  # decoded frames kept per stream
-    max_chunks: int = 100  # video items per prompt (server's --limit-mm-per-prompt must allow it)
+    max_chunks: int = 1000  # video items per prompt (server's --limit-mm-per-prompt must allow it)
     idle_seconds: float = 600.0
     max_upload_bytes: int = 64 * 1024**2  # one append request
     max_frames_per_append: int = 256  # frames kept from one append (sampled at the stream's fps)
     max_frame_pixels: int = 4096 * 4096  # one uploaded frame or video frame, checked before decoding
     max_decoded_pixels: int = 2**28  # all frames one video upload decodes to (sampled or not)
     max_total_bytes: int = 8 * 1024**3  # decoded frames held by all streams of this server
+    max_pending_encode_steps: int = 256  # temporal steps waiting for the vision tower, all feature streams (429 beyond)
 
     @classmethod
     def from_env(cls, env) -> "Limits":
@@ -110,7 +111,8 @@ class Limits:
         if count <= 1:
             return self
         return replace(self, max_streams=max(1, self.max_streams // count),
-                       max_total_bytes=max(1, self.max_total_bytes // count))
+                       max_total_bytes=max(1, self.max_total_bytes // count),
+                       max_pending_encode_steps=max(1, self.max_pending_encode_steps // count))
 
 
 @dataclass(frozen=True)
@@ -165,17 +167,27 @@ class Geometry:
             raise StreamError(f"frame size {width}x{height} is not usable: {e}") from None
 
 
+PREFILL_MODES = ("eager", "lazy")
+
+
 @dataclass
 class StreamSettings:
+    """``prefill``: ``"eager"`` — complete temporal steps enter the KV cache as they arrive (a
+    prompt-only request continuing the conversation), so a question prefills only its own text;
+    ``"lazy"`` — the steps since the last question are prefilled with the next question."""
+
     fps: float = 2.0
     dtd: DTDConfig = field(default_factory=DTDConfig)
     event_level: float = 0.5  # kept fraction of a step that signals a scene change
     standing_question: Optional[str] = None
     answer_max_tokens: int = 64
+    prefill: str = "eager"
 
     def __post_init__(self):
         if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 60):
             raise StreamError(f"fps must be in (0, 60], got {self.fps!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise StreamError(f"prefill must be one of {list(PREFILL_MODES)}, got {self.prefill!r}")
         if not (isinstance(self.event_level, (int, float)) and 0 < self.event_level <= 1):
             raise StreamError(f"event_level must be in (0, 1], got {self.event_level!r}")
         if self.dtd.reference != "previous":
@@ -183,8 +195,12 @@ class StreamSettings:
 
 
 class Stream:
+    """``encoder`` (feature criterion): an :class:`vllm_plugin.streams.encoding.EncodeQueue`; each
+    temporal step is encoded once, when its frames arrive, and its kept outputs are what the engine
+    receives at question time."""
+
     def __init__(self, stream_id: str, settings: StreamSettings, geometry: Geometry, limits: Limits,
-                 bytes_account: Optional["ByteAccount"] = None):
+                 bytes_account: Optional["ByteAccount"] = None, encoder=None):
         self.id = stream_id
         self.settings = settings
         self.geometry = geometry
@@ -197,6 +213,14 @@ class Stream:
         # causal DTD for the signal / events
         self._ref_tokens: Optional[torch.Tensor] = None
         self.step_masks: list[torch.Tensor] = []  # bool (H, W) per temporal step: decided once, served as is
+        # feature criterion: per temporal step its kept encoder outputs (kept, hidden) and its first
+        # row (hidden,) (a chunk with no kept token serves that one)
+        self.encoder = encoder
+        self.feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
+        if self.feature and encoder is None:
+            raise StreamError("dtd_criterion: 'feature' needs the server's vision tower, which is not available here")
+        self.step_embeds: list[torch.Tensor] = []
+        self.step_first: list[torch.Tensor] = []
         self.kept_per_step: list[int] = []
         self.tokens_per_step = 0
         self.events: list[dict] = []
@@ -209,7 +233,10 @@ class Stream:
         self.frames_lock = threading.Lock()  # appends and chunk cuts
         self._size_lock = threading.Lock()
         self._bytes = bytes_account
-        self.chat_lock = asyncio.Lock()  # one question at a time per stream
+        self.chat_lock = asyncio.Lock()  # one question (or eager prefill) at a time per stream
+        self.prefill_task = None  # the running eager prefill (an asyncio.Task), if any
+        self.prefills = 0  # eager prefills done
+        self.closed = False
 
     # -- frames ---------------------------------------------------------------------------------
     def touch(self) -> None:
@@ -257,37 +284,70 @@ class Stream:
                 raise StreamError("timestamps must be finite numbers, one per frame")
             if any(b <= a for a, b in zip([last, *timestamps], timestamps)):
                 raise StreamError("timestamps must increase")
-            if self._bytes is not None:
-                self._bytes.reserve(add_bytes)  # the server-wide cap; raises before anything is added
+            new_steps = (len(self.frames) + len(resized)) // self.geometry.temporal_patch_size - self.steps
+            if self.feature and new_steps:
+                self.encoder.reserve(new_steps)  # 429 when the tower is behind; raises before anything is added
+            try:
+                if self._bytes is not None:
+                    self._bytes.reserve(add_bytes)  # the server-wide cap; raises before anything is added
+            except StreamError:
+                if self.feature and new_steps:
+                    self.encoder.release(new_steps)
+                raise
             self.frames.extend(resized)
             self.timestamps.extend(float(t) for t in timestamps)
             self.nbytes += add_bytes
             self.touch()
             done = len(self.kept_per_step)
-            events = self._analyze()
+            try:
+                events = self._analyze(reserved=new_steps if self.feature else 0)
+            except Exception as e:  # nothing of this append is kept: the stream stays as it was
+                del self.frames[-len(resized):], self.timestamps[-len(resized):]
+                self.nbytes -= add_bytes
+                if self._bytes is not None:
+                    self._bytes.release(add_bytes)
+                if isinstance(e, StreamError):
+                    raise
+                logger.warning("DTD stream %s: analysing new frames failed: %s", self.id, e)
+                raise StreamError(f"the new frames could not be analysed ({e}); nothing was added, retry", 503) from e
             return {"events": events, "kept_per_step": self.kept_per_step[done:]}
 
     def release(self) -> None:
         """Give the stream's frame bytes back to the server-wide account (closed or expired)."""
+        self.closed = True
         with self.frames_lock:
             if self._bytes is not None:
                 self._bytes.release(self.nbytes)
                 self._bytes = None
 
-    def _analyze(self) -> list[dict]:
+    def _step_tokens(self, frames: np.ndarray, steps: int, reserved: int) -> torch.Tensor:
+        """Tokens (steps, H, W, C) of complete temporal steps: encoder outputs (feature criterion, one
+        tower call shared with other streams' steps) or pixels."""
+        g = self.geometry
+        H, W = frames.shape[1] // g.factor, frames.shape[2] // g.factor
+        if self.feature:
+            if reserved != steps:
+                raise RuntimeError(f"{steps} new temporal steps, {reserved} reserved with the encoder")
+            return self.encoder.submit(frames, steps).result().view(steps, H, W, -1)
+        return frame_tokens(torch.from_numpy(frames), merge_size=g.merge_size, patch_size=g.patch_size,
+                            temporal_patch_size=g.temporal_patch_size)
+
+    def _analyze(self, reserved: int = 0) -> list[dict]:
         tps = self.geometry.temporal_patch_size
         done = len(self.kept_per_step)
         if self.steps <= done:
             return []
-        frames = torch.from_numpy(np.stack(self.frames[done * tps : self.steps * tps]))
-        g = self.geometry
-        tokens = frame_tokens(frames, merge_size=g.merge_size, patch_size=g.patch_size, temporal_patch_size=tps)
+        tokens = self._step_tokens(np.stack(self.frames[done * tps : self.steps * tps]), self.steps - done, reserved)
         cfg = self.settings.dtd
         if cfg.enabled:
             mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
             self._ref_tokens = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
         else:  # DTD off: every token is served, so every token is counted
             mask = torch.ones(tokens.shape[:3], dtype=torch.bool)
+        if self.feature:
+            for t in range(tokens.shape[0]):
+                self.step_embeds.append(tokens[t][mask[t]].clone())
+                self.step_first.append(tokens[t, 0, 0].clone())
         self.tokens_per_step = int(mask[0].numel())
         self.step_masks.extend(mask.unbind(0))
         new_events = []
@@ -321,6 +381,11 @@ class Stream:
             self.chunks.append((start, end))
             return start, end
 
+    def uncut_steps(self) -> int:
+        """Complete temporal steps not yet in a chunk."""
+        start = self.chunks[-1][1] if self.chunks else 0
+        return max(0, self.steps - start // self.geometry.temporal_patch_size)
+
     def video_items(self) -> list[tuple[np.ndarray, dict]]:
         """All chunks as (frames, metadata) video items, byte-identical from question to question
         (built once per chunk: chunks never change). The metadata carries the chunk's keep mask, bool
@@ -337,7 +402,15 @@ class Stream:
                     "fps": float(self.settings.fps), "total_num_frames": n, "frames_indices": list(range(n)),
                     "duration": n / self.settings.fps, "video_backend": "dtd_stream",
                 }
-                meta[GIVEN_MASK] = torch.stack(self.step_masks[a // tps : b // tps]).numpy()
+                mask = torch.stack(self.step_masks[a // tps : b // tps])
+                if self.feature:
+                    embeds = torch.cat(self.step_embeds[a // tps : b // tps])
+                    if not mask.any():  # nothing kept in the whole chunk: serve its first token
+                        mask = mask.clone()
+                        mask.view(-1)[0] = True
+                        embeds = self.step_first[a // tps][None]
+                    meta[GIVEN_EMBEDS] = embeds
+                meta[GIVEN_MASK] = mask.numpy()
                 self._items.append((frames, meta))
             return list(self._items[: len(self.chunks)])
 
@@ -355,13 +428,15 @@ class Stream:
     def status(self) -> dict:
         return {
             "id": self.id, "frames": len(self.frames), "steps": self.steps, "chunks": len(self.chunks),
-            "questions": self.questions, "events": len(self.events), "bytes": self.nbytes,
+            "questions": self.questions, "prefills": self.prefills, "events": len(self.events), "bytes": self.nbytes,
             "size": list(self.size) if self.size else None, "fps": self.settings.fps,
             "tokens_per_step": self.tokens_per_step, "kept_per_step": list(self.kept_per_step),
             "temporal_patch_size": self.geometry.temporal_patch_size,
             "time": self.timestamps[-1] if self.timestamps else None,
             "dtd": {"enabled": self.settings.dtd.enabled, "threshold": self.settings.dtd.threshold,
-                    "metric": self.settings.dtd.metric, "reference": self.settings.dtd.reference},
+                    "metric": self.settings.dtd.metric, "reference": self.settings.dtd.reference,
+                    "criterion": self.settings.dtd.criterion},
+            "prefill": self.settings.prefill,
             "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
         }
 
@@ -411,13 +486,13 @@ class StreamManager:
             s.release()
         return dead
 
-    def open(self, settings: StreamSettings) -> Stream:
+    def open(self, settings: StreamSettings, encoder=None) -> Stream:
         self.sweep()
         with self._lock:
             if len(self._streams) >= self.limits.max_streams:
                 raise StreamError(f"too many open streams (at most {self.limits.max_streams})", 429)
             sid = stream_id(self.owner)
-            stream = Stream(sid, settings, self.geometry, self.limits, self.bytes)
+            stream = Stream(sid, settings, self.geometry, self.limits, self.bytes, encoder=encoder)
             self._streams[sid] = stream
             return stream
 

@@ -1,0 +1,173 @@
+"""The vision tower in the API-server process: feature-level DTD decides on its outputs.
+
+Feature-level DTD needs the vision encoder's merged outputs BEFORE the prompt is built (the kept
+count is the number of placeholder tokens). The API server therefore runs the checkpoint's own vision
+tower (transformers' module of the family, only the ``visual.*`` weights are read) and hands the
+engine the KEPT outputs as embedding inputs (``video_embeds`` + grid + keep mask): the engine never
+encodes that video again. Why this route and not vLLM's encoder disaggregation: README, "Feature-level
+DTD: where the encoder runs".
+
+One tower per API-server process, loaded on first use (or at start when the server's default
+criterion is ``feature``); ``DTD_FEATURE_ENCODER=off`` disables it (feature requests then get a 400).
+
+Qwen2-VL / Qwen2.5-VL vision attention never crosses temporal steps (window and full attention are
+both per frame group), so encoding step by step (streams, on arrival) gives the outputs of encoding
+the whole video.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vllm_plugin.entrypoints import request_stats
+
+logger = logging.getLogger("vllm.dtd_plugin")
+ENV = "DTD_FEATURE_ENCODER"  # "api" (default): a tower in each API-server process; "off": none
+
+
+class EncoderUnavailable(ValueError):
+    """Feature-level DTD was asked for where no vision tower can run (a 400 naming ``dtd_criterion``)."""
+
+
+@dataclass(frozen=True)
+class VisionTowerSpec:
+    """Where a family's vision tower lives: ``module:Class`` of transformers and the prefixes of its
+    weights in the checkpoint (transformers 4.x and 5.x name them differently)."""
+
+    cls: str
+    prefixes: tuple[str, ...] = ("visual.", "model.visual.")
+
+    def load_class(self):
+        module, name = self.cls.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+class VisionTower:
+    """A family's vision tower with the checkpoint's weights.
+
+    :meth:`encode` maps processed patches to merged outputs, one row per LLM token:
+    ``pixel_values`` (grid_t * grid_h * grid_w, C * tps * patch²) and ``grid_thw`` (3,) to
+    float32 (grid_t * grid_h/merge * grid_w/merge, hidden) on the CPU, in (t, h, w) raster order.
+    """
+
+    def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device):
+        self.module = module.eval()
+        self.merge_size = merge_size
+        self.device = device
+        self.dtype = next(module.parameters()).dtype
+        self._lock = threading.Lock()  # one encode at a time per process (the tower is not re-entrant on GPUs)
+        self.steps = 0  # temporal steps encoded by this process
+        self.seconds = 0.0
+
+    @classmethod
+    def load(cls, spec: VisionTowerSpec, model_path: str, vision_config, dtype: torch.dtype,
+             revision: Optional[str] = None, device: Optional[str] = None) -> "VisionTower":
+        from safetensors import safe_open
+
+        files = _weight_files(model_path, revision)
+        tower_cls = spec.load_class()
+        config = vision_config
+        if getattr(config, "_attn_implementation", None) is None:
+            config._attn_implementation = "sdpa"
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        module = tower_cls._from_config(config, dtype=dtype)
+        state = {}
+        for f in files:
+            with safe_open(f, "pt") as sf:
+                for key in sf.keys():
+                    for p in spec.prefixes:
+                        if key.startswith(p):
+                            state[key[len(p):]] = sf.get_tensor(key)
+                            break
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("inv_freq")]  # buffers computed at construction
+        if missing or unexpected or not state:
+            raise RuntimeError(f"vision tower weights of {model_path} do not fit {spec.cls}: "
+                               f"missing {missing[:5]}, unexpected {unexpected[:5]}, found {len(state)}")
+        module.to(device=dev, dtype=dtype)
+        logger.info("DTD: vision tower %s loaded in this API-server process (%s, %s, %.0f M parameters) for feature-level DTD",
+                    spec.cls.split(":")[1], dev, dtype, sum(p.numel() for p in module.parameters()) / 1e6)
+        return cls(module, int(vision_config.spatial_merge_size), dev)
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+        return self.encode_many([(pixel_values, grid_thw)])[0]
+
+    @torch.no_grad()
+    def encode_many(self, videos: list) -> list[torch.Tensor]:
+        """Several videos (or temporal steps of streams) in ONE tower call: ``[(pixel_values, grid_thw)]``
+        as for :meth:`encode`, outputs in the same order. Attention never crosses videos (nor steps)."""
+        grids = torch.stack([torch.as_tensor(g, dtype=torch.long).reshape(3) for _, g in videos])
+        pixels = torch.cat([pv for pv, _ in videos]) if len(videos) > 1 else videos[0][0]
+        if pixels.shape[0] != int(grids.prod(-1).sum()):
+            raise ValueError(f"{pixels.shape[0]} patches do not fit the grids {grids.tolist()}")
+        t0 = time.perf_counter()
+        with self._lock:
+            out = self.module(pixels.to(device=self.device, dtype=self.dtype), grid_thw=grids.to(self.device))
+            out = getattr(out, "pooler_output", out)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            out = out.float().cpu()
+            seconds = time.perf_counter() - t0
+            steps = int(grids[:, 0].sum())
+            self.steps += steps
+            self.seconds += seconds
+        request_stats.record_encoder(steps, seconds)
+        sizes = (grids.prod(-1) // self.merge_size**2).tolist()
+        if out.shape[0] != sum(sizes):
+            raise RuntimeError(f"vision tower returned {out.shape[0]} rows for grids {grids.tolist()}, expected {sum(sizes)}")
+        return list(out.split(sizes))
+
+
+def _weight_files(model_path: str, revision: Optional[str]) -> list[str]:
+    if os.path.isdir(model_path):
+        files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    else:  # a hub id: the snapshot vLLM itself resolved (local cache first)
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(model_path, revision=revision, allow_patterns=["*.safetensors"])
+        files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
+    if not files:
+        raise RuntimeError(f"no *.safetensors weights under {model_path}: the vision tower cannot be loaded")
+    return files
+
+
+_TOWERS: dict[tuple, VisionTower] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def enabled(env=os.environ) -> bool:
+    value = env.get(ENV, "api").strip().lower()
+    if value not in ("api", "off"):
+        raise ValueError(f"{ENV} must be 'api' or 'off', got {value!r}")
+    return value == "api"
+
+
+def tower_for(spec: Optional[VisionTowerSpec], model_config) -> VisionTower:
+    """This process's vision tower for the served model (loaded once). Raises :class:`EncoderUnavailable`."""
+    if spec is None:
+        raise EncoderUnavailable("dtd_criterion: 'feature' is not available for this model family (no vision tower is known)")
+    if not enabled():
+        raise EncoderUnavailable(f"dtd_criterion: 'feature' is disabled on this server ({ENV}=off); use 'pixel'")
+    key = (spec.cls, model_config.model, getattr(model_config, "revision", None))
+    tower = _TOWERS.get(key)
+    if tower is not None:
+        return tower
+    with _LOAD_LOCK:
+        if key not in _TOWERS:
+            dtype = model_config.dtype if isinstance(model_config.dtype, torch.dtype) else torch.float32
+            _TOWERS[key] = VisionTower.load(spec, model_config.model, model_config.hf_config.vision_config, dtype,
+                                            revision=getattr(model_config, "revision", None))
+        return _TOWERS[key]
+
+
+def loaded_towers() -> list[VisionTower]:
+    return list(_TOWERS.values())

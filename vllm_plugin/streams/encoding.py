@@ -1,0 +1,104 @@
+"""Encode on arrival: the temporal steps of every feature-level stream of one API-server process go
+through ONE background worker that batches them into single vision-tower calls.
+
+The queue is bounded in temporal steps (``Limits.max_pending_encode_steps``): an append whose steps
+do not fit is refused with 429 and a retry hint before anything of it is kept, so a stream that
+sends faster than the tower encodes costs a retry, never unbounded memory. No vLLM import.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+import numpy as np
+
+from vllm_plugin.streams.session import StreamError
+
+logger = logging.getLogger("vllm.dtd_plugin")
+
+
+class EncodeQueue:
+    """Args:
+        patchify: frames uint8 (N, h, w, 3), N a multiple of the temporal patch size, already at the
+            processor's size -> (pixel_values (patches, dim), grid_thw (3,)) as the served processor
+            makes them.
+        encode_many: ``[(pixel_values, grid_thw)] -> [features (tokens, hidden)]`` in one tower call
+            (:meth:`vllm_plugin.models.vision.VisionTower.encode_many`).
+        max_pending_steps: temporal steps queued or being encoded, over all streams.
+        max_batch_steps: temporal steps per tower call.
+    """
+
+    def __init__(self, patchify: Callable, encode_many: Callable, max_pending_steps: int, max_batch_steps: int = 32,
+                 retry_after_s: float = 1.0):
+        self.patchify = patchify
+        self.encode_many = encode_many
+        self.max_pending_steps = max_pending_steps
+        self.max_batch_steps = max_batch_steps
+        self.retry_after_s = retry_after_s
+        self.pending = 0  # steps reserved (queued, being encoded, or about to be submitted)
+        self.batches = 0  # tower calls made
+        self._jobs: list[tuple[np.ndarray, int, Future]] = []
+        self._cv = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="dtd-encoder", daemon=True)
+        self._worker.start()
+
+    def reserve(self, steps: int) -> None:
+        """Take room for ``steps`` temporal steps or raise 429 (nothing reserved)."""
+        with self._cv:
+            if self.pending + steps > self.max_pending_steps:
+                raise StreamError(
+                    f"the vision encoder is behind: {self.pending} temporal steps are waiting to be encoded and at most "
+                    f"{self.max_pending_steps} may; retry in {self.retry_after_s:g} s", 429)
+            self.pending += steps
+
+    def release(self, steps: int) -> None:
+        with self._cv:
+            self.pending = max(0, self.pending - steps)
+
+    def submit(self, frames: np.ndarray, steps: int) -> Future:
+        """Encode ``steps`` temporal steps (reserved with :meth:`reserve`); the future gives the
+        features, float32 (steps * tokens per step, hidden)."""
+        fut: Future = Future()
+        with self._cv:
+            self._jobs.append((frames, steps, fut))
+            self._cv.notify()
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                batch, n = [], 0
+                while self._jobs and (not batch or n + self._jobs[0][1] <= self.max_batch_steps):
+                    job = self._jobs.pop(0)
+                    batch.append(job)
+                    n += job[1]
+            try:
+                inputs = [self.patchify(frames) for frames, _, _ in batch]
+                outs = self.encode_many(inputs)
+                self.batches += 1
+                for (_, _, fut), out in zip(batch, outs):
+                    fut.set_result(out)
+            except BaseException as e:  # every waiting append gets the error, the worker lives on
+                logger.warning("DTD stream encoder failed: %s", e)
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+            finally:
+                self.release(n)
+
+
+def processor_patchify(video_processor) -> Callable:
+    """``patchify`` through the served HF video processor: stream frames are already at the size the
+    served processor gives them (:class:`vllm_plugin.streams.session.Geometry`), so only rescaling,
+    normalization and the patch layout are applied, as the processor applies them."""
+
+    def patchify(frames: np.ndarray):
+        out = video_processor(videos=[frames], do_sample_frames=False, do_resize=False, return_tensors="pt")
+        return out["pixel_values_videos"], out["video_grid_thw"][0]
+
+    return patchify

@@ -11,6 +11,7 @@ import pytest
 from analysis.harness.browser import CHROMEDRIVER, CHROMIUM, chromium_driver
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_MAX_STREAMS = 9  # streams the DTD test server holds (8 concurrent ones in a test, plus its fixture's)
 BLOCK_SIZE = 32  # KV block size of the DTD test server (the CPU backend needs a multiple of 32)
 DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
 # CI must run the browser tests (scripts/setup.sh installs Chromium there); elsewhere they may be skipped
@@ -148,7 +149,7 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
     from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
-    env = {"DTD_STREAM_MAX_STREAMS": "4", "DTD_STREAM_MAX_FRAMES": "64"}
+    env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "64"}
     args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE)]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv

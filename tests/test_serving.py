@@ -104,7 +104,7 @@ def test_served_equals_core_mask_and_reference_pipeline(dtd_server, reference, s
         ({"dtd_metric": "l2"}, "dtd_metric"),
         ({"dtd_reference": "first"}, "dtd_reference"),
         ({"dtd_enabled": "yes"}, "dtd_enabled"),
-        ({"dtd_criterion": "feature"}, "dtd_criterion"),
+        ({"dtd_criterion": "features"}, "dtd_criterion"),
         ({"dtd_typo": 1}, "dtd_typo"),
         ({"dtd_metric": "cosine", "dtd_threshold": -2}, "dtd_threshold"),
     ],

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import BLOCK_SIZE
+from conftest import BLOCK_SIZE, TEST_MAX_STREAMS
 from vllm_plugin.client import StreamHTTPError, open_stream
 
 pytestmark = pytest.mark.vllm
@@ -134,10 +134,10 @@ def test_limits_and_unknown_ids_are_4xx_and_others_keep_working(dtd_server, stre
     with pytest.raises(StreamHTTPError) as e:
         stream.push(np.repeat(synthetic_clip.frames[:1], 60, axis=0))
     assert e.value.status == 409
-    # too many streams (the test server allows 4)
+    # too many streams (the test server allows TEST_MAX_STREAMS)
     extra = []
     with pytest.raises(StreamHTTPError) as e:
-        for _ in range(5):
+        for _ in range(TEST_MAX_STREAMS):
             extra.append(open_stream(base, fps=2.0))
     assert e.value.status == 429
     for s in extra:

@@ -118,6 +118,15 @@ class StreamClient:
             yield from self.events()
             time.sleep(poll_s)
 
+    def wait_prefilled(self, timeout: float = 300.0, poll_s: float = 0.1) -> dict:
+        """Wait until every frame that arrived is in the KV cache (``prefill: eager``); returns the status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if not st.get("prefill_pending") or time.monotonic() > deadline:
+                return st
+            time.sleep(poll_s)
+
     def status(self) -> dict:
         return _check(self.http.get(self.url, timeout=self.timeout))
 

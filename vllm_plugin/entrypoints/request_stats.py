@@ -50,7 +50,8 @@ def _counters():
         _metrics["videos"] = Counter("vllm_dtd_videos", "Video items processed with Differential Token Drop")
         _metrics["decision"] = Counter("vllm_dtd_decision_seconds", "Time spent deciding which video tokens to drop")
         _metrics["preprocess"] = Counter(
-            "vllm_dtd_video_preprocess_seconds", "Time decoding videos and in the multimodal processor (DTD decision included)")
+            "vllm_dtd_video_preprocess_seconds",
+            "Time decoding videos and in the multimodal processor (DTD decision included, the vision tower not)")
         _metrics["encoder_steps"] = Counter(
             "vllm_dtd_encoder_steps", "Video temporal steps encoded by the API server's vision tower (feature-level DTD)")
         _metrics["encoder_seconds"] = Counter(

@@ -40,7 +40,7 @@ from vllm_plugin.models.vision import VisionTowerSpec
 
 MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
 _GIVEN = "_dtd_given_masks"  # internal hf_kwargs key: the given masks, one entry (or None) per video
-_TIMING = threading.local()  # seconds spent on the DTD decision in the current apply() of this thread
+_TIMING = threading.local()  # seconds of the DTD decision and of the vision tower in the current apply() of this thread
 
 
 _WARNED: set[str] = set()
@@ -149,6 +149,7 @@ class DTDMultiModalProcessorMixin:
         feature = config.enabled and config.criterion == "feature"
         tower = vision.tower_for(self.vision_tower, self.info.ctx.model_config) if feature else None
         masks, kept_embeds = [], []
+        encoding = 0.0  # the vision tower's share of the loop (counted as encoder time, not decision)
         t0 = time.perf_counter()
         for pv, grid, g in zip(patches, grids, given):
             shape = (int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge)
@@ -156,7 +157,9 @@ class DTDMultiModalProcessorMixin:
             if mask is not None and not mask.any():
                 embeds = None  # the one token kept below is not among the given rows
             if embeds is None and feature:
+                t_enc = time.perf_counter()
                 encoded = tower.encode(pv if normalized else layout.normalize(pv), grid)
+                encoding += time.perf_counter() - t_enc
                 if mask is None:
                     mask = dtd_keep_mask(encoded.view(*shape, -1), config.threshold, config.metric, config.reference)
             if mask is None and not config.enabled:
@@ -170,7 +173,8 @@ class DTDMultiModalProcessorMixin:
                 embeds = encoded[mask.flatten()]
             masks.append(mask.flatten())
             kept_embeds.append(embeds)
-        _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0
+        _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0 - encoding
+        _TIMING.encoding = getattr(_TIMING, "encoding", 0.0) + encoding
         processed[MASK_KEY] = torch.cat(masks)
         if feature:  # the engine gets the kept outputs and never encodes these videos again
             processed["video_embeds"] = torch.cat(kept_embeds)
@@ -220,11 +224,12 @@ class DTDMultiModalProcessorMixin:
         return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "dtd_enabled": False})
 
     def apply(self, inputs, timing_ctx):
-        _TIMING.decision = 0.0
+        _TIMING.decision = _TIMING.encoding = 0.0
         t0 = time.perf_counter()
         result = super().apply(inputs, timing_ctx)
         if _TIMING.decision:  # videos were processed (not all from the processor cache)
-            request_stats.record_timing(decision_s=_TIMING.decision, preprocess_s=time.perf_counter() - t0)
+            # preprocessing = decoding + processor + decision; the tower's time is vllm_dtd_encoder_seconds
+            request_stats.record_timing(decision_s=_TIMING.decision, preprocess_s=time.perf_counter() - t0 - _TIMING.encoding)
         # Remember each freshly processed video's stats under its multimodal hash (the request
         # task looks them up after preprocessing; cached items were recorded when first seen).
         merge = self.info.get_hf_config().vision_config.spatial_merge_size

@@ -175,7 +175,7 @@ class StreamService:
 
     def after_append(self, stream: Stream) -> None:
         """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
-        if stream.settings.prefill != "eager" or stream.prefill_task is not None or not stream.uncut_steps():
+        if stream.settings.prefill != "eager" or stream.prefill_task is not None or not stream.uncut_kept():
             return
         task = asyncio.get_running_loop().create_task(self.prefill(stream))
         stream.prefill_task = task
@@ -183,8 +183,9 @@ class StreamService:
         task.add_done_callback(self.tasks.discard)
 
     async def prefill(self, stream: Stream) -> None:
-        """Eager prefill: while complete temporal steps are not in a chunk, cut them into one and send
-        the conversation up to that chunk as a prompt-only request (one generated token, discarded).
+        """Eager prefill: while complete temporal steps with kept tokens are not in a chunk, cut them
+        into one and send the conversation up to that chunk as a prompt-only request (one generated
+        token, discarded). Steps where DTD kept nothing wait for the next chunk.
         Its KV blocks stay in vLLM's prefix cache, so the next question prefills only its own text
         (plus the partial block before it). Eviction costs speed only: every question sends its
         whole prompt."""
@@ -193,7 +194,7 @@ class StreamService:
         try:
             while True:
                 async with stream.chat_lock:
-                    if stream.closed:
+                    if stream.closed or not stream.uncut_kept():
                         return
                     chunk = stream.cut_chunk()
                     if chunk is None:

@@ -381,10 +381,11 @@ class Stream:
             self.chunks.append((start, end))
             return start, end
 
-    def uncut_steps(self) -> int:
-        """Complete temporal steps not yet in a chunk."""
-        start = self.chunks[-1][1] if self.chunks else 0
-        return max(0, self.steps - start // self.geometry.temporal_patch_size)
+    def uncut_kept(self) -> int:
+        """Kept tokens of the complete temporal steps not yet in a chunk (0 when none, or when DTD
+        dropped all of theirs: an eager prefill then waits, so static stretches add no chunk)."""
+        start = (self.chunks[-1][1] if self.chunks else 0) // self.geometry.temporal_patch_size
+        return sum(self.kept_per_step[start:])
 
     def video_items(self) -> list[tuple[np.ndarray, dict]]:
         """All chunks as (frames, metadata) video items, byte-identical from question to question
@@ -437,6 +438,8 @@ class Stream:
                     "metric": self.settings.dtd.metric, "reference": self.settings.dtd.reference,
                     "criterion": self.settings.dtd.criterion},
             "prefill": self.settings.prefill,
+            # eager: frames that arrived are not all in the KV cache yet (a prefill runs or is about to)
+            "prefill_pending": self.settings.prefill == "eager" and (self.prefill_task is not None or self.uncut_kept() > 0),
             "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
         }
 

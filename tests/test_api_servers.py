@@ -6,6 +6,7 @@ must reach one engine (its prefix cache lives there)."""
 
 import base64
 import json
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +62,13 @@ def test_the_launcher_starts_the_api_servers_it_is_asked_for(dp_server):
     assert "API server 0 of 2" in log and "API server 1 of 2" in log
 
 
+def _prefilled(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _get(url).json()["prefill_pending"]:
+        assert time.monotonic() < deadline, "eager prefill did not catch up"
+        time.sleep(0.2)
+
+
 def test_a_stream_works_from_every_api_server_and_keeps_one_engine(dp_server):
     base = dp_server.base_url
     forwarded, owners, ranks = 0, set(), set()
@@ -78,6 +86,7 @@ def test_a_stream_works_from_every_api_server_and_keeps_one_engine(dp_server):
                 r = _post(url + "/frames", json={"frames": _frames(100 * k + 10 * q + i)})
                 assert r.status_code == 200, r.text
                 forwarded += "x-dtd-stream-owner" in r.headers
+            _prefilled(url)  # eager prefill of the appended frames (on the same engine) is done: count the question only
             before = _engine_prompt_tokens(dp_server)
             if q == 1:  # SSE
                 r = _post(url + "/chat/completions", stream=True,

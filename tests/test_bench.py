@@ -60,7 +60,8 @@ def test_small_run_end_to_end(tmp_path, real_clip_mp4, request):
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"throughput_ratio=([\d.]+) ceiling=([\d.]+) dtd_overhead=([\d.]+)", last)
+    m = re.fullmatch(r"throughput_ratio=([\d.]+) ceiling=([\d.]+) dtd_overhead=([\d.]+)"
+                     r" feature_throughput_ratio=([\d.]+) feature_dtd_overhead=([\d.]+)", last)
     assert m, last
     result = json.loads((out / "bench.json").read_text())
     assert {r["clip"] for r in result["summary"]["per_clip"]} == {"airplane_2fps", "synthetic"}
@@ -72,6 +73,10 @@ def test_small_run_end_to_end(tmp_path, real_clip_mp4, request):
         assert r["uniform_prompt_tokens"] - r["dtd_prompt_tokens"] == held["uniform_kept"] - held["kept"]
         assert r["ceiling"] == pytest.approx(r["stock_prompt_tokens"] / r["dtd_prompt_tokens"])
     assert 0 < float(m.group(3)) < 1 and result["decision"]["decision_s"] > 0
+    # feature level: the API server's tower encoded every request, its time is apart from the decision's
+    assert 0 < float(m.group(5)) < 1 and result["feature_decision"]["encoder_s"] > 0
+    for r in result["summary"]["per_clip"]:
+        assert r["feature_prompt_tokens"] < r["stock_prompt_tokens"] and r["feature_encoder_s_per_request"] > 0
     assert (out / "bench.html").stat().st_size > 1000
     renders_offline(request, out / "bench.html", expected_plots=1)
     assert result["evs"]["outcome"].startswith("skipped")

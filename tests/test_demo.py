@@ -34,8 +34,14 @@ def test_demo_serves_and_reports(tmp_path, request):
     # the spread a newcomer should see first: handheld ~30% dropped, the fixed view ~80%+
     assert drop["moviepy_airplane.mp4"] < 0.5 < 0.75 < drop["screen_recording.mp4"], drop
     assert f"{drop['screen_recording.mp4']:.1%}" in text
+    # feature-level DTD on a stream: every temporal step encoded once (in the API server), kept counts shown
+    for name, r in res.items():
+        f = r["stream_feature"]
+        assert f["steps_encoded"] == len(f["kept_per_step"]) and f["kept_per_step"][0] == f["tokens_per_step"]
+        assert len(f["questions"]) >= 2
+    assert "feature-level: kept" in text and "temporal steps encoded" in text
     assert (tmp_path / "kept_tokens.html").stat().st_size > 1000 and (tmp_path / "plotly.min.js").is_file()
-    renders_offline(request, tmp_path / "kept_tokens.html", expected_plots=2)
+    renders_offline(request, tmp_path / "kept_tokens.html", expected_plots=4)
 
 
 def test_demo_reference_only(tmp_path, request):

@@ -6,7 +6,7 @@ Each clip (the real clips of ``../shared/videos`` when present, else the bundled
 synthetic clip) is cut to its first ``--frames`` frames at ``--fps`` and re-encoded at its native
 resolution as ordinary H.264: the servers decode it and resize it to the checkpoint's 448² pixel
 budget, as they would a user's video, and both get the same file. Servers run one after the other
-on the ``bench`` tiny checkpoint (prefill-dominated, like real deployments), with prefix caching and
+on a tiny checkpoint (``--size``), with prefix caching and
 the processor cache OFF so that every request is computed in full:
 
 1. DTD-vLLM (``python -m vllm_plugin.serve``, server default τ): per clip, ``--requests`` requests at
@@ -22,11 +22,19 @@ the processor cache OFF so that every request is computed in full:
 3. vLLM's own **EVS** (``--video-pruning-rate`` at DTD's drop ratio): one request; on vLLM 0.32's
    CPU engine it crashes the engine, which is recorded as the result.
 
+1b. The same DTD server with **feature-level DTD** (``dtd_criterion: feature`` per request): the API
+   server's vision tower encodes each video once and decides on its outputs; the engine gets the kept
+   rows. Its tower seconds per request come from ``vllm_dtd_encoder_seconds`` (stock and pixel DTD run
+   the same encoder on the same frames inside the engine). ``--no-feature`` skips it.
+
 Per clip it prints the throughput ratio DTD/stock next to its ceiling (stock/DTD prompt tokens: what
 a purely prefill-bound server could gain), and, at equal token budget, how much of each frame the
 kept tokens still show (``held_error``: mean |token − last kept token at its place|, pixel scale
 0–1; lower is better). Writes ``bench.json`` and ``bench.html``. The last line is
-``throughput_ratio=<dtd/stock requests/s> ceiling=<total/kept tokens> dtd_overhead=<share>``.
+``throughput_ratio=<dtd/stock requests/s> ceiling=<total/kept tokens> dtd_overhead=<share>`` (pixel
+level), followed by ``feature_throughput_ratio=… feature_dtd_overhead=…`` when feature-level DTD ran.
+Checkpoint ``--size`` (default ``bench7b``: an encoder as costly, relative to its LLM, as
+Qwen2.5-VL-7B's)
 """
 
 from __future__ import annotations
@@ -125,11 +133,13 @@ def kv_capacity_tokens(text: str) -> Optional[int]:
     return None
 
 
-def one_request(base_url: str, model: str, video: Path, max_tokens: int) -> dict:
+def one_request(base_url: str, model: str, video: Path, max_tokens: int, mm: Optional[dict] = None) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
                                                       {"type": "text", "text": QUESTION}]}]}
+    if mm:
+        body["mm_processor_kwargs"] = mm
     t0 = time.perf_counter()
     ttft, usage = None, None
     with requests.post(base_url + "/v1/chat/completions", json=body, stream=True, timeout=1800) as r:
@@ -174,10 +184,11 @@ class KVSampler:
         self._thread.join()
 
 
-def run_load(base_url: str, model: str, video: Path, n: int, concurrency: int, max_tokens: int, capacity: Optional[int]) -> dict:
+def run_load(base_url: str, model: str, video: Path, n: int, concurrency: int, max_tokens: int, capacity: Optional[int],
+             mm: Optional[dict] = None) -> dict:
     with KVSampler(base_url) as kv, ThreadPoolExecutor(concurrency) as pool:
         t0 = time.perf_counter()
-        results = list(pool.map(lambda _: one_request(base_url, model, video, max_tokens), range(n)))
+        results = list(pool.map(lambda _: one_request(base_url, model, video, max_tokens, mm), range(n)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     row = {"concurrency": concurrency, "requests": n, "ok": len(ok), "errors": [r for r in results if r["status"] != 200][:3],
@@ -193,22 +204,25 @@ def run_load(base_url: str, model: str, video: Path, n: int, concurrency: int, m
 
 
 def timing(text: str) -> dict[str, float]:
-    """The plugin's cumulative DTD decision and video preprocessing seconds (0 on stock vLLM)."""
+    """The plugin's cumulative DTD decision, video preprocessing and API-server vision tower seconds
+    (0 on stock vLLM; the tower runs for feature-level DTD only)."""
     return {"decision_s": metric_sum(text, "vllm_dtd_decision_seconds_total"),
-            "preprocess_s": metric_sum(text, "vllm_dtd_video_preprocess_seconds_total")}
+            "preprocess_s": metric_sum(text, "vllm_dtd_video_preprocess_seconds_total"),
+            "encoder_s": metric_sum(text, "vllm_dtd_encoder_seconds_total")}
 
 
-def measure(srv, clips: dict[str, Path], args, label: str) -> dict[str, dict]:
+def measure(srv, clips: dict[str, Path], args, label: str, mm: Optional[dict] = None) -> dict[str, dict]:
     text = _metrics(srv.base_url)
     capacity = kv_capacity_tokens(text)
     out = {}
     for name, path in clips.items():
-        one_request(srv.base_url, srv.model, path, 1)  # warm-up (first-request compilation, caches)
+        one_request(srv.base_url, srv.model, path, 1, mm)  # warm-up (first-request compilation, caches)
         t0 = timing(_metrics(srv.base_url))
-        c1 = run_load(srv.base_url, srv.model, path, args.requests, 1, args.max_tokens, capacity)
+        c1 = run_load(srv.base_url, srv.model, path, args.requests, 1, args.max_tokens, capacity, mm)
         t1 = timing(_metrics(srv.base_url))
         c1["timing"] = {k: t1[k] - t0[k] for k in t0}  # one request at a time: the work itself, no contention
-        cn = run_load(srv.base_url, srv.model, path, 2 * args.requests, args.concurrency, args.max_tokens, capacity)
+        c1["encoder_s_per_request"] = c1["timing"]["encoder_s"] / args.requests
+        cn = run_load(srv.base_url, srv.model, path, 2 * args.requests, args.concurrency, args.max_tokens, capacity, mm)
         for row in (c1, cn):
             if row["ok"] < row["requests"]:
                 raise SystemExit(f"[{label}] {name}: {row['requests'] - row['ok']} requests failed: {row['errors']}")
@@ -226,9 +240,11 @@ def server_args(media: Path, extra: list[str]) -> list[str]:
             "--allowed-local-media-path", str(media), "--limit-mm-per-prompt", json.dumps({"video": 1}), *extra]
 
 
-def served_dtd_stats(srv, path: Path) -> dict:
+def served_dtd_stats(srv, path: Path, mm: Optional[dict] = None) -> dict:
     body = {"model": srv.model, "max_tokens": 1, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": f"file://{path}"}}, {"type": "text", "text": QUESTION}]}]}
+    if mm:
+        body["mm_processor_kwargs"] = mm
     r = requests.post(srv.base_url + "/v1/chat/completions", json=body, timeout=600)
     r.raise_for_status()
     return json.loads(r.headers["x-dtd-stats"])["videos"][0]
@@ -262,13 +278,22 @@ def try_evs(model: Path, media: Path, clip: Clip, rate: float, log_dir: Path) ->
 # ---------------------------------------------------------------------------------------------- report
 
 
-def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: dict, decision: dict) -> dict:
+def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: dict, decision: dict,
+              feature: Optional[dict] = None, feature_decision: Optional[dict] = None) -> dict:
+    """Per clip and overall ratios. ``dtd`` is pixel-level DTD (the server default); ``feature``, when
+    measured, feature-level DTD on the same server (vision tower in the API server)."""
     per_clip = []
     for c in clips:
         d, s, u = dtd[c.name]["cN"], stock[c.name]["cN"], uniform.get(c.name, {}).get("cN", {})
         ratio = d["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan")
         ceiling = s["prompt_tokens"] / d["prompt_tokens"]
-        per_clip.append({"clip": c.name, "video_tokens": c.video_tokens, "kept_video_tokens": held[c.name]["kept"],
+        f = (feature or {}).get(c.name)
+        feat = {} if f is None else {
+            "feature_prompt_tokens": f["cN"]["prompt_tokens"],
+            "feature_throughput_ratio": f["cN"]["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan"),
+            "feature_ttft_p50_ratio_c1": f["c1"]["ttft_p50_s"] / stock[c.name]["c1"]["ttft_p50_s"],
+            "feature_encoder_s_per_request": f["c1"].get("encoder_s_per_request")}
+        per_clip.append({**feat, "clip": c.name, "video_tokens": c.video_tokens, "kept_video_tokens": held[c.name]["kept"],
                          "stock_prompt_tokens": s["prompt_tokens"], "dtd_prompt_tokens": d["prompt_tokens"],
                          "uniform_prompt_tokens": u.get("prompt_tokens"),
                          "throughput_ratio": ratio, "ceiling": ceiling, "of_ceiling": ratio / ceiling,
@@ -279,21 +304,27 @@ def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: di
     tot_d = sum(dtd[c.name]["cN"]["wall_s"] for c in clips)
     tok_s = sum(stock[c.name]["cN"]["prompt_tokens"] for c in clips)
     tok_d = sum(dtd[c.name]["cN"]["prompt_tokens"] for c in clips)
-    def share(prefix=""):
-        d, p = decision.get(f"{prefix}decision_s"), decision.get(f"{prefix}preprocess_s")
+    def share(prefix="", timing=decision):
+        d, p = timing.get(f"{prefix}decision_s"), timing.get(f"{prefix}preprocess_s")
         return d / p if d is not None and p else float("nan")
 
-    return {"per_clip": per_clip, "throughput_ratio": tot_s / tot_d, "ceiling": tok_s / tok_d,
-            "dtd_overhead": share(), "dtd_overhead_whole_run": share("all_")}
+    out = {"per_clip": per_clip, "throughput_ratio": tot_s / tot_d, "ceiling": tok_s / tok_d,
+           "dtd_overhead": share(), "dtd_overhead_whole_run": share("all_")}
+    if feature:
+        out["feature_throughput_ratio"] = tot_s / sum(feature[c.name]["cN"]["wall_s"] for c in clips)
+        out["feature_ceiling"] = tok_s / sum(feature[c.name]["cN"]["prompt_tokens"] for c in clips)
+        out["feature_dtd_overhead"] = share(timing=feature_decision or {})
+    return out
 
 
-def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict):
+def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict, feature: Optional[dict] = None):
     from plotly.subplots import make_subplots
 
     names = [r["clip"] for r in summary["per_clip"]]
     fig = make_subplots(rows=2, cols=2, subplot_titles=(
         "requests/s at concurrency N", "TTFT p50 at concurrency 1 (s)", "prompt tokens", "throughput ratio vs ceiling"))
-    for label, data, color in (("stock", stock, "#888"), ("DTD", dtd, "#d62728"), ("uniform (DTD budget)", uniform, "#1f77b4")):
+    for label, data, color in (("stock", stock, "#888"), ("DTD pixel", dtd, "#d62728"), ("DTD feature", feature or {}, "#9467bd"),
+                               ("uniform (DTD budget)", uniform, "#1f77b4")):
         present = [n for n in names if n in data]
         fig.add_bar(x=present, y=[data[n]["cN"]["req_per_s"] for n in present], name=label, marker_color=color, row=1, col=1,
                     legendgroup=label)
@@ -305,7 +336,7 @@ def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict):
                 row=2, col=2)
     fig.add_scatter(x=names, y=[r["ceiling"] for r in summary["per_clip"]], mode="markers", name="ceiling (stock/DTD tokens)",
                     marker=dict(symbol="line-ew-open", size=30, color="black", line=dict(width=3)), row=2, col=2)
-    fig.update_layout(title=f"DTD vs stock vLLM: throughput ratio {summary['throughput_ratio']:.2f} "
+    fig.update_layout(title=f"DTD (pixel) vs stock vLLM: throughput ratio {summary['throughput_ratio']:.2f} "
                             f"(ceiling {summary['ceiling']:.2f}), DTD decision {100 * summary['dtd_overhead']:.1f}% of preprocessing",
                       barmode="group", template="plotly_white", height=800)
     return fig
@@ -322,7 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, help="frames per clip")
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--no-evs", action="store_true", help="skip the EVS attempt")
-    ap.add_argument("--size", default="bench", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's)")
+    ap.add_argument("--size", default="bench7b", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's; bench: the former default, LLM-heavy)")
+    ap.add_argument("--no-feature", action="store_true", help="skip feature-level DTD (the API server's vision tower)")
     ap.add_argument("--out", type=Path, default=results_dir("bench"))
     args = ap.parse_args(argv)
     args.requests = args.requests or (2 if args.quick else 4)
@@ -355,6 +387,12 @@ def main(argv=None) -> int:
             before = timing(_metrics(srv.base_url))
             dtd = measure(srv, {c.name: c.path for c in clips}, args, "DTD")
             after = timing(_metrics(srv.base_url))
+            feature, feature_decision, served_feature = None, None, {}
+            if not args.no_feature:
+                mm = {"dtd_criterion": "feature"}
+                served_feature = {c.name: served_dtd_stats(srv, c.path, mm) for c in clips}
+                feature = measure(srv, {c.name: c.path for c in clips}, args, "DTD feature", mm)
+                feature_decision = {k: sum(feature[c.name]["c1"]["timing"][k] for c in clips) for k in before}
         # the headline share: requests one at a time (concurrency 1); the whole run (with contention) beside it
         decision = {k: sum(dtd[c.name]["c1"]["timing"][k] for c in clips) for k in before}
         decision.update({f"all_{k}": after[k] - before[k] for k in before})
@@ -383,22 +421,36 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(media, ignore_errors=True)
 
-    summary = summarize(clips, dtd, stock, uniform, held, decision)
+    summary = summarize(clips, dtd, stock, uniform, held, decision, feature, feature_decision)
     print(f"\n{'clip':28s} {'tokens s/d/u':>18s} {'ratio':>6s} {'ceil':>6s} {'%ceil':>6s} {'unif':>6s} "
           f"{'ttft c1':>7s} {'held dtd':>8s} {'held unif':>9s}")
     for r in summary["per_clip"]:
         print(f"{r['clip']:28s} {r['stock_prompt_tokens']:>6d}/{r['dtd_prompt_tokens']:>5d}/{r['uniform_prompt_tokens'] or 0:>5d} "
               f"{r['throughput_ratio']:6.2f} {r['ceiling']:6.2f} {100 * r['of_ceiling']:5.0f}% {r['uniform_throughput_ratio'] or 0:6.2f} "
               f"{r['ttft_p50_ratio_c1']:7.2f} {r['dtd_held_error']:8.4f} {r['uniform_held_error']:9.4f}")
+    if feature:
+        print(f"\n{'clip':28s} {'prompt tokens stock/pixel/feature':>34s} {'req/s ratio pixel/feature':>26s} "
+              f"{'ttft c1 ratio pixel/feature':>28s} {'encoder s/req (feature, API server)':>36s}")
+        for r in summary["per_clip"]:
+            print(f"{r['clip']:28s} {r['stock_prompt_tokens']:>14d}/{r['dtd_prompt_tokens']:>6d}/{r['feature_prompt_tokens']:>6d} "
+                  f"{r['throughput_ratio']:>13.2f}/{r['feature_throughput_ratio']:<12.2f} {r['ttft_p50_ratio_c1']:>14.2f}/"
+                  f"{r['feature_ttft_p50_ratio_c1']:<13.2f} {r['feature_encoder_s_per_request']:>36.3f}")
+        print(f"feature-level DTD decision {feature_decision['decision_s']:.3f} s of {feature_decision['preprocess_s']:.3f} s "
+              f"of video preprocessing at concurrency 1 (vision tower {feature_decision['encoder_s']:.3f} s, counted apart)")
     print(f"DTD decision {decision['decision_s']:.3f} s of {decision['preprocess_s']:.3f} s of video preprocessing at concurrency 1 "
           f"({decision['all_decision_s']:.3f} s of {decision['all_preprocess_s']:.3f} s over the whole run); "
           f"EVS: {evs['outcome']}; took {time.perf_counter() - t_start:.0f} s")
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "checkpoint": model.name, "summary": summary,
               "dtd": dtd, "stock": stock, "uniform": uniform, "held": held, "decision": decision, "evs": evs,
-              "served_stats": served, "seconds": time.perf_counter() - t_start}
+              "served_stats": served, "feature": feature, "feature_decision": feature_decision,
+              "served_feature_stats": served_feature, "seconds": time.perf_counter() - t_start}
     (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=float))
-    write_report(args.out / "bench.html", [report_figure(summary, dtd, stock, uniform)], "DTD serving benchmark")
-    print(f"throughput_ratio={summary['throughput_ratio']:.3f} ceiling={summary['ceiling']:.3f} dtd_overhead={summary['dtd_overhead']:.4f}")
+    write_report(args.out / "bench.html", [report_figure(summary, dtd, stock, uniform, feature)], "DTD serving benchmark")
+    last = f"throughput_ratio={summary['throughput_ratio']:.3f} ceiling={summary['ceiling']:.3f} dtd_overhead={summary['dtd_overhead']:.4f}"
+    if feature:
+        last += (f" feature_throughput_ratio={summary['feature_throughput_ratio']:.3f}"
+                 f" feature_dtd_overhead={summary['feature_dtd_overhead']:.4f}")
+    print(last)
     return 0
 
 

@@ -8,7 +8,9 @@ Builds (or reuses) the tiny checkpoint and starts ``python -m vllm_plugin.serve 
 free loopback port. For each clip (default: the handheld ``moviepy_airplane.mp4`` and the screen
 recording ``screen_recording.mp4``): 1) one request with the whole clip, DTD off then on (OpenAI
 API): prompt tokens and time to first token; 2) the clip played into a live stream at real-time
-speed with a question every few seconds: latency, cached tokens, scene-change events. Prints the kept
+speed with a question every few seconds: latency, cached tokens, scene-change events; 3) the same
+stream with feature-level DTD (the paper's criterion: cosine of the vision tower's outputs, each
+temporal step encoded once, on arrival, in the API server; eager prefill). Prints the kept
 tokens per temporal step and a side-by-side table of both clips, writes an HTML report that renders
 offline (plotly.js beside it), stops the server.
 """
@@ -81,19 +83,28 @@ def run_served(args) -> dict:
                       "multimodal caches)", flush=True)
                 pace = f"{args.speed:g}x real time" if args.speed > 0 else "full speed"
                 print(f"streaming {video.name} at {pace}, a question every {args.ask_every:g} s:", flush=True)
-                out[video.name] = {"vanilla": vanilla, "dtd": dtd, "dtd_cached": again, "stream": _play(srv.base_url, video, args)}
+                pixel = _play(srv.base_url, video, args)
+                encoded = srv.metric("vllm_dtd_encoder_steps_total")
+                print(f"the same stream with feature-level DTD (cosine of the vision tower's outputs, "
+                      f"tau={default_threshold('cosine', 'feature')}; each step encoded once, on arrival):", flush=True)
+                feature = _play(srv.base_url, video, args, criterion="feature")
+                feature["steps_encoded"] = int(srv.metric("vllm_dtd_encoder_steps_total") - encoded)
+                print(f"vision tower in the API server: {feature['steps_encoded']} temporal steps encoded for "
+                      f"{len(feature['kept_per_step'])} steps streamed (the engine encoded none of them)", flush=True)
+                out[video.name] = {"vanilla": vanilla, "dtd": dtd, "dtd_cached": again, "stream": pixel, "stream_feature": feature}
     finally:
         shutil.rmtree(media, ignore_errors=True)
     return out
 
 
-def _play(base_url: str, video: Path, args) -> dict:
+def _play(base_url: str, video: Path, args, criterion: str = "pixel") -> dict:
     from analysis.lib.play import play, print_answer, print_event
     from analysis.lib.video import load_video
     from vllm_plugin.client import open_stream
 
     v = load_video(video, fps=args.fps)
-    s = open_stream(base_url, fps=args.fps, dtd_threshold=args.threshold, dtd_metric=args.metric)
+    settings = {"dtd_threshold": args.threshold, "dtd_metric": args.metric} if criterion == "pixel" else {"dtd_criterion": criterion}
+    s = open_stream(base_url, fps=args.fps, **settings)
     try:
         rec = play(s, v.frames, v.timestamps, ask_every=args.ask_every, question=args.question, speed=args.speed,
                    on_answer=print_answer, on_event=print_event)
@@ -126,11 +137,12 @@ def run_reference(args) -> dict:
     return out
 
 
-def clip_stats(res: dict) -> dict:
+def clip_stats(res: dict, stream: str = "stream") -> dict:
     """Kept tokens per temporal step of one clip: the live stream's causal DTD over every frame played
-    (served demo), else the one-request DTD stats (reference pipeline)."""
-    if "stream" in res:
-        st = res["stream"]
+    (served demo; ``stream="stream_feature"``: the feature-level stream), else the one-request DTD
+    stats (reference pipeline)."""
+    if stream in res:
+        st = res[stream]
         kept, per = st["kept_per_step"], st["tokens_per_step"]
         return {"kept_per_step": kept, "tokens_per_step": per, "kept": sum(kept), "total": per * len(kept),
                 "drop_ratio": 1 - sum(kept) / max(1, per * len(kept)), "step_seconds": st["step_seconds"]}
@@ -159,6 +171,10 @@ def side_by_side(res: dict, reference_only: bool) -> list[str]:
     rows.append((label, [f"{res[n]['dtd']['ttft_s'] * 1000:.0f} / {res[n]['vanilla']['ttft_s'] * 1000:.0f}" for n in names]))
     if not reference_only:
         rows.append(("stream questions: TTFT ms", [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream"]["questions"]) for n in names]))
+        feat = {n: clip_stats(res[n], "stream_feature") for n in names}
+        rows.append(("feature-level: kept", [f"{feat[n]['kept']} of {feat[n]['total']} ({feat[n]['drop_ratio']:.1%} dropped)" for n in names]))
+        rows.append(("feature stream: TTFT ms", [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream_feature"]["questions"])
+                                                 for n in names]))
     return [f"{label:<27}" + "".join(f"{v:>{w}}" for v in values) for label, values in rows]
 
 
@@ -194,11 +210,14 @@ def main(argv=None) -> int:
 
     figs = []
     for name, r in res.items():
-        s = clip_stats(r)
-        events = [e["time"] for e in r.get("stream", {}).get("events", []) if e["type"] == "scene_change"]
-        figs.append(kept_tokens_figure(s["kept_per_step"], s["tokens_per_step"],
-                                       times=[i * s["step_seconds"] for i in range(len(s["kept_per_step"]))], events=events,
-                                       title=f"DTD on {name}: kept tokens per temporal step (drop {s['drop_ratio']:.0%})"))
+        for key, level in (("stream", "pixel-level"), ("stream_feature", "feature-level")):
+            if key == "stream_feature" and key not in r:
+                continue
+            s = clip_stats(r, key)
+            events = [e["time"] for e in r.get(key, {}).get("events", []) if e["type"] == "scene_change"]
+            figs.append(kept_tokens_figure(s["kept_per_step"], s["tokens_per_step"],
+                                           times=[i * s["step_seconds"] for i in range(len(s["kept_per_step"]))], events=events,
+                                           title=f"{level} DTD on {name}: kept tokens per temporal step (drop {s['drop_ratio']:.0%})"))
     html = write_report(args.out / "kept_tokens.html", figs, "DTD demo: kept video tokens per temporal step")
     (args.out / "demo.json").write_text(json.dumps(res, indent=2, default=str))
     print(f"report: {html} (opens offline: plotly.js is beside it)")

@@ -2,14 +2,17 @@
 
 * :class:`DTDMultiModalProcessorMixin` (processing time, API server): runs the HF processor, takes
   each video's keep mask (given by the caller in the item's metadata, see :data:`GIVEN_MASK`, or
-  computed with :func:`vllm_plugin.core.pixel_keep_mask` on the processed patches), carries it with
-  the item (:data:`MASK_KEY`, one bool per LLM token, ``flat_from_sizes``) and emits only the kept
-  number of video placeholder tokens. Prompt length, prefix-cache block hashes and the KV cache all
-  see the reduced video.
+  decided here: pixel level with :func:`vllm_plugin.core.pixel_keep_mask` on the processed patches,
+  feature level with :func:`vllm_plugin.core.dtd_keep_mask` on the outputs of this process's vision
+  tower, :mod:`vllm_plugin.models.vision`), carries it with the item (:data:`MASK_KEY`, one bool per
+  LLM token, ``flat_from_sizes``) and emits only the kept number of video placeholder tokens. Feature
+  level also replaces the patches with the kept outputs (``video_embeds``). Prompt length,
+  prefix-cache block hashes and the KV cache all see the reduced video.
 * :class:`DTDProcessingInfoMixin`: ``dtd_*`` request keys never reach the HF processor loader.
-* :class:`DTDModelMixin` (engine): runs the vision encoder on the whole video (window attention
-  needs every patch), keeps exactly the masked rows, gives survivors their ORIGINAL (t, h, w) M-RoPE
-  positions (:func:`vllm_plugin.core.mrope_positions`).
+* :class:`DTDModelMixin` (engine): pixel level, runs the vision encoder on the whole video (window
+  attention needs every patch) and keeps exactly the masked rows; feature level, takes the API
+  server's kept rows as they are; either way survivors get their ORIGINAL (t, h, w) M-RoPE positions
+  (:func:`vllm_plugin.core.mrope_positions`).
 
 The hooks overridden here are vLLM's documented processor/model hooks; each is checked against the
 installed vLLM by :func:`vllm_plugin.entrypoints.vllm_patches.check_overrides` when a family module
@@ -82,13 +85,17 @@ def _given(given, shape: tuple[int, int, int], feature: bool):
 
 
 class DTDMultiModalProcessorMixin:
-    """Adds the DTD keep mask to Qwen-VL style processors (pixel level, at processing time).
+    """Adds the DTD keep mask to Qwen-VL style processors (at processing time, pixel or feature level).
 
     A video item may carry, in its metadata under :data:`GIVEN_MASK`, the keep mask its caller
     already decided (a stream decides each temporal step causally when its frames arrive, with the
-    previous chunk's last step as reference; the prompt then uses exactly that mask). It must match
-    the processed grid; it is taken out of the metadata before the HF processor sees it.
+    previous chunk's last step as reference; the prompt then uses exactly that mask), and at feature
+    level under :data:`GIVEN_EMBEDS` the kept outputs it already encoded (then the tower does not run
+    again). They must match the processed grid; they are taken out of the metadata before the HF
+    processor sees them.
     """
+
+    vision_tower: Optional[VisionTowerSpec] = None  # set by the family module: feature-level DTD
 
     def __init__(self, *args, **kwargs):
         # vLLM builds the processor in the API server's renderer (and in engine cores, for profiling,
@@ -100,8 +107,6 @@ class DTDMultiModalProcessorMixin:
             server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start
             if server.enabled and server.criterion == "feature":  # the server's default: load the tower now
                 vision.tower_for(self.vision_tower, model_config)
-
-    vision_tower: Optional[VisionTowerSpec] = None  # set by the family module: feature-level DTD
 
     def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
         videos = mm_items.get("video")

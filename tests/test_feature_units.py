@@ -217,3 +217,45 @@ def test_an_encoder_failure_leaves_the_stream_as_it_was(reference):
     with pytest.raises(StreamError) as e:
         s.add_frames(list(np.zeros((4, 56, 56, 3), dtype=np.uint8)))
     assert e.value.status == 503 and (len(s.frames), s.nbytes, queue.pending) == (0, 0, 0)
+
+
+def test_an_append_that_can_never_fit_the_encoder_queue_is_413(reference):
+    from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
+    from vllm_plugin.streams.session import StreamError, StreamManager, StreamSettings
+
+    queue = EncodeQueue(processor_patchify(reference.processor.video_processor), lambda v: [], max_pending_steps=2)
+    s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(criterion="feature")), encoder=queue)
+    with pytest.raises(StreamError) as e:
+        s.add_frames(list(np.zeros((6, 56, 56, 3), dtype=np.uint8)))  # 3 steps > 2: a retry would never help
+    assert e.value.status == 413 and (len(s.frames), queue.pending) == (0, 0)
+
+
+def test_kept_encoder_outputs_count_against_the_byte_caps(reference, tower, synthetic_clip):
+    from vllm_plugin.streams.session import StreamError
+
+    stream, queue = _feature_stream(reference, tower)
+    stream.add_frames(list(synthetic_clip.frames[:8]))
+    frame_bytes = sum(f.nbytes for f in stream.frames)
+    held = sum(e.numel() * e.element_size() for e in stream.step_embeds + stream.step_first)
+    assert held > 0 and stream.nbytes == frame_bytes + held
+    # a server whose byte cap the outputs would pass: 429, nothing of the append kept, queue released
+    stream._bytes.limit = stream._bytes.held + sum(f.nbytes for f in synthetic_clip.frames[8:12]) + 1
+    before = (len(stream.frames), stream.nbytes, len(stream.step_masks))
+    with pytest.raises(StreamError) as e:
+        stream.add_frames(list(synthetic_clip.frames[8:12]))
+    assert e.value.status == 429 and (len(stream.frames), stream.nbytes, len(stream.step_masks)) == before
+    assert queue.pending == 0
+    stream.release()
+    assert stream._bytes is None
+
+
+def test_a_tower_that_does_not_load_is_a_400_at_once_afterwards(monkeypatch):
+    from vllm_plugin.models import vision
+
+    model_config = SimpleNamespace(model="/nonexistent/model", revision=None, dtype=torch.float32,
+                                   hf_config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)))
+    spec = vision.VisionTowerSpec(SPEC)
+    for _ in range(2):
+        with pytest.raises(vision.EncoderUnavailable, match="dtd_criterion.*did not load"):
+            vision.tower_for(spec, model_config)
+    assert any(k[1] == "/nonexistent/model" for k in vision._FAILED)

@@ -42,6 +42,11 @@ def lookup(mm_hash: str) -> Optional[tuple[DTDStats, str]]:
 
 
 def _counters():
+    with _LOCK:  # the multimodal processor's thread and the stream encoder's worker both count
+        return _make_counters()
+
+
+def _make_counters():
     if not _metrics:
         from prometheus_client import Counter
 
@@ -59,24 +64,24 @@ def _counters():
     return _metrics
 
 
-def record_encoder(steps: int, seconds: float) -> None:
-    """Count temporal steps encoded by the API server's vision tower (each is encoded once)."""
+def _add(**amounts: float) -> None:
+    """Add to the named counters; metrics are best effort, never fail a request."""
     try:
         c = _counters()
-        c["encoder_steps"].inc(steps)
-        c["encoder_seconds"].inc(seconds)
-    except Exception:  # metrics are best effort, never fail a request
+        for name, amount in amounts.items():
+            c[name].inc(amount)
+    except Exception:
         logger.debug("DTD metrics unavailable", exc_info=True)
+
+
+def record_encoder(steps: int, seconds: float) -> None:
+    """Count temporal steps encoded by the API server's vision tower (each is encoded once)."""
+    _add(encoder_steps=steps, encoder_seconds=seconds)
 
 
 def record_timing(decision_s: float = 0.0, preprocess_s: float = 0.0) -> None:
     """Add DTD decision time and video preprocessing time (decoding, processor), in seconds."""
-    try:
-        c = _counters()
-        c["decision"].inc(decision_s)
-        c["preprocess"].inc(preprocess_s)
-    except Exception:  # metrics are best effort, never fail a request
-        logger.debug("DTD metrics unavailable", exc_info=True)
+    _add(decision=decision_s, preprocess=preprocess_s)
 
 
 def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:

@@ -154,7 +154,10 @@ def _wrap_validate(original):
         dtd, rest = split_dtd_kwargs(mm_processor_kwargs)
         if dtd:
             try:
-                dtd_config_from_kwargs(dtd)
+                # without dtd_metric the server's default metric (or criterion) decides the range of
+                # dtd_threshold: check against the widest one here; the processor checks the merged
+                # setting again (also a 400)
+                dtd_config_from_kwargs(dtd if "dtd_metric" in dtd else {**dtd, "dtd_metric": "cosine"})
             except ValueError as e:
                 field = str(e).split(":", 1)[0]
                 raise VLLMValidationError(f"mm_processor_kwargs.{e}", parameter=f"mm_processor_kwargs.{field}") from None

@@ -9,6 +9,9 @@ DTD: where the encoder runs".
 
 One tower per API-server process, loaded on first use (or at start when the server's default
 criterion is ``feature``); ``DTD_FEATURE_ENCODER=off`` disables it (feature requests then get a 400).
+``DTD_FEATURE_ENCODER_DEVICE`` puts it on a device (default: ``cuda`` when there is one, else the
+CPU); ``DTD_FEATURE_ENCODER_MAX_STEPS`` bounds the temporal steps of one tower call (activation
+memory), 16 by default.
 
 Qwen2-VL / Qwen2.5-VL vision attention never crosses temporal steps (window and full attention are
 both per frame group), so encoding step by step (streams, on arrival) gives the outputs of encoding
@@ -32,6 +35,8 @@ from vllm_plugin.entrypoints import request_stats
 
 logger = logging.getLogger("vllm.dtd_plugin")
 ENV = "DTD_FEATURE_ENCODER"  # "api" (default): a tower in each API-server process; "off": none
+DEVICE_ENV = "DTD_FEATURE_ENCODER_DEVICE"
+MAX_STEPS_ENV = "DTD_FEATURE_ENCODER_MAX_STEPS"
 
 
 class EncoderUnavailable(ValueError):
@@ -59,10 +64,11 @@ class VisionTower:
     float32 (grid_t * grid_h/merge * grid_w/merge, hidden) on the CPU, in (t, h, w) raster order.
     """
 
-    def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device):
+    def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device, max_steps: int = 16):
         self.module = module.eval()
         self.merge_size = merge_size
         self.device = device
+        self.max_steps = max(1, int(max_steps))  # temporal steps per tower call
         self.dtype = next(module.parameters()).dtype
         self._lock = threading.Lock()  # one encode at a time per process (the tower is not re-entrant on GPUs)
         self.steps = 0  # temporal steps encoded by this process
@@ -73,12 +79,14 @@ class VisionTower:
              revision: Optional[str] = None, device: Optional[str] = None) -> "VisionTower":
         from safetensors import safe_open
 
-        files = _weight_files(model_path, revision)
+        import copy
+
+        files = _weight_files(model_path, revision, spec.prefixes)
         tower_cls = spec.load_class()
-        config = vision_config
+        config = copy.deepcopy(vision_config)  # vLLM's config object stays as it is
         if getattr(config, "_attn_implementation", None) is None:
             config._attn_implementation = "sdpa"
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = torch.device(device or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
         module = tower_cls._from_config(config, dtype=dtype)
         state = {}
         for f in files:
@@ -93,13 +101,21 @@ class VisionTower:
         if missing or unexpected or not state:
             raise RuntimeError(f"vision tower weights of {model_path} do not fit {spec.cls}: "
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}, found {len(state)}")
-        module.to(device=dev, dtype=dtype)
+        module.to(device=dev)  # weights are in dtype already; float32 buffers (rotary inv_freq) stay float32
         logger.info("DTD: vision tower %s loaded in this API-server process (%s, %s, %.0f M parameters) for feature-level DTD",
                     spec.cls.split(":")[1], dev, dtype, sum(p.numel() for p in module.parameters()) / 1e6)
-        return cls(module, int(vision_config.spatial_merge_size), dev)
+        return cls(module, int(vision_config.spatial_merge_size), dev, int(os.environ.get(MAX_STEPS_ENV) or 16))
 
     def encode(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
-        return self.encode_many([(pixel_values, grid_thw)])[0]
+        """One video, ``max_steps`` temporal steps per tower call (bounded activation memory; attention
+        never crosses temporal steps, so the rows are those of one call)."""
+        t, h, w = (int(x) for x in torch.as_tensor(grid_thw).reshape(3).tolist())
+        per_step = h * w
+        parts = []
+        for a in range(0, t, self.max_steps):
+            k = min(self.max_steps, t - a)
+            parts += self.encode_many([(pixel_values[a * per_step:(a + k) * per_step], (k, h, w))])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.no_grad()
     def encode_many(self, videos: list) -> list[torch.Tensor]:
@@ -115,7 +131,7 @@ class VisionTower:
             out = getattr(out, "pooler_output", out)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            out = out.float().cpu()
+            out = out.cpu()  # the model's dtype (the engine's too); decisions compute in float32
             seconds = time.perf_counter() - t0
             steps = int(grids[:, 0].sum())
             self.steps += steps
@@ -127,20 +143,35 @@ class VisionTower:
         return list(out.split(sizes))
 
 
-def _weight_files(model_path: str, revision: Optional[str]) -> list[str]:
+def _weight_files(model_path: str, revision: Optional[str], prefixes: tuple[str, ...] = ("visual.",)) -> list[str]:
+    """The checkpoint's safetensors files that hold vision-tower weights (the index, when there is one,
+    says which shards; only those are read, or downloaded for a hub id not in the local cache)."""
+    import json
+
+    def pick(root: str, names: list[str]) -> list[str]:
+        index = os.path.join(root, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            weight_map = json.load(open(index)).get("weight_map", {})
+            names = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
+        return [os.path.join(root, n) for n in names]
+
     if os.path.isdir(model_path):
-        files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
-    else:  # a hub id: the snapshot vLLM itself resolved (local cache first)
+        files = pick(model_path, sorted(os.path.basename(f) for f in glob.glob(os.path.join(model_path, "*.safetensors"))))
+    else:  # a hub id: the snapshot vLLM itself resolved (local cache first), vision shards only
         from huggingface_hub import snapshot_download
 
-        root = snapshot_download(model_path, revision=revision, allow_patterns=["*.safetensors"])
-        files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
+        root = snapshot_download(model_path, revision=revision, allow_patterns=["*.json"])
+        names = [os.path.basename(f) for f in pick(root, [])] or ["*.safetensors"]
+        root = snapshot_download(model_path, revision=revision, allow_patterns=names)
+        files = pick(root, sorted(os.path.basename(f) for f in glob.glob(os.path.join(root, "*.safetensors"))))
+    files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise RuntimeError(f"no *.safetensors weights under {model_path}: the vision tower cannot be loaded")
     return files
 
 
 _TOWERS: dict[tuple, VisionTower] = {}
+_FAILED: dict[tuple, str] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -162,10 +193,17 @@ def tower_for(spec: Optional[VisionTowerSpec], model_config) -> VisionTower:
     if tower is not None:
         return tower
     with _LOAD_LOCK:
+        if key in _FAILED:
+            raise EncoderUnavailable(f"dtd_criterion: 'feature' is not available: the vision tower did not load ({_FAILED[key]})")
         if key not in _TOWERS:
             dtype = model_config.dtype if isinstance(model_config.dtype, torch.dtype) else torch.float32
-            _TOWERS[key] = VisionTower.load(spec, model_config.model, model_config.hf_config.vision_config, dtype,
-                                            revision=getattr(model_config, "revision", None))
+            try:
+                _TOWERS[key] = VisionTower.load(spec, model_config.model, model_config.hf_config.vision_config, dtype,
+                                                revision=getattr(model_config, "revision", None))
+            except Exception as e:  # remembered: later requests get a 400 at once, not another load
+                logger.error("DTD: the vision tower for feature-level DTD did not load: %s", e)
+                _FAILED[key] = str(e)[:300]
+                raise EncoderUnavailable(f"dtd_criterion: 'feature' is not available: the vision tower did not load ({e})") from e
         return _TOWERS[key]
 
 

@@ -46,7 +46,11 @@ class EncodeQueue:
         self._worker.start()
 
     def reserve(self, steps: int) -> None:
-        """Take room for ``steps`` temporal steps or raise 429 (nothing reserved)."""
+        """Take room for ``steps`` temporal steps or raise 429 (nothing reserved); 413 when they could
+        never fit."""
+        if steps > self.max_pending_steps:
+            raise StreamError(f"one append completes {steps} temporal steps; the vision encoder's queue holds at most "
+                              f"{self.max_pending_steps}: send fewer frames per append", 413)
         with self._cv:
             if self.pending + steps > self.max_pending_steps:
                 raise StreamError(

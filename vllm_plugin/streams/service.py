@@ -107,6 +107,7 @@ class StreamService:
         self.tower_spec = getattr(mm_processor, "vision_tower", None)
         self._encoder: Optional[EncodeQueue] = None
         self._encoder_lock = threading.Lock()
+        self.prefix_caching = bool(getattr(engine_client.vllm_config.cache_config, "enable_prefix_caching", True))
 
     def encoder(self) -> EncodeQueue:
         """This process's encode-on-arrival queue (loads the vision tower on first use: call it off the
@@ -142,6 +143,8 @@ class StreamService:
         conversation = ChatPrompt(self.tokenizer, self.chat_template)  # a template that cannot serve fails before a slot is taken
         feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
         stream = self.manager.open(settings, encoder=self.encoder() if feature else None)
+        if settings.prefill == "eager" and not self.prefix_caching:
+            stream.eager_stopped = "prefix caching is off on this server: eager prefill would be recomputed at every question"
         stream.conversation = conversation
         return stream
 
@@ -165,9 +168,10 @@ class StreamService:
         return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference,
                 "dtd_criterion": c.criterion}
 
-    def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
+    async def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
-        items = stream.video_items()
+        # off the event loop: an append may hold the stream's frame lock while its steps are encoded
+        items = await asyncio.to_thread(stream.video_items)
         if items:
             prompt["multi_modal_data"] = {"video": items}
             prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
@@ -175,7 +179,8 @@ class StreamService:
 
     def after_append(self, stream: Stream) -> None:
         """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
-        if stream.settings.prefill != "eager" or stream.prefill_task is not None or not stream.uncut_kept():
+        if (stream.settings.prefill != "eager" or stream.eager_stopped or stream.prefill_task is not None
+                or not stream.uncut_kept()):
             return
         task = asyncio.get_running_loop().create_task(self.prefill(stream))
         stream.prefill_task = task
@@ -194,26 +199,30 @@ class StreamService:
         try:
             while True:
                 async with stream.chat_lock:
-                    if stream.closed or not stream.uncut_kept():
+                    if stream.closed or stream.eager_stopped or not stream.uncut_kept():
                         return
-                    chunk = stream.cut_chunk()
-                    if chunk is None:
-                        return
+                    chunk = None
                     try:
+                        chunk = await asyncio.to_thread(stream.cut_chunk)
+                        if chunk is None:
+                            return
                         prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
                         if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
                             raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
                         rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
                         params = SamplingParams(max_tokens=1, temperature=0.0)
-                        async for _ in self.engine.generate(self._prompt(stream, prompt_ids), params, rid,
+                        async for _ in self.engine.generate(await self._prompt(stream, prompt_ids), params, rid,
                                                             data_parallel_rank=self.dp_rank(stream)):
                             pass
                     except BaseException as e:
-                        stream.drop_last_chunk()  # its steps go with the next question (or the next prefill)
+                        if chunk is not None:
+                            stream.drop_last_chunk()  # its steps go with the next question
                         if not isinstance(e, Exception):
                             raise
-                        logger.warning("DTD stream %s: eager prefill failed: %s", stream.id, e)
-                        stream.add_event({"type": "error", "message": f"eager prefill failed: {e}"})
+                        # stop, once: the stream goes on lazily (questions prefill what arrived)
+                        stream.eager_stopped = f"eager prefill failed: {e}"
+                        logger.warning("DTD stream %s: %s; the stream continues with lazy prefill", stream.id, stream.eager_stopped)
+                        stream.add_event({"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"})
                         return
                     stream.conversation.open_videos += 1
                     stream.prefills += 1
@@ -225,14 +234,14 @@ class StreamService:
         from vllm import SamplingParams
 
         async with stream.chat_lock:
-            chunk = stream.cut_chunk()
+            chunk = await asyncio.to_thread(stream.cut_chunk)
             videos = stream.conversation.open_videos + (chunk is not None)
             try:
                 prompt_ids = stream.conversation.next_turn(question, videos)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
                                       f"tokens and this conversation already has at least {len(prompt_ids)}")
-                prompt = self._prompt(stream, prompt_ids)
+                prompt = await self._prompt(stream, prompt_ids)
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None

@@ -221,6 +221,8 @@ class Stream:
             raise StreamError("dtd_criterion: 'feature' needs the server's vision tower, which is not available here")
         self.step_embeds: list[torch.Tensor] = []
         self.step_first: list[torch.Tensor] = []
+        self._submitted = False  # this append's steps went to the encoder (it releases their reservation)
+        self.eager_stopped: Optional[str] = None  # why eager prefill stopped for this stream (then lazy)
         self.kept_per_step: list[int] = []
         self.tokens_per_step = 0
         self.events: list[dict] = []
@@ -299,9 +301,12 @@ class Stream:
             self.nbytes += add_bytes
             self.touch()
             done = len(self.kept_per_step)
+            self._submitted = False
             try:
                 events = self._analyze(reserved=new_steps if self.feature else 0)
             except Exception as e:  # nothing of this append is kept: the stream stays as it was
+                if self.feature and new_steps and not self._submitted:
+                    self.encoder.release(new_steps)  # the queue releases what it was given
                 del self.frames[-len(resized):], self.timestamps[-len(resized):]
                 self.nbytes -= add_bytes
                 if self._bytes is not None:
@@ -328,7 +333,9 @@ class Stream:
         if self.feature:
             if reserved != steps:
                 raise RuntimeError(f"{steps} new temporal steps, {reserved} reserved with the encoder")
-            return self.encoder.submit(frames, steps).result().view(steps, H, W, -1)
+            future = self.encoder.submit(frames, steps)
+            self._submitted = True
+            return future.result().view(steps, H, W, -1)
         return frame_tokens(torch.from_numpy(frames), merge_size=g.merge_size, patch_size=g.patch_size,
                             temporal_patch_size=g.temporal_patch_size)
 
@@ -339,15 +346,25 @@ class Stream:
             return []
         tokens = self._step_tokens(np.stack(self.frames[done * tps : self.steps * tps]), self.steps - done, reserved)
         cfg = self.settings.dtd
+        ref = self._ref_tokens
         if cfg.enabled:
             mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
-            self._ref_tokens = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
+            ref = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
         else:  # DTD off: every token is served, so every token is counted
             mask = torch.ones(tokens.shape[:3], dtype=torch.bool)
         if self.feature:
-            for t in range(tokens.shape[0]):
-                self.step_embeds.append(tokens[t][mask[t]].clone())
-                self.step_first.append(tokens[t, 0, 0].clone())
+            embeds = [tokens[t][mask[t]].clone() for t in range(tokens.shape[0])]
+            firsts = [tokens[t, 0, 0].clone() for t in range(tokens.shape[0])]
+            # kept encoder outputs are held like frames: against the stream's and the server's byte caps
+            extra = sum(e.numel() * e.element_size() for e in embeds + firsts)
+            if self.nbytes + extra > self.limits.max_bytes:
+                raise StreamError(f"stream is full: at most {self.limits.max_bytes} bytes of frames and kept encoder outputs", 409)
+            if self._bytes is not None:
+                self._bytes.reserve(extra)
+            self.nbytes += extra
+            self.step_embeds += embeds
+            self.step_first += firsts
+        self._ref_tokens = ref
         self.tokens_per_step = int(mask[0].numel())
         self.step_masks.extend(mask.unbind(0))
         new_events = []
@@ -406,6 +423,8 @@ class Stream:
                 mask = torch.stack(self.step_masks[a // tps : b // tps])
                 if self.feature:
                     embeds = torch.cat(self.step_embeds[a // tps : b // tps])
+                    # one copy: the steps' rows become views of the chunk's
+                    self.step_embeds[a // tps : b // tps] = list(embeds.split([len(e) for e in self.step_embeds[a // tps : b // tps]]))
                     if not mask.any():  # nothing kept in the whole chunk: serve its first token
                         mask = mask.clone()
                         mask.view(-1)[0] = True
@@ -439,7 +458,9 @@ class Stream:
                     "criterion": self.settings.dtd.criterion},
             "prefill": self.settings.prefill,
             # eager: frames that arrived are not all in the KV cache yet (a prefill runs or is about to)
-            "prefill_pending": self.settings.prefill == "eager" and (self.prefill_task is not None or self.uncut_kept() > 0),
+            "prefill_pending": self.settings.prefill == "eager" and not self.eager_stopped
+                               and (self.prefill_task is not None or self.uncut_kept() > 0),
+            "eager_stopped": self.eager_stopped,
             "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
         }
 

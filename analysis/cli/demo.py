@@ -175,6 +175,7 @@ def side_by_side(res: dict, reference_only: bool) -> list[str]:
         rows.append(("feature-level: kept", [f"{feat[n]['kept']} of {feat[n]['total']} ({feat[n]['drop_ratio']:.1%} dropped)" for n in names]))
         rows.append(("feature stream: TTFT ms", [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream_feature"]["questions"])
                                                  for n in names]))
+    w = max(w, *(len(v) + 2 for _, values in rows for v in values))
     return [f"{label:<27}" + "".join(f"{v:>{w}}" for v in values) for label, values in rows]
 
 

@@ -259,3 +259,34 @@ def test_a_tower_that_does_not_load_is_a_400_at_once_afterwards(monkeypatch):
         with pytest.raises(vision.EncoderUnavailable, match="dtd_criterion.*did not load"):
             vision.tower_for(spec, model_config)
     assert any(k[1] == "/nonexistent/model" for k in vision._FAILED)
+
+
+def test_a_question_does_not_wait_for_an_append_being_encoded(reference):
+    """Cutting a chunk (a question, an eager prefill: on the event loop) takes the analysed steps at
+    once; it never waits for the tower working on another append of the stream."""
+    from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
+    from vllm_plugin.streams.session import StreamManager, StreamSettings
+
+    gate = threading.Event()
+    gate.set()
+
+    def gated(videos):
+        gate.wait(30)
+        return [torch.ones(int(torch.as_tensor(g).prod()) // 4, 8) for _, g in videos]
+
+    queue = EncodeQueue(processor_patchify(reference.processor.video_processor), gated, max_pending_steps=8)
+    s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(criterion="feature")), encoder=queue)
+    frames = list(np.zeros((4, 56, 56, 3), dtype=np.uint8))
+    s.add_frames(frames)  # 2 steps, analysed
+    gate.clear()
+    worker = threading.Thread(target=s.add_frames, args=(frames,))  # 2 more, held in the tower
+    worker.start()
+    deadline = time.monotonic() + 30
+    while queue.pending < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert s.cut_chunk() == (0, 4) and len(s.video_items()) == 1
+    assert time.monotonic() - t0 < 5 and worker.is_alive()
+    gate.set()
+    worker.join(30)
+    assert s.cut_chunk() == (4, 8) and len(s.video_items()) == 2

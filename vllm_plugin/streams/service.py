@@ -168,10 +168,9 @@ class StreamService:
         return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference,
                 "dtd_criterion": c.criterion}
 
-    async def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
+    def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
-        # off the event loop: an append may hold the stream's frame lock while its steps are encoded
-        items = await asyncio.to_thread(stream.video_items)
+        items = stream.video_items()  # the stream's chunk lock: never held while encoding
         if items:
             prompt["multi_modal_data"] = {"video": items}
             prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
@@ -203,7 +202,7 @@ class StreamService:
                         return
                     chunk = None
                     try:
-                        chunk = await asyncio.to_thread(stream.cut_chunk)
+                        chunk = stream.cut_chunk()  # no await between the cut and the try: nothing orphans it
                         if chunk is None:
                             return
                         prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
@@ -211,7 +210,7 @@ class StreamService:
                             raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
                         rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
                         params = SamplingParams(max_tokens=1, temperature=0.0)
-                        async for _ in self.engine.generate(await self._prompt(stream, prompt_ids), params, rid,
+                        async for _ in self.engine.generate(self._prompt(stream, prompt_ids), params, rid,
                                                             data_parallel_rank=self.dp_rank(stream)):
                             pass
                     except BaseException as e:
@@ -234,14 +233,14 @@ class StreamService:
         from vllm import SamplingParams
 
         async with stream.chat_lock:
-            chunk = await asyncio.to_thread(stream.cut_chunk)
+            chunk = stream.cut_chunk()  # synchronous: a cancelled question cannot leave a cut chunk behind
             videos = stream.conversation.open_videos + (chunk is not None)
             try:
                 prompt_ids = stream.conversation.next_turn(question, videos)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
                                       f"tokens and this conversation already has at least {len(prompt_ids)}")
-                prompt = await self._prompt(stream, prompt_ids)
+                prompt = self._prompt(stream, prompt_ids)
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None

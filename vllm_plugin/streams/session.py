@@ -232,7 +232,10 @@ class Stream:
         self._items: list[tuple[np.ndarray, dict]] = []
         self.conversation = None  # a vllm_plugin.streams.prompt.ChatPrompt, set by the service
         self.questions = 0
-        self.frames_lock = threading.Lock()  # appends and chunk cuts
+        self.frames_lock = threading.Lock()  # appends (held while their steps are analysed, or encoded)
+        # chunk cuts and items: held briefly, never while encoding, so the event loop may take it; a
+        # chunk holds analysed steps only (their masks exist), whatever an append is doing
+        self.chunks_lock = threading.Lock()
         self._size_lock = threading.Lock()
         self._bytes = bytes_account
         self.chat_lock = asyncio.Lock()  # one question (or eager prefill) at a time per stream
@@ -387,10 +390,10 @@ class Stream:
 
     # -- questions ------------------------------------------------------------------------------
     def cut_chunk(self) -> Optional[tuple[int, int]]:
-        """Make the complete steps not yet in a chunk the next video item (None if there are none)."""
-        with self.frames_lock:
+        """Make the analysed temporal steps not yet in a chunk the next video item (None if there are none)."""
+        with self.chunks_lock:
             start = self.chunks[-1][1] if self.chunks else 0
-            end = self.steps * self.geometry.temporal_patch_size
+            end = len(self.kept_per_step) * self.geometry.temporal_patch_size
             if end <= start:
                 return None
             if len(self.chunks) >= self.limits.max_chunks:
@@ -409,7 +412,7 @@ class Stream:
         (built once per chunk: chunks never change). The metadata carries the chunk's keep mask, bool
         (T, H, W): the masks its steps got when they arrived."""
         tps = self.geometry.temporal_patch_size
-        with self.frames_lock:
+        with self.chunks_lock:
             for k in range(len(self._items), len(self.chunks)):
                 a, b = self.chunks[k]
                 frames = np.stack(self.frames[a:b])
@@ -441,7 +444,7 @@ class Stream:
         return [f"{self.id}/chunk{k}/{a}-{b}" for k, (a, b) in enumerate(self.chunks)]
 
     def drop_last_chunk(self) -> None:
-        with self.frames_lock:
+        with self.chunks_lock:
             self.chunks.pop()
             del self._items[len(self.chunks):]
 

@@ -20,8 +20,10 @@ the whole video.
 
 from __future__ import annotations
 
+import copy
 import glob
 import importlib
+import json
 import logging
 import os
 import threading
@@ -61,7 +63,8 @@ class VisionTower:
 
     :meth:`encode` maps processed patches to merged outputs, one row per LLM token:
     ``pixel_values`` (grid_t * grid_h * grid_w, C * tps * patch²) and ``grid_thw`` (3,) to
-    float32 (grid_t * grid_h/merge * grid_w/merge, hidden) on the CPU, in (t, h, w) raster order.
+    (grid_t * grid_h/merge * grid_w/merge, hidden) in the tower's dtype, on the CPU, in (t, h, w)
+    raster order.
     """
 
     def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device, max_steps: int = 16):
@@ -78,8 +81,6 @@ class VisionTower:
     def load(cls, spec: VisionTowerSpec, model_path: str, vision_config, dtype: torch.dtype,
              revision: Optional[str] = None, device: Optional[str] = None) -> "VisionTower":
         from safetensors import safe_open
-
-        import copy
 
         files = _weight_files(model_path, revision, spec.prefixes)
         tower_cls = spec.load_class()
@@ -146,7 +147,6 @@ class VisionTower:
 def _weight_files(model_path: str, revision: Optional[str], prefixes: tuple[str, ...] = ("visual.",)) -> list[str]:
     """The checkpoint's safetensors files that hold vision-tower weights (the index, when there is one,
     says which shards; only those are read, or downloaded for a hub id not in the local cache)."""
-    import json
 
     def pick(root: str, names: list[str]) -> list[str]:
         index = os.path.join(root, "model.safetensors.index.json")

@@ -17,6 +17,7 @@ Two entry points with different trust:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -165,6 +166,47 @@ def _frames_from_header(container, stream) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
+    """Open a client's video bytes: ``(container, its first video stream)``, closed on exit.
+
+    Only :data:`UPLOAD_FORMATS` (demuxer chosen from the leading bytes, nested opens refused), at
+    most :data:`MAX_UPLOAD_TRACKS` tracks, codecs of :data:`UPLOAD_CODECS`, and FFmpeg's own
+    ``max_pixels`` limit on the decoders (frames decoded while opening included). The frame size
+    is checked from the codec parameters before anything is decoded. Raises
+    :class:`MediaTooLarge` / :class:`VideoDecodeError` (FFmpeg's errors while opening included).
+    """
+    import av
+
+    if not data:
+        raise VideoDecodeError("empty video data")
+    fmt = sniff_container(data)
+    capped = {"max_pixels": str(max_frame_pixels)}
+    try:
+        container = av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
+                            container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS)},
+                            stream_options=[capped] * MAX_UPLOAD_TRACKS)
+    except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
+        raise MediaTooLarge(f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
+                            f"{max_frame_pixels} pixels per frame)") from e
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(f"cannot decode {what}: {e}") from e
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{what} has no video stream")
+        stream = container.streams.video[0]
+        if stream.codec_context.name not in UPLOAD_CODECS:
+            raise VideoDecodeError(f"video codec {stream.codec_context.name!r} is not accepted "
+                                   f"(accepted: {', '.join(UPLOAD_CODECS)})")
+        stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
+        w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if w <= 0 or h <= 0:
+            raise VideoDecodeError(f"{what} declares no frame size")
+        if w * h > max_frame_pixels:
+            raise MediaTooLarge(f"video frames of {w}x{h} pixels exceed the limit of {max_frame_pixels} pixels per frame")
+        yield container, stream
+
+
 def decode_video_upload(
     data: bytes,
     fps: float,
@@ -185,26 +227,11 @@ def decode_video_upload(
 
     if not data:
         raise VideoDecodeError("empty video data")
-    fmt = sniff_container(data)
     out: list[np.ndarray] = []
     times: list[float] = []
     try:
-        capped = {"max_pixels": str(max_frame_pixels)}
-        with av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
-                     container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS)},
-                     stream_options=[capped] * MAX_UPLOAD_TRACKS) as container:
-            if not container.streams.video:
-                raise VideoDecodeError("the video chunk has no video stream")
-            stream = container.streams.video[0]
-            if stream.codec_context.name not in UPLOAD_CODECS:
-                raise VideoDecodeError(f"video codec {stream.codec_context.name!r} is not accepted "
-                                       f"(accepted: {', '.join(UPLOAD_CODECS)})")
-            stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
-            w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
-            if w <= 0 or h <= 0:
-                raise VideoDecodeError("the video chunk declares no frame size")
-            if w * h > max_frame_pixels:
-                raise MediaTooLarge(f"video frames of {w}x{h} pixels exceed the limit of {max_frame_pixels} pixels per frame")
+        with open_untrusted(data, max_frame_pixels, what="the video chunk") as (container, stream):
+            w, h = int(stream.codec_context.width), int(stream.codec_context.height)
             declared = _frames_from_header(container, stream)
             if declared * w * h > max_decoded_pixels:
                 raise MediaTooLarge(

@@ -10,9 +10,11 @@ does not fit:
   what is applied in this process.
 
   1. ``renderers.online_renderer.validate_request_mm_kwargs``: vLLM refuses every per-request
-     ``mm_processor_kwargs`` key unless the server runs with ``--trust-request-mm-kwargs``. The
-     ``dtd_*`` keys only ever reduce work: they are validated here (bad value -> 400 naming the
-     field) and let through; every other key keeps vLLM's own rule.
+     ``mm_processor_kwargs`` / ``media_io_kwargs`` key unless the server runs with
+     ``--trust-request-mm-kwargs``. The ``dtd_*`` processor keys only ever reduce work, and
+     ``media_io_kwargs.video.fast_decode`` only picks one of two decoders of the same frames: they
+     are validated here (bad value -> 400 naming the field) and let through; every other key keeps
+     vLLM's own rule.
   2. ``OnlineRenderer.preprocess_chat`` / ``preprocess_cmpl``: after preprocessing, the request
      task looks up the DTD stats of its prompt's videos (the processor runs in a thread pool, where
      the request's context is not visible) for the ``x-dtd-stats`` header and the log line.
@@ -148,6 +150,7 @@ def _wrap_validate(original):
     from vllm.exceptions import VLLMValidationError
 
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
+    from vllm_plugin.entrypoints.video_loader import split_request_options
 
     @functools.wraps(original)
     def validate_request_mm_kwargs(*, mm_processor_kwargs, media_io_kwargs, trust_request_mm_kwargs):
@@ -161,9 +164,14 @@ def _wrap_validate(original):
             except ValueError as e:
                 field = str(e).split(":", 1)[0]
                 raise VLLMValidationError(f"mm_processor_kwargs.{e}", parameter=f"mm_processor_kwargs.{field}") from None
+        try:
+            _, media_rest = split_request_options(media_io_kwargs)
+        except ValueError as e:
+            field = str(e).split(":", 1)[0]
+            raise VLLMValidationError(f"media_io_kwargs.{e}", parameter=f"media_io_kwargs.{field}") from None
         return original(
             mm_processor_kwargs=rest or None,
-            media_io_kwargs=media_io_kwargs,
+            media_io_kwargs=media_rest,
             trust_request_mm_kwargs=trust_request_mm_kwargs,
         )
 

@@ -36,7 +36,7 @@ from vllm.multimodal.processing import ProcessorInputs, PromptReplacement
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
 from vllm_plugin.core import PatchLayout, dtd_keep_mask, mask_digest, mask_stats, mrope_positions, pixel_keep_mask
-from vllm_plugin.entrypoints import request_stats, vllm_patches
+from vllm_plugin.entrypoints import request_stats, video_loader, vllm_patches
 from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, dtd_config_from_kwargs, split_dtd_kwargs
 from vllm_plugin.models import vision
 from vllm_plugin.models.vision import VisionTowerSpec
@@ -107,6 +107,9 @@ class DTDMultiModalProcessorMixin:
             server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start
             if server.enabled and server.criterion == "feature":  # the server's default: load the tower now
                 vision.tower_for(self.vision_tower, model_config)
+            vp = getattr(self.info.get_hf_processor(), "video_processor", None)
+            if vp is not None:  # video_url requests: decode only the sampled frames, at the processor's size
+                video_loader.install(model_config, vp, dict(model_config.mm_processor_kwargs or {}))
 
     def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
         videos = mm_items.get("video")
@@ -114,6 +117,7 @@ class DTDMultiModalProcessorMixin:
         if videos is not None:
             data = []
             for item in videos.data:
+                video_loader.check_request(item, hf_kwargs)
                 if isinstance(item, tuple) and isinstance(item[1], Mapping) and GIVEN_MASK in item[1]:
                     meta = dict(item[1])
                     given.append((meta.pop(GIVEN_MASK), meta.pop(GIVEN_EMBEDS, None)))

@@ -17,13 +17,16 @@ Q = "what happens"
 ENCODED = "vllm_dtd_encoder_steps_total"
 
 
-def _chat(srv, video, **mm):
+def _chat(srv, video, media_io=None, **mm):
     import json
 
     client = srv.client()
+    extra = {"return_tokens_as_token_ids": True, "mm_processor_kwargs": mm}
+    if media_io:  # e.g. vLLM's own video loader: {"video": {"fast_decode": false}}
+        extra["media_io_kwargs"] = media_io
     raw = client.chat.completions.with_raw_response.create(
         model=srv.model, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5,
-        extra_body={"return_tokens_as_token_ids": True, "mm_processor_kwargs": mm},
+        extra_body=extra,
         messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}}, {"type": "text", "text": Q}]}],
     )
     return raw.parse(), json.loads(raw.headers["x-dtd-stats"])["videos"]
@@ -47,7 +50,9 @@ def test_served_feature_dtd_equals_the_reference_pipeline(dtd_server, reference,
     assert 0 < int(prepared.mask.sum()) < prepared.mask.numel()
 
     before = dtd_server.metric(ENCODED) or 0.0
-    resp, (s,) = _chat(dtd_server, path, **mm)
+    # the real clip through vLLM's own loader: the reference resizes with the HF processor (the
+    # plugin's loader with swscale; tests/test_video_loader_serving.py); the synthetic one is not resized
+    resp, (s,) = _chat(dtd_server, path, None if clip == "synthetic" else {"video": {"fast_decode": False}}, **mm)
     assert s["mask_sha256"] == mask_digest(prepared.mask)
     assert resp.usage.prompt_tokens == prepared.num_prompt_tokens
     assert dtd_server.metric(ENCODED) - before == video.grid_thw[0]  # every temporal step once, none in the engine

@@ -27,11 +27,18 @@ def _with_headers(client, *args, **kwargs):
     return raw.parse(), raw.headers
 
 
-def _chat_with_stats(srv, video, **mm):
+# vLLM's own video loader (bit-identical frames): the reference pipeline resizes with the HF processor,
+# the plugin's default loader with swscale (tests/test_video_loader_serving.py compares the two)
+EXACT_LOADER = {"video": {"fast_decode": False}}
+
+
+def _chat_with_stats(srv, video, media_io=None, **mm):
     client = srv.client()
     extra = {"return_tokens_as_token_ids": True}
     if mm:
         extra["mm_processor_kwargs"] = mm
+    if media_io:
+        extra["media_io_kwargs"] = media_io
     resp, headers = _with_headers(
         client, model=srv.model, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5, extra_body=extra,
         messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}}, {"type": "text", "text": Q}]}],
@@ -84,7 +91,8 @@ def test_served_equals_core_mask_and_reference_pipeline(dtd_server, reference, s
     video = reference.process_video(v.frames, v.fps)
     mask = dtd_keep_mask(pixel_tokens(video.pixel_values, video.grid_thw), cfg.threshold, cfg.metric, cfg.reference)
 
-    resp, (s,) = _chat_with_stats(dtd_server, path, **mm)
+    # the synthetic clip is not resized (224x224): the plugin's loader gives the same pixels
+    resp, (s,) = _chat_with_stats(dtd_server, path, media_io=None if clip == "synthetic" else EXACT_LOADER, **mm)
     assert s["mask_sha256"] == mask_digest(mask)
     assert s["kept"] == int(mask.sum()) < s["total"]
 

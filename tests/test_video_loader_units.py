@@ -218,3 +218,31 @@ def test_request_options():
     with pytest.raises(ValueError, match="fast_decode"):
         vl.check_request(scaled, {"max_pixels": 100000})
     vl.check_request((scaled[0], {"video_backend": "opencv"}), {"max_pixels": 100000})  # vLLM's frames: fine
+
+
+def test_other_codecs_and_frame_recovery_stay_vllms(clips, monkeypatch):
+    """GPU codecs (torchcodec on CUDA, PyNvVideoCodec, DeepStream) and OpenCV's frame recovery are
+    vLLM's own paths: the loader hands them over untouched."""
+    import vllm.multimodal.video as vmv
+
+    calls = []
+
+    class Handed(Exception):
+        pass
+
+    def decode_video(backend, loader_cls, data, target, sampling_kwargs, backend_kwargs, *, frame_recovery):
+        calls.append((backend, frame_recovery, backend_kwargs.get("device")))
+        raise Handed
+
+    monkeypatch.setattr(vmv, "decode_video", decode_video)  # what vLLM's VideoBackend.load_bytes calls
+    with pytest.raises(Handed):
+        FAST.load_bytes(clips["mp4_bframes"], fps=2, backend="torchcodec", device="cuda")
+    with pytest.raises(Handed):
+        FAST.load_bytes(clips["mp4_bframes"], fps=2, frame_recovery=True)
+    assert calls == [("torchcodec", False, "cuda"), ("opencv", True, None)]
+
+
+def test_the_vllm_hooks_it_relies_on_are_checked():
+    vl.check_vllm(Qwen2VLVideoBackend)
+    vl.check_vllm(VideoBackend)
+    assert vl.loader_class(type("Other", (VideoBackend,), {})) is None  # a loader with its own decoding: vLLM's

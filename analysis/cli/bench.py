@@ -22,6 +22,10 @@ the processor cache OFF so that every request is computed in full:
 3. vLLM's own **EVS** (``--video-pruning-rate`` at DTD's drop ratio): one request; on vLLM 0.32's
    CPU engine it crashes the engine, which is recorded as the result.
 
+1a. The same DTD server and requests with **vLLM's own video loader** (the request's ``media_io_kwargs
+   {"video": {"fast_decode": false}}``; the server default is the plugin's loader, which decodes only
+   the sampled frames and scales them to the processor's size): requests/s next to the plugin's and
+   its share of the token ceiling. ``--no-loader-comparison`` skips it.
 1b. The same DTD server with **feature-level DTD** (``dtd_criterion: feature`` per request): the API
    server's vision tower encodes each video once and decides on its outputs; the engine gets the kept
    rows. Its tower seconds per request come from ``vllm_dtd_encoder_seconds`` (stock and pixel DTD run
@@ -32,7 +36,8 @@ a purely prefill-bound server could gain), and, at equal token budget, how much 
 kept tokens still show (``held_error``: mean |token − last kept token at its place|, pixel scale
 0–1; lower is better). Writes ``bench.json`` and ``bench.html``. The last line is
 ``throughput_ratio=<dtd/stock requests/s> ceiling=<total/kept tokens> dtd_overhead=<share>`` (pixel
-level), followed by ``feature_throughput_ratio=… feature_dtd_overhead=…`` when feature-level DTD ran.
+level), followed by ``vllm_loader_throughput_ratio=…`` (DTD with vLLM's video loader / stock) and
+``feature_throughput_ratio=… feature_dtd_overhead=…`` when those ran.
 Checkpoint ``--size`` (default ``bench7b``: an encoder as costly, relative to its LLM, as
 Qwen2.5-VL-7B's)
 """
@@ -133,13 +138,16 @@ def kv_capacity_tokens(text: str) -> Optional[int]:
     return None
 
 
-def one_request(base_url: str, model: str, video: Path, max_tokens: int, mm: Optional[dict] = None) -> dict:
+def one_request(base_url: str, model: str, video: Path, max_tokens: int, mm: Optional[dict] = None,
+                media_io: Optional[dict] = None) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
                                                       {"type": "text", "text": QUESTION}]}]}
     if mm:
         body["mm_processor_kwargs"] = mm
+    if media_io:
+        body["media_io_kwargs"] = media_io
     t0 = time.perf_counter()
     ttft, usage = None, None
     with requests.post(base_url + "/v1/chat/completions", json=body, stream=True, timeout=1800) as r:
@@ -185,10 +193,10 @@ class KVSampler:
 
 
 def run_load(base_url: str, model: str, video: Path, n: int, concurrency: int, max_tokens: int, capacity: Optional[int],
-             mm: Optional[dict] = None) -> dict:
+             mm: Optional[dict] = None, media_io: Optional[dict] = None) -> dict:
     with KVSampler(base_url) as kv, ThreadPoolExecutor(concurrency) as pool:
         t0 = time.perf_counter()
-        results = list(pool.map(lambda _: one_request(base_url, model, video, max_tokens, mm), range(n)))
+        results = list(pool.map(lambda _: one_request(base_url, model, video, max_tokens, mm, media_io), range(n)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     row = {"concurrency": concurrency, "requests": n, "ok": len(ok), "errors": [r for r in results if r["status"] != 200][:3],
@@ -211,18 +219,19 @@ def timing(text: str) -> dict[str, float]:
             "encoder_s": metric_sum(text, "vllm_dtd_encoder_seconds_total")}
 
 
-def measure(srv, clips: dict[str, Path], args, label: str, mm: Optional[dict] = None) -> dict[str, dict]:
+def measure(srv, clips: dict[str, Path], args, label: str, mm: Optional[dict] = None,
+            media_io: Optional[dict] = None) -> dict[str, dict]:
     text = _metrics(srv.base_url)
     capacity = kv_capacity_tokens(text)
     out = {}
     for name, path in clips.items():
-        one_request(srv.base_url, srv.model, path, 1, mm)  # warm-up (first-request compilation, caches)
+        one_request(srv.base_url, srv.model, path, 1, mm, media_io)  # warm-up (first-request compilation, caches)
         t0 = timing(_metrics(srv.base_url))
-        c1 = run_load(srv.base_url, srv.model, path, args.requests, 1, args.max_tokens, capacity, mm)
+        c1 = run_load(srv.base_url, srv.model, path, args.requests, 1, args.max_tokens, capacity, mm, media_io)
         t1 = timing(_metrics(srv.base_url))
         c1["timing"] = {k: t1[k] - t0[k] for k in t0}  # one request at a time: the work itself, no contention
         c1["encoder_s_per_request"] = c1["timing"]["encoder_s"] / args.requests
-        cn = run_load(srv.base_url, srv.model, path, 2 * args.requests, args.concurrency, args.max_tokens, capacity, mm)
+        cn = run_load(srv.base_url, srv.model, path, 2 * args.requests, args.concurrency, args.max_tokens, capacity, mm, media_io)
         for row in (c1, cn):
             if row["ok"] < row["requests"]:
                 raise SystemExit(f"[{label}] {name}: {row['requests'] - row['ok']} requests failed: {row['errors']}")
@@ -279,7 +288,8 @@ def try_evs(model: Path, media: Path, clip: Clip, rate: float, log_dir: Path) ->
 
 
 def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: dict, decision: dict,
-              feature: Optional[dict] = None, feature_decision: Optional[dict] = None) -> dict:
+              feature: Optional[dict] = None, feature_decision: Optional[dict] = None,
+              dtd_vllm_loader: Optional[dict] = None) -> dict:
     """Per clip and overall ratios. ``dtd`` is pixel-level DTD (the server default); ``feature``, when
     measured, feature-level DTD on the same server (vision tower in the API server)."""
     per_clip = []
@@ -293,6 +303,10 @@ def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: di
             "feature_throughput_ratio": f["cN"]["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan"),
             "feature_ttft_p50_ratio_c1": f["c1"]["ttft_p50_s"] / stock[c.name]["c1"]["ttft_p50_s"],
             "feature_encoder_s_per_request": f["c1"].get("encoder_s_per_request")}
+        v = (dtd_vllm_loader or {}).get(c.name)
+        if v is not None:  # pixel-level DTD with vLLM's own video loader on the same server
+            vr = v["cN"]["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan")
+            feat.update(vllm_loader_throughput_ratio=vr, vllm_loader_of_ceiling=vr / ceiling)
         per_clip.append({**feat, "clip": c.name, "video_tokens": c.video_tokens, "kept_video_tokens": held[c.name]["kept"],
                          "stock_prompt_tokens": s["prompt_tokens"], "dtd_prompt_tokens": d["prompt_tokens"],
                          "uniform_prompt_tokens": u.get("prompt_tokens"),
@@ -310,6 +324,8 @@ def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: di
 
     out = {"per_clip": per_clip, "throughput_ratio": tot_s / tot_d, "ceiling": tok_s / tok_d,
            "dtd_overhead": share(), "dtd_overhead_whole_run": share("all_")}
+    if dtd_vllm_loader:
+        out["vllm_loader_throughput_ratio"] = tot_s / sum(dtd_vllm_loader[c.name]["cN"]["wall_s"] for c in clips)
     if feature:
         out["feature_throughput_ratio"] = tot_s / sum(feature[c.name]["cN"]["wall_s"] for c in clips)
         out["feature_ceiling"] = tok_s / sum(feature[c.name]["cN"]["prompt_tokens"] for c in clips)
@@ -355,6 +371,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-evs", action="store_true", help="skip the EVS attempt")
     ap.add_argument("--size", default="bench7b", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's; bench: the former default, LLM-heavy)")
     ap.add_argument("--no-feature", action="store_true", help="skip feature-level DTD (the API server's vision tower)")
+    ap.add_argument("--no-loader-comparison", action="store_true",
+                    help="skip DTD with vLLM's own video loader (media_io_kwargs fast_decode false)")
     ap.add_argument("--out", type=Path, default=results_dir("bench"))
     args = ap.parse_args(argv)
     args.requests = args.requests or (2 if args.quick else 4)
@@ -387,6 +405,10 @@ def main(argv=None) -> int:
             before = timing(_metrics(srv.base_url))
             dtd = measure(srv, {c.name: c.path for c in clips}, args, "DTD")
             after = timing(_metrics(srv.base_url))
+            dtd_vllm_loader = None
+            if not args.no_loader_comparison:  # the same requests decoded by vLLM's own video loader
+                dtd_vllm_loader = measure(srv, {c.name: c.path for c in clips}, args, "DTD, vLLM's loader",
+                                          media_io={"video": {"fast_decode": False}})
             feature, feature_decision, served_feature = None, None, {}
             if not args.no_feature:
                 mm = {"dtd_criterion": "feature"}
@@ -421,13 +443,18 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(media, ignore_errors=True)
 
-    summary = summarize(clips, dtd, stock, uniform, held, decision, feature, feature_decision)
+    summary = summarize(clips, dtd, stock, uniform, held, decision, feature, feature_decision, dtd_vllm_loader)
     print(f"\n{'clip':28s} {'tokens s/d/u':>18s} {'ratio':>6s} {'ceil':>6s} {'%ceil':>6s} {'unif':>6s} "
           f"{'ttft c1':>7s} {'held dtd':>8s} {'held unif':>9s}")
     for r in summary["per_clip"]:
         print(f"{r['clip']:28s} {r['stock_prompt_tokens']:>6d}/{r['dtd_prompt_tokens']:>5d}/{r['uniform_prompt_tokens'] or 0:>5d} "
               f"{r['throughput_ratio']:6.2f} {r['ceiling']:6.2f} {100 * r['of_ceiling']:5.0f}% {r['uniform_throughput_ratio'] or 0:6.2f} "
               f"{r['ttft_p50_ratio_c1']:7.2f} {r['dtd_held_error']:8.4f} {r['uniform_held_error']:9.4f}")
+    if dtd_vllm_loader:
+        print(f"\n{'clip':28s} {'req/s ratio to stock: plugin loader / vLLM loader':>50s} {'of ceiling':>16s}")
+        for r in summary["per_clip"]:
+            print(f"{r['clip']:28s} {r['throughput_ratio']:>33.2f} / {r['vllm_loader_throughput_ratio']:<14.2f} "
+                  f"{100 * r['of_ceiling']:6.0f}% / {100 * r['vllm_loader_of_ceiling']:3.0f}%")
     if feature:
         print(f"\n{'clip':28s} {'prompt tokens stock/pixel/feature':>34s} {'req/s ratio pixel/feature':>26s} "
               f"{'ttft c1 ratio pixel/feature':>28s} {'encoder s/req (feature, API server)':>36s}")
@@ -443,10 +470,13 @@ def main(argv=None) -> int:
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "checkpoint": model.name, "summary": summary,
               "dtd": dtd, "stock": stock, "uniform": uniform, "held": held, "decision": decision, "evs": evs,
               "served_stats": served, "feature": feature, "feature_decision": feature_decision,
-              "served_feature_stats": served_feature, "seconds": time.perf_counter() - t_start}
+              "served_feature_stats": served_feature, "dtd_vllm_loader": dtd_vllm_loader,
+              "seconds": time.perf_counter() - t_start}
     (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=float))
     write_report(args.out / "bench.html", [report_figure(summary, dtd, stock, uniform, feature)], "DTD serving benchmark")
     last = f"throughput_ratio={summary['throughput_ratio']:.3f} ceiling={summary['ceiling']:.3f} dtd_overhead={summary['dtd_overhead']:.4f}"
+    if dtd_vllm_loader:
+        last += f" vllm_loader_throughput_ratio={summary['vllm_loader_throughput_ratio']:.3f}"
     if feature:
         last += (f" feature_throughput_ratio={summary['feature_throughput_ratio']:.3f}"
                  f" feature_dtd_overhead={summary['feature_dtd_overhead']:.4f}")

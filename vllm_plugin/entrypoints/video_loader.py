@@ -329,6 +329,19 @@ def loader_class(base: type) -> Optional[type]:
     return _CLASSES[base]
 
 
+def check_vllm(base: type) -> None:
+    """The vLLM loader hooks this loader calls, as written for vLLM 0.32 (``VLLMMismatch`` otherwise)."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    from vllm_plugin.entrypoints.vllm_patches import require
+
+    require(base, "compute_frames_index_to_sample", ["source", "target", "kwargs"])
+    require(base, "_prepare_source", ["source"])
+    require(base, "create_hf_metadata", ["source", "valid_frame_indices", "video_backend"])
+    require(base, "load_bytes", ["data", "num_frames", "fps", "max_duration", "frame_recovery", "backend", "kwargs"])
+    require(type(VIDEO_LOADER_REGISTRY), "register", ["name", "video_processor", "requires_gpu"])
+
+
 def install(model_config, video_processor, server_kwargs: dict) -> Optional[str]:
     """Register the fast loader for the served model's video processor in vLLM's
     ``VIDEO_LOADER_REGISTRY`` (the API server's process only; idempotent) and set the frame sizing.
@@ -350,6 +363,7 @@ def install(model_config, video_processor, server_kwargs: dict) -> Optional[str]
     if cls is None or name is None:
         logger.info("DTD video loader: not used for %s (vLLM loader %s has its own decoding)", name, vllm_backend)
         return None
+    check_vllm(base)
     _SIZING = FrameSizing.of(video_processor, server_kwargs)
     VIDEO_LOADER_REGISTRY.register(LOADER_NAME, video_processor=name)(cls)
     logger.info("DTD video loader %r: decodes the frames vLLM's %r loader samples, scaled to the processor's "

@@ -156,6 +156,7 @@ def test_scaled_frames_have_the_processors_size_and_grid(clips, monkeypatch):
     sizing = vl.FrameSizing.of(vp, {})
     assert sizing == vl.FrameSizing(28, 28 * 28, 56 * 56 * 2)
     assert vl.FrameSizing.of(vp, {"max_pixels": 1}) is None  # the server's own size: not scaled
+    assert vl.FrameSizing.of(Qwen2VLVideoProcessor(do_resize=False), {}) is None
     monkeypatch.setattr(vl, "_SIZING", sizing)
     data = clips["mp4_bframes"]
     ref, ref_md = Qwen2VLVideoBackend.load_bytes(data, fps=2)

@@ -90,6 +90,10 @@ class FrameSizing:
         frames are decoded at their own size and the processor resizes them, as in vLLM)."""
         if any(k in (server_kwargs or {}) for k in SIZE_KWARGS):
             return None
+        # a processor that does not resize, or caps pixels per frame by the frame count (transformers'
+        # cap_pixels_per_frame, off by default in 5.19, announced as the default for 5.22): not scaled
+        if not getattr(video_processor, "do_resize", True) or getattr(video_processor, "cap_pixels_per_frame", None):
+            return None
         size = getattr(video_processor, "size", None) or {}
         get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
         patch, merge = getattr(video_processor, "patch_size", None), getattr(video_processor, "merge_size", None)

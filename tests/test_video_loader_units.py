@@ -65,6 +65,7 @@ CASES = {
     "mkv_no_frame_count": dict(n=40, fmt="matroska"),
     "mpegts_no_frame_count": dict(n=40, fmt="mpegts"),
     "avi_mpeg4": dict(n=30, fmt="avi", codec="mpeg4"),
+    "avi_h264_bframes": dict(n=60, fmt="avi", gop=20),  # AVI stores no presentation times
     "webm_vp9": dict(n=30, fmt="webm", codec="libvpx-vp9"),
     "mp4_very_short": dict(n=4, fmt="mp4"),
     "mp4_30fps_long_gop": dict(n=120, fmt="mp4", fps=30, gop=250),
@@ -99,23 +100,21 @@ def _every_frame(data: bytes) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
 
 
-# vLLM's OpenCV path on MPEG-TS bytes: after its end-of-stream seek (the edit-list check in
-# video_decoders/opencv.py) and the seek back to frame 0, OpenCV's frame 0 is the first frame of the
-# SECOND keyframe interval here (12 frames lost; the last sampled index then fails to read). Same
-# plan, but vLLM's frames are wrong there; this loader returns the planned frames.
-VLLM_WRONG_FRAMES = {"mpegts_no_frame_count"}
-
-
 def _check(name, data, ref, ref_md, got, md):
-    truth = _every_frame(data)
-    plan = ref_md["frames_indices"] if name not in VLLM_WRONG_FRAMES else md["frames_indices"]
+    assert md["frames_indices"] == ref_md["frames_indices"]
     assert {k: md[k] for k in ("total_num_frames", "fps", "duration")} == \
         {k: ref_md[k] for k in ("total_num_frames", "fps", "duration")}
-    assert md["frames_indices"] == plan and np.array_equal(got, np.stack([truth[i] for i in plan]))
-    if name in VLLM_WRONG_FRAMES:
-        assert len(ref_md["frames_indices"]) < len(plan) or not np.array_equal(ref, got)
-    else:
-        assert np.array_equal(got, ref)  # nothing scaled: vLLM's pixels, bit for bit
+    assert np.array_equal(got, ref)  # nothing scaled: vLLM's pixels, bit for bit
+    if name not in VLLMS_LOADER:  # decoded by the plan: the frames FFmpeg gives at those indices
+        truth = _every_frame(data)
+        assert np.array_equal(got, np.stack([truth[i] for i in md["frames_indices"]]))
+        assert md["video_backend"] == vl.NATIVE_TAG
+
+
+# containers the plan does not take (timestamps that cannot place frames): vLLM's loader decodes them
+# (4 frames of I/P with a B-frame capable stream: timestamps in decode order, which the plan cannot
+# tell from a muxer that wrote decode times as presentation times)
+VLLMS_LOADER = {"mpegts_no_frame_count", "avi_mpeg4", "avi_h264_bframes", "mp4_very_short"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -129,7 +128,7 @@ def test_same_frames_and_metadata_as_vllms_loader(clips, name, fps):
     from vllm.multimodal.video_decoders import VideoSourceMetadata, VideoTargetMetadata
 
     src = VideoSourceMetadata(md["total_num_frames"], md["fps"], md["duration"])
-    assert md["frames_indices"] == [i for i in Qwen2VLVideoBackend.compute_frames_index_to_sample(
+    assert name in VLLMS_LOADER or md["frames_indices"] == [i for i in Qwen2VLVideoBackend.compute_frames_index_to_sample(
         src, VideoTargetMetadata(-1, fps, 300)) if i < len(_every_frame(data))]
 
 
@@ -247,3 +246,31 @@ def test_the_vllm_hooks_it_relies_on_are_checked():
     vl.check_vllm(Qwen2VLVideoBackend)
     vl.check_vllm(VideoBackend)
     assert vl.loader_class(type("Other", (VideoBackend,), {})) is None  # a loader with its own decoding: vLLM's
+
+
+def test_files_the_plan_cannot_place_go_to_vllms_loader(clips, tmp_path):
+    """Truncated (index at the front, data cut), corrupt in the middle: vLLM's frames, bit for bit."""
+    data = encode(tmp_path / "fs.mp4", _frames(100, seed=3), fmt="mp4", options={"movflags": "+faststart"})
+    rng = np.random.default_rng(0)
+    corrupt = bytearray(data)
+    for i in rng.integers(len(data) // 3, len(data) - 100, 20):
+        corrupt[i] ^= 0xFF
+    for variant in (data[: len(data) * 4 // 5], bytes(corrupt)):
+        try:
+            ref, ref_md = Qwen2VLVideoBackend.load_bytes(variant, fps=4)
+        except Exception as e:  # vLLM cannot either: the same kind of failure
+            with pytest.raises(type(e)):
+                FAST.load_bytes(variant, fps=4)
+            continue
+        got, md = FAST.load_bytes(variant, fps=4)
+        assert md == ref_md and np.array_equal(got, ref)
+
+
+def test_the_hash_of_its_frames_differs_from_vllms():
+    from vllm.multimodal.media import MediaWithBytes
+
+    ours = MediaWithBytes((np.zeros((2, 4, 4, 3), np.uint8), {"video_backend": vl.NATIVE_TAG}), b"abc")
+    theirs = MediaWithBytes((np.zeros((2, 4, 4, 3), np.uint8), {"video_backend": "opencv"}), b"abc")
+    assert vl.tag_for_hash(vl.tag_for_hash(ours)).original_bytes == vl.HASH_TAG + b"abc"
+    assert vl.tag_for_hash(theirs).original_bytes == b"abc"
+    assert vl.size_keys({"videos_kwargs": {"max_pixels": 1}, "dtd_threshold": 0.1}) == ["videos_kwargs.max_pixels"]

@@ -59,6 +59,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Video codecs an upload may use (FFmpeg codec names): what cameras, screen recorders and browsers
 # produce. Any other of FFmpeg's hundreds of decoders is never run on client bytes.
 UPLOAD_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg")
+_PROBE_DECODERS = ",".join(UPLOAD_CODECS + ("libdav1d", "libvpx", "libvpx-vp9", "aac", "mp3", "opus", "vorbis"))
 
 
 def sniff_container(data: bytes) -> str:
@@ -183,8 +184,10 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
     fmt = sniff_container(data)
     capped = {"max_pixels": str(max_frame_pixels)}
     try:
+        # codec_whitelist: the decoders FFmpeg's stream-info probing may open while the file is opened
         container = av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
-                            container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS)},
+                            container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS),
+                                               "codec_whitelist": _PROBE_DECODERS},
                             stream_options=[capped] * MAX_UPLOAD_TRACKS)
     except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
         raise MediaTooLarge(f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
@@ -195,8 +198,9 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
         if not container.streams.video:
             raise VideoDecodeError(f"{what} has no video stream")
         stream = container.streams.video[0]
-        if stream.codec_context.name not in UPLOAD_CODECS:
-            raise VideoDecodeError(f"video codec {stream.codec_context.name!r} is not accepted "
+        codec = stream.codec_context.codec
+        if getattr(codec, "canonical_name", codec.name) not in UPLOAD_CODECS:  # av1 may be decoded by libdav1d
+            raise VideoDecodeError(f"video codec {codec.name!r} is not accepted "
                                    f"(accepted: {', '.join(UPLOAD_CODECS)})")
         stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
         w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)

@@ -39,6 +39,7 @@ from analysis.lib.paths import default_videos, results_dir
 from analysis.lib.reports import write_report
 
 EXACT = {"video": {"fast_decode": False}}
+FALLBACK_NOTE = " (the plugin's loader handed this file to vLLM's)"
 
 
 def preprocess_seconds(srv, path: Path, media_io, n: int) -> list[float]:
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         for c in eq.values():
             print(f"  {c.clip:30s} frames {c.frames:4d} indices {'=' if c.indices_equal else '≠'} grid "
                   f"{'=' if c.grid_equal else '≠'} {c.grid} |Δ| mean {c.mean_abs_diff:.2f} max {c.max_abs_diff:.0f} "
-                  f"mask agreement {c.mask_agreement:.4f}", flush=True)
+                  f"mask agreement {c.mask_agreement:.4f}{'' if c.planned else FALLBACK_NOTE}", flush=True)
 
         extra = ["--media-io-kwargs", json.dumps({"video": {"fps": args.fps}})]
         rows = {name: {"clip": name, **eq[name].as_row()} for name in clips}

@@ -41,6 +41,7 @@ class LoaderComparison:
     processor_s_fast: float
     decision_s_vllm: float
     decision_s_fast: float
+    planned: bool = True  # the plugin's loader decoded it (False: the file went to vLLM's loader)
 
     @property
     def preprocess_s_vllm(self) -> float:
@@ -123,4 +124,5 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
         grid=tuple(int(x) for x in ref[2].tolist()), mean_abs_diff=mean_d, max_abs_diff=max_d, mask_agreement=agree,
         kept_vllm=int(ref[3].sum()), kept_fast=int(fast[3].sum()), tokens=int(ref[3].numel()),
         decode_s_vllm=ref[4][0], decode_s_fast=fast[4][0], processor_s_vllm=ref[4][1], processor_s_fast=fast[4][1],
-        decision_s_vllm=ref[4][2], decision_s_fast=fast[4][2])
+        decision_s_vllm=ref[4][2], decision_s_fast=fast[4][2],
+        planned=fast[0].get("video_backend") in (video_loader.NATIVE_TAG, video_loader.SCALED_TAG))

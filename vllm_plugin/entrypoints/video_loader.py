@@ -41,6 +41,7 @@ with no plugin code at all.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import inspect
 import logging
 import math
@@ -62,6 +63,34 @@ SIZE_KWARGS = ("size", "min_pixels", "max_pixels", "shortest_edge", "longest_edg
 # the Qwen processors resize with bicubic (antialiased) too; scaling the YUV planes before the RGB
 # conversion: 3.0 ms per 2048x1810 -> 476x420 frame, converting first then scaling: 15.4 ms
 _SWS_INTERPOLATION = "BICUBIC"
+
+
+def size_keys(kwargs) -> list[str]:
+    """The frame-size keys among processor kwargs, top level or nested (``videos_kwargs``…)."""
+    found: list[str] = []
+    for k, v in (kwargs or {}).items() if isinstance(kwargs, dict) else ():
+        if k in SIZE_KWARGS:
+            found.append(k)
+        elif isinstance(v, dict):
+            found += [f"{k}.{n}" for n in size_keys(v)]
+    return sorted(found)
+
+
+# Prefixed to the bytes vLLM hashes a video by, for frames this loader made: its items never share
+# a multimodal hash (processor cache, prefix cache, a KV store shared with other servers) with the
+# frames vLLM's loader makes from the same file.
+HASH_TAG = f"vllm_dtd:{LOADER_NAME}:v1\0".encode()
+
+
+def tag_for_hash(result):
+    """``result`` of ``VideoMediaIO.load_*`` (``MediaWithBytes((frames, metadata), bytes)``), its
+    bytes tagged when this loader decoded it (idempotent)."""
+    media = getattr(result, "media", None)
+    meta = media[1] if isinstance(media, tuple) and len(media) == 2 else None
+    if isinstance(meta, dict) and meta.get("video_backend") in (NATIVE_TAG, SCALED_TAG) and \
+            not result.original_bytes.startswith(HASH_TAG):
+        result.original_bytes = HASH_TAG + result.original_bytes
+    return result
 
 
 class FastDecodeUnavailable(Exception):
@@ -88,7 +117,7 @@ class FrameSizing:
     def of(cls, video_processor, server_kwargs: dict) -> Optional["FrameSizing"]:
         """The sizing of ``video_processor``; None when the server's processor kwargs change it (then
         frames are decoded at their own size and the processor resizes them, as in vLLM)."""
-        if any(k in (server_kwargs or {}) for k in SIZE_KWARGS):
+        if size_keys(server_kwargs):
             return None
         # a processor that does not resize, or caps pixels per frame by the frame count (transformers'
         # cap_pixels_per_frame, off by default in 5.19, announced as the default for 5.22): not scaled
@@ -103,9 +132,25 @@ class FrameSizing:
         return cls(factor=int(patch) * int(merge), min_pixels=int(lo), max_pixels=int(hi))
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _concurrency() -> int:
+    raw = os.environ.get("DTD_VIDEO_DECODE_CONCURRENCY", "").strip()
+    try:
+        return max(1, int(raw)) if raw else _cpus()
+    except ValueError:
+        logger.warning("DTD_VIDEO_DECODE_CONCURRENCY=%r is not an integer: using %d", raw, _cpus())
+        return _cpus()
+
+
 _SIZING: Optional[FrameSizing] = None
-_THREADS = os.cpu_count() or 1
-_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("DTD_VIDEO_DECODE_CONCURRENCY", "0") or 0) or (os.cpu_count() or 1)))
+_THREADS = min(16, _cpus())  # FFmpeg frame threads per decode (FFmpeg's own automatic choice caps at 16 too)
+_SLOTS = threading.BoundedSemaphore(_concurrency())
 
 
 def _cv2_fps(stream) -> float:
@@ -161,9 +206,15 @@ def _decode_planned(container, stream, frame_pts: list[int], keys: list[int], in
         k = bisect.bisect_right(keys, pts) - 1
         return keys[k] if k >= 0 else None
 
+    last = [None]  # pts of the last frame out since the last seek: presentation order only goes forward
+
     def take(frames) -> None:
         nonlocal j
         for frame in frames:
+            if frame.pts is not None:
+                if last[0] is not None and frame.pts <= last[0]:
+                    raise FastDecodeUnavailable("frames came out of presentation order")
+                last[0] = frame.pts
             if frame.pts in want and want[frame.pts] not in got:
                 got[want[frame.pts]] = scale(frame)
             while j < len(pending) and want[pending[j]] in got:
@@ -174,6 +225,7 @@ def _decode_planned(container, stream, frame_pts: list[int], keys: list[int], in
     while j < len(pending):
         start = key_before(pending[j])
         container.seek(start if start is not None else frame_pts[0], stream=stream, backward=True, any_frame=False)
+        last[0] = None
         at_end = True
         for packet in container.demux(stream):
             if packet.size == 0:  # the demuxer's end of stream
@@ -199,25 +251,16 @@ def _decode_planned(container, stream, frame_pts: list[int], keys: list[int], in
     return got
 
 
-def _decode_in_order(container, stream, indices: list[int], scale) -> dict[int, np.ndarray]:
-    """Every frame in order from the start (OpenCV's way of counting); only ``indices`` are scaled."""
-    container.seek(0, stream=stream, backward=True, any_frame=False)
-    stream.codec_context.skip_frame = "DEFAULT"
-    want, last = set(indices), max(indices)
-    got: dict[int, np.ndarray] = {}
-    for i, frame in enumerate(container.decode(stream)):
-        if i in want:
-            got[i] = scale(frame)
-        if i >= last:
-            break
-    return got
+# containers whose packet timestamps are presentation times, with an index (MP4/QuickTime,
+# Matroska/WebM); AVI stores none and MPEG-TS may jump: those go to vLLM's loader
+_PLANNED_FORMATS = ("mov", "matroska")
 
 
-def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizing: Optional[FrameSizing]):
-    """``(frames uint8 (N, h, w, 3) RGB, source metadata, sampled indices, indices decoded)`` — the
-    return of vLLM's ``decode_video`` — with the frames at ``sizing``'s size."""
-    import av
-
+@contextlib.contextmanager
+def _guarded(data: bytes):
+    """``(container, stream)`` once every check a video passes before a decoder sees it, whichever
+    loader decodes it, has passed: :func:`vllm_plugin.media.open_untrusted` (containers, tracks,
+    codecs, FFmpeg's ``max_pixels``) and vLLM's ``VLLM_MAX_IMAGE_PIXELS``."""
     from vllm import envs
     from vllm.multimodal.video_decoders import check_frame_pixel_limit
 
@@ -225,28 +268,65 @@ def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizin
 
     max_pixels = envs.VLLM_MAX_IMAGE_PIXELS if envs.VLLM_MAX_IMAGE_PIXELS > 0 else 2**31 - 1
     with open_untrusted(data, max_pixels) as (container, stream):
+        check_frame_pixel_limit(int(stream.codec_context.width), int(stream.codec_context.height))
+        yield container, stream
+
+
+def _packets(container, stream):
+    """Presentable packets in decode order: ``(pts array('q'), keyframe flags bytearray, discarded
+    count)``. Raises :class:`FastDecodeUnavailable` where the timestamps cannot place frames."""
+    from array import array
+
+    pts, keys, discarded = array("q"), bytearray(), 0
+    for p in container.demux(stream):
+        if not p.size:
+            continue
+        if p.is_discard:
+            discarded += 1
+            continue
+        if p.pts is None:
+            raise FastDecodeUnavailable("a packet without a timestamp")
+        pts.append(p.pts)
+        keys.append(1 if p.is_keyframe else 0)
+    if not pts or not keys[0]:
+        raise FastDecodeUnavailable("the stream does not start with a keyframe")
+    if min(pts) < pts[0]:  # leading pictures of an open GOP: the decoder may drop them
+        raise FastDecodeUnavailable("frames before the first keyframe")
+    if len(set(pts)) != len(pts):
+        raise FastDecodeUnavailable("two frames with one timestamp")
+    if (stream.codec_context.has_b_frames or 0) > 0 and all(a < b for a, b in zip(pts, pts[1:])):
+        raise FastDecodeUnavailable("reordered frames with timestamps in decode order")
+    declared = int(stream.frames or 0)
+    if declared and declared != len(pts) + discarded:  # a truncated or inconsistent file
+        raise FastDecodeUnavailable(f"{declared} frames declared, {len(pts) + discarded} present")
+    return pts, keys, discarded
+
+
+def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizing: Optional[FrameSizing]):
+    """``(frames uint8 (N, h, w, 3) RGB, source metadata, sampled indices, indices decoded)`` — the
+    return of vLLM's ``decode_video`` — with the frames at ``sizing``'s size. Raises
+    :class:`FastDecodeUnavailable` when only vLLM's loader gives vLLM's frames for this file (the
+    guards of :func:`_guarded` have passed then), :class:`vllm_plugin.media.VideoDecodeError` when a
+    guard refuses it."""
+    import av
+
+    with _guarded(data) as (container, stream):
+        if container.format.name.split(",")[0] not in _PLANNED_FORMATS:
+            raise FastDecodeUnavailable(f"container {container.format.name}")
         width, height = int(stream.codec_context.width), int(stream.codec_context.height)
-        check_frame_pixel_limit(width, height)
-        packets = [(p.pts, bool(p.is_keyframe)) for p in container.demux(stream) if p.size and not p.is_discard]
-        source = loader_cls._prepare_source(source_metadata(container, stream, len(packets)))
-        frame_idx = loader_cls.compute_frames_index_to_sample(source=source, target=target, **sampling_kwargs)
-        stream.thread_type = "FRAME"  # measured here: FRAME threads 0.97 s, AUTO 1.56 s, SLICE 1.38 s (636 frames, 2048x1810)
-        stream.codec_context.thread_count = _THREADS
-        scale, (out_h, out_w) = _scaler(sizing, width, height)
-        needed = sorted({i for i in frame_idx if 0 <= i})
-        got: dict[int, np.ndarray] = {}
-        if needed:
-            try:
-                if any(p is None for p, _ in packets):
-                    raise FastDecodeUnavailable("a packet without a timestamp")
-                frame_pts = sorted(p for p, _ in packets)
-                if len(set(frame_pts)) != len(frame_pts):
-                    raise FastDecodeUnavailable("two frames with one timestamp")
-                keys = sorted(p for p, k in packets if k)
-                got = _decode_planned(container, stream, frame_pts, keys, [i for i in needed if i < len(frame_pts)], scale)
-            except FastDecodeUnavailable as e:
-                logger.debug("DTD video loader: decoding every frame (%s)", e)
-                got = _decode_in_order(container, stream, needed, scale)
+        try:
+            pts, keys, _ = _packets(container, stream)
+            source = loader_cls._prepare_source(source_metadata(container, stream, len(pts)))
+            frame_idx = loader_cls.compute_frames_index_to_sample(source=source, target=target, **sampling_kwargs)
+            stream.thread_type = "FRAME"  # measured here: FRAME threads 0.97 s, AUTO 1.56 s, SLICE 1.38 s (636 frames, 2048x1810)
+            stream.codec_context.thread_count = _THREADS
+            scale, (out_h, out_w) = _scaler(sizing, width, height)
+            frame_pts = sorted(pts)
+            needed = sorted({i for i in frame_idx if 0 <= i < len(frame_pts)})
+            key_pts = sorted(p for p, k in zip(pts, keys) if k)
+            got = _decode_planned(container, stream, frame_pts, key_pts, needed, scale) if needed else {}
+        except (av.error.FFmpegError, OSError) as e:  # a corrupt stretch, a failed seek: vLLM's loader
+            raise FastDecodeUnavailable(f"{type(e).__name__}: {e}") from e
     valid = [i for i in frame_idx if i in got]
     frames = np.stack([got[i] for i in valid]) if valid else np.empty((0, out_h, out_w, 3), np.uint8)
     return frames, source, frame_idx, valid
@@ -254,7 +334,8 @@ def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizin
 
 class FastDecodeMixin:
     """Put in front of the vLLM loader class vLLM would use (:func:`loader_class`): the same
-    sampling, decoded with :func:`decode_sampled`; ``fast_decode=False`` runs the vLLM loader."""
+    sampling, decoded with :func:`decode_sampled`; ``fast_decode=False``, and any file the plan
+    does not fit, run the vLLM loader (behind the same guards)."""
 
     @classmethod
     def load_bytes(cls, data: bytes, **kwargs: Any):
@@ -264,23 +345,25 @@ class FastDecodeMixin:
         if not isinstance(fast, bool):
             raise ValueError(f"media_io_kwargs.video.{FAST_DECODE_KEY} must be true or false, got {fast!r}")
         base = super()
-        if not fast:
-            from vllm_plugin.media import sniff_container
-
-            sniff_container(data)  # the same container allow-list as the fast path
-            return base.load_bytes(data, **kwargs)
         bound = inspect.signature(base.load_bytes).bind(data, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
         extra = dict(a.pop("kwargs", {}) or {})
         backend = a.get("backend", "opencv")
-        if backend != "opencv" or a.get("frame_recovery"):  # another codec, or OpenCV's recovery: vLLM's path
+        if not fast or backend != "opencv" or a.get("frame_recovery"):
+            # exact mode, another codec (GPU ones included) or OpenCV's frame recovery: vLLM's loader
+            with _guarded(data):
+                pass
             return base.load_bytes(data, **kwargs)
         target = VideoTargetMetadata(num_frames=a.get("num_frames", -1), fps=a.get("fps", -1),
                                      max_duration=a.get("max_duration", 300))
         sampling_kwargs, _ = resolve_video_backend_kwargs(backend, extra)
-        with _SLOTS:
-            frames, source, frame_idx, valid = decode_sampled(cls, data, target, sampling_kwargs, _SIZING)
+        try:
+            with _SLOTS:
+                frames, source, frame_idx, valid = decode_sampled(cls, data, target, sampling_kwargs, _SIZING)
+        except FastDecodeUnavailable as e:
+            logger.debug("DTD video loader: vLLM's loader decodes this video (%s)", e)
+            return base.load_bytes(data, **kwargs)
         if len(valid) < len(frame_idx):
             logger.warning("DTD video loader: expected %d frames but got %d.", len(frame_idx), len(valid))
         return frames, cls.create_hf_metadata(source=source, valid_frame_indices=valid,
@@ -311,7 +394,7 @@ def check_request(item, request_kwargs) -> None:
     media = getattr(item, "media", item)  # vLLM may wrap (frames, metadata) with the original bytes
     meta = media[1] if isinstance(media, tuple) and len(media) == 2 else None
     if isinstance(meta, Mapping) and meta.get("video_backend") == SCALED_TAG:
-        clash = sorted(k for k in SIZE_KWARGS if k in (request_kwargs or {}))
+        clash = size_keys(request_kwargs)
         if clash:
             raise ValueError(f"mm_processor_kwargs.{clash[0]}: the frame size of a request cannot be changed when the "
                              f"server's video loader scales frames; send media_io_kwargs "

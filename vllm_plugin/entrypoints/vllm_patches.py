@@ -20,7 +20,10 @@ does not fit:
      the request's context is not visible) for the ``x-dtd-stats`` header and the log line.
   3. ``VideoMediaIO.load_bytes`` / ``load_base64`` / ``load_file``: a video the decoder cannot use
      (one frame, an image or text sent as a video, a missing file) raises a plain exception that
-     vLLM answers with HTTP 500; it becomes a 400 saying what is wrong with the ``video_url``.
+     vLLM answers with HTTP 500; it becomes a 400 saying what is wrong with the ``video_url``. The
+     bytes vLLM hashes a video by are tagged when the plugin's loader decoded it
+     (:func:`vllm_plugin.entrypoints.video_loader.tag_for_hash`): no cache mixes its frames with
+     vLLM's loader's.
 
 * **Hook overrides** of vLLM classes by the model family modules (``vllm_plugin/models``):
   :func:`check_overrides` verifies, when a family module is imported, that every method a DTD class
@@ -255,7 +258,7 @@ _LOADING = threading.local()
 def _wrap_media_io(original, error_cls):
     from vllm.exceptions import VLLMError
 
-    from vllm_plugin.entrypoints import request_stats
+    from vllm_plugin.entrypoints import request_stats, video_loader
 
     @functools.wraps(original)
     def load(self, *args, **kwargs):
@@ -263,7 +266,7 @@ def _wrap_media_io(original, error_cls):
         _LOADING.active = True
         t0 = time.perf_counter()
         try:
-            return original(self, *args, **kwargs)
+            return video_loader.tag_for_hash(original(self, *args, **kwargs)) if outer else original(self, *args, **kwargs)
         except (VLLMError, MemoryError):
             raise  # vLLM's own typed errors keep their status; running out of memory is the server's
         except Exception as e:

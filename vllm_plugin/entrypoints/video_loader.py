@@ -15,9 +15,9 @@ made the default of the served model's video processor when the plugin serves a 
    OpenCV counts); the decoder seeks to the keyframe at or before each run of needed frames, stops
    after the last one, and skips non-reference frames nothing needs (FFmpeg ``skip_frame=nonref``,
    set per packet: a needed frame is always decoded, and a reference frame is never skipped).
-   Anything this plan cannot account for (a packet without a timestamp, a needed frame that does
-   not come out where the packets said) falls back to decoding every frame in order, as OpenCV
-   does.
+   Only for files whose packet timestamps place frames (:func:`_packets`, :data:`_PLANNED_FORMATS`);
+   any other file, an FFmpeg error or a frame that does not come out as planned: vLLM's own loader
+   decodes it (behind the same guards).
 3. **Scale in the decoder's library**: each kept frame is converted to RGB and resized by swscale
    straight to the size the model's processor resizes to (its ``smart_resize`` of the processor
    config, :class:`FrameSizing`); the processor's own resize is then a no-op (same size in, same
@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -87,14 +88,14 @@ def tag_for_hash(result):
     bytes tagged when this loader decoded it (idempotent)."""
     media = getattr(result, "media", None)
     meta = media[1] if isinstance(media, tuple) and len(media) == 2 else None
-    if isinstance(meta, dict) and meta.get("video_backend") in (NATIVE_TAG, SCALED_TAG) and \
+    if isinstance(meta, Mapping) and meta.get("video_backend") in (NATIVE_TAG, SCALED_TAG) and \
             not result.original_bytes.startswith(HASH_TAG):
         result.original_bytes = HASH_TAG + result.original_bytes
     return result
 
 
 class FastDecodeUnavailable(Exception):
-    """The decode plan does not fit this file: decode every frame in order instead."""
+    """The decode plan does not fit this file: vLLM's own loader decodes it."""
 
 
 @dataclass(frozen=True)
@@ -389,8 +390,6 @@ def split_request_options(media_io_kwargs):
 def check_request(item, request_kwargs) -> None:
     """A video this loader scaled cannot be processed with a request's own frame size (its
     processor kwargs are not visible to the loader): a clear error instead of other tokens."""
-    from collections.abc import Mapping
-
     media = getattr(item, "media", item)  # vLLM may wrap (frames, metadata) with the original bytes
     meta = media[1] if isinstance(media, tuple) and len(media) == 2 else None
     if isinstance(meta, Mapping) and meta.get("video_backend") == SCALED_TAG:

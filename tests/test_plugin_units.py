@@ -40,10 +40,25 @@ def test_launcher_adds_architecture_and_middleware(tiny_model_path):
     assert mine.count("--hf-overrides") == 1 and mine.count(MIDDLEWARE) == 1
 
 
-def test_launcher_rejects_unsupported_architecture(tmp_path):
+def test_launcher_serves_an_architecture_without_dtd_stock(tmp_path, caplog):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(SystemExit, match="DTD supports"):
-        build_argv(["--model", str(tmp_path)])
+    with caplog.at_level("WARNING", logger="vllm.dtd_plugin"):
+        argv = build_argv(["--model", str(tmp_path)])
+    assert "--hf-overrides" not in argv and MIDDLEWARE in argv
+    assert "no DTD class" in caplog.text and "serving it stock" in caplog.text
+    with pytest.raises(SystemExit, match="--dtd-streams needs a model family with DTD"):
+        build_argv(["--model", str(tmp_path)], streams=True)
+
+
+@pytest.mark.parametrize("stock, dtd", [
+    ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLDTDForConditionalGeneration"),
+    ("Qwen3VLForConditionalGeneration", "Qwen3VLDTDForConditionalGeneration"),
+    ("Qwen2VLForConditionalGeneration", "Qwen2VLDTDForConditionalGeneration"),
+])
+def test_launcher_picks_the_family_from_the_checkpoint(tmp_path, stock, dtd):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [stock]}))
+    argv = build_argv(["--model", str(tmp_path)])
+    assert json.loads(argv[argv.index("--hf-overrides") + 1]) == {"architectures": [dtd]}
 
 
 def test_register_is_idempotent_and_entry_point_is_declared():

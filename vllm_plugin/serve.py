@@ -11,12 +11,14 @@ defaults: ``--mm-processor-kwargs '{"dtd_threshold": 0.05, "dtd_metric": "l1"}'`
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 from vllm_plugin import DTD_ARCHITECTURES
 
 MIDDLEWARE = "vllm_plugin.entrypoints.middleware.DTDStatsMiddleware"
+logger = logging.getLogger("vllm.dtd_plugin")
 
 
 def _arg(argv: list[str], flag: str) -> str | None:
@@ -28,7 +30,8 @@ def _arg(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def dtd_architecture(model: str) -> str:
+def dtd_architecture(model: str) -> str | None:
+    """The DTD architecture for a checkpoint (from its config.json), or None when its family has none."""
     cfg_path = Path(model) / "config.json"
     archs = []
     if cfg_path.is_file():
@@ -42,7 +45,9 @@ def dtd_architecture(model: str) -> str:
             return DTD_ARCHITECTURES[a]
         if a in DTD_ARCHITECTURES.values():
             return a
-    raise SystemExit(f"vllm_plugin.serve: {model} has architectures {archs}; DTD supports {sorted(DTD_ARCHITECTURES)}")
+    logger.warning("vllm_plugin.serve: %s has architectures %s, which have no DTD class (DTD serves %s): "
+                   "serving it stock, without DTD", model, archs, sorted(DTD_ARCHITECTURES))
+    return None
 
 
 STREAMS_FLAG = "--dtd-streams"
@@ -63,13 +68,18 @@ def enable_streams(argv: list[str], env) -> list[str]:
     return argv
 
 
-def build_argv(argv: list[str]) -> list[str]:
+def build_argv(argv: list[str], streams: bool = False) -> list[str]:
     model = _arg(argv, "--model")
     if model is None:
         raise SystemExit("usage: python -m vllm_plugin.serve --model PATH [vllm serve arguments]")
     out = list(argv)
     if _arg(out, "--hf-overrides") is None:
-        out += ["--hf-overrides", json.dumps({"architectures": [dtd_architecture(model)]})]
+        arch = dtd_architecture(model)
+        if arch is None and streams:
+            raise SystemExit(f"vllm_plugin.serve: --dtd-streams needs a model family with DTD; {model} has none "
+                             f"(DTD serves {sorted(DTD_ARCHITECTURES)})")
+        if arch is not None:
+            out += ["--hf-overrides", json.dumps({"architectures": [arch]})]
     if MIDDLEWARE not in out:
         out += ["--middleware", MIDDLEWARE]
     return out
@@ -88,9 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if STREAMS_FLAG in argv:
+    streams = STREAMS_FLAG in argv
+    if streams:
         argv = enable_streams(argv, os.environ)
-    argv = build_argv(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = build_argv(argv, streams=streams)
     cli_env_setup()
     parser = FlexibleArgumentParser(prog="python -m vllm_plugin.serve", description=__doc__)
     command = ServeSubcommand()

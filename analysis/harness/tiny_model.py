@@ -1,6 +1,6 @@
-"""Build a tiny random-weight Qwen2.5-VL checkpoint locally (no model hub).
+"""Build a tiny random-weight Qwen-VL checkpoint locally (no model hub), one per model family.
 
-    python -m analysis.harness.tiny_model OUT --size test|bench [--seed N]
+    python -m analysis.harness.tiny_model OUT [--family qwen2_5_vl|qwen3_vl|qwen2_vl] --size test|bench [--seed N]
 
 writes to OUT: ``config.json``, ``model.safetensors``, a byte-level BPE tokenizer trained here with
 ``tokenizers`` (carrying Qwen's special tokens) plus a Qwen-style chat template, and the
@@ -12,7 +12,14 @@ Sizes:
 * ``bench`` — Qwen2.5-VL-7B's shape scaled down so that LLM FLOPs per video token are ≥ 10× the
   vision encoder's: prefill (what DTD saves) dominates, as on real deployments.
 
-Both load in transformers (``Qwen2_5_VLForConditionalGeneration``) and serve in vLLM.
+Families (:data:`FAMILIES`; default ``qwen2_5_vl``, whose checkpoints and hashes are those of
+before families existed): ``qwen3_vl`` is Qwen3-VL's shape (DeepStack from two vision layers,
+interleaved M-RoPE, patch 16) with transformers' ``Qwen3VLVideoProcessor`` defaults (its total pixel
+budget over all frames, fps 2, mean/std 0.5: the sizing real Qwen3-VL checkpoints ship);
+``qwen2_vl`` is Qwen2-VL's (no window attention, plain frame-index temporal positions). ``bench7b``
+exists for ``qwen2_5_vl`` only.
+
+All load in transformers (``<Family>ForConditionalGeneration``) and serve in vLLM.
 """
 
 from __future__ import annotations
@@ -122,14 +129,66 @@ _WORDS = (
 ).split()
 
 
-def spec_for(size: str, seed: int) -> dict:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    return {"builder_version": BUILDER_VERSION, "size": size, "seed": seed, **SIZES[size]}
+# Qwen3-VL: patch 16, DeepStack features from vision layers 0 and 1 (real: 8/16/24 of 27), learned
+# position embeddings interpolated to the grid (16 x 16 here).
+_VISION_QWEN3 = dict(
+    depth=3,
+    hidden_size=64,
+    num_heads=1,
+    intermediate_size=128,
+    in_channels=3,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=256,
+    deepstack_visual_indexes=[0, 1],
+    hidden_act="gelu_pytorch_tanh",
+)
+# Qwen2-VL: no window attention, no tokens_per_second (temporal position = step index).
+_VISION_QWEN2 = dict(
+    depth=2,
+    embed_dim=128,
+    num_heads=2,
+    mlp_ratio=2,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    hidden_act="quick_gelu",
+)
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl")
+FAMILY_SIZES: dict[str, dict[str, dict]] = {
+    "qwen2_5_vl": SIZES,
+    # video processor: transformers' Qwen3VLVideoProcessor defaults, with the per-frame pixel cap of
+    # qwen-vl-utils (the reference implementation) set explicitly: transformers 5.19 leaves it off
+    # with a warning, 5.22 turns it on.
+    "qwen3_vl": {
+        "test": dict(text=SIZES["test"]["text"], vision=_VISION_QWEN3, vocab_words=1024,
+                     video_processor=dict(cap_pixels_per_frame=True)),
+        "bench": dict(text=SIZES["bench"]["text"], vision={**_VISION_QWEN3, "hidden_size": 128, "num_heads": 2,
+                                                            "intermediate_size": 256}, vocab_words=1024,
+                      video_processor=dict(cap_pixels_per_frame=True)),
+    },
+    "qwen2_vl": {
+        "test": dict(text=SIZES["test"]["text"], vision=_VISION_QWEN2, vocab_words=1024),
+        "bench": dict(text=SIZES["bench"]["text"], vision=_VISION_QWEN2, vocab_words=1024),
+    },
+}
 
 
-def content_hash(size: str, seed: int) -> str:
-    blob = json.dumps(spec_for(size, seed), sort_keys=True).encode()
+def spec_for(size: str, seed: int, family: str = "qwen2_5_vl") -> dict:
+    if family not in FAMILY_SIZES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
+    sizes = FAMILY_SIZES[family]
+    if size not in sizes:
+        raise ValueError(f"size must be one of {sorted(sizes)} for {family}, got {size!r}")
+    extra = {} if family == "qwen2_5_vl" else {"family": family}  # qwen2_5_vl keeps its pre-family hashes
+    return {"builder_version": BUILDER_VERSION, "size": size, "seed": seed, **extra, **sizes[size]}
+
+
+def content_hash(size: str, seed: int, family: str = "qwen2_5_vl") -> str:
+    blob = json.dumps(spec_for(size, seed, family), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -174,10 +233,38 @@ def _train_tokenizer(seed: int, vocab_words: int):
     return tok
 
 
-def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool = False) -> Path:
+def _family_classes(family: str, spec: dict, tokenizer):
+    """(model class, processor) of a family: Qwen2-VL / Qwen2.5-VL with the paper's 448x448 frame budget,
+    Qwen3-VL with its own video processor's defaults (a pixel budget over all frames)."""
+    import transformers as tf
+
+    v = spec["vision"]
+    common = dict(patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"])
+    image_processor = tf.Qwen2VLImageProcessor(size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS}, **common)
+    if family == "qwen3_vl":
+        image_processor = tf.Qwen2VLImageProcessor(
+            size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
+            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **common,
+        )
+        video_processor = tf.Qwen3VLVideoProcessor(**spec["video_processor"], **common)
+        processor = tf.Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+        return tf.Qwen3VLForConditionalGeneration, processor
+    video_processor = tf.Qwen2VLVideoProcessor(size={"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}, **common)
+    if family == "qwen2_vl":
+        processor = tf.Qwen2VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+        return tf.Qwen2VLForConditionalGeneration, processor
+    processor = tf.Qwen2_5_VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                       tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return tf.Qwen2_5_VLForConditionalGeneration, processor
+
+
+def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool = False,
+          family: str = "qwen2_5_vl") -> Path:
     """Write the checkpoint to ``out`` (skipped when ``out`` already holds the same content hash)."""
     out = Path(out)
-    digest = content_hash(size, seed)
+    digest = content_hash(size, seed, family)
     stamp = out / STAMP
     if not force and stamp.is_file():
         try:
@@ -187,16 +274,9 @@ def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool
             pass
 
     import torch
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import PreTrainedTokenizerFast
 
-    spec = spec_for(size, seed)
+    spec = spec_for(size, seed, family)
     raw_tok = _train_tokenizer(seed, spec["vocab_words"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw_tok,
@@ -213,45 +293,64 @@ def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool
     head_dim = t["hidden_size"] // t["num_attention_heads"]
     half = head_dim // 2  # mrope sections (t, h, w) split the rotary half: Qwen's 16/24/24 of 64, scaled
     mrope_section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 1000000.0},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            initializer_range=0.05,
-            tie_word_embeddings=False,
-            **t,
-        ),
-        vision_config=dict(out_hidden_size=t["hidden_size"], initializer_range=0.05, **spec["vision"]),
+    text = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        initializer_range=0.05,
+        **t,
+    )
+    tokens = dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=False,
     )
+    model_cls, processor = _family_classes(family, spec, tokenizer)
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        config = Qwen3VLConfig(
+            text_config=dict(
+                head_dim=head_dim, pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True,
+                                 "rope_theta": 5000000.0},
+                **text,
+            ),
+            vision_config=dict(out_hidden_size=t["hidden_size"], initializer_range=0.05, **spec["vision"]),
+            tie_word_embeddings=False,
+            **tokens,
+        )
+        config.text_config.bos_token_id = ids["<|endoftext|>"]
+        config.text_config.eos_token_id = ids["<|im_end|>"]
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+        config_cls = Qwen2_5_VLConfig if family == "qwen2_5_vl" else Qwen2VLConfig
+        vision = dict(spec["vision"], initializer_range=0.05)
+        if family == "qwen2_5_vl":
+            vision["out_hidden_size"] = t["hidden_size"]
+        else:
+            vision["hidden_size"] = t["hidden_size"]  # Qwen2-VL: the merger's output size
+        config = config_cls(
+            text_config=dict(
+                rope_scaling={"type": "mrope", "mrope_section": mrope_section, "rope_theta": 1000000.0},
+                bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=False,
+                **text,
+            ),
+            vision_config=vision,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            tie_word_embeddings=False,
+            **tokens,
+        )
     config.torch_dtype = torch.float32
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-
-    v = spec["vision"]
-    common = dict(patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"])
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS}, **common
-        ),
-        video_processor=Qwen2VLVideoProcessor(
-            size={"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}, **common
-        ),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
+    model = model_cls(config).to(torch.float32).eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
@@ -285,23 +384,31 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parents[2] / ".cache"
 
 
-def ensure_tiny_model(size: str = "test", seed: int = 0, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the cached checkpoint for (size, seed), building it on first use."""
+def ensure_tiny_model(size: str = "test", seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                      family: str = "qwen2_5_vl") -> Path:
+    """Path of the cached checkpoint for (family, size, seed), building it on first use."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return build(root / "tiny_models" / f"{size}-{content_hash(size, seed)[:12]}", size=size, seed=seed)
+    prefix = size if family == "qwen2_5_vl" else f"{family}-{size}"
+    return build(root / "tiny_models" / f"{prefix}-{content_hash(size, seed, family)[:12]}", size=size, seed=seed,
+                 family=family)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.harness.tiny_model", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output directory")
+    ap.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl")
     ap.add_argument("--size", choices=sorted(SIZES), default="test")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if OUT holds the same content hash")
     args = ap.parse_args(argv)
-    path = build(args.out, size=args.size, seed=args.seed, force=args.force)
-    f = flops_per_video_token(args.size)
-    print(f"{path}  (size={args.size}, seed={args.seed}, hash={content_hash(args.size, args.seed)[:12]}, "
-          f"LLM/vision FLOPs per video token = {f['ratio']:.1f})")
+    try:
+        spec_for(args.size, args.seed, args.family)
+    except ValueError as e:
+        ap.error(str(e))
+    path = build(args.out, size=args.size, seed=args.seed, force=args.force, family=args.family)
+    ratio = f", LLM/vision FLOPs per video token = {flops_per_video_token(args.size)['ratio']:.1f}" if args.family == "qwen2_5_vl" else ""
+    print(f"{path}  (family={args.family}, size={args.size}, seed={args.seed}, "
+          f"hash={content_hash(args.size, args.seed, args.family)[:12]}{ratio})")
     return 0
 
 

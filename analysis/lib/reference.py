@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vllm_plugin.core import DTDConfig, DTDStats, dtd_keep_mask, mask_stats, mrope_positions, pixel_tokens
+from vllm_plugin.core import DTDConfig, DTDStats, PatchLayout, dtd_keep_mask, mask_stats, mrope_positions, pixel_tokens
 
 
 @dataclass
@@ -35,6 +35,9 @@ class ProcessedVideo:
     grid_thw: tuple[int, int, int]  # in patches, before merging
     second_per_grid_t: float
     merge_size: int = 2
+    layout: PatchLayout = PatchLayout()  # patch layout and normalization (Qwen3-VL: mean/std 0.5)
+    frames: Optional[np.ndarray] = None  # the frames it was made from, uint8 (N, H, W, 3) (Qwen3-VL's prompt needs them)
+    fps: float = 1.0
 
     @property
     def llm_grid(self) -> tuple[int, int, int]:
@@ -58,6 +61,7 @@ class Prepared:
     stats: Optional[DTDStats]
     video: Optional[ProcessedVideo] = None
     full_length: int = 0  # prompt length without DTD
+    lm_kwargs: dict = field(default_factory=dict)  # more inputs of the prefill (Qwen3-VL: DeepStack rows and where they go)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -80,7 +84,7 @@ def compute_mask(video: ProcessedVideo, dtd: Optional[DTDConfig], embeddings: Op
     if dtd is None or not dtd.enabled:
         return torch.ones((T, H, W), dtype=torch.bool)
     if dtd.criterion == "pixel":
-        tokens = pixel_tokens(video.pixel_values, video.grid_thw, merge_size=video.merge_size)
+        tokens = pixel_tokens(video.pixel_values, video.grid_thw, video.layout.with_(merge_size=video.merge_size))
     else:
         if embeddings is None:
             raise ValueError("feature-level DTD needs the vision encoder's embeddings")
@@ -171,9 +175,9 @@ class ReferencePipeline:
         return Prepared(kept_ids, embeds, positions, mask, mask_stats(mask), video, int(ids.shape[0]) - 1 + n)
 
     # -- model ----------------------------------------------------------------------------------
-    def _lm(self, embeds: torch.Tensor, positions: torch.Tensor, cache):
+    def _lm(self, embeds: torch.Tensor, positions: torch.Tensor, cache, **extra):
         out = self.model.model.language_model(
-            inputs_embeds=embeds[None], position_ids=positions[:, None, :], past_key_values=cache, use_cache=True
+            inputs_embeds=embeds[None], position_ids=positions[:, None, :], past_key_values=cache, use_cache=True, **extra
         )
         return self.model.lm_head(out.last_hidden_state[0]).float(), out.past_key_values
 
@@ -182,7 +186,7 @@ class ReferencePipeline:
         """Prefill logits, float32 (L, vocab)."""
         from transformers import DynamicCache
 
-        logits, _ = self._lm(prepared.inputs_embeds, prepared.position_ids, DynamicCache(config=self.config))
+        logits, _ = self._lm(prepared.inputs_embeds, prepared.position_ids, DynamicCache(config=self.config), **prepared.lm_kwargs)
         return logits
 
     @torch.no_grad()
@@ -191,7 +195,7 @@ class ReferencePipeline:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.config)
-        logits, cache = self._lm(prepared.inputs_embeds, prepared.position_ids, cache)
+        logits, cache = self._lm(prepared.inputs_embeds, prepared.position_ids, cache, **prepared.lm_kwargs)
         next_pos = int(prepared.position_ids.max()) + 1
         eos = self.config.text_config.eos_token_id
         gen = Generation(token_ids=[])
@@ -224,3 +228,139 @@ class ReferencePipeline:
             do_sample_frames=False,
         )
         return self.model(**inputs).logits[0].float()
+
+
+class Qwen3VLReferencePipeline(ReferencePipeline):
+    """Qwen3-VL (transformers) with DTD between the vision encoder and the LLM.
+
+    The oracle takes everything from transformers: the prompt with its per-step timestamps
+    (``Qwen3VLProcessor``), the vision tower's main and DeepStack outputs, and the M-RoPE positions of
+    the FULL prompt (``get_rope_index``). DTD then removes the dropped video tokens from the sequence,
+    from its positions and from every DeepStack level alike; nothing is recomputed, so survivors and
+    all text (timestamps included) keep their original positions. A step that keeps no token keeps
+    its timestamp and empty ``<|vision_start|><|vision_end|>``; a video that keeps none keeps its first
+    token (as served).
+    """
+
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+        self.model_path = str(model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).eval()
+        self.config = self.model.config
+        vc = self.config.vision_config
+        self.merge_size = vc.spatial_merge_size
+        self.temporal_patch_size = vc.temporal_patch_size
+        self.tokens_per_second = 1.0
+        self.tokenizer = self.processor.tokenizer
+        vp = self.processor.video_processor
+        self.layout = PatchLayout(merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
+                                  image_mean=tuple(vp.image_mean), image_std=tuple(vp.image_std))
+
+    @staticmethod
+    def _metadata(n: int, fps: float):
+        from transformers.video_utils import VideoMetadata
+
+        return VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps, frames_indices=list(range(n)))
+
+    def process_video(self, frames: np.ndarray, fps: float, **processor_kwargs) -> ProcessedVideo:
+        """Frames uint8 (N, H, W, 3) sampled at ``fps`` -> processed patches (no further sampling;
+        ``processor_kwargs`` e.g. ``do_resize=False`` for frames already at their size)."""
+        frames = np.asarray(frames)
+        out = self.processor.video_processor(videos=[frames], video_metadata=[self._metadata(len(frames), fps)],
+                                             return_tensors="pt", do_sample_frames=False, **processor_kwargs)
+        grid = tuple(int(x) for x in out["video_grid_thw"][0].tolist())
+        return ProcessedVideo(pixel_values=out["pixel_values_videos"], grid_thw=grid,
+                              second_per_grid_t=self.temporal_patch_size / float(fps), merge_size=self.merge_size,
+                              layout=self.layout, frames=frames, fps=float(fps))
+
+    @torch.no_grad()
+    def _features(self, video: ProcessedVideo) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = self.model.model.get_video_features(video.pixel_values, torch.tensor([video.grid_thw]), return_dict=True)
+        # per DeepStack level, one entry per video (here one)
+        return out.pooler_output[0], [lvl[0] if isinstance(lvl, (tuple, list)) else lvl for lvl in out.deepstack_features]
+
+    @torch.no_grad()
+    def video_embeddings(self, video: ProcessedVideo) -> torch.Tensor:
+        """The vision tower's main output (num_tokens, hidden), in (t, h, w) raster order."""
+        return self._features(video)[0]
+
+    @torch.no_grad()
+    def prepare(self, question: str, frames: Optional[np.ndarray] = None, fps: float = 1.0,
+                dtd: Optional[DTDConfig] = None, video: Optional[ProcessedVideo] = None, **processor_kwargs) -> Prepared:
+        if video is None and frames is not None:
+            video = self.process_video(frames, fps, **processor_kwargs)
+        text = self.chat_text(question, with_video=video is not None)
+        embed = self.model.get_input_embeddings()
+        if video is None:
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+            pos = torch.arange(ids.shape[0]).expand(3, -1)
+            return Prepared(ids, embed(ids), pos, None, None, None, int(ids.shape[0]))
+        inputs = self.processor(text=[text], videos=[video.frames], video_metadata=[self._metadata(len(video.frames), video.fps)],
+                                return_tensors="pt", do_sample_frames=False, return_mm_token_type_ids=True, **processor_kwargs)
+        if tuple(inputs["video_grid_thw"][0].tolist()) != tuple(video.grid_thw):
+            raise ValueError("the processor gave the prompt another grid than the processed video")
+        ids = inputs["input_ids"][0]
+        full_pos, _ = self.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                      video_grid_thw=inputs["video_grid_thw"])
+        full_pos = full_pos[:, 0]
+        main, deepstack = self._features(video)
+        mask = compute_mask(video, dtd, main)
+        if not mask.any():
+            mask.view(-1)[0] = True
+        flat = mask.flatten()
+        is_video = ids == self.config.video_token_id
+        if int(is_video.sum()) != flat.numel():
+            raise ValueError(f"the prompt holds {int(is_video.sum())} video tokens, the grid {flat.numel()}")
+        keep = torch.ones_like(is_video)
+        keep[is_video.nonzero()[:, 0][~flat]] = False
+        kept_ids = ids[keep]
+        visual = kept_ids == self.config.video_token_id
+        embeds = embed(kept_ids)
+        embeds[visual] = main[flat].to(embeds.dtype)
+        extra = {"visual_pos_masks": visual[None], "deepstack_visual_embeds": [d[flat].to(embeds.dtype) for d in deepstack]}
+        return Prepared(kept_ids, embeds, full_pos[:, keep], mask, mask_stats(mask), video, int(ids.shape[0]), extra)
+
+    @torch.no_grad()
+    def plain_logits(self, question: str, frames: np.ndarray, fps: float) -> torch.Tensor:
+        """Logits of the UNMODIFIED transformers model (its own forward and position ids)."""
+        text = self.chat_text(question, with_video=True)
+        inputs = self.processor(text=[text], videos=[np.asarray(frames)], video_metadata=[self._metadata(len(frames), fps)],
+                                return_tensors="pt", do_sample_frames=False)
+        return self.model(**inputs).logits[0].float()
+
+
+def reference_pipeline(model_path: str | Path, dtype: torch.dtype = torch.float32) -> ReferencePipeline:
+    """The reference pipeline of the checkpoint's model family (from its config.json)."""
+    import json
+
+    archs = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
+    if "Qwen3VLForConditionalGeneration" in archs:
+        return Qwen3VLReferencePipeline(model_path, dtype)
+    if "Qwen2VLForConditionalGeneration" in archs:
+        return Qwen2VLReferencePipeline(model_path, dtype)
+    return ReferencePipeline(model_path, dtype)
+
+
+class Qwen2VLReferencePipeline(ReferencePipeline):
+    """Qwen2-VL (transformers): Qwen2.5-VL's pipeline with Qwen2-VL's model class; its temporal
+    position is the step index (no ``tokens_per_second``)."""
+
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        self.model_path = str(model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).eval()
+        self.config = self.model.config
+        vc = self.config.vision_config
+        self.merge_size = vc.spatial_merge_size
+        self.temporal_patch_size = vc.temporal_patch_size
+        self.tokens_per_second = 1.0
+        self.tokenizer = self.processor.tokenizer
+
+    def process_video(self, frames: np.ndarray, fps: float) -> ProcessedVideo:
+        video = super().process_video(frames, fps)
+        video.second_per_grid_t = 1.0  # Qwen2-VL: temporal position = step index
+        return video

@@ -54,13 +54,16 @@ def _texture(rng: np.random.Generator, size: int, block: int = 7) -> np.ndarray:
     return np.repeat(np.repeat(small, block, axis=0), block, axis=1)
 
 
-def make_clip(cells: int = 8, fps: float = 2.0, seed: int = 0) -> SyntheticClip:
-    """Build the clip described in the module docstring (``cells`` × ``cells`` tokens per frame)."""
+def make_clip(cells: int = 8, fps: float = 2.0, seed: int = 0, token_px: int = TOKEN_PX) -> SyntheticClip:
+    """Build the clip described in the module docstring (``cells`` × ``cells`` tokens per frame of
+    ``token_px`` pixels: 28 for Qwen2-VL / Qwen2.5-VL, 32 for Qwen3-VL)."""
     if cells < 8:
         raise ValueError("cells must be >= 8 (the object walks 6 cells)")
+    if token_px % 4:
+        raise ValueError(f"token_px must be a multiple of 4, got {token_px}")
     rng = np.random.default_rng(seed)
-    size = cells * TOKEN_PX
-    scene_a, scene_b, scene_c = (_texture(rng, size) for _ in range(3))
+    size = cells * token_px
+    scene_a, scene_b, scene_c = (_texture(rng, size, block=token_px // 4) for _ in range(3))
     obj_color = np.array([250, 20, 20], dtype=np.uint8)
     row = cells // 2
     steps = 24
@@ -70,7 +73,7 @@ def make_clip(cells: int = 8, fps: float = 2.0, seed: int = 0) -> SyntheticClip:
     events: list[dict] = []
 
     def cell_slice(r: int, c: int):
-        return slice(r * TOKEN_PX, (r + 1) * TOKEN_PX), slice(c * TOKEN_PX, (c + 1) * TOKEN_PX)
+        return slice(r * token_px, (r + 1) * token_px), slice(c * token_px, (c + 1) * token_px)
 
     col = 1
     for s in range(steps):

@@ -47,3 +47,40 @@ def mrope_positions(
     pos = torch.stack([t_index[thw[:, 0]], thw[:, 1], thw[:, 2]]) + int(start)
     next_start = int(start) + max(int(t_index[-1]), H - 1, W - 1) + 1
     return pos, next_start
+
+
+def timestamped_mrope_positions(mask: torch.Tensor, text_lens, start: int = 0) -> tuple[torch.Tensor, int]:
+    """M-RoPE position ids of one video item laid out as Qwen3-VL lays it out: each temporal step is
+    its own frame group, preceded by text (its ``<t.t seconds>`` timestamp and ``<|vision_start|>``;
+    from the second step on also the previous step's ``<|vision_end|>``), and time is carried by that
+    text, not by the temporal position. Dropped tokens leave holes; nothing shifts: every text token
+    and every kept token gets the position it has in the FULL (undropped) item.
+
+    Per step ``t``: its ``text_lens[t]`` text tokens take consecutive positions ``p, p+1, ...`` (all
+    three sections equal); its grid starts at ``s = p + text_lens[t]`` and the kept token (h, w) gets
+    ``(s, s + h, s + w)``; the text after it starts at ``s + max(H, W)`` (1 + the largest position of
+    the full grid, as for a one-frame video). This is vLLM's and transformers' Qwen3-VL rule for the
+    full grid.
+
+    Args:
+        mask: bool (T, H, W); a step may keep no token (its text stays).
+        text_lens: T + 1 non-negative ints: the text tokens before each step's grid, then the text
+            tokens after the last grid that still belong to the item.
+        start: position id of the item's first token.
+    Returns:
+        (positions long (3, N) in item order, N = sum(text_lens) + mask.sum(); next_start: the position
+        of the token after the item).
+    """
+    T, H, W = check_mask(mask).shape
+    lens = [int(x) for x in text_lens]
+    if len(lens) != T + 1 or min(lens) < 0:
+        raise ValueError(f"text_lens must be {T + 1} non-negative ints for {T} steps, got {list(text_lens)}")
+    parts = []
+    p = int(start)
+    for t in range(T + 1):
+        parts.append(torch.arange(p, p + lens[t]).expand(3, -1))
+        p += lens[t]
+        if t < T:
+            pos, p = mrope_positions(mask[t:t + 1], start=p)
+            parts.append(pos)
+    return torch.cat(parts, dim=1), p

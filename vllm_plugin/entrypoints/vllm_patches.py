@@ -118,13 +118,14 @@ def require_read(module: str, attribute: str) -> None:
 def check_overrides(cls: type, base: type) -> None:
     """Every method that ``cls`` defines on top of ``base`` (through its DTD mixins) must override a
     method ``base`` still has, with the same parameter names: a DTD override of a renamed or removed
-    vLLM hook fails here, when the family module is imported, instead of silently never being called."""
+    vLLM hook fails here, when the family module is imported, instead of silently never being called.
+    The plugin's own helpers are named ``_dtd_*`` and are not checked."""
     ours: dict[str, object] = {}
     for klass in cls.__mro__:
         if klass is base or klass in base.__mro__:
             continue
         for name, value in vars(klass).items():
-            if inspect.isfunction(value) and not name.startswith("__"):
+            if inspect.isfunction(value) and not name.startswith(("__", "_dtd_")):
                 ours.setdefault(name, value)
     for name, fn in sorted(ours.items()):
         require(base, name, _params(fn))

@@ -14,6 +14,14 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "Qwen2_5_VLDTDForConditionalGeneration",
         "vllm_plugin.models.qwen2_5_vl:Qwen2_5_VLDTDForConditionalGeneration",
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "Qwen3VLDTDForConditionalGeneration",
+        "vllm_plugin.models.qwen3_vl:Qwen3VLDTDForConditionalGeneration",
+    ),
+    "Qwen2VLForConditionalGeneration": (
+        "Qwen2VLDTDForConditionalGeneration",
+        "vllm_plugin.models.qwen2_vl:Qwen2VLDTDForConditionalGeneration",
+    ),
 }
 
 # stock architecture -> DTD architecture

@@ -113,33 +113,42 @@ class DTDMultiModalProcessorMixin:
 
     def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
         videos = mm_items.get("video")
-        given: list = []
-        if videos is not None:
-            data = []
-            for item in videos.data:
-                video_loader.check_request(item, hf_kwargs)
-                if isinstance(item, tuple) and isinstance(item[1], Mapping) and GIVEN_MASK in item[1]:
-                    meta = dict(item[1])
-                    given.append((meta.pop(GIVEN_MASK), meta.pop(GIVEN_EMBEDS, None)))
-                    item = (item[0], meta)
-                else:
-                    given.append(None)
-                data.append(item)
-            if any(g is not None for g in given):
-                mm_items = MultiModalDataItems({**mm_items, "video": type(videos)(data, videos.metadata)})
-        hf_inputs = super()._get_hf_mm_inputs(mm_items, hf_kwargs)
-        if any(g is not None for g in given):
-            hf_inputs = hf_inputs._replace(hf_kwargs={**hf_inputs.hf_kwargs, _GIVEN: given})  # a NamedTuple
-        return hf_inputs
+        for item in (videos.data if videos is not None else ()):
+            video_loader.check_request(item, hf_kwargs)
+        return super()._get_hf_mm_inputs(mm_items, hf_kwargs)
 
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
-        hf_kwargs = dict(hf_kwargs)
-        given = hf_kwargs.pop(_GIVEN, None)
-        dtd_kwargs, rest = split_dtd_kwargs(hf_kwargs)
-        processed = super()._call_hf_processor(hf_data, rest)
+    @staticmethod
+    def _dtd_take_given(mm_items: MultiModalDataItems) -> tuple[MultiModalDataItems, list]:
+        """The items without the callers' masks (the HF processor must not see them), and per video
+        the given ``(mask, embeds)`` or None."""
+        videos = mm_items.get("video")
+        given: list = []
+        if videos is None:
+            return mm_items, given
+        data = []
+        for item in videos.data:
+            if isinstance(item, tuple) and isinstance(item[1], Mapping) and GIVEN_MASK in item[1]:
+                meta = dict(item[1])
+                given.append((meta.pop(GIVEN_MASK), meta.pop(GIVEN_EMBEDS, None)))
+                item = (item[0], meta)
+            else:
+                given.append(None)
+            data.append(item)
+        if any(g is not None for g in given):
+            mm_items = MultiModalDataItems({**mm_items, "video": type(videos)(data, videos.metadata)})
+        return mm_items, given
+
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
+        """vLLM's processing of the items (whatever the family does: one HF call, or one per video as
+        Qwen3-VL), then the DTD decision on the processed patches."""
+        mm_items, given = self._dtd_take_given(mm_items)
+        _, rest = split_dtd_kwargs(hf_kwargs)
+        processed = super()._apply_hf_processor_main(mm_items, rest)
         if "pixel_values_videos" not in processed:
             return processed
-        # server defaults (--mm-processor-kwargs) merged with the request's own dtd_* keys
+        return self._dtd_apply(processed, hf_kwargs, given)
+
+    def _dtd_apply(self, processed, hf_kwargs: Mapping[str, object], given: list):
         merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
         config = dtd_config_from_kwargs(merged)
         vc = self.info.get_hf_config().vision_config
@@ -170,7 +179,8 @@ class DTDMultiModalProcessorMixin:
                 encoded = tower.encode(pv if normalized else layout.normalize(pv), grid)
                 encoding += time.perf_counter() - t_enc
                 if mask is None:
-                    mask = dtd_keep_mask(encoded.view(*shape, -1), config.threshold, config.metric, config.reference)
+                    mask = dtd_keep_mask(tower.decision_view(encoded).view(*shape, -1), config.threshold, config.metric,
+                                         config.reference)
             if mask is None and not config.enabled:
                 mask = torch.ones(shape, dtype=torch.bool)
             elif mask is None:
@@ -209,14 +219,23 @@ class DTDMultiModalProcessorMixin:
 
             def replacement(item_idx: int):
                 full = full_replacement(item_idx)
-                elem = out_mm_kwargs["video"][item_idx].get(MASK_KEY)
+                out_item = out_mm_kwargs["video"][item_idx]
+                elem = out_item.get(MASK_KEY)
                 if elem is None:
                     return full
-                return full[:1] * int(elem.data.sum())
+                t, h, w = (int(x) for x in out_item["video_grid_thw"].data.tolist())
+                merge = self.info.get_hf_config().vision_config.spatial_merge_size
+                return self._dtd_replacement(full, elem.data.reshape(t, h // merge, w // merge).bool(), out_item,
+                                             hf_processor_mm_kwargs)
 
             return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
 
         return [with_dtd(u) if u.modality == "video" else u for u in updates]
+
+    def _dtd_replacement(self, full, mask: torch.Tensor, out_item, hf_processor_mm_kwargs: Mapping[str, Any]):
+        """The prompt of a video after DTD, from the family's full replacement and the keep mask
+        (bool (T, H, W)). Qwen2-VL / Qwen2.5-VL: one run of video placeholders, one per kept token."""
+        return full[:1] * int(mask.sum())
 
     def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> ProcessorInputs:
         """Profiling inputs keep every video token.
@@ -258,7 +277,7 @@ class DTDProcessingInfoMixin:
     ``_get_prompt_updates`` and ``get_image_processor``), which loads through an LRU keyed by those
     kwargs (vllm/transformers_utils/processor.py ``cached_get_processor``): every distinct
     ``dtd_threshold`` would reload processor and tokenizer. The DTD decision reads the request's keys
-    itself (:meth:`DTDMultiModalProcessorMixin._call_hf_processor`).
+    itself (:meth:`DTDMultiModalProcessorMixin._dtd_apply`).
     """
 
     def get_hf_processor(self, **kwargs: object):

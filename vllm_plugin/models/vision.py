@@ -48,10 +48,14 @@ class EncoderUnavailable(ValueError):
 @dataclass(frozen=True)
 class VisionTowerSpec:
     """Where a family's vision tower lives: ``module:Class`` of transformers and the prefixes of its
-    weights in the checkpoint (transformers 4.x and 5.x name them differently)."""
+    weights in the checkpoint (transformers 4.x and 5.x name them differently). ``deepstack``: the
+    tower also returns features of intermediate layers (Qwen3-VL's ``deepstack_features``); the
+    engine takes them concatenated after the main output, as vLLM's own tower emits them, and DTD
+    decides on the main output only."""
 
     cls: str
     prefixes: tuple[str, ...] = ("visual.", "model.visual.")
+    deepstack: bool = False
 
     def load_class(self):
         module, name = self.cls.split(":")
@@ -67,8 +71,10 @@ class VisionTower:
     raster order.
     """
 
-    def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device, max_steps: int = 16):
+    def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device, max_steps: int = 16,
+                 decision_dim: Optional[int] = None):
         self.module = module.eval()
+        self.decision_dim = decision_dim  # leading columns of an output row that DTD compares (None: all)
         self.merge_size = merge_size
         self.device = device
         self.max_steps = max(1, int(max_steps))  # temporal steps per tower call
@@ -105,7 +111,12 @@ class VisionTower:
         module.to(device=dev)  # weights are in dtype already; float32 buffers (rotary inv_freq) stay float32
         logger.info("DTD: vision tower %s loaded in this API-server process (%s, %s, %.0f M parameters) for feature-level DTD",
                     spec.cls.split(":")[1], dev, dtype, sum(p.numel() for p in module.parameters()) / 1e6)
-        return cls(module, int(vision_config.spatial_merge_size), dev, int(os.environ.get(MAX_STEPS_ENV) or 16))
+        decision_dim = int(vision_config.out_hidden_size) if spec.deepstack else None
+        return cls(module, int(vision_config.spatial_merge_size), dev, int(os.environ.get(MAX_STEPS_ENV) or 16), decision_dim)
+
+    def decision_view(self, rows: torch.Tensor) -> torch.Tensor:
+        """The columns of output rows (..., C) that DTD compares: the main output, without DeepStack levels."""
+        return rows if self.decision_dim is None else rows[..., : self.decision_dim]
 
     def encode(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """One video, ``max_steps`` temporal steps per tower call (bounded activation memory; attention
@@ -128,10 +139,12 @@ class VisionTower:
             raise ValueError(f"{pixels.shape[0]} patches do not fit the grids {grids.tolist()}")
         t0 = time.perf_counter()
         with self._lock:
-            out = self.module(pixels.to(device=self.device, dtype=self.dtype), grid_thw=grids.to(self.device))
-            out = getattr(out, "pooler_output", out)
+            raw = self.module(pixels.to(device=self.device, dtype=self.dtype), grid_thw=grids.to(self.device))
+            out = getattr(raw, "pooler_output", raw)
             if isinstance(out, (tuple, list)):
                 out = out[0]
+            if self.decision_dim is not None:  # [main | level 1 | level 2 ...], vLLM's layout of video_embeds
+                out = torch.cat([out, *raw.deepstack_features], dim=-1)
             out = out.cpu()  # the model's dtype (the engine's too); decisions compute in float32
             seconds = time.perf_counter() - t0
             steps = int(grids[:, 0].sum())

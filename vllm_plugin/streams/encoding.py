@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
-from typing import Callable
+from typing import Optional, Callable
 
 import numpy as np
 
@@ -29,11 +29,14 @@ class EncodeQueue:
             (:meth:`vllm_plugin.models.vision.VisionTower.encode_many`).
         max_pending_steps: temporal steps queued or being encoded, over all streams.
         max_batch_steps: temporal steps per tower call.
+        decision_dim: the leading feature columns DTD compares (None: all; Qwen3-VL: the main output,
+            not its DeepStack levels).
     """
 
     def __init__(self, patchify: Callable, encode_many: Callable, max_pending_steps: int, max_batch_steps: int = 32,
-                 retry_after_s: float = 1.0):
+                 retry_after_s: float = 1.0, decision_dim: Optional[int] = None):
         self.patchify = patchify
+        self.decision_dim = decision_dim
         self.encode_many = encode_many
         self.max_pending_steps = max_pending_steps
         self.max_batch_steps = max_batch_steps

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Optional
+
+import numpy as np
+
+from vllm_plugin.entrypoints.options import GIVEN_MASK
 
 
 class Timing:
@@ -22,16 +27,22 @@ class Timing:
         return time.perf_counter() - self.t0
 
 
-def video_tokens_per_chunk(prompt_ids: list[int], video_pad: int) -> list[int]:
-    """Kept video tokens of each video item, read off the served (expanded) prompt."""
-    runs, n = [], 0
-    for t in prompt_ids:
-        if t == video_pad:
-            n += 1
-        elif n:
-            runs.append(n)
-            n = 0
-    return runs + ([n] if n else [])
+def video_tokens_per_chunk(items, prompt_ids: list[int], video_pad: int) -> list[int]:
+    """Kept video tokens of each chunk in a served prompt: its keep mask's count (one token for a chunk
+    that kept none, as the processor serves it), for the leading ``items`` whose counts add up to the
+    video placeholders of the served (expanded) prompt (later chunks were cut after it was sent). A
+    family may split a chunk into several placeholder runs (Qwen3-VL: one per temporal step), so the
+    prompt gives the total only."""
+    served = sum(1 for t in prompt_ids if t == video_pad)
+    counts: list[int] = []
+    for _, meta in items:
+        if sum(counts) >= served:
+            break
+        counts.append(max(1, int(np.asarray(meta[GIVEN_MASK]).sum())))
+    if served != sum(counts):  # a bug, not the client's: said in the log, the answer stands
+        logging.getLogger("vllm.dtd_plugin").error("DTD stream: the served prompt holds %d video tokens, its chunks' masks "
+                                                   "keep %d", served, sum(counts))
+    return counts
 
 
 def usage(out) -> dict:

@@ -119,7 +119,7 @@ class StreamService:
                 except vision.EncoderUnavailable as e:
                     raise StreamError(str(e)) from None
                 self._encoder = EncodeQueue(processor_patchify(self.video_processor), tower.encode_many,
-                                            self.manager.limits.max_pending_encode_steps)
+                                            self.manager.limits.max_pending_encode_steps, decision_dim=tower.decision_dim)
             return self._encoder
 
     def check_model(self, model: Optional[str]) -> None:
@@ -164,9 +164,12 @@ class StreamService:
 
     @staticmethod
     def dtd_kwargs(stream: Stream) -> dict:
+        """The processor options of a stream's requests: its DTD settings, and ``do_resize: false``:
+        its frames are already at the size the processor gives one temporal step, and a family whose
+        budget covers all frames of a video (Qwen3-VL) would otherwise resize each chunk by its length."""
         c = stream.settings.dtd
         return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference,
-                "dtd_criterion": c.criterion}
+                "dtd_criterion": c.criterion, "do_resize": False}
 
     def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
@@ -264,7 +267,7 @@ class StreamService:
         prompt_ids = list(out.prompt_token_ids or [])
         state = {"frames": len(stream.frames), "chunks": len(stream.chunks), "time": stream.timestamps[-1] if stream.timestamps else None,
                  "question": stream.questions, "ttft_s": timing.ttft_s, "e2e_s": timing.elapsed(),
-                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(prompt_ids, self.video_pad)}
+                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(stream.video_items(), prompt_ids, self.video_pad)}
         if with_ids:
             state["prompt_token_ids"] = prompt_ids
             state["completion_token_ids"] = list(out.outputs[0].token_ids)

@@ -350,9 +350,11 @@ class Stream:
         tokens = self._step_tokens(np.stack(self.frames[done * tps : self.steps * tps]), self.steps - done, reserved)
         cfg = self.settings.dtd
         ref = self._ref_tokens
+        d = getattr(self.encoder, "decision_dim", None) if self.feature else None
+        decide = tokens if d is None else tokens[..., :d]  # Qwen3-VL: the main output, not the DeepStack levels
         if cfg.enabled:
-            mask = dtd_keep_mask(tokens, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
-            ref = next_reference(tokens, mask, cfg.reference, self._ref_tokens)
+            mask = dtd_keep_mask(decide, cfg.threshold, cfg.metric, cfg.reference, initial_reference=self._ref_tokens)
+            ref = next_reference(decide, mask, cfg.reference, self._ref_tokens)
         else:  # DTD off: every token is served, so every token is counted
             mask = torch.ones(tokens.shape[:3], dtype=torch.bool)
         if self.feature:
@@ -419,9 +421,11 @@ class Stream:
                 # the stream keeps one copy of its pixels: its frames become views of the chunk
                 self.frames[a:b] = list(frames)
                 n = len(frames)
+                # frame indices in the stream, not in the chunk: families whose prompt carries each
+                # step's time as text (Qwen3-VL: "<12.5 seconds>") read it from them
                 meta = {
-                    "fps": float(self.settings.fps), "total_num_frames": n, "frames_indices": list(range(n)),
-                    "duration": n / self.settings.fps, "video_backend": "dtd_stream",
+                    "fps": float(self.settings.fps), "total_num_frames": b, "frames_indices": list(range(a, b)),
+                    "duration": b / self.settings.fps, "video_backend": "dtd_stream",
                 }
                 mask = torch.stack(self.step_masks[a // tps : b // tps])
                 if self.feature:

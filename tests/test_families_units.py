@@ -1,0 +1,161 @@
+"""Model families beyond Qwen2.5-VL (Qwen3-VL, Qwen2-VL), without a server: vLLM's processor built
+in-process as the renderer builds it, the plugin's M-RoPE positions, against the transformers
+reference pipeline (prompt, masks and positions straight from transformers)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import mm_processor
+from vllm_plugin.core import DTDConfig, mask_digest, timestamped_mrope_positions
+
+Q = "what happens"
+QWEN3_DTD = "Qwen3VLDTDForConditionalGeneration"
+
+
+@pytest.fixture(scope="module")
+def qwen3_path():
+    from analysis.harness.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model("test", family="qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def qwen3_reference(qwen3_path):
+    from analysis.lib.reference import reference_pipeline
+
+    return reference_pipeline(qwen3_path)
+
+
+@pytest.fixture(scope="module")
+def qwen3_processor(qwen3_path):
+    return mm_processor(qwen3_path, QWEN3_DTD)
+
+
+@pytest.fixture(scope="module")
+def qwen3_clip():
+    from analysis.lib.synthetic import make_clip
+
+    return make_clip(token_px=32)
+
+
+def _served(processor, reference, frames, fps, **mm):
+    """vLLM's processing of the chat prompt with one video (DTD plugin), and the plugin's positions."""
+    from vllm.multimodal.inputs import MultiModalFeatureSpec
+
+    from vllm_plugin.models.qwen3_vl import Qwen3VLDTDForConditionalGeneration
+
+    n = len(frames)
+    meta = {"fps": float(fps), "duration": n / fps, "total_num_frames": n, "frames_indices": list(range(n)),
+            "video_backend": "test", "do_sample_frames": False}
+    prompt = reference.tokenizer(reference.chat_text(Q))["input_ids"]
+    out = processor(prompt, processor.info.parse_mm_data({"video": [(frames, meta)]}), hf_processor_mm_kwargs=mm)
+    (item,), (ph,) = out["mm_kwargs"]["video"], out["mm_placeholders"]["video"]
+    feature = MultiModalFeatureSpec(data=item, modality="video", identifier="v0", mm_position=ph)
+    model = SimpleNamespace(config=processor.info.get_hf_config())
+    positions, delta = Qwen3VLDTDForConditionalGeneration.get_mrope_input_positions(model, out["prompt_token_ids"], [feature])
+    return out["prompt_token_ids"], item, positions, delta
+
+
+@pytest.mark.parametrize("dtd", [DTDConfig(enabled=False), DTDConfig(), DTDConfig(threshold=0.2, reference="last_kept")],
+                         ids=["off", "default", "last_kept"])
+def test_qwen3_served_prompt_mask_and_positions_equal_transformers(qwen3_processor, qwen3_reference, qwen3_clip, dtd):
+    """The prompt (timestamps, one group per step, kept tokens only), the keep mask and every position
+    (text, timestamps and survivors: those of the FULL prompt, from transformers' get_rope_index)."""
+    c = qwen3_clip
+    mm = {"dtd_enabled": dtd.enabled, "dtd_threshold": dtd.threshold, "dtd_reference": dtd.reference} if dtd.enabled \
+        else {"dtd_enabled": False}
+    ids, item, positions, delta = _served(qwen3_processor, qwen3_reference, c.frames, c.fps, **mm)
+    ref = qwen3_reference.prepare(Q, c.frames, c.fps, dtd)
+    t, h, w = ref.mask.shape
+    assert mask_digest(item["video_dtd_mask"].data.reshape(t, h, w)) == mask_digest(ref.mask)
+    assert ids == ref.input_ids.tolist()
+    assert torch.equal(positions, ref.position_ids)
+    assert delta == int(ref.position_ids.max()) + 1 - len(ids)
+    if dtd.enabled:
+        assert int(ref.mask.sum()) < ref.mask.numel() and len(ids) < ref.full_length
+
+
+def test_qwen3_a_step_that_keeps_nothing_keeps_its_timestamp(qwen3_processor, qwen3_reference, qwen3_clip):
+    """Static steps of the clip keep no token: their ``<t seconds><|vision_start|><|vision_end|>`` stays."""
+    c = qwen3_clip
+    ids, item, _, _ = _served(qwen3_processor, qwen3_reference, c.frames, c.fps)
+    tok = qwen3_reference.tokenizer
+    text = tok.decode(ids)
+    steps = item["video_grid_thw"].data.tolist()[0]
+    assert text.count("seconds>") == steps
+    assert "<|vision_start|><|vision_end|>" in text  # an empty group: a step DTD dropped whole
+    assert text.index("<0.2 seconds>") < text.index("<1.2 seconds>")
+
+
+def test_timestamped_positions_by_hand():
+    mask = torch.ones(2, 2, 3, dtype=torch.bool)
+    mask[1] = False
+    mask[1, 1, 2] = True
+    pos, nxt = timestamped_mrope_positions(mask, [4, 5, 1], start=10)
+    assert pos.tolist() == [
+        [10, 11, 12, 13, 14, 14, 14, 14, 14, 14, 17, 18, 19, 20, 21, 22, 25],
+        [10, 11, 12, 13, 14, 14, 14, 15, 15, 15, 17, 18, 19, 20, 21, 23, 25],
+        [10, 11, 12, 13, 14, 15, 16, 14, 15, 16, 17, 18, 19, 20, 21, 24, 25],
+    ]
+    assert nxt == 26
+    # no token kept in a step: its text keeps the positions it has when the step is kept whole
+    full, _ = timestamped_mrope_positions(torch.ones(2, 2, 3, dtype=torch.bool), [4, 5, 1], start=10)
+    empty = mask.clone()
+    empty[1] = False
+    pos, nxt2 = timestamped_mrope_positions(empty, [4, 5, 1], start=10)
+    assert nxt2 == 26 and pos[:, -1].tolist() == full[:, -1].tolist() == [25, 25, 25]
+    with pytest.raises(ValueError, match="text_lens"):
+        timestamped_mrope_positions(mask, [1, 2])
+
+
+def test_step_text_lens_reads_the_groups():
+    from vllm_plugin.models.qwen3_vl import step_text_lens
+
+    VS, VE, V, X = 3, 4, 7, 9
+    item = [X, X, VS, V, V, VE, X, VS, VE, X, VS, V, VE]
+    assert step_text_lens(item, [2, 0, 1], VS, V) == [3, 3, 3, 1]
+    with pytest.raises(ValueError, match="frame groups"):
+        step_text_lens(item, [2, 0], VS, V)
+    with pytest.raises(ValueError, match="video tokens"):
+        step_text_lens(item, [1, 1, 1], VS, V)
+
+
+def test_qwen3_vision_tower_rows_carry_deepstack_and_decide_on_the_main_output(qwen3_path, qwen3_reference, qwen3_clip):
+    """The API server's tower gives vLLM's row layout [main | DeepStack levels]; DTD compares the main part."""
+    from vllm_plugin.models.qwen3_vl import DTDQwen3VLMultiModalProcessor
+    from vllm_plugin.models.vision import VisionTower
+
+    cfg = qwen3_reference.config.vision_config
+    tower = VisionTower.load(DTDQwen3VLMultiModalProcessor.vision_tower, str(qwen3_path), cfg, torch.float32, device="cpu")
+    video = qwen3_reference.process_video(qwen3_clip.frames[:8], qwen3_clip.fps)
+    rows = tower.encode(video.pixel_values, video.grid_thw)
+    main, deepstack = qwen3_reference._features(video)
+    levels = len(cfg.deepstack_visual_indexes)
+    assert rows.shape == (main.shape[0], main.shape[1] * (1 + levels))
+    torch.testing.assert_close(rows, torch.cat([main, *deepstack], dim=-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(tower.decision_view(rows), rows[:, : main.shape[1]])
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_vl"])
+def test_family_checkpoints_build_and_load(family):
+    from analysis.harness.tiny_model import content_hash, ensure_tiny_model
+    from analysis.lib.reference import reference_pipeline
+    from analysis.lib.synthetic import make_clip
+
+    path = ensure_tiny_model("test", family=family)
+    assert content_hash("test", 0, family) != content_hash("test", 0)
+    pipe = reference_pipeline(path)
+    assert type(pipe).__name__.lower().startswith(family.replace("_", "")[:5])
+    clip = make_clip(token_px=32 if family == "qwen3_vl" else 28)
+    ref = pipe.prepare(Q, clip.frames[:8], clip.fps, DTDConfig())
+    assert pipe.generate(ref, max_new_tokens=2).token_ids
+
+
+def test_qwen2_5_vl_checkpoint_is_unchanged_by_families():
+    """Today's commands and caches keep working: the default family's content hash is the one before."""
+    from analysis.harness.tiny_model import content_hash
+
+    assert content_hash("test", 0)[:12] == "3c6c813fcc93"
+    assert content_hash("test", 0, "qwen2_5_vl") == content_hash("test", 0)

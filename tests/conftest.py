@@ -59,6 +59,33 @@ def tiny_model_path() -> Path:
     return ensure_tiny_model("test")
 
 
+@pytest.fixture(scope="session")
+def qwen3_path() -> Path:
+    from analysis.harness.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model("test", family="qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def qwen3_reference(qwen3_path):
+    from analysis.lib.reference import reference_pipeline
+
+    return reference_pipeline(qwen3_path)
+
+
+@pytest.fixture(scope="session")
+def qwen3_processor(qwen3_path):
+    return mm_processor(qwen3_path, "Qwen3VLDTDForConditionalGeneration")
+
+
+@pytest.fixture(scope="session")
+def qwen3_clip():
+    """The synthetic clip aligned to Qwen3-VL's tokens (32 px cells, 256 x 256)."""
+    from analysis.lib.synthetic import make_clip
+
+    return make_clip(token_px=32)
+
+
 def mm_processor(model_path, arch: str | None, **config):
     """vLLM's multimodal processor for the checkpoint, built in-process from a ``ModelConfig`` as
     vLLM's renderer builds it (``MULTIMODAL_REGISTRY.create_processor``); ``arch=None``: stock;
@@ -176,6 +203,25 @@ def chat_video(client, model: str, video_path: Path, question: str, max_tokens: 
         max_tokens=max_tokens, temperature=0.0, logprobs=True, top_logprobs=5,
         extra_body={"return_tokens_as_token_ids": True, **extra},
     )
+
+
+def chat_with_stats(srv, video, media_io=None, question: str = "what happens", **mm):
+    """One greedy chat request with a local video (6 tokens, top-5 logprobs with token ids) and the
+    ``x-dtd-stats`` header's per-video stats (``[]`` without the header)."""
+    import json
+
+    extra = {"return_tokens_as_token_ids": True}
+    if mm:
+        extra["mm_processor_kwargs"] = mm
+    if media_io:
+        extra["media_io_kwargs"] = media_io
+    raw = srv.client().chat.completions.with_raw_response.create(
+        model=srv.model, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5, extra_body=extra,
+        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
+                                               {"type": "text", "text": question}]}],
+    )
+    stats = json.loads(raw.headers["x-dtd-stats"])["videos"] if "x-dtd-stats" in raw.headers else []
+    return raw.parse(), stats
 
 
 def served_top_logprobs(resp) -> tuple[list[int], list[dict[int, float]]]:

@@ -7,37 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import mm_processor
 from vllm_plugin.core import DTDConfig, mask_digest, timestamped_mrope_positions
 
 Q = "what happens"
-QWEN3_DTD = "Qwen3VLDTDForConditionalGeneration"
-
-
-@pytest.fixture(scope="module")
-def qwen3_path():
-    from analysis.harness.tiny_model import ensure_tiny_model
-
-    return ensure_tiny_model("test", family="qwen3_vl")
-
-
-@pytest.fixture(scope="module")
-def qwen3_reference(qwen3_path):
-    from analysis.lib.reference import reference_pipeline
-
-    return reference_pipeline(qwen3_path)
-
-
-@pytest.fixture(scope="module")
-def qwen3_processor(qwen3_path):
-    return mm_processor(qwen3_path, QWEN3_DTD)
-
-
-@pytest.fixture(scope="module")
-def qwen3_clip():
-    from analysis.lib.synthetic import make_clip
-
-    return make_clip(token_px=32)
 
 
 def _served(processor, reference, frames, fps, **mm):

@@ -5,7 +5,7 @@ import json
 import pytest
 import requests
 
-from conftest import BLOCK_SIZE, assert_same_top_logprobs, chat_video, served_top_logprobs
+from conftest import BLOCK_SIZE, assert_same_top_logprobs, chat_video, chat_with_stats, served_top_logprobs
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_digest, pixel_tokens
 
 pytestmark = pytest.mark.vllm
@@ -22,34 +22,14 @@ def _raw_chat(srv, video_url, mm_kwargs=None, max_tokens=4):
     return requests.post(srv.base_url + "/v1/chat/completions", json=body, timeout=300)
 
 
-def _with_headers(client, *args, **kwargs):
-    raw = client.chat.completions.with_raw_response.create(*args, **kwargs)
-    return raw.parse(), raw.headers
-
-
 # vLLM's own video loader (bit-identical frames): the reference pipeline resizes with the HF processor,
 # the plugin's default loader with swscale (tests/test_video_loader_serving.py compares the two)
 EXACT_LOADER = {"video": {"fast_decode": False}}
 
 
-def _chat_with_stats(srv, video, media_io=None, **mm):
-    client = srv.client()
-    extra = {"return_tokens_as_token_ids": True}
-    if mm:
-        extra["mm_processor_kwargs"] = mm
-    if media_io:
-        extra["media_io_kwargs"] = media_io
-    resp, headers = _with_headers(
-        client, model=srv.model, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5, extra_body=extra,
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}}, {"type": "text", "text": Q}]}],
-    )
-    stats = json.loads(headers["x-dtd-stats"])["videos"] if "x-dtd-stats" in headers else []
-    return resp, stats
-
-
 @pytest.mark.parametrize("mm", [{"dtd_enabled": False}, {"dtd_threshold": 0.0}])
 def test_no_drop_equals_stock_vllm(dtd_server, stock_server, synthetic_mp4, mm):
-    ours, stats = _chat_with_stats(dtd_server, synthetic_mp4, **mm)
+    ours, stats = chat_with_stats(dtd_server, synthetic_mp4, **mm)
     stock = chat_video(stock_server.client(), stock_server.model, synthetic_mp4, Q)
     assert stats and stats[0]["kept"] == stats[0]["total"] == 24 * 64
     assert ours.usage.prompt_tokens == stock.usage.prompt_tokens
@@ -60,7 +40,7 @@ def test_no_drop_equals_stock_vllm(dtd_server, stock_server, synthetic_mp4, mm):
 
 
 def test_prompt_tokens_are_text_plus_kept_video(dtd_server, stock_server, synthetic_mp4, synthetic_clip):
-    ours, stats = _chat_with_stats(dtd_server, synthetic_mp4)  # server defaults: pixel L1, tau 0.05
+    ours, stats = chat_with_stats(dtd_server, synthetic_mp4)  # server defaults: pixel L1, tau 0.05
     stock = chat_video(stock_server.client(), stock_server.model, synthetic_mp4, Q)
     (s,) = stats
     text_tokens = stock.usage.prompt_tokens - s["total"]
@@ -92,7 +72,7 @@ def test_served_equals_core_mask_and_reference_pipeline(dtd_server, reference, s
     mask = dtd_keep_mask(pixel_tokens(video.pixel_values, video.grid_thw), cfg.threshold, cfg.metric, cfg.reference)
 
     # the synthetic clip is not resized (224x224): the plugin's loader gives the same pixels
-    resp, (s,) = _chat_with_stats(dtd_server, path, media_io=None if clip == "synthetic" else EXACT_LOADER, **mm)
+    resp, (s,) = chat_with_stats(dtd_server, path, media_io=None if clip == "synthetic" else EXACT_LOADER, **mm)
     assert s["mask_sha256"] == mask_digest(mask)
     assert s["kept"] == int(mask.sum()) < s["total"]
 
@@ -144,8 +124,8 @@ def test_corrupt_and_missing_videos_are_400_and_server_keeps_answering(dtd_serve
 def test_same_video_twice_hits_prefix_and_mm_caches(dtd_server, real_clip_mp4):
     mm = {"dtd_threshold": 0.07}  # a setting no other test uses: the first request is cold
     hits0 = dtd_server.metric("vllm:mm_cache_hits_total")
-    first, s1 = _chat_with_stats(dtd_server, real_clip_mp4, **mm)
-    second, s2 = _chat_with_stats(dtd_server, real_clip_mp4, **mm)
+    first, s1 = chat_with_stats(dtd_server, real_clip_mp4, **mm)
+    second, s2 = chat_with_stats(dtd_server, real_clip_mp4, **mm)
     # cold: at most the text blocks before the video can come from other requests' cache
     assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - s1[0]["kept"]
     cached = second.usage.prompt_tokens_details.cached_tokens
@@ -158,7 +138,7 @@ def test_same_video_twice_hits_prefix_and_mm_caches(dtd_server, real_clip_mp4):
 def test_stats_reach_metrics_and_log(dtd_server, synthetic_mp4):
     before_in = dtd_server.metric("vllm_dtd_video_tokens_in_total")
     before_kept = dtd_server.metric("vllm_dtd_video_tokens_kept_total")
-    _, (s,) = _chat_with_stats(dtd_server, synthetic_mp4, dtd_threshold=0.2)
+    _, (s,) = chat_with_stats(dtd_server, synthetic_mp4, dtd_threshold=0.2)
     assert dtd_server.metric("vllm_dtd_video_tokens_in_total") == before_in + s["total"]
     assert dtd_server.metric("vllm_dtd_video_tokens_kept_total") == before_kept + s["kept"]
     assert f"DTD: video tokens kept {s['kept']} of {s['total']}" in dtd_server.log_path.read_text()

@@ -1,0 +1,142 @@
+"""Qwen3-VL served with DTD by a REAL server (``python -m vllm_plugin.serve``, tiny
+checkpoints, CPU, HTTP): DTD off equals stock vLLM (plugin not loaded); served masks, prompt lengths,
+greedy tokens and top-5 logprobs equal the transformers reference (pixel and feature level); streams:
+the chunks' masks are DTD over the whole stream and their timestamps are the stream's.
+
+The stock server stops before the DTD server starts (module-scoped fixtures)."""
+
+import json
+import re
+
+import pytest
+
+from conftest import assert_same_top_logprobs, chat_video, chat_with_stats, serve_args, served_top_logprobs
+from vllm_plugin.client import open_stream
+from vllm_plugin.core import DTDConfig, mask_digest
+
+pytestmark = pytest.mark.vllm
+Q = "what happens"
+CLIPS = ["synthetic", "real"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_mp4(media_dir, qwen3_clip):
+    from analysis.lib.video import write_video
+
+    return write_video(media_dir / "synthetic32.mp4", qwen3_clip.frames, qwen3_clip.fps)
+
+
+@pytest.fixture(scope="module")
+def clips(qwen3_mp4, real_clip_mp4):
+    return {"synthetic": qwen3_mp4, "real": real_clip_mp4}
+
+
+@pytest.fixture(scope="module")
+def qwen3_stock_answers(qwen3_path, media_dir, clips, tmp_path_factory):
+    """Stock vLLM (plugin not loaded) on the Qwen3-VL checkpoint: its answers, then it stops."""
+    from analysis.harness.server import VLLMServer
+
+    log = tmp_path_factory.mktemp("logs") / "qwen3-stock.log"
+    with VLLMServer(qwen3_path, serve_args(media_dir), log_path=log) as srv:
+        return {name: chat_video(srv.client(), srv.model, path, Q) for name, path in clips.items()}
+
+
+@pytest.fixture(scope="module")
+def qwen3_server(qwen3_stock_answers, qwen3_path, media_dir, tmp_path_factory):
+    from analysis.harness.server import VLLMServer
+
+    log = tmp_path_factory.mktemp("logs") / "qwen3-dtd.log"
+    with VLLMServer(qwen3_path, serve_args(media_dir) + ["--dtd-streams"], module="vllm_plugin.serve", log_path=log) as srv:
+        yield srv
+
+
+def _frames(name, qwen3_clip, real_clip_mp4):
+    from analysis.lib.video import load_video
+
+    if name == "synthetic":
+        return qwen3_clip.frames, qwen3_clip.fps
+    v = load_video(real_clip_mp4, fps=None)
+    return v.frames, v.fps
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_qwen3_dtd_off_equals_stock_vllm(qwen3_server, qwen3_stock_answers, clips, clip):
+    ours, (s,) = chat_with_stats(qwen3_server, clips[clip], dtd_enabled=False)
+    stock = qwen3_stock_answers[clip]
+    assert s["kept"] == s["total"]
+    assert ours.usage.prompt_tokens == stock.usage.prompt_tokens
+    ids_a, top_a = served_top_logprobs(ours)
+    ids_b, top_b = served_top_logprobs(stock)
+    assert ids_a == ids_b
+    assert_same_top_logprobs(top_a, top_b)
+
+
+CASES = [
+    ("synthetic", {}),
+    ("real", {}),
+    ("real", {"dtd_threshold": 0.1, "dtd_reference": "last_kept"}),
+    ("synthetic", {"dtd_criterion": "feature"}),
+    ("real", {"dtd_criterion": "feature"}),
+]
+
+
+@pytest.mark.parametrize("clip, mm", CASES, ids=[f"{c}-{json.dumps(m)}" for c, m in CASES])
+def test_qwen3_served_equals_the_reference_pipeline(qwen3_server, qwen3_reference, qwen3_clip, real_clip_mp4, clips, clip, mm):
+    """Same keep mask (digest), prompt length, greedy tokens and top-5 logprobs (1e-4) as transformers'
+    Qwen3-VL with DTD between its vision tower (DeepStack levels included) and its LLM."""
+    frames, fps = _frames(clip, qwen3_clip, real_clip_mp4)
+    cfg = DTDConfig(criterion=mm.get("dtd_criterion", "pixel"), threshold=mm.get("dtd_threshold"),
+                    reference=mm.get("dtd_reference", "previous"))
+    prepared = qwen3_reference.prepare(Q, frames, fps, cfg)
+    assert 0 < int(prepared.mask.sum()) < prepared.mask.numel()
+    resp, (s,) = chat_with_stats(qwen3_server, clips[clip], **mm)
+    assert s["mask_sha256"] == mask_digest(prepared.mask)
+    assert resp.usage.prompt_tokens == prepared.num_prompt_tokens < prepared.full_length
+    ids, tops = served_top_logprobs(resp)
+    gen = qwen3_reference.generate(prepared, max_new_tokens=len(ids), stop_at_eos=False)
+    assert ids == gen.token_ids
+    assert_same_top_logprobs(tops, gen.top_logprobs)
+
+
+@pytest.mark.parametrize("criterion", ["pixel", "feature"])
+def test_qwen3_stream_chunks_equal_the_whole_stream(qwen3_server, qwen3_reference, qwen3_clip, criterion):
+    """Three appends (eager prefill: three chunks) keep exactly DTD's mask over the whole stream, and the
+    prompt's step timestamps are the stream's times, not restarted per chunk."""
+    c = qwen3_clip
+    cfg = DTDConfig(criterion=criterion)
+    whole = qwen3_reference.prepare(Q, c.frames, c.fps, cfg, do_resize=False)  # stream frames are at their size
+    s = open_stream(qwen3_server.base_url, fps=c.fps, dtd_criterion=criterion)
+    try:
+        for k in range(3):
+            s.push(c.frames[16 * k:16 * (k + 1)])
+            s.wait_prefilled(timeout=120)
+        a = s.ask(Q, max_tokens=4, return_token_ids=True)
+        st = s.status()
+    finally:
+        s.close()
+    kept = whole.mask.flatten(1).sum(1).tolist()
+    assert st["size"] == [256, 256] and st["chunks"] == 3
+    assert st["kept_per_step"] == kept
+    if criterion == "pixel":
+        assert kept == c.expected_kept_per_step()
+    text = qwen3_reference.tokenizer.decode(a["stream_state"]["prompt_token_ids"])
+    whole_text = qwen3_reference.tokenizer.decode(whole.input_ids)
+    stamps = re.findall(r"<([0-9.]+) seconds>", text)
+    assert stamps == re.findall(r"<([0-9.]+) seconds>", whole_text) and len(stamps) == len(kept)
+    assert a["stream_state"]["video_tokens_per_chunk"] == [sum(kept[:8]), sum(kept[8:16]), sum(kept[16:])]
+
+
+def test_qwen3_one_chunk_stream_answers_as_the_reference(qwen3_server, qwen3_reference, qwen3_clip):
+    """A stream whose frames arrive in one append answers a question exactly as the reference does on
+    the same frames (one video in the user turn)."""
+    c = qwen3_clip
+    whole = qwen3_reference.prepare(Q, c.frames, c.fps, DTDConfig(), do_resize=False)
+    s = open_stream(qwen3_server.base_url, fps=c.fps, prefill="lazy")
+    try:
+        s.push(c.frames)
+        a = s.ask(Q, max_tokens=4, return_token_ids=True)
+    finally:
+        s.close()
+    assert a["stream_state"]["prompt_token_ids"] == whole.input_ids.tolist()
+    gen = qwen3_reference.generate(whole, max_new_tokens=4, stop_at_eos=False)
+    assert a["stream_state"]["completion_token_ids"] == gen.token_ids

@@ -166,6 +166,14 @@ def real_clip_mp4(synthetic_mp4) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_mp4(synthetic_mp4, qwen3_clip) -> Path:
+    """The Qwen3-VL-aligned synthetic clip (256 x 256), lossless, beside the other clips."""
+    from analysis.lib.video import write_video
+
+    return write_video(synthetic_mp4.parent / "synthetic32.mp4", qwen3_clip.frames, qwen3_clip.fps)
+
+
+@pytest.fixture(scope="session")
 def media_dir(synthetic_mp4, real_clip_mp4) -> Path:
     return synthetic_mp4.parent
 

@@ -20,13 +20,6 @@ CLIPS = ["synthetic", "real"]
 
 
 @pytest.fixture(scope="module")
-def qwen3_mp4(media_dir, qwen3_clip):
-    from analysis.lib.video import write_video
-
-    return write_video(media_dir / "synthetic32.mp4", qwen3_clip.frames, qwen3_clip.fps)
-
-
-@pytest.fixture(scope="module")
 def clips(qwen3_mp4, real_clip_mp4):
     return {"synthetic": qwen3_mp4, "real": real_clip_mp4}
 
@@ -140,3 +133,19 @@ def test_qwen3_one_chunk_stream_answers_as_the_reference(qwen3_server, qwen3_ref
     assert a["stream_state"]["prompt_token_ids"] == whole.input_ids.tolist()
     gen = qwen3_reference.generate(whole, max_new_tokens=4, stop_at_eos=False)
     assert a["stream_state"]["completion_token_ids"] == gen.token_ids
+
+
+def test_token_count_tool_measures_the_served_prompt(qwen3_server, qwen3_mp4, qwen3_reference, qwen3_clip):
+    """``analysis.cli.tokens`` (the README's table across families) on this server: its rows are the
+    served prompt tokens and the reference's kept / total counts."""
+    from analysis.cli.tokens import measure_clips, table
+
+    rows = measure_clips(qwen3_server, {"synthetic32": qwen3_mp4}, ["pixel"])
+    assert [r["mode"] for r in rows] == ["off", "pixel"]
+    whole = qwen3_reference.prepare("What happens in this video?", qwen3_clip.frames, qwen3_clip.fps, DTDConfig())
+    off, pixel = rows
+    assert off["kept"] == off["total"] == pixel["total"] == whole.mask.numel()
+    assert pixel["kept"] == int(whole.mask.sum()) and pixel["prompt_tokens"] == whole.num_prompt_tokens
+    assert off["prompt_tokens"] == whole.full_length
+    md = table([{"label": "qwen3_vl", **r} for r in rows], ["qwen3_vl"], ["pixel"])
+    assert f"{off['total']} → {pixel['kept']}" in md

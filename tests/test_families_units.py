@@ -2,6 +2,7 @@
 in-process as the renderer builds it, the plugin's M-RoPE positions, against the transformers
 reference pipeline (prompt, masks and positions straight from transformers)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -110,7 +111,7 @@ def test_qwen3_vision_tower_rows_carry_deepstack_and_decide_on_the_main_output(q
     assert torch.equal(tower.decision_view(rows), rows[:, : main.shape[1]])
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_vl"])
 def test_family_checkpoints_build_and_load(family):
     from analysis.harness.tiny_model import content_hash, ensure_tiny_model
     from analysis.lib.reference import reference_pipeline
@@ -119,8 +120,9 @@ def test_family_checkpoints_build_and_load(family):
     path = ensure_tiny_model("test", family=family)
     assert content_hash("test", 0, family) != content_hash("test", 0)
     pipe = reference_pipeline(path)
-    assert type(pipe).__name__.lower().startswith(family.replace("_", "")[:5])
-    clip = make_clip(token_px=32 if family == "qwen3_vl" else 28)
+    assert type(pipe).__name__.lower().startswith(family[:5])
+    assert type(pipe.model).__name__ == json.loads((path / "config.json").read_text())["architectures"][0]
+    clip = make_clip(token_px=32 if family.startswith("qwen3") else 28)
     ref = pipe.prepare(Q, clip.frames[:8], clip.fps, DTDConfig())
     assert pipe.generate(ref, max_new_tokens=2).token_ids
 
@@ -131,3 +133,39 @@ def test_qwen2_5_vl_checkpoint_is_unchanged_by_families():
 
     assert content_hash("test", 0)[:12] == "3c6c813fcc93"
     assert content_hash("test", 0, "qwen2_5_vl") == content_hash("test", 0)
+
+
+def test_workbench_feature_tokens_of_another_family_line_up_with_the_pixel_grid(qwen3_path):
+    """The sweep / notebooks take a Qwen3-VL checkpoint for feature tokens: frames scaled to its 32-px
+    cells, same (T, H, W) grid as the pixel tokens, the main output (no DeepStack levels)."""
+    from analysis.lib.synthetic import make_clip
+    from analysis.lib.workbench import tokens_from_frames
+
+    clip = make_clip()
+    video = tokens_from_frames(clip.frames[:8], clip.fps)
+    feats = video.tokens("feature", qwen3_path)
+    assert feats.shape[:3] == video.grid and feats.shape[3] == 128
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--family", "llava"], "--family"), (["--criterion", "edges"], "--criterion"),
+    (["--video", "/nonexistent.mp4"], "no such video"),
+])
+def test_token_count_tool_rejects_bad_arguments(argv, message, capsys):
+    from analysis.cli.tokens import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, arch", [("qwen2_5_vl", "Qwen2_5_VLDTDForConditionalGeneration"),
+                                          ("qwen3_vl", "Qwen3VLDTDForConditionalGeneration")])
+def test_dtd_with_vllm_video_pruning_is_refused_at_start(family, arch):
+    """DTD and EVS both shorten the video placeholders: the server refuses the pair when it starts
+    (the processor is built then), instead of serving mismatched prompts and embeddings."""
+    from analysis.harness.tiny_model import ensure_tiny_model
+    from conftest import mm_processor
+
+    with pytest.raises(ValueError, match="--video-pruning-rate"):
+        mm_processor(ensure_tiny_model("test", family=family), arch, video_pruning_rate=0.5)

@@ -62,7 +62,7 @@ import numpy as np
 import requests
 
 from analysis.harness.server import metric_sum
-from analysis.harness.tiny_model import SIZES
+from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
 from analysis.lib.paths import default_videos, results_dir
 from analysis.lib.reports import write_report
 from analysis.lib.summary import percentile
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, help="frames per clip")
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--no-evs", action="store_true", help="skip the EVS attempt")
-    ap.add_argument("--size", default="bench7b", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's; bench: the former default, LLM-heavy)")
+    add_model_arguments(ap, "bench7b")
     ap.add_argument("--no-feature", action="store_true", help="skip feature-level DTD (the API server's vision tower)")
     ap.add_argument("--no-loader-comparison", action="store_true",
                     help="skip DTD with vLLM's own video loader (media_io_kwargs fast_decode false)")
@@ -384,14 +384,13 @@ def main(argv=None) -> int:
             ap.error(f"no such video: {v}")
 
     from analysis.harness.server import VLLMServer
-    from analysis.harness.tiny_model import ensure_tiny_model
     from analysis.lib.workbench import held_error
     from vllm_plugin.core import dtd_keep_mask
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs
 
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = ensure_tiny_model(args.size)
+    model = model_from_arguments(ap, args)
     media = Path(tempfile.mkdtemp(prefix="dtd-bench-"))
     try:
         clips = prepare_clips(args.video or default_videos(), args.fps, args.frames, media, not args.no_synthetic)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from analysis.cli.bench import _metrics, one_request, run_load, server_args, timing
-from analysis.harness.tiny_model import SIZES
+from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
 from analysis.lib.paths import default_videos, results_dir
 from analysis.lib.reports import write_report
 
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--requests", type=int, default=3, help="requests per clip and loader, one at a time")
     ap.add_argument("--load-requests", type=int, default=8, help="requests per clip and loader at --concurrency")
-    ap.add_argument("--size", default="test", choices=sorted(SIZES),
-                    help="tiny checkpoint size (default test: the smallest engine, so requests/s shows the API "
-                         "server's preprocessing; bench7b's encoder makes the engine the limit)")
+    add_model_arguments(ap, "test")
     ap.add_argument("--no-stock", action="store_true", help="skip the stock vLLM server")
     ap.add_argument("--out", type=Path, default=results_dir("bench_preprocess"))
     args = ap.parse_args(argv)
@@ -84,13 +82,12 @@ def main(argv=None) -> int:
             ap.error(f"no such video: {v}")
 
     from analysis.harness.server import VLLMServer
-    from analysis.harness.tiny_model import ensure_tiny_model
     from analysis.lib.preprocess import compare_loaders
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs
 
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = ensure_tiny_model(args.size)
+    model = model_from_arguments(ap, args)
     media = Path(tempfile.mkdtemp(prefix="dtd-bench-pre-"))
     try:
         clips = {}

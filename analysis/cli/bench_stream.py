@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.harness.tiny_model import SIZES
+from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
 from analysis.lib.paths import results_dir
 from vllm_plugin.streams.session import Geometry
 from analysis.lib.video import SAMPLE_VIDEO, load_video, write_video
@@ -140,16 +140,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--every", type=float, default=10.0, help="seconds of video between questions")
     ap.add_argument("--modes", default="eager,lazy,feature", help=f"DTD stream modes, in order, the first one is compared: {sorted(MODES)}")
-    ap.add_argument("--size", default="bench7b", choices=sorted(SIZES), help="tiny checkpoint size (bench7b: an encoder as costly, relative to the LLM, as Qwen2.5-VL-7B's; bench: the former default, LLM-heavy)")
+    add_model_arguments(ap, "bench7b")
     ap.add_argument("--out", type=Path, default=results_dir("bench_stream"))
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: choose from {sorted(MODES)}")
 
-    from analysis.harness.tiny_model import ensure_tiny_model
 
-    model = ensure_tiny_model(args.size)
+    model = model_from_arguments(ap, args)
     frames, stamps = prepare_frames(args.video, args.fps, args.minutes)
     points = question_points(len(frames), args.fps, args.every)
     server_args = ["--max-model-len", "32768", "--max-num-batched-tokens", "32768", "--block-size", "32",

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metric", default="cosine,l1")
     ap.add_argument("--reference", default="previous,last_kept")
     ap.add_argument("--criterion", default="pixel", help="pixel and/or feature (the vision encoder's output)")
-    ap.add_argument("--model", default=None, help="Qwen2.5-VL checkpoint for feature tokens (default: the tiny test one)")
+    ap.add_argument("--model", default=None, help="checkpoint of any family DTD serves (Qwen2.5-VL, Qwen3-VL, Qwen2-VL) for feature tokens (default: the tiny Qwen2.5-VL test one)")
     ap.add_argument("--fps", type=float, default=1.0)
     ap.add_argument("--max-frames", type=int, default=64)
     ap.add_argument("--out", type=Path, required=True)

@@ -1,6 +1,6 @@
 """Build a tiny random-weight Qwen-VL checkpoint locally (no model hub), one per model family.
 
-    python -m analysis.harness.tiny_model OUT [--family qwen2_5_vl|qwen3_vl|qwen2_vl] --size test|bench [--seed N]
+    python -m analysis.harness.tiny_model OUT [--family qwen2_5_vl|qwen3_vl|qwen3_vl_moe|qwen2_vl] --size test|bench [--seed N]
 
 writes to OUT: ``config.json``, ``model.safetensors``, a byte-level BPE tokenizer trained here with
 ``tokenizers`` (carrying Qwen's special tokens) plus a Qwen-style chat template, and the
@@ -16,8 +16,9 @@ Families (:data:`FAMILIES`; default ``qwen2_5_vl``, whose checkpoints and hashes
 before families existed): ``qwen3_vl`` is Qwen3-VL's shape (DeepStack from two vision layers,
 interleaved M-RoPE, patch 16) with transformers' ``Qwen3VLVideoProcessor`` defaults (its total pixel
 budget over all frames, fps 2, mean/std 0.5: the sizing real Qwen3-VL checkpoints ship);
-``qwen2_vl`` is Qwen2-VL's (no window attention, plain frame-index temporal positions). ``bench7b``
-exists for ``qwen2_5_vl`` only.
+``qwen3_vl_moe`` is the same with a mixture-of-experts LLM (``test`` size only); ``qwen2_vl`` is
+Qwen2-VL's (no window attention, plain frame-index temporal positions). ``bench7b`` exists for
+``qwen2_5_vl`` only.
 
 All load in transformers (``<Family>ForConditionalGeneration``) and serve in vLLM.
 """
@@ -157,7 +158,9 @@ _VISION_QWEN2 = dict(
     hidden_act="quick_gelu",
 )
 
-FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen2_vl")
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_vl")
+# Qwen3-VL MoE: the LLM's MLPs are 4 experts (2 per token) of the dense size's width / 2
+_MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
 FAMILY_SIZES: dict[str, dict[str, dict]] = {
     "qwen2_5_vl": SIZES,
     # video processor: transformers' Qwen3VLVideoProcessor defaults, with the per-frame pixel cap of
@@ -169,6 +172,10 @@ FAMILY_SIZES: dict[str, dict[str, dict]] = {
         "bench": dict(text=SIZES["bench"]["text"], vision={**_VISION_QWEN3, "hidden_size": 128, "num_heads": 2,
                                                             "intermediate_size": 256}, vocab_words=1024,
                       video_processor=dict(cap_pixels_per_frame=True)),
+    },
+    "qwen3_vl_moe": {
+        "test": dict(text={**SIZES["test"]["text"], **_MOE, "moe_intermediate_size": 128}, vision=_VISION_QWEN3,
+                     vocab_words=1024, video_processor=dict(cap_pixels_per_frame=True)),
     },
     "qwen2_vl": {
         "test": dict(text=SIZES["test"]["text"], vision=_VISION_QWEN2, vocab_words=1024),
@@ -241,7 +248,7 @@ def _family_classes(family: str, spec: dict, tokenizer):
     v = spec["vision"]
     common = dict(patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"])
     image_processor = tf.Qwen2VLImageProcessor(size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS}, **common)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         image_processor = tf.Qwen2VLImageProcessor(
             size={"shortest_edge": IMAGE_MIN_PIXELS, "longest_edge": IMAGE_MAX_PIXELS},
             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], **common,
@@ -249,7 +256,7 @@ def _family_classes(family: str, spec: dict, tokenizer):
         video_processor = tf.Qwen3VLVideoProcessor(**spec["video_processor"], **common)
         processor = tf.Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor,
                                         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-        return tf.Qwen3VLForConditionalGeneration, processor
+        return (tf.Qwen3VLForConditionalGeneration if family == "qwen3_vl" else tf.Qwen3VLMoeForConditionalGeneration), processor
     video_processor = tf.Qwen2VLVideoProcessor(size={"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS}, **common)
     if family == "qwen2_vl":
         processor = tf.Qwen2VLProcessor(image_processor=image_processor, video_processor=video_processor,
@@ -307,10 +314,10 @@ def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool
         vision_end_token_id=ids["<|vision_end|>"],
     )
     model_cls, processor = _family_classes(family, spec, tokenizer)
-    if family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
+        from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
-        config = Qwen3VLConfig(
+        config = (Qwen3VLConfig if family == "qwen3_vl" else Qwen3VLMoeConfig)(
             text_config=dict(
                 head_dim=head_dim, pad_token_id=ids["<|endoftext|>"],
                 rope_parameters={"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True,
@@ -323,6 +330,8 @@ def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool
         )
         config.text_config.bos_token_id = ids["<|endoftext|>"]
         config.text_config.eos_token_id = ids["<|im_end|>"]
+        if family == "qwen3_vl_moe":  # its text config ties embeddings by default; the model does not
+            config.text_config.tie_word_embeddings = False
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
@@ -391,6 +400,28 @@ def ensure_tiny_model(size: str = "test", seed: int = 0, cache_dir: str | os.Pat
     prefix = size if family == "qwen2_5_vl" else f"{family}-{size}"
     return build(root / "tiny_models" / f"{prefix}-{content_hash(size, seed, family)[:12]}", size=size, seed=seed,
                  family=family)
+
+
+def add_model_arguments(ap: argparse.ArgumentParser, default_size: str) -> None:
+    """``--model PATH`` (a real checkpoint of any family with DTD) or a tiny one: ``--family``, ``--size``."""
+    ap.add_argument("--model", type=Path, help="a checkpoint directory (any family DTD serves); default: a tiny one")
+    ap.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl", help="family of the tiny checkpoint")
+    ap.add_argument("--size", default=default_size, choices=sorted(SIZES),
+                    help="size of the tiny checkpoint (bench7b: an encoder as costly, relative to the LLM, as "
+                         "Qwen2.5-VL-7B's, qwen2_5_vl only; bench: LLM-heavy; test: the smallest)")
+
+
+def model_from_arguments(ap: argparse.ArgumentParser, args) -> Path:
+    """The checkpoint the arguments of :func:`add_model_arguments` name (built when tiny)."""
+    if args.model is not None:
+        if not (args.model / "config.json").is_file():
+            ap.error(f"--model {args.model}: no config.json there")
+        return args.model
+    try:
+        spec_for(args.size, 0, args.family)
+    except ValueError as e:
+        ap.error(str(e))
+    return ensure_tiny_model(args.size, family=args.family)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,7 @@ class ReferencePipeline:
 
 
 class Qwen3VLReferencePipeline(ReferencePipeline):
-    """Qwen3-VL (transformers) with DTD between the vision encoder and the LLM.
+    """Qwen3-VL (transformers; dense, or MoE with ``moe=True``) with DTD between the vision encoder and the LLM.
 
     The oracle takes everything from transformers: the prompt with its per-step timestamps
     (``Qwen3VLProcessor``), the vision tower's main and DeepStack outputs, and the M-RoPE positions of
@@ -242,12 +242,14 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
     token (as served).
     """
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
-        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, moe: bool = False):
+        import transformers
+        from transformers import AutoProcessor
 
+        cls = transformers.Qwen3VLMoeForConditionalGeneration if moe else transformers.Qwen3VLForConditionalGeneration
         self.model_path = str(model_path)
         self.processor = AutoProcessor.from_pretrained(self.model_path)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).eval()
+        self.model = cls.from_pretrained(self.model_path, dtype=dtype).eval()
         self.config = self.model.config
         vc = self.config.vision_config
         self.merge_size = vc.spatial_merge_size
@@ -336,8 +338,8 @@ def reference_pipeline(model_path: str | Path, dtype: torch.dtype = torch.float3
     import json
 
     archs = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
-    if "Qwen3VLForConditionalGeneration" in archs:
-        return Qwen3VLReferencePipeline(model_path, dtype)
+    if "Qwen3VLForConditionalGeneration" in archs or "Qwen3VLMoeForConditionalGeneration" in archs:
+        return Qwen3VLReferencePipeline(model_path, dtype, moe="Qwen3VLMoeForConditionalGeneration" in archs)
     if "Qwen2VLForConditionalGeneration" in archs:
         return Qwen2VLReferencePipeline(model_path, dtype)
     return ReferencePipeline(model_path, dtype)

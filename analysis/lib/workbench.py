@@ -77,12 +77,22 @@ def tokens_from_frames(frames: np.ndarray, fps: float, timestamps: Optional[Sequ
 
 def feature_tokens(video: VideoTokens, model_path: Optional[str | Path] = None) -> torch.Tensor:
     """The vision encoder's merged output for every LLM token, (T, H, W, C): the paper's
-    feature-level criterion. ``model_path``: any local Qwen2.5-VL checkpoint (the tiny test one by
-    default)."""
+    feature-level criterion. ``model_path``: any local checkpoint of a family DTD serves (the tiny
+    Qwen2.5-VL test one by default). A family whose token covers another cell than 28 px (Qwen3-VL:
+    32) encodes the frames scaled to the same token grid, so its features line up with the pixel
+    tokens. DeepStack levels are left out (DTD compares the main output)."""
+    from PIL import Image
+
     from analysis.harness.tiny_model import ensure_tiny_model
 
     pipe = _pipeline(str(model_path or ensure_tiny_model("test")))
-    processed = pipe.process_video(video.frames, video.fps)
+    cell = int(pipe.processor.video_processor.patch_size) * pipe.merge_size
+    T, H, W = video.grid
+    if cell * H != video.frames.shape[1] or cell * W != video.frames.shape[2]:
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((W * cell, H * cell), Image.BICUBIC)) for f in video.frames])
+        processed = pipe.process_video(frames, video.fps, do_resize=False)
+    else:
+        processed = pipe.process_video(video.frames, video.fps)
     T, H, W = processed.llm_grid
     if (T, H, W) != video.grid:
         raise ValueError(f"processor grid {(T, H, W)} differs from the video's {video.grid}")
@@ -93,10 +103,10 @@ _PIPES: dict = {}
 
 
 def _pipeline(path: str):
-    from analysis.lib.reference import ReferencePipeline
+    from analysis.lib.reference import reference_pipeline
 
     if path not in _PIPES:
-        _PIPES[path] = ReferencePipeline(path)
+        _PIPES[path] = reference_pipeline(path)
     return _PIPES[path]
 
 

@@ -18,6 +18,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "Qwen3VLDTDForConditionalGeneration",
         "vllm_plugin.models.qwen3_vl:Qwen3VLDTDForConditionalGeneration",
     ),
+    "Qwen3VLMoeForConditionalGeneration": (
+        "Qwen3VLMoeDTDForConditionalGeneration",
+        "vllm_plugin.models.qwen3_vl_moe:Qwen3VLMoeDTDForConditionalGeneration",
+    ),
     "Qwen2VLForConditionalGeneration": (
         "Qwen2VLDTDForConditionalGeneration",
         "vllm_plugin.models.qwen2_vl:Qwen2VLDTDForConditionalGeneration",

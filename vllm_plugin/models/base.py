@@ -102,6 +102,10 @@ class DTDMultiModalProcessorMixin:
         # where apply() does nothing): the patches follow the DTD architecture into the API server.
         vllm_patches.apply("serving a DTD architecture")
         super().__init__(*args, **kwargs)
+        mm_config = self.info.ctx.get_mm_config()
+        if mm_config.is_multimodal_pruning_enabled():  # both would shorten the same placeholders
+            raise ValueError("DTD and vLLM's fixed-rate video pruning (--video-pruning-rate, EVS / VidCom2) both drop "
+                             "video tokens: serve a DTD architecture without --video-pruning-rate")
         if vllm_patches.in_api_server_process():
             model_config = self.info.ctx.model_config
             server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start

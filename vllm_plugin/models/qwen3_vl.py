@@ -15,8 +15,7 @@ classes and adds what Qwen3-VL does differently from Qwen2.5-VL:
 
 Select it for any Qwen3-VL checkpoint with
 ``--hf-overrides '{"architectures": ["Qwen3VLDTDForConditionalGeneration"]}'`` (``python -m
-vllm_plugin.serve`` does that). The MoE checkpoints (``Qwen3VLMoeForConditionalGeneration``) are not
-bound here.
+vllm_plugin.serve`` does that). The MoE checkpoints: :mod:`vllm_plugin.models.qwen3_vl_moe`.
 """
 
 from __future__ import annotations
@@ -94,13 +93,9 @@ class DTDQwen3VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen3VLMultiMod
         )
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    DTDQwen3VLMultiModalProcessor,
-    info=DTDQwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
-)
-class Qwen3VLDTDForConditionalGeneration(DTDModelMixin, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL whose video prompts carry only the tokens that survive DTD."""
+class DTDTimestampedPositionsMixin:
+    """Qwen3-VL's M-RoPE positions with DTD: text and survivors keep the full prompt's positions
+    (shared by the dense and MoE model classes)."""
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         cfg = self.config
@@ -133,6 +128,15 @@ class Qwen3VLDTDForConditionalGeneration(DTDModelMixin, Qwen3VLForConditionalGen
         if positions.shape[1] != len(input_tokens):
             raise ValueError(f"M-RoPE positions cover {positions.shape[1]} tokens, the prompt has {len(input_tokens)}")
         return torch.from_numpy(np.ascontiguousarray(positions)), int(positions.max() + 1 - len(input_tokens))
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    DTDQwen3VLMultiModalProcessor,
+    info=DTDQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class Qwen3VLDTDForConditionalGeneration(DTDTimestampedPositionsMixin, DTDModelMixin, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL whose video prompts carry only the tokens that survive DTD."""
 
 
 vllm_patches.check_overrides(DTDQwen3VLProcessingInfo, Qwen3VLProcessingInfo)

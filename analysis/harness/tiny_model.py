@@ -159,8 +159,10 @@ _VISION_QWEN2 = dict(
 )
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2_vl")
-# Qwen3-VL MoE: the LLM's MLPs are 4 experts (2 per token) of the dense size's width / 2
-_MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+# Qwen3-VL MoE: the LLM's MLPs are 4 experts (2 per token). moe_intermediate_size 48: no fused expert
+# matrix is square (hidden 128, 2 x 48), because transformers 5.19 reads the released layout by
+# transposing only where the shapes disagree (a square one would load untransposed; measured)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True)  # real configs set it; vLLM reads it
 FAMILY_SIZES: dict[str, dict[str, dict]] = {
     "qwen2_5_vl": SIZES,
     # video processor: transformers' Qwen3VLVideoProcessor defaults, with the per-frame pixel cap of
@@ -174,8 +176,8 @@ FAMILY_SIZES: dict[str, dict[str, dict]] = {
                       video_processor=dict(cap_pixels_per_frame=True)),
     },
     "qwen3_vl_moe": {
-        "test": dict(text={**SIZES["test"]["text"], **_MOE, "moe_intermediate_size": 128}, vision=_VISION_QWEN3,
-                     vocab_words=1024, video_processor=dict(cap_pixels_per_frame=True)),
+        "test": dict(text={**SIZES["test"]["text"], **_MOE, "moe_intermediate_size": 48}, vision=_VISION_QWEN3,
+                     vocab_words=1024, video_processor=dict(cap_pixels_per_frame=True), expert_layout="released"),
     },
     "qwen2_vl": {
         "test": dict(text=SIZES["test"]["text"], vision=_VISION_QWEN2, vocab_words=1024),
@@ -265,6 +267,20 @@ def _family_classes(family: str, spec: dict, tokenizer):
     processor = tf.Qwen2_5_VLProcessor(image_processor=image_processor, video_processor=video_processor,
                                        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     return tf.Qwen2_5_VLForConditionalGeneration, processor
+
+
+def _released_expert_layout(out: Path) -> None:
+    """Qwen3-VL MoE checkpoints as Qwen released them: fused experts ``gate_up_proj`` (E, hidden, 2I)
+    and ``down_proj`` (E, I, hidden). transformers 5.19 saves the transposes, which vLLM 0.32's loader
+    (``is_fused_checkpoint_transposed``) does not read; transformers reads both layouts."""
+    from safetensors.torch import load_file, save_file
+
+    path = out / "model.safetensors"
+    state = load_file(path)
+    for k in state:
+        if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            state[k] = state[k].transpose(1, 2).contiguous()
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool = False,
@@ -365,6 +381,8 @@ def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if family == "qwen3_vl_moe":
+            _released_expert_layout(tmp)
         processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / STAMP).write_text(json.dumps({"hash": digest, **spec}, indent=2))

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     try:
         clips = {v.name: Path(shutil.copy(v, media / v.name)) for v in videos}
-        server_args = ["--allowed-local-media-path", str(media), "--max-model-len", "65536",
+        server_args = ["--allowed-local-media-path", str(media), "--max-model-len", "32768", "--max-num-batched-tokens", "32768",
                        "--media-io-kwargs", json.dumps({"video": {"fps": args.fps, "num_frames": -1}})]
         for label, path in checkpoints:
             print(f"{label}: serving {path} (python -m vllm_plugin.serve) ...", flush=True)

@@ -95,12 +95,15 @@ def compute_mask(video: ProcessedVideo, dtd: Optional[DTDConfig], embeddings: Op
 class ReferencePipeline:
     """Qwen2.5-VL (transformers) with DTD between the vision encoder and the LLM."""
 
+    model_class = "Qwen2_5_VLForConditionalGeneration"  # transformers' class of the family
+
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
 
         self.model_path = str(model_path)
         self.processor = AutoProcessor.from_pretrained(self.model_path)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).eval()
+        self.model = getattr(transformers, self.model_class).from_pretrained(self.model_path, dtype=dtype).eval()
         self.config = self.model.config
         vc = self.config.vision_config
         self.merge_size = vc.spatial_merge_size
@@ -243,19 +246,8 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
     """
 
     def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, moe: bool = False):
-        import transformers
-        from transformers import AutoProcessor
-
-        cls = transformers.Qwen3VLMoeForConditionalGeneration if moe else transformers.Qwen3VLForConditionalGeneration
-        self.model_path = str(model_path)
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
-        self.model = cls.from_pretrained(self.model_path, dtype=dtype).eval()
-        self.config = self.model.config
-        vc = self.config.vision_config
-        self.merge_size = vc.spatial_merge_size
-        self.temporal_patch_size = vc.temporal_patch_size
-        self.tokens_per_second = 1.0
-        self.tokenizer = self.processor.tokenizer
+        self.model_class = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
+        super().__init__(model_path, dtype)
         vp = self.processor.video_processor
         self.layout = PatchLayout(merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
                                   image_mean=tuple(vp.image_mean), image_std=tuple(vp.image_std))
@@ -349,18 +341,7 @@ class Qwen2VLReferencePipeline(ReferencePipeline):
     """Qwen2-VL (transformers): Qwen2.5-VL's pipeline with Qwen2-VL's model class; its temporal
     position is the step index (no ``tokens_per_second``)."""
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-        self.model_path = str(model_path)
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(self.model_path, dtype=dtype).eval()
-        self.config = self.model.config
-        vc = self.config.vision_config
-        self.merge_size = vc.spatial_merge_size
-        self.temporal_patch_size = vc.temporal_patch_size
-        self.tokens_per_second = 1.0
-        self.tokenizer = self.processor.tokenizer
+    model_class = "Qwen2VLForConditionalGeneration"
 
     def process_video(self, frames: np.ndarray, fps: float) -> ProcessedVideo:
         video = super().process_video(frames, fps)

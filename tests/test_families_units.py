@@ -169,3 +169,50 @@ def test_dtd_with_vllm_video_pruning_is_refused_at_start(family, arch):
 
     with pytest.raises(ValueError, match="--video-pruning-rate"):
         mm_processor(ensure_tiny_model("test", family=family), arch, video_pruning_rate=0.5)
+
+
+def test_qwen3_cached_path_with_per_video_fps_decides_on_the_same_pixels(qwen3_processor, qwen3_clip):
+    """Per-video ``fps`` lists send Qwen3-VL's cached path kwargs resolved into scopes
+    (``videos_kwargs.do_normalize``); the decision must still read what the HF processor was asked
+    (raw pixels under vLLM's ``mm_device_do_normalize``), so cache or not gives the same masks."""
+    from vllm.multimodal.cache import MultiModalProcessorOnlyCache
+
+    proc, c = qwen3_processor, qwen3_clip
+    tok = proc.info.get_tokenizer()
+    V = "<|vision_start|><|video_pad|><|vision_end|>"
+    prompt = tok(f"<|im_start|>user\n{V}{V}hi<|im_end|>\n")["input_ids"]
+    videos = [c.frames[:24], c.frames[24:48]]
+
+    def run(cache):
+        meta = lambda n: {"fps": float(c.fps), "duration": n / c.fps, "total_num_frames": n, "frames_indices": list(range(n)),
+                          "video_backend": "test", "do_sample_frames": False}
+        items = proc.info.parse_mm_data({"video": [(v, meta(len(v))) for v in videos]})
+        out = proc(prompt, items, hf_processor_mm_kwargs={"fps": [2.0, 2.0], "dtd_threshold": 0.1}, cache=cache)
+        digests = []
+        for i in out["mm_kwargs"]["video"]:
+            t, h, w = i["video_grid_thw"].data.tolist()
+            digests.append(mask_digest(i["video_dtd_mask"].data.reshape(t, h // 2, w // 2)))
+        return digests
+
+    assert run(MultiModalProcessorOnlyCache(proc.info.ctx.model_config)) == run(None)
+
+
+def test_qwen3_stream_step_times_reach_the_prompt(qwen3_processor, qwen3_clip):
+    """A stream chunk's item carries its steps' times (as the client stamped the frames): the prompt
+    writes those, not ``frame index / fps``."""
+    import numpy as np
+
+    from vllm_plugin.entrypoints.options import GIVEN_MASK, GIVEN_TIMES
+
+    proc, c = qwen3_processor, qwen3_clip
+    frames = c.frames[:8]
+    meta = {"fps": 2.0, "duration": 4.0, "total_num_frames": 8, "frames_indices": list(range(8)), "video_backend": "dtd_stream",
+            GIVEN_MASK: np.ones((4, 8, 8), bool), GIVEN_TIMES: [100.5, 101.5, 107.0, 108.0]}
+    tok = proc.info.get_tokenizer()
+    prompt = tok("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>hi<|im_end|>\n")["input_ids"]
+    out = proc(prompt, proc.info.parse_mm_data({"video": [(frames, meta)]}),
+               hf_processor_mm_kwargs={"do_resize": False})
+    text = tok.decode(out["prompt_token_ids"])
+    assert [t for t in ("<100.5 seconds>", "<101.5 seconds>", "<107.0 seconds>", "<108.0 seconds>") if t in text] == \
+        ["<100.5 seconds>", "<101.5 seconds>", "<107.0 seconds>", "<108.0 seconds>"]
+    assert "<0.2 seconds>" not in text

@@ -92,3 +92,9 @@ def test_stream_routes_load_only_when_allow_listed(monkeypatch):
             monkeypatch.setenv("VLLM_PLUGINS", value)
         plugins = load_endpoint_plugins(("generate",))
         assert any(isinstance(p, DTDStreamPlugin) for p in plugins) is loaded, value
+
+
+def test_launcher_refuses_dtd_options_for_an_architecture_without_dtd(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(SystemExit, match="sets DTD options"):
+        build_argv(["--model", str(tmp_path), "--mm-processor-kwargs", '{"dtd_threshold": 0.1}'])

@@ -163,3 +163,18 @@ def test_the_socket_directory_variable_passes_vllms_environment_validation(monke
         current_platform.validate_environ(hard_fail=True)
     finally:
         os.rmdir(os.environ[SOCKET_DIR_ENV])
+
+
+def test_chunks_carry_their_steps_times_as_the_client_stamped_them(synthetic_clip):
+    """Frame times given by the client (a pause after 4 frames) become each step's time in the chunk
+    (the mean of its frames): what Qwen3-VL's prompt writes; nominal times without client stamps."""
+    from vllm_plugin.entrypoints.options import GIVEN_TIMES
+
+    c = synthetic_clip
+    s = StreamManager().open(_settings())
+    s.add_frames(list(c.frames[:4]))  # nominal: 0, 0.5, 1.0, 1.5 s
+    s.add_frames(list(c.frames[4:8]), timestamps=[60.0, 60.5, 61.0, 61.5])
+    s.cut_chunk()
+    (frames, meta), = s.video_items()
+    assert meta[GIVEN_TIMES] == [0.25, 1.25, 60.25, 61.25]
+    assert meta["frames_indices"] == list(range(8))

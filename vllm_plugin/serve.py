@@ -78,6 +78,10 @@ def build_argv(argv: list[str], streams: bool = False) -> list[str]:
         if arch is None and streams:
             raise SystemExit(f"vllm_plugin.serve: --dtd-streams needs a model family with DTD; {model} has none "
                              f"(DTD serves {sorted(DTD_ARCHITECTURES)})")
+        raw = _arg(out, "--mm-processor-kwargs")
+        if arch is None and raw and any(k.startswith("dtd_") for k in json.loads(raw)):
+            raise SystemExit(f"vllm_plugin.serve: --mm-processor-kwargs sets DTD options, but {model} has no DTD class "
+                             f"(DTD serves {sorted(DTD_ARCHITECTURES)}): it would be served without DTD")
         if arch is not None:
             out += ["--hf-overrides", json.dumps({"architectures": [arch]})]
     if MIDDLEWARE not in out:
@@ -101,7 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     streams = STREAMS_FLAG in argv
     if streams:
         argv = enable_streams(argv, os.environ)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = build_argv(argv, streams=streams)
     cli_env_setup()
     parser = FlexibleArgumentParser(prog="python -m vllm_plugin.serve", description=__doc__)

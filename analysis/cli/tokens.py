@@ -90,7 +90,12 @@ def main(argv=None) -> int:
     from analysis.harness.server import VLLMServer
     from analysis.harness.tiny_model import ensure_tiny_model
 
-    checkpoints = [(f, ensure_tiny_model("test", family=f)) for f in families] + [(m.name, m) for m in args.model]
+    checkpoints = [(f, ensure_tiny_model("test", family=f)) for f in families]
+    for m in args.model:  # labelled by directory name, made unique (two ".../model" paths)
+        label = m.name
+        while label in [lab for lab, _ in checkpoints]:
+            label = f"{label}_{len(checkpoints)}"
+        checkpoints.append((label, m))
     args.out.mkdir(parents=True, exist_ok=True)
     media = Path(tempfile.mkdtemp(prefix="dtd-tokens-"))
     rows: list[dict] = []

@@ -20,6 +20,9 @@ GIVEN_MASK = "dtd_keep_mask"
 # With GIVEN_MASK, feature level: the vision tower's outputs of the kept tokens, float (kept, hidden),
 # already computed by the caller (streams encode each temporal step on arrival).
 GIVEN_EMBEDS = "dtd_kept_embeds"
+# With GIVEN_MASK: the time of every temporal step in seconds (streams: the mean time of its frames,
+# as the client stamped them). Families whose prompt writes each step's time (Qwen3-VL) use it.
+GIVEN_TIMES = "dtd_step_times"
 
 
 def split_dtd_kwargs(kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:

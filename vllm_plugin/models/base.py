@@ -32,14 +32,17 @@ import numpy as np
 import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import ProcessorInputs, PromptReplacement
+from vllm.multimodal.processing import BaseProcessingInfo, ProcessorInputs, PromptReplacement
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
 from vllm_plugin.core import PatchLayout, dtd_keep_mask, mask_digest, mask_stats, mrope_positions, pixel_keep_mask
 from vllm_plugin.entrypoints import request_stats, video_loader, vllm_patches
-from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES, dtd_config_from_kwargs, split_dtd_kwargs
 from vllm_plugin.models import vision
 from vllm_plugin.models.vision import VisionTowerSpec
+
+# read by the DTD decision: what the HF processor is asked to do, as vLLM resolves it per scope
+vllm_patches.require(BaseProcessingInfo, "_merge_and_resolve_mm_processor_kwargs", ["mm_kwargs"])
 
 MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
 _GIVEN = "_dtd_given_masks"  # internal hf_kwargs key: the given masks, one entry (or None) per video
@@ -64,7 +67,7 @@ def _given(given, shape: tuple[int, int, int], feature: bool):
     metadata; None where they do not fit the processed video (decided again)."""
     if given is None:
         return None, None
-    mask, embeds = given
+    mask, embeds, _ = given
     mask = torch.as_tensor(np.asarray(mask))
     if mask.dtype != torch.bool or mask.dim() != 3:
         raise ValueError(f"{GIVEN_MASK} must be a bool array of shape (T, H, W), got {mask.dtype} {tuple(mask.shape)}")
@@ -133,7 +136,7 @@ class DTDMultiModalProcessorMixin:
         for item in videos.data:
             if isinstance(item, tuple) and isinstance(item[1], Mapping) and GIVEN_MASK in item[1]:
                 meta = dict(item[1])
-                given.append((meta.pop(GIVEN_MASK), meta.pop(GIVEN_EMBEDS, None)))
+                given.append((meta.pop(GIVEN_MASK), meta.pop(GIVEN_EMBEDS, None), meta.pop(GIVEN_TIMES, None)))
                 item = (item[0], meta)
             else:
                 given.append(None)
@@ -162,9 +165,16 @@ class DTDMultiModalProcessorMixin:
         given = given or [None] * len(patches)
         vp = getattr(self.info.get_hf_processor(), "video_processor", None) or self.info.get_image_processor()
         # vLLM may leave rescale+normalize to the vision tower (mm_device_do_normalize): then the
-        # patches are raw pixel values. Read what the HF processor was actually asked to do.
-        normalized = bool(merged.get("do_normalize", vp.do_normalize))
-        if normalized != bool(merged.get("do_rescale", vp.do_rescale)):
+        # patches are raw pixel values. Read what the HF processor was actually asked to do: the
+        # video scope first (vLLM routes flat keys there; Qwen3-VL's cached path passes them
+        # resolved, scoped only), then the flat keys, then the processor's default.
+        scoped = self.info._merge_and_resolve_mm_processor_kwargs(hf_kwargs).get("videos_kwargs") or {}
+
+        def asked(name: str) -> bool:
+            return bool(scoped[name] if name in scoped else merged.get(name, getattr(vp, name)))
+
+        normalized = asked("do_normalize")
+        if normalized != asked("do_rescale"):
             raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
         layout = PatchLayout(merge_size=merge, temporal_patch_size=tps, image_mean=tuple(vp.image_mean),
                              image_std=tuple(vp.image_std), normalized=normalized, rescale_factor=vp.rescale_factor)
@@ -198,6 +208,13 @@ class DTDMultiModalProcessorMixin:
             kept_embeds.append(embeds)
         _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0 - encoding
         _TIMING.encoding = getattr(_TIMING, "encoding", 0.0) + encoding
+        if "timestamps" in processed:  # the family writes each step's time into the prompt (Qwen3-VL)
+            for i, g in enumerate(given):
+                if g is not None and g[2] is not None:
+                    times = [float(x) for x in g[2]]
+                    if len(times) != len(processed["timestamps"][i]):
+                        raise ValueError(f"{GIVEN_TIMES} has {len(times)} times for {len(processed['timestamps'][i])} steps")
+                    processed["timestamps"][i] = times
         processed[MASK_KEY] = torch.cat(masks)
         if feature:  # the engine gets the kept outputs and never encodes these videos again
             processed["video_embeds"] = torch.cat(kept_embeds)

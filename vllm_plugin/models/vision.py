@@ -144,7 +144,9 @@ class VisionTower:
             if isinstance(out, (tuple, list)):
                 out = out[0]
             if self.decision_dim is not None:  # [main | level 1 | level 2 ...], vLLM's layout of video_embeds
-                out = torch.cat([out, *raw.deepstack_features], dim=-1)
+                # transformers 5: an output object; 4.x: a tuple (merged, deepstack features)
+                levels = raw.deepstack_features if hasattr(raw, "deepstack_features") else raw[1]
+                out = torch.cat([out, *levels], dim=-1)
             out = out.cpu()  # the model's dtype (the engine's too); decisions compute in float32
             seconds = time.perf_counter() - t0
             steps = int(grids[:, 0].sum())

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens, next_reference
-from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK
+from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES
 
 logger = logging.getLogger("vllm.dtd_plugin")
 ENV_PREFIX = "DTD_STREAM_"  # limits from the environment: DTD_STREAM_<FIELD>
@@ -438,6 +438,10 @@ class Stream:
                         embeds = self.step_first[a // tps][None]
                     meta[GIVEN_EMBEDS] = embeds
                 meta[GIVEN_MASK] = mask.numpy()
+                # each step's time as the client stamped its frames (the mean of the step's frames,
+                # Qwen3-VL's rule): pauses and other rates than the stream's stay in the prompt
+                stamps = self.timestamps[a:b]
+                meta[GIVEN_TIMES] = [float(np.mean(stamps[i:i + tps])) for i in range(0, len(stamps), tps)]
                 self._items.append((frames, meta))
             return list(self._items[: len(self.chunks)])
 

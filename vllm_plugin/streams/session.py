@@ -420,9 +420,8 @@ class Stream:
                 frames = np.stack(self.frames[a:b])
                 # the stream keeps one copy of its pixels: its frames become views of the chunk
                 self.frames[a:b] = list(frames)
-                n = len(frames)
-                # frame indices in the stream, not in the chunk: families whose prompt carries each
-                # step's time as text (Qwen3-VL: "<12.5 seconds>") read it from them
+                # frame indices in the stream, not in the chunk (vLLM's own step times, idx / fps, are
+                # then the stream's nominal ones; GIVEN_TIMES below carries the client's)
                 meta = {
                     "fps": float(self.settings.fps), "total_num_frames": b, "frames_indices": list(range(a, b)),
                     "duration": b / self.settings.fps, "video_backend": "dtd_stream",

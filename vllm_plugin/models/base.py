@@ -45,7 +45,6 @@ from vllm_plugin.models.vision import VisionTowerSpec
 vllm_patches.require(BaseProcessingInfo, "_merge_and_resolve_mm_processor_kwargs", ["mm_kwargs"])
 
 MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
-_GIVEN = "_dtd_given_masks"  # internal hf_kwargs key: the given masks, one entry (or None) per video
 _TIMING = threading.local()  # seconds of the DTD decision and of the vision tower in the current apply() of this thread
 
 
@@ -94,8 +93,9 @@ class DTDMultiModalProcessorMixin:
     already decided (a stream decides each temporal step causally when its frames arrive, with the
     previous chunk's last step as reference; the prompt then uses exactly that mask), and at feature
     level under :data:`GIVEN_EMBEDS` the kept outputs it already encoded (then the tower does not run
-    again). They must match the processed grid; they are taken out of the metadata before the HF
-    processor sees them.
+    again), and under :data:`GIVEN_TIMES` its steps' times (families that write them into the
+    prompt, Qwen3-VL, use them). They must match the processed grid; they are taken out of the
+    metadata before the HF processor sees them.
     """
 
     vision_tower: Optional[VisionTowerSpec] = None  # set by the family module: feature-level DTD
@@ -127,7 +127,7 @@ class DTDMultiModalProcessorMixin:
     @staticmethod
     def _dtd_take_given(mm_items: MultiModalDataItems) -> tuple[MultiModalDataItems, list]:
         """The items without the callers' masks (the HF processor must not see them), and per video
-        the given ``(mask, embeds)`` or None."""
+        the given ``(mask, embeds, step times)`` or None."""
         videos = mm_items.get("video")
         given: list = []
         if videos is None:

@@ -31,17 +31,14 @@ Q = "What happens in this video?"
 
 def measure_clips(srv, clips: dict[str, Path], criteria: list[str]) -> list[dict]:
     """One row per clip and mode (``off`` and each criterion): prompt tokens, kept and total video tokens."""
+    from analysis.lib.workbench import served_video_request
+
     rows = []
+    client = srv.client()
     for name, path in clips.items():
         for mode in ["off", *criteria]:
             mm = {"dtd_enabled": False} if mode == "off" else {"dtd_criterion": mode}
-            raw = srv.client().chat.completions.with_raw_response.create(
-                model=srv.model, max_tokens=1, temperature=0.0, extra_body={"mm_processor_kwargs": mm},
-                messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
-                                                       {"type": "text", "text": Q}]}],
-            )
-            resp = raw.parse()
-            (s,) = json.loads(raw.headers["x-dtd-stats"])["videos"]
+            resp, s, _ = served_video_request(client, srv.model, f"file://{path}", mm, Q)
             rows.append({"clip": name, "mode": mode, "prompt_tokens": resp.usage.prompt_tokens, "kept": s["kept"],
                          "total": s["total"], "steps": len(s["kept_per_step"]), "tokens_per_step": s["tokens_per_step"]})
     return rows

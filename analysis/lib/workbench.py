@@ -196,13 +196,25 @@ def sweep(
     return rows
 
 
+def served_video_request(client, model: str, video_url: str, mm: dict, question: str = "What happens in this video?"):
+    """One chat request with one video and ``mm_processor_kwargs`` (one generated token): (the
+    response, the video's ``x-dtd-stats`` entry or ``{}``, seconds)."""
+    import json
+
+    t0 = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, max_tokens=1, temperature=0.0, extra_body={"mm_processor_kwargs": mm},
+        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url}},
+                                               {"type": "text", "text": question}]}])
+    latency = time.perf_counter() - t0
+    return raw.parse(), json.loads(raw.headers.get("x-dtd-stats", '{"videos": [{}]}'))["videos"][0], latency
+
+
 def serving_sweep(base_url: str, video_url: str, thresholds: Iterable[float], metric: str = "l1",
                   question: str = "What happens in this video?", model: Optional[str] = None, repeats: int = 1) -> list[dict]:
     """Against a live DTD server: per threshold, the prompt tokens and latency of one request
     (``dtd_enabled=False`` for threshold ``None``). Each setting's first request is cold (its
     multimodal hash is new); with ``repeats`` > 1 the later ones show the cached latency."""
-    import json
-
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY")
@@ -211,14 +223,7 @@ def serving_sweep(base_url: str, video_url: str, thresholds: Iterable[float], me
     for thr in thresholds:
         mm = {"dtd_enabled": False} if thr is None else {"dtd_threshold": float(thr), "dtd_metric": metric}
         for rep in range(repeats):
-            t0 = time.perf_counter()
-            raw = client.chat.completions.with_raw_response.create(
-                model=model, max_tokens=1, temperature=0.0, extra_body={"mm_processor_kwargs": mm},
-                messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url}},
-                                                       {"type": "text", "text": question}]}])
-            latency = time.perf_counter() - t0
-            resp = raw.parse()
-            stats = json.loads(raw.headers.get("x-dtd-stats", '{"videos": [{}]}'))["videos"][0]
+            resp, stats, latency = served_video_request(client, model, video_url, mm, question)
             rows.append({"threshold": thr, "metric": metric, "repeat": rep, "latency_s": latency,
                          "prompt_tokens": resp.usage.prompt_tokens, "video_tokens_kept": stats.get("kept"),
                          "video_tokens_total": stats.get("total")})

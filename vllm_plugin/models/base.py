@@ -239,24 +239,22 @@ class DTDMultiModalProcessorMixin:
             full_replacement = update.replacement
 
             def replacement(item_idx: int):
-                full = full_replacement(item_idx)
                 out_item = out_mm_kwargs["video"][item_idx]
                 elem = out_item.get(MASK_KEY)
                 if elem is None:
-                    return full
+                    return full_replacement(item_idx)
                 t, h, w = (int(x) for x in out_item["video_grid_thw"].data.tolist())
                 merge = self.info.get_hf_config().vision_config.spatial_merge_size
-                return self._dtd_replacement(full, elem.data.reshape(t, h // merge, w // merge).bool(), out_item,
-                                             hf_processor_mm_kwargs)
+                return self._dtd_replacement(elem.data.reshape(t, h // merge, w // merge).bool(), out_item)
 
             return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
 
         return [with_dtd(u) if u.modality == "video" else u for u in updates]
 
-    def _dtd_replacement(self, full, mask: torch.Tensor, out_item, hf_processor_mm_kwargs: Mapping[str, Any]):
-        """The prompt of a video after DTD, from the family's full replacement and the keep mask
-        (bool (T, H, W)). Qwen2-VL / Qwen2.5-VL: one run of video placeholders, one per kept token."""
-        return full[:1] * int(mask.sum())
+    def _dtd_replacement(self, mask: torch.Tensor, out_item):
+        """The prompt of a video after DTD from its keep mask (bool (T, H, W)); the family's full
+        replacement is never built. Qwen2-VL / Qwen2.5-VL: one run of video placeholders, one per kept token."""
+        return [self.info.get_hf_config().video_token_id] * int(mask.sum())
 
     def get_dummy_inputs(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> ProcessorInputs:
         """Profiling inputs keep every video token.

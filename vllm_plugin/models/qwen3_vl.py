@@ -20,8 +20,7 @@ vllm_plugin.serve`` does that). The MoE checkpoints: :mod:`vllm_plugin.models.qw
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -78,7 +77,7 @@ class DTDQwen3VLProcessingInfo(DTDProcessingInfoMixin, Qwen3VLProcessingInfo):
 class DTDQwen3VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen3VLMultiModalProcessor):
     vision_tower = VisionTowerSpec("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel", deepstack=True)
 
-    def _dtd_replacement(self, full, mask: torch.Tensor, out_item, hf_processor_mm_kwargs: Mapping[str, Any]):
+    def _dtd_replacement(self, mask: torch.Tensor, out_item):
         """Each step's group with its kept tokens only; a step that keeps none keeps its timestamp
         and an empty ``<|vision_start|><|vision_end|>``."""
         hf_config = self.info.get_hf_config()

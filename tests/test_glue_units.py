@@ -203,3 +203,22 @@ def test_stream_prompts_come_from_the_chat_template(tiny_model_path):
     assert third[: len(prefill)] == prefill and tok.decode(prefill).endswith(
         "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>")
     assert tok.decode(third[len(prefill):]) == "now?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_forgotten_turn_leaves_its_videos_and_drops_its_words(tiny_model_path):
+    """``remember: false``: the next question sees the same videos as a prefix, not the past question."""
+    from transformers import AutoTokenizer
+
+    from vllm_plugin.streams.prompt import ChatPrompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    conv = ChatPrompt(tok, (tiny_model_path / "chat_template.jinja").read_text())
+    first = conv.next_turn("first?", videos=1)
+    conv.forget(1)
+    second = conv.next_turn("second?", videos=2)
+    head = conv.video_prefix(1)
+    assert first[: len(head)] == head and second[: len(head)] == head  # the first video's tokens are shared
+    text = tok.decode(second)
+    assert "first?" not in text and "<|im_start|>assistant" not in text[: text.rindex("<|im_start|>assistant")]
+    assert text.endswith("<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+                         "second?<|im_end|>\n<|im_start|>assistant\n")

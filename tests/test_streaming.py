@@ -54,6 +54,28 @@ def test_questions_reuse_the_past(stream, synthetic_clip):
     assert stream.status()["kept_per_step"] == kept
 
 
+def test_questions_not_remembered_leave_no_turn_and_share_the_frames(stream, synthetic_clip, tiny_model_path):
+    """``remember: false`` (how the accuracy harness asks): each question sees all frames so far and
+    no past question; the frames before it come from the prefix cache."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    c = synthetic_clip
+    stream.push(c.frames[:16])
+    a = stream.ask("first question?", max_tokens=3, return_token_ids=True, remember=False)
+    stream.push(c.frames[16:32])
+    b = stream.ask("second question?", max_tokens=3, return_token_ids=True, remember=False)
+    ids_a, ids_b = a["stream_state"]["prompt_token_ids"], b["stream_state"]["prompt_token_ids"]
+    shared = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y)
+    assert sum(a["stream_state"]["video_tokens_per_chunk"]) < shared  # the first chunk is a common prefix
+    assert b["stream_state"]["video_tokens_per_chunk"][0] == a["stream_state"]["video_tokens_per_chunk"][0]
+    assert b["usage"]["prompt_tokens_details"]["cached_tokens"] >= (shared // BLOCK_SIZE) * BLOCK_SIZE > 0
+    text = tok.decode(ids_b)
+    assert "first question" not in text and text.count("<|im_start|>user") == 1 and text.count("<|im_start|>assistant") == 1
+    assert text.count("<|vision_start|>") == 2 and text.endswith("second question?<|im_end|>\n<|im_start|>assistant\n")
+    assert stream.status()["questions"] == 2
+
+
 def test_a_question_costs_only_the_new_frames(dtd_server, synthetic_clip):
     """Prefilled (uncached) tokens per question stay bounded while the stream grows."""
     s = open_stream(dtd_server.base_url, fps=2.0, dtd_enabled=False)

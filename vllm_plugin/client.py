@@ -83,12 +83,13 @@ class StreamClient:
         return self._append(body)
 
     def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0, return_token_ids: bool = False,
-            ignore_eos: bool = False) -> dict:
+            ignore_eos: bool = False, remember: bool = True) -> dict:
         """A question at the current point: the chat.completion dict (usage.prompt_tokens_details.
         cached_tokens shows the reused past; stream_state has ttft_s). ``ignore_eos`` answers exactly
-        ``max_tokens`` tokens (benchmarks, tests)."""
+        ``max_tokens`` tokens (benchmarks, tests). ``remember=False``: the turn does not stay in the
+        conversation (later questions see the frames, not this question and its answer)."""
         body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": temperature,
-                "return_token_ids": return_token_ids, "ignore_eos": ignore_eos}
+                "return_token_ids": return_token_ids, "ignore_eos": ignore_eos, "remember": remember}
         return _check(self.http.post(self.url + "/chat/completions", json=body, timeout=self.timeout))
 
     def ask_stream(self, question: str, max_tokens: int = 64) -> Iterator[dict]:

@@ -88,3 +88,9 @@ class ChatPrompt:
         self.messages += [self.user_message(question, videos), {"role": "assistant", "content": answer_text}]
         self.open_videos = 0
         self.ids = list(prompt_ids) + list(answer_ids) + self.tokenizer.encode(tail, add_special_tokens=False)
+
+    def forget(self, videos: int) -> None:
+        """A finished turn that does not stay in the conversation (``remember: false``): its question
+        and answer are dropped, its ``videos`` placeholders stay in the open user turn, as after an
+        eager prefill, so the next question's prompt starts with this one's up to its last video."""
+        self.open_videos = videos

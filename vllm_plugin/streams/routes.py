@@ -74,6 +74,9 @@ class StreamChatRequest(BaseModel):
     stream: bool = False
     ignore_eos: bool = Field(False, description="keep generating past end-of-text, as vLLM's own ignore_eos (benchmarks, tests)")
     return_token_ids: bool = Field(False, description="add prompt/completion token ids to stream_state")
+    remember: bool = Field(True, description="false: this question and its answer do not stay in the stream's "
+                           "conversation; later questions see the same frames but not this turn (independent "
+                           "questions, as benchmarks ask them)")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -211,8 +214,8 @@ async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
         question = _question(body.messages)
         if not body.stream:
             return JSONResponse(await svc.answer(stream, question, body.max_tokens, body.temperature, body.return_token_ids,
-                                                 body.ignore_eos))
-        events = await svc.answer_sse(stream, question, body.max_tokens, body.temperature, body.ignore_eos)
+                                                 body.ignore_eos, body.remember))
+        events = await svc.answer_sse(stream, question, body.max_tokens, body.temperature, body.ignore_eos, body.remember)
         return StreamingResponse(events, media_type="text/event-stream")
     return await _guard(run())
 

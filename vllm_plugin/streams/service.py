@@ -231,8 +231,10 @@ class StreamService:
         finally:
             stream.prefill_task = None
 
-    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False):
-        """Async generator of vLLM RequestOutputs for one question at the stream's current point."""
+    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False,
+                       remember: bool = True):
+        """Async generator of vLLM RequestOutputs for one question at the stream's current point.
+        ``remember=False``: the turn does not stay in the conversation (:meth:`ChatPrompt.forget`)."""
         from vllm import SamplingParams
 
         async with stream.chat_lock:
@@ -254,6 +256,10 @@ class StreamService:
                 if chunk is not None:  # the turn did not happen: its chunk is not part of the conversation
                     stream.drop_last_chunk()
                 raise
+            stream.questions += 1
+            if not remember:
+                stream.conversation.forget(videos)
+                return
             o = last.outputs[0] if last is not None else None
             ids = list(o.token_ids) if o is not None else []
             # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
@@ -261,7 +267,6 @@ class StreamService:
             stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
             stream.conversation.commit(prompt_ids, question, videos, ids, o.text if o is not None else "",
                                        stop_ids=ids[-1:] if stopped else ())
-            stream.questions += 1
 
     def state(self, stream: Stream, out, timing: openai_format.Timing, with_ids: bool = False) -> dict:
         prompt_ids = list(out.prompt_token_ids or [])
@@ -274,17 +279,18 @@ class StreamService:
         return state
 
     async def answer(self, stream: Stream, question: str, max_tokens: int, temperature: float = 0.0, with_ids: bool = False,
-                     ignore_eos: bool = False) -> dict:
+                     ignore_eos: bool = False, remember: bool = True) -> dict:
         timing, out = openai_format.Timing(), None
-        async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos):
+        async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos, remember):
             timing.saw(out)
         return openai_format.completion(out, self.served_names[0], self.state(stream, out, timing, with_ids))
 
-    async def answer_sse(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False):
+    async def answer_sse(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False,
+                         remember: bool = True):
         """``(first output, async iterator of SSE lines)``: errors before the first output raise here,
         so the route can answer them with a 4xx before the event stream starts."""
         timing = openai_format.Timing()
-        gen = self.generate(stream, question, max_tokens, temperature, ignore_eos)
+        gen = self.generate(stream, question, max_tokens, temperature, ignore_eos, remember)
         first = await gen.__anext__()
         model = self.served_names[0]
 

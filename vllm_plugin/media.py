@@ -111,9 +111,11 @@ def decode_video(
     max_frames: Optional[int] = None,
     start: float = 0.0,
     end: Optional[float] = None,
+    fit: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Decode a file path or in-memory bytes the user trusts; for every time k/fps keep the first
-    frame at or after it.
+    frame at or after it (``fit(frame)`` of it when given: e.g. resized, so a long video is never
+    held at full size).
 
     Returns ``(frames uint8 (N, H, W, 3) RGB, timestamps (N,) s relative to start, source_fps,
     duration)``. ``fps=None`` keeps every frame. Raises :class:`VideoDecodeError`.
@@ -146,7 +148,8 @@ def decode_video(
                     last[0] = float(frame.time)
 
             for frame, t in _sample(container, stream, fps, start, end, max_frames, check=seen):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                arr = frame.to_ndarray(format="rgb24")
+                frames.append(fit(arr) if fit is not None else arr)
                 times.append(t)
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode {name}: {e}") from e

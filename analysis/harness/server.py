@@ -44,6 +44,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gpu_available() -> bool:
+    """A CUDA device is visible (then a server keeps vLLM's own defaults, not the CPU ones)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
 class ServerError(RuntimeError):
     pass
 

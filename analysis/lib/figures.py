@@ -123,3 +123,35 @@ def serving_figure(rows: Sequence[dict], title: str = "Serving: latency and prom
     fig.update_yaxes(title_text="latency (ms)", secondary_y=False)
     fig.update_yaxes(title_text="prompt tokens", secondary_y=True)
     return fig
+
+
+def accuracy_figure(summary, title: str = "Accuracy vs dropped video tokens") -> go.Figure:
+    """One point per mode (rows of :func:`analysis.eval.results.summarize` without ``by``): x = mean
+    drop ratio, y = accuracy; DTD and uniform joined by criterion/metric over τ, full video a star."""
+    rows = summary.to_dict("records") if hasattr(summary, "to_dict") else list(summary)
+    fig = go.Figure()
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["criterion"], r["metric"]), []).append(r)
+    for (mode, criterion, metric), rs in groups.items():
+        rs = sorted(rs, key=lambda r: (r["drop_ratio"] if r["drop_ratio"] == r["drop_ratio"] else 0.0))
+        name = "full video" if mode == "full" else f"{mode} ({criterion}/{metric})"
+        fig.add_scatter(x=[r["drop_ratio"] for r in rs], y=[r["accuracy"] for r in rs], name=name,
+                        mode="markers" if mode == "full" else "lines+markers",
+                        marker=dict(size=14 if mode == "full" else 8, symbol="star" if mode == "full" else "circle"),
+                        text=[f"τ={r['threshold']:g}" if r["threshold"] == r["threshold"] and r["threshold"] is not None else ""
+                              for r in rs], hovertemplate="%{text} drop %{x:.1%} accuracy %{y:.1%}")
+    fig.update_layout(title=title, xaxis_title="dropped fraction of video tokens", yaxis_title="accuracy",
+                      xaxis_range=[-0.02, 1.02], yaxis_range=[0, 1.02], template="plotly_white")
+    return fig
+
+
+def task_accuracy_figure(per_task, title: str = "Accuracy per task and mode") -> go.Figure:
+    """Grouped bars: accuracy per task (x), one bar per mode (rows of ``summarize(by=("benchmark", "task"))``)."""
+    rows = per_task.to_dict("records") if hasattr(per_task, "to_dict") else list(per_task)
+    fig = go.Figure()
+    for key in dict.fromkeys(r["mode_key"] for r in rows):
+        rs = [r for r in rows if r["mode_key"] == key]
+        fig.add_bar(x=[r["task"] for r in rs], y=[r["accuracy"] for r in rs], name=key)
+    fig.update_layout(title=title, yaxis_title="accuracy", yaxis_range=[0, 1.02], barmode="group", template="plotly_white")
+    return fig

@@ -35,11 +35,19 @@ def load_video(
     max_frames: int | None = None,
     start: float = 0.0,
     end: float | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Video:
     """Decode ``path`` (PyAV) keeping, for every time k/fps, the first frame at or after it
-    (:func:`vllm_plugin.media.decode_video`). ``fps=None`` keeps every frame. Raises
-    :class:`VideoDecodeError` for unreadable input."""
-    frames, times, source_fps, duration = decode_video(path, fps=fps, max_frames=max_frames, start=start, end=end)
+    (:func:`vllm_plugin.media.decode_video`). ``fps=None`` keeps every frame. ``size``: (height,
+    width) each frame is resized to as it is decoded (bicubic, as a stream resizes its frames).
+    Raises :class:`VideoDecodeError` for unreadable input."""
+    fit = None
+    if size is not None:
+        from PIL import Image
+
+        h, w = size
+        fit = lambda f: f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
+    frames, times, source_fps, duration = decode_video(path, fps=fps, max_frames=max_frames, start=start, end=end, fit=fit)
     return Video(frames, times, float(fps) if fps is not None else source_fps, source_fps, duration, str(path))
 
 

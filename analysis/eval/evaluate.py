@@ -1,0 +1,115 @@
+"""A whole accuracy run: questions × modes over a server, resumable (``python -m analysis.eval_stream``
+and notebook 04 call :func:`evaluate`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.eval.formats import Question
+from analysis.eval.results import Store, save, write_eval_report
+from analysis.eval.runner import Mode, run_pass
+from analysis.lib.video import load_video
+from vllm_plugin.client import open_stream
+from vllm_plugin.media import VideoDecodeError
+
+
+@dataclass
+class Outcome:
+    """What :func:`evaluate` did: every row in the store, passes run now and skipped (done before),
+    videos it could not use (missing or undecodable: ``{video: reason}``)."""
+
+    results: pd.DataFrame
+    ran: int = 0
+    skipped: int = 0
+    missing: dict[str, str] = field(default_factory=dict)
+    report: Optional[Path] = None
+
+
+def resolve_video(videos_dir: Path, name: str) -> Optional[Path]:
+    """A question file's video under ``videos_dir``: its path relative to it (``./videos/x.mp4`` →
+    ``videos_dir/videos/x.mp4``), else its base name there (StreamingBench's paths name a ``videos``
+    folder, OVO-Bench's a source folder). A path climbing out of ``videos_dir`` (``..``, absolute) is
+    not followed (symbolic links inside it are); None if no file is there."""
+    root = Path(os.path.abspath(videos_dir))
+    rel = Path(name)
+    for p in (root / rel, root / rel.name):
+        p = Path(os.path.normpath(p))
+        if p.is_relative_to(root) and p != root and p.is_file():
+            return p
+    return None
+
+
+def stream_size(base_url: str, frame: np.ndarray, model: Optional[str] = None) -> tuple[int, int]:
+    """(height, width) the server's streams resize a frame of this size to (one throwaway stream)."""
+    s = open_stream(base_url, model=model, dtd_enabled=False)
+    try:
+        s.push(frame[None])
+        return tuple(s.status()["size"])
+    finally:
+        s.close()
+
+
+def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, modes: Sequence[Mode], out: Path,
+             fps: float = 1.0, model: Optional[str] = None, progress: bool = True,
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Outcome:
+    """Run every (video, mode) pass not yet in ``out`` and write results, summary and report.
+
+    Videos are decoded once per video at ``fps`` (frames resized as the server's streams would, as they
+    are decoded) up to the last time any of its questions asks at. A missing or undecodable video is
+    logged and its questions skipped; the others go on."""
+    from tqdm.auto import tqdm
+
+    store = Store(out)
+    done, passes = store.done(), store.passes()
+    by_video: dict[str, list[Question]] = {}
+    for q in questions:
+        by_video.setdefault(q.video, []).append(q)
+    outcome = Outcome(pd.DataFrame())
+    todo = [(v, m) for v in by_video for m in modes]
+    bar = tqdm(total=len(todo), desc="passes (video × mode)", disable=not progress, file=sys.stderr)
+    for video, qs in by_video.items():
+        need = [m for m in modes if any((q.qid, m.key) not in done for q in qs)]
+        outcome.skipped += len(modes) - len(need)
+        bar.update(len(modes) - len(need))
+        if not need:
+            continue
+        path = resolve_video(Path(videos_dir), video)
+        if path is None:
+            outcome.missing[video] = f"not found under {videos_dir}"
+            log(f"video {video!r} not found under {videos_dir}: its {len(qs)} question(s) skipped")
+            bar.update(len(need))
+            continue
+        try:
+            first = load_video(path, fps=fps, max_frames=1)
+            size = stream_size(base_url, first.frames[0], model)
+            v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=size)
+        except VideoDecodeError as e:
+            outcome.missing[video] = str(e)
+            log(f"video {video!r} cannot be decoded ({e}): its {len(qs)} question(s) skipped")
+            bar.update(len(need))
+            continue
+        for mode in need:
+            budget = passes.get((video, mode.dtd_key)) if mode.name == "uniform" else None
+            rows, totals = run_pass(base_url, video, v.frames, v.timestamps, fps, qs, mode, budget=budget, model=model)
+            store.add(rows, totals)
+            passes[(video, mode.key)] = totals
+            outcome.ran += 1
+            bar.update(1)
+    bar.close()
+    rows = store.rows()
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        keep = {q.qid for q in questions}
+        df = df[df["qid"].isin(keep) & df["mode_key"].isin({m.key for m in modes})].reset_index(drop=True)
+    outcome.results = df
+    if not df.empty:
+        save(df, Path(out))
+        outcome.report = write_eval_report(df, Path(out))
+    return outcome

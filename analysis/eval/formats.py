@@ -1,0 +1,286 @@
+"""The benchmarks' question files, read into :class:`Question` s (pydantic checks every entry).
+
+* StreamingBench (``src/data/*.json``): a list of videos ``{video_path, questions: [{task_type,
+  question, time_stamp "HH:MM:SS", options, answer}]}``; proactive-output items carry
+  ``ground_truth_time_stamp`` and ``ground_truth_output`` instead of options and answer.
+* OVO-Bench (``ovo_bench_new.json``): a list of items ``{id, task, video, ...}``: backward and
+  real-time tasks with ``question``, ``options``, ``gt`` (index of the right option) and ``realtime``
+  (seconds); forward-active tasks (REC, SSR, CRR) with ``test_info``: the probes, each at a
+  ``realtime``.
+
+A malformed entry does not stop the others: :func:`load_questions` returns it as a
+:class:`FormatIssue` naming the file, the entry and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FORMATS = ("streamingbench", "ovobench")
+LETTERS = "ABCDEFGHIJ"
+KINDS = ("mc", "proactive", "forward")
+
+# OVO-Bench's task groups (its paper: backward tracing, real-time perception, forward active responding)
+OVO_BACKWARD = ("EPM", "ASI", "HLD")
+OVO_REALTIME = ("STU", "OJR", "ATR", "ACR", "OCR", "FPD")
+OVO_FORWARD = ("REC", "SSR", "CRR")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One forward-active probe of OVO-Bench: asked at ``time``; ``expected``: the answer that scores
+    (``"Yes"``/``"No"`` for SSR and CRR, the count as text for REC); ``text``: what the probe asks about
+    (SSR's step)."""
+
+    time: float
+    expected: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One benchmark question. ``time``: seconds into the video at which it is asked (the last frame
+    it may see); ``kind``: ``mc`` (multiple choice), ``proactive`` (StreamingBench proactive output:
+    polled from ``time`` to ``gt_time`` + the tolerance) or ``forward`` (OVO-Bench probes)."""
+
+    qid: str
+    benchmark: str
+    video: str
+    task: str
+    kind: str
+    time: float
+    question: str
+    options: tuple[str, ...] = ()
+    answer: str = ""  # mc: the right letter; proactive: the ground-truth output
+    gt_time: Optional[float] = None  # proactive: when the answer is due
+    probes: tuple[Probe, ...] = ()
+    extra: dict = field(default_factory=dict, compare=False)  # what a convention needs besides (OVO: the activity)
+
+    @property
+    def letters(self) -> str:
+        return LETTERS[: len(self.options)]
+
+    @property
+    def end_time(self) -> float:
+        """The latest frame time any of its asks needs."""
+        from analysis.eval.conventions import last_ask_time
+
+        return last_ask_time(self)
+
+
+@dataclass(frozen=True)
+class FormatIssue:
+    """A malformed entry: ``where`` names it (file, entry index, video, question index)."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+_TIME = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
+
+
+def parse_clock(value: str) -> float:
+    """``"HH:MM:SS"`` (or ``"MM:SS"``, seconds may have decimals) → seconds."""
+    m = _TIME.match(str(value).strip())
+    if not m:
+        raise ValueError(f"time {value!r} is not HH:MM:SS")
+    h, mnt, s = int(m.group(1) or 0), int(m.group(2)), float(m.group(3))
+    if mnt >= 60 or s >= 60:
+        raise ValueError(f"time {value!r} is not HH:MM:SS")
+    return h * 3600 + mnt * 60 + s
+
+
+_OPTION_PREFIX = re.compile(r"^\s*\(?([A-J])\s*[.):]\s*")
+
+
+def option_texts(options: list[str]) -> tuple[str, ...]:
+    """Options without their letters: ``["A. red", "B. blue"]`` and ``["red", "blue"]`` both give
+    ``("red", "blue")``. Letters, when given, must run A, B, C, ... in order."""
+    found = [_OPTION_PREFIX.match(o) for o in options]
+    if all(found):
+        letters = "".join(m.group(1) for m in found)
+        if letters != LETTERS[: len(options)]:
+            raise ValueError(f"option letters {letters!r} do not run {LETTERS[:len(options)]!r}")
+        return tuple(o[m.end():].strip() for o, m in zip(options, found))
+    return tuple(o.strip() for o in options)
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
+
+
+class SBQuestion(_Entry):
+    task_type: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    time_stamp: str
+    options: Optional[list[str]] = None
+    answer: Optional[str] = None
+    ground_truth_time_stamp: Optional[str] = None
+    ground_truth_output: Optional[str] = None
+
+    @field_validator("time_stamp", "ground_truth_time_stamp")
+    @classmethod
+    def _clock(cls, v):
+        if v is not None:
+            parse_clock(v)
+        return v
+
+    @property
+    def proactive(self) -> bool:
+        return self.ground_truth_time_stamp is not None or "proactive" in self.task_type.lower()
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.proactive:
+            if self.ground_truth_time_stamp is None or not self.ground_truth_output:
+                raise ValueError("a proactive-output item needs ground_truth_time_stamp and ground_truth_output")
+            if parse_clock(self.ground_truth_time_stamp) < parse_clock(self.time_stamp):
+                raise ValueError("ground_truth_time_stamp is before time_stamp")
+        else:
+            if not self.options or len(self.options) < 2:
+                raise ValueError("a multiple-choice item needs at least two options")
+            if len(self.options) > len(LETTERS):
+                raise ValueError(f"at most {len(LETTERS)} options")
+            texts = option_texts(self.options)
+            letter = (self.answer or "").strip().strip("().").upper()
+            if len(letter) != 1 or letter not in LETTERS[: len(texts)]:
+                raise ValueError(f"answer {self.answer!r} is not one of the option letters {LETTERS[:len(texts)]}")
+        return self
+
+
+class SBVideo(_Entry):
+    video_path: str = Field(min_length=1)
+    questions: list[Any]
+
+
+class OVOItem(_Entry):
+    id: Union[int, str]
+    task: str = Field(min_length=1)
+    video: str = Field(min_length=1)
+    question: Optional[str] = None
+    options: Optional[list[str]] = None
+    gt: Optional[int] = None
+    realtime: Optional[float] = Field(None, ge=0)
+    test_info: Optional[list[dict[str, Any]]] = None
+    activity: Optional[str] = None
+    answer: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.task in OVO_FORWARD:
+            if not self.test_info:
+                raise ValueError(f"a forward task ({self.task}) needs test_info probes")
+            for i, p in enumerate(self.test_info):
+                if not isinstance(p.get("realtime"), (int, float)) or isinstance(p.get("realtime"), bool) or p["realtime"] < 0:
+                    raise ValueError(f"test_info[{i}] needs a realtime in seconds, got {p.get('realtime')!r}")
+                need = {"REC": "count", "SSR": "type", "CRR": "type"}[self.task]
+                if need not in p:
+                    raise ValueError(f"test_info[{i}] of {self.task} needs {need!r}")
+            if self.task == "REC" and not self.activity:
+                raise ValueError("REC needs the activity it counts")
+            if self.task in ("SSR", "CRR") and self.task == "CRR" and not self.question:
+                raise ValueError("CRR needs its question")
+        else:
+            if self.question is None or not self.options or len(self.options) < 2 or self.gt is None or self.realtime is None:
+                raise ValueError(f"a {self.task} item needs question, options (≥ 2), gt and realtime")
+            if len(self.options) > len(LETTERS):
+                raise ValueError(f"at most {len(LETTERS)} options")
+            if not 0 <= self.gt < len(self.options):
+                raise ValueError(f"gt {self.gt} is not an index of the {len(self.options)} options")
+        return self
+
+
+def _issue(where: str, e: Exception) -> FormatIssue:
+    if isinstance(e, ValidationError):
+        msg = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'entry'}: {err['msg']}" for err in e.errors())
+    else:
+        msg = str(e)
+    return FormatIssue(where, msg)
+
+
+def _streamingbench(data: Any, name: str) -> tuple[list[Question], list[FormatIssue]]:
+    if not isinstance(data, list):
+        return [], [FormatIssue(name, "a StreamingBench file is a JSON list of videos")]
+    out, issues = [], []
+    for vi, raw in enumerate(data):
+        try:
+            v = SBVideo.model_validate(raw)
+        except ValidationError as e:
+            issues.append(_issue(f"{name}: entry {vi}", e))
+            continue
+        for qi, rq in enumerate(v.questions):
+            where = f"{name}: entry {vi} ({v.video_path}), question {qi}"
+            try:
+                q = SBQuestion.model_validate(rq)
+            except (ValidationError, ValueError) as e:
+                issues.append(_issue(where, e))
+                continue
+            qid = f"sb/{vi}/{qi}"  # entry and question index: the same video recurs over entries
+            if q.proactive:
+                out.append(Question(qid, "streamingbench", v.video_path, q.task_type, "proactive", parse_clock(q.time_stamp),
+                                    q.question, answer=q.ground_truth_output, gt_time=parse_clock(q.ground_truth_time_stamp)))
+            else:
+                out.append(Question(qid, "streamingbench", v.video_path, q.task_type, "mc", parse_clock(q.time_stamp), q.question,
+                                    options=option_texts(q.options), answer=q.answer.strip().strip("().").upper()))
+    return out, issues
+
+
+def _ovobench(data: Any, name: str) -> tuple[list[Question], list[FormatIssue]]:
+    if not isinstance(data, list):
+        return [], [FormatIssue(name, "an OVO-Bench file is a JSON list of items")]
+    out, issues = [], []
+    for i, raw in enumerate(data):
+        where = f"{name}: entry {i}" + (f" (id {raw.get('id')!r}, task {raw.get('task')!r})" if isinstance(raw, dict) else "")
+        try:
+            it = OVOItem.model_validate(raw)
+        except (ValidationError, ValueError) as e:
+            issues.append(_issue(where, e))
+            continue
+        qid = f"ovo/{it.task}/{it.id}"
+        if it.task in OVO_FORWARD:
+            probes = []
+            for p in it.test_info:
+                if it.task == "REC":
+                    probes.append(Probe(float(p["realtime"]), str(p["count"])))
+                else:
+                    probes.append(Probe(float(p["realtime"]), "Yes" if int(p["type"]) == 1 else "No", str(p.get("step", ""))))
+            probes.sort(key=lambda p: p.time)
+            out.append(Question(qid, "ovobench", it.video, it.task, "forward", probes[0].time, it.question or "",
+                                answer="", probes=tuple(probes), extra={"activity": it.activity or ""}))
+        else:
+            opts = option_texts(it.options)
+            out.append(Question(qid, "ovobench", it.video, it.task, "mc", float(it.realtime), it.question, options=opts,
+                                answer=LETTERS[it.gt]))
+    return out, issues
+
+
+def load_questions(path: str | Path, fmt: Literal["streamingbench", "ovobench"]) -> tuple[list[Question], list[FormatIssue]]:
+    """Read a benchmark file. Returns (questions, issues): every well-formed entry is a question,
+    every malformed one an issue naming it; a file that is not JSON raises ``ValueError``."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file: {e}") from e
+    parse = _streamingbench if fmt == "streamingbench" else _ovobench
+    questions, issues = parse(data, path.name)
+    seen: set[str] = set()
+    unique = []
+    for q in questions:
+        if q.qid in seen:
+            issues.append(FormatIssue(f"{path.name}: {q.qid}", "duplicate id; the first one is kept"))
+            continue
+        seen.add(q.qid)
+        unique.append(q)
+    return unique, issues

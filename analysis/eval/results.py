@@ -1,0 +1,114 @@
+"""Results of an accuracy run: a resumable store, per-task summaries and the offline HTML report.
+
+``results.jsonl`` holds one line per (question, mode) and ``passes.jsonl`` one per (video, mode):
+both are appended as each pass ends, so an interrupted run loses at most the pass it was in and a
+rerun with the same ``--out`` skips what is there. ``results.parquet``/``results.csv`` (per question),
+``summary.csv`` (per task and mode) and ``report.html`` are rewritten from the store at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pandas as pd
+
+from analysis.eval.runner import Pass
+from analysis.lib.reports import write_report
+
+SUMMARY_COLUMNS = ["mode_key", "mode", "criterion", "metric", "threshold", "benchmark", "task", "questions", "accuracy",
+                   "unparsed", "errors", "drop_ratio", "prompt_tokens", "video_tokens", "ttft_s"]
+
+
+class Store:
+    """The run directory's JSON-lines files (a torn last line, from a killed run, is ignored)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows_path, self.passes_path = self.out / "results.jsonl", self.out / "passes.jsonl"
+
+    @staticmethod
+    def _read(path: Path) -> list[dict]:
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def rows(self) -> list[dict]:
+        """Every row, the latest per (question, mode)."""
+        latest = {(r["qid"], r["mode_key"]): r for r in self._read(self.rows_path)}
+        return list(latest.values())
+
+    def done(self) -> set[tuple[str, str]]:
+        return {(r["qid"], r["mode_key"]) for r in self.rows()}
+
+    def passes(self) -> dict[tuple[str, str], Pass]:
+        return {(p["video"], p["mode"]): Pass(**p) for p in self._read(self.passes_path)}
+
+    def add(self, rows: Iterable[dict], totals: Pass) -> None:
+        with open(self.rows_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
+        with open(self.passes_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(totals.__dict__) + "\n")
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"{type(x)} is not JSON serializable")
+
+
+def summarize(df: pd.DataFrame, by: Iterable[str] = ("task",)) -> pd.DataFrame:
+    """Per mode (and ``by``): questions; accuracy as the benchmarks count it (right answers over
+    questions; OVO-Bench forward tasks: right probes over probes); questions with an unreadable reply
+    (``unparsed``, scored wrong); refused asks; mean drop ratio, prompt tokens, video tokens, TTFT."""
+    if df.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    keys = ["mode_key", "mode", "criterion", "metric", "threshold", *by]
+    g = df.assign(unparsed=~df["parsed"].astype(bool)).groupby(keys, dropna=False, sort=False)
+    out = g.agg(questions=("qid", "count"), points=("points", "sum"), out_of=("out_of", "sum"),
+                unparsed=("unparsed", "sum"), errors=("errors", "sum"), drop_ratio=("drop_ratio", "mean"),
+                prompt_tokens=("prompt_tokens", "mean"), video_tokens=("video_tokens", "mean"),
+                ttft_s=("ttft_s", "mean")).reset_index()
+    out.insert(out.columns.get_loc("points"), "accuracy", out["points"] / out["out_of"])
+    return out.drop(columns=["points", "out_of"])
+
+
+def save(df: pd.DataFrame, out: Path) -> None:
+    df.to_csv(out / "results.csv", index=False)
+    df.to_parquet(out / "results.parquet", index=False)
+    summarize(df, by=("benchmark", "task")).to_csv(out / "summary.csv", index=False)
+
+
+def write_eval_report(df: pd.DataFrame, out: Path, title: str = "Accuracy vs drop ratio") -> Path:
+    """``out/report.html`` (offline): accuracy vs drop ratio per mode and criterion, accuracy per task
+    and mode, and the per-task table."""
+    from analysis.lib.figures import accuracy_figure, task_accuracy_figure
+
+    overall = summarize(df, by=())
+    per_task = summarize(df, by=("benchmark", "task"))
+    table = per_task.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+    return write_report(out / "report.html", [accuracy_figure(overall), task_accuracy_figure(per_task)], title,
+                        "<h2>Per task</h2>" + table)
+
+
+def headline(df: pd.DataFrame, mode_key: Optional[str] = None) -> str:
+    """``questions=N accuracy=A drop_ratio=D`` of one mode (default: the first DTD mode, else the
+    first mode of the run)."""
+    if df.empty:
+        return "questions=0 accuracy=nan drop_ratio=nan"
+    keys = list(dict.fromkeys(df["mode_key"]))
+    if mode_key is None:
+        mode_key = next((k for k in keys if k.startswith("dtd/")), keys[0])
+    d = df[df["mode_key"] == mode_key]
+    drop = d["drop_ratio"].mean()
+    return (f"questions={len(d)} accuracy={d['points'].sum() / d['out_of'].sum():.4f} "
+            f"drop_ratio={0.0 if math.isnan(drop) else drop:.4f}")

@@ -197,7 +197,7 @@ def _run(monkeypatch, questions, answer, mode=Mode("full"), lie=0.0, n=30):
 
     monkeypatch.setattr(runner, "open_stream", fake_open)
     frames = np.zeros((n, 4, 4, 3), np.uint8)
-    rows, totals = runner.run_pass("http://x", "v.mp4", frames, np.arange(float(n)), 1.0, questions, mode,
+    rows, totals = runner.run_pass("http://x", "v.mp4", frames, np.arange(float(n)), 1.0, questions, mode, 4, 2,
                                    budget=Pass("v.mp4", "dtd", n, n // 2, 4, n // 2))
     return rows, totals, made
 

@@ -46,12 +46,25 @@ def resolve_video(videos_dir: Path, name: str) -> Optional[Path]:
     return None
 
 
-def stream_size(base_url: str, frame: np.ndarray, model: Optional[str] = None) -> tuple[int, int]:
-    """(height, width) the server's streams resize a frame of this size to (one throwaway stream)."""
+@dataclass(frozen=True)
+class StreamGeometry:
+    """How the server's streams hold a video: frames resized to ``size`` (height, width),
+    ``tokens_per_step`` LLM tokens per temporal step of ``temporal_patch_size`` frames."""
+
+    size: tuple[int, int]
+    tokens_per_step: int
+    temporal_patch_size: int
+
+
+def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = None) -> StreamGeometry:
+    """Ask the server (one throwaway stream, one step of this frame) how it holds a video whose
+    frames are like ``frame``."""
     s = open_stream(base_url, model=model, dtd_enabled=False)
     try:
-        s.push(frame[None])
-        return tuple(s.status()["size"])
+        st = s.status()
+        s.push(np.repeat(frame[None], st["temporal_patch_size"], axis=0))
+        st = s.status()
+        return StreamGeometry(tuple(st["size"]), int(st["tokens_per_step"]), int(st["temporal_patch_size"]))
     finally:
         s.close()
 
@@ -88,8 +101,8 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
             continue
         try:
             first = load_video(path, fps=fps, max_frames=1)
-            size = stream_size(base_url, first.frames[0], model)
-            v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=size)
+            geo = stream_geometry(base_url, first.frames[0], model)
+            v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=geo.size)
         except VideoDecodeError as e:
             outcome.missing[video] = str(e)
             log(f"video {video!r} cannot be decoded ({e}): its {len(qs)} question(s) skipped")
@@ -97,7 +110,8 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
             continue
         for mode in need:
             budget = passes.get((video, mode.dtd_key)) if mode.name == "uniform" else None
-            rows, totals = run_pass(base_url, video, v.frames, v.timestamps, fps, qs, mode, budget=budget, model=model)
+            rows, totals = run_pass(base_url, video, v.frames, v.timestamps, fps, qs, mode, geo.tokens_per_step,
+                                    geo.temporal_patch_size, budget=budget, model=model)
             store.add(rows, totals)
             passes[(video, mode.key)] = totals
             outcome.ran += 1

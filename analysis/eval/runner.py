@@ -110,11 +110,14 @@ class Pass:
 
 
 def run_pass(base_url: str, video: str, frames: np.ndarray, times: np.ndarray, fps: float, questions: Sequence[Question],
-             mode: Mode, budget: Optional[Pass] = None, model: Optional[str] = None,
+             mode: Mode, tokens_per_step: int, temporal_patch_size: int = 2, budget: Optional[Pass] = None,
+             model: Optional[str] = None,
              on_ask: Optional[Callable[[Question, Ask, Reply], None]] = None) -> tuple[list[dict], Pass]:
     """Play ``frames`` (uint8 (N, H, W, 3) at ``fps``, stamped ``times`` in seconds of the video)
     into new streams and ask ``questions`` (all of one video) at their times: one stream per start
-    (:func:`stream_start`: 0, or a StreamingBench proactive question's own start). ``budget``: the
+    (:func:`stream_start`: 0, or a StreamingBench proactive question's own start). ``tokens_per_step``
+    and ``temporal_patch_size``: how the server holds this video (the ``full`` count a drop ratio is
+    measured against). ``budget``: the
     ``dtd`` pass a ``uniform`` pass matches. Returns one row per question and the pass's totals
     (of the stream from 0, or of all streams when there is none from 0)."""
     stream_fps, sel = fps, np.arange(len(frames))
@@ -127,12 +130,14 @@ def run_pass(base_url: str, video: str, frames: np.ndarray, times: np.ndarray, f
     for q in questions:
         groups.setdefault(stream_start(q), []).append(q)
     rows_by_qid: dict[str, dict] = {}
-    frames_n = steps = tps_tokens = kept = 0
+    frames_n = steps = kept = 0
     for start, qs in sorted(groups.items()):
         keep = sel[times[sel] >= start - 1e-6]
         stream = open_stream(base_url, model=model, fps=stream_fps, **mode.stream_settings())
         try:
-            for r in _play(stream, frames[keep], times[keep] - start, times[times >= start - 1e-6] - start, start, qs, mode, on_ask):
+            full_times = times[times >= start - 1e-6] - start
+            for r in _play(stream, frames[keep], times[keep] - start, full_times, start, qs, mode,
+                           (tokens_per_step, temporal_patch_size), on_ask):
                 rows_by_qid[r["qid"]] = r
             st = stream.status()
         finally:
@@ -142,29 +147,28 @@ def run_pass(base_url: str, video: str, frames: np.ndarray, times: np.ndarray, f
                 pass
         if start == 0.0 or 0.0 not in groups:
             frames_n, steps, kept = frames_n + st["frames"], steps + len(st["kept_per_step"]), kept + sum(st["kept_per_step"])
-            tps_tokens = st["tokens_per_step"] or tps_tokens
-    return [rows_by_qid[q.qid] for q in questions], Pass(video, mode.key, frames_n, steps, tps_tokens, kept)
+    return [rows_by_qid[q.qid] for q in questions], Pass(video, mode.key, frames_n, steps, tokens_per_step, kept)
 
 
 def _play(stream: StreamClient, frames: np.ndarray, times: np.ndarray, full_times: np.ndarray, start: float,
-          questions: Sequence[Question], mode: Mode, on_ask) -> list[dict]:
+          questions: Sequence[Question], mode: Mode, step: tuple[int, int], on_ask) -> list[dict]:
     """One stream: frames stamped ``times`` (s from the stream's start, which is ``start`` s into the
     video); ``full_times``: the stamps a ``full`` pass sends (the drop ratio's denominator)."""
     plan = sorted(((a.time, qi, ai) for qi, q in enumerate(questions) for ai, a in enumerate(asks_for(q))), key=lambda x: x[:3])
     replies: list[list[Reply]] = [[] for _ in questions]
     done = [False] * len(questions)
-    sent, tps, tokens_per_step = 0, 2, 0
+    sent = 0
+    tokens_per_step, tps = step
 
     def ask_now(q: Question, ask: Ask, t: float) -> Reply:
-        nonlocal sent, tps, tokens_per_step
+        nonlocal sent
         upto = int(np.searchsorted(times, t + 1e-6, side="right"))  # frames stamped at or before the ask
         while sent < upto:
             batch = slice(sent, min(upto, sent + PUSH_BATCH))
             stream.push(frames[batch], times[batch].tolist())
             sent = batch.stop
         if sent:
-            st = stream.wait_prefilled()
-            tps, tokens_per_step = st["temporal_patch_size"], st["tokens_per_step"] or tokens_per_step
+            stream.wait_prefilled()  # a live stream's frames are in the KV cache before a question comes
         t0 = time.perf_counter()
         try:
             r = stream.ask(ask.prompt, max_tokens=ask.max_tokens, remember=False)

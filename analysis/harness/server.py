@@ -157,3 +157,61 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class NotebookServer:
+    """The server a notebook talks to: the one answering at ``url`` when there is one, else an
+    embedded one this process starts (``python -m vllm_plugin.serve --dtd-streams`` on the tiny
+    random-weight Qwen2.5-VL checkpoint, built if missing; stopped when the kernel exits).
+    ``describe()`` says which, for the notebook to print."""
+
+    def __init__(self, url: str, media_dirs: Sequence[str | os.PathLike] = ()):
+        self.requested = url.rstrip("/")
+        self.embedded: Optional[VLLMServer] = None
+        if _answers(self.requested):
+            self.url = self.requested
+            if not _has_streams(self.url):
+                raise ServerError(f"the server at {self.url} answers but has no /v1/streams routes: start it with "
+                                  "python -m vllm_plugin.serve --dtd-streams (or VLLM_PLUGINS=dtd,dtd_streams)")
+            return
+        import atexit
+
+        from analysis.harness.tiny_model import ensure_tiny_model
+
+        args = ["--dtd-streams", "--block-size", "32"]
+        for d in media_dirs:
+            args += ["--allowed-local-media-path", str(Path(d).resolve())]
+        self.embedded = VLLMServer(ensure_tiny_model("test"), args, module="vllm_plugin.serve")
+        print(f"No server answered at {self.requested}; starting an embedded one on the tiny checkpoint "
+              f"(about a minute; log: {self.embedded.log_path}) ...", flush=True)
+        self.embedded.start()
+        atexit.register(self.stop)
+        self.url = self.embedded.base_url
+
+    def model(self) -> str:
+        return requests.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def describe(self) -> str:
+        if self.embedded is None:
+            return f"Using the server at {self.url} (model {self.model()})."
+        return (f"Using an EMBEDDED server at {self.url}: python -m vllm_plugin.serve --dtd-streams on the tiny random-weight "
+                f"checkpoint {self.embedded.model} (nothing answered at {self.requested}). Its answers are random: it shows "
+                f"the mechanics, not accuracy. Set DTD_SERVER_URL to your server to use it.")
+
+    def stop(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url + "/health", timeout=3).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _has_streams(url: str) -> bool:
+    try:
+        return "/v1/streams" in requests.get(url + "/openapi.json", timeout=10).json().get("paths", {})
+    except (requests.RequestException, ValueError):
+        return False

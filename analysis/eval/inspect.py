@@ -1,0 +1,67 @@
+"""What one question saw: its frames up to its time with the tokens DTD dropped shaded (notebook 04)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from analysis.eval.conventions import stream_start
+from analysis.eval.evaluate import resolve_video, stream_geometry
+from analysis.eval.formats import Question
+from analysis.eval.runner import Mode
+from analysis.lib.figures import overlay_figure
+from analysis.lib.video import load_video
+from analysis.lib.workbench import tokens_from_frames
+from vllm_plugin.core import dtd_keep_mask
+
+
+@dataclass
+class QuestionView:
+    """``frames``: uint8 (2T, h, w, 3) the stream held at the question's time (whole temporal steps,
+    at the stream's size); ``mask``: bool (T, H, W) kept tokens (all True without DTD);
+    ``step_times``: seconds into the video of each step's first frame."""
+
+    question: Question
+    mode: Mode
+    frames: np.ndarray
+    mask: torch.Tensor
+    step_times: list[float]
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.sum())
+
+    def figure(self, step: Optional[int] = None):
+        title = f"{self.question.qid} at {self.question.time:g} s, {self.mode.key}: kept (clear) and dropped (shaded) tokens"
+        return overlay_figure(self.frames, self.mask.numpy(), step=step, step_times=self.step_times, title=title)
+
+
+def question_view(question: Question, videos_dir: Path, base_url: str, mode: Mode, fps: float = 1.0,
+                  model_path: Optional[str | Path] = None, reference: str = "previous") -> QuestionView:
+    """The frames a ``full`` or ``dtd`` pass of :func:`analysis.eval.runner.run_pass` sent before
+    ``question`` (decoded and resized as the harness does), with the keep mask recomputed by
+    :func:`vllm_plugin.core.dtd_keep_mask` on the same frames (feature level: the vision tower of
+    ``model_path``, default the tiny test checkpoint: pass the served checkpoint for a real one)."""
+    if mode.name == "uniform":
+        raise ValueError("a uniform pass keeps whole frames: view its dtd pass, or the full one")
+    path = resolve_video(Path(videos_dir), question.video)
+    if path is None:
+        raise FileNotFoundError(f"{question.video} is not under {videos_dir}")
+    first = load_video(path, fps=fps, max_frames=1)
+    v = load_video(path, fps=fps, end=question.time + 1e-3, size=stream_geometry(base_url, first.frames[0]).size)
+    start = stream_start(question)
+    keep = v.timestamps >= start - 1e-6
+    frames, times = v.frames[keep], v.timestamps[keep]
+    n = len(frames) // 2 * 2  # whole temporal steps: a lone last frame waits for its pair
+    if n == 0:
+        raise ValueError(f"{question.qid}: no whole temporal step before {question.time:g} s")
+    tokens = tokens_from_frames(frames[:n], fps, times[:n], max_pixels=frames.shape[1] * frames.shape[2])
+    if mode.name == "full":
+        mask = torch.ones(tokens.grid, dtype=torch.bool)
+    else:
+        mask = dtd_keep_mask(tokens.tokens(mode.criterion, model_path), mode.threshold, metric=mode.metric, reference=reference)
+    return QuestionView(question, mode, frames[:n], mask, [float(t) for t in times[:n:2]])

@@ -257,3 +257,17 @@ def test_the_store_resumes_ignores_a_torn_line_and_summarizes_as_the_benchmarks_
     assert s.loc["EPM", "accuracy"] == 1.0 and s.loc["REC", "accuracy"] == 0.25 and s.loc["REC", "unparsed"] == 1
     assert headline(df) == "questions=2 accuracy=0.4000 drop_ratio=0.0000"  # 2 points of 5 (1 question + 4 probes)
     assert math.isclose(summarize(df, by=()).iloc[0]["accuracy"], 0.4)
+
+
+def test_why_frames_are_not_always_resized_ahead():
+    """With min_pixels = max_pixels (TimeChat-Online's 448²), the processor's resize of an already
+    resized frame can round to another size: the harness then sends frames as decoded
+    (``StreamGeometry.resize_ahead``, measured per video from the server)."""
+    from analysis.eval.evaluate import StreamGeometry
+    from vllm_plugin.streams.session import Geometry
+
+    g = Geometry(min_pixels=448 * 448, max_pixels=448 * 448)
+    once = g.target_size(360, 640)
+    assert once == (336, 588) and g.target_size(*once) != once
+    assert Geometry().target_size(*Geometry().target_size(360, 640)) == Geometry().target_size(360, 640)
+    assert StreamGeometry(once, 252, 2, False).decode_size is None and StreamGeometry(once, 252, 2, True).decode_size == once

@@ -49,24 +49,42 @@ def resolve_video(videos_dir: Path, name: str) -> Optional[Path]:
 @dataclass(frozen=True)
 class StreamGeometry:
     """How the server's streams hold a video: frames resized to ``size`` (height, width),
-    ``tokens_per_step`` LLM tokens per temporal step of ``temporal_patch_size`` frames."""
+    ``tokens_per_step`` LLM tokens per temporal step of ``temporal_patch_size`` frames;
+    ``resize_ahead``: a frame already at ``size`` keeps it (the processor's resize is idempotent),
+    so the harness may resize frames as it decodes them. It is not when ``min_pixels`` is near
+    ``max_pixels`` (e.g. both 448²): ``smart_resize`` of a resized frame can round to another size."""
 
     size: tuple[int, int]
     tokens_per_step: int
     temporal_patch_size: int
+    resize_ahead: bool
+
+    @property
+    def decode_size(self) -> Optional[tuple[int, int]]:
+        """The size to decode frames at (None: as they are; the stream resizes them)."""
+        return self.size if self.resize_ahead else None
+
+
+def _held(base_url: str, frame: np.ndarray, model: Optional[str]) -> dict:
+    s = open_stream(base_url, model=model, dtd_enabled=False)
+    try:
+        tps = s.status()["temporal_patch_size"]
+        s.push(np.repeat(frame[None], tps, axis=0))
+        return s.status()
+    finally:
+        s.close()
 
 
 def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = None) -> StreamGeometry:
-    """Ask the server (one throwaway stream, one step of this frame) how it holds a video whose
-    frames are like ``frame``."""
-    s = open_stream(base_url, model=model, dtd_enabled=False)
-    try:
-        st = s.status()
-        s.push(np.repeat(frame[None], st["temporal_patch_size"], axis=0))
-        st = s.status()
-        return StreamGeometry(tuple(st["size"]), int(st["tokens_per_step"]), int(st["temporal_patch_size"]))
-    finally:
-        s.close()
+    """Ask the server (two throwaway streams of one temporal step) how it holds a video whose frames
+    are like ``frame``, and whether a frame resized to that size stays at it."""
+    from PIL import Image
+
+    st = _held(base_url, frame, model)
+    h, w = st["size"]
+    resized = np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
+    again = _held(base_url, resized, model)["size"] if (h, w) != frame.shape[:2] else [h, w]
+    return StreamGeometry((h, w), int(st["tokens_per_step"]), int(st["temporal_patch_size"]), list(again) == [h, w])
 
 
 def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, modes: Sequence[Mode], out: Path,
@@ -75,7 +93,7 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
     """Run every (video, mode) pass not yet in ``out`` and write results, summary and report.
 
     Videos are decoded once per video at ``fps`` (frames resized as the server's streams would, as they
-    are decoded) up to the last time any of its questions asks at. A missing or undecodable video is
+    are decoded, where that resize is idempotent: :class:`StreamGeometry`) up to the last time any of its questions asks at. A missing or undecodable video is
     logged and its questions skipped; the others go on."""
     from tqdm.auto import tqdm
 
@@ -102,7 +120,7 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
         try:
             first = load_video(path, fps=fps, max_frames=1)
             geo = stream_geometry(base_url, first.frames[0], model)
-            v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=geo.size)
+            v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=geo.decode_size)
         except VideoDecodeError as e:
             outcome.missing[video] = str(e)
             log(f"video {video!r} cannot be decoded ({e}): its {len(qs)} question(s) skipped")

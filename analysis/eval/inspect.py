@@ -52,14 +52,19 @@ def question_view(question: Question, videos_dir: Path, base_url: str, mode: Mod
     if path is None:
         raise FileNotFoundError(f"{question.video} is not under {videos_dir}")
     first = load_video(path, fps=fps, max_frames=1)
-    v = load_video(path, fps=fps, end=question.time + 1e-3, size=stream_geometry(base_url, first.frames[0]).size)
-    start = stream_start(question)
-    keep = v.timestamps >= start - 1e-6
+    geo = stream_geometry(base_url, first.frames[0])
+    v = load_video(path, fps=fps, end=question.time + 1e-3, size=geo.decode_size)
+    keep = v.timestamps >= stream_start(question) - 1e-6
     frames, times = v.frames[keep], v.timestamps[keep]
-    n = len(frames) // 2 * 2  # whole temporal steps: a lone last frame waits for its pair
+    n = len(frames) // geo.temporal_patch_size * geo.temporal_patch_size  # whole steps: a lone last frame waits
     if n == 0:
         raise ValueError(f"{question.qid}: no whole temporal step before {question.time:g} s")
-    tokens = tokens_from_frames(frames[:n], fps, times[:n], max_pixels=frames.shape[1] * frames.shape[2])
+    h, w = geo.size
+    if frames.shape[1:3] != (h, w):  # resized on arrival, as the stream does
+        from PIL import Image
+
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames[:n]])
+    tokens = tokens_from_frames(frames[:n], fps, times[:n], max_pixels=h * w)
     if mode.name == "full":
         mask = torch.ones(tokens.grid, dtype=torch.bool)
     else:

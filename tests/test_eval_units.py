@@ -16,6 +16,7 @@ from analysis.eval.evaluate import resolve_video
 from analysis.eval.formats import Probe, Question, load_questions, option_texts, parse_clock
 from analysis.eval.results import Store, headline, summarize
 from analysis.eval.runner import Mode, Pass, TimeTravel, modes_grid, uniform_indices
+from vllm_plugin.client import StreamHTTPError
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 
@@ -162,8 +163,11 @@ class RecordingStream:
         self.times: list[float] = []
         self.asked: list[tuple[float, str]] = []
         self.answer, self.lie = answer, lie_about_time
+        self.full_after = float("inf")
 
     def push(self, frames, timestamps):
+        if self.times and timestamps[-1] > self.full_after:
+            raise StreamHTTPError(409, "stream is full")
         assert len(frames) == len(timestamps) and all(b > a for a, b in zip([-1.0, *self.times], timestamps))
         self.times += list(timestamps)
 
@@ -187,11 +191,12 @@ class RecordingStream:
         pass
 
 
-def _run(monkeypatch, questions, answer, mode=Mode("full"), lie=0.0, n=30):
+def _run(monkeypatch, questions, answer, mode=Mode("full"), lie=0.0, n=30, full_after=float("inf")):
     made = []
 
     def fake_open(base_url, model=None, fps=None, **settings):
         made.append(RecordingStream(answer, lie))
+        made[-1].full_after = full_after
         made[-1].fps, made[-1].settings = fps, settings
         return made[-1]
 
@@ -229,6 +234,15 @@ def test_a_server_holding_later_frames_fails_the_run(monkeypatch):
     mc = [Question("m", "streamingbench", "v.mp4", "t", "mc", 5.0, "?", options=("a", "b"), answer="A")]
     with pytest.raises(TimeTravel, match="held a frame at 5.500 s of the video when asked at 5.000 s"):
         _run(monkeypatch, mc, lambda p, now: "A", lie=0.5)
+
+
+def test_frames_the_server_refuses_make_that_streams_later_asks_errors_not_a_crash(monkeypatch):
+    mc = [Question(f"m{t}", "streamingbench", "v.mp4", "t", "mc", float(t), "?", options=("a", "b"), answer="A") for t in (5, 20, 25)]
+    rows, _, _ = _run(monkeypatch, mc, lambda p, now: "A", full_after=10.0)
+    by = {r["qid"]: r for r in rows}
+    assert by["m5"]["correct"] and by["m5"]["errors"] == 0
+    for q in ("m20", "m25"):
+        assert by[q]["errors"] == 1 and not by[q]["correct"] and "frames refused: HTTP 409: stream is full" in by[q]["error"]
 
 
 def test_a_uniform_pass_sends_its_budgets_frames_at_the_lower_rate(monkeypatch):
@@ -271,3 +285,29 @@ def test_why_frames_are_not_always_resized_ahead():
     assert once == (336, 588) and g.target_size(*once) != once
     assert Geometry().target_size(*Geometry().target_size(360, 640)) == Geometry().target_size(360, 640)
     assert StreamGeometry(once, 252, 2, False).decode_size is None and StreamGeometry(once, 252, 2, True).decode_size == once
+
+
+def test_a_results_folder_refuses_a_run_with_other_settings(tmp_path):
+    store = Store(tmp_path)
+    store.check_settings({"benchmarks": ["ovobench"], "fps": 1.0, "model": "m"})
+    store.check_settings({"benchmarks": ["ovobench"], "fps": 1.0, "model": "m"})  # the same run resumes
+    with pytest.raises(ValueError, match=r"other settings \(fps: 1.0 there, 2.0 now\)"):
+        Store(tmp_path).check_settings({"benchmarks": ["ovobench"], "fps": 2.0, "model": "m"})
+
+
+def test_the_command_line_says_what_is_wrong_before_asking_anything(tmp_path, capsys):
+    from analysis.cli.eval_stream import main
+    from analysis.harness.server import free_port
+
+    base = ["--format", "ovobench", "--data", str(FIXTURES / "ovo_bench.json"), "--videos", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main(base + ["--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    assert "no vLLM server answers at" in capsys.readouterr().err
+    for bad, says in ((["--modes", "fast"], "modes must be among"), (["--criterion", "pixel", "--thresholds", "2"], "must be in [0.0, 1.0]"),
+                      (["--metric", "l2"], "--metric"), (["--fps", "0"], "--fps must be > 0")):
+        with pytest.raises(SystemExit):
+            main(base + ["--url", "http://x"] + bad)
+        assert says in capsys.readouterr().err
+    (tmp_path / "notjson.json").write_text("[")
+    assert main(["--format", "streamingbench", "--data", str(tmp_path / "notjson.json"), "--videos", str(tmp_path),
+                 "--url", "http://x", "--out", str(tmp_path / "o")]) == 2
+    assert "not a readable JSON file" in capsys.readouterr().err

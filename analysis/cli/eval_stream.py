@@ -93,8 +93,19 @@ def main(argv=None) -> int:
     if not questions:
         print("error: no question to ask", file=sys.stderr)
         return 2
+    from analysis.harness.server import ServerError, answers, check_streams
+
     server = None
     url = args.url
+    if url is not None:
+        if not answers(url):
+            print(f"error: no vLLM server answers at {url} (start one, or give --model PATH)", file=sys.stderr)
+            return 2
+        try:
+            check_streams(url)
+        except ServerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.model is not None:
         from analysis.harness.server import VLLMServer, gpu_available
 
@@ -106,6 +117,9 @@ def main(argv=None) -> int:
     try:
         out = evaluate(questions, args.videos, url, args.mode_list, args.out, fps=args.fps, model=args.served_model,
                        progress=not args.quiet)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if server is not None:
             server.stop()

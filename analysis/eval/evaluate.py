@@ -16,7 +16,7 @@ from analysis.eval.formats import Question
 from analysis.eval.results import Store, save, write_eval_report
 from analysis.eval.runner import Mode, run_pass
 from analysis.lib.video import load_video
-from vllm_plugin.client import open_stream
+from vllm_plugin.client import StreamHTTPError, open_stream
 from vllm_plugin.media import VideoDecodeError
 
 
@@ -87,10 +87,20 @@ def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = Non
     return StreamGeometry((h, w), int(st["tokens_per_step"]), int(st["temporal_patch_size"]), list(again) == [h, w])
 
 
+def served_model(base_url: str, model: Optional[str] = None) -> str:
+    """The model the run asks: ``model``, else the server's first (``/v1/models``)."""
+    if model:
+        return model
+    import requests
+
+    return requests.get(base_url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+
 def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, modes: Sequence[Mode], out: Path,
              fps: float = 1.0, model: Optional[str] = None, progress: bool = True,
              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Outcome:
-    """Run every (video, mode) pass not yet in ``out`` and write results, summary and report.
+    """Run every (video, mode) pass not yet in ``out`` and write results, summary and report. ``out``
+    holding a run of another model, frame rate or benchmark is refused (``ValueError``).
 
     Videos are decoded once per video at ``fps`` (frames resized as the server's streams would, as they
     are decoded, where that resize is idempotent: :class:`StreamGeometry`) up to the last time any of its questions asks at. A missing or undecodable video is
@@ -98,6 +108,8 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
     from tqdm.auto import tqdm
 
     store = Store(out)
+    store.check_settings({"benchmarks": sorted({q.benchmark for q in questions}), "fps": float(fps),
+                          "model": served_model(base_url, model)})
     done, passes = store.done(), store.passes()
     by_video: dict[str, list[Question]] = {}
     for q in questions:
@@ -121,7 +133,7 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
             first = load_video(path, fps=fps, max_frames=1)
             geo = stream_geometry(base_url, first.frames[0], model)
             v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=geo.decode_size)
-        except VideoDecodeError as e:
+        except (VideoDecodeError, StreamHTTPError) as e:  # unreadable, or frames the server refuses
             outcome.missing[video] = str(e)
             log(f"video {video!r} cannot be decoded ({e}): its {len(qs)} question(s) skipped")
             bar.update(len(need))

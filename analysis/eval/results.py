@@ -42,6 +42,20 @@ class Store:
                 continue
         return out
 
+    def check_settings(self, settings: dict) -> None:
+        """Record what the results were measured with (``run.json``) or, when the directory holds a
+        run already, refuse different settings: its rows would be mixed with the new ones."""
+        path = self.out / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            if diff:
+                raise ValueError(f"{self.out} holds a run with other settings ("
+                                 + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                                 + "): give another --out, or remove it")
+        else:
+            path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+
     def rows(self) -> list[dict]:
         """Every row, the latest per (question, mode)."""
         latest = {(r["qid"], r["mode_key"]): r for r in self._read(self.rows_path)}

@@ -158,15 +158,21 @@ def _play(stream: StreamClient, frames: np.ndarray, times: np.ndarray, full_time
     replies: list[list[Reply]] = [[] for _ in questions]
     done = [False] * len(questions)
     sent = 0
+    refused: Optional[str] = None  # the server refused frames: later asks of this stream are errors too
     tokens_per_step, tps = step
 
     def ask_now(q: Question, ask: Ask, t: float) -> Reply:
-        nonlocal sent
+        nonlocal sent, refused
         upto = int(np.searchsorted(times, t + 1e-6, side="right"))  # frames stamped at or before the ask
-        while sent < upto:
+        while sent < upto and refused is None:
             batch = slice(sent, min(upto, sent + PUSH_BATCH))
-            stream.push(frames[batch], times[batch].tolist())
+            try:
+                stream.push(frames[batch], times[batch].tolist())
+            except StreamHTTPError as e:  # e.g. 409 stream full: the video is longer than the server's stream limits
+                refused = f"frames refused: {e}"
             sent = batch.stop
+        if refused is not None:
+            return Reply(time=t + start, text="", role=ask.role, index=ask.index, error=refused)
         if sent:
             stream.wait_prefilled()  # a live stream's frames are in the KV cache before a question comes
         t0 = time.perf_counter()

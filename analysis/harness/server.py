@@ -168,11 +168,9 @@ class NotebookServer:
     def __init__(self, url: str, media_dirs: Sequence[str | os.PathLike] = ()):
         self.requested = url.rstrip("/")
         self.embedded: Optional[VLLMServer] = None
-        if _answers(self.requested):
+        if answers(self.requested):
             self.url = self.requested
-            if not _has_streams(self.url):
-                raise ServerError(f"the server at {self.url} answers but has no /v1/streams routes: start it with "
-                                  "python -m vllm_plugin.serve --dtd-streams (or VLLM_PLUGINS=dtd,dtd_streams)")
+            check_streams(self.url)
             return
         import atexit
 
@@ -203,15 +201,20 @@ class NotebookServer:
             self.embedded.stop()
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """A vLLM server answers ``/health`` at ``url``."""
     try:
-        return requests.get(url + "/health", timeout=3).status_code == 200
+        return requests.get(url.rstrip("/") + "/health", timeout=3).status_code == 200
     except requests.RequestException:
         return False
 
 
-def _has_streams(url: str) -> bool:
+def check_streams(url: str) -> None:
+    """Raise :class:`ServerError` unless the server at ``url`` has the DTD stream routes."""
     try:
-        return "/v1/streams" in requests.get(url + "/openapi.json", timeout=10).json().get("paths", {})
+        ok = "/v1/streams" in requests.get(url.rstrip("/") + "/openapi.json", timeout=10).json().get("paths", {})
     except (requests.RequestException, ValueError):
-        return False
+        ok = False
+    if not ok:
+        raise ServerError(f"the server at {url} has no /v1/streams routes: start it with python -m vllm_plugin.serve "
+                          "--dtd-streams (or VLLM_PLUGINS=dtd,dtd_streams)")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from analysis.eval.evaluate import evaluate
 from analysis.eval.formats import FORMATS, load_questions
-from analysis.eval.results import headline, summarize
+from analysis.eval.results import headline, ovo_scores, summarize
 from analysis.eval.runner import MODES, modes_grid
 from analysis.lib.workbench import parse_range
 from vllm_plugin.core import CRITERIA, METRICS
@@ -131,6 +131,9 @@ def main(argv=None) -> int:
             print(f"mode={r['mode_key']} questions={r['questions']} accuracy={r['accuracy']:.4f} "
                   f"unparsed={r['unparsed']} errors={r['errors']} drop_ratio={r['drop_ratio']:.4f} "
                   f"prompt_tokens={r['prompt_tokens']:.0f} ttft_s={r['ttft_s']:.3f}")
+        for r in ovo_scores(df).to_dict("records"):
+            print(f"mode={r['mode_key']} ovobench " + " ".join(f"{k}={r[k]:.4f}" for k in ("backward", "realtime", "forward", "total")
+                                                           if r[k] == r[k]))
     print(headline(df))
     return 0
 

@@ -15,6 +15,7 @@ A malformed entry does not stop the others: :func:`load_questions` returns it as
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,19 +100,19 @@ def parse_clock(value: str) -> float:
     return h * 3600 + mnt * 60 + s
 
 
-_OPTION_PREFIX = re.compile(r"^\s*\(?([A-J])\s*[.):]\s*")
-
-
 def option_texts(options: list[str]) -> tuple[str, ...]:
-    """Options without their letters: ``["A. red", "B. blue"]`` and ``["red", "blue"]`` both give
-    ``("red", "blue")``. Letters, when given, must run A, B, C, ... in order."""
-    found = [_OPTION_PREFIX.match(o) for o in options]
-    if all(found):
-        letters = "".join(m.group(1) for m in found)
-        if letters != LETTERS[: len(options)]:
-            raise ValueError(f"option letters {letters!r} do not run {LETTERS[:len(options)]!r}")
-        return tuple(o[m.end():].strip() for o, m in zip(options, found))
-    return tuple(o.strip() for o in options)
+    """Options without their own letters: option i loses a leading ``"<letter i>."``, ``"<letter i>)"``
+    or ``"(<letter i>)"`` (``["A. red", "B.blue"]`` → ``("red", "blue")``); anything else stays as
+    written (the benchmarks' files hold a few options lettered out of place: they are shown as
+    the benchmark's own prompt shows them, lettered again)."""
+    out = []
+    for i, o in enumerate(options):
+        m = re.match(rf"^\s*(?:\({LETTERS[i]}\)|{LETTERS[i]}[.)])\s*", o) if i < len(LETTERS) else None
+        out.append(o[m.end():].strip() if m else o.strip())
+    return tuple(out)
+
+
+SB_SHOWN_OPTIONS = 4  # StreamingBench's prompt has four option slots: later options are never shown
 
 
 class _Entry(BaseModel):
@@ -148,12 +149,12 @@ class SBQuestion(_Entry):
         else:
             if not self.options or len(self.options) < 2:
                 raise ValueError("a multiple-choice item needs at least two options")
-            if len(self.options) > len(LETTERS):
-                raise ValueError(f"at most {len(LETTERS)} options")
-            texts = option_texts(self.options)
+            shown = min(len(self.options), SB_SHOWN_OPTIONS)
             letter = (self.answer or "").strip().strip("().").upper()
-            if len(letter) != 1 or letter not in LETTERS[: len(texts)]:
-                raise ValueError(f"answer {self.answer!r} is not one of the option letters {LETTERS[:len(texts)]}")
+            if len(letter) != 1 or letter not in LETTERS[:shown]:
+                raise ValueError(f"answer {self.answer!r} is not one of the option letters {LETTERS[:shown]}"
+                                 + (f" (StreamingBench's prompt shows the first {SB_SHOWN_OPTIONS} options)"
+                                    if len(self.options) > SB_SHOWN_OPTIONS else ""))
         return self
 
 
@@ -169,7 +170,7 @@ class OVOItem(_Entry):
     question: Optional[str] = None
     options: Optional[list[str]] = None
     gt: Optional[int] = None
-    realtime: Optional[float] = Field(None, ge=0)
+    realtime: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
     test_info: Optional[list[dict[str, Any]]] = None
     activity: Optional[str] = None
     answer: Optional[str] = None
@@ -180,14 +181,17 @@ class OVOItem(_Entry):
             if not self.test_info:
                 raise ValueError(f"a forward task ({self.task}) needs test_info probes")
             for i, p in enumerate(self.test_info):
-                if not isinstance(p.get("realtime"), (int, float)) or isinstance(p.get("realtime"), bool) or p["realtime"] < 0:
-                    raise ValueError(f"test_info[{i}] needs a realtime in seconds, got {p.get('realtime')!r}")
-                need = {"REC": "count", "SSR": "type", "CRR": "type"}[self.task]
-                if need not in p:
-                    raise ValueError(f"test_info[{i}] of {self.task} needs {need!r}")
+                t = p.get("realtime")
+                if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+                    raise ValueError(f"test_info[{i}] needs a realtime in seconds, got {t!r}")
+                for need in {"REC": ("count",), "SSR": ("type", "step"), "CRR": ("type",)}[self.task]:
+                    if need not in p:
+                        raise ValueError(f"test_info[{i}] of {self.task} needs {need!r}")
+                if "type" in p and p["type"] not in (0, 1):
+                    raise ValueError(f"test_info[{i}]: type must be 0 or 1, got {p['type']!r}")
             if self.task == "REC" and not self.activity:
                 raise ValueError("REC needs the activity it counts")
-            if self.task in ("SSR", "CRR") and self.task == "CRR" and not self.question:
+            if self.task == "CRR" and not self.question:
                 raise ValueError("CRR needs its question")
         else:
             if self.question is None or not self.options or len(self.options) < 2 or self.gt is None or self.realtime is None:
@@ -212,6 +216,10 @@ def _streamingbench(data: Any, name: str) -> tuple[list[Question], list[FormatIs
         return [], [FormatIssue(name, "a StreamingBench file is a JSON list of videos")]
     out, issues = [], []
     for vi, raw in enumerate(data):
+        if isinstance(raw, list):
+            issues.append(FormatIssue(f"{name}: entry {vi}", "a list of videos inside the list (StreamingBench's "
+                                      "sequential-QA file) is not supported: its questions build on earlier answers"))
+            continue
         try:
             v = SBVideo.model_validate(raw)
         except ValidationError as e:
@@ -230,7 +238,7 @@ def _streamingbench(data: Any, name: str) -> tuple[list[Question], list[FormatIs
                                     q.question, answer=q.ground_truth_output, gt_time=parse_clock(q.ground_truth_time_stamp)))
             else:
                 out.append(Question(qid, "streamingbench", v.video_path, q.task_type, "mc", parse_clock(q.time_stamp), q.question,
-                                    options=option_texts(q.options), answer=q.answer.strip().strip("().").upper()))
+                                    options=option_texts(q.options[:SB_SHOWN_OPTIONS]), answer=q.answer.strip().strip("().").upper()))
     return out, issues
 
 
@@ -245,22 +253,25 @@ def _ovobench(data: Any, name: str) -> tuple[list[Question], list[FormatIssue]]:
         except (ValidationError, ValueError) as e:
             issues.append(_issue(where, e))
             continue
-        qid = f"ovo/{it.task}/{it.id}"
-        if it.task in OVO_FORWARD:
-            probes = []
-            for p in it.test_info:
-                if it.task == "REC":
-                    probes.append(Probe(float(p["realtime"]), str(p["count"])))
-                else:
-                    probes.append(Probe(float(p["realtime"]), "Yes" if int(p["type"]) == 1 else "No", str(p.get("step", ""))))
-            probes.sort(key=lambda p: p.time)
-            out.append(Question(qid, "ovobench", it.video, it.task, "forward", probes[0].time, it.question or "",
-                                answer="", probes=tuple(probes), extra={"activity": it.activity or ""}))
-        else:
-            opts = option_texts(it.options)
-            out.append(Question(qid, "ovobench", it.video, it.task, "mc", float(it.realtime), it.question, options=opts,
-                                answer=LETTERS[it.gt]))
+        try:
+            out.append(_ovo_question(it))
+        except (ValueError, TypeError, KeyError) as e:
+            issues.append(FormatIssue(where, str(e)))
     return out, issues
+
+
+def _ovo_question(it: "OVOItem") -> Question:
+    qid = f"ovo/{it.task}/{it.id}"
+    if it.task not in OVO_FORWARD:
+        return Question(qid, "ovobench", it.video, it.task, "mc", float(it.realtime), it.question,
+                        options=option_texts(it.options), answer=LETTERS[it.gt])
+    if it.task == "REC":
+        probes = [Probe(float(p["realtime"]), str(p["count"])) for p in it.test_info]
+    else:
+        probes = [Probe(float(p["realtime"]), "Yes" if p["type"] == 1 else "No", str(p.get("step", ""))) for p in it.test_info]
+    probes.sort(key=lambda p: p.time)
+    return Question(qid, "ovobench", it.video, it.task, "forward", probes[0].time, it.question or "",
+                    probes=tuple(probes), extra={"activity": it.activity or ""})
 
 
 def load_questions(path: str | Path, fmt: Literal["streamingbench", "ovobench"]) -> tuple[list[Question], list[FormatIssue]]:

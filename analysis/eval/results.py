@@ -96,6 +96,24 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("task",)) -> pd.DataFrame:
     return out.drop(columns=["points", "out_of"])
 
 
+def ovo_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """OVO-Bench's own aggregate per mode (its ``score.py``): accuracy per task (forward tasks per
+    probe), the mean of the tasks of each category (backward, realtime, forward), and ``total``: the
+    mean of the categories present."""
+    from analysis.eval.formats import OVO_BACKWARD, OVO_FORWARD, OVO_REALTIME
+
+    d = df[df["benchmark"] == "ovobench"] if not df.empty else df
+    if d.empty:
+        return pd.DataFrame(columns=["mode_key", "backward", "realtime", "forward", "total"])
+    task = summarize(d, by=("task",))
+    group = {**{t: "backward" for t in OVO_BACKWARD}, **{t: "realtime" for t in OVO_REALTIME}, **{t: "forward" for t in OVO_FORWARD}}
+    task["category"] = task["task"].map(group)
+    cat = task.groupby(["mode_key", "category"], sort=False)["accuracy"].mean().unstack("category")
+    out = cat.reindex(columns=["backward", "realtime", "forward"])
+    out["total"] = out.mean(axis=1, skipna=True)
+    return out.reset_index()
+
+
 def save(df: pd.DataFrame, out: Path) -> None:
     df.to_csv(out / "results.csv", index=False)
     df.to_parquet(out / "results.parquet", index=False)
@@ -109,9 +127,12 @@ def write_eval_report(df: pd.DataFrame, out: Path, title: str = "Accuracy vs dro
 
     overall = summarize(df, by=())
     per_task = summarize(df, by=("benchmark", "task"))
-    table = per_task.to_html(index=False, float_format=lambda x: f"{x:.4g}")
-    return write_report(out / "report.html", [accuracy_figure(overall), task_accuracy_figure(per_task)], title,
-                        "<h2>Per task</h2>" + table)
+    fmt = lambda x: f"{x:.4g}"
+    extra = "<h2>Per task</h2>" + per_task.to_html(index=False, float_format=fmt)
+    ovo = ovo_scores(df)
+    if not ovo.empty:
+        extra += "<h2>OVO-Bench aggregate (its score.py: category means of task means)</h2>" + ovo.to_html(index=False, float_format=fmt)
+    return write_report(out / "report.html", [accuracy_figure(overall), task_accuracy_figure(per_task)], title, extra)
 
 
 def headline(df: pd.DataFrame, mode_key: Optional[str] = None) -> str:

@@ -80,7 +80,9 @@ def test_clock_and_option_letters():
     ("B", "B"), ("(C)", "C"), ("**A**", "A"), ("D.", "D"), ("B) blue", "B"), ("C. Green.", "C"), ("A: red", "A"),
     ("The best option is B.", "B"), ("Answer: (D)", "D"), ("I think option B is right", "B"), ("answer is c", None),
     ("Blue.", "B"), ("blue", "B"), ("A man walks", None), ("", None), ("E", None), ("None of them", None),
-    ("b", None), ("Because A", None),
+    ("b", None), ("Because A", None), ("B\nThe airplane is flying.", "B"), ("B is the correct answer.", "B"),
+    ("B - An airplane", "B"), ("Answer: **C**", "C"), ("The answer is **C**.", "C"), ("B：blue", "B"),
+    ("The answer is A man walking", None), ("The option A is wrong; the answer is B.", "B"),
 ])
 def test_letters_are_read_robustly_and_anything_else_is_unparsed(reply, letter):
     assert parse_letter(reply, ("Red.", "Blue.", "Green.", "White.")) == letter
@@ -131,6 +133,7 @@ def test_scoring_of_each_kind():
     ssr = Question("s", "ovobench", "v", "SSR", "forward", 1.0, "", probes=(Probe(1.0, "Yes", "x"), Probe(2.0, "No", "x")))
     v = score(ssr, [Reply(1.0, "Yes.", role="probe", index=0), Reply(2.0, "Maybe", role="probe", index=1)])
     assert (v.score, v.points, v.parsed, v.prediction) == (0.5, 1.0, False, "Yes,?")
+    assert [cv.yes_no(r) for r in ("Y", "N", "Not yet", "yes", "Yes and No")] == ["Yes", "No", "No", None, None]  # OVO's reading
 
 
 def test_uniform_sampling_and_the_modes_of_a_run():
@@ -155,6 +158,7 @@ def test_videos_are_found_under_the_folder_and_never_outside_it(tmp_path):
     assert resolve_video(tmp_path, "../outside.mp4") is None
     assert resolve_video(tmp_path, str(tmp_path.parent / "outside.mp4")) is None
     assert resolve_video(tmp_path, "missing.mp4") is None
+    assert resolve_video(tmp_path, "x" * 300 + ".mp4") is None  # too long for the file system: not found
 
 
 class RecordingStream:
@@ -305,7 +309,7 @@ def test_the_command_line_says_what_is_wrong_before_asking_anything(tmp_path, ca
     assert main(base + ["--url", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "no vLLM server answers at" in capsys.readouterr().err
     for bad, says in ((["--modes", "fast"], "modes must be among"), (["--criterion", "pixel", "--thresholds", "2"], "must be in [0.0, 1.0]"),
-                      (["--metric", "l2"], "--metric"), (["--fps", "0"], "--fps must be > 0")):
+                      (["--metric", "l2"], "--metric"), (["--fps", "0"], "--fps must be in (0, 60]")):
         with pytest.raises(SystemExit):
             main(base + ["--url", "http://x"] + bad)
         assert says in capsys.readouterr().err

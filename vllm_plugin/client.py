@@ -92,9 +92,10 @@ class StreamClient:
                 "return_token_ids": return_token_ids, "ignore_eos": ignore_eos, "remember": remember}
         return _check(self.http.post(self.url + "/chat/completions", json=body, timeout=self.timeout))
 
-    def ask_stream(self, question: str, max_tokens: int = 64) -> Iterator[dict]:
+    def ask_stream(self, question: str, max_tokens: int = 64, remember: bool = True) -> Iterator[dict]:
         """Server-sent events: chunks with choices[0].delta.content, then a usage chunk."""
-        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True}
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True,
+                "remember": remember}
         with self.http.post(self.url + "/chat/completions", json=body, stream=True, timeout=self.timeout) as r:
             if r.status_code >= 400:
                 _check(r)

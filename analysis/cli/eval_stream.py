@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.mode_list = modes_grid(args.mode_names, args.criteria, metrics, thresholds)
     except ValueError as e:
         ap.error(str(e))
-    if not args.fps > 0:
-        ap.error("--fps must be > 0")
+    if not 0 < args.fps <= 60:
+        ap.error("--fps must be in (0, 60] (the stream routes' range)")
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be >= 1")
     if not args.videos.is_dir():
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             server.stop()
     df = out.results
     print(f"{out.ran} passes run, {out.skipped} already in {args.out}; {len(issues)} malformed entries, "
-          f"{len(out.missing)} videos missing; results.csv/.parquet, summary.csv" + (f", {out.report}" if out.report else ""))
+          f"{len(out.missing)} videos missing, {len(out.failed)} passes failed; results.csv/.parquet, summary.csv" + (f", {out.report}" if out.report else ""))
     if not df.empty:
         for r in summarize(df, by=()).to_dict("records"):
             print(f"mode={r['mode_key']} questions={r['questions']} accuracy={r['accuracy']:.4f} "

@@ -121,29 +121,30 @@ class Verdict:
 
 
 # --- reading replies ---------------------------------------------------------------------------------
-_ANSWER_IS = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*\(?\s*([A-J])\s*\)?(?![A-Za-z])", re.I)
-_LEADING = re.compile(r"^\s*[\(\[]?\s*([A-J])\s*(?:[\)\].:,]|$)")
-_ALONE = re.compile(r"^\s*\**\s*[\(\[]?([A-J])[\)\]]?\s*\**\s*[.!]?\s*$")
+_ANSWER_IS = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*\(?\s*([A-J])\s*\)?(?!\w)", re.I)
+_ARTICLE_USE = re.compile(r"\s+(?!(?:is|was|because|since|as|and|or)\b)[a-z]")  # "A man", not "A is"
+_LEADING = re.compile(r"^\s*[\(\[]?\s*([A-J])\s*(?:[\)\].:,：\-–]|\n|$|\s+(?:is|was)\b)")
 
 
 def parse_letter(reply: str, options: tuple[str, ...] | list[str]) -> Optional[str]:
-    """The option letter a reply chose, or None. Read, in order: a reply that is only a letter
-    (``"B"``, ``"(B)"``, ``"**B**"``); a leading ``"B."``/``"B)"``/``"(B)"``/``"B:"``; "answer/option
-    is B" anywhere; the reply being one option's text (case and end punctuation aside). Letters
-    outside the question's options do not count. A leading capital followed by a word (``"A man
-    walks"``) is not a letter."""
+    """The option letter a reply chose, or None. Read, in order (markdown ``*`` aside): a reply that
+    starts with a letter standing alone (``"B"``, ``"(B)"``, ``"B."``, ``"B)"``, ``"B:"``, ``"B - x"``,
+    ``"B\nwhy"``, ``"B is right"``); else the LAST "answer/option is B" (``"option A is wrong; the
+    answer is B"`` → B); else the reply being one option's text (case and end punctuation aside).
+    Letters outside the question's options do not count; a capital starting a phrase is no letter
+    (``"A man walks"``, ``"the answer is A man"``)."""
     valid = LETTERS[: len(options)]
-    text = (reply or "").strip()
-    for rx in (_ALONE, _LEADING):
-        m = rx.match(text)
-        if m and m.group(1).upper() in valid and not (m.group(1).islower()):
-            return m.group(1).upper()
-    for m in _ANSWER_IS.finditer(text):
-        if m.group(1).isupper() and m.group(1) in valid:
-            return m.group(1)
+    text = (reply or "").replace("*", "").strip()
+    m = _LEADING.match(text)
+    if m and m.group(1) in valid:
+        return m.group(1)
+    hits = [m.group(1) for m in _ANSWER_IS.finditer(text) if m.group(1).isupper() and m.group(1) in valid
+            and not (m.group(1) in "AI" and _ARTICLE_USE.match(text, m.end()))]
+    if hits:
+        return hits[-1]
     norm = lambda s: re.sub(r"[\s.!]+$", "", s.strip().lower())
-    hits = [LETTERS[i] for i, o in enumerate(options) if norm(o) and norm(o) == norm(text)]
-    return hits[0] if len(hits) == 1 else None
+    same = [LETTERS[i] for i, o in enumerate(options) if norm(o) and norm(o) == norm(text)]
+    return same[0] if len(same) == 1 else None
 
 
 def says_yes(reply: str) -> bool:
@@ -152,9 +153,12 @@ def says_yes(reply: str) -> bool:
 
 
 def yes_no(reply: str) -> Optional[str]:
-    """``"Yes"``/``"No"`` when the reply says exactly one of them (as a word), else None."""
-    words = set(re.findall(r"[a-z]+", (reply or "").lower()))
-    has_yes, has_no = "yes" in words, "no" in words
+    """OVO-Bench's SSR/CRR reading: ``"Yes"``/``"No"`` when that word (case as written) is in the
+    reply, or the reply is exactly ``"Y"``/``"N"``; None when neither or both are."""
+    text = (reply or "").strip()
+    if text in ("Y", "N"):
+        return "Yes" if text == "Y" else "No"
+    has_yes, has_no = "Yes" in text, "No" in text
     return "Yes" if has_yes and not has_no else "No" if has_no and not has_yes else None
 
 
@@ -234,7 +238,7 @@ def score(q: Question, replies: list[Reply]) -> Verdict:
         content = [r for r in replies if r.role == "content"]
         polls = [r for r in replies if r.role == "poll"]
         if not content:  # never said yes: StreamingBench's last time is the last poll, outside the window
-            return Verdict(0.0, all(yes_no(r.text) is not None for r in polls), "", None)
+            return Verdict(0.0, all(not r.error and "no" in r.text.lower() for r in polls), "", None)
         c = content[-1]
         on_time = abs(c.time - q.gt_time) <= SB_TIME_TOLERANCE_S
         right = on_time and not c.error and q.answer in c.text

@@ -3,6 +3,7 @@ and notebook 04 call :func:`evaluate`)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ from vllm_plugin.media import VideoDecodeError
 @dataclass
 class Outcome:
     """What :func:`evaluate` did: every row in the store, passes run now and skipped (done before),
-    videos it could not use (missing or undecodable: ``{video: reason}``)."""
+    videos it could not use (missing or undecodable: ``{video: reason}``), passes that failed."""
 
     results: pd.DataFrame
     ran: int = 0
     skipped: int = 0
     missing: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # passes the server refused: "{video} {mode}" -> why
     report: Optional[Path] = None
 
 
@@ -41,8 +43,11 @@ def resolve_video(videos_dir: Path, name: str) -> Optional[Path]:
     rel = Path(name)
     for p in (root / rel, root / rel.name):
         p = Path(os.path.normpath(p))
-        if p.is_relative_to(root) and p != root and p.is_file():
-            return p
+        try:
+            if p.is_relative_to(root) and p != root and p.is_file():
+                return p
+        except OSError:  # a name too long for the file system, ...
+            continue
     return None
 
 
@@ -87,6 +92,15 @@ def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = Non
     return StreamGeometry((h, w), int(st["tokens_per_step"]), int(st["temporal_patch_size"]), list(again) == [h, w])
 
 
+def questions_digest(questions: Sequence[Question]) -> str:
+    """A digest of the questions a run asks (ids, videos, times, prompts' content): rows of another
+    question file with the same ids are never taken for these."""
+    h = hashlib.sha256()
+    for q in questions:
+        h.update(repr((q.qid, q.video, q.task, q.kind, q.time, q.question, q.options, q.answer, q.gt_time, q.probes)).encode())
+    return h.hexdigest()[:16]
+
+
 def served_model(base_url: str, model: Optional[str] = None) -> str:
     """The model the run asks: ``model``, else the server's first (``/v1/models``)."""
     if model:
@@ -100,16 +114,18 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
              fps: float = 1.0, model: Optional[str] = None, progress: bool = True,
              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Outcome:
     """Run every (video, mode) pass not yet in ``out`` and write results, summary and report. ``out``
-    holding a run of another model, frame rate or benchmark is refused (``ValueError``).
+    holding a run of another model, frame rate or question set, or of other frame sizes, is refused
+    (``ValueError``).
 
     Videos are decoded once per video at ``fps`` (frames resized as the server's streams would, as they
-    are decoded, where that resize is idempotent: :class:`StreamGeometry`) up to the last time any of its questions asks at. A missing or undecodable video is
-    logged and its questions skipped; the others go on."""
+        are decoded, where that resize is idempotent: :class:`StreamGeometry`) up to the last time any of
+    its questions asks at. A missing or undecodable video is logged and its questions skipped; a pass
+    the server refuses is logged and left for a rerun; the others go on."""
     from tqdm.auto import tqdm
 
     store = Store(out)
     store.check_settings({"benchmarks": sorted({q.benchmark for q in questions}), "fps": float(fps),
-                          "model": served_model(base_url, model)})
+                          "model": served_model(base_url, model), "questions": questions_digest(questions)})
     done, passes = store.done(), store.passes()
     by_video: dict[str, list[Question]] = {}
     for q in questions:
@@ -118,7 +134,8 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
     todo = [(v, m) for v in by_video for m in modes]
     bar = tqdm(total=len(todo), desc="passes (video × mode)", disable=not progress, file=sys.stderr)
     for video, qs in by_video.items():
-        need = [m for m in modes if any((q.qid, m.key) not in done for q in qs)]
+        # a pass is done when its totals and all its rows are stored (totals are written first)
+        need = [m for m in modes if (video, m.key) not in passes or any((q.qid, m.key) not in done for q in qs)]
         outcome.skipped += len(modes) - len(need)
         bar.update(len(modes) - len(need))
         if not need:
@@ -132,16 +149,32 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
         try:
             first = load_video(path, fps=fps, max_frames=1)
             geo = stream_geometry(base_url, first.frames[0], model)
-            v = load_video(path, fps=fps, end=max(q.end_time for q in qs) + 1e-3, size=geo.decode_size)
+            before = {p.tokens_per_step for (vid, _), p in passes.items() if vid == video}
+            if before and before != {geo.tokens_per_step}:
+                raise ValueError(f"{out} holds passes of {video} at {sorted(before)} tokens per step; the server now gives "
+                                 f"{geo.tokens_per_step} (other size settings?): give another --out")
+            end = max(q.end_time for q in qs) + 1e-3
+            if not geo.resize_ahead:
+                held = min(end * fps, 1e9) * first.frames[0].nbytes
+                if held > 4e9:
+                    log(f"{video}: the server's resize is not idempotent (min_pixels = max_pixels?), so its frames are held as "
+                        f"decoded: ~{held / 1e9:.0f} GB; lower --fps or keep min_pixels below max_pixels if that is too much")
+            v = load_video(path, fps=fps, end=end, size=geo.decode_size)
         except (VideoDecodeError, StreamHTTPError) as e:  # unreadable, or frames the server refuses
             outcome.missing[video] = str(e)
-            log(f"video {video!r} cannot be decoded ({e}): its {len(qs)} question(s) skipped")
+            log(f"video {video!r} cannot be used ({e}): its {len(qs)} question(s) skipped")
             bar.update(len(need))
             continue
         for mode in need:
             budget = passes.get((video, mode.dtd_key)) if mode.name == "uniform" else None
-            rows, totals = run_pass(base_url, video, v.frames, v.timestamps, fps, qs, mode, geo.tokens_per_step,
-                                    geo.temporal_patch_size, budget=budget, model=model)
+            try:
+                rows, totals = run_pass(base_url, video, v.frames, v.timestamps, fps, qs, mode, geo.tokens_per_step,
+                                        geo.temporal_patch_size, budget=budget, model=model)
+            except StreamHTTPError as e:  # e.g. 429 too many open streams: not stored, a rerun retries it
+                outcome.failed[f"{video} {mode.key}"] = str(e)
+                log(f"pass {mode.key} on {video!r} failed ({e}); a rerun retries it")
+                bar.update(1)
+                continue
             store.add(rows, totals)
             passes[(video, mode.key)] = totals
             outcome.ran += 1

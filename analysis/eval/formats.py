@@ -86,7 +86,9 @@ class FormatIssue:
         return f"{self.where}: {self.message}"
 
 
-_TIME = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
+_TIME = re.compile(r"^(?:(\d{1,3}):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
+MAX_TIME_S = 24 * 3600.0  # a question or probe time beyond a day is an error in the file, not a video
+MAX_PROACTIVE_WINDOW_S = 600.0  # StreamingBench's windows span 0-44 s: polls once a second up to this
 
 
 def parse_clock(value: str) -> float:
@@ -97,7 +99,14 @@ def parse_clock(value: str) -> float:
     h, mnt, s = int(m.group(1) or 0), int(m.group(2)), float(m.group(3))
     if mnt >= 60 or s >= 60:
         raise ValueError(f"time {value!r} is not HH:MM:SS")
-    return h * 3600 + mnt * 60 + s
+    return check_time(h * 3600 + mnt * 60 + s, repr(value))
+
+
+def check_time(t: float, what: str = "time") -> float:
+    """A time in seconds a question may be asked at: finite, ≥ 0, within :data:`MAX_TIME_S`."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= MAX_TIME_S:
+        raise ValueError(f"{what} must be a time in seconds within [0, {MAX_TIME_S:.0f}], got {t!r}")
+    return float(t)
 
 
 def option_texts(options: list[str]) -> tuple[str, ...]:
@@ -144,8 +153,12 @@ class SBQuestion(_Entry):
         if self.proactive:
             if self.ground_truth_time_stamp is None or not self.ground_truth_output:
                 raise ValueError("a proactive-output item needs ground_truth_time_stamp and ground_truth_output")
-            if parse_clock(self.ground_truth_time_stamp) < parse_clock(self.time_stamp):
+            window = parse_clock(self.ground_truth_time_stamp) - parse_clock(self.time_stamp)
+            if window < 0:
                 raise ValueError("ground_truth_time_stamp is before time_stamp")
+            if window > MAX_PROACTIVE_WINDOW_S:
+                raise ValueError(f"ground_truth_time_stamp is {window:.0f} s after time_stamp: more than the "
+                                 f"{MAX_PROACTIVE_WINDOW_S:.0f} s of polls allowed")
         else:
             if not self.options or len(self.options) < 2:
                 raise ValueError("a multiple-choice item needs at least two options")
@@ -181,9 +194,7 @@ class OVOItem(_Entry):
             if not self.test_info:
                 raise ValueError(f"a forward task ({self.task}) needs test_info probes")
             for i, p in enumerate(self.test_info):
-                t = p.get("realtime")
-                if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-                    raise ValueError(f"test_info[{i}] needs a realtime in seconds, got {t!r}")
+                check_time(p.get("realtime"), f"test_info[{i}].realtime")
                 for need in {"REC": ("count",), "SSR": ("type", "step"), "CRR": ("type",)}[self.task]:
                     if need not in p:
                         raise ValueError(f"test_info[{i}] of {self.task} needs {need!r}")
@@ -196,6 +207,7 @@ class OVOItem(_Entry):
         else:
             if self.question is None or not self.options or len(self.options) < 2 or self.gt is None or self.realtime is None:
                 raise ValueError(f"a {self.task} item needs question, options (≥ 2), gt and realtime")
+            check_time(self.realtime, "realtime")
             if len(self.options) > len(LETTERS):
                 raise ValueError(f"at most {len(LETTERS)} options")
             if not 0 <= self.gt < len(self.options):
@@ -263,8 +275,9 @@ def _ovobench(data: Any, name: str) -> tuple[list[Question], list[FormatIssue]]:
 def _ovo_question(it: "OVOItem") -> Question:
     qid = f"ovo/{it.task}/{it.id}"
     if it.task not in OVO_FORWARD:
+        # options as given: OVO-Bench letters them all again (its build_prompt), even one written lettered
         return Question(qid, "ovobench", it.video, it.task, "mc", float(it.realtime), it.question,
-                        options=option_texts(it.options), answer=LETTERS[it.gt])
+                        options=tuple(o.strip() for o in it.options), answer=LETTERS[it.gt])
     if it.task == "REC":
         probes = [Probe(float(p["realtime"]), str(p["count"])) for p in it.test_info]
     else:

@@ -69,4 +69,36 @@ def question_view(question: Question, videos_dir: Path, base_url: str, mode: Mod
         mask = torch.ones(tokens.grid, dtype=torch.bool)
     else:
         mask = dtd_keep_mask(tokens.tokens(mode.criterion, model_path), mode.threshold, metric=mode.metric, reference=reference)
-    return QuestionView(question, mode, frames[:n], mask, [float(t) for t in times[:n:2]])
+    return QuestionView(question, mode, frames[:n], mask, [float(t) for t in times[:n:geo.temporal_patch_size]])
+
+
+def question_browser(questions, results, modes, videos_dir: Path, base_url: str, fps: float = 1.0):
+    """An ipywidgets app: pick a multiple-choice question that was asked and a full or DTD mode, see
+    the frames it saw with the dropped tokens shaded, the kept count against what the server sent, and
+    the reply (notebook 04)."""
+    import ipywidgets as W
+
+    asked = [q for q in questions if q.kind == "mc" and q.qid in set(results["qid"])]
+    shown = [m for m in modes if m.name != "uniform"]
+    if not asked or not shown:
+        return W.HTML("no multiple-choice question was asked in a full or DTD mode")
+    pick = W.Dropdown(options=[(f"{q.qid} @ {q.time:g}s: {q.question[:50]}", q.qid) for q in asked], description="question")
+    mode = W.Dropdown(options=[m.key for m in shown], value=next((m.key for m in shown if m.name == "dtd"), shown[0].key),
+                      description="mode")
+    out = W.Output()
+
+    def show(_=None):
+        q = next(q for q in asked if q.qid == pick.value)
+        m = next(m for m in shown if m.key == mode.value)
+        view = question_view(q, videos_dir, base_url, m, fps=fps)
+        row = results[(results["qid"] == q.qid) & (results["mode_key"] == m.key)].iloc[0]
+        out.clear_output(wait=True)
+        with out:
+            print(f"{q.qid}: kept {view.kept} of {view.mask.numel()} video tokens (served: {row['video_tokens']}); "
+                  f"answer {q.answer}, reply {row['reply']!r}")
+            view.figure().show()
+
+    pick.observe(show, names="value")
+    mode.observe(show, names="value")
+    show()
+    return W.VBox([W.HBox([pick, mode]), out])

@@ -68,10 +68,11 @@ class Store:
         return {(p["video"], p["mode"]): Pass(**p) for p in self._read(self.passes_path)}
 
     def add(self, rows: Iterable[dict], totals: Pass) -> None:
-        with open(self.rows_path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
+        """The pass's totals first, then its rows: a pass counts as done when both are there."""
         with open(self.passes_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(totals.__dict__) + "\n")
+        with open(self.rows_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, default=_json_default) + "\n" for r in rows)
 
 
 def _json_default(x):
@@ -82,17 +83,22 @@ def _json_default(x):
 
 def summarize(df: pd.DataFrame, by: Iterable[str] = ("task",)) -> pd.DataFrame:
     """Per mode (and ``by``): questions; accuracy as the benchmarks count it (right answers over
-    questions; OVO-Bench forward tasks: right probes over probes); questions with an unreadable reply
-    (``unparsed``, scored wrong); refused asks; mean drop ratio, prompt tokens, video tokens, TTFT."""
+    questions; OVO-Bench forward tasks: right probes over probes) over the questions the server
+    answered (a question with a refused ask, e.g. a prompt longer than the context, is left out, as
+    StreamingBench's count.py leaves out empty replies, and counted in ``errors``); questions with an
+    unreadable reply (``unparsed``, scored wrong); mean drop ratio, prompt tokens, video tokens, TTFT."""
     if df.empty:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     keys = ["mode_key", "mode", "criterion", "metric", "threshold", *by]
-    g = df.assign(unparsed=~df["parsed"].astype(bool)).groupby(keys, dropna=False, sort=False)
+    ok = df["errors"] == 0
+    df = df.assign(unparsed=~df["parsed"].astype(bool) & ok, points=df["points"].where(ok, 0.0),
+                   out_of=df["out_of"].where(ok, 0), errors=(~ok).astype(int))
+    g = df.groupby(keys, dropna=False, sort=False)
     out = g.agg(questions=("qid", "count"), points=("points", "sum"), out_of=("out_of", "sum"),
                 unparsed=("unparsed", "sum"), errors=("errors", "sum"), drop_ratio=("drop_ratio", "mean"),
                 prompt_tokens=("prompt_tokens", "mean"), video_tokens=("video_tokens", "mean"),
                 ttft_s=("ttft_s", "mean")).reset_index()
-    out.insert(out.columns.get_loc("points"), "accuracy", out["points"] / out["out_of"])
+    out.insert(out.columns.get_loc("points"), "accuracy", out["points"] / out["out_of"].where(out["out_of"] > 0))
     return out.drop(columns=["points", "out_of"])
 
 
@@ -143,7 +149,7 @@ def headline(df: pd.DataFrame, mode_key: Optional[str] = None) -> str:
     keys = list(dict.fromkeys(df["mode_key"]))
     if mode_key is None:
         mode_key = next((k for k in keys if k.startswith("dtd/")), keys[0])
-    d = df[df["mode_key"] == mode_key]
-    drop = d["drop_ratio"].mean()
-    return (f"questions={len(d)} accuracy={d['points'].sum() / d['out_of'].sum():.4f} "
+    s = summarize(df[df["mode_key"] == mode_key], by=()).iloc[0]
+    drop = s["drop_ratio"]
+    return (f"questions={s['questions']} accuracy={s['accuracy']:.4f} "
             f"drop_ratio={0.0 if math.isnan(drop) else drop:.4f}")

@@ -54,6 +54,16 @@ def gpu_available() -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerError(RuntimeError):
     pass
 
@@ -69,8 +79,12 @@ class VLLMServer:
         startup_timeout: float = 600.0,
         log_path: Optional[str | os.PathLike] = None,
         cpu_defaults: bool = True,
+        die_with_parent: bool = False,
     ):
+        """``die_with_parent``: the server gets SIGTERM when the process that started it dies, even
+        by SIGKILL (Linux ``PR_SET_PDEATHSIG``; a notebook kernel's embedded server)."""
         self.model = str(model)
+        self.die_with_parent = die_with_parent
         self.port = port or free_port()
         self.module = module
         self.args = [sys.executable, "-m", module, "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
@@ -115,7 +129,8 @@ class VLLMServer:
     def start(self) -> "VLLMServer":
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -179,11 +194,15 @@ class NotebookServer:
         args = ["--dtd-streams", "--block-size", "32"]
         for d in media_dirs:
             args += ["--allowed-local-media-path", str(Path(d).resolve())]
-        self.embedded = VLLMServer(ensure_tiny_model("test"), args, module="vllm_plugin.serve")
+        self.embedded = VLLMServer(ensure_tiny_model("test"), args, module="vllm_plugin.serve", die_with_parent=True)
         print(f"No server answered at {self.requested}; starting an embedded one on the tiny checkpoint "
               f"(about a minute; log: {self.embedded.log_path}) ...", flush=True)
-        self.embedded.start()
-        atexit.register(self.stop)
+        atexit.register(self.stop)  # before start: an interrupted start-up stops it too
+        try:
+            self.embedded.start()
+        except BaseException:
+            self.stop()
+            raise
         self.url = self.embedded.base_url
 
     def model(self) -> str:
@@ -201,6 +220,19 @@ class NotebookServer:
             self.embedded.stop()
 
 
+def notebook_server(url: str, media_dirs: Sequence[str | os.PathLike] = ()) -> NotebookServer:
+    """One :class:`NotebookServer` per process and URL: running a notebook's cell again reuses the
+    server it started instead of starting a second one."""
+    key = url.rstrip("/")
+    srv = _NOTEBOOK_SERVERS.get(key)
+    if srv is None or (srv.embedded is not None and not srv.embedded.alive()):
+        srv = _NOTEBOOK_SERVERS[key] = NotebookServer(url, media_dirs)
+    return srv
+
+
+_NOTEBOOK_SERVERS: dict[str, NotebookServer] = {}
+
+
 def answers(url: str) -> bool:
     """A vLLM server answers ``/health`` at ``url``."""
     try:
@@ -212,9 +244,13 @@ def answers(url: str) -> bool:
 def check_streams(url: str) -> None:
     """Raise :class:`ServerError` unless the server at ``url`` has the DTD stream routes."""
     try:
-        ok = "/v1/streams" in requests.get(url.rstrip("/") + "/openapi.json", timeout=10).json().get("paths", {})
+        spec = requests.get(url.rstrip("/") + "/openapi.json", timeout=10).json()
     except (requests.RequestException, ValueError):
-        ok = False
-    if not ok:
+        spec = {}
+    if "/v1/streams" not in spec.get("paths", {}):
         raise ServerError(f"the server at {url} has no /v1/streams routes: start it with python -m vllm_plugin.serve "
                           "--dtd-streams (or VLLM_PLUGINS=dtd,dtd_streams)")
+    chat = spec.get("components", {}).get("schemas", {}).get("StreamChatRequest", {}).get("properties", {})
+    if "remember" not in chat:
+        raise ServerError(f"the server at {url} runs an older plugin whose stream questions cannot leave no turn "
+                          "(remember: false): its questions would see each other; update the plugin on the server")

@@ -222,3 +222,9 @@ def test_a_forgotten_turn_leaves_its_videos_and_drops_its_words(tiny_model_path)
     assert "first?" not in text and "<|im_start|>assistant" not in text[: text.rindex("<|im_start|>assistant")]
     assert text.endswith("<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
                          "second?<|im_end|>\n<|im_start|>assistant\n")
+    # a remembered question after it keeps the forgotten turn's videos in its own turn
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    conv.commit(second, "second?", 2, [im_end], "", stop_ids=[im_end])
+    third = conv.next_turn("third?", videos=0)
+    assert third[: len(second)] == second and tok.decode(third).count("<|video_pad|>") == 2
+    assert "first?" not in tok.decode(third) and tok.decode(third).count("second?") == 1

@@ -125,6 +125,17 @@ def test_a_rerun_skips_what_is_done_and_runs_what_is_missing(sb_run):
     assert len(pd.read_parquet(out_dir / "results.parquet")) == len(SB_MODES) * 5
     other = eval_stream(*args, "--fps", "2", check=False)
     assert other.returncode == 2 and "holds a run with other settings (fps: 1.0 there, 2.0 now)" in other.stderr
+    # another file reusing the ids: a question whose time changed is not taken as done
+    data = json.loads((FIXTURES / "streamingbench.json").read_text())
+    data[0]["questions"][0]["time_stamp"] = "00:00:09"
+    changed = out_dir / "changed.json"
+    changed.write_text(json.dumps(data))
+    fourth = eval_stream(*[changed if a == FIXTURES / "streamingbench.json" else a for a in args])
+    assert "9 passes run, 18 already" in fourth.stdout  # that video's passes, every mode
+    df = pd.read_parquet(out_dir / "results.parquet")
+    assert set(df[df["qid"] == "sb/0/0"]["last_ask_time"]) == {9.0} and len(df) == len(SB_MODES) * 5
+    back = eval_stream(*args)  # and back: the original question is asked again (the later tests read its rows)
+    assert "9 passes run, 18 already" in back.stdout
 
 
 def test_the_question_view_shows_what_the_stream_served(sb_run, dtd_server, eval_videos):

@@ -3,7 +3,6 @@ and notebook 04 call :func:`evaluate`)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -92,13 +91,11 @@ def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = Non
     return StreamGeometry((h, w), int(st["tokens_per_step"]), int(st["temporal_patch_size"]), list(again) == [h, w])
 
 
-def questions_digest(questions: Sequence[Question]) -> str:
-    """A digest of the questions a run asks (ids, videos, times, prompts' content): rows of another
-    question file with the same ids are never taken for these."""
-    h = hashlib.sha256()
-    for q in questions:
-        h.update(repr((q.qid, q.video, q.task, q.kind, q.time, q.question, q.options, q.answer, q.gt_time, q.probes)).encode())
-    return h.hexdigest()[:16]
+def _signature(q_or_row) -> tuple:
+    """What identifies a question's rows beyond its id (another file can reuse ids like ``sb/0/0``)."""
+    if isinstance(q_or_row, Question):
+        return (q_or_row.video, q_or_row.task, float(q_or_row.time), q_or_row.answer)
+    return (q_or_row["video"], q_or_row["task"], float(q_or_row["question_time"]), q_or_row["answer"])
 
 
 def served_model(base_url: str, model: Optional[str] = None) -> str:
@@ -114,8 +111,8 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
              fps: float = 1.0, model: Optional[str] = None, progress: bool = True,
              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Outcome:
     """Run every (video, mode) pass not yet in ``out`` and write results, summary and report. ``out``
-    holding a run of another model, frame rate or question set, or of other frame sizes, is refused
-    (``ValueError``).
+    holding a run of another model or frame rate, or of other frame sizes, is refused (``ValueError``);
+    stored rows of another question file under the same ids are not taken for these questions.
 
     Videos are decoded once per video at ``fps`` (frames resized as the server's streams would, as they
         are decoded, where that resize is idempotent: :class:`StreamGeometry`) up to the last time any of
@@ -125,8 +122,11 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
 
     store = Store(out)
     store.check_settings({"benchmarks": sorted({q.benchmark for q in questions}), "fps": float(fps),
-                          "model": served_model(base_url, model), "questions": questions_digest(questions)})
-    done, passes = store.done(), store.passes()
+                          "model": served_model(base_url, model)})
+    sig = {q.qid: _signature(q) for q in questions}
+    # a stored row counts for a question only if it is that question (same video, task, time, answer)
+    mine = lambda r: sig.get(r["qid"]) == _signature(r)
+    done, passes = {(r["qid"], r["mode_key"]) for r in store.rows() if mine(r)}, store.passes()
     by_video: dict[str, list[Question]] = {}
     for q in questions:
         by_video.setdefault(q.video, []).append(q)
@@ -180,11 +180,8 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
             outcome.ran += 1
             bar.update(1)
     bar.close()
-    rows = store.rows()
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        keep = {q.qid for q in questions}
-        df = df[df["qid"].isin(keep) & df["mode_key"].isin({m.key for m in modes})].reset_index(drop=True)
+    keys = {m.key for m in modes}
+    df = pd.DataFrame([r for r in store.rows() if mine(r) and r["mode_key"] in keys])
     outcome.results = df
     if not df.empty:
         save(df, Path(out))

@@ -105,6 +105,16 @@ def _sample(container, stream, fps, start, end, max_frames, check=None) -> Itera
                 return
 
 
+def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3) RGB → (height, width, 3), bicubic (PIL): how a stream resizes its frames, and
+    how tools that must send the same pixels resize them ahead. A frame already at size is returned."""
+    from PIL import Image
+
+    if frame.shape[:2] == (height, width):
+        return np.ascontiguousarray(frame)
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+
+
 def decode_video(
     source: Source,
     fps: Optional[float] = 1.0,

@@ -15,9 +15,10 @@ import pandas as pd
 from analysis.eval.formats import Question
 from analysis.eval.results import Store, save, write_eval_report
 from analysis.eval.runner import Mode, run_pass
+from analysis.harness.server import served_model
 from analysis.lib.video import load_video
 from vllm_plugin.client import StreamHTTPError, open_stream
-from vllm_plugin.media import VideoDecodeError
+from vllm_plugin.media import VideoDecodeError, resize_frame
 
 
 @dataclass
@@ -82,11 +83,9 @@ def _held(base_url: str, frame: np.ndarray, model: Optional[str]) -> dict:
 def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = None) -> StreamGeometry:
     """Ask the server (two throwaway streams of one temporal step) how it holds a video whose frames
     are like ``frame``, and whether a frame resized to that size stays at it."""
-    from PIL import Image
-
     st = _held(base_url, frame, model)
     h, w = st["size"]
-    resized = np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
+    resized = resize_frame(frame, h, w)
     again = _held(base_url, resized, model)["size"] if (h, w) != frame.shape[:2] else [h, w]
     return StreamGeometry((h, w), int(st["tokens_per_step"]), int(st["temporal_patch_size"]), list(again) == [h, w])
 
@@ -96,15 +95,6 @@ def _signature(q_or_row) -> tuple:
     if isinstance(q_or_row, Question):
         return (q_or_row.video, q_or_row.task, float(q_or_row.time), q_or_row.answer)
     return (q_or_row["video"], q_or_row["task"], float(q_or_row["question_time"]), q_or_row["answer"])
-
-
-def served_model(base_url: str, model: Optional[str] = None) -> str:
-    """The model the run asks: ``model``, else the server's first (``/v1/models``)."""
-    if model:
-        return model
-    import requests
-
-    return requests.get(base_url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
 
 
 def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, modes: Sequence[Mode], out: Path,

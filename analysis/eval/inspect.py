@@ -15,6 +15,7 @@ from analysis.eval.formats import Question
 from analysis.eval.runner import Mode
 from analysis.lib.figures import overlay_figure
 from analysis.lib.video import load_video
+from vllm_plugin.media import resize_frame
 from analysis.lib.workbench import tokens_from_frames
 from vllm_plugin.core import dtd_keep_mask
 
@@ -61,9 +62,7 @@ def question_view(question: Question, videos_dir: Path, base_url: str, mode: Mod
         raise ValueError(f"{question.qid}: no whole temporal step before {question.time:g} s")
     h, w = geo.size
     if frames.shape[1:3] != (h, w):  # resized on arrival, as the stream does
-        from PIL import Image
-
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames[:n]])
+        frames = np.stack([resize_frame(f, h, w) for f in frames[:n]])
     tokens = tokens_from_frames(frames[:n], fps, times[:n], max_pixels=h * w)
     if mode.name == "full":
         mask = torch.ones(tokens.grid, dtype=torch.bool)

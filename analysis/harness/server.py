@@ -143,10 +143,7 @@ class VLLMServer:
         raise ServerError(f"vLLM server not healthy after {self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
-        try:
-            return requests.get(self.base_url + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
+        return answers(self.base_url)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.healthy()
@@ -206,7 +203,7 @@ class NotebookServer:
         self.url = self.embedded.base_url
 
     def model(self) -> str:
-        return requests.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        return served_model(self.url)
 
     def describe(self) -> str:
         if self.embedded is None:
@@ -231,6 +228,13 @@ def notebook_server(url: str, media_dirs: Sequence[str | os.PathLike] = ()) -> N
 
 
 _NOTEBOOK_SERVERS: dict[str, NotebookServer] = {}
+
+
+def served_model(base_url: str, model: Optional[str] = None) -> str:
+    """The model requests ask: ``model``, else the server's first (``/v1/models``)."""
+    if model:
+        return model
+    return requests.get(base_url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
 
 
 def answers(url: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.lib.paths import ASSETS, SAMPLE_VIDEO
-from vllm_plugin.media import VideoDecodeError, decode_video
+from vllm_plugin.media import VideoDecodeError, decode_video, resize_frame
 
 __all__ = ["ASSETS", "SAMPLE_VIDEO", "Video", "VideoDecodeError", "load_video", "write_video"]
 
@@ -41,12 +41,7 @@ def load_video(
     (:func:`vllm_plugin.media.decode_video`). ``fps=None`` keeps every frame. ``size``: (height,
     width) each frame is resized to as it is decoded (bicubic, as a stream resizes its frames).
     Raises :class:`VideoDecodeError` for unreadable input."""
-    fit = None
-    if size is not None:
-        from PIL import Image
-
-        h, w = size
-        fit = lambda f: f if f.shape[:2] == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC))
+    fit = None if size is None else (lambda f: resize_frame(f, *size))
     frames, times, source_fps, duration = decode_video(path, fps=fps, max_frames=max_frames, start=start, end=end, fit=fit)
     return Video(frames, times, float(fps) if fps is not None else source_fps, source_fps, duration, str(path))
 

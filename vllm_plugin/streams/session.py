@@ -45,6 +45,7 @@ import torch
 
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens, next_reference
 from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES
+from vllm_plugin.media import resize_frame
 
 logger = logging.getLogger("vllm.dtd_plugin")
 ENV_PREFIX = "DTD_STREAM_"  # limits from the environment: DTD_STREAM_<FIELD>
@@ -253,8 +254,6 @@ class Stream:
 
     def fit(self, frame: np.ndarray) -> np.ndarray:
         """One frame resized to the stream's size (set by its first frame)."""
-        from PIL import Image
-
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise StreamError(f"a frame must be uint8 (H, W, 3) RGB, got {frame.dtype} {frame.shape}")
@@ -262,10 +261,7 @@ class Stream:
             with self._size_lock:  # concurrent first appends agree on one size
                 if self.size is None:
                     self.size = self.geometry.target_size(*frame.shape[:2])
-        h, w = self.size
-        if frame.shape[:2] == (h, w):
-            return np.ascontiguousarray(frame)
-        return np.asarray(Image.fromarray(frame).resize((w, h), Image.BICUBIC))
+        return resize_frame(frame, *self.size)
 
     def add_frames(self, frames: list[np.ndarray], timestamps: Optional[list[float]] = None) -> dict:
         """Append frames (any size; resized to the stream's), analyze the new complete steps.

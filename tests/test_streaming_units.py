@@ -109,7 +109,7 @@ def test_server_default_last_kept_does_not_break_streams():
     from vllm_plugin.streams.routes import OpenStreamRequest
     from vllm_plugin.streams.service import StreamService
 
-    svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1})
+    svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1}, max_model_len=4096)
     settings = StreamService.settings(svc, OpenStreamRequest())
     assert settings.dtd.reference == "previous" and settings.dtd.threshold == 0.1
     with pytest.raises(StreamError, match="dtd_reference"):  # asked for explicitly: still a clear 400

@@ -138,8 +138,8 @@ class StreamClient:
 
 def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float] = None, **settings) -> StreamClient:
     """Open a stream. ``fps`` and ``settings`` (dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
-    dtd_criterion, prefill, event_level, standing_question, answer_max_tokens) left out take the
-    server's defaults."""
+    dtd_criterion, prefill, event_level, standing_question, answer_max_tokens; the memory policy:
+    context_tokens, memory_keep, max_keyframes, keep_turns) left out take the server's defaults."""
     http = requests.Session()
     body = {"model": model, **({"fps": fps} if fps is not None else {}), **settings}
     info = _check(http.post(base_url.rstrip("/") + "/v1/streams", json=body, timeout=60))

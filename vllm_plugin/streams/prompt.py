@@ -94,3 +94,24 @@ class ChatPrompt:
         and answer are dropped, its ``videos`` placeholders stay in the open user turn, as after an
         eager prefill, so the next question's prompt starts with this one's up to its last video."""
         self.open_videos = videos
+
+    def last_turns(self, k: int) -> list[tuple[str, str]]:
+        """The last ``k`` remembered turns as (question, answer) text."""
+        pairs = []
+        msgs = self.messages
+        for i in range(0, len(msgs) - 1, 2):
+            user, assistant = msgs[i], msgs[i + 1]
+            text = "".join(p.get("text", "") for p in user["content"] if p.get("type") == "text")
+            pairs.append((text, assistant["content"]))
+        return pairs[-k:] if k > 0 else []
+
+    def restart(self, turns: Sequence[tuple[str, str]], videos: int) -> None:
+        """Start over (a re-anchor): the conversation becomes ``turns`` as text-only turns, then an open
+        user turn whose first ``videos`` placeholders are the re-anchored video items (as after an
+        eager prefill: the next question adds the new chunk, if any, and its text)."""
+        self.messages = []
+        for question, answer in turns:
+            self.messages += [self.user_message(question, 0), {"role": "assistant", "content": answer}]
+        text = self.render(self.messages, add_generation_prompt=False) if self.messages else ""
+        self.ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        self.open_videos = videos

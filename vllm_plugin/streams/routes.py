@@ -31,6 +31,7 @@ from vllm.entrypoints.serve.utils.api_utils import load_aware_call, with_cancell
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.streams.forward import FORWARDED, StreamForwarder
 from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
+from vllm_plugin.streams.memory import CONTEXT_FRACTION
 from vllm_plugin.streams.service import StreamService
 from vllm_plugin.streams.session import Stream, StreamError, StreamSettings
 
@@ -52,6 +53,13 @@ class OpenStreamRequest(BaseModel):
     event_level: float = Field(_DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change")
     standing_question: Optional[str] = Field(None, description="asked automatically at every scene change")
     answer_max_tokens: int = Field(_DEFAULTS.answer_max_tokens, ge=1, le=4096)
+    context_tokens: Optional[int] = Field(None, description="the conversation's budget in tokens; reaching it re-anchors "
+                                          f"the stream (default: {CONTEXT_FRACTION:g} of the server's max model length)")
+    memory_keep: Optional[str] = Field(None, description="what a re-anchor keeps: 'recent' (the latest chunks) or "
+                                       f"'recent+keyframes' (plus scene-change steps); default {_DEFAULTS.memory.keep!r}")
+    max_keyframes: Optional[int] = Field(None, description=f"keyframes a re-anchor keeps at most (default {_DEFAULTS.memory.max_keyframes})")
+    keep_turns: Optional[int] = Field(None, description="past questions and answers a re-anchor keeps, as text "
+                                      f"(default {_DEFAULTS.memory.keep_turns})")
 
 
 class FrameIn(BaseModel):
@@ -188,6 +196,7 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
     async def run():
         svc = _service(request)
         stream = svc.manager.get(stream_id)
+        stream.admit_append()
         frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
         added = await asyncio.to_thread(stream.add_frames, frames, stamps)
         svc.after_append(stream)

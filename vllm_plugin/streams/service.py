@@ -24,6 +24,7 @@ from vllm_plugin.models import vision
 from vllm_plugin.streams import openai_format
 from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
 from vllm_plugin.streams.forward import Peers
+from vllm_plugin.streams.memory import MemoryPolicy, PolicyError
 from vllm_plugin.streams.prompt import ChatPrompt
 from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
 
@@ -133,10 +134,16 @@ class StreamService:
             defaults["dtd_reference"] = "previous"
         try:
             dtd = dtd_config_from_kwargs({**defaults, **mine})
-        except ValueError as e:
+            given = {"context_tokens": req.context_tokens, "keep": req.memory_keep, "max_keyframes": req.max_keyframes,
+                     "keep_turns": req.keep_turns}
+            memory = MemoryPolicy(**{k: v for k, v in given.items() if v is not None})
+        except (ValueError, PolicyError) as e:
             raise StreamError(str(e)) from None
+        if self.max_model_len and memory.context_tokens and memory.context_tokens > self.max_model_len:
+            raise StreamError(f"context_tokens {memory.context_tokens} is more than the model's context ({self.max_model_len})")
         return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level, prefill=req.prefill,
-                              standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens)
+                              standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens,
+                              memory=memory)
 
     def open(self, settings: StreamSettings) -> Stream:
         """Open a stream (feature criterion: call :meth:`encoder` first, off the event loop)."""
@@ -179,10 +186,61 @@ class StreamService:
             prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
         return prompt
 
+    def budget(self, stream: Stream) -> Optional[int]:
+        return stream.settings.memory.budget(self.max_model_len)
+
+    def incoming(self, stream: Stream) -> int:
+        """Tokens the steps not in a chunk yet would add to the conversation as its next item."""
+        steps = stream.uncut_steps()
+        if not len(steps):
+            return 0
+        tps = stream.geometry.temporal_patch_size
+        return stream.chunk_tokens(steps.start * tps, steps.stop * tps) + 2 + int(stream.step_overhead * len(steps))
+
+    def maybe_reanchor(self, stream: Stream, incoming: int) -> bool:
+        """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
+        conversation past its budget, or its video items to ``max_chunks``: the conversation starts
+        over from the memory policy's selection (:meth:`Stream.reanchor`) and the last ``keep_turns``
+        turns (:meth:`ChatPrompt.restart`); the next request prefills it (eagerly: the prefill task)."""
+        budget = self.budget(stream)
+        full = len(stream.chunks) + 1 >= stream.limits.max_chunks
+        if not stream.chunks or (not full and (budget is None or stream.context_tokens + incoming <= budget)):
+            return False
+        policy = stream.settings.memory
+        conversation = ChatPrompt(self.tokenizer, self.chat_template)
+        conversation.restart(stream.conversation.last_turns(policy.keep_turns), 0)
+        target = int(policy.anchor_fraction * (budget or self.max_model_len or 4096)) - len(conversation.ids) - 16
+        before, chunks_before = stream.context_tokens, len(stream.chunks)
+        anchor = stream.reanchor(max(1, target), step_overhead=stream.step_overhead)
+        conversation.open_videos = len(stream.chunks)
+        stream.conversation = conversation
+        stream.context_tokens = len(conversation.ids) + anchor.tokens + 16  # until the engine counts it
+        stream.add_event({"type": "reanchor", "time": stream.timestamps[stream.next_frame - 1], "reanchor": stream.reanchors,
+                          "context_tokens_before": before, "context_tokens_after": stream.context_tokens,
+                          "chunks_before": chunks_before, "chunk_ranges": [list(c) for c in stream.chunks],
+                          "keyframes": anchor.keyframes, "turns_kept": len(conversation.messages) // 2,
+                          "evicted_frames": stream.evicted_frames, "held_frames": stream.held_frames})
+        logger.info("DTD stream %s: re-anchored at %d tokens (budget %s): %d video items (%d keyframes), %d turns",
+                    stream.id, before, budget, len(stream.chunks), len(anchor.keyframes), len(conversation.messages) // 2)
+        return True
+
+    def counted(self, stream: Stream, prompt_ids: list[int], out, answer: int = 0) -> None:
+        """Record what the engine counted for a request of the conversation: its length
+        (``context_tokens``) and the prompt tokens per temporal step besides the kept ones."""
+        n = len(out.prompt_token_ids or [])
+        if not n:
+            return
+        stream.context_tokens = n + answer
+        tps = stream.geometry.temporal_patch_size
+        steps = sum((b - a) // tps for a, b in stream.chunks)
+        video = sum(stream.chunk_tokens(a, b) for a, b in stream.chunks)
+        if steps:
+            stream.step_overhead = max(0.0, (n - (len(prompt_ids) - len(stream.chunks)) - video) / steps)
+
     def after_append(self, stream: Stream) -> None:
         """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
         if (stream.settings.prefill != "eager" or stream.eager_stopped or stream.prefill_task is not None
-                or not stream.uncut_kept()):
+                or not stream.eager_due()):
             return
         task = asyncio.get_running_loop().create_task(self.prefill(stream))
         stream.prefill_task = task
@@ -201,10 +259,11 @@ class StreamService:
         try:
             while True:
                 async with stream.chat_lock:
-                    if stream.closed or stream.eager_stopped or not stream.uncut_kept():
+                    if stream.closed or stream.eager_stopped or not stream.eager_due():
                         return
                     chunk = None
                     try:
+                        self.maybe_reanchor(stream, self.incoming(stream))  # the re-anchored conversation is prefilled here
                         chunk = stream.cut_chunk()  # no await between the cut and the try: nothing orphans it
                         if chunk is None:
                             return
@@ -213,9 +272,12 @@ class StreamService:
                             raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
                         rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
                         params = SamplingParams(max_tokens=1, temperature=0.0)
-                        async for _ in self.engine.generate(self._prompt(stream, prompt_ids), params, rid,
-                                                            data_parallel_rank=self.dp_rank(stream)):
+                        last = None
+                        async for last in self.engine.generate(self._prompt(stream, prompt_ids), params, rid,
+                                                               data_parallel_rank=self.dp_rank(stream)):
                             pass
+                        if last is not None:
+                            self.counted(stream, prompt_ids, last)
                     except BaseException as e:
                         if chunk is not None:
                             stream.drop_last_chunk()  # its steps go with the next question
@@ -238,6 +300,8 @@ class StreamService:
         from vllm import SamplingParams
 
         async with stream.chat_lock:
+            question_tokens = len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
+            self.maybe_reanchor(stream, self.incoming(stream) + question_tokens + max_tokens)
             chunk = stream.cut_chunk()  # synchronous: a cancelled question cannot leave a cut chunk behind
             videos = stream.conversation.open_videos + (chunk is not None)
             try:
@@ -257,11 +321,13 @@ class StreamService:
                     stream.drop_last_chunk()
                 raise
             stream.questions += 1
+            o = last.outputs[0] if last is not None else None
+            ids = list(o.token_ids) if o is not None else []
+            if last is not None:
+                self.counted(stream, prompt_ids, last, answer=len(ids) + 2 if remember else 0)
             if not remember:
                 stream.conversation.forget(videos)
                 return
-            o = last.outputs[0] if last is not None else None
-            ids = list(o.token_ids) if o is not None else []
             # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
             # which vLLM keeps in token_ids); a stop string (str) is not in the ids
             stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)

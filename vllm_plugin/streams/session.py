@@ -26,6 +26,15 @@ change; chunked DTD equals DTD on the whole stream.
 
 The per-step kept fraction is the scene-change signal: when it rises to ``event_level`` or above
 (from below) the stream records an event, and may answer a standing question (proactive response).
+
+Streams of hours
+----------------
+A stream's conversation has a budget (:class:`vllm_plugin.streams.memory.MemoryPolicy`, declared at
+open). Before a request would take it past the budget, the stream re-anchors
+(:meth:`Stream.reanchor`): its video items become the policy's selection (keyframes, the latest
+chunks), and the frames, masks and kept encoder outputs nothing selected needs are freed. Memory
+then follows the policy, not the stream's age; the limits on what a client sends are per append
+(frames, bytes) and per second (appends), and on what a stream holds (frames, bytes).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -46,6 +56,7 @@ import torch
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens, next_reference
 from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES
 from vllm_plugin.media import resize_frame
+from vllm_plugin.streams.memory import Anchor, MemoryPolicy, select_anchor
 
 logger = logging.getLogger("vllm.dtd_plugin")
 ENV_PREFIX = "DTD_STREAM_"  # limits from the environment: DTD_STREAM_<FIELD>
@@ -79,12 +90,14 @@ class StreamError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_streams: int = 16
-    max_frames: int = 7200  # per stream (1 h at 2 fps)
+    max_frames: int = 7200  # held per stream (frames its memory policy freed do not count)
     max_bytes: int = 4 * 1024**3  # decoded frames kept per stream
     max_chunks: int = 1000  # video items per prompt (server's --limit-mm-per-prompt must allow it)
     idle_seconds: float = 600.0
     max_upload_bytes: int = 64 * 1024**2  # one append request
     max_frames_per_append: int = 256  # frames kept from one append (sampled at the stream's fps)
+    max_appends_per_second: float = 50.0  # per stream (429 beyond)
+    max_events: int = 1024  # events a stream keeps for GET /events (older ones go; indices stay)
     max_frame_pixels: int = 4096 * 4096  # one uploaded frame or video frame, checked before decoding
     max_decoded_pixels: int = 2**28  # all frames one video upload decodes to (sampled or not)
     max_total_bytes: int = 8 * 1024**3  # decoded frames held by all streams of this server
@@ -183,6 +196,10 @@ class StreamSettings:
     standing_question: Optional[str] = None
     answer_max_tokens: int = 64
     prefill: str = "eager"
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
+    # eager: a stretch of steps where DTD kept nothing becomes a chunk once it is this long, so its
+    # frames are freed by later re-anchors instead of waiting, held, for the next change
+    max_static_steps: int = 32
 
     def __post_init__(self):
         if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 60):
@@ -227,10 +244,21 @@ class Stream:
         self.kept_per_step: list[int] = []
         self.tokens_per_step = 0
         self.events: list[dict] = []
+        self._event_count = 0
         self._above = False
+        self.keyframe_steps: list[int] = []  # the first step and scene changes whose frames are still held
         # conversation
-        self.chunks: list[tuple[int, int]] = []  # frame ranges [start, end) of the video items
-        self._items: list[tuple[np.ndarray, dict]] = []
+        self.chunks: list[tuple[int, int]] = []  # frame ranges [start, end) of the video items, in prompt order
+        self.next_frame = 0  # the first frame not in a chunk yet
+        self._items: dict[tuple[int, int], tuple[np.ndarray, dict]] = {}  # built items, by frame range
+        self.key_ranges: set[tuple[int, int]] = set()  # chunks that are keyframes kept by a re-anchor
+        self.reanchors = 0
+        self.evicted_frames = 0
+        self.context_tokens = 0  # prompt + answer tokens of the conversation, as the engine last counted them
+        self.step_overhead = 0.0  # prompt tokens per temporal step besides its kept ones (time text), measured
+        self._appends: deque = deque()
+        self._appends_lock = threading.Lock()
+        self._bytes_lock = threading.Lock()
         self.conversation = None  # a vllm_plugin.streams.prompt.ChatPrompt, set by the service
         self.questions = 0
         self.frames_lock = threading.Lock()  # appends (held while their steps are analysed, or encoded)
@@ -252,6 +280,25 @@ class Stream:
     def steps(self) -> int:
         return len(self.frames) // self.geometry.temporal_patch_size
 
+    @property
+    def held_frames(self) -> int:
+        return len(self.frames) - self.evicted_frames
+
+    def _add_bytes(self, n: int) -> None:
+        with self._bytes_lock:
+            self.nbytes += n
+
+    def admit_append(self) -> None:
+        """The per-stream append rate (``max_appends_per_second``, over the last second): 429 beyond."""
+        now = time.monotonic()
+        with self._appends_lock:
+            while self._appends and now - self._appends[0] > 1.0:
+                self._appends.popleft()
+            if len(self._appends) >= self.limits.max_appends_per_second:
+                raise StreamError(f"at most {self.limits.max_appends_per_second:g} appends per second per stream: "
+                                  "send more frames per append", 429)
+            self._appends.append(now)
+
     def fit(self, frame: np.ndarray) -> np.ndarray:
         """One frame resized to the stream's size (set by its first frame)."""
         frame = np.asarray(frame)
@@ -272,8 +319,9 @@ class Stream:
         if len(frames) > self.limits.max_frames_per_append:
             raise StreamError(f"at most {self.limits.max_frames_per_append} frames per append", 413)
         with self.frames_lock:
-            if len(self.frames) + len(frames) > self.limits.max_frames:
-                raise StreamError(f"stream is full: at most {self.limits.max_frames} frames", 409)
+            if self.held_frames + len(frames) > self.limits.max_frames:
+                raise StreamError(f"stream is full: it holds {self.held_frames} frames and may hold {self.limits.max_frames} "
+                                  "(frames are freed when they are asked about, or prefilled, and the conversation re-anchors)", 409)
             resized = [self.fit(f) for f in frames]
             add_bytes = sum(f.nbytes for f in resized)
             if self.nbytes + add_bytes > self.limits.max_bytes:
@@ -297,7 +345,7 @@ class Stream:
                 raise
             self.frames.extend(resized)
             self.timestamps.extend(float(t) for t in timestamps)
-            self.nbytes += add_bytes
+            self._add_bytes(add_bytes)
             self.touch()
             done = len(self.kept_per_step)
             self._submitted = False
@@ -307,7 +355,7 @@ class Stream:
                 if self.feature and new_steps and not self._submitted:
                     self.encoder.release(new_steps)  # the queue releases what it was given
                 del self.frames[-len(resized):], self.timestamps[-len(resized):]
-                self.nbytes -= add_bytes
+                self._add_bytes(-add_bytes)
                 if self._bytes is not None:
                     self._bytes.release(add_bytes)
                 if isinstance(e, StreamError):
@@ -362,7 +410,7 @@ class Stream:
                 raise StreamError(f"stream is full: at most {self.limits.max_bytes} bytes of frames and kept encoder outputs", 409)
             if self._bytes is not None:
                 self._bytes.reserve(extra)
-            self.nbytes += extra
+            self._add_bytes(extra)
             self.step_embeds += embeds
             self.step_first += firsts
         self._ref_tokens = ref
@@ -372,89 +420,156 @@ class Stream:
         for i, kept in enumerate(mask.reshape(mask.shape[0], -1).sum(1).tolist()):
             step = done + i
             self.kept_per_step.append(int(kept))
+            if step == 0:
+                self.keyframe_steps.append(0)
             frac = kept / self.tokens_per_step
             if cfg.enabled and step >= 1 and frac >= self.settings.event_level and not self._above:
                 new_events.append({
                     "type": "scene_change", "step": step, "frame": step * tps,
                     "time": self.timestamps[step * tps], "kept_fraction": frac,
                 })
+                self.keyframe_steps.append(step)
             self._above = frac >= self.settings.event_level if step >= 1 else False
         return [self.add_event(e) for e in new_events]
 
     def add_event(self, event: dict) -> dict:
-        event = {"index": len(self.events), **event}
+        event = {"index": self._event_count, **event}
+        self._event_count += 1
         self.events.append(event)
+        if len(self.events) > self.limits.max_events:
+            del self.events[: len(self.events) - self.limits.max_events]
         return event
 
-    # -- questions ------------------------------------------------------------------------------
+    # -- questions ---------------------------------------------------------------------------------
     def cut_chunk(self) -> Optional[tuple[int, int]]:
         """Make the analysed temporal steps not yet in a chunk the next video item (None if there are none)."""
         with self.chunks_lock:
-            start = self.chunks[-1][1] if self.chunks else 0
+            start = self.next_frame
             end = len(self.kept_per_step) * self.geometry.temporal_patch_size
             if end <= start:
                 return None
             if len(self.chunks) >= self.limits.max_chunks:
                 raise StreamError(f"stream has {len(self.chunks)} video chunks, the most one prompt may hold", 409)
             self.chunks.append((start, end))
+            self.next_frame = end
             return start, end
+
+    def uncut_steps(self) -> range:
+        """The analysed temporal steps not in a chunk yet."""
+        return range(self.next_frame // self.geometry.temporal_patch_size, len(self.kept_per_step))
 
     def uncut_kept(self) -> int:
         """Kept tokens of the complete temporal steps not yet in a chunk (0 when none, or when DTD
         dropped all of theirs: an eager prefill then waits, so static stretches add no chunk)."""
-        start = (self.chunks[-1][1] if self.chunks else 0) // self.geometry.temporal_patch_size
-        return sum(self.kept_per_step[start:])
+        return sum(self.kept_per_step[self.next_frame // self.geometry.temporal_patch_size:])
+
+    def eager_due(self) -> bool:
+        """An eager prefill has something to do: new kept tokens, or a static stretch of
+        ``max_static_steps`` steps (cut so that its frames can be freed)."""
+        return bool(self.uncut_kept()) or len(self.uncut_steps()) >= self.settings.max_static_steps
+
+    def chunk_tokens(self, a: int, b: int) -> int:
+        """Video tokens the item of frames ``[a, b)`` holds (a chunk that keeps none serves one)."""
+        tps = self.geometry.temporal_patch_size
+        return max(1, sum(self.kept_per_step[a // tps:b // tps]))
+
+    def _build_item(self, a: int, b: int) -> tuple[np.ndarray, dict]:
+        tps = self.geometry.temporal_patch_size
+        frames = np.stack(self.frames[a:b])
+        # the stream keeps one copy of its pixels: its frames become views of the item
+        self.frames[a:b] = list(frames)
+        # frame indices in the stream, not in the chunk (vLLM's own step times, idx / fps, are
+        # then the stream's nominal ones; GIVEN_TIMES below carries the client's)
+        meta = {
+            "fps": float(self.settings.fps), "total_num_frames": b, "frames_indices": list(range(a, b)),
+            "duration": b / self.settings.fps, "video_backend": "dtd_stream",
+        }
+        mask = torch.stack(self.step_masks[a // tps : b // tps])
+        if self.feature:
+            rows = self.step_embeds[a // tps : b // tps]
+            embeds = torch.cat(rows)
+            # one copy: the steps' rows become views of the item's
+            self.step_embeds[a // tps : b // tps] = list(embeds.split([len(e) for e in rows]))
+            if not mask.any():  # nothing kept in the whole chunk: serve its first token
+                mask = mask.clone()
+                mask.view(-1)[0] = True
+                embeds = self.step_first[a // tps][None]
+            meta[GIVEN_EMBEDS] = embeds
+        meta[GIVEN_MASK] = mask.numpy()
+        # each step's time as the client stamped its frames (the mean of the step's frames,
+        # Qwen3-VL's rule): pauses and other rates than the stream's stay in the prompt
+        stamps = self.timestamps[a:b]
+        meta[GIVEN_TIMES] = [float(np.mean(stamps[i:i + tps])) for i in range(0, len(stamps), tps)]
+        return frames, meta
 
     def video_items(self) -> list[tuple[np.ndarray, dict]]:
         """All chunks as (frames, metadata) video items, byte-identical from question to question
-        (built once per chunk: chunks never change). The metadata carries the chunk's keep mask, bool
-        (T, H, W): the masks its steps got when they arrived."""
-        tps = self.geometry.temporal_patch_size
+        (built once per frame range: a range's content never changes). The metadata carries the
+        chunk's keep mask, bool (T, H, W): the masks its steps got when they arrived."""
         with self.chunks_lock:
-            for k in range(len(self._items), len(self.chunks)):
-                a, b = self.chunks[k]
-                frames = np.stack(self.frames[a:b])
-                # the stream keeps one copy of its pixels: its frames become views of the chunk
-                self.frames[a:b] = list(frames)
-                # frame indices in the stream, not in the chunk (vLLM's own step times, idx / fps, are
-                # then the stream's nominal ones; GIVEN_TIMES below carries the client's)
-                meta = {
-                    "fps": float(self.settings.fps), "total_num_frames": b, "frames_indices": list(range(a, b)),
-                    "duration": b / self.settings.fps, "video_backend": "dtd_stream",
-                }
-                mask = torch.stack(self.step_masks[a // tps : b // tps])
-                if self.feature:
-                    embeds = torch.cat(self.step_embeds[a // tps : b // tps])
-                    # one copy: the steps' rows become views of the chunk's
-                    self.step_embeds[a // tps : b // tps] = list(embeds.split([len(e) for e in self.step_embeds[a // tps : b // tps]]))
-                    if not mask.any():  # nothing kept in the whole chunk: serve its first token
-                        mask = mask.clone()
-                        mask.view(-1)[0] = True
-                        embeds = self.step_first[a // tps][None]
-                    meta[GIVEN_EMBEDS] = embeds
-                meta[GIVEN_MASK] = mask.numpy()
-                # each step's time as the client stamped its frames (the mean of the step's frames,
-                # Qwen3-VL's rule): pauses and other rates than the stream's stay in the prompt
-                stamps = self.timestamps[a:b]
-                meta[GIVEN_TIMES] = [float(np.mean(stamps[i:i + tps])) for i in range(0, len(stamps), tps)]
-                self._items.append((frames, meta))
-            return list(self._items[: len(self.chunks)])
+            for r in self.chunks:
+                if r not in self._items:
+                    self._items[r] = self._build_item(*r)
+            return [self._items[r] for r in self.chunks]
 
     def item_uuids(self) -> list[str]:
-        """Cache identities of the chunks (vLLM's ``multi_modal_uuids``): a chunk is immutable and
-        its stream's DTD settings are fixed, so (stream, chunk index) names its content; vLLM then
-        need not hash the past frames at every question."""
-        return [f"{self.id}/chunk{k}/{a}-{b}" for k, (a, b) in enumerate(self.chunks)]
+        """Cache identities of the chunks (vLLM's ``multi_modal_uuids``): the content of a frame range
+        of a stream never changes (its masks were decided on arrival, its DTD settings are fixed), so
+        (stream, range) names it, before and after re-anchors; vLLM then need not hash past frames."""
+        return [f"{self.id}/frames{a}-{b}" for a, b in self.chunks]
 
     def drop_last_chunk(self) -> None:
         with self.chunks_lock:
-            self.chunks.pop()
-            del self._items[len(self.chunks):]
+            a, b = self.chunks.pop()
+            self.next_frame = a
+            if (a, b) not in self.chunks:
+                self._items.pop((a, b), None)
+
+    def reanchor(self, target: int, item_overhead: int = 2, step_overhead: float = 0.0) -> Anchor:
+        """Replace the conversation's video items by the memory policy's selection
+        (:func:`vllm_plugin.streams.memory.select_anchor`, at most ``target`` tokens), build the
+        items of the keyframes it keeps (their frames copied out of the chunks that go), and free
+        every frame, mask and kept encoder output before :attr:`next_frame` that no selected item
+        holds. The caller rebuilds the conversation's text (:meth:`ChatPrompt.restart`)."""
+        tps = self.geometry.temporal_patch_size
+        with self.chunks_lock:
+            plain = [c for c in self.chunks if c not in self.key_ranges]
+            anchor = select_anchor(plain, self.kept_per_step, self.keyframe_steps, tps, self.settings.memory,
+                                   target, item_overhead, step_overhead)
+            self.chunks = list(anchor.ranges)
+            self.key_ranges = {(s * tps, (s + 1) * tps) for s in anchor.keyframes}
+            for r in self.chunks:
+                if r not in self._items:
+                    self._items[r] = self._build_item(*r)
+            self._items = {r: self._items[r] for r in self.chunks}
+            held = np.zeros(self.next_frame, dtype=bool)
+            for a, b in self.chunks:
+                held[a:b] = True
+            freed = 0
+            for i in np.flatnonzero(~held).tolist():
+                f = self.frames[i]
+                if f is not None:
+                    freed += f.nbytes
+                    self.frames[i] = None
+                    self.evicted_frames += 1
+            for s in range(self.next_frame // tps):
+                if not held[s * tps] and self.step_masks[s] is not None:
+                    self.step_masks[s] = None
+                    if self.feature:
+                        freed += self.step_embeds[s].numel() * self.step_embeds[s].element_size()
+                        freed += self.step_first[s].numel() * self.step_first[s].element_size()
+                        self.step_embeds[s] = self.step_first[s] = None
+            self.keyframe_steps = [s for s in self.keyframe_steps if s * tps >= self.next_frame or held[s * tps]]
+            self._add_bytes(-freed)
+            if self._bytes is not None:
+                self._bytes.release(freed)
+            self.reanchors += 1
+            return anchor
 
     def status(self) -> dict:
         return {
             "id": self.id, "frames": len(self.frames), "steps": self.steps, "chunks": len(self.chunks),
-            "questions": self.questions, "prefills": self.prefills, "events": len(self.events), "bytes": self.nbytes,
+            "questions": self.questions, "prefills": self.prefills, "events": self._event_count, "bytes": self.nbytes,
             "size": list(self.size) if self.size else None, "fps": self.settings.fps,
             "tokens_per_step": self.tokens_per_step, "kept_per_step": list(self.kept_per_step),
             "temporal_patch_size": self.geometry.temporal_patch_size,
@@ -468,6 +583,10 @@ class Stream:
                                and (self.prefill_task is not None or self.uncut_kept() > 0),
             "eager_stopped": self.eager_stopped,
             "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
+            "memory": self.settings.memory.as_dict(), "context_tokens": self.context_tokens,
+            "reanchors": self.reanchors, "held_frames": self.held_frames, "evicted_frames": self.evicted_frames,
+            "chunk_ranges": [list(c) for c in self.chunks],
+            "keyframes": sorted(a // self.geometry.temporal_patch_size for a, _ in self.key_ranges),
         }
 
 

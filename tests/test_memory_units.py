@@ -22,6 +22,13 @@ def test_policy_is_validated_and_defaults_to_a_share_of_the_context():
             MemoryPolicy(**bad)
 
 
+def test_spread_keeps_the_ends_and_thins_evenly():
+    from vllm_plugin.streams.memory import spread
+
+    assert spread([1, 2, 3], 5) == [1, 2, 3] and spread([1, 2, 3], 0) == [] and spread([1, 2, 3], 1) == [3]
+    assert spread(list(range(10)), 4) == [0, 3, 6, 9] and spread(list(range(10)), 2) == [0, 9]
+
+
 def test_selection_keeps_the_latest_chunks_and_keyframes_within_the_target():
     kept = [10] * 40  # 40 steps of 10 kept tokens; chunks of 4 steps (8 frames)
     chunks = [(a, a + 8) for a in range(0, 80, 8)]
@@ -29,14 +36,14 @@ def test_selection_keeps_the_latest_chunks_and_keyframes_within_the_target():
     # recent only: the latest chunks while they fit (42 tokens each: 40 kept + 2)
     a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(keep="recent"), target=130)
     assert a.ranges == chunks[-3:] and a.keyframes == [] and a.tokens == 126
-    # with keyframes: the latest ones before the latest chunk (12 tokens each), then older chunks while
-    # they and the keyframes still outside the window fit
+    # with keyframes (12 tokens each): at most max_keyframes of those before the window, spread over them
+    # (the stream's first step always among them); older chunks join while they and those keyframes fit
     a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(max_keyframes=2), target=130)
-    assert a.keyframes == [13, 30] and a.ranges == [(26, 28), (60, 62), *chunks[-2:]] and a.tokens == 108
+    assert a.keyframes == [0, 30] and a.ranges == [(0, 2), (60, 62), *chunks[-2:]] and a.tokens == 108
     # a keyframe the window reaches is served inside its chunk (30 is in chunk (56, 64))
     a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(max_keyframes=3), target=200)
-    assert a.keyframes == [9, 13] and (60, 62) not in a.ranges and a.ranges[-4:] == chunks[-4:]
-    # the latest chunk stays whatever the target; keyframes that do not fit go, oldest first
+    assert a.keyframes == [0, 9, 13] and a.ranges == [(0, 2), (18, 20), (26, 28), *chunks[-3:]] and a.tokens == 162
+    # the latest chunk stays whatever the target; keyframes that do not fit are thinned (spread again)
     a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(max_keyframes=8), target=60)
     assert a.ranges == [(60, 62), chunks[-1]] and a.keyframes == [30]
     assert select_anchor(chunks, kept, keys, TPS, MemoryPolicy(), target=1).ranges == [chunks[-1]]
@@ -108,12 +115,18 @@ def test_held_frames_and_append_rate_are_the_limits_not_the_stream_age(synthetic
     for s, _, _ in _long_stream(synthetic_clip, loops=8, budget=300, policy=MemoryPolicy(), max_frames=48):
         assert s.held_frames <= 48
     assert len(s.frames) == 8 * len(synthetic_clip.frames)
-    # without re-anchors (no question, no eager prefill) the same stream is refused, clearly
-    t = StreamManager(Limits(max_frames=48)).open(StreamSettings(fps=2.0))
-    t.add_frames(list(synthetic_clip.frames[:40]))
-    with pytest.raises(StreamError, match="holds 40 frames and may hold 48") as e:
-        t.add_frames(list(synthetic_clip.frames[40:48]) * 2)
-    assert e.value.status == 409
+    # without re-anchors (lazy, no question) the same stream is refused, clearly; an eager one is told
+    # to retry (its prefill frees frames as it catches up); an append of more than half the cap never fits
+    for prefill, status in [("lazy", 409), ("eager", 429)]:
+        t = StreamManager(Limits(max_frames=48)).open(StreamSettings(fps=2.0, prefill=prefill))
+        t.add_frames(list(synthetic_clip.frames[:20]))
+        t.add_frames(list(synthetic_clip.frames[20:40]))
+        with pytest.raises(StreamError, match="holds 40 frames and may hold 48") as e:
+            t.add_frames(list(synthetic_clip.frames[40:48]) * 2)
+        assert e.value.status == status
+        with pytest.raises(StreamError, match="at most 24 frames per append") as e:
+            t.add_frames(list(synthetic_clip.frames[:25]))
+        assert e.value.status == 413
     r = StreamManager(Limits(max_appends_per_second=3)).open(StreamSettings(fps=2.0))
     for _ in range(3):
         r.admit_append()
@@ -156,3 +169,32 @@ def test_feature_streams_free_kept_encoder_outputs(synthetic_clip):
     freed = [k for k, e in enumerate(s.step_embeds) if e is None]
     assert freed and all(s.step_masks[k] is None and s.step_first[k] is None for k in freed)
     s.video_items()  # the kept items still build
+
+
+def test_soak_windows_summary_and_figure():
+    from analysis.lib.figures import long_stream_figure
+    from analysis.lib.soak import Soak, check_loopback, keyframe_times, last_line, summary, windows
+
+    soak = Soak()
+    for t in range(10, 1800, 10):  # 30 min of stream time, a question every 10 s; TTFT 20 ms, then 30 ms
+        soak.questions.append({"stream": 0, "time": float(t), "ttft_s": 0.02 if t < 600 else 0.03, "prefilled_tokens": 40,
+                               "context_tokens": 500 + t % 300, "held_frames": 30, "evicted_frames": t // 2, "lag_s": 0.0})
+    soak.samples = [{"time": float(t), "rss_mb": {"python[1]": 1000.0, "VLLM::EngineCore[2]": 900.0 + t / 100},
+                     "rss_total_mb": 1900.0 + t / 100, "kv_usage": 0.1} for t in range(0, 1801, 60)]
+    soak.events = [{"stream": 0, "type": "reanchor", "time": 300.0, "keyframes": [0, 40], "budget": 1024},
+                   {"stream": 0, "type": "reanchor", "time": 900.0, "keyframes": [40], "budget": 1024}]
+    wins = windows(soak, 600)
+    assert [w["questions"] for w in wins] == [60, 60, 59] and [w["reanchors"] for w in wins] == [1, 1, 0]
+    assert wins[0]["ttft_p95_ms"] == pytest.approx(20) and wins[2]["ttft_p50_ms"] == pytest.approx(30)
+    assert wins[1]["rss_by_process"] == {"python": 1000.0, "VLLM::EngineCore": pytest.approx(900 + 1140 / 100)}
+    s = summary(soak, wins, 0.5)
+    assert s["ttft_ratio"] == pytest.approx(1.5) and s["rss_growth_mb"] == pytest.approx((1800 - 300) / 100)
+    assert last_line(s) == "hours=0.5 questions=179 errors=0 ttft_p95_first=0.0200 ttft_p95_last=0.0300 rss_growth_mb=15.0"
+    assert keyframe_times(soak, fps=1.0) == [0.0, 80.0]
+    fig = long_stream_figure(soak.questions, [300.0, 900.0], [0.0, 80.0], budget=1024)
+    assert {t.name for t in fig.data} == {"context tokens", "budget (context_tokens)", "frames held", "frames evicted",
+                                          "keyframes kept", "TTFT (ms)"}
+    assert len(fig.layout.shapes) == 2  # the re-anchors
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://10.0.0.2:8000")

@@ -75,6 +75,12 @@ class StreamClient:
             items.append(item)
         return self._append({"frames": items})
 
+    def push_encoded(self, images: Sequence[str], timestamps: Optional[Sequence[float]] = None) -> dict:
+        """Append frames already encoded (base64 PNG/JPEG/WebP), e.g. a clip encoded once and looped."""
+        items = [{"image": b} if timestamps is None else {"image": b, "timestamp": float(t)}
+                 for b, t in zip(images, timestamps if timestamps is not None else [None] * len(images))]
+        return self._append({"frames": items})
+
     def push_video(self, video: str | Path | bytes, start_time: Optional[float] = None) -> dict:
         data = video if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
         body = {"video": base64.b64encode(data).decode()}

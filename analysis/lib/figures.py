@@ -155,3 +155,39 @@ def task_accuracy_figure(per_task, title: str = "Accuracy per task and mode") ->
         fig.add_bar(x=[r["task"] for r in rs], y=[r["accuracy"] for r in rs], name=key)
     fig.update_layout(title=title, yaxis_title="accuracy", yaxis_range=[0, 1.02], barmode="group", template="plotly_white")
     return fig
+
+
+def long_stream_figure(questions: Sequence[dict], reanchors: Iterable[float] = (), keyframes: Iterable[float] = (),
+                       budget: Optional[int] = None, title: str = "A long stream: context and time to first token") -> go.Figure:
+    """A long stream over stream time (hours shown in minutes). Top: the conversation's context
+    tokens at each question, frames held and frames evicted by re-anchors, the budget; re-anchors as
+    dotted lines, kept keyframes as diamonds. Bottom: time to first token per question.
+    ``questions``: rows {"time", "context_tokens", "held_frames", "evicted_frames", "ttft_s"} of one stream."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4],
+                        specs=[[{"secondary_y": True}], [{}]])
+    t = [q["time"] / 60 for q in questions]
+    fig.add_scatter(x=t, y=[q["context_tokens"] for q in questions], name="context tokens", mode="lines",
+                    line=dict(color="#2b7bba"), row=1, col=1)
+    if budget:
+        fig.add_scatter(x=[t[0], t[-1]] if t else [], y=[budget, budget], name="budget (context_tokens)", mode="lines",
+                        line=dict(color="#999", dash="dash"), row=1, col=1)
+    fig.add_scatter(x=t, y=[q["held_frames"] for q in questions], name="frames held", mode="lines",
+                    line=dict(color="#2ca02c"), row=1, col=1, secondary_y=True)
+    fig.add_scatter(x=t, y=[q["evicted_frames"] for q in questions], name="frames evicted", mode="lines",
+                    line=dict(color="#ff7f0e"), row=1, col=1, secondary_y=True)
+    keys = sorted(set(keyframes))
+    if keys:
+        fig.add_scatter(x=[k / 60 for k in keys], y=[0] * len(keys), name="keyframes kept", mode="markers",
+                        marker=dict(symbol="diamond", size=9, color="#9467bd"), row=1, col=1)
+    for r in reanchors:
+        fig.add_vline(x=r / 60, line=dict(color="#d62728", dash="dot", width=1), row=1, col=1)
+    fig.add_scatter(x=t, y=[q["ttft_s"] * 1000 for q in questions], name="TTFT (ms)", mode="markers",
+                    marker=dict(size=4, color="#444"), row=2, col=1)
+    fig.update_yaxes(title_text="tokens", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="frames", row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="TTFT (ms)", row=2, col=1)
+    fig.update_xaxes(title_text="stream time (min); dotted: re-anchors", row=2, col=1)
+    fig.update_layout(title=title, template="plotly_white", height=700)
+    return fig

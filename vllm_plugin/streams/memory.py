@@ -12,10 +12,12 @@ stream **re-anchors**: a new conversation is built from
 
 * **keyframes** (``keep="recent+keyframes"``): the stream's first temporal step and every step
   whose kept fraction rose to ``event_level`` (the scene changes, :class:`Stream` events), each a
-  one-step video item with the tokens DTD kept for it when it arrived; the latest ``max_keyframes``
-  that lie before the recent window;
+  one-step video item with the tokens DTD kept for it when it arrived; of those before the recent
+  window at most ``max_keyframes``, spread evenly over them (the stream's first step and the latest
+  always among them: long-term memory over the whole stream, not only before the window); a
+  keyframe a re-anchor drops is gone (its frames are freed);
 * **recent**: the latest chunks, whole and unchanged, as many as fit in ``anchor_fraction`` of the
-  budget after the keyframes (always at least the latest one);
+  budget together with the keyframes before them (always at least the latest one);
 * **turns**: the last ``keep_turns`` questions and answers, as text turns before the videos.
 
 Time. Every kept token keeps the place it had in its video item: a recent chunk is the same item
@@ -94,7 +96,7 @@ class Anchor:
 
 def select_anchor(chunks: Sequence[tuple[int, int]], kept_per_step: Sequence[int], keyframe_steps: Sequence[int],
                   temporal_patch_size: int, policy: MemoryPolicy, target: int, item_overhead: int = 2,
-                  step_overhead: float = 0.0) -> Anchor:
+                  step_overhead: float = 0.0, max_frames: Optional[int] = None, max_items: Optional[int] = None) -> Anchor:
     """What a re-anchored conversation holds.
 
     Args:
@@ -107,11 +109,14 @@ def select_anchor(chunks: Sequence[tuple[int, int]], kept_per_step: Sequence[int
         target: tokens the selection may hold (videos and their per-item overhead).
         item_overhead: tokens one video item adds besides its kept tokens (its placeholder's frame).
         step_overhead: tokens one temporal step adds besides its kept tokens (Qwen3-VL's time text).
+        max_frames, max_items: the frames and video items the selection may hold besides the latest
+            chunk (a stream's frame and item limits: a static camera fills them before any budget).
     Returns:
-        :class:`Anchor`: the latest chunk is always selected; the keyframes are the latest
-        ``max_keyframes`` candidates before it; older chunks join the recent window, latest first,
-        while the window and the keyframes still outside it fit in ``target`` (a keyframe the window
-        reaches is served inside its chunk); keyframes that still do not fit go, oldest first.
+        :class:`Anchor`: the latest chunk is always selected; older chunks join the recent window,
+        latest first, while the window and the keyframes before it fit in ``target``; the keyframes
+        are the candidates before the window, at most ``max_keyframes`` of them spread evenly over
+        the candidates (:func:`spread`: the oldest and the latest always among them), thinned the
+        same way until they fit.
     """
     if not chunks:
         return Anchor([], [], 0)
@@ -120,23 +125,46 @@ def select_anchor(chunks: Sequence[tuple[int, int]], kept_per_step: Sequence[int
     def tokens(a: int, b: int) -> int:
         return max(1, sum(kept_per_step[a // tps:b // tps])) + item_overhead + int(step_overhead * (b - a) // tps)
 
+    with_keys = policy.keep == "recent+keyframes" and policy.max_keyframes > 0
+    candidates = sorted(set(keyframe_steps)) if with_keys else []
+
+    def keys_before(frame: int, k: int = policy.max_keyframes) -> list[int]:
+        return spread([s for s in candidates if s * tps < frame], k)
+
+    def cost(keys: list[int]) -> int:
+        return sum(tokens(s * tps, (s + 1) * tps) for s in keys)
+
     recent = [chunks[-1]]
     used = tokens(*chunks[-1])
-    keys: list[int] = []
-    if policy.keep == "recent+keyframes" and policy.max_keyframes:
-        keys = sorted(s for s in set(keyframe_steps) if s * tps < recent[0][0])[-policy.max_keyframes:]
+    frames, items = chunks[-1][1] - chunks[-1][0], 1
+    frame_cap = max_frames if max_frames is not None else float("inf")
+    item_cap = max_items if max_items is not None else float("inf")
 
-    def outside(start: int) -> int:
-        return sum(tokens(s * tps, (s + 1) * tps) for s in keys if s * tps < start)
+    def fits(used: int, frames: int, items: int, keys: list[int]) -> bool:
+        return used + cost(keys) <= target and frames + tps * len(keys) <= frame_cap and items + len(keys) <= item_cap
 
     for a, b in reversed(chunks[:-1]):
-        cost = tokens(a, b)
-        if used + cost + outside(a) > target:
+        if not fits(used + tokens(a, b), frames + b - a, items + 1, keys_before(a)):
             break
         recent.insert(0, (a, b))
-        used += cost
-    keys = [s for s in keys if s * tps < recent[0][0]]
-    while keys and used + outside(recent[0][0]) > target:
-        keys.pop(0)
-    used += outside(recent[0][0])
+        used, frames, items = used + tokens(a, b), frames + b - a, items + 1
+    keys = keys_before(recent[0][0])
+    while keys and not fits(used, frames, items, keys):
+        keys = spread(keys, len(keys) - 1)
+    used += cost(keys)
     return Anchor([(s * tps, (s + 1) * tps) for s in keys] + recent, keys, used)
+
+
+def spread(items: Sequence[int], k: int) -> list[int]:
+    """At most ``k`` of ``items`` (ascending), evenly spread over them by index: the first and the last
+    always kept when ``k >= 2``, the last when ``k == 1``. Applied at every re-anchor, the keyframes
+    stay spread over the whole stream (its start included) instead of crowding before the window."""
+    items = list(items)
+    if k <= 0:
+        return []
+    if len(items) <= k:
+        return items
+    if k == 1:
+        return items[-1:]
+    n = len(items) - 1
+    return [items[round(i * n / (k - 1))] for i in range(k)]

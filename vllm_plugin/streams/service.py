@@ -160,7 +160,8 @@ class StreamService:
         return zlib.crc32(stream.id.encode()) % self.dp_ranks if self.dp_ranks > 1 else None
 
     def status(self, stream: Stream) -> dict:
-        return {**stream.status(), "api_server": self.manager.owner, "data_parallel_rank": self.dp_rank(stream)}
+        return {**stream.status(), "context_budget": self.budget(stream), "api_server": self.manager.owner,
+                "data_parallel_rank": self.dp_rank(stream)}
 
     async def reap(self, every_s: float) -> None:
         """Free idle streams on a timer (not only when another stream request arrives)."""
@@ -199,11 +200,11 @@ class StreamService:
 
     def maybe_reanchor(self, stream: Stream, incoming: int) -> bool:
         """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
-        conversation past its budget, or its video items to ``max_chunks``: the conversation starts
+        conversation past its budget, or the stream nears its frame or item limit: the conversation starts
         over from the memory policy's selection (:meth:`Stream.reanchor`) and the last ``keep_turns``
         turns (:meth:`ChatPrompt.restart`); the next request prefills it (eagerly: the prefill task)."""
         budget = self.budget(stream)
-        full = len(stream.chunks) + 1 >= stream.limits.max_chunks
+        full = stream.memory_full()
         if not stream.chunks or (not full and (budget is None or stream.context_tokens + incoming <= budget)):
             return False
         policy = stream.settings.memory
@@ -216,6 +217,7 @@ class StreamService:
         stream.conversation = conversation
         stream.context_tokens = len(conversation.ids) + anchor.tokens + 16  # until the engine counts it
         stream.add_event({"type": "reanchor", "time": stream.timestamps[stream.next_frame - 1], "reanchor": stream.reanchors,
+                          "budget": budget,
                           "context_tokens_before": before, "context_tokens_after": stream.context_tokens,
                           "chunks_before": chunks_before, "chunk_ranges": [list(c) for c in stream.chunks],
                           "keyframes": anchor.keyframes, "turns_kept": len(conversation.messages) // 2,
@@ -338,7 +340,9 @@ class StreamService:
         prompt_ids = list(out.prompt_token_ids or [])
         state = {"frames": len(stream.frames), "chunks": len(stream.chunks), "time": stream.timestamps[-1] if stream.timestamps else None,
                  "question": stream.questions, "ttft_s": timing.ttft_s, "e2e_s": timing.elapsed(),
-                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(stream.video_items(), prompt_ids, self.video_pad)}
+                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(stream.video_items(), prompt_ids, self.video_pad),
+                 "chunk_ranges": [list(c) for c in stream.chunks], "context_tokens": stream.context_tokens,
+                 "reanchors": stream.reanchors, "held_frames": stream.held_frames, "evicted_frames": stream.evicted_frames}
         if with_ids:
             state["prompt_token_ids"] = prompt_ids
             state["completion_token_ids"] = list(out.outputs[0].token_ids)

@@ -199,7 +199,7 @@ class StreamSettings:
     memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     # eager: a stretch of steps where DTD kept nothing becomes a chunk once it is this long, so its
     # frames are freed by later re-anchors instead of waiting, held, for the next change
-    max_static_steps: int = 32
+    max_static_steps: int = 8
 
     def __post_init__(self):
         if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= 60):
@@ -319,9 +319,15 @@ class Stream:
         if len(frames) > self.limits.max_frames_per_append:
             raise StreamError(f"at most {self.limits.max_frames_per_append} frames per append", 413)
         with self.frames_lock:
+            if len(frames) > self.limits.max_frames // 2:
+                raise StreamError(f"at most {self.limits.max_frames // 2} frames per append (half of the {self.limits.max_frames} "
+                                  "frames a stream may hold)", 413)
             if self.held_frames + len(frames) > self.limits.max_frames:
+                if self.settings.prefill == "eager" and not self.eager_stopped:  # frees them as it catches up
+                    raise StreamError(f"the stream holds {self.held_frames} frames and may hold {self.limits.max_frames}: "
+                                      "they wait for its eager prefill; retry in a moment", 429)
                 raise StreamError(f"stream is full: it holds {self.held_frames} frames and may hold {self.limits.max_frames} "
-                                  "(frames are freed when they are asked about, or prefilled, and the conversation re-anchors)", 409)
+                                  "(frames are freed once a question has taken them and the conversation re-anchors)", 409)
             resized = [self.fit(f) for f in frames]
             add_bytes = sum(f.nbytes for f in resized)
             if self.nbytes + add_bytes > self.limits.max_bytes:
@@ -466,7 +472,12 @@ class Stream:
     def eager_due(self) -> bool:
         """An eager prefill has something to do: new kept tokens, or a static stretch of
         ``max_static_steps`` steps (cut so that its frames can be freed)."""
-        return bool(self.uncut_kept()) or len(self.uncut_steps()) >= self.settings.max_static_steps
+        return (bool(self.uncut_kept()) or len(self.uncut_steps()) >= self.settings.max_static_steps
+                or (self.memory_full() and len(self.uncut_steps()) > 0))
+
+    def memory_full(self) -> bool:
+        """The stream nears its frame or item limit (``max_frames``, ``max_chunks``): re-anchor now."""
+        return self.held_frames >= 0.75 * self.limits.max_frames or len(self.chunks) + 1 >= self.limits.max_chunks
 
     def chunk_tokens(self, a: int, b: int) -> int:
         """Video tokens the item of frames ``[a, b)`` holds (a chunk that keeps none serves one)."""
@@ -534,8 +545,11 @@ class Stream:
         tps = self.geometry.temporal_patch_size
         with self.chunks_lock:
             plain = [c for c in self.chunks if c not in self.key_ranges]
+            share = self.settings.memory.anchor_fraction
             anchor = select_anchor(plain, self.kept_per_step, self.keyframe_steps, tps, self.settings.memory,
-                                   target, item_overhead, step_overhead)
+                                   target, item_overhead, step_overhead,
+                                   max_frames=int(share * self.limits.max_frames) - (len(self.frames) - self.next_frame),
+                                   max_items=int(share * self.limits.max_chunks))
             self.chunks = list(anchor.ranges)
             self.key_ranges = {(s * tps, (s + 1) * tps) for s in anchor.keyframes}
             for r in self.chunks:

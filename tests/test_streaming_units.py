@@ -178,3 +178,12 @@ def test_chunks_carry_their_steps_times_as_the_client_stamped_them(synthetic_cli
     (frames, meta), = s.video_items()
     assert meta[GIVEN_TIMES] == [0.25, 1.25, 60.25, 61.25]
     assert meta["frames_indices"] == list(range(8))
+    # a later chunk is a video of its own at the stream's rate: the processor's sampled fps is the
+    # stream's (Qwen2.5-VL's second_per_grid_ts = 2 / fps), not shrinking with the chunk's start
+    from transformers.video_utils import VideoMetadata
+
+    s.add_frames(list(c.frames[8:40]))
+    s.cut_chunk()
+    for _, m in s.video_items():
+        vm = VideoMetadata(**{k: m[k] for k in ("fps", "total_num_frames", "frames_indices", "duration")})
+        assert vm.sampled_fps == pytest.approx(2.0)

@@ -29,6 +29,7 @@ from vllm_plugin.streams.prompt import ChatPrompt
 from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
+QUESTION_ROOM = 128  # tokens an eager prefill leaves for the next question's text and answer before it re-anchors
 
 
 def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
@@ -198,7 +199,7 @@ class StreamService:
         tps = stream.geometry.temporal_patch_size
         return stream.chunk_tokens(steps.start * tps, steps.stop * tps) + 2 + int(stream.step_overhead * len(steps))
 
-    def maybe_reanchor(self, stream: Stream, incoming: int) -> bool:
+    def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str) -> bool:
         """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
         conversation past its budget, or the stream nears its frame or item limit: the conversation starts
         over from the memory policy's selection (:meth:`Stream.reanchor`) and the last ``keep_turns``
@@ -217,7 +218,7 @@ class StreamService:
         stream.conversation = conversation
         stream.context_tokens = len(conversation.ids) + anchor.tokens + 16  # until the engine counts it
         stream.add_event({"type": "reanchor", "time": stream.timestamps[stream.next_frame - 1], "reanchor": stream.reanchors,
-                          "budget": budget,
+                          "budget": budget, "trigger": trigger,
                           "context_tokens_before": before, "context_tokens_after": stream.context_tokens,
                           "chunks_before": chunks_before, "chunk_ranges": [list(c) for c in stream.chunks],
                           "keyframes": anchor.keyframes, "turns_kept": len(conversation.messages) // 2,
@@ -265,7 +266,8 @@ class StreamService:
                         return
                     chunk = None
                     try:
-                        self.maybe_reanchor(stream, self.incoming(stream))  # the re-anchored conversation is prefilled here
+                        # the re-anchored conversation is prefilled here, off the question path
+                        self.maybe_reanchor(stream, self.incoming(stream) + QUESTION_ROOM, "prefill")
                         chunk = stream.cut_chunk()  # no await between the cut and the try: nothing orphans it
                         if chunk is None:
                             return
@@ -303,7 +305,7 @@ class StreamService:
 
         async with stream.chat_lock:
             question_tokens = len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
-            self.maybe_reanchor(stream, self.incoming(stream) + question_tokens + max_tokens)
+            self.maybe_reanchor(stream, self.incoming(stream) + question_tokens + max_tokens, "question")
             chunk = stream.cut_chunk()  # synchronous: a cancelled question cannot leave a cut chunk behind
             videos = stream.conversation.open_videos + (chunk is not None)
             try:

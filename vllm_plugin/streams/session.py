@@ -489,11 +489,14 @@ class Stream:
         frames = np.stack(self.frames[a:b])
         # the stream keeps one copy of its pixels: its frames become views of the item
         self.frames[a:b] = list(frames)
-        # frame indices in the stream, not in the chunk (vLLM's own step times, idx / fps, are
-        # then the stream's nominal ones; GIVEN_TIMES below carries the client's)
+        # the item as a video of its own, every frame sampled: the processor's sampled fps
+        # (len(frames_indices) / total_num_frames × fps) is then the stream's, and Qwen2.5-VL's
+        # second_per_grid_ts = temporal_patch_size / fps, whatever the chunk's place in the stream.
+        # (Stream-wide indices made it grow with the chunk's start: temporal M-RoPE indices of hours,
+        # past the rotary table, killed the engine.) Step times: GIVEN_TIMES below.
         meta = {
-            "fps": float(self.settings.fps), "total_num_frames": b, "frames_indices": list(range(a, b)),
-            "duration": b / self.settings.fps, "video_backend": "dtd_stream",
+            "fps": float(self.settings.fps), "total_num_frames": b - a, "frames_indices": list(range(b - a)),
+            "duration": (b - a) / self.settings.fps, "video_backend": "dtd_stream",
         }
         mask = torch.stack(self.step_masks[a // tps : b // tps])
         if self.feature:

@@ -179,7 +179,7 @@ def long_stream_figure(questions: Sequence[dict], reanchors: Iterable[float] = (
                     line=dict(color="#ff7f0e"), row=1, col=1, secondary_y=True)
     keys = sorted(set(keyframes))
     if keys:
-        fig.add_scatter(x=[k / 60 for k in keys], y=[0] * len(keys), name="keyframes kept", mode="markers",
+        fig.add_scatter(x=[k / 60 for k in keys], y=[0] * len(keys), name="keyframes held at the end", mode="markers",
                         marker=dict(symbol="diamond", size=9, color="#9467bd"), row=1, col=1)
     for r in reanchors:
         fig.add_vline(x=r / 60, line=dict(color="#d62728", dash="dot", width=1), row=1, col=1)

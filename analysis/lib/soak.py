@@ -242,9 +242,6 @@ def last_line(s: dict) -> str:
 
 
 def keyframe_times(soak: Soak, fps: float, temporal_patch_size: int = 2, stream: int = 0) -> list[float]:
-    """Stream times of the steps a re-anchor of one stream kept as keyframes."""
-    kept = set()
-    for e in soak.events:
-        if e["stream"] == stream and e["type"] == "reanchor":
-            kept.update(e["keyframes"])
-    return sorted(s * temporal_patch_size / fps for s in kept)
+    """Stream times of the keyframes one stream held after its last re-anchor (its long-term memory)."""
+    last = [e for e in soak.events if e["stream"] == stream and e["type"] == "reanchor"][-1:]
+    return sorted(s * temporal_patch_size / fps for e in last for s in e["keyframes"])

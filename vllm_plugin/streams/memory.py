@@ -13,8 +13,9 @@ stream **re-anchors**: a new conversation is built from
 * **keyframes** (``keep="recent+keyframes"``): the stream's first temporal step and every step
   whose kept fraction rose to ``event_level`` (the scene changes, :class:`Stream` events), each a
   one-step video item with the tokens DTD kept for it when it arrived; of those before the recent
-  window at most ``max_keyframes``, spread evenly over them (the stream's first step and the latest
-  always among them: long-term memory over the whole stream, not only before the window); a
+  window at most ``max_keyframes``, spread evenly over the time they span (the stream's first step
+  and the latest always among them: long-term memory over the whole stream, not only before the
+  window); a
   keyframe a re-anchor drops is gone (its frames are freed);
 * **recent**: the latest chunks, whole and unchanged, as many as fit in ``anchor_fraction`` of the
   budget together with the keyframes before them (always at least the latest one);
@@ -39,6 +40,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
+
+import numpy as np
 
 KEEP_CHOICES = ("recent", "recent+keyframes")
 CONTEXT_FRACTION = 0.75  # default budget: this share of the server's max model length
@@ -115,8 +118,8 @@ def select_anchor(chunks: Sequence[tuple[int, int]], kept_per_step: Sequence[int
         :class:`Anchor`: the latest chunk is always selected; older chunks join the recent window,
         latest first, while the window and the keyframes before it fit in ``target``; the keyframes
         are the candidates before the window, at most ``max_keyframes`` of them spread evenly over
-        the candidates (:func:`spread`: the oldest and the latest always among them), thinned the
-        same way until they fit.
+        the time the candidates span (:func:`spread`: the oldest and the latest always among them),
+        thinned the same way until they fit.
     """
     if not chunks:
         return Anchor([], [], 0)
@@ -156,9 +159,11 @@ def select_anchor(chunks: Sequence[tuple[int, int]], kept_per_step: Sequence[int
 
 
 def spread(items: Sequence[int], k: int) -> list[int]:
-    """At most ``k`` of ``items`` (ascending), evenly spread over them by index: the first and the last
-    always kept when ``k >= 2``, the last when ``k == 1``. Applied at every re-anchor, the keyframes
-    stay spread over the whole stream (its start included) instead of crowding before the window."""
+    """At most ``k`` of ``items`` (ascending temporal steps), spread evenly over the time they span: for
+    ``k`` targets evenly spaced from the first to the last, the nearest item (the first and the last
+    always kept when ``k >= 2``, the last when ``k == 1``; duplicates merge, so fewer may come back).
+    Applied at every re-anchor, the keyframes stay spread over the whole stream, its start included,
+    instead of crowding before the recent window."""
     items = list(items)
     if k <= 0:
         return []
@@ -166,5 +171,7 @@ def spread(items: Sequence[int], k: int) -> list[int]:
         return items
     if k == 1:
         return items[-1:]
-    n = len(items) - 1
-    return [items[round(i * n / (k - 1))] for i in range(k)]
+    lo, hi = items[0], items[-1]
+    arr = np.asarray(items, dtype=np.float64)
+    picked = {items[int(np.abs(arr - (lo + (hi - lo) * i / (k - 1))).argmin())] for i in range(k)}
+    return sorted(picked)

@@ -476,8 +476,9 @@ class Stream:
                 or (self.memory_full() and len(self.uncut_steps()) > 0))
 
     def memory_full(self) -> bool:
-        """The stream nears its frame or item limit (``max_frames``, ``max_chunks``): re-anchor now."""
-        return self.held_frames >= 0.75 * self.limits.max_frames or len(self.chunks) + 1 >= self.limits.max_chunks
+        """The stream holds half of ``max_frames`` or nears ``max_chunks``: re-anchor now (an append
+        holds at most half of ``max_frames``, so one that arrives before then fits)."""
+        return self.held_frames >= self.limits.max_frames // 2 or len(self.chunks) + 1 >= self.limits.max_chunks
 
     def chunk_tokens(self, a: int, b: int) -> int:
         """Video tokens the item of frames ``[a, b)`` holds (a chunk that keeps none serves one)."""
@@ -551,7 +552,8 @@ class Stream:
             share = self.settings.memory.anchor_fraction
             anchor = select_anchor(plain, self.kept_per_step, self.keyframe_steps, tps, self.settings.memory,
                                    target, item_overhead, step_overhead,
-                                   max_frames=int(share * self.limits.max_frames) - (len(self.frames) - self.next_frame),
+                                   # a quarter of the frame limit: a re-anchor leaves room before the next
+                                   max_frames=self.limits.max_frames // 4 - (len(self.frames) - self.next_frame),
                                    max_items=int(share * self.limits.max_chunks))
             self.chunks = list(anchor.ranges)
             self.key_ranges = {(s * tps, (s + 1) * tps) for s in anchor.keyframes}

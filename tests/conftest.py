@@ -184,7 +184,7 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
     from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
-    env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "64"}
+    env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "256"}
     args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE)]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv

@@ -152,10 +152,10 @@ def test_limits_and_unknown_ids_are_4xx_and_others_keep_working(dtd_server, stre
     assert r.status_code == 400 and "dtd_threshold" in r.json()["error"]["message"]
     r = requests.post(f"{base}/v1/streams", json={"model": "other-model"}, timeout=30)
     assert r.status_code == 404
-    # more than a stream may take at once (the test server lets a stream hold 64 frames: 32 per append)
+    # more than a stream may take at once (the test server lets a stream hold 256 frames: 128 per append)
     with pytest.raises(StreamHTTPError) as e:
-        stream.push(np.repeat(synthetic_clip.frames[:1], 60, axis=0))
-    assert e.value.status == 413 and "at most 32 frames per append" in str(e.value)
+        stream.push(np.repeat(synthetic_clip.frames[:1], 130, axis=0))
+    assert e.value.status == 413 and "at most 128 frames per append" in str(e.value)
     # too many streams (the test server allows TEST_MAX_STREAMS)
     extra = []
     with pytest.raises(StreamHTTPError) as e:

@@ -29,7 +29,7 @@ from vllm_plugin.streams.prompt import ChatPrompt
 from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
-QUESTION_ROOM = 128  # tokens an eager prefill leaves for the next question's text and answer before it re-anchors
+QUESTION_ROOM = 128  # tokens an eager prefill leaves for the next question's text and answer (at most a quarter of the budget)
 
 
 def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
@@ -212,6 +212,8 @@ class StreamService:
         conversation = ChatPrompt(self.tokenizer, self.chat_template)
         conversation.restart(stream.conversation.last_turns(policy.keep_turns), 0)
         target = int(policy.anchor_fraction * (budget or self.max_model_len or 4096)) - len(conversation.ids) - 16
+        if not full and stream.context_tokens <= target:
+            return False  # what is in would stay: the new frames (or a long answer) are too many for any re-anchor
         before, chunks_before = stream.context_tokens, len(stream.chunks)
         anchor = stream.reanchor(max(1, target), step_overhead=stream.step_overhead)
         conversation.open_videos = len(stream.chunks)
@@ -267,7 +269,8 @@ class StreamService:
                     chunk = None
                     try:
                         # the re-anchored conversation is prefilled here, off the question path
-                        self.maybe_reanchor(stream, self.incoming(stream) + QUESTION_ROOM, "prefill")
+                        room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
+                        self.maybe_reanchor(stream, self.incoming(stream) + room, "prefill")
                         chunk = stream.cut_chunk()  # no await between the cut and the try: nothing orphans it
                         if chunk is None:
                             return

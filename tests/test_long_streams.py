@@ -109,6 +109,33 @@ def test_appends_and_questions_while_streams_reanchor(dtd_server, synthetic_clip
     s.close()
 
 
+def test_big_appends_and_a_lazy_stream_asked_late_never_wedge(dtd_server, synthetic_clip):
+    """The frame limit re-anchors an eager stream fed large appends (the test server lets a stream hold
+    256 frames); a lazy stream asked nothing for longer than its budget holds drops its oldest frames
+    not asked about, and the question is served within the budget."""
+    frames = np.concatenate([synthetic_clip.frames] * 6)
+    s = _open(dtd_server.base_url, context_tokens=4096)
+    for i in range(0, len(frames), 96):
+        s.push(frames[i:i + 96], [k / 2.0 for k in range(i, i + 96)])
+        s.wait_prefilled()
+    r = s.ask("Now?", max_tokens=2, ignore_eos=True)
+    st = s.status()
+    assert st["frames"] == len(frames) and st["held_frames"] <= 256 and st["reanchors"] >= 1
+    assert st["held_frames"] + st["evicted_frames"] == st["frames"]
+    assert r["stream_state"]["video_tokens_per_chunk"] == _expected_tokens([tuple(c) for c in st["chunk_ranges"]],
+                                                                          st["kept_per_step"])
+    s.close()
+    z = _open(dtd_server.base_url, prefill="lazy")
+    for i in range(0, 96, 24):
+        z.push(frames[i:i + 24], [k / 2.0 for k in range(i, i + 24)])
+    r = z.ask("Now?", max_tokens=2, ignore_eos=True)
+    dropped = [e for e in z.events(after=-1) if e["type"] == "dropped"]
+    assert dropped and r["usage"]["prompt_tokens"] <= POLICY["context_tokens"] + 64
+    st = z.status()
+    assert st["evicted_frames"] == dropped[0]["frames"] and st["held_frames"] + st["evicted_frames"] == 96
+    z.close()
+
+
 def test_memory_policy_is_validated_at_open(dtd_server):
     base = dtd_server.base_url
     for body, word in [({"memory_keep": "all"}, "memory_keep"), ({"context_tokens": 10**7}, "context_tokens"),

@@ -200,3 +200,17 @@ def test_soak_windows_summary_and_figure():
     assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="loopback"):
         check_loopback("http://10.0.0.2:8000")
+
+
+def test_oldest_steps_not_in_a_chunk_are_dropped_to_bound_the_next_one(synthetic_clip):
+    s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), event_level=0.5, prefill="lazy"))
+    s.add_frames(list(synthetic_clip.frames))  # 24 steps; 64 kept at steps 0, 12, 16, 20
+    before = s.nbytes
+    dropped = s.drop_uncut(max_tokens=100)
+    kept = s.kept_per_step
+    assert dropped % TPS == 0 and s.next_frame == dropped and sum(kept[dropped // TPS:]) <= 100
+    assert sum(kept[dropped // TPS - 1:]) > 100  # no more than needed
+    assert all(f is None for f in s.frames[:dropped]) and s.evicted_frames == dropped
+    assert s.nbytes == before - dropped * synthetic_clip.frames[0].nbytes
+    assert 0 not in s.keyframe_steps and s.cut_chunk() == (dropped, len(synthetic_clip.frames))
+    assert s.drop_uncut(0) == 0  # nothing uncut: nothing to drop

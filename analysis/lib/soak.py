@@ -49,7 +49,13 @@ class Soak:
     samples: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    progress: dict = field(default_factory=dict)  # stream -> stream time of its latest frame sent
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stream_time(self) -> float:
+        """Where the slowest stream is (the time the server has seen from all of them)."""
+        with self.lock:
+            return min(self.progress.values()) if self.progress else 0.0
 
     def error(self, where: str, e: BaseException) -> None:
         with self.lock:
@@ -83,6 +89,9 @@ def play_stream(base_url: str, index: int, images: list[str], fps: float, second
             except Exception as e:  # noqa: BLE001
                 soak.error(f"stream {index} append at t={stamps[0]:.1f}", e)
                 continue
+            finally:
+                with soak.lock:
+                    soak.progress[index] = stamps[-1]
             if stamps[-1] + 1e-9 < next_q:
                 continue
             next_q += ask_every
@@ -134,16 +143,18 @@ def kv_usage(base_url: str) -> Optional[float]:
         return None
 
 
-def sample_server(base_url: str, pid: Optional[int], soak: Soak, t0: float, speed: float, every_s: float,
-                  stop: threading.Event) -> None:
-    """Every ``every_s`` wall seconds: the server's RSS by process (with ``pid``) and KV usage."""
+def sample_server(base_url: str, pid: Optional[int], soak: Soak, every_s: float, stop: threading.Event) -> None:
+    """Every ``every_s`` wall seconds while the streams run: the server's RSS by process (with
+    ``pid``) and KV usage, stamped with the stream time the slowest stream has reached."""
     from analysis.cli.load import tree_rss_by_process
 
     while not stop.is_set():
         rss = tree_rss_by_process(pid) if pid else {}
+        usage = kv_usage(base_url)
+        sample = {"time": soak.stream_time(), "rss_mb": rss, "rss_total_mb": sum(rss.values()) if rss else None,
+                  "kv_usage": usage}
         with soak.lock:
-            soak.samples.append({"time": (time.monotonic() - t0) * speed, "rss_mb": rss,
-                                 "rss_total_mb": sum(rss.values()) if rss else None, "kv_usage": kv_usage(base_url)})
+            soak.samples.append(sample)
         stop.wait(every_s)
 
 
@@ -151,12 +162,10 @@ def run_soak(base_url: str, pid: Optional[int], images: list[str], streams: int,
              ask_every: float, append_every: float, settings: dict, question: str = "What is happening now?",
              max_tokens: int = 4, sample_every_s: float = 5.0) -> Soak:
     """``streams`` streams at once (one thread each), every loop bounded by ``hours`` of stream time."""
-    from analysis.cli.load import tree_rss_by_process
-
     soak = Soak()
     stop = threading.Event()
     t0 = time.monotonic() + 1.0
-    sampler = threading.Thread(target=sample_server, args=(base_url, pid, soak, t0, speed, sample_every_s, stop), daemon=True)
+    sampler = threading.Thread(target=sample_server, args=(base_url, pid, soak, sample_every_s, stop), daemon=True)
     sampler.start()
     threads = [threading.Thread(target=play_stream, args=(base_url, k, images, fps, hours * 3600, speed, t0, ask_every,
                                                           append_every, settings, soak, question, max_tokens))
@@ -167,10 +176,6 @@ def run_soak(base_url: str, pid: Optional[int], images: list[str], streams: int,
         t.join()
     stop.set()
     sampler.join(timeout=30)
-    with soak.lock:  # a last sample after the streams closed
-        rss = tree_rss_by_process(pid) if pid else {}
-        soak.samples.append({"time": hours * 3600, "rss_mb": rss, "rss_total_mb": sum(rss.values()) if rss else None,
-                             "kv_usage": kv_usage(base_url)})
     return soak
 
 

@@ -198,7 +198,12 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
         stream = svc.manager.get(stream_id)
         stream.admit_append()
         frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
-        added = await asyncio.to_thread(stream.add_frames, frames, stamps)
+        try:
+            added = await asyncio.to_thread(stream.add_frames, frames, stamps)
+        except StreamError as e:
+            if e.status == 429:  # held frames: free what a re-anchor can, the retry then fits
+                svc.relieve(stream)
+            raise
         svc.after_append(stream)
         events = added["events"]
         if events and stream.settings.standing_question:

@@ -191,34 +191,59 @@ class StreamService:
     def budget(self, stream: Stream) -> Optional[int]:
         return stream.settings.memory.budget(self.max_model_len)
 
-    def incoming(self, stream: Stream) -> int:
-        """Tokens the steps not in a chunk yet would add to the conversation as its next item."""
-        steps = stream.uncut_steps()
-        if not len(steps):
+    def item_cost(self, stream: Stream, chunk: Optional[tuple[int, int]]) -> int:
+        """Tokens a video item of frames ``[a, b)`` adds to the conversation (0 for None)."""
+        if chunk is None:
             return 0
-        tps = stream.geometry.temporal_patch_size
-        return stream.chunk_tokens(steps.start * tps, steps.stop * tps) + 2 + int(stream.step_overhead * len(steps))
+        a, b = chunk
+        steps = (b - a) // stream.geometry.temporal_patch_size
+        return stream.chunk_tokens(a, b) + 2 + int(stream.step_overhead * steps)
 
-    def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str) -> bool:
+    def bound_next_chunk(self, stream: Stream, room: int) -> None:
+        """Before a cut: the steps not in a chunk yet may hold at most the share of the budget a
+        re-anchor leaves free, less ``room`` (the question); older ones are dropped (a lazy stream
+        nobody asked for longer than its budget holds, or one whose prefill fell far behind)."""
+        budget = self.budget(stream)
+        if budget is None:
+            return
+        limit = max(1, int((1 - stream.settings.memory.anchor_fraction) * budget) - room)
+        steps = stream.uncut_steps()
+        if len(steps) and stream.chunk_tokens(steps.start * stream.geometry.temporal_patch_size,
+                                              steps.stop * stream.geometry.temporal_patch_size) > limit:
+            dropped = stream.drop_uncut(limit)
+            if dropped:
+                stream.add_event({"type": "dropped", "time": stream.timestamps[stream.next_frame - 1], "frames": dropped,
+                                  "message": f"{dropped} frames not asked about or prefilled in time were dropped "
+                                             "(they were more than the budget leaves for new frames)"})
+
+    def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> bool:
         """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
         conversation past its budget, or the stream nears its frame or item limit: the conversation starts
-        over from the memory policy's selection (:meth:`Stream.reanchor`) and the last ``keep_turns``
-        turns (:meth:`ChatPrompt.restart`); the next request prefills it (eagerly: the prefill task)."""
+        over from the memory policy's selection (:meth:`Stream.reanchor`; ``cut``: the chunk the request
+        just cut is the latest and stays) and the last ``keep_turns`` turns, as many as fit a quarter of
+        the re-anchored share (:meth:`ChatPrompt.restart`); the request that called it prefills it."""
         budget = self.budget(stream)
         full = stream.memory_full()
-        if not stream.chunks or (not full and (budget is None or stream.context_tokens + incoming <= budget)):
+        older = len(stream.chunks) - int(cut)
+        if older < 1 or (not full and (budget is None or stream.context_tokens + incoming <= budget)):
             return False
         policy = stream.settings.memory
+        share = int(policy.anchor_fraction * (budget or self.max_model_len or 4096))
         conversation = ChatPrompt(self.tokenizer, self.chat_template)
-        conversation.restart(stream.conversation.last_turns(policy.keep_turns), 0)
-        target = int(policy.anchor_fraction * (budget or self.max_model_len or 4096)) - len(conversation.ids) - 16
+        turns = stream.conversation.last_turns(policy.keep_turns)
+        conversation.restart(turns, 0)
+        while turns and len(conversation.ids) > share // 4:  # long questions do not wedge the stream
+            turns = turns[1:]
+            conversation.restart(turns, 0)
+        target = share - len(conversation.ids) - 16
         if not full and stream.context_tokens <= target:
             return False  # what is in would stay: the new frames (or a long answer) are too many for any re-anchor
         before, chunks_before = stream.context_tokens, len(stream.chunks)
         anchor = stream.reanchor(max(1, target), step_overhead=stream.step_overhead)
-        conversation.open_videos = len(stream.chunks)
+        conversation.open_videos = len(stream.chunks) - int(cut)  # the cut chunk opens when its request is done
         stream.conversation = conversation
-        stream.context_tokens = len(conversation.ids) + anchor.tokens + 16  # until the engine counts it
+        # until the engine counts it (the cut chunk, in the anchor's tokens, is counted again by the caller)
+        stream.context_tokens = len(conversation.ids) + anchor.tokens + 16
         stream.add_event({"type": "reanchor", "time": stream.timestamps[stream.next_frame - 1], "reanchor": stream.reanchors,
                           "budget": budget, "trigger": trigger,
                           "context_tokens_before": before, "context_tokens_after": stream.context_tokens,
@@ -228,6 +253,19 @@ class StreamService:
         logger.info("DTD stream %s: re-anchored at %d tokens (budget %s): %d video items (%d keyframes), %d turns",
                     stream.id, before, budget, len(stream.chunks), len(anchor.keyframes), len(conversation.messages) // 2)
         return True
+
+    def relieve(self, stream: Stream) -> None:
+        """An eager stream refused frames because it holds too many and no prefill is running (all it
+        holds is in its conversation): re-anchor now, off the append, so that the client's retry fits."""
+        async def run():
+            async with stream.chat_lock:
+                if not stream.closed and stream.memory_full():
+                    self.maybe_reanchor(stream, 0, "memory")
+
+        if stream.prefill_task is None:
+            task = asyncio.get_running_loop().create_task(run())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def counted(self, stream: Stream, prompt_ids: list[int], out, answer: int = 0) -> None:
         """Record what the engine counted for a request of the conversation: its length
@@ -268,12 +306,13 @@ class StreamService:
                         return
                     chunk = None
                     try:
-                        # the re-anchored conversation is prefilled here, off the question path
                         room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
-                        self.maybe_reanchor(stream, self.incoming(stream) + room, "prefill")
+                        self.bound_next_chunk(stream, room)
                         chunk = stream.cut_chunk()  # no await between the cut and the try: nothing orphans it
                         if chunk is None:
                             return
+                        # the re-anchored conversation is prefilled here, with the new chunk, off the question path
+                        self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "prefill", cut=True)
                         prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
                         if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
                             raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
@@ -308,10 +347,12 @@ class StreamService:
 
         async with stream.chat_lock:
             question_tokens = len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
-            self.maybe_reanchor(stream, self.incoming(stream) + question_tokens + max_tokens, "question")
+            self.bound_next_chunk(stream, question_tokens + max_tokens)
             chunk = stream.cut_chunk()  # synchronous: a cancelled question cannot leave a cut chunk behind
-            videos = stream.conversation.open_videos + (chunk is not None)
             try:
+                self.maybe_reanchor(stream, self.item_cost(stream, chunk) + question_tokens + max_tokens, "question",
+                                    cut=chunk is not None)
+                videos = stream.conversation.open_videos + (chunk is not None)
                 prompt_ids = stream.conversation.next_turn(question, videos)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "

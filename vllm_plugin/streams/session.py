@@ -245,6 +245,7 @@ class Stream:
         self.tokens_per_step = 0
         self.events: list[dict] = []
         self._event_count = 0
+        self._events_lock = threading.Lock()  # events and keyframe candidates: appends and the event loop both add
         self._above = False
         self.keyframe_steps: list[int] = []  # the first step and scene changes whose frames are still held
         # conversation
@@ -373,7 +374,7 @@ class Stream:
     def release(self) -> None:
         """Give the stream's frame bytes back to the server-wide account (closed or expired)."""
         self.closed = True
-        with self.frames_lock:
+        with self.frames_lock, self._bytes_lock:
             if self._bytes is not None:
                 self._bytes.release(self.nbytes)
                 self._bytes = None
@@ -427,24 +428,27 @@ class Stream:
             step = done + i
             self.kept_per_step.append(int(kept))
             if step == 0:
-                self.keyframe_steps.append(0)
+                with self._events_lock:
+                    self.keyframe_steps.append(0)
             frac = kept / self.tokens_per_step
             if cfg.enabled and step >= 1 and frac >= self.settings.event_level and not self._above:
                 new_events.append({
                     "type": "scene_change", "step": step, "frame": step * tps,
                     "time": self.timestamps[step * tps], "kept_fraction": frac,
                 })
-                self.keyframe_steps.append(step)
+                with self._events_lock:
+                    self.keyframe_steps.append(step)
             self._above = frac >= self.settings.event_level if step >= 1 else False
         return [self.add_event(e) for e in new_events]
 
     def add_event(self, event: dict) -> dict:
-        event = {"index": self._event_count, **event}
-        self._event_count += 1
-        self.events.append(event)
-        if len(self.events) > self.limits.max_events:
-            del self.events[: len(self.events) - self.limits.max_events]
-        return event
+        with self._events_lock:
+            event = {"index": self._event_count, **event}
+            self._event_count += 1
+            self.events.append(event)
+            if len(self.events) > self.limits.max_events:
+                del self.events[: len(self.events) - self.limits.max_events]
+            return event
 
     # -- questions ---------------------------------------------------------------------------------
     def cut_chunk(self) -> Optional[tuple[int, int]]:
@@ -564,26 +568,53 @@ class Stream:
             held = np.zeros(self.next_frame, dtype=bool)
             for a, b in self.chunks:
                 held[a:b] = True
-            freed = 0
-            for i in np.flatnonzero(~held).tolist():
-                f = self.frames[i]
-                if f is not None:
-                    freed += f.nbytes
-                    self.frames[i] = None
-                    self.evicted_frames += 1
-            for s in range(self.next_frame // tps):
-                if not held[s * tps] and self.step_masks[s] is not None:
-                    self.step_masks[s] = None
-                    if self.feature:
-                        freed += self.step_embeds[s].numel() * self.step_embeds[s].element_size()
-                        freed += self.step_first[s].numel() * self.step_first[s].element_size()
-                        self.step_embeds[s] = self.step_first[s] = None
-            self.keyframe_steps = [s for s in self.keyframe_steps if s * tps >= self.next_frame or held[s * tps]]
-            self._add_bytes(-freed)
-            if self._bytes is not None:
-                self._bytes.release(freed)
+            self._free(np.flatnonzero(~held).tolist())
             self.reanchors += 1
             return anchor
+
+    def _free(self, frames: list[int]) -> None:
+        """Free these frames (cut, in no selected item) and the per-step data of steps left with no
+        frame: pixels, keep masks, kept encoder outputs; the byte accounts follow. Under chunks_lock."""
+        tps = self.geometry.temporal_patch_size
+        freed = 0
+        for i in frames:
+            f = self.frames[i]
+            if f is not None:
+                freed += f.nbytes
+                self.frames[i] = None
+                self.evicted_frames += 1
+        for s in sorted({i // tps for i in frames}):
+            if self.step_masks[s] is not None and all(f is None for f in self.frames[s * tps:(s + 1) * tps]):
+                self.step_masks[s] = None
+                if self.feature:
+                    freed += self.step_embeds[s].numel() * self.step_embeds[s].element_size()
+                    freed += self.step_first[s].numel() * self.step_first[s].element_size()
+                    self.step_embeds[s] = self.step_first[s] = None
+        held = {s for a, b in self.chunks for s in range(a // tps, b // tps)}
+        with self._events_lock:
+            self.keyframe_steps = [s for s in self.keyframe_steps if s * tps >= self.next_frame or s in held]
+        with self._bytes_lock:  # with release(): a close meanwhile releases exactly what is left
+            self.nbytes -= freed
+            if self._bytes is not None:
+                self._bytes.release(freed)
+
+    def drop_uncut(self, max_tokens: int) -> int:
+        """Bound the next chunk: free the oldest steps not in a chunk yet while their kept tokens are
+        more than ``max_tokens`` (the latest step always stays); returns the frames dropped. A lazy
+        stream asked nothing for longer than its budget holds keeps the latest frames, as the policy does."""
+        tps = self.geometry.temporal_patch_size
+        with self.chunks_lock:
+            steps = self.uncut_steps()
+            total, s = sum(self.kept_per_step[steps.start:steps.stop]), steps.start
+            while total > max_tokens and s < steps.stop - 1:
+                total -= self.kept_per_step[s]
+                s += 1
+            if s == steps.start:
+                return 0
+            a, b = self.next_frame, s * tps
+            self.next_frame = b
+            self._free(list(range(a, b)))
+            return b - a
 
     def status(self) -> dict:
         return {

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-import numpy as np
 import requests
 
 from analysis.lib.summary import percentile

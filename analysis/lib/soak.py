@@ -217,19 +217,40 @@ def windows(soak: Soak, window_s: float, end_s: Optional[float] = None) -> list[
 
 def summary(soak: Soak, wins: list[dict], hours: float) -> dict:
     """The soak's verdict: TTFT p95 of the first and last windows with questions, RSS growth from the
-    first sample after the first re-anchor to the end, and the goals."""
-    asked = [w for w in wins if w["questions"]]
+    first sample after the first re-anchor to the end (in all, by process kind, and over the second
+    half of the stream time alone: caches with a cap fill early, a leak goes on), and the goals.
+
+    "First" is the first window that starts after the first re-anchor, as for RSS: before it the
+    conversation is still filling up to its budget, so its questions are cheaper than any later one
+    and the ratio would measure that ramp, not a trend over hours (``ttft_p95_window0`` keeps the
+    very first window's value). Without a re-anchor it is the first window with questions."""
     first_anchor = min((e["time"] for e in soak.events if e["type"] == "reanchor"), default=None)
+    asked = [w for w in wins if w["questions"]]
+    steady = [w for w in asked if first_anchor is not None and w["start_s"] >= first_anchor]
+    window0 = asked[0]["ttft_p95_ms"] / 1000 if asked else None
+    if len(steady) >= 2:
+        asked = steady
     rss = [s for s in soak.samples if s["rss_total_mb"] is not None]
     after = [s for s in rss if first_anchor is not None and s["time"] >= first_anchor]
     growth = (after[-1]["rss_total_mb"] - after[0]["rss_total_mb"]) if len(after) >= 2 else None
+    # where it grew (by process kind), and whether it still grows in the second half (caches full by then)
+    by_kind = {}
+    if len(after) >= 2:
+        for name, mb in after[-1]["rss_mb"].items():
+            by_kind[_process_kind(name)] = by_kind.get(_process_kind(name), 0.0) + mb
+        for name, mb in after[0]["rss_mb"].items():
+            by_kind[_process_kind(name)] = by_kind.get(_process_kind(name), 0.0) - mb
+    half = [x for x in after if x["time"] >= rss[-1]["time"] / 2] if rss else []
+    growth_half = (half[-1]["rss_total_mb"] - half[0]["rss_total_mb"]) if len(half) >= 2 else None
     # errors: requests that failed, and streams' own error events (an eager prefill that failed)
     out = {"hours": hours, "questions": len(soak.questions),
            "errors": len(soak.errors) + sum(e["type"] == "error" for e in soak.events),
            "reanchors": sum(e["type"] == "reanchor" for e in soak.events),
            "ttft_p95_first": asked[0]["ttft_p95_ms"] / 1000 if asked else None,
            "ttft_p95_last": asked[-1]["ttft_p95_ms"] / 1000 if asked else None,
-           "rss_growth_mb": growth, "first_reanchor_s": first_anchor,
+           "ttft_first_window": asked[0]["window"] if asked else None, "ttft_p95_window0": window0,
+           "rss_growth_mb": growth, "rss_growth_by_process_mb": by_kind, "rss_growth_second_half_mb": growth_half,
+           "first_reanchor_s": first_anchor,
            "rss_after_first_reanchor_mb": after[0]["rss_total_mb"] if after else None,
            "rss_end_mb": rss[-1]["rss_total_mb"] if rss else None}
     out["ttft_ratio"] = (out["ttft_p95_last"] / out["ttft_p95_first"]) if asked and out["ttft_p95_first"] else None

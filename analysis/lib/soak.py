@@ -223,7 +223,8 @@ def summary(soak: Soak, wins: list[dict], hours: float) -> dict:
     "First" is the first window that starts after the first re-anchor, as for RSS: before it the
     conversation is still filling up to its budget, so its questions are cheaper than any later one
     and the ratio would measure that ramp, not a trend over hours (``ttft_p95_window0`` keeps the
-    very first window's value). Without a re-anchor it is the first window with questions."""
+    very first window's value). Without a re-anchor, or with fewer than two windows after it, it is
+    the first window with questions."""
     first_anchor = min((e["time"] for e in soak.events if e["type"] == "reanchor"), default=None)
     asked = [w for w in wins if w["questions"]]
     steady = [w for w in asked if first_anchor is not None and w["start_s"] >= first_anchor]

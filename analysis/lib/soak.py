@@ -241,7 +241,7 @@ def summary(soak: Soak, wins: list[dict], hours: float) -> dict:
             by_kind[_process_kind(name)] = by_kind.get(_process_kind(name), 0.0) + mb
         for name, mb in after[0]["rss_mb"].items():
             by_kind[_process_kind(name)] = by_kind.get(_process_kind(name), 0.0) - mb
-    half = [x for x in after if x["time"] >= rss[-1]["time"] / 2] if rss else []
+    half = [x for x in rss if x["time"] >= rss[-1]["time"] / 2] if rss else []
     growth_half = (half[-1]["rss_total_mb"] - half[0]["rss_total_mb"]) if len(half) >= 2 else None
     # errors: requests that failed, and streams' own error events (an eager prefill that failed)
     out = {"hours": hours, "questions": len(soak.questions),

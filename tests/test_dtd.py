@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_plugin.core import (
+    PatchLayout,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     DTDConfig,
@@ -332,6 +333,17 @@ def test_8bit_l1_path_scores_without_floats_away_from_the_threshold(monkeypatch)
     monkeypatch.setattr(tk, "_StepTokens", None)  # the float path's step buffers: not used
     assert torch.equal(pixel_keep_mask(pv, (3, 4, 4), 0.05, "l1", "last_kept", normalized=False), want)
     assert not calls  # random pixels score ~0.33, far from τ: integer sums alone decided
+
+
+@pytest.mark.parametrize("rescale, tau", [(-1 / 255, 0.05), (-1 / 255, 0.0), (1e-50, 1e-60), (1e-42, 5e-43), (1e-45, 1.2e-45)])
+def test_8bit_l1_path_is_left_where_float32_cannot_carry_the_scale(rescale, tau):
+    """Counterexamples a review found: a negative rescale (the float path's abs removes the sign) and
+    ones float32 underflows; there the float path decides."""
+    pv = torch.randint(0, 256, (8, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for reference in ("previous", "last_kept"):
+        layout = PatchLayout(rescale_factor=rescale, normalized=False)
+        want = dtd_keep_mask(pixel_tokens(pv, (2, 2, 2), layout), tau, "l1", reference)
+        assert torch.equal(pixel_keep_mask(pv, (2, 2, 2), tau, "l1", reference, layout=layout), want)
 
 
 def test_pixel_keep_mask_bad_input():

@@ -148,7 +148,7 @@ def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.
     check_choice("reference", reference, REFERENCES)
     threshold = validate_threshold(threshold, metric)
     decide = lambda sc: ~is_redundant(sc, threshold, metric)  # noqa: E731
-    if pixel_values.dtype == torch.uint8 and not lay.normalized and metric == "l1":
+    if pixel_values.dtype == torch.uint8 and not lay.normalized and metric == "l1" and _exact_scale_ok(lay.rescale_factor):
         steps = patches.reshape(*patches.shape[:3], -1)  # uint8 (T, H, W, C), token elements in pixel_tokens' order
         initial = steps[reference_steps - 1] if reference_steps else None
         score = _l1_scores_8bit(threshold, float(lay.rescale_factor))
@@ -160,9 +160,19 @@ def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.
 
 # How far (relative to τ) an exact L1 score must be from τ for the float path's score to fall on the
 # same side. float32 scores err by far less: each |Δ| term by ≤ 3·2⁻²⁴ of a full-scale pixel
-# (≤ 5e-5 of the score, whose every nonzero term is ≥ 1 level), the C-term sum by ≤ C·2⁻²⁴ even summed
-# naively (≤ 3e-4 for C = 4704, Qwen2.5-VL's token).
+# (≤ 5e-5 of the score, whose every nonzero term is ≥ 1 level); the C-term sum by ≤ C·2⁻²⁴ summed
+# naively (≤ 3e-4 for C = 4704, Qwen2.5-VL's token; below 1e-3 up to C ≈ 16,000), and torch sums in
+# cascades: a review measured ≤ 1.6e-5 over every pixel pair and adversarial patterns up to C = 2²⁰.
 _EXACT_BAND = 1e-3
+
+
+def _exact_scale_ok(rescale: float) -> bool:
+    """The integer path needs the float path's scale (``rescale`` as float32) positive and far from
+    float32's limits: a negative one flips the sign only the float path's ``abs`` removes; a tiny one
+    makes the float path's means subnormal (imprecise) or zero, a huge one overflows. Real ones are
+    1/255 (8-bit) to 1/65535 (16-bit) or 1."""
+    r32 = float(torch.tensor(float(rescale), dtype=torch.float32))
+    return 1e-20 <= r32 <= 1e20
 
 
 def _l1_scores_8bit(threshold: float, rescale: float):
@@ -170,13 +180,15 @@ def _l1_scores_8bit(threshold: float, rescale: float):
     :func:`vllm_plugin.core.masks.token_scores` on ``tokens.float() * rescale`` (the float path),
     faster: the exact score ``Σ|a − b| · rescale / C`` from integer sums (uint8 max − min, no float
     copy of the pixels); a step with any token whose exact score lies within ``_EXACT_BAND`` of τ is
-    scored by the float path itself, so every decision is the float path's bit for bit."""
+    scored by the float path itself, so every decision is the float path's bit for bit (for a
+    positive, normal float32 ``rescale``: :func:`_exact_scale_ok`; otherwise the float path runs)."""
     band = _EXACT_BAND * threshold
+    rescale32 = float(torch.tensor(rescale, dtype=torch.float32))  # the float path's multiplier
 
     def score(current: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
         diff = torch.maximum(current, reference).sub_(torch.minimum(current, reference))
         wide = torch.int32 if current.shape[-1] < 2**23 else torch.int64  # 255·C fits; int32 sums ~7x faster here
-        exact = diff.sum(-1, dtype=wide).double() * (rescale / current.shape[-1])
+        exact = diff.sum(-1, dtype=wide).double() * (rescale32 / current.shape[-1])
         if bool(((exact - threshold).abs() < band).any()):
             return token_scores(current.float().mul_(rescale), reference.float().mul_(rescale), metric)
         return exact

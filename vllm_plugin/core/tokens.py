@@ -181,7 +181,7 @@ def _l1_scores_8bit(threshold: float, rescale: float):
     faster: the exact score ``Σ|a − b| · rescale / C`` from integer sums (uint8 max − min, no float
     copy of the pixels); a step with any token whose exact score lies within ``_EXACT_BAND`` of τ is
     scored by the float path itself, so every decision is the float path's bit for bit (for a
-    positive, normal float32 ``rescale``: :func:`_exact_scale_ok`; otherwise the float path runs)."""
+    ``rescale`` that :func:`_exact_scale_ok` accepts; for others the float path runs)."""
     band = _EXACT_BAND * threshold
     rescale32 = float(torch.tensor(rescale, dtype=torch.float32))  # the float path's multiplier
 

@@ -13,13 +13,21 @@ Two entry points with different trust:
   are decoded one at a time and handed to the caller at once (one full-size frame in memory), and
   a hostile file whose frames turn out larger or more numerous than its header says is stopped at
   the first frame over the budget.
+
+Video codecs: only the FFmpeg decoders of :func:`video_codecs` ever see client bytes, for stream
+uploads and for ``video_url`` requests alike (the plugin's video loader opens them with
+:func:`open_untrusted` too): :data:`DEFAULT_VIDEO_CODECS`, or the server's ``DTD_VIDEO_CODECS``
+(comma-separated FFmpeg decoder names, read in the process that decodes, checked when the server
+starts: :func:`vllm_plugin.entrypoints.video_loader.install`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -34,6 +42,10 @@ class VideoDecodeError(ValueError):
 
 class MediaTooLarge(VideoDecodeError):
     """The media would decode to more pixels than a limit allows (HTTP 413 at the stream routes)."""
+
+
+class CodecNotAccepted(VideoDecodeError):
+    """The video's codec is not one of the server's :func:`video_codecs` (HTTP 400)."""
 
 
 # Container formats a stream upload may use: FFmpeg demuxer name -> what it is. Each is
@@ -56,10 +68,89 @@ def _refuse_nested_open(url, flags, options):
     raise PermissionError(f"an upload may not open other files or URLs ({str(url)[:80]!r})")
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-# Video codecs an upload may use (FFmpeg codec names): what cameras, screen recorders and browsers
-# produce. Any other of FFmpeg's hundreds of decoders is never run on client bytes.
-UPLOAD_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg")
-_PROBE_DECODERS = ",".join(UPLOAD_CODECS + ("libdav1d", "libvpx", "libvpx-vp9", "aac", "mp3", "opus", "vorbis"))
+# Video codecs a client's video may use by default (FFmpeg decoder names): what cameras, phones,
+# screen recorders and browsers produce, and what older cameras and computer-vision sample data
+# store in AVI / MPEG / WMV-era files (MS-MPEG4 v1-v3, H.263, WMV 1-3 / VC-1, Theora, Sorenson
+# FLV) — the files vLLM's own loaders (OpenCV, PyAV/torchcodec: any FFmpeg decoder) open. Any other
+# of FFmpeg's hundreds of decoders is never run on client bytes. ``DTD_VIDEO_CODECS`` replaces the
+# list; a default decoder this FFmpeg build lacks is left out.
+CODECS_ENV = "DTD_VIDEO_CODECS"
+DEFAULT_VIDEO_CODECS = (
+    "h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg",
+    "msmpeg4v1", "msmpeg4v2", "msmpeg4", "h263", "wmv1", "wmv2", "wmv3", "vc1", "theora", "flv",
+)
+UPLOAD_CODECS = DEFAULT_VIDEO_CODECS  # the name of the fixed list before DTD_VIDEO_CODECS
+# Audio decoders FFmpeg's stream-info probing may open while a file is opened (its audio track is
+# never decoded by us): the usual tracks of the allowed containers.
+_PROBE_AUDIO = ("aac", "mp3", "opus", "vorbis")
+_NOT_SOFTWARE = (1 << 18) | (1 << 19) | (1 << 9)  # AV_CODEC_CAP_HARDWARE, _HYBRID, _EXPERIMENTAL
+
+
+@dataclass(frozen=True)
+class VideoCodecs:
+    """The video codecs client bytes may use. ``names``: the decoder names configured; ``ids``: their
+    codecs (FFmpeg's canonical codec names: ``msmpeg4`` decodes ``msmpeg4v3``, ``libdav1d``
+    ``av1``); ``probe``: FFmpeg's ``codec_whitelist`` while a file is opened (every decoder of this
+    build for those codecs, e.g. ``libdav1d`` for ``av1``, and :data:`_PROBE_AUDIO`)."""
+
+    names: tuple[str, ...]
+    ids: frozenset
+    probe: str
+
+    def accepts(self, codec) -> bool:
+        """Whether a stream's decoder (``av.codec.Codec``) decodes one of these codecs."""
+        return codec.name in self.names or getattr(codec, "canonical_name", codec.name) in self.ids
+
+    def describe(self) -> str:
+        return ", ".join(self.names)
+
+
+def _decoder(name: str):
+    """``av.codec.Codec(name, "r")``, None when this FFmpeg has no decoder of that name."""
+    import av
+
+    try:
+        return av.codec.Codec(name, "r")
+    except Exception:  # av.codec.codec.UnknownCodecError (a ValueError), or FFmpeg's own error
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_codecs(raw: Optional[str]) -> VideoCodecs:
+    import av
+
+    if raw is None:
+        names = tuple(n for n in DEFAULT_VIDEO_CODECS if _decoder(n) is not None)
+    else:
+        names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+        if not names:
+            raise ValueError(f"{CODECS_ENV}={raw!r} names no codec: give comma-separated FFmpeg decoder names "
+                             f"(e.g. {','.join(DEFAULT_VIDEO_CODECS[:4])}), or unset it for the default list")
+        unknown = [n for n in names if _decoder(n) is None]
+        if unknown:
+            raise ValueError(f"{CODECS_ENV}: this FFmpeg (PyAV {av.__version__}) has no decoder named "
+                             f"{', '.join(map(repr, unknown))}; give FFmpeg decoder names "
+                             f"(`ffmpeg -decoders`; default: {','.join(DEFAULT_VIDEO_CODECS)})")
+        audio = [n for n in names if _decoder(n).type != "video"]
+        if audio:
+            raise ValueError(f"{CODECS_ENV}: {', '.join(map(repr, audio))} "
+                             f"{'is not a video decoder' if len(audio) == 1 else 'are not video decoders'}")
+    ids = frozenset(_decoder(n).canonical_name for n in names)
+    probe = [_decoder(n).name for n in names]  # (msmpeg4v3 is decoded by msmpeg4, flv1 by flv)
+    for n in sorted(av.codecs_available):  # the other software decoders of these codecs (libdav1d for av1...)
+        c = _decoder(n) if n not in probe else None
+        if c is not None and c.type == "video" and c.canonical_name in ids and not c.capabilities & _NOT_SOFTWARE:
+            probe.append(c.name)
+    return VideoCodecs(names, ids, ",".join(dict.fromkeys(probe + list(_PROBE_AUDIO))))
+
+
+def video_codecs(env=None) -> VideoCodecs:
+    """The video codecs client bytes may use: ``DTD_VIDEO_CODECS`` of ``env`` (default
+    ``os.environ``, read at each call: the process that decodes reads it) — comma-separated FFmpeg
+    decoder names — else :data:`DEFAULT_VIDEO_CODECS` (those this FFmpeg has). Raises ValueError
+    naming the variable for a name this FFmpeg has no video decoder of."""
+    raw = (os.environ if env is None else env).get(CODECS_ENV)
+    return _parse_codecs(raw.strip() if raw and raw.strip() else None)
 
 
 def sniff_container(data: bytes) -> str:
@@ -180,18 +271,37 @@ def _frames_from_header(container, stream) -> int:
     return 0
 
 
+def _container_frame_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """The first video track's frame size as the container header declares it, opened with no
+    decoder allowed (``(0, 0)`` when it declares none or cannot be opened)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
+                     container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS),
+                                        "codec_whitelist": "none"}) as container:
+            if container.streams.video:
+                cc = container.streams.video[0].codec_context
+                return int(cc.width or 0), int(cc.height or 0)
+    except av.error.FFmpegError:
+        pass
+    return 0, 0
+
+
 @contextlib.contextmanager
 def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
     """Open a client's video bytes: ``(container, its first video stream)``, closed on exit.
 
     Only :data:`UPLOAD_FORMATS` (demuxer chosen from the leading bytes, nested opens refused), at
-    most :data:`MAX_UPLOAD_TRACKS` tracks, codecs of :data:`UPLOAD_CODECS`, and FFmpeg's own
+    most :data:`MAX_UPLOAD_TRACKS` tracks, codecs of :func:`video_codecs`, and FFmpeg's own
     ``max_pixels`` limit on the decoders (frames decoded while opening included). The frame size
     is checked from the codec parameters before anything is decoded. Raises
-    :class:`MediaTooLarge` / :class:`VideoDecodeError` (FFmpeg's errors while opening included).
+    :class:`MediaTooLarge` / :class:`CodecNotAccepted` / :class:`VideoDecodeError` (FFmpeg's errors
+    while opening included); ValueError when ``DTD_VIDEO_CODECS`` is invalid.
     """
     import av
 
+    codecs = video_codecs()  # a misconfigured server fails here (ValueError), not with the client's error
     if not data:
         raise VideoDecodeError("empty video data")
     fmt = sniff_container(data)
@@ -200,7 +310,7 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
         # codec_whitelist: the decoders FFmpeg's stream-info probing may open while the file is opened
         container = av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
                             container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS),
-                                               "codec_whitelist": _PROBE_DECODERS},
+                                               "codec_whitelist": codecs.probe},
                             stream_options=[capped] * MAX_UPLOAD_TRACKS)
     except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
         raise MediaTooLarge(f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
@@ -212,12 +322,18 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
             raise VideoDecodeError(f"{what} has no video stream")
         stream = container.streams.video[0]
         codec = stream.codec_context.codec
-        if getattr(codec, "canonical_name", codec.name) not in UPLOAD_CODECS:  # av1 may be decoded by libdav1d
-            raise VideoDecodeError(f"video codec {codec.name!r} is not accepted "
-                                   f"(accepted: {', '.join(UPLOAD_CODECS)})")
+        if not codecs.accepts(codec):  # by decoder or codec name: av1 may be decoded by libdav1d
+            raise CodecNotAccepted(f"video codec {codec.name!r} is not accepted by this server (accepted: "
+                                   f"{codecs.describe()}; the server's {CODECS_ENV} sets the list)")
         stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
         w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if w <= 0 or h <= 0:
+            # a decoder that refused the cap while the file was opened (the MPEG-4 / H.263 family
+            # checks its size when it opens) leaves no size: the container's own, no decoder run
+            dw, dh = _container_frame_size(data, fmt)
+            if dw * dh > max_frame_pixels:
+                raise MediaTooLarge(f"video frames of {dw}x{dh} pixels exceed the limit of {max_frame_pixels} "
+                                    "pixels per frame")
             raise VideoDecodeError(f"{what} declares no frame size")
         if w * h > max_frame_pixels:
             raise MediaTooLarge(f"video frames of {w}x{h} pixels exceed the limit of {max_frame_pixels} pixels per frame")

@@ -38,6 +38,9 @@ kept tokens still show (``held_error``: mean |token − last kept token at its p
 ``throughput_ratio=<dtd/stock requests/s> ceiling=<total/kept tokens> dtd_overhead=<share>`` (pixel
 level), followed by ``vllm_loader_throughput_ratio=…`` (DTD with vLLM's video loader / stock) and
 ``feature_throughput_ratio=… feature_dtd_overhead=…`` when those ran.
+A clip that cannot be read here, or that the DTD server refuses (a 400: e.g. a size limit), is reported
+on one line (``skipped <clip>: <reason>``) and left out; the run goes on with the others, and exits
+non-zero when none of the clips given (or found) is left.
 Checkpoint ``--size`` (default ``bench7b``: an encoder as costly, relative to its LLM, as
 Qwen2.5-VL-7B's)
 """
@@ -80,29 +83,45 @@ class Clip:
     pixel: "object"  # torch (T, H, W, C) pixel tokens, for the equal-budget comparison
     frames: np.ndarray
     fps: float
+    given: bool = True  # one of the clips given (or found), not the synthetic one
 
     @property
     def video_tokens(self) -> int:
         return self.steps * self.tokens_per_step
 
 
-def prepare_clips(videos: list[Path], fps: float, max_frames: int, media: Path, synthetic: bool = True) -> list[Clip]:
+def skip(clip: str, reason: str) -> None:
+    """The one line a refused clip gets."""
+    print(f"  skipped {clip}: {reason}", flush=True)
+
+
+def prepare_clips(videos: list[Path], fps: float, max_frames: int, media: Path, synthetic: bool = True,
+                  refused: Optional[dict[str, str]] = None) -> list[Clip]:
     """Each clip's first ``max_frames`` frames at ``fps``, at its NATIVE resolution, re-encoded as
-    ordinary H.264 (the servers decode and resize them, as they would a user's video)."""
+    ordinary H.264 (the servers decode and resize them, as they would a user's video). A clip that
+    does not decode is reported (:func:`skip`), recorded in ``refused`` and left out."""
     from analysis.lib.synthetic import make_clip
-    from analysis.lib.video import load_video
+    from analysis.lib.video import VideoDecodeError, load_video
     from analysis.lib.workbench import load_tokens
 
-    sources = [(Path(v).stem, load_video(v, fps=fps, max_frames=max_frames).frames) for v in videos]
+    sources = []
+    for v in videos:
+        try:
+            sources.append((Path(v).stem, load_video(v, fps=fps, max_frames=max_frames).frames, True))
+        except VideoDecodeError as e:
+            reason = f"cannot be read: {' '.join(str(e).split())}"
+            if refused is not None:
+                refused[Path(v).name] = reason
+            skip(Path(v).name, reason)
     if synthetic:
         every = max(1, int(round(2.0 / fps)))  # the synthetic clip is 2 fps, 448x448
-        sources.append(("synthetic", make_clip(cells=16).frames[::every][:max_frames]))
+        sources.append(("synthetic", make_clip(cells=16).frames[::every][:max_frames], False))
     clips = []
-    for name, frames in sources:
+    for name, frames, given in sources:
         frames = frames[: len(frames) // 2 * 2, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # even sizes (4:2:0)
         path = write_video(media / f"{name}.mp4", frames, fps, lossless=False)
         vt = load_tokens(path, fps=fps)  # what the model sees: the encoded frames at the processor's size
-        clips.append(Clip(name, path, vt.tokens_per_step, vt.grid[0], vt.pixel, frames, fps))
+        clips.append(Clip(name, path, vt.tokens_per_step, vt.grid[0], vt.pixel, frames, fps, given))
     return clips
 
 
@@ -249,12 +268,23 @@ def server_args(media: Path, extra: list[str]) -> list[str]:
             "--allowed-local-media-path", str(media), "--limit-mm-per-prompt", json.dumps({"video": 1}), *extra]
 
 
+class ClipRefused(Exception):
+    """The server answered a clip with a 4xx (its video guards, a size limit...)."""
+
+
+def none_left(refused: dict[str, str]) -> SystemExit:
+    return SystemExit(f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure")
+
+
 def served_dtd_stats(srv, path: Path, mm: Optional[dict] = None) -> dict:
+    """The server's ``x-dtd-stats`` of the clip's video. Raises :class:`ClipRefused` for a 4xx."""
     body = {"model": srv.model, "max_tokens": 1, "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": f"file://{path}"}}, {"type": "text", "text": QUESTION}]}]}
     if mm:
         body["mm_processor_kwargs"] = mm
     r = requests.post(srv.base_url + "/v1/chat/completions", json=body, timeout=600)
+    if 400 <= r.status_code < 500:
+        raise ClipRefused(f"the server refused it ({r.status_code}): {' '.join(r.text.split())[:300]}")
     r.raise_for_status()
     return json.loads(r.headers["x-dtd-stats"])["videos"][0]
 
@@ -393,14 +423,26 @@ def main(argv=None) -> int:
     model = model_from_arguments(ap, args)
     media = Path(tempfile.mkdtemp(prefix="dtd-bench-"))
     try:
-        clips = prepare_clips(args.video or default_videos(), args.fps, args.frames, media, not args.no_synthetic)
+        videos, refused = args.video or default_videos(), {}
+        clips = prepare_clips(videos, args.fps, args.frames, media, not args.no_synthetic, refused)
+        if not any(c.given for c in clips):  # (the synthetic clip alone is no benchmark of the clips asked for)
+            raise none_left(refused)
         print(f"{len(clips)} clips at {args.fps:g} fps, ≤{args.frames} frames; checkpoint {model.name}; "
               f"concurrency 1 and {args.concurrency}", flush=True)
         cfg = dtd_config_from_kwargs({})
 
         print("(1) DTD-vLLM", flush=True)
         with VLLMServer(model, server_args(media, []), module="vllm_plugin.serve", log_path=args.out / "dtd.log") as srv:
-            served = {c.name: served_dtd_stats(srv, c.path) for c in clips}
+            served = {}
+            for c in list(clips):  # the first request of each clip: one the server refuses is left out
+                try:
+                    served[c.name] = served_dtd_stats(srv, c.path)
+                except ClipRefused as e:
+                    refused[c.path.name] = str(e)
+                    skip(c.path.name, str(e))
+                    clips.remove(c)
+            if not any(c.given for c in clips):
+                raise none_left(refused)
             before = timing(_metrics(srv.base_url))
             dtd = measure(srv, {c.name: c.path for c in clips}, args, "DTD")
             after = timing(_metrics(srv.base_url))
@@ -468,7 +510,7 @@ def main(argv=None) -> int:
           f"EVS: {evs['outcome']}; took {time.perf_counter() - t_start:.0f} s")
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "checkpoint": model.name, "summary": summary,
               "dtd": dtd, "stock": stock, "uniform": uniform, "held": held, "decision": decision, "evs": evs,
-              "served_stats": served, "feature": feature, "feature_decision": feature_decision,
+              "served_stats": served, "refused": refused, "feature": feature, "feature_decision": feature_decision,
               "served_feature_stats": served_feature, "dtd_vllm_loader": dtd_vllm_loader,
               "seconds": time.perf_counter() - t_start}
     (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=float))

@@ -18,6 +18,11 @@ Per clip (default: the ORIGINAL files of ``../shared/videos``, as a user would s
 3. **Stock vLLM** (plugin not loaded; ``--no-stock`` skips it): requests/s and TTFT at the same
    concurrency, the baseline a user has without this project.
 
+A clip the plugin's loader or a server refuses (its codec is not in the server's
+``DTD_VIDEO_CODECS``, a size limit, a file that does not decode: a 400) is reported on one line
+(``skipped <clip>: <reason>``) and left out; the others are measured. When every clip is refused
+the tool exits non-zero with that message.
+
 Writes ``bench_preprocess.json`` and ``.html``. The last line is
 ``preprocess_speedup=<median over clips> mask_agreement=<min over clips>``.
 """
@@ -40,6 +45,42 @@ from analysis.lib.reports import write_report
 
 EXACT = {"video": {"fast_decode": False}}
 FALLBACK_NOTE = " (the plugin's loader handed this file to vLLM's)"
+
+
+def skip(clip: str, reason: str) -> None:
+    """The one line a refused clip gets."""
+    print(f"  skipped {clip}: {reason}", flush=True)
+
+
+def none_left(refused: dict[str, str]) -> SystemExit:
+    return SystemExit(f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure")
+
+
+def equivalence(clips: dict[str, Path], model: Path, fps: float, dtd, refused: dict[str, str]) -> dict:
+    """Step (1): :func:`analysis.lib.preprocess.compare_loaders` per clip, printed; a clip a loader
+    refuses is reported, recorded in ``refused`` and left out of the result."""
+    from analysis.lib.preprocess import ClipRefused, compare_loaders
+
+    eq = {}
+    for name, path in clips.items():
+        try:
+            c = eq[name] = compare_loaders(path, model, fps=fps, dtd=dtd)
+        except ClipRefused as e:
+            refused[name] = e.reason
+            skip(name, e.reason)
+            continue
+        print(f"  {c.clip:30s} frames {c.frames:4d} indices {'=' if c.indices_equal else '≠'} grid "
+              f"{'=' if c.grid_equal else '≠'} {c.grid} |Δ| mean {c.mean_abs_diff:.2f} max {c.max_abs_diff:.0f} "
+              f"mask agreement {c.mask_agreement:.4f}{'' if c.planned else FALLBACK_NOTE}", flush=True)
+    return eq
+
+
+def refusal(r: dict) -> str | None:
+    """The server's refusal of a request (a 4xx answer), one line; None when it was not refused."""
+    status = r.get("status")
+    if isinstance(status, int) and 400 <= status < 500:
+        return f"the server refused it ({status}): {' '.join(str(r.get('error', '')).split())[:300]}"
+    return None
 
 
 def preprocess_seconds(srv, path: Path, media_io, n: int) -> list[float]:
@@ -82,7 +123,6 @@ def main(argv=None) -> int:
             ap.error(f"no such video: {v}")
 
     from analysis.harness.server import VLLMServer
-    from analysis.lib.preprocess import compare_loaders
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs
 
     t_start = time.perf_counter()
@@ -97,19 +137,26 @@ def main(argv=None) -> int:
 
         print("(1) equivalence, in process", flush=True)
         cfg = dtd_config_from_kwargs({})
-        eq = {name: compare_loaders(path, model, fps=args.fps, dtd=cfg) for name, path in clips.items()}
-        for c in eq.values():
-            print(f"  {c.clip:30s} frames {c.frames:4d} indices {'=' if c.indices_equal else '≠'} grid "
-                  f"{'=' if c.grid_equal else '≠'} {c.grid} |Δ| mean {c.mean_abs_diff:.2f} max {c.max_abs_diff:.0f} "
-                  f"mask agreement {c.mask_agreement:.4f}{'' if c.planned else FALLBACK_NOTE}", flush=True)
+        refused: dict[str, str] = {}
+        eq = equivalence(clips, model, args.fps, cfg, refused)
+        clips = {name: path for name, path in clips.items() if name in eq}
+        if not clips:
+            raise none_left(refused)
 
         extra = ["--media-io-kwargs", json.dumps({"video": {"fps": args.fps}})]
         rows = {name: {"clip": name, **eq[name].as_row()} for name in clips}
         print("(2) DTD-vLLM: vLLM's loader (fast_decode false) and the plugin's", flush=True)
         with VLLMServer(model, server_args(media, extra), module="vllm_plugin.serve", log_path=args.out / "dtd.log") as srv:
-            for name, path in clips.items():
-                for mio in (EXACT, None):
-                    one_request(srv.base_url, srv.model, path, 1, media_io=mio)  # warm-up
+            for name, path in list(clips.items()):
+                for mio in (EXACT, None):  # warm-up, each loader; a refused clip is left out
+                    why = refusal(one_request(srv.base_url, srv.model, path, 1, media_io=mio))
+                    if why:
+                        break
+                if why:
+                    refused[name] = why
+                    skip(name, why)
+                    del clips[name], rows[name]
+                    continue
                 exact = preprocess_seconds(srv, path, EXACT, args.requests)
                 fast = preprocess_seconds(srv, path, None, args.requests)
                 load_exact = run_load(srv.base_url, srv.model, path, args.load_requests, args.concurrency, 4, None, media_io=EXACT)
@@ -128,7 +175,10 @@ def main(argv=None) -> int:
             print("(3) stock vLLM (plugin not loaded)", flush=True)
             with VLLMServer(model, server_args(media, extra), log_path=args.out / "stock.log") as srv:
                 for name, path in clips.items():
-                    one_request(srv.base_url, srv.model, path, 1)
+                    why = refusal(one_request(srv.base_url, srv.model, path, 1))
+                    if why:  # stock vLLM's own refusal: the clip's DTD numbers stay, without a stock baseline
+                        skip(f"{name} (stock vLLM)", why)
+                        continue
                     load = run_load(srv.base_url, srv.model, path, args.load_requests, args.concurrency, 4, None)
                     rows[name].update(req_s_stock=load["req_per_s"], ttft_p50_stock=load.get("ttft_p50_s"),
                                       prompt_tokens_stock=load.get("prompt_tokens"))
@@ -138,10 +188,12 @@ def main(argv=None) -> int:
         shutil.rmtree(media, ignore_errors=True)
 
     table = list(rows.values())
+    if not table:
+        raise none_left(refused)
     speedup = statistics.median(r["served_speedup"] for r in table)
     agreement = min(r["mask_agreement"] for r in table)
     summary = {"fps": args.fps, "concurrency": args.concurrency, "checkpoint": model.name,
-               "preprocess_speedup": speedup, "mask_agreement": agreement, "clips": table,
+               "preprocess_speedup": speedup, "mask_agreement": agreement, "clips": table, "refused": refused,
                "seconds": time.perf_counter() - t_start}
     (args.out / "bench_preprocess.json").write_text(json.dumps(summary, indent=2, default=str))
     write_report(args.out / "bench_preprocess.html", [figure(table)], "Video preprocessing: vLLM's loader vs the plugin's")

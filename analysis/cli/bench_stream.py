@@ -17,6 +17,10 @@ client) and prefilled (= prompt − cached) tokens.
 The last line compares the FIRST mode (default eager) with stock: ``ttft_ratio=<(a)/(b) TTFT at the
 last question> prefill_ratio=<same for prefilled tokens> question_prefill_tokens=<mean prefilled
 tokens per question of (a)> ttft_growth=<(a) TTFT p50 of the last 5 questions / the first 5>``.
+
+The clip is decoded here (the streams get its frames as images): one that cannot be decoded is
+reported on one line (``skipped <clip>: <reason>``) and, as it is the only clip, the tool exits
+non-zero with that message, before any server starts.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
 from analysis.lib.paths import results_dir
 from vllm_plugin.streams.session import Geometry
-from analysis.lib.video import SAMPLE_VIDEO, load_video, write_video
+from analysis.lib.video import SAMPLE_VIDEO, VideoDecodeError, load_video, write_video
 
 QUESTION = "What is happening now?"
 BENCH_SIZE = (168, 280)  # frames resized to 6x10 tokens per temporal step so that (b) fits a 32k context
@@ -148,8 +152,13 @@ def main(argv=None) -> int:
         ap.error(f"--modes: choose from {sorted(MODES)}")
 
 
+    try:
+        frames, stamps = prepare_frames(args.video, args.fps, args.minutes)
+    except VideoDecodeError as e:
+        reason = f"cannot be read: {' '.join(str(e).split())}"
+        print(f"  skipped {args.video.name}: {reason}", flush=True)
+        raise SystemExit(f"every clip was refused ({args.video.name}: {reason}): nothing to measure") from None
     model = model_from_arguments(ap, args)
-    frames, stamps = prepare_frames(args.video, args.fps, args.minutes)
     points = question_points(len(frames), args.fps, args.every)
     server_args = ["--max-model-len", "32768", "--max-num-batched-tokens", "32768", "--block-size", "32",
                    "--enable-prompt-tokens-details",

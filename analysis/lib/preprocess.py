@@ -5,7 +5,9 @@ video processor on each result, and reports: the sampled frame indices (must be 
 processor grid (must be equal), the pixel difference of the processed patches (mean and max
 absolute, in 0-255 units; only the resampling filter differs), the DTD pixel-level mask agreement at
 a threshold (fraction of tokens decided the same), and the seconds of each stage. The serving
-benchmark (:mod:`analysis.cli.bench_preprocess`) measures the same through real servers.
+benchmark (:mod:`analysis.cli.bench_preprocess`) measures the same through real servers. A clip
+either loader refuses (the plugin's guards: container, codec — ``DTD_VIDEO_CODECS`` — and size;
+or a file neither can decode) raises :class:`ClipRefused`, what a server answers with a 400.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ import numpy as np
 import torch
 
 from vllm_plugin.core import DTDConfig, PatchLayout, pixel_keep_mask
+
+# what a loader raises for a file it refuses or cannot read: the plugin's VideoDecodeError (a
+# ValueError: codec, container, size), vLLM's ValueError / OpenCV's and FFmpeg's errors
+LOADER_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+class ClipRefused(Exception):
+    """A video loader refused the clip: ``clip`` (its file name) and ``reason`` (one line)."""
+
+    def __init__(self, clip: str, reason: str):
+        super().__init__(f"{clip}: {reason}")
+        self.clip, self.reason = clip, reason
 
 
 @dataclass
@@ -75,7 +89,8 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
                     repeats: int = 1) -> LoaderComparison:
     """Both loaders (vLLM's ``qwen2_vl`` on OpenCV; the plugin's, scaled to the processor's size) on
     the clip at ``path``, each followed by the model's HF video processor and the pixel-level DTD
-    decision (``dtd``, default :class:`DTDConfig`). Seconds are the best of ``repeats``."""
+    decision (``dtd``, default :class:`DTDConfig`). Seconds are the best of ``repeats``. Raises
+    :class:`ClipRefused` when either loader refuses the clip (the plugin's is tried first)."""
     from vllm.multimodal.video import Qwen2VLVideoBackend
 
     from vllm_plugin.entrypoints import video_loader
@@ -88,11 +103,15 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
     layout = PatchLayout(merge_size=vp.merge_size, temporal_patch_size=vp.temporal_patch_size,
                          image_mean=tuple(vp.image_mean), image_std=tuple(vp.image_std))
 
-    def run(load):
+    def run(load, loader: str):
         best = None
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
-            frames, meta = load()
+            try:
+                frames, meta = load()
+            except LOADER_ERRORS as e:
+                reason = " ".join(str(e).split()) or "no message"
+                raise ClipRefused(Path(path).name, f"{loader} refused it: {type(e).__name__}: {reason}") from e
             t1 = time.perf_counter()
             pv, grid = _process(vp, frames, meta)
             t2 = time.perf_counter()
@@ -106,10 +125,10 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
     previous = video_loader._SIZING
     try:
         video_loader._SIZING = sizing
-        fast = run(lambda: fast_cls.load_bytes(data, fps=fps))
+        fast = run(lambda: fast_cls.load_bytes(data, fps=fps), "the plugin's video loader")
     finally:
         video_loader._SIZING = previous
-    ref = run(lambda: Qwen2VLVideoBackend.load_bytes(data, fps=fps))
+    ref = run(lambda: Qwen2VLVideoBackend.load_bytes(data, fps=fps), "vLLM's video loader")
     grid_equal = bool(torch.equal(ref[2], fast[2]))
     if grid_equal:
         std = torch.tensor(vp.image_std).view(1, 3, 1) * 255.0

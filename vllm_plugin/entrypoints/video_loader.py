@@ -30,7 +30,11 @@ made the default of the served model's video processor when the plugin serves a 
 Guards: the container allow-list, nested-open refusal, track and codec limits and FFmpeg's own
 ``max_pixels`` cap of :func:`vllm_plugin.media.open_untrusted` (the stream uploads' rules), and
 vLLM's ``VLLM_MAX_IMAGE_PIXELS`` check, before any frame is decoded; only kept frames, at the
-processor's size, are held.
+processor's size, are held. The codecs are the server's ``DTD_VIDEO_CODECS`` (comma-separated FFmpeg
+decoder names; default :data:`vllm_plugin.media.DEFAULT_VIDEO_CODECS`, what vLLM's own loaders
+commonly meet, MS-MPEG4 AVI included), one list for ``video_url`` requests and stream uploads,
+checked when the server starts (:func:`install`); a video of another codec is refused with
+:class:`vllm_plugin.media.CodecNotAccepted` (HTTP 400) whichever loader would decode it.
 
 ``fast_decode: false`` (``--media-io-kwargs '{"video": {"fast_decode": false}}'`` for the server, or a
 request's ``media_io_kwargs``) runs vLLM's own loader unchanged (bit-identical frames) behind the
@@ -150,6 +154,7 @@ def _concurrency() -> int:
 
 
 _SIZING: Optional[FrameSizing] = None
+_LOGGED_CODECS: list = [None]  # the codec list install() last logged
 _THREADS = min(16, _cpus())  # FFmpeg frame threads per decode (FFmpeg's own automatic choice caps at 16 too)
 _SLOTS = threading.BoundedSemaphore(_concurrency())
 
@@ -431,12 +436,20 @@ def check_vllm(base: type) -> None:
 def install(model_config, video_processor, server_kwargs: dict) -> Optional[str]:
     """Register the fast loader for the served model's video processor in vLLM's
     ``VIDEO_LOADER_REGISTRY`` (the API server's process only; idempotent) and set the frame sizing.
-    ``DTD_FAST_VIDEO_LOADER=0`` leaves vLLM's choice alone. Returns the backend name or None."""
+    ``DTD_FAST_VIDEO_LOADER=0`` leaves vLLM's choice alone. Returns the backend name or None.
+    Checks ``DTD_VIDEO_CODECS`` first (ValueError naming it: the server does not start)."""
     global _SIZING
     from vllm import envs
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
     from vllm.transformers_utils.processor import get_video_processor_cls_name
 
+    from vllm_plugin.media import CODECS_ENV, video_codecs
+
+    # the guards apply whichever loader decodes: a bad DTD_VIDEO_CODECS fails the server's start
+    accepted = video_codecs().describe()
+    if _LOGGED_CODECS[0] != accepted:
+        _LOGGED_CODECS[0] = accepted
+        logger.info("DTD video guards: video codecs accepted (%s): %s", CODECS_ENV, accepted)
     if os.environ.get("DTD_FAST_VIDEO_LOADER", "1").strip().lower() in ("0", "false", "no", "off"):
         logger.info("DTD video loader: off (DTD_FAST_VIDEO_LOADER=0), vLLM's loader decodes videos")
         return None

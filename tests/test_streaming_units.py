@@ -109,7 +109,9 @@ def test_server_default_last_kept_does_not_break_streams():
     from vllm_plugin.streams.routes import OpenStreamRequest
     from vllm_plugin.streams.service import StreamService
 
-    svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1}, max_model_len=4096)
+    svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1}, max_model_len=4096,
+                          mm_processor=SimpleNamespace(_dtd_stream_t_factor=lambda fps: 4 / fps), position_room=12288,
+                          check_text=lambda text, what: None)
     settings = StreamService.settings(svc, OpenStreamRequest())
     assert settings.dtd.reference == "previous" and settings.dtd.threshold == 0.1
     with pytest.raises(StreamError, match="dtd_reference"):  # asked for explicitly: still a clear 400

@@ -20,8 +20,15 @@ __all__ = ["DTD_ARCHITECTURES", "register"]
 
 
 def register() -> None:
-    """Entry point for ``vllm.general_plugins``. Idempotent: safe in every process, any number of times."""
+    """Entry point for ``vllm.general_plugins``. Idempotent: safe in every process, any number of times.
+
+    Refuses a vLLM release the plugin was not written for (:class:`~vllm_plugin.entrypoints.vllm_patches.VLLMMismatch`;
+    ``DTD_ALLOW_ANY_VLLM=1`` overrides, with a warning)."""
     from vllm import ModelRegistry
+
+    from vllm_plugin.entrypoints.vllm_patches import check_vllm_version
+
+    check_vllm_version()
 
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in FAMILIES.values():

@@ -15,13 +15,16 @@ from vllm_plugin.core.config import (
     default_threshold, validate_threshold,
 )
 from vllm_plugin.core.masks import dtd_keep_mask, dtd_keep_mask_relative, next_reference, relative_kept_counts, token_scores
-from vllm_plugin.core.positions import kept_thw, mrope_positions, timestamped_mrope_positions
+from vllm_plugin.core.positions import (
+    kept_thw, mrope_positions, timestamped_mrope_positions, timestamped_position_span, video_position_span,
+)
 from vllm_plugin.core.stats import DTDStats, mask_digest, mask_stats
 from vllm_plugin.core.tokens import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchLayout, frame_tokens, pixel_keep_mask, pixel_tokens
 
 __all__ = [
     "CRITERIA", "DEFAULT_FEATURE_METRIC", "DEFAULT_METRIC", "DEFAULT_METRICS", "DEFAULT_THRESHOLDS", "METRICS", "REFERENCES", "DTDConfig",
     "default_threshold", "validate_threshold", "dtd_keep_mask", "dtd_keep_mask_relative", "next_reference",
-    "relative_kept_counts", "token_scores", "kept_thw", "mrope_positions", "timestamped_mrope_positions", "DTDStats", "mask_digest", "mask_stats",
+    "relative_kept_counts", "token_scores", "kept_thw", "mrope_positions", "timestamped_mrope_positions",
+    "timestamped_position_span", "video_position_span", "DTDStats", "mask_digest", "mask_stats",
     "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "PatchLayout", "frame_tokens", "pixel_keep_mask", "pixel_tokens",
 ]

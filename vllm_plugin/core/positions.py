@@ -45,8 +45,16 @@ def mrope_positions(
     thw = kept_thw(mask)
     t_index = (torch.arange(T, dtype=torch.float64) * float(second_per_grid_t) * float(tokens_per_second)).long()
     pos = torch.stack([t_index[thw[:, 0]], thw[:, 1], thw[:, 2]]) + int(start)
-    next_start = int(start) + max(int(t_index[-1]), H - 1, W - 1) + 1
-    return pos, next_start
+    return pos, int(start) + video_position_span(T, H, W, float(second_per_grid_t) * float(tokens_per_second))
+
+
+def video_position_span(T: int, H: int, W: int, t_factor: float) -> int:
+    """Positions one video item takes in the Qwen2-VL / Qwen2.5-VL rule, whatever DTD keeps: 1 + the
+    largest position of its FULL grid relative to its start, ``max(int((T-1) * t_factor), H-1, W-1) + 1``
+    (``t_factor`` = seconds per temporal step × the vision config's ``tokens_per_second``; 1 for Qwen2-VL).
+    A video with frames far apart in time spans far more positions than it has tokens."""
+    last_t = int(torch.tensor(float(T - 1), dtype=torch.float64).mul(float(t_factor)).item()) if T > 0 else 0
+    return max(last_t, H - 1, W - 1) + 1
 
 
 def timestamped_mrope_positions(mask: torch.Tensor, text_lens, start: int = 0) -> tuple[torch.Tensor, int]:
@@ -84,3 +92,9 @@ def timestamped_mrope_positions(mask: torch.Tensor, text_lens, start: int = 0) -
             pos, p = mrope_positions(mask[t:t + 1], start=p)
             parts.append(pos)
     return torch.cat(parts, dim=1), p
+
+
+def timestamped_position_span(T: int, H: int, W: int, text_tokens: int) -> int:
+    """Positions one Qwen3-VL-style video item takes (:func:`timestamped_mrope_positions`): its
+    ``text_tokens`` text tokens one each, and ``max(H, W)`` per temporal step whatever DTD keeps."""
+    return int(text_tokens) + int(T) * max(int(H), int(W))

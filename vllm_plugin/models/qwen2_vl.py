@@ -26,7 +26,7 @@ from vllm_plugin.models.vision import VisionTowerSpec
 vllm_patches.require(EncoderCudaGraphConfig, "modalities")
 vllm_patches.require(EncoderCudaGraphConfig, "max_frames_per_video")
 vllm_patches.require(ProcessorInputs, "hf_processor_mm_kwargs")
-vllm_patches.require_read("vllm.v1.worker.gpu_model_runner", "requires_sequential_video_encoding")
+vllm_patches.check_sequential_video_encoding()  # DTDModelMixin.requires_sequential_video_encoding
 
 
 class DTDQwen2VLProcessingInfo(DTDProcessingInfoMixin, Qwen2VLProcessingInfo):

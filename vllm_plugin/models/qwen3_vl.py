@@ -34,7 +34,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import ProcessorInputs
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
-from vllm_plugin.core import timestamped_mrope_positions
+from vllm_plugin.core import timestamped_mrope_positions, timestamped_position_span
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.models.base import MASK_KEY, DTDModelMixin, DTDMultiModalProcessorMixin, DTDProcessingInfoMixin
 from vllm_plugin.models.vision import VisionTowerSpec
@@ -44,7 +44,7 @@ vllm_patches.require(EncoderCudaGraphConfig, "modalities")
 vllm_patches.require(EncoderCudaGraphConfig, "max_frames_per_video")
 vllm_patches.require(ProcessorInputs, "hf_processor_mm_kwargs")
 vllm_patches.require(Qwen3VLMultiModalProcessor, "get_video_repl")
-vllm_patches.require_read("vllm.v1.worker.gpu_model_runner", "requires_sequential_video_encoding")
+vllm_patches.check_sequential_video_encoding()  # DTDModelMixin.requires_sequential_video_encoding
 
 
 def step_text_lens(item_tokens: Sequence[int], kept_per_step: Sequence[int], vision_start_id: int, video_id: int) -> list[int]:
@@ -90,6 +90,10 @@ class DTDQwen3VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen3VLMultiMod
             video_token_id=hf_config.video_token_id,
             select_token_id=True,
         )
+
+    def _dtd_position_span(self, steps: int, h: int, w: int, t_factor: float, text_tokens: int) -> int:
+        """Time is in each step's timestamp text: every step's grid takes ``max(h, w)`` positions."""
+        return timestamped_position_span(steps, h, w, text_tokens)
 
 
 class DTDTimestampedPositionsMixin:

@@ -68,11 +68,16 @@ class EncodeQueue:
     def submit(self, frames: np.ndarray, steps: int) -> Future:
         """Encode ``steps`` temporal steps (reserved with :meth:`reserve`); the future gives the
         features, float32 (steps * tokens per step, hidden)."""
-        fut: Future = Future()
-        with self._cv:
-            self._jobs.append((frames, steps, fut))
+        per_step = len(frames) // max(1, steps)
+        pieces = [(frames[a * per_step:(a + k) * per_step], k) for a in range(0, steps, self.max_batch_steps)
+                  for k in [min(self.max_batch_steps, steps - a)]]
+        futures = [Future() for _ in pieces]
+        with self._cv:  # a job is at most one tower call: an append of many steps is encoded in pieces
+            self._jobs.extend((f, k, fut) for (f, k), fut in zip(pieces, futures))
             self._cv.notify()
-        return fut
+        if len(futures) == 1:
+            return futures[0]
+        return _joined(futures)
 
     def _run(self) -> None:
         while True:
@@ -97,6 +102,30 @@ class EncodeQueue:
                         fut.set_exception(e)
             finally:
                 self.release(n)
+
+
+def _joined(futures: list) -> Future:
+    """One future for several: the pieces' features concatenated in order, or the first error."""
+    import torch
+
+    out: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_):
+        with lock:
+            left[0] -= 1
+            if left[0] or out.done():
+                return
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            out.set_exception(errors[0])
+        else:
+            out.set_result(torch.cat([f.result() for f in futures]))
+
+    for f in futures:
+        f.add_done_callback(done)
+    return out
 
 
 def processor_patchify(video_processor) -> Callable:

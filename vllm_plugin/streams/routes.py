@@ -99,7 +99,11 @@ def _b64(data: str, limit: int) -> bytes:
     if len(data) > limit * 4 // 3 + 8:
         raise StreamError(f"upload larger than {limit} bytes", 413)
     try:
-        return base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
+        if data.startswith("data:"):
+            if "," not in data:
+                raise StreamError("a data: URI needs a comma before its base64 payload")
+            data = data.split(",", 1)[1]
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise StreamError("not valid base64") from None
 

@@ -29,7 +29,26 @@ from vllm_plugin.streams.prompt import ChatPrompt
 from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
+MAX_CHARS_PER_TOKEN = 32  # a text longer than the context's tokens × this is refused before tokenizing
+MIN_CHUNK_STEPS = 16  # a stream's fps must let a chunk of this many temporal steps fit half the position room
 QUESTION_ROOM = 128  # tokens an eager prefill leaves for the next question's text and answer (at most a quarter of the budget)
+
+
+def describe(e: BaseException) -> str:
+    """An exception for a log line or an event: its type when it has no message (vLLM's EngineGenerateError)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else f"{type(e).__name__} (no message; see the server log)"
+
+
+async def off_loop(fn, *args):
+    """``fn(*args)`` in a worker thread; a cancelled caller still waits for it to finish (it changes
+    stream state under the stream's lock: nothing may run half-done behind the caller's cleanup)."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
@@ -110,6 +129,27 @@ class StreamService:
         self._encoder: Optional[EncodeQueue] = None
         self._encoder_lock = threading.Lock()
         self.prefix_caching = bool(getattr(engine_client.vllm_config.cache_config, "enable_prefix_caching", True))
+        # positions: what the conversation's video items may span beyond their tokens before a request would
+        # pass the rotary table (the processor refuses those: DTDMultiModalProcessorMixin._dtd_check_positions)
+        from vllm_plugin.models.base import rope_positions
+
+        self.mm_processor = mm_processor
+        self.position_room = rope_positions(info.get_hf_config()) - max(self.max_model_len or 0, 1)
+
+    def chunk_extra_positions(self, stream: Stream, a: int, b: int, steps: Optional[int] = None) -> int:
+        """Positions the item of frames ``[a, b)`` spans beyond its video tokens (the family's rule,
+        :meth:`DTDMultiModalProcessorMixin._dtd_position_span`): frames far apart in time, or DTD keeping
+        few of many steps, whose survivors keep their original positions."""
+        tps, factor = stream.geometry.temporal_patch_size, stream.geometry.factor
+        steps = (b - a) // tps if steps is None else steps
+        if not steps or stream.size is None:
+            return 0
+        h, w = stream.size[0] // factor, stream.size[1] // factor
+        span = self.mm_processor._dtd_position_span(steps, h, w, self.mm_processor._dtd_stream_t_factor(stream.settings.fps), 0)
+        return span - stream.chunk_tokens(a, b)
+
+    def extra_positions(self, stream: Stream) -> int:
+        return sum(self.chunk_extra_positions(stream, a, b) for a, b in stream.chunks)
 
     def encoder(self) -> EncodeQueue:
         """This process's encode-on-arrival queue (loads the vision tower on first use: call it off the
@@ -121,7 +161,8 @@ class StreamService:
                 except vision.EncoderUnavailable as e:
                     raise StreamError(str(e)) from None
                 self._encoder = EncodeQueue(processor_patchify(self.video_processor), tower.encode_many,
-                                            self.manager.limits.max_pending_encode_steps, decision_dim=tower.decision_dim)
+                                            self.manager.limits.max_pending_encode_steps, max_batch_steps=tower.max_steps,
+                                            decision_dim=tower.decision_dim)
             return self._encoder
 
     def check_model(self, model: Optional[str]) -> None:
@@ -142,6 +183,13 @@ class StreamService:
             raise StreamError(str(e)) from None
         if self.max_model_len and memory.context_tokens and memory.context_tokens > self.max_model_len:
             raise StreamError(f"context_tokens {memory.context_tokens} is more than the model's context ({self.max_model_len})")
+        if req.standing_question is not None:
+            self.check_text(req.standing_question, "standing_question")
+        step = self.mm_processor._dtd_stream_t_factor(req.fps) if isinstance(req.fps, (int, float)) and req.fps > 0 else 0.0
+        if step * MIN_CHUNK_STEPS > self.position_room / 2:
+            raise StreamError(f"fps {req.fps:g} is too low for this model: each temporal step advances the video's M-RoPE "
+                              f"time index by {step:g} positions, and the rotary table leaves room for {self.position_room} "
+                              f"beyond the context; use fps >= {self.mm_processor._dtd_stream_t_factor(1.0) * MIN_CHUNK_STEPS * 2 / self.position_room:.3g}")
         return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level, prefill=req.prefill,
                               standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens,
                               memory=memory)
@@ -204,12 +252,22 @@ class StreamService:
         re-anchor leaves free, less ``room`` (the question); older ones are dropped (a lazy stream
         nobody asked for longer than its budget holds, or one whose prefill fell far behind)."""
         budget = self.budget(stream)
+        steps = stream.uncut_steps()
+        tps = stream.geometry.temporal_patch_size
+        # positions: the next chunk spans at most half of the room the rotary table leaves (re-anchoring frees the rest)
+        max_steps = len(steps)
+        while max_steps > 1 and self.chunk_extra_positions(stream, (steps.stop - max_steps) * tps, steps.stop * tps) > self.position_room // 2:
+            max_steps = max(1, max_steps // 2)
+        if max_steps < len(steps):
+            dropped = stream.drop_uncut(0, keep_steps=max_steps)
+            stream.add_event({"type": "dropped", "time": stream.timestamps[stream.next_frame - 1], "frames": dropped,
+                              "message": f"{dropped} frames were dropped: the new frames spanned more M-RoPE positions "
+                                         "than the model's rotary table leaves room for (a long stretch at a low fps)"})
+            steps = stream.uncut_steps()
         if budget is None:
             return
         limit = max(1, int((1 - stream.settings.memory.anchor_fraction) * budget) - room)
-        steps = stream.uncut_steps()
-        if len(steps) and stream.chunk_tokens(steps.start * stream.geometry.temporal_patch_size,
-                                              steps.stop * stream.geometry.temporal_patch_size) > limit:
+        if len(steps) and stream.chunk_tokens(steps.start * tps, steps.stop * tps) > limit:
             dropped = stream.drop_uncut(limit)
             if dropped:
                 stream.add_event({"type": "dropped", "time": stream.timestamps[stream.next_frame - 1], "frames": dropped,
@@ -223,7 +281,8 @@ class StreamService:
         just cut is the latest and stays) and the last ``keep_turns`` turns, as many as fit a quarter of
         the re-anchored share (:meth:`ChatPrompt.restart`); the request that called it prefills it."""
         budget = self.budget(stream)
-        full = stream.memory_full()
+        # positions: the items' span beyond their tokens must stay within the rotary table's room
+        full = stream.memory_full() or self.extra_positions(stream) > self.position_room * 3 // 4
         older = len(stream.chunks) - int(cut)
         if older < 1 or (not full and (budget is None or stream.context_tokens + incoming <= budget)):
             return False
@@ -267,6 +326,24 @@ class StreamService:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
+    async def _engine_generate(self, stream: Stream, prompt_ids: list[int], params, rid: str):
+        """``engine_client.generate`` for a request of the stream's conversation. vLLM ends a request
+        whose items its engine-side processor cache lost (P0/P1 drift) with ``finish_reason`` "error"
+        and no token, and drops them from the API server's cache: the request is sent again once, with
+        every item's data (the stream holds it). A request that still fails raises :class:`StreamError` 503."""
+        for attempt in range(2):
+            async for out in self.engine.generate(self._prompt(stream, prompt_ids), params, rid if not attempt else f"{rid}-retry",
+                                                  data_parallel_rank=self.dp_rank(stream)):
+                o = out.outputs[0] if out.outputs else None
+                if out.finished and o is not None and o.finish_reason == "error" and not o.token_ids:
+                    logger.warning("DTD stream %s: request %s ended with an engine error%s", stream.id, rid,
+                                   "; sending it again" if not attempt else "")
+                    break
+                yield out
+            else:
+                return
+        raise StreamError("the engine could not process this request (a multimodal cache miss twice); retry", 503)
+
     def counted(self, stream: Stream, prompt_ids: list[int], out, answer: int = 0) -> None:
         """Record what the engine counted for a request of the conversation: its length
         (``context_tokens``) and the prompt tokens per temporal step besides the kept ones."""
@@ -307,20 +384,18 @@ class StreamService:
                     chunk = None
                     try:
                         room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
-                        self.bound_next_chunk(stream, room)
-                        chunk = stream.cut_chunk()  # no await between the cut and the try: nothing orphans it
+                        # off the event loop; a cancellation waits for it, then the handler below sees the cut
+                        chunk = await off_loop(self._cut_for_question, stream, room)
                         if chunk is None:
                             return
                         # the re-anchored conversation is prefilled here, with the new chunk, off the question path
-                        self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "prefill", cut=True)
-                        prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
+                        prompt_ids = await off_loop(self._prefill_prompt, stream, chunk, room)
                         if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
                             raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
                         rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
                         params = SamplingParams(max_tokens=1, temperature=0.0)
                         last = None
-                        async for last in self.engine.generate(self._prompt(stream, prompt_ids), params, rid,
-                                                               data_parallel_rank=self.dp_rank(stream)):
+                        async for last in self._engine_generate(stream, prompt_ids, params, rid):
                             pass
                         if last is not None:
                             self.counted(stream, prompt_ids, last)
@@ -330,7 +405,7 @@ class StreamService:
                         if not isinstance(e, Exception):
                             raise
                         # stop, once: the stream goes on lazily (questions prefill what arrived)
-                        stream.eager_stopped = f"eager prefill failed: {e}"
+                        stream.eager_stopped = f"eager prefill failed: {describe(e)}"
                         logger.warning("DTD stream %s: %s; the stream continues with lazy prefill", stream.id, stream.eager_stopped)
                         stream.add_event({"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"})
                         return
@@ -339,29 +414,58 @@ class StreamService:
         finally:
             stream.prefill_task = None
 
+    def check_text(self, text: str, what: str) -> None:
+        """A question (or standing question) longer than any context could hold is refused before it is
+        tokenized: at most ``max_model_len`` tokens of :data:`MAX_CHARS_PER_TOKEN` characters each."""
+        limit = MAX_CHARS_PER_TOKEN * (self.max_model_len or 32768)
+        if len(text) > limit:
+            raise StreamError(f"{what} has {len(text)} characters; at most {limit} fit this model's context")
+
+    def _question_tokens(self, question: str) -> int:
+        return len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
+
+    def _cut_for_question(self, stream: Stream, room: int) -> Optional[tuple[int, int]]:
+        self.bound_next_chunk(stream, room)
+        return stream.cut_chunk()
+
+    def _prefill_prompt(self, stream: Stream, chunk: tuple[int, int], room: int) -> list[int]:
+        self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "prefill", cut=True)
+        prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
+        stream.video_items()
+        return prompt_ids
+
+    def _question_prompt(self, stream: Stream, chunk, question: str, room: int) -> tuple[int, list[int]]:
+        """(video items in the prompt, prompt ids) of the question's turn, re-anchoring first if due; the
+        items are built here (frames stacked), not on the event loop."""
+        self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "question", cut=chunk is not None)
+        videos = stream.conversation.open_videos + (chunk is not None)
+        prompt_ids = stream.conversation.next_turn(question, videos)
+        stream.video_items()
+        return videos, prompt_ids
+
     async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False,
                        remember: bool = True):
         """Async generator of vLLM RequestOutputs for one question at the stream's current point.
         ``remember=False``: the turn does not stay in the conversation (:meth:`ChatPrompt.forget`)."""
         from vllm import SamplingParams
 
+        self.check_text(question, "the question")
         async with stream.chat_lock:
-            question_tokens = len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
-            self.bound_next_chunk(stream, question_tokens + max_tokens)
-            chunk = stream.cut_chunk()  # synchronous: a cancelled question cannot leave a cut chunk behind
+            # tokenizing, rendering the chat template and stacking frames run off the event loop
+            question_tokens = await off_loop(self._question_tokens, question)
+            if self.max_model_len and question_tokens + max_tokens > self.max_model_len:  # refused before any state changes
+                raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} tokens "
+                                  f"and the question alone takes {question_tokens}")
+            chunk = await off_loop(self._cut_for_question, stream, question_tokens + max_tokens)
             try:
-                self.maybe_reanchor(stream, self.item_cost(stream, chunk) + question_tokens + max_tokens, "question",
-                                    cut=chunk is not None)
-                videos = stream.conversation.open_videos + (chunk is not None)
-                prompt_ids = stream.conversation.next_turn(question, videos)
+                videos, prompt_ids = await off_loop(self._question_prompt, stream, chunk, question, question_tokens + max_tokens)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
                                       f"tokens and this conversation already has at least {len(prompt_ids)}")
-                prompt = self._prompt(stream, prompt_ids)
                 params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
                 rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
-                async for out in self.engine.generate(prompt, params, rid, data_parallel_rank=self.dp_rank(stream)):
+                async for out in self._engine_generate(stream, prompt_ids, params, rid):
                     last = out
                     yield out
             except BaseException:
@@ -439,5 +543,5 @@ class StreamService:
                 stream.add_event({"type": "answer", "trigger": e["index"], "time": e["time"], "question": q,
                                   "text": resp["choices"][0]["message"]["content"], "usage": resp["usage"]})
             except Exception as exc:  # never let a background answer take anything down
-                logger.warning("DTD stream %s: proactive answer failed: %s", stream.id, exc)
-                stream.add_event({"type": "error", "trigger": e["index"], "message": str(exc)})
+                logger.warning("DTD stream %s: proactive answer failed: %s", stream.id, describe(exc))
+                stream.add_event({"type": "error", "trigger": e["index"], "message": describe(exc)})

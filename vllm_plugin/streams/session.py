@@ -598,15 +598,18 @@ class Stream:
             if self._bytes is not None:
                 self._bytes.release(freed)
 
-    def drop_uncut(self, max_tokens: int) -> int:
+    def drop_uncut(self, max_tokens: int, keep_steps: Optional[int] = None) -> int:
         """Bound the next chunk: free the oldest steps not in a chunk yet while their kept tokens are
-        more than ``max_tokens`` (the latest step always stays); returns the frames dropped. A lazy
-        stream asked nothing for longer than its budget holds keeps the latest frames, as the policy does."""
+        more than ``max_tokens`` (the latest step always stays), or (``keep_steps``) all but the latest
+        ``keep_steps``; returns the frames dropped. A lazy stream asked nothing for longer than its
+        budget holds keeps the latest frames, as the policy does."""
         tps = self.geometry.temporal_patch_size
         with self.chunks_lock:
             steps = self.uncut_steps()
             total, s = sum(self.kept_per_step[steps.start:steps.stop]), steps.start
-            while total > max_tokens and s < steps.stop - 1:
+            if keep_steps is not None:
+                s = max(steps.start, steps.stop - max(1, keep_steps))
+            while keep_steps is None and total > max_tokens and s < steps.stop - 1:
                 total -= self.kept_per_step[s]
                 s += 1
             if s == steps.start:

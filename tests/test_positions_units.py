@@ -1,0 +1,145 @@
+"""Positions never pass the rotary table; a stream's work stays bounded (fast tier: no server).
+
+The processor's position bound is checked against the model class's own M-RoPE rule (the one the
+engine runs), the rotary table is sized in place, and the stream's helpers refuse or bound what
+would pass it."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DTD_ARCH, mm_processor
+
+PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what happens<|im_end|>\n"
+
+
+def _process(processor, frames: np.ndarray, fps: float, **kwargs):
+    n = len(frames)
+    meta = {"fps": fps, "duration": n / fps, "total_num_frames": n, "frames_indices": list(range(n)),
+            "video_backend": "test", "do_sample_frames": False}
+    items = processor.info.parse_mm_data({"video": [(frames, meta)]})
+    return processor(PROMPT, items, hf_processor_mm_kwargs=kwargs)
+
+
+def _model_positions(arch: str, processor, result) -> torch.Tensor:
+    """The engine's M-RoPE positions of a processed prompt: the DTD model class's own rule, run on a
+    stand-in that has only what the rule reads (the HF config)."""
+    from vllm_plugin.models import FAMILIES
+
+    module, name = next(target for dtd, target in FAMILIES.values() if dtd == arch).split(":")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    view = types.SimpleNamespace(config=processor.info.get_hf_config())
+    if hasattr(cls, "iter_mm_grid_thw"):  # Qwen2-VL / Qwen2.5-VL's rule reads the grids through it
+        view.iter_mm_grid_thw = types.MethodType(cls.iter_mm_grid_thw, view)
+    features = [types.SimpleNamespace(data=item, modality="video", mm_position=where)
+                for item, where in zip(result["mm_kwargs"]["video"], result["mm_placeholders"]["video"])]
+    positions, _ = cls.get_mrope_input_positions(view, list(result["prompt_token_ids"]), features)
+    return positions
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 1.0])
+def test_the_processors_position_bound_is_the_models_largest_position(family, threshold, synthetic_clip, qwen3_clip):
+    """largest position = prompt length - 1 + what the items span beyond their tokens (the processor's
+    record), for DTD keeping all, some, or one token; static frames far apart in time included."""
+    from analysis.harness.tiny_model import ensure_tiny_model
+    from vllm_plugin.models.base import ITEM_EXTRA_POSITIONS
+
+    arch = {"qwen2_5_vl": DTD_ARCH, "qwen3_vl": "Qwen3VLDTDForConditionalGeneration"}[family]
+    processor = mm_processor(ensure_tiny_model("test", family=family), arch)
+    clip = synthetic_clip if family == "qwen2_5_vl" else qwen3_clip
+    for frames, fps in [(clip.frames[:16], 2.0), (np.repeat(clip.frames[:1], 24, axis=0), 0.05)]:
+        result = _process(processor, frames, fps, dtd_threshold=threshold)
+        positions = _model_positions(arch, processor, result)
+        extra = ITEM_EXTRA_POSITIONS.lookup(result["mm_hashes"]["video"][0])
+        assert int(positions.max()) == len(result["prompt_token_ids"]) - 1 + extra, (frames.shape, fps)
+
+
+def test_a_video_whose_frames_are_far_apart_is_refused_before_the_engine(dtd_processor, synthetic_clip):
+    """Frames 100,000 s apart: Qwen2.5-VL's temporal index passes the rotary table (stock vLLM's engine
+    dies on it); the processor refuses it with a 400 that names the table."""
+    from vllm_plugin.models.base import PositionLimitError
+
+    _process(dtd_processor, synthetic_clip.frames[:8], 2.0)  # an ordinary video passes
+    with pytest.raises(PositionLimitError, match="rotary table of 131072 positions") as e:
+        _process(dtd_processor, synthetic_clip.frames[:8], 1e-5)
+    assert isinstance(e.value, ValueError)
+
+
+def test_rotary_tables_are_sized_in_place_and_checked():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from vllm_plugin.entrypoints.vllm_patches import VLLMMismatch, size_rotary_tables
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(64, 1024, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12]},
+                        dtype=torch.float32, mrope_positions_factor=1)
+    model = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+    model[0].rotary_emb = model[1].rotary_emb = rope  # one table shared by the layers, as get_rope does
+    before = rope.cos_sin_cache.clone()
+    assert before.shape[0] == 1024
+    assert size_rotary_tables(model, 4096) == 1
+    assert rope.cos_sin_cache.shape[0] == 4096
+    assert torch.equal(rope.cos_sin_cache[:1024], before)  # the positions it had keep their values
+    with pytest.raises(VLLMMismatch, match="has M-RoPE tables"):
+        size_rotary_tables(torch.nn.Linear(2, 2), 4096)
+
+
+def _service():
+    from types import SimpleNamespace
+
+    from vllm_plugin.streams.service import StreamService
+
+    proc = SimpleNamespace(_dtd_stream_t_factor=lambda fps: 2 / fps * 2,
+                           _dtd_position_span=lambda T, h, w, tf, text: text + max(int((T - 1) * tf), h - 1, w - 1) + 1)
+    svc = SimpleNamespace(server_dtd={}, max_model_len=16384, mm_processor=proc, position_room=131072 - 16384)
+    svc.check_text = types.MethodType(StreamService.check_text, svc)
+    return svc
+
+
+def test_a_stream_fps_that_would_pass_the_table_is_refused_at_open():
+    from vllm_plugin.streams.routes import OpenStreamRequest
+    from vllm_plugin.streams.service import StreamService
+    from vllm_plugin.streams.session import StreamError
+
+    svc = _service()
+    assert StreamService.settings(svc, OpenStreamRequest(fps=0.1)).fps == 0.1  # 40 positions per step: fine
+    with pytest.raises(StreamError, match="rotary table"):
+        StreamService.settings(svc, OpenStreamRequest(fps=1e-5))
+    with pytest.raises(StreamError, match="standing_question has"):
+        StreamService.settings(svc, OpenStreamRequest(standing_question="x" * (32 * 16384 + 1)))
+
+
+def test_the_encoder_queue_never_calls_the_tower_with_more_than_its_step_limit():
+    from vllm_plugin.streams.encoding import EncodeQueue
+
+    calls = []
+
+    def encode_many(inputs):
+        calls.append(sum(int(g[0]) for _, g in inputs))
+        return [pv.repeat(1, 3) for pv, _ in inputs]
+
+    def patchify(frames):  # 2 frames per step, 4 tokens per step; the first frame's value tags the rows
+        steps = len(frames) // 2
+        return torch.tensor(frames[::2, 0, 0, :1], dtype=torch.float32).repeat_interleave(4, 0), torch.tensor([steps, 4, 4])
+
+    q = EncodeQueue(patchify, encode_many, max_pending_steps=256, max_batch_steps=16)
+    frames = np.arange(256, dtype=np.uint8)[:, None, None, None].repeat(3, axis=3)  # 128 steps
+    q.reserve(128)
+    out = q.submit(frames, 128).result(timeout=60)
+    assert max(calls) <= 16 and sum(calls) == 128
+    assert out.shape == (128 * 4, 3)
+    assert torch.equal(out[::4, 0], torch.arange(0, 256, 2, dtype=torch.float32))  # in order
+    assert q.pending == 0
+
+
+def test_a_data_uri_without_a_comma_is_a_400():
+    from vllm_plugin.streams.routes import _b64
+    from vllm_plugin.streams.session import StreamError
+
+    with pytest.raises(StreamError, match="comma") as e:
+        _b64("data:image/png;base64", 1024)
+    assert e.value.status == 400

@@ -233,13 +233,57 @@ def check_overrides(cls: type, base: type) -> None:
         require(base, name, _params(fn))
 
 
+def _process_title() -> str:
+    """This process's title as ``ps`` shows it (Ray and vLLM retitle their processes with setproctitle,
+    which rewrites the command line)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+    except OSError:
+        try:
+            import setproctitle
+
+            return setproctitle.getproctitle()
+        except Exception:
+            return ""
+
+
+_RAY_DRIVER_MODES = (0, 2)  # ray.SCRIPT_MODE (a driver: ray.init() in a script), ray.LOCAL_MODE
+
+
+def in_ray_worker() -> bool:
+    """A process Ray started for a task or an actor: vLLM's ``RayWorkerWrapper`` GPU workers
+    (vllm/v1/executor/ray_executor.py), its Ray data-parallel engine cores (``EngineCoreActor``,
+    ``DPMoEEngineCoreActor``, vllm/v1/engine/core.py), any other. Ray runs them as plain Python
+    processes, so multiprocessing calls each ``MainProcess``. Told by the Ray worker's mode when ``ray``
+    is imported (it always is in a Ray worker), else by Ray's ``ray::`` process title."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None:
+        mode = None
+        for read in (lambda: ray._private.worker.global_worker.mode, lambda: ray.get_runtime_context().worker.mode):
+            try:  # the worker object's mode: None until this process connects to Ray
+                mode = read()
+                break
+            except Exception:
+                continue
+        if mode is not None:
+            drivers = (getattr(ray, "SCRIPT_MODE", _RAY_DRIVER_MODES[0]), getattr(ray, "LOCAL_MODE", _RAY_DRIVER_MODES[1]))
+            return mode not in drivers
+    return _process_title().startswith("ray::")
+
+
 def in_api_server_process() -> bool:
     """vLLM's API server runs in the main process (one API server), in processes named
     ``ApiServer_<i>`` (``--api-server-count``, vllm/v1/utils.py) or ``APIServer_DPRank_<r>`` (the
     data-parallel supervisor, vllm/entrypoints/launchers/dp_supervisor.py); engine cores are
-    ``EngineCore*``, workers ``VllmWorker*``."""
+    ``EngineCore*``, workers ``VllmWorker*``. A Ray worker process (:func:`in_ray_worker`: vLLM's Ray
+    GPU workers and Ray engine-core actors, named ``MainProcess`` too) is never one."""
     name = multiprocessing.current_process().name
-    return name == "MainProcess" or name.lower().startswith("apiserver")
+    if name.lower().startswith("apiserver"):
+        return True
+    return name == "MainProcess" and not in_ray_worker()
 
 
 # -- the run-time patches --------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ temporal position = step index)."""
 
 import pytest
 
-from conftest import assert_same_top_logprobs, chat_with_stats, serve_args, served_top_logprobs
-from vllm_plugin.core import DTDConfig, mask_digest
+from analysis.harness.checks import compare_to_reference
+from conftest import chat_with_stats, serve_args
+from vllm_plugin.core import DTDConfig
 
 pytestmark = pytest.mark.vllm
 Q = "what happens"
@@ -25,17 +26,15 @@ def qwen2_server(media_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("dtd", [DTDConfig(enabled=False), DTDConfig()], ids=["off", "default"])
 def test_qwen2_vl_served_equals_the_reference_pipeline(qwen2_server, synthetic_mp4, synthetic_clip, dtd):
+    """Mask (digest), prompt length, greedy tokens and top-5 logprobs: ``compare_to_reference``, the
+    check ``make gpu-check`` runs (float32 here: all equal, logprobs within 1e-4)."""
+    from analysis.harness.server import served_torch_dtype
     from analysis.harness.tiny_model import ensure_tiny_model
     from analysis.lib.reference import reference_pipeline
 
-    ref = reference_pipeline(ensure_tiny_model("test", family="qwen2_vl"))
+    ref = reference_pipeline(ensure_tiny_model("test", family="qwen2_vl"), served_torch_dtype())
     prepared = ref.prepare(Q, synthetic_clip.frames, synthetic_clip.fps, dtd)
     resp, (s,) = chat_with_stats(qwen2_server, synthetic_mp4, dtd_enabled=dtd.enabled)
-    assert s["mask_sha256"] == mask_digest(prepared.mask)
     if dtd.enabled:
         assert s["kept_per_step"] == synthetic_clip.expected_kept_per_step()
-    assert resp.usage.prompt_tokens == prepared.num_prompt_tokens
-    ids, tops = served_top_logprobs(resp)
-    gen = ref.generate(prepared, max_new_tokens=len(ids), stop_at_eos=False)
-    assert ids == gen.token_ids
-    assert_same_top_logprobs(tops, gen.top_logprobs)
+    compare_to_reference(resp, s, ref, prepared, dtd)

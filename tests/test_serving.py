@@ -5,7 +5,8 @@ import json
 import pytest
 import requests
 
-from conftest import BLOCK_SIZE, assert_same_top_logprobs, chat_video, chat_with_stats, served_top_logprobs
+from analysis.harness.checks import assert_same_greedy, served_top_logprobs
+from conftest import BLOCK_SIZE, chat_video, chat_with_stats
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_digest, pixel_tokens
 
 pytestmark = pytest.mark.vllm
@@ -33,10 +34,7 @@ def test_no_drop_equals_stock_vllm(dtd_server, stock_server, synthetic_mp4, mm):
     stock = chat_video(stock_server.client(), stock_server.model, synthetic_mp4, Q)
     assert stats and stats[0]["kept"] == stats[0]["total"] == 24 * 64
     assert ours.usage.prompt_tokens == stock.usage.prompt_tokens
-    ids_a, top_a = served_top_logprobs(ours)
-    ids_b, top_b = served_top_logprobs(stock)
-    assert ids_a == ids_b
-    assert_same_top_logprobs(top_a, top_b)
+    assert_same_greedy(*served_top_logprobs(ours), *served_top_logprobs(stock))
 
 
 def test_prompt_tokens_are_text_plus_kept_video(dtd_server, stock_server, synthetic_mp4, synthetic_clip):
@@ -60,11 +58,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("clip, mm", CASES, ids=[f"{c}-{json.dumps(m)}" for c, m in CASES])
-def test_served_equals_core_mask_and_reference_pipeline(dtd_server, reference, synthetic_mp4, real_clip_mp4, clip, mm):
+def test_served_equals_core_mask_and_reference_pipeline(dtd_server, served_reference, synthetic_mp4, real_clip_mp4, clip, mm):
     """The served keep mask is dtd_keep_mask on the same processed pixels, and greedy outputs
-    (token ids and top-5 log-probabilities) equal the transformers reference at the same setting."""
+    (token ids and top-5 log-probabilities) equal the transformers reference at the same setting
+    (and the served dtype, with its tolerances: analysis/harness/checks.py)."""
     from analysis.lib.video import load_video
 
+    reference = served_reference
     path = synthetic_mp4 if clip == "synthetic" else real_clip_mp4
     v = load_video(path, fps=None)
     cfg = DTDConfig(threshold=mm["dtd_threshold"], metric=mm.get("dtd_metric", "l1"), reference=mm.get("dtd_reference", "previous"))
@@ -80,8 +80,7 @@ def test_served_equals_core_mask_and_reference_pipeline(dtd_server, reference, s
     assert resp.usage.prompt_tokens == prepared.num_prompt_tokens
     ids, tops = served_top_logprobs(resp)
     gen = reference.generate(prepared, max_new_tokens=len(ids), stop_at_eos=False)
-    assert ids == gen.token_ids
-    assert_same_top_logprobs(tops, gen.top_logprobs)
+    assert_same_greedy(ids, tops, gen.token_ids, gen.top_logprobs)
 
 
 @pytest.mark.parametrize(
@@ -162,5 +161,4 @@ def test_text_only_requests_are_untouched(dtd_server, stock_server):
             logprobs=True, top_logprobs=5, extra_body={"return_tokens_as_token_ids": True})
     a, b = run(dtd_server), run(stock_server)
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
-    assert served_top_logprobs(a)[0] == served_top_logprobs(b)[0]
-    assert_same_top_logprobs(served_top_logprobs(a)[1], served_top_logprobs(b)[1])
+    assert_same_greedy(*served_top_logprobs(a), *served_top_logprobs(b))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from analysis.harness.tiny_model import SPECIAL_TOKENS, build, content_hash, flops_per_video_token
-from conftest import REPO, chat_video, served_top_logprobs, assert_same_top_logprobs
+from analysis.harness.checks import assert_same_greedy, served_top_logprobs
+from conftest import REPO, chat_video
 
 
 def _digest(path):
@@ -81,11 +82,12 @@ def test_loads_in_transformers(size):
 
 
 @pytest.mark.vllm
-def test_serves_in_vllm_and_matches_reference(stock_server, tiny_model_path, reference, synthetic_clip, synthetic_mp4):
+def test_serves_in_vllm_and_matches_reference(stock_server, tiny_model_path, served_reference, synthetic_clip, synthetic_mp4):
     """Stock vLLM on the tiny checkpoint == the reference pipeline with DTD disabled: same prompt
-    length (text + every video token) and the same greedy top-5 log-probabilities."""
+    length (text + every video token) and the same greedy top-5 log-probabilities (at the served dtype)."""
     from vllm_plugin.core import DTDConfig
 
+    reference = served_reference
     client = stock_server.client()
     text = client.chat.completions.create(
         model=str(tiny_model_path), messages=[{"role": "user", "content": "hello"}], max_tokens=3, temperature=0
@@ -97,5 +99,4 @@ def test_serves_in_vllm_and_matches_reference(stock_server, tiny_model_path, ref
     assert resp.usage.prompt_tokens == prepared.num_prompt_tokens == prepared.full_length
     ids, tops = served_top_logprobs(resp)
     gen = reference.generate(prepared, max_new_tokens=len(ids), stop_at_eos=False)
-    assert ids == gen.token_ids
-    assert_same_top_logprobs(tops, gen.top_logprobs)
+    assert_same_greedy(ids, tops, gen.token_ids, gen.top_logprobs)

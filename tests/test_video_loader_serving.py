@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import assert_same_top_logprobs, served_top_logprobs
+from analysis.harness.checks import assert_same_greedy, served_top_logprobs
 
 pytestmark = pytest.mark.vllm
 EXACT = {"video": {"fast_decode": False}}
@@ -56,10 +56,7 @@ def test_exact_mode_is_stock_vllm_bit_for_bit(dtd_server, stock_server, real_cli
             self.choices = [N(logprobs=N(content=[N(token=c["token"], top_logprobs=[N(**t) for t in c["top_logprobs"]])
                                                   for c in j["choices"][0]["logprobs"]["content"]]))]
 
-    ids_a, top_a = served_top_logprobs(R(ours.json()))
-    ids_b, top_b = served_top_logprobs(R(stock.json()))
-    assert ids_a == ids_b
-    assert_same_top_logprobs(top_a, top_b)
+    assert_same_greedy(*served_top_logprobs(R(ours.json())), *served_top_logprobs(R(stock.json())))
 
 
 def test_fast_decode_needs_no_trust_but_a_boolean(dtd_server, synthetic_mp4):

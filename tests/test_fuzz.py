@@ -110,3 +110,56 @@ def test_fuzz_processor_kwargs(dtd_server, synthetic_mp4):
     run()
     assert seen == {200, 400}  # the fuzzer reached both sides
     assert dtd_server.alive()
+
+
+_fps = st.floats(1e-6, 60.0).map(lambda x: float(f"{x:.3g}"))
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 48), st.one_of(st.none(), st.floats(1e-3, 1e5))),
+    st.tuples(st.just("ask"), st.integers(1, 3), st.booleans()),
+), min_size=1, max_size=6)
+
+
+def test_random_legal_stream_sequences_never_take_the_engine_down(dtd_server, synthetic_clip):
+    """Legal stream use with hypothesis picking the values (fps from 1e-6 to 60, frames up to 100,000 s
+    apart, eager or lazy, questions that are remembered or not): whatever the server answers, the
+    engine and /health survive every sequence."""
+    frames = synthetic_clip.frames
+
+    @settings(max_examples=12, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(_fps, st.sampled_from(["eager", "lazy"]), st.floats(0.0, 1.0), _ops)
+    def run(fps, prefill, threshold, ops):
+        r = _post(dtd_server.base_url + "/v1/streams", {"fps": fps, "prefill": prefill, "dtd_threshold": threshold})
+        if r.status_code != 200:
+            assert r.status_code < 500, r.text[:300]
+            return
+        url, t, i = f"{dtd_server.base_url}/v1/streams/{r.json()['id']}", 0.0, 0
+        try:
+            for op in ops:
+                if op[0] == "append":
+                    n, gap = op[1], op[2]
+                    body = {"frames": [{"image": _png(frames[(i + k) % len(frames)])} for k in range(n)]}
+                    if gap is not None:
+                        for k, f in enumerate(body["frames"]):
+                            f["timestamp"] = t + (k + 1) * gap
+                        t += n * gap
+                    i += n
+                    _post(url + "/frames", body)
+                else:
+                    _post(url + "/chat/completions", {"messages": [{"role": "user", "content": "what now?"}],
+                                                      "max_tokens": op[1], "remember": op[2]})
+        finally:
+            requests.delete(url, timeout=60)
+        assert requests.get(dtd_server.base_url + "/health", timeout=60).status_code == 200
+
+    run()
+    assert dtd_server.alive()
+    assert dtd_server.client().completions.create(model=dtd_server.model, prompt="hi", max_tokens=1).choices
+
+
+def _png(frame) -> str:
+    import base64
+
+    from vllm_plugin.media import encode_png
+
+    return base64.b64encode(encode_png(frame)).decode()

@@ -105,7 +105,18 @@ def _dtd_model():
 
     model = object.__new__(Model)  # the engine-side mixin without a vLLM model under it (no rotary tables)
     model.calls = []
+    model.visual = SimpleNamespace(spatial_merge_size=2)
+    model.dtd_encoder_group_tokens = 10**9  # what __init__ reads from vLLM's scheduler config
     return model
+
+
+def _encoded_index(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """What the stand-in tower's rows hold for the kept tokens: their index among the tokens of the
+    steps that were encoded (steps keeping no token are skipped)."""
+    per_step = mask.view(steps, -1)
+    encoded = per_step.any(1).nonzero().flatten()
+    n = per_step.shape[1]
+    return torch.cat([i * n + per_step[s].nonzero().flatten() for i, s in enumerate(encoded.tolist())])
 
 
 def test_videos_are_encoded_one_at_a_time(dtd_processor):
@@ -132,7 +143,7 @@ def test_videos_are_encoded_one_at_a_time(dtd_processor):
     assert model.calls == [1, 1]
     for r, it in zip(rows, items):
         m = it[MASK_KEY].data.bool()
-        assert torch.equal(r[:, 0].long(), m.nonzero().flatten())
+        assert torch.equal(r[:, 0].long(), _encoded_index(m, int(it["video_grid_thw"].data[0])))
 
 
 def test_encoder_cache_holds_the_charged_rows(dtd_processor):
@@ -152,7 +163,7 @@ def test_encoder_cache_holds_the_charged_rows(dtd_processor):
         pixel_values_videos=item["pixel_values_videos"].data, video_grid_thw=item["video_grid_thw"].data[None], **{MASK_KEY: mask})
     (rows,) = model._process_video_input(video_input)
     assert rows.shape[0] == placeholder.get_num_embeds() == placeholder.length == int(mask.sum())
-    assert torch.equal(rows[:, 0].long(), mask.nonzero().flatten())
+    assert torch.equal(rows[:, 0].long(), _encoded_index(mask, int(item["video_grid_thw"].data[0])))
 
 
 # --- C: profiling --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Positions never pass the rotary table; a stream's work stays bounded (fast tier: no server).
+"""Never down, in process (fast tier: no server): positions stay within the rotary table, work stays bounded.
 
 The processor's position bound is checked against the model class's own M-RoPE rule (the one the
 engine runs), the rotary table is sized in place, and the stream's helpers refuse or bound what
@@ -143,3 +143,47 @@ def test_a_data_uri_without_a_comma_is_a_400():
     with pytest.raises(StreamError, match="comma") as e:
         _b64("data:image/png;base64", 1024)
     assert e.value.status == 400
+
+
+def test_a_video_over_the_per_item_token_cap_is_refused_with_dtd_on(dtd_processor, synthetic_clip, monkeypatch):
+    from vllm_plugin.models.base import MAX_VIDEO_TOKENS_ENV, VideoTooLargeError
+
+    frames = synthetic_clip.frames[:8]  # 4 steps of 64 tokens: 256 before DTD
+    monkeypatch.setenv(MAX_VIDEO_TOKENS_ENV, "255")
+    with pytest.raises(VideoTooLargeError, match=f"256 video tokens before DTD.*at most 255 per video \\({MAX_VIDEO_TOKENS_ENV}\\)"):
+        _process(dtd_processor, frames, 2.0)
+    # without DTD every token is in the prompt: vLLM's own admission bounds it, the cap does not apply
+    _process(dtd_processor, frames, 2.0, dtd_enabled=False)
+    monkeypatch.setenv(MAX_VIDEO_TOKENS_ENV, "256")
+    _process(dtd_processor, frames, 2.0)
+    monkeypatch.setenv(MAX_VIDEO_TOKENS_ENV, "many")
+    with pytest.raises(ValueError, match=MAX_VIDEO_TOKENS_ENV):
+        _process(dtd_processor, frames, 2.0)
+
+
+def test_a_streams_backlog_is_cut_into_items_bounded_in_frames_and_bytes():
+    from vllm_plugin.streams.session import Geometry, Limits, StreamManager, StreamSettings
+
+    m = StreamManager(Limits(max_chunk_frames=64, max_chunk_bytes=40 * 224 * 224 * 3), Geometry(max_pixels=224 * 224))
+    s = m.open(StreamSettings(fps=2.0, prefill="lazy"))
+    s.add_frames([np.full((224, 224, 3), 60, np.uint8)] * 100)
+    assert s.chunk_frames() == 40  # the byte limit is the tighter one here (whole temporal steps)
+    assert s.backlog()
+    cuts = []
+    while (c := s.cut_chunk()) is not None:
+        cuts.append(c)
+    assert cuts == [(0, 40), (40, 80), (80, 100)] and not s.backlog()
+
+
+def test_the_engine_gets_the_patches_of_the_steps_that_keep_a_token_only(dtd_processor):
+    """A static video: only its first step keeps tokens, so only that step's patches go to the engine
+    (before: every patch of the video, hundreds of MB for a long one)."""
+    from vllm_plugin.models.base import MASK_KEY
+
+    frames = np.full((16, 112, 112, 3), 100, np.uint8)
+    frames[8:, :56] = 200  # a change at step 4
+    item = _process(dtd_processor, frames, 2.0)["mm_kwargs"]["video"][0]
+    t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
+    steps = item[MASK_KEY].data.view(t, -1).any(1)
+    assert steps.tolist() == [True, False, False, False, True, False, False, False]
+    assert item["pixel_values_videos"].data.shape[0] == 2 * h * w

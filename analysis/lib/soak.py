@@ -103,6 +103,10 @@ def play_stream(base_url: str, index: int, images: list[str], fps: float, second
                 continue
             keep_events(s, index, soak)
             u, st = r["usage"], r["stream_state"]
+            if st.get("ttft_s") is None:  # answered without a token: counted as a failed question, not a latency
+                soak.error(f"stream {index} question at t={stamps[-1]:.1f}",
+                           RuntimeError(f"no token generated (finish_reason {r['choices'][0].get('finish_reason')!r})"))
+                continue
             cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             with soak.lock:
                 soak.questions.append({

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -53,6 +54,24 @@ MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video it
 # their full-prompt positions, as with vLLM's own video pruning, for which vLLM sizes the table the same
 # (vllm/model_executor/models/qwen3_vl.py ``mrope_positions_factor``; Qwen2-VL/2.5-VL: get_rope's default).
 ROPE_POSITIONS_FACTOR = 4
+GROUP_TOKENS_ENV = "DTD_ENCODER_GROUP_TOKENS"  # smaller vision-tower calls than vLLM profiled (never larger)
+MAX_VIDEO_TOKENS_ENV = "DTD_MAX_VIDEO_TOKENS"  # a video item's tokens before DTD: more is a 400
+MAX_VIDEO_TOKENS = 131072  # default: 512 temporal steps of 448x448 (1,024 frames), ~10 min at Qwen2.5-VL's 2 fps
+
+
+def max_video_tokens(env=os.environ) -> int:
+    raw = env.get(MAX_VIDEO_TOKENS_ENV)
+    try:
+        value = int(raw) if raw not in (None, "") else MAX_VIDEO_TOKENS
+    except ValueError:
+        raise ValueError(f"{MAX_VIDEO_TOKENS_ENV} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{MAX_VIDEO_TOKENS_ENV} must be a positive integer, got {raw!r}")
+    return value
+
+
+class VideoTooLargeError(VLLMValidationError, ValueError):
+    """A video item with more tokens before DTD than the server encodes per item (HTTP 400)."""
 
 
 class PositionLimitError(VLLMValidationError, ValueError):
@@ -98,6 +117,16 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         logging.getLogger("vllm.dtd_plugin").warning("DTD: %s", message)
+
+
+def kept_steps(pixel_values: torch.Tensor, steps: int, mask: torch.Tensor) -> torch.Tensor:
+    """The patches of the temporal steps that keep at least one token, in order: ``pixel_values``
+    (steps * h * w, C), ``mask`` bool (steps, ...). The engine encodes exactly these steps
+    (:meth:`DTDModelMixin._dtd_encode_kept`; a step's vision attention never reaches another step)."""
+    keep = mask.reshape(steps, -1).any(1)
+    if bool(keep.all()):
+        return pixel_values
+    return pixel_values.reshape(steps, -1, pixel_values.shape[-1])[keep].reshape(-1, pixel_values.shape[-1])
 
 
 def tokens_per_video(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -155,6 +184,7 @@ class DTDMultiModalProcessorMixin:
         if vllm_patches.in_api_server_process():
             model_config = self.info.ctx.model_config
             server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start
+            max_video_tokens()  # a bad DTD_MAX_VIDEO_TOKENS fails at start too
             if server.enabled and server.criterion == "feature":  # the server's default: load the tower now
                 vision.tower_for(self.vision_tower, model_config)
             vp = getattr(self.info.get_hf_processor(), "video_processor", None)
@@ -223,11 +253,19 @@ class DTDMultiModalProcessorMixin:
                              image_std=tuple(vp.image_std), normalized=normalized, rescale_factor=vp.rescale_factor)
         feature = config.enabled and config.criterion == "feature"
         tower = vision.tower_for(self.vision_tower, self.info.ctx.model_config) if feature else None
-        masks, kept_embeds = [], []
+        masks, kept_embeds, kept_pixels = [], [], []
         encoding = 0.0  # the vision tower's share of the loop (counted as encoder time, not decision)
         t0 = time.perf_counter()
+        cap = max_video_tokens()
         for pv, grid, g in zip(patches, grids, given):
             shape = (int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge)
+            # the engine encodes the steps that keep a token: with DTD its work is bounded by the tokens before DTD
+            # (vLLM admits a request by its kept tokens); without DTD every token is in the prompt, admitted by vLLM
+            if config.enabled and shape[0] * shape[1] * shape[2] > cap:
+                raise VideoTooLargeError(
+                    f"video: {shape[0] * shape[1] * shape[2]} video tokens before DTD ({shape[0]} temporal steps of "
+                    f"{shape[1]}x{shape[2]}); this server encodes at most {cap} per video ({MAX_VIDEO_TOKENS_ENV}): "
+                    "send fewer or smaller frames", parameter="video")
             mask, embeds = _given(g, shape, feature)
             if mask is not None and not mask.any():
                 embeds = None  # the one token kept below is not among the given rows
@@ -249,6 +287,8 @@ class DTDMultiModalProcessorMixin:
                 embeds = encoded[mask.flatten()]
             masks.append(mask.flatten())
             kept_embeds.append(embeds)
+            if not feature:  # the engine gets the patches of the steps that keep a token only (kept_steps)
+                kept_pixels.append(kept_steps(pv, shape[0], mask))
         _TIMING.decision = getattr(_TIMING, "decision", 0.0) + time.perf_counter() - t0 - encoding
         _TIMING.encoding = getattr(_TIMING, "encoding", 0.0) + encoding
         if "timestamps" in processed:  # the family writes each step's time into the prompt (Qwen3-VL)
@@ -262,6 +302,8 @@ class DTDMultiModalProcessorMixin:
         if feature:  # the engine gets the kept outputs and never encodes these videos again
             processed["video_embeds"] = torch.cat(kept_embeds)
             del processed["pixel_values_videos"]
+        else:
+            processed["pixel_values_videos"] = torch.cat(kept_pixels)
         return processed
 
     def _cached_apply_hf_processor(self, inputs, timing_ctx):
@@ -290,6 +332,11 @@ class DTDMultiModalProcessorMixin:
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
             sizes = tokens_per_video(hf_inputs.get("video_grid_thw", torch.empty((0, 3))), merge)
             fields[MASK_KEY] = MultiModalFieldConfig.flat_from_sizes("video", sizes, keep_on_cpu=True)
+            if "pixel_values_videos" in hf_inputs:  # the steps that keep a token (kept_steps)
+                grids = hf_inputs["video_grid_thw"]
+                steps = [int(m.view(int(g[0]), -1).any(1).sum()) for m, g in zip(hf_inputs[MASK_KEY].split(sizes.tolist()), grids)]
+                patches = torch.tensor(steps, dtype=torch.long) * grids[:, 1] * grids[:, 2] if len(steps) else sizes
+                fields["pixel_values_videos"] = MultiModalFieldConfig.flat_from_sizes("video", patches)
             if "video_embeds" in hf_inputs:  # kept rows only: one per kept token
                 kept = torch.stack([m.sum() for m in hf_inputs[MASK_KEY].split(sizes.tolist())]) if len(sizes) else sizes
                 fields["video_embeds"] = MultiModalFieldConfig.flat_from_sizes("video", kept)
@@ -434,6 +481,11 @@ class DTDModelMixin:
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
         # vLLM reads these parameter names to call a model class (model_loader/utils.py initialize_model)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        # merged tokens of one vision-tower call: what vLLM's start-up profiling ran the encoder on at least
+        # (vllm/v1/core/encoder_cache_manager.py compute_mm_encoder_budget: max(this, the largest item))
+        budget = int(vllm_config.scheduler_config.max_num_encoder_input_tokens)
+        smaller = int(os.environ.get(GROUP_TOKENS_ENV) or 0)  # tests make groups small, to check they are exact
+        self.dtd_encoder_group_tokens = max(1, min(budget, smaller) if smaller > 0 else budget)
         # the processor refuses prompts whose positions pass this (DTDMultiModalProcessorMixin._dtd_check_positions)
         vllm_patches.size_rotary_tables(self, rope_positions(self.config))
 
@@ -470,26 +522,48 @@ class DTDModelMixin:
             if sum(sizes) != embeds.shape[0]:
                 raise ValueError(f"DTD kept embeddings {embeds.shape[0]} do not match the masks' kept counts {sizes}")
             return tuple(embeds.split(sizes))
-        if mask is None or video_input["type"] != "pixel_values_videos" or len(grid) < 2:
-            embeds = tuple(super()._process_video_input(video_input))
-        else:
-            # One video per encoder call, whatever the model runner batched: the scheduler charged
-            # the kept tokens, the encoder works on every patch (vLLM 0.32's V1 GPU runner does the
-            # same for `requires_sequential_video_encoding`; its V2 runner, the default with Triton,
-            # does not). Peak encoder memory is one full video, as for a single request.
-            encode = super()._process_video_input
-            patches = video_input["pixel_values_videos"].split(grid.prod(-1).tolist())
-            embeds = tuple(
-                e for i, pv in enumerate(patches)
-                for e in encode({"type": "pixel_values_videos", "pixel_values_videos": pv, "video_grid_thw": grid[i:i + 1]})
-            )
-        if mask is None:
-            return embeds
-        sizes = [e.shape[0] for e in embeds]
+        if mask is None or video_input["type"] != "pixel_values_videos":
+            return tuple(super()._process_video_input(video_input))
+        # Pixel-level DTD: the encoder runs on the temporal steps that keep a token, in groups of at most
+        # what vLLM profiled at start-up, each group masked as it comes; only kept rows stay. Exact: the
+        # vision attention (window or full) and its positions never cross temporal steps. The scheduler
+        # charged only the kept tokens, so without this one static video could encode thousands of
+        # steps at once (V1 and V2 runners both call this; V2 batches a group's videos into one input).
+        merge = self.visual.spatial_merge_size
+        sizes = tokens_per_video(grid, merge).tolist()
         masks = list(mask.split(sizes)) if isinstance(mask, torch.Tensor) else list(mask)
         if [m.numel() for m in masks] != sizes:
             raise ValueError(f"DTD mask sizes {[m.numel() for m in masks]} do not match video token counts {sizes}")
-        return tuple(e[m.to(device=e.device, dtype=torch.bool)] for e, m in zip(embeds, masks))
+        pixels = video_input["pixel_values_videos"]
+        # per video: the patches of its steps that keep a token (what the processor sends), or all of them
+        sent = [int(m.reshape(int(g[0]), -1).any(1).sum()) * int(g[1]) * int(g[2]) for m, g in zip(masks, grid)]
+        patches = pixels.split(sent if pixels.shape[0] == sum(sent) else grid.prod(-1).tolist())
+        return tuple(self._dtd_encode_kept(pv, [int(x) for x in g.tolist()], m.bool())
+                     for pv, g, m in zip(patches, grid, masks))
+
+    def _dtd_encode_kept(self, pixel_values: torch.Tensor, grid: list[int], mask: torch.Tensor) -> torch.Tensor:
+        """Kept encoder rows of one video: ``pixel_values`` (t*h*w patches, C; or only the steps that keep
+        a token, :func:`kept_steps`), ``grid`` [t, h, w], ``mask`` flat bool (t * h/merge * w/merge) ->
+        (kept, hidden)."""
+        t, h, w = grid
+        per_step = mask.reshape(t, -1)
+        # a step that keeps nothing is never encoded (none kept at all: one step, for the rows' width)
+        steps = per_step.any(1).nonzero().flatten().tolist() or [0]
+        by_step = pixel_values.reshape(-1, h * w, pixel_values.shape[-1])
+        # the processor sends the patches of those steps only (kept_steps); the full video is accepted too
+        where = {s: i for i, s in enumerate(steps)} if by_step.shape[0] == len(steps) < t else {s: s for s in steps}
+        if by_step.shape[0] not in (t, len(steps)):
+            raise ValueError(f"{by_step.shape[0]} temporal steps of patches for a video of {t} steps ({len(steps)} keep a token)")
+        group = max(1, self.dtd_encoder_group_tokens // per_step.shape[1])
+        rows = []
+        for i in range(0, len(steps), group):
+            sel = steps[i:i + group]
+            pv = by_step[[where[x] for x in sel]].reshape(len(sel) * h * w, -1)
+            g = torch.tensor([[len(sel), h, w]], dtype=torch.long, device=pixel_values.device)
+            (out,) = super()._process_video_input({"type": "pixel_values_videos", "pixel_values_videos": pv, "video_grid_thw": g})
+            rows.append(out[per_step[sel].flatten().to(out.device)])
+            del out
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         parts: list[np.ndarray] = []

@@ -374,45 +374,53 @@ class StreamService:
         Its KV blocks stay in vLLM's prefix cache, so the next question prefills only its own text
         (plus the partial block before it). Eviction costs speed only: every question sends its
         whole prompt."""
-        from vllm import SamplingParams
-
         try:
             while True:
                 async with stream.chat_lock:
                     if stream.closed or stream.eager_stopped or not stream.eager_due():
                         return
-                    chunk = None
                     try:
-                        room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
-                        # off the event loop; a cancellation waits for it, then the handler below sees the cut
-                        chunk = await off_loop(self._cut_for_question, stream, room)
-                        if chunk is None:
+                        if not await self._prefill_chunk(stream, min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)):
                             return
-                        # the re-anchored conversation is prefilled here, with the new chunk, off the question path
-                        prompt_ids = await off_loop(self._prefill_prompt, stream, chunk, room)
-                        if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
-                            raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
-                        rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
-                        params = SamplingParams(max_tokens=1, temperature=0.0)
-                        last = None
-                        async for last in self._engine_generate(stream, prompt_ids, params, rid):
-                            pass
-                        if last is not None:
-                            self.counted(stream, prompt_ids, last)
-                    except BaseException as e:
-                        if chunk is not None:
-                            stream.drop_last_chunk()  # its steps go with the next question
-                        if not isinstance(e, Exception):
-                            raise
+                    except Exception as e:
                         # stop, once: the stream goes on lazily (questions prefill what arrived)
                         stream.eager_stopped = f"eager prefill failed: {describe(e)}"
                         logger.warning("DTD stream %s: %s; the stream continues with lazy prefill", stream.id, stream.eager_stopped)
                         stream.add_event({"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"})
                         return
-                    stream.conversation.open_videos += 1
-                    stream.prefills += 1
         finally:
             stream.prefill_task = None
+
+    async def _prefill_chunk(self, stream: Stream, room: int) -> bool:
+        """Under the stream's chat lock: cut the next chunk (at most :meth:`Stream.chunk_frames`) and
+        prefill the conversation up to it (a one-token request), re-anchoring first if due. False when
+        nothing waits. On failure the chunk is dropped (its steps go with the next request) and the
+        error raised."""
+        from vllm import SamplingParams
+
+        cut: list = []
+        try:
+            # off the event loop; a cancellation waits for it, then the handler below sees the cut
+            await off_loop(self._cut_into, stream, room, cut)
+            if not cut:
+                return False
+            # the re-anchored conversation is prefilled here, with the new chunk, off the question path
+            prompt_ids = await off_loop(self._prefill_prompt, stream, cut[0], room)
+            if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
+                raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
+            rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
+            last = None
+            async for last in self._engine_generate(stream, prompt_ids, SamplingParams(max_tokens=1, temperature=0.0), rid):
+                pass
+            if last is not None:
+                self.counted(stream, prompt_ids, last)
+        except BaseException:
+            if cut:
+                stream.drop_last_chunk()
+            raise
+        stream.conversation.open_videos += 1
+        stream.prefills += 1
+        return True
 
     def check_text(self, text: str, what: str) -> None:
         """A question (or standing question) longer than any context could hold is refused before it is
@@ -424,9 +432,12 @@ class StreamService:
     def _question_tokens(self, question: str) -> int:
         return len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
 
-    def _cut_for_question(self, stream: Stream, room: int) -> Optional[tuple[int, int]]:
+    def _cut_into(self, stream: Stream, room: int, cut: list) -> None:
+        """Bound what waits (:meth:`bound_next_chunk`), cut the next chunk into ``cut`` (none: empty)."""
         self.bound_next_chunk(stream, room)
-        return stream.cut_chunk()
+        chunk = stream.cut_chunk()
+        if chunk is not None:
+            cut.append(chunk)
 
     def _prefill_prompt(self, stream: Stream, chunk: tuple[int, int], room: int) -> list[int]:
         self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "prefill", cut=True)
@@ -456,8 +467,14 @@ class StreamService:
             if self.max_model_len and question_tokens + max_tokens > self.max_model_len:  # refused before any state changes
                 raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} tokens "
                                   f"and the question alone takes {question_tokens}")
-            chunk = await off_loop(self._cut_for_question, stream, question_tokens + max_tokens)
+            # a backlog longer than one chunk: all but its last chunk are prefilled first, as an eager stream
+            # would have (each video item bounded in frames and bytes); an error here fails the question, with its reason
+            while stream.backlog():
+                await self._prefill_chunk(stream, question_tokens + max_tokens)
+            cut: list = []
             try:
+                await off_loop(self._cut_into, stream, question_tokens + max_tokens, cut)
+                chunk = cut[0] if cut else None
                 videos, prompt_ids = await off_loop(self._question_prompt, stream, chunk, question, question_tokens + max_tokens)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
@@ -469,7 +486,7 @@ class StreamService:
                     last = out
                     yield out
             except BaseException:
-                if chunk is not None:  # the turn did not happen: its chunk is not part of the conversation
+                if cut:  # the turn did not happen: its chunk is not part of the conversation
                     stream.drop_last_chunk()
                 raise
             stream.questions += 1

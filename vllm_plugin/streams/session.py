@@ -102,6 +102,8 @@ class Limits:
     max_decoded_pixels: int = 2**28  # all frames one video upload decodes to (sampled or not)
     max_total_bytes: int = 8 * 1024**3  # decoded frames held by all streams of this server
     max_pending_encode_steps: int = 256  # temporal steps waiting for the vision tower, all feature streams (429 beyond)
+    max_chunk_frames: int = 64  # frames of one video item (a request's encoder work and the engine's copy of it)
+    max_chunk_bytes: int = 64 * 1024**2  # decoded bytes of one video item
 
     @classmethod
     def from_env(cls, env) -> "Limits":
@@ -451,11 +453,20 @@ class Stream:
             return event
 
     # -- questions ---------------------------------------------------------------------------------
+    def chunk_frames(self) -> int:
+        """Frames one video item may hold: ``max_chunk_frames`` and ``max_chunk_bytes``, whole temporal steps, at least one."""
+        tps = self.geometry.temporal_patch_size
+        frame_bytes = max(1, self.size[0] * self.size[1] * 3) if self.size else 1
+        frames = min(self.limits.max_chunk_frames, self.limits.max_chunk_bytes // frame_bytes)
+        return max(tps, frames // tps * tps)
+
     def cut_chunk(self) -> Optional[tuple[int, int]]:
-        """Make the analysed temporal steps not yet in a chunk the next video item (None if there are none)."""
+        """Make the oldest analysed temporal steps not yet in a chunk the next video item, at most
+        :meth:`chunk_frames` of them (None if there are none): a backlog becomes several items, each
+        bounded in frames and bytes (see :meth:`backlog`)."""
         with self.chunks_lock:
             start = self.next_frame
-            end = len(self.kept_per_step) * self.geometry.temporal_patch_size
+            end = min(len(self.kept_per_step) * self.geometry.temporal_patch_size, start + self.chunk_frames())
             if end <= start:
                 return None
             if len(self.chunks) >= self.limits.max_chunks:
@@ -463,6 +474,10 @@ class Stream:
             self.chunks.append((start, end))
             self.next_frame = end
             return start, end
+
+    def backlog(self) -> bool:
+        """More analysed frames wait than one chunk may hold."""
+        return len(self.kept_per_step) * self.geometry.temporal_patch_size - self.next_frame > self.chunk_frames()
 
     def uncut_steps(self) -> range:
         """The analysed temporal steps not in a chunk yet."""

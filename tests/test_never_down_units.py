@@ -88,6 +88,27 @@ def test_rotary_tables_are_sized_in_place_and_checked():
         size_rotary_tables(torch.nn.Linear(2, 2), 4096)
 
 
+
+def test_a_yarn_rotary_table_keeps_its_frequencies_when_enlarged():
+    """YaRN's frequencies depend on max_position_embeddings: the enlarged table continues vLLM's rows
+    exactly (changing that attribute, as for a plain table, would change every row)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from vllm_plugin.entrypoints.vllm_patches import size_rotary_tables
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(64, 256, rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                                  "mrope_section": [8, 12, 12]}, dtype=torch.float32, mrope_positions_factor=1)
+    assert rope.scaling_factor == 4.0 and rope.cos_sin_cache.shape[0] == 1024
+    before = rope.cos_sin_cache.clone()
+    model = torch.nn.Module()
+    model.rotary_emb = rope
+    size_rotary_tables(model, 4096)
+    assert rope.cos_sin_cache.shape[0] == 4096 and torch.equal(rope.cos_sin_cache[:1024], before)
+    assert rope.max_position_embeddings == 256  # YaRN's own parameter is left as it was
+
+
 def _service():
     from types import SimpleNamespace
 
@@ -187,3 +208,49 @@ def test_the_engine_gets_the_patches_of_the_steps_that_keep_a_token_only(dtd_pro
     steps = item[MASK_KEY].data.view(t, -1).any(1)
     assert steps.tolist() == [True, False, False, False, True, False, False, False]
     assert item["pixel_values_videos"].data.shape[0] == 2 * h * w
+
+
+def test_off_loop_waits_for_its_thread_however_often_it_is_cancelled():
+    import asyncio
+    import threading
+    import time
+
+    from vllm_plugin.streams.service import off_loop
+
+    done = threading.Event()
+
+    def work():
+        time.sleep(0.3)
+        done.set()
+        return 1
+
+    async def run():
+        task = asyncio.ensure_future(off_loop(work))
+        for _ in range(3):  # three cancellations while the thread runs
+            await asyncio.sleep(0.05)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return done.is_set()  # the caller's cleanup runs only after the thread's work
+        return None
+
+    assert asyncio.run(run()) is True
+    assert asyncio.run(off_loop(lambda: 7)) == 7
+
+
+def test_an_item_without_data_is_checked_from_its_record_or_refused(dtd_processor, synthetic_clip):
+    """vLLM's processor cache gives the API server no data for a cached item (LRU: None; shared memory:
+    an address entry): the check reads the record made when it was processed; with none it refuses."""
+    from vllm_plugin.models.base import ITEM_EXTRA_POSITIONS, PositionLimitError
+
+    result = _process(dtd_processor, synthetic_clip.frames[:8], 2.0)
+    mm_hash = result["mm_hashes"]["video"][0]
+    extra = ITEM_EXTRA_POSITIONS.lookup(mm_hash)
+    assert extra is not None
+    for stand_in in (None, {"address": 0, "monotonic_id": 1, "signature": "x"}):
+        cached = {**result, "mm_kwargs": {"video": [stand_in]}}
+        dtd_processor._dtd_check_positions(cached)  # from the record: accepted
+        unknown = {**cached, "mm_hashes": {"video": ["never-seen"]}}
+        with pytest.raises(PositionLimitError, match="could not be checked"):
+            dtd_processor._dtd_check_positions(unknown)

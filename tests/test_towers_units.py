@@ -313,6 +313,8 @@ def test_gpu_video_decoding_already_reserves_the_cuda_context(cuda_tower):
     no_context = cuda_tower.memory.total - vision.CUDA_CONTEXT_BYTES
     budget = no_context / GiB * 1.01  # enough without a context of its own
     assert vision.tower_for(SPECS["qwen2_5_vl"], cuda_tower.model_config(budget, gpu_decoding=True)) is cuda_tower.tower
+    # decodes lease from the same pool and wait for free bytes: the tower takes no lease for good
+    assert cuda_tower.tower.lease is None and all(not p.leases for p in cuda_tower.pools)
 
 
 def test_the_check_can_be_turned_off_and_a_cpu_tower_is_never_checked(cuda_tower, monkeypatch):

@@ -488,9 +488,22 @@ def size_rotary_tables(model, positions: int) -> int:
             raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: MRotaryEmbedding keeps cos_sin_cache and "
                                f"max_position_embeddings, in vLLM {_vllm_version()} it does not")
         if old.shape[0] < positions:
-            m.max_position_embeddings = positions
+            if getattr(m, "scaling_factor", None) is None:  # vLLM's own table code, for more positions
+                original = m.max_position_embeddings
+                m.max_position_embeddings = positions
+                try:
+                    cache = m._compute_cos_sin_cache()
+                finally:
+                    m.max_position_embeddings = original
+            else:  # YaRN: its frequencies depend on max_position_embeddings, which must stay (vLLM's formula, more rows)
+                freqs = torch.einsum("i,j -> ij", torch.arange(positions, dtype=torch.float32), m._compute_inv_freq(m.scaling_factor))
+                cache = torch.cat((freqs.cos() * m.mscale, freqs.sin() * m.mscale), dim=-1)
+            cache = cache.to(dtype=old.dtype, device=old.device)
+            if not torch.allclose(cache[: old.shape[0]].float(), old.float(), atol=1e-3, rtol=0):
+                raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32's M-RoPE tables: the enlarged {type(m).__name__} "
+                                   f"table does not continue vLLM {_vllm_version()}'s (a rotary variant it does not know)")
+            m.cos_sin_cache = cache
             m.cache_max_position_num = positions
-            m.cos_sin_cache = m._compute_cos_sin_cache().to(dtype=old.dtype, device=old.device)
             if getattr(m, "cos_sin_cache_bf16", None) is not None:
                 m.cos_sin_cache_bf16 = m.cos_sin_cache.to(torch.bfloat16)
             logger.info("DTD: M-RoPE table enlarged from %d to %d positions (kept tokens keep full-prompt positions)",

@@ -103,7 +103,10 @@ class _ItemExtras:
 
     def lookup(self, mm_hash: str) -> Optional[int]:
         with self._lock:
-            return self._by_hash.get(mm_hash)
+            if mm_hash not in self._by_hash:
+                return None
+            self._by_hash.move_to_end(mm_hash)  # in use: kept as long as vLLM's cache keeps the item
+            return self._by_hash[mm_hash]
 
 
 ITEM_EXTRA_POSITIONS = _ItemExtras()
@@ -312,10 +315,14 @@ class DTDMultiModalProcessorMixin:
         the merge, e.g. under another request's or this prompt's own items), the request's items are
         dropped from the cache and processed again from the data the request carries: a cache miss
         costs time, never the request (a stream's conversation sends every item each time)."""
+        cache = inputs.cache
+        if cache is not None:  # a cached video whose position record is gone: processed again (it is in the request)
+            for mm_hash in self._get_mm_hashes(inputs).get("video", []):
+                if ITEM_EXTRA_POSITIONS.lookup(mm_hash) is None and cache.is_cached_item(mm_hash):
+                    cache.invalidate(mm_hash)
         try:
             return super()._cached_apply_hf_processor(inputs, timing_ctx)
         except AssertionError as e:
-            cache = inputs.cache
             if cache is None or "cached item" not in str(e) or any(
                     item is None for items in inputs.mm_data_items.values() for item in items.get_all()):
                 raise
@@ -396,7 +403,16 @@ class DTDMultiModalProcessorMixin:
             t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
             mask = item[MASK_KEY].data.reshape(t, h // merge, w // merge)
             request_stats.record(mm_hash, mask_stats(mask), mask_digest(mask))
-        self._dtd_check_positions(result)
+        try:
+            self._dtd_check_positions(result)
+        except PositionLimitError:
+            # the refused request's items entered vLLM's processor cache, which the engine never receives
+            # (its mirror would expect them): drop them, so that nothing counts on them
+            if inputs.cache is not None:
+                for hashes in result["mm_hashes"].values():
+                    for mm_hash in hashes:
+                        inputs.cache.invalidate(mm_hash)
+            raise
         return result
 
     # -- positions ----------------------------------------------------------------------------------
@@ -417,34 +433,51 @@ class DTDMultiModalProcessorMixin:
         vc = self.info.get_hf_config().vision_config
         return self._dtd_t_factor(vc.temporal_patch_size / fps if hasattr(vc, "tokens_per_second") else None)
 
+    def _dtd_item_extra(self, item) -> int:
+        """Positions one processed video item spans beyond its placeholder tokens: the family's span of
+        its full grid less its kept tokens (text tokens take one position each, so they cancel)."""
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
+        elem = item.get(MASK_KEY)
+        kept = int(elem.data.sum()) if elem is not None else t * (h // merge) * (w // merge)
+        seconds = item.get("second_per_grid_ts")
+        t_factor = self._dtd_t_factor(float(seconds.data.item()) if seconds is not None else None)
+        return self._dtd_position_span(t, h // merge, w // merge, t_factor, 0) - kept
+
+    def _merge_mm_kwargs(self, cache, mm_hashes, mm_is_cached, mm_missing_kwargs, mm_missing_prompt_updates):
+        """vLLM's merge of processed and cached items; first, each freshly processed video's position
+        span is recorded under its hash (a cache entry holds no data in the API server: the check of a
+        later request that hits it reads the record)."""
+        fresh = iter(mm_missing_kwargs.get("video", []))
+        for mm_hash, cached in zip(mm_hashes.get("video", []), mm_is_cached.get("video", [])):
+            if not cached:
+                ITEM_EXTRA_POSITIONS.record(mm_hash, self._dtd_item_extra(next(fresh)))
+        return super()._merge_mm_kwargs(cache, mm_hashes, mm_is_cached, mm_missing_kwargs, mm_missing_prompt_updates)
+
     def _dtd_check_positions(self, result) -> None:
         """Refuse (:class:`PositionLimitError`) a prompt whose M-RoPE positions could pass the rotary
         table: the largest is at most ``max_model_len - 1`` plus what every video item spans beyond its
-        tokens (DTD keeps full-prompt positions; frames far apart in time span more, DTD or not)."""
+        tokens (DTD keeps full-prompt positions; frames far apart in time span more, DTD or not). An item
+        without data here (from vLLM's processor cache, or a shared-memory reference) is read from its
+        record; one with no record is refused (its cache entry is dropped: sent again, it is processed)."""
         videos = result["mm_kwargs"].get("video") or []
         if not videos:
             return
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
-        prompt = result["prompt_token_ids"]
         extra = 0
-        for item, mm_hash, where in zip(videos, result["mm_hashes"].get("video", []), result["mm_placeholders"].get("video", [])):
-            if item is None:  # from the processor cache: recorded when it was processed
+        for item, mm_hash in zip(videos, result["mm_hashes"].get("video", [])):
+            if item is not None and "video_grid_thw" in item:
+                e = self._dtd_item_extra(item)
+                ITEM_EXTRA_POSITIONS.record(mm_hash, e)
+            else:
                 e = ITEM_EXTRA_POSITIONS.lookup(mm_hash)
                 if e is None:
-                    _warn_once("a cached video item's position span is no longer known: counted as its tokens")
-                extra += e or 0
-                continue
-            t, h, w = (int(x) for x in item["video_grid_thw"].data.tolist())
-            elem = item.get(MASK_KEY)
-            kept = int(elem.data.sum()) if elem is not None else t * (h // merge) * (w // merge)
-            seconds = item.get("second_per_grid_ts")
-            t_factor = self._dtd_t_factor(float(seconds.data.item()) if seconds is not None else None)
-            span = self._dtd_position_span(t, h // merge, w // merge, t_factor, where.length - kept)
-            ITEM_EXTRA_POSITIONS.record(mm_hash, span - where.length)
-            extra += span - where.length
+                    raise PositionLimitError("video: this video's M-RoPE positions could not be checked (its record left this "
+                                             "server's memory while vLLM's processor cache kept it): send the request again",
+                                             parameter="video")
+            extra += e
         limit = rope_positions(self.info.get_hf_config())
         max_len = int(self.info.ctx.model_config.max_model_len)
-        largest = max(len(prompt), max_len) - 1 + max(0, extra)
+        largest = max(len(result["prompt_token_ids"]), max_len) - 1 + max(0, extra)
         if largest >= limit:
             raise PositionLimitError(
                 f"video: this request's M-RoPE positions could reach {largest} ({max_len} tokens of context plus {extra} "

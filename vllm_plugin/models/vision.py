@@ -31,8 +31,9 @@ Towers inside the budget:
   out of the KV cache on every worker GPU, so ``--gpu-memory-utilization`` bounds the towers too):
   :func:`gpu_budget_verdict`. Too small: the tower does not load and the message says what to set
   (at start when the server's default criterion is ``feature``, else a 400 and an error log at the
-  first feature request). The tower then holds its bytes as a lease of vLLM's front-end pool, so
-  GPU video decoding in the same process never oversubscribes the carve-out.
+  first feature request). Without GPU video decoding the tower then holds its bytes as a lease of
+  vLLM's front-end pool; with it, the tower is only counted (a lease held for good could leave a
+  decode waiting forever in vLLM's ``acquire``): give the carve-out room for both.
   ``DTD_FEATURE_ENCODER_MEMORY_CHECK=off`` skips the check (the towers have a GPU of their own).
 * Attention runs batched: transformers' Qwen-VL vision attention, with ``sdpa``, calls SDPA once per
   window / frame in a Python loop after a host sync. The plugin's tower registers
@@ -586,7 +587,10 @@ def check_gpu_budget(spec: VisionTowerSpec, model_config, dtype: torch.dtype, de
                                       pool.total_bytes if pool is not None else None)
     if not fits:
         raise EncoderUnavailable(_budget_message(memory, device, budget, processes, needed))
-    return pool, memory.total
+    # GPU video decoding leases from the same pool and vLLM's acquire() waits until bytes are free: a
+    # lease held for the tower's lifetime could leave a large decode waiting for good. Then the tower
+    # is only counted (above), not leased.
+    return (None if gpu_decoding else pool), memory.total
 
 
 # -- one tower per API-server process ---------------------------------------------------------------------

@@ -117,11 +117,15 @@ def _joined(futures: list) -> Future:
             left[0] -= 1
             if left[0] or out.done():
                 return
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            out.set_exception(errors[0])
-        else:
-            out.set_result(torch.cat([f.result() for f in futures]))
+        try:
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                out.set_exception(errors[0])
+            else:
+                out.set_result(torch.cat([f.result() for f in futures]))
+        except BaseException as e:  # a callback's error would only be logged: the waiting append gets it
+            if not out.done():
+                out.set_exception(e)
 
     for f in futures:
         f.add_done_callback(done)

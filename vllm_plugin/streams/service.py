@@ -44,11 +44,15 @@ async def off_loop(fn, *args):
     """``fn(*args)`` in a worker thread; a cancelled caller still waits for it to finish (it changes
     stream state under the stream's lock: nothing may run half-done behind the caller's cleanup)."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True  # (again): the thread finishes all the same, then the caller's cleanup runs
+    if cancelled:
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
@@ -319,7 +323,7 @@ class StreamService:
         async def run():
             async with stream.chat_lock:
                 if not stream.closed and stream.memory_full():
-                    self.maybe_reanchor(stream, 0, "memory")
+                    await off_loop(self.maybe_reanchor, stream, 0, "memory")  # renders the template: not on the loop
 
         if stream.prefill_task is None:
             task = asyncio.get_running_loop().create_task(run())
@@ -336,13 +340,14 @@ class StreamService:
                                                   data_parallel_rank=self.dp_rank(stream)):
                 o = out.outputs[0] if out.outputs else None
                 if out.finished and o is not None and o.finish_reason == "error" and not o.token_ids:
-                    logger.warning("DTD stream %s: request %s ended with an engine error%s", stream.id, rid,
-                                   "; sending it again" if not attempt else "")
+                    # vLLM 0.32 ends a request this way when its engine-side multimodal cache lost an item
+                    logger.warning("DTD stream %s: request %s ended with an engine error (no token)%s", stream.id, rid,
+                                   "; sending it again with every item's data" if not attempt else "")
                     break
                 yield out
             else:
                 return
-        raise StreamError("the engine could not process this request (a multimodal cache miss twice); retry", 503)
+        raise StreamError("the engine ended this request with an error twice (see the server log); retry", 503)
 
     def counted(self, stream: Stream, prompt_ids: list[int], out, answer: int = 0) -> None:
         """Record what the engine counted for a request of the conversation: its length

@@ -142,17 +142,10 @@ def shared_video(name: str) -> Path:
 
 
 def serve_args(media_dir: Path) -> list[str]:
-    """vLLM flags shared by the test servers: every decoded frame reaches the processor (so the
-    reference pipeline sees the same pixels), local files allowed from ``media_dir``."""
-    import json
+    """vLLM flags shared by the test servers (:func:`analysis.harness.checks.serve_args`, as the gpu check's)."""
+    from analysis.harness.checks import serve_args as shared
 
-    return [
-        "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}}),
-        "--allowed-local-media-path", str(media_dir),
-        "--max-logprobs", "20",
-        "--enable-prompt-tokens-details",
-        "--seed", "0",
-    ]
+    return shared(media_dir)
 
 
 @pytest.fixture(scope="session")
@@ -218,43 +211,10 @@ def chat_video(client, model: str, video_path: Path, question: str, max_tokens: 
 
 def chat_with_stats(srv, video, media_io=None, question: str = "what happens", **mm):
     """One greedy chat request with a local video (6 tokens, top-5 logprobs with token ids) and the
-    ``x-dtd-stats`` header's per-video stats (``[]`` without the header)."""
-    import json
+    ``x-dtd-stats`` header's per-video stats (:func:`analysis.harness.checks.chat_with_stats`)."""
+    from analysis.harness.checks import chat_with_stats as shared
 
-    extra = {"return_tokens_as_token_ids": True}
-    if mm:
-        extra["mm_processor_kwargs"] = mm
-    if media_io:
-        extra["media_io_kwargs"] = media_io
-    raw = srv.client().chat.completions.with_raw_response.create(
-        model=srv.model, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5, extra_body=extra,
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
-                                               {"type": "text", "text": question}]}],
-    )
-    stats = json.loads(raw.headers["x-dtd-stats"])["videos"] if "x-dtd-stats" in raw.headers else []
-    return raw.parse(), stats
-
-
-def served_top_logprobs(resp) -> tuple[list[int], list[dict[int, float]]]:
-    """(generated token ids, per step {token id: logprob}) from a chat response."""
-    ids, tops = [], []
-    for item in resp.choices[0].logprobs.content:
-        ids.append(int(item.token.split(":", 1)[1]))
-        tops.append({int(t.token.split(":", 1)[1]): t.logprob for t in item.top_logprobs})
-    return ids, tops
-
-
-def assert_same_top_logprobs(a: list[dict[int, float]], b: list[dict[int, float]], atol: float = 1e-4):
-    """Same top-5 token sets (up to near-ties) and log-probabilities within float tolerance."""
-    assert len(a) == len(b), (len(a), len(b))
-    for step, (x, y) in enumerate(zip(a, b)):
-        for tok in set(x) & set(y):
-            assert abs(x[tok] - y[tok]) <= atol, (step, tok, x[tok], y[tok])
-        # a token may fall out of one top-5 only if it ties with the 5th
-        for tok in set(x) ^ set(y):
-            lp = x.get(tok, y.get(tok))
-            fifth = min(min(x.values()), min(y.values()))
-            assert abs(lp - fifth) <= atol, (step, tok, lp, fifth)
+    return shared(srv, video, question=question, media_io=media_io, **mm)
 
 
 def generated_when_settled(srv, within: float) -> float:

@@ -259,7 +259,9 @@ def test_the_position_case_wants_a_400_naming_the_rotary_table(monkeypatch):
     def refuse(url, fps=None, **kw):
         raise StreamHTTPError(400, "fps: positions would pass the model's rotary table")
 
-    monkeypatch.setattr(gpu_check, "_healthy", lambda srv: None)
+    from analysis.harness import checks
+
+    monkeypatch.setattr(checks, "assert_server_healthy", lambda srv: None)
     monkeypatch.setattr(vllm_plugin.client, "open_stream", refuse)
     assert "refused (400)" in gpu_check.case_position_refused(N(base_url="http://fake"), None)
     monkeypatch.setattr(vllm_plugin.client, "open_stream", lambda url, fps=None, **kw: N(close=lambda: None))

@@ -13,40 +13,19 @@ import numpy as np
 import pytest
 import requests
 
+from analysis.harness.checks import assert_server_healthy, check_fps_past_the_table_is_refused, check_sparse_stream_is_answered
 from conftest import chat_with_stats
 from vllm_plugin.client import StreamHTTPError, open_stream
 
 pytestmark = pytest.mark.vllm
 
 
-def healthy(srv) -> None:
-    assert requests.get(srv.base_url + "/health", timeout=30).status_code == 200
-    r = srv.client().completions.create(model=srv.model, prompt="hello", max_tokens=1)
-    assert r.choices[0].text is not None
-
-
 def test_a_stream_whose_fps_would_pass_the_rotary_table_is_refused_at_open(dtd_server):
-    with pytest.raises(StreamHTTPError) as e:
-        open_stream(dtd_server.base_url, fps=1e-5)
-    assert e.value.status == 400 and "fps" in str(e.value) and "rotary table" in str(e.value)
-    healthy(dtd_server)
+    check_fps_past_the_table_is_refused(dtd_server)
 
 
 def test_a_sparse_lazy_stream_is_answered_and_the_engine_lives(dtd_server):
-    """fps 0.002 (frames 500 s apart): 128 temporal steps of a static scene would span 256,000 temporal
-    M-RoPE positions; the chunk is bounded (oldest steps dropped, an event says so), the question answered."""
-    s = open_stream(dtd_server.base_url, fps=0.002, prefill="lazy", dtd_threshold=0.05)
-    try:
-        frame = np.full((224, 224, 3), 90, np.uint8)
-        for _ in range(2):
-            s.push([frame] * 128)
-        a = s.ask("what happens?", max_tokens=3)
-        assert a["choices"][0]["message"]["content"] is not None
-        dropped = [e for e in s.events() if e["type"] == "dropped"]
-        assert dropped and "rotary table" in dropped[0]["message"], s.events()
-    finally:
-        s.close()
-    healthy(dtd_server)
+    check_sparse_stream_is_answered(dtd_server)
 
 
 def test_a_stream_whose_items_leave_the_processor_cache_keeps_answering(dtd_server):
@@ -65,7 +44,7 @@ def test_a_stream_whose_items_leave_the_processor_cache_keeps_answering(dtd_serv
         s.close()
     # the cache did lose items the requests counted on (the path this test is about was taken)
     assert "processor cache lost an item" in dtd_server.log_path.read_text(errors="replace")
-    healthy(dtd_server)
+    assert_server_healthy(dtd_server)
 
 
 def _longest_health_stall(srv, during) -> tuple[float, object]:
@@ -109,7 +88,7 @@ def test_a_huge_question_or_standing_question_does_not_stall_the_server(dtd_serv
         assert s.ask("what happens?", max_tokens=2)["choices"][0]["message"]["content"] is not None
     finally:
         s.close()
-    healthy(dtd_server)
+    assert_server_healthy(dtd_server)
 
 
 def test_a_question_refused_for_max_tokens_changes_no_stream_state(dtd_server, synthetic_clip):
@@ -138,18 +117,6 @@ def test_a_data_uri_without_a_comma_is_a_400(dtd_server):
         s.close()
 
 
-def _worker_peak_mb(srv) -> float:
-    """Peak resident memory (VmHWM, MiB) of the server's engine worker process (vLLM's CPU worker)."""
-    import psutil
-
-    for p in psutil.Process(srv.proc.pid).children(recursive=True):
-        if "Worker" in p.name() or "Worker" in " ".join(p.cmdline()[:1]):
-            for line in open(f"/proc/{p.pid}/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    raise AssertionError(f"no engine worker among {[p.name() for p in psutil.Process(srv.proc.pid).children(recursive=True)]}")
-
-
 def test_a_long_static_video_is_encoded_in_bounded_groups(dtd_server, media_dir):
     """256 static 448x448 frames: 32,768 video tokens before DTD, one step's worth after. The engine
     encodes only the steps that keep a token, in calls of at most what it profiled: the worker's peak
@@ -159,14 +126,14 @@ def test_a_long_static_video_is_encoded_in_bounded_groups(dtd_server, media_dir)
     frames = np.full((256, 448, 448, 3), 120, np.uint8)
     frames[:, 100:200, 100:200] = 30
     path = write_video(media_dir / "static448.mp4", frames, 2.0)
-    before = _worker_peak_mb(dtd_server)
+    before = dtd_server.worker_peak_mb()
     resp, (st,) = chat_with_stats(dtd_server, path)
-    after = _worker_peak_mb(dtd_server)
+    after = dtd_server.worker_peak_mb()
     print(f"worker peak RSS {before:.0f} -> {after:.0f} MiB; tokens {st['kept']} of {st['total']}")
     assert st["total"] == 128 * 256 and st["kept"] <= 2 * 256
     assert resp.choices[0].message.content is not None
     assert after <= before + 16, (before, after)
-    healthy(dtd_server)
+    assert_server_healthy(dtd_server)
 
 
 def test_a_lazy_stream_backlog_becomes_bounded_items(dtd_server):

@@ -339,47 +339,16 @@ def case_one_chunk_stream(srv, fam: Family) -> str:
     return "prompt = reference, answer = reference" + ("" if d is None else f" up to a near tie at step {d}")
 
 
-def _healthy(srv) -> None:
-    import requests
-
-    assert requests.get(srv.base_url + "/health", timeout=30).status_code == 200, "/health"
-    r = srv.client().completions.create(model=srv.model, prompt="hello", max_tokens=1)
-    assert r.choices[0].text is not None
-
-
 def case_position_refused(srv, fam: Family) -> str:
-    from vllm_plugin.client import StreamHTTPError, open_stream
+    from analysis.harness.checks import check_fps_past_the_table_is_refused
 
-    try:
-        s = open_stream(srv.base_url, fps=1e-5)
-    except StreamHTTPError as e:
-        assert e.status == 400 and "fps" in str(e) and "rotary table" in str(e), (e.status, str(e)[:300])
-    else:
-        s.close()
-        raise AssertionError("a stream at fps 1e-5 (positions past the rotary table) was opened")
-    _healthy(srv)
-    return "fps 1e-5 refused (400), server healthy"
+    return check_fps_past_the_table_is_refused(srv)
 
 
 def case_sparse_stream(srv, fam: Family) -> str:
-    import numpy as np
+    from analysis.harness.checks import check_sparse_stream_is_answered
 
-    from vllm_plugin.client import open_stream
-
-    side = 256 if fam.qwen3 else 224
-    s = open_stream(srv.base_url, fps=0.002, prefill="lazy", dtd_threshold=0.05)
-    try:
-        frame = np.full((side, side, 3), 90, np.uint8)
-        for _ in range(2):
-            s.push([frame] * 128)
-        a = s.ask("what happens?", max_tokens=3)
-        assert a["choices"][0]["message"]["content"] is not None
-        dropped = [e for e in s.events() if e["type"] == "dropped"]
-        assert dropped and "rotary table" in dropped[0]["message"], s.events()
-    finally:
-        s.close()
-    _healthy(srv)
-    return "fps 0.002 answered, chunk bounded, server healthy"
+    return check_sparse_stream_is_answered(srv, side=256 if fam.qwen3 else 224)
 
 
 def probe(srv) -> list[dict]:

@@ -339,3 +339,54 @@ class GpuCheckProbe:
             "total": int(total),
             "gpu_memory_utilization": float(self.vllm_config.cache_config.gpu_memory_utilization),
         }
+
+
+# -- never down: the checks the CPU tests (tests/test_never_down.py) and make gpu-check share ----------------
+
+
+def assert_server_healthy(srv) -> None:
+    """``/health`` answers and the engine generates (a one-token completion)."""
+    import requests
+
+    assert requests.get(srv.base_url + "/health", timeout=60).status_code == 200, "/health"
+    r = srv.client().completions.create(model=srv.model, prompt="hello", max_tokens=1)
+    assert r.choices[0].text is not None
+
+
+def check_fps_past_the_table_is_refused(srv) -> str:
+    """A stream whose fps would take its M-RoPE positions past the rotary table (1e-5) is refused at
+    open with a 400 naming the table; the server stays up."""
+    from vllm_plugin.client import StreamHTTPError, open_stream
+
+    try:
+        s = open_stream(srv.base_url, fps=1e-5)
+    except StreamHTTPError as e:
+        assert e.status == 400 and "fps" in str(e) and "rotary table" in str(e), (e.status, str(e)[:300])
+    else:
+        s.close()
+        raise AssertionError("a stream at fps 1e-5 (positions past the rotary table) was opened")
+    assert_server_healthy(srv)
+    return "fps 1e-5 refused (400), server healthy"
+
+
+def check_sparse_stream_is_answered(srv, side: int = 224) -> str:
+    """fps 0.002 (frames 500 s apart): 128 temporal steps of a static scene would span 256,000 temporal
+    M-RoPE positions; the chunk is bounded (oldest steps dropped, a ``dropped`` event says why) and the
+    question answered; the server stays up."""
+    import numpy as np
+
+    from vllm_plugin.client import open_stream
+
+    s = open_stream(srv.base_url, fps=0.002, prefill="lazy", dtd_threshold=0.05)
+    try:
+        frame = np.full((side, side, 3), 90, np.uint8)
+        for _ in range(2):
+            s.push([frame] * 128)
+        a = s.ask("what happens?", max_tokens=3)
+        assert a["choices"][0]["message"]["content"] is not None
+        dropped = [e for e in s.events() if e["type"] == "dropped"]
+        assert dropped and "rotary table" in dropped[0]["message"], s.events()
+    finally:
+        s.close()
+    assert_server_healthy(srv)
+    return "fps 0.002 answered, chunk bounded, server healthy"

@@ -190,6 +190,19 @@ class VLLMServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.healthy()
 
+    def worker_peak_mb(self) -> float:
+        """Peak resident memory (VmHWM, MiB) of the server's engine worker process (vLLM's CPU worker,
+        where the vision encoder and the LLM run)."""
+        import psutil
+
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        for p in children:
+            if "Worker" in p.name():
+                for line in open(f"/proc/{p.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no engine worker among {[p.name() for p in children]}")
+
     def stop(self) -> None:
         if self.proc is None:
             return

@@ -19,6 +19,23 @@ needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and os.enviro
                                    reason="Debian chromium + chromium-driver (scripts/setup.sh installs them)")
 
 
+# The folder says what a test needs; its marker comes from there, never by hand:
+# tests/unit (no server: `make test-fast`), tests/serving (real vLLM servers), tests/browser (headless Chromium).
+TIERS = {"unit": (), "serving": ("vllm",), "browser": ("browser",)}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.path)).resolve().relative_to(REPO / "tests").parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/serving or tests/browser")
+        item.add_marker(getattr(pytest.mark, tier))
+        for name in TIERS[tier]:
+            item.add_marker(getattr(pytest.mark, name))
+        if tier == "browser":
+            item.add_marker(needs_browser)
+
+
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory):
     """Headless Chromium without DNS (reports must render offline), shared by the report checks."""

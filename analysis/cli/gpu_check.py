@@ -11,7 +11,7 @@ server at the served dtype (bfloat16; ``DTD_TEST_DTYPE`` overrides) answers:
 
 * whole videos, pixel and feature level (DTD off too without ``--quick``): served = the transformers
   reference at the same dtype, with that dtype's tolerances (``analysis/harness/checks.py``
-  ``compare_to_reference``, the function the CPU test ``tests/test_qwen2_vl_serving.py`` calls);
+  ``compare_to_reference``, the function the CPU test ``tests/serving/test_qwen2_vl_serving.py`` calls);
 * eager streams, pixel and feature level (three appends, each prefilled before the question): kept
   tokens per step = the reference's DTD over the whole clip, each chunk serves its kept tokens, the
   question pays only its own text; Qwen3-VL families also a one-append stream answering as the

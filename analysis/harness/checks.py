@@ -341,7 +341,7 @@ class GpuCheckProbe:
         }
 
 
-# -- never down: the checks the CPU tests (tests/test_never_down.py) and make gpu-check share ----------------
+# -- never down: the checks the CPU tests (tests/serving/test_never_down.py) and make gpu-check share ----------------
 
 
 def assert_server_healthy(srv) -> None:

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from vllm_plugin.client import open_stream
 
-pytestmark = pytest.mark.vllm
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,  # nothing written into the repo
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

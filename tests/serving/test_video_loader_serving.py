@@ -10,7 +10,6 @@ import requests
 
 from analysis.harness.checks import assert_same_greedy, served_top_logprobs
 
-pytestmark = pytest.mark.vllm
 EXACT = {"video": {"fast_decode": False}}
 
 

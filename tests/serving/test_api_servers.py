@@ -15,7 +15,6 @@ import requests
 from conftest import BLOCK_SIZE, generated_when_settled, serve_args
 from vllm_plugin.media import encode_png
 
-pytestmark = pytest.mark.vllm
 DP = 2
 
 

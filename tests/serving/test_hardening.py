@@ -13,7 +13,6 @@ from analysis.lib.video import write_video
 from conftest import generated_when_settled
 from vllm_plugin.client import open_stream
 
-pytestmark = pytest.mark.vllm
 
 
 def _chat(srv, content, mm_kwargs=None, max_tokens=2, **body):

@@ -13,7 +13,6 @@ import pytest
 
 from conftest import REPO, renders_offline
 
-pytestmark = pytest.mark.vllm
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
 SB_MODES = ["full", "dtd/pixel/l1/0.05", "dtd/pixel/l1/0.5", "dtd/feature/cosine/0.05", "dtd/feature/cosine/0.5",
             "uniform/pixel/l1/0.05", "uniform/pixel/l1/0.5", "uniform/feature/cosine/0.05", "uniform/feature/cosine/0.5"]

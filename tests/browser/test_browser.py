@@ -11,9 +11,8 @@ import requests
 
 from analysis.harness.browser import chromium_driver
 from analysis.harness.server import free_port
-from conftest import REPO, needs_browser
+from conftest import REPO
 
-pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")

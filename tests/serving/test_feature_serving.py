@@ -13,7 +13,6 @@ from conftest import BLOCK_SIZE
 from vllm_plugin.client import open_stream
 from vllm_plugin.core import DTDConfig
 
-pytestmark = pytest.mark.vllm
 Q = "what happens"
 ENCODED = "vllm_dtd_encoder_steps_total"
 
@@ -54,7 +53,7 @@ def test_served_feature_dtd_equals_the_reference_pipeline(dtd_server, served_ref
 
     before = dtd_server.metric(ENCODED) or 0.0
     # the real clip through vLLM's own loader: the reference resizes with the HF processor (the
-    # plugin's loader with swscale; tests/test_video_loader_serving.py); the synthetic one is not resized
+    # plugin's loader with swscale; tests/serving/test_video_loader_serving.py); the synthetic one is not resized
     resp, (s,) = _chat(dtd_server, path, None if clip == "synthetic" else {"video": {"fast_decode": False}}, **mm)
     same_mask = assert_same_mask(s, reference, prepared, cfg)  # float32: the same digest
     assert dtd_server.metric(ENCODED) - before == video.grid_thw[0]  # every temporal step once, none in the engine

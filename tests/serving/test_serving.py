@@ -9,7 +9,6 @@ from analysis.harness.checks import assert_same_greedy, served_top_logprobs
 from conftest import BLOCK_SIZE, chat_video, chat_with_stats
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_digest, pixel_tokens
 
-pytestmark = pytest.mark.vllm
 Q = "what happens"
 
 
@@ -24,7 +23,7 @@ def _raw_chat(srv, video_url, mm_kwargs=None, max_tokens=4):
 
 
 # vLLM's own video loader (bit-identical frames): the reference pipeline resizes with the HF processor,
-# the plugin's default loader with swscale (tests/test_video_loader_serving.py compares the two)
+# the plugin's default loader with swscale (tests/serving/test_video_loader_serving.py compares the two)
 EXACT_LOADER = {"video": {"fast_decode": False}}
 
 

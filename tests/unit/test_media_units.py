@@ -18,7 +18,7 @@ from vllm_plugin.media import (
     sniff_container,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_video(fmt: str, codec: str, w: int, h: int, n: int, fps: int = 30) -> bytes:

@@ -9,7 +9,6 @@ from analysis.harness.checks import compare_to_reference
 from conftest import chat_with_stats, serve_args
 from vllm_plugin.core import DTDConfig
 
-pytestmark = pytest.mark.vllm
 Q = "what happens"
 
 

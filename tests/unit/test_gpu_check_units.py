@@ -1,6 +1,6 @@
 """``make gpu-check`` (analysis/cli/gpu_check.py) without a GPU: it says so and exits 0, its arguments,
 its verdict line, its memory and runner checks on synthetic probes, and ``compare_to_reference``
-(analysis/harness/checks.py, what it and tests/test_qwen2_vl_serving.py hold a served answer to)."""
+(analysis/harness/checks.py, what it and tests/serving/test_qwen2_vl_serving.py hold a served answer to)."""
 
 import os
 import re

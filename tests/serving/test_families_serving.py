@@ -16,7 +16,6 @@ from conftest import chat_video, chat_with_stats, serve_args
 from vllm_plugin.client import open_stream
 from vllm_plugin.core import DTDConfig
 
-pytestmark = pytest.mark.vllm
 Q = "what happens"
 QWEN3_POSITIONS = 2048  # the DTD server's max_position_embeddings and context
 CLIPS = ["synthetic", "real"]

@@ -5,12 +5,10 @@ import base64
 import os
 import re
 
-import pytest
 import requests
 
 from vllm_plugin.client import open_stream
 
-pytestmark = pytest.mark.vllm
 
 
 def _chat_video(srv, url):

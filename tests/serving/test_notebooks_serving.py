@@ -46,31 +46,6 @@ def outputs_of(nb) -> str:
     return json.dumps([c.get("outputs", []) for c in nb.cells], ensure_ascii=False)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_without_outputs_and_with_a_first_markdown_cell(name):
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    assert nb.cells[0].cell_type == "markdown" and "What it" in nb.cells[0].source
-    for c in nb.cells:
-        if c.cell_type == "code":
-            assert c.outputs == [] and c.execution_count is None, f"{name}: strip outputs before committing"
-
-
-def test_01_explore_runs_headless():
-    nb = run_notebook("01_explore_dtd.ipynb")
-    out = outputs_of(nb)
-    assert "application/vnd.jupyter.widget-view+json" in out  # the widget app rendered
-    assert "kept per step: [64, 0, 0, 0, 0, 0, 2, 2" in out  # the synthetic clip's ground truth
-    assert "application/vnd.plotly.v1+json" in out
-
-
-def test_02_sweep_runs_headless(results_dir):
-    nb = run_notebook("02_threshold_sweep.ipynb")
-    out = outputs_of(nb)
-    assert "drop_ratio" in out and "application/vnd.plotly.v1+json" in out
-    assert (results_dir / "sweep" / "results.parquet").is_file()
-
-
-@pytest.mark.vllm
 def test_03_serving_runs_against_a_live_server(dtd_server, real_clip_mp4):
     nb = run_notebook("03_serving_latency.ipynb", env={"DTD_SERVER_URL": dtd_server.base_url,
                                                         "DTD_VIDEO_URL": f"file://{real_clip_mp4}"})
@@ -81,7 +56,6 @@ def test_03_serving_runs_against_a_live_server(dtd_server, real_clip_mp4):
     assert f"Using the server at {dtd_server.base_url}" in out  # it says which server
 
 
-@pytest.mark.vllm
 def test_04_accuracy_starts_an_embedded_server_when_none_answers(results_dir):
     """As a new user runs it: nothing at DTD_SERVER_URL, so it starts (and on exit stops) its own server."""
     import re

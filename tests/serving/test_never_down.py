@@ -17,7 +17,6 @@ from analysis.harness.checks import assert_server_healthy, check_fps_past_the_ta
 from conftest import chat_with_stats
 from vllm_plugin.client import StreamHTTPError, open_stream
 
-pytestmark = pytest.mark.vllm
 
 
 def test_a_stream_whose_fps_would_pass_the_rotary_table_is_refused_at_open(dtd_server):

@@ -12,7 +12,6 @@ import requests
 
 from conftest import REPO
 
-pytestmark = pytest.mark.vllm
 TPS = 2
 POLICY = {"context_tokens": 1024, "max_keyframes": 2, "keep_turns": 1}
 

@@ -8,7 +8,6 @@ from analysis.harness.checks import assert_same_greedy, assert_same_mask, served
 from conftest import chat_with_stats, serve_args
 from vllm_plugin.core import DTDConfig
 
-pytestmark = pytest.mark.vllm
 Q = "what happens"
 
 

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from analysis.harness.browser import assert_report_renders
-from conftest import needs_browser
 
-pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import requests
 from conftest import BLOCK_SIZE, TEST_MAX_STREAMS
 from vllm_plugin.client import StreamHTTPError, open_stream
 
-pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The DTD core contract (vllm_plugin/core/): masks, relative mode, chunking, positions, stats, errors."""
+"""The DTD core contract (vllm_plugin/core/): masks, relative mode, chunking, references, positions, stats, errors."""
 
 import math
 
@@ -12,16 +12,14 @@ from vllm_plugin.core import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     DTDConfig,
+    decide_steps,
     dtd_keep_mask,
-    dtd_keep_mask_relative,
     mask_stats,
     kept_thw,
     mrope_positions,
     frame_tokens,
-    next_reference,
     pixel_keep_mask,
     pixel_tokens,
-    relative_kept_counts,
     token_scores,
 )
 
@@ -46,7 +44,7 @@ metric_thresholds = st.one_of(
     st.tuples(st.just("cosine"), st.floats(-1.0, 1.0)),
     st.tuples(st.just("l1"), st.floats(0.0, 1.0)),
 )
-references = st.sampled_from(["previous", "last_kept"])
+references = st.sampled_from(["previous", "last_kept", "motion"])
 
 
 @given(token_grids(), metric_thresholds, references)
@@ -119,28 +117,45 @@ def test_chunked_equals_whole(x, split, mt, reference):
     if x.shape[0] < 2:
         return
     split = 1 + split % (x.shape[0] - 1)
-    whole = dtd_keep_mask(x, thr, metric, reference)
-    m1 = dtd_keep_mask(x[:split], thr, metric, reference)
-    ref = next_reference(x[:split], m1, reference)
-    m2 = dtd_keep_mask(x[split:], thr, metric, reference, initial_reference=ref)
-    assert torch.equal(torch.cat([m1, m2]), whole)
+    config = DTDConfig(threshold=thr, metric=metric, reference=reference)
+    whole = decide_steps(x, config)
+    first = decide_steps(x[:split], config)
+    second = decide_steps(x[split:], config, state=first.state)
+    assert torch.equal(torch.cat([first.mask, second.mask]), whole.mask)
+    assert torch.equal(second.state, whole.state) and whole.offsets == first.offsets + second.offsets
+    # step by step (what a stream does), the state carried
+    state, masks = None, []
+    for t in range(x.shape[0]):
+        d = decide_steps(x[t : t + 1], config, state=state)
+        state = d.state
+        masks.append(d.mask)
+    assert torch.equal(torch.cat(masks), whole.mask)
+    assert torch.equal(dtd_keep_mask(x[split:], thr, metric, reference, initial_reference=first.state), second.mask)
+
+
+def relative_kept_counts(T, n, ratio):
+    k = n - int(n * ratio)
+    return [n] + [k] * (T - 1)
 
 
 @given(token_grids(), st.floats(0.0, 1.0), st.sampled_from(["cosine", "l1"]), references)
 def test_relative_mode_counts(x, ratio, metric, reference):
     T, H, W, _ = x.shape
-    m = dtd_keep_mask_relative(x, ratio, metric=metric, reference=reference)
-    assert mask_stats(m).kept_per_step == tuple(relative_kept_counts(T, H * W, ratio))
+    m = dtd_keep_mask(x, metric=metric, reference=reference, drop_ratio=ratio)
+    if reference == "motion":  # the entering edge is kept on top of the count
+        assert all(k >= want for k, want in zip(mask_stats(m).kept_per_step, relative_kept_counts(T, H * W, ratio)))
+    else:
+        assert mask_stats(m).kept_per_step == tuple(relative_kept_counts(T, H * W, ratio))
 
 
 def test_relative_mode_drops_most_redundant():
     x = torch.zeros(2, 1, 4, 1)
     x[0] = 0.5
     x[1, 0] = torch.tensor([[0.5], [0.9], [0.45], [0.0]])  # l1 diffs 0, 0.4, 0.05, 0.5
-    m = dtd_keep_mask_relative(x, 0.5, metric="l1")
+    m = dtd_keep_mask(x, metric="l1", drop_ratio=0.5)
     assert m[1, 0].tolist() == [False, True, False, True]
-    assert relative_kept_counts(3, 4, 0.5) == [4, 2, 2]
-    assert relative_kept_counts(3, 10, 0.25) == [10, 8, 8]  # int(10 * 0.25) = 2 dropped
+    x10 = torch.rand(3, 2, 5, 4)
+    assert mask_stats(dtd_keep_mask(x10, drop_ratio=0.25)).kept_per_step == (10, 8, 8)  # int(10 * 0.25) = 2 dropped
 
 
 def test_kept_positions_hand_computed():
@@ -221,7 +236,7 @@ def test_pixel_tokens_layout_and_denormalization():
         (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1, dtype=torch.long), 0.5), "floating-point"),
         (lambda: dtd_keep_mask([[1.0]], 0.5), "torch.Tensor"),
         (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1), 0.5, initial_reference=torch.ones(2, 2, 1)), "initial_reference"),
-        (lambda: dtd_keep_mask_relative(torch.ones(2, 1, 1, 1), 1.5), "drop_ratio"),
+        (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1), drop_ratio=1.5), "drop_ratio"),
         (lambda: pixel_tokens(torch.zeros(10, 1176), (1, 2, 2)), "patches"),
         (lambda: pixel_tokens(torch.zeros(8, 1176), (2, 2, 3)), "divisible"),
         (lambda: DTDConfig(threshold=2.0, metric="cosine"), "dtd_threshold"),

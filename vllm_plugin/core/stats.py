@@ -39,7 +39,7 @@ class DTDStats:
     def kept_fraction_per_step(self) -> tuple[float, ...]:
         return tuple(k / self.tokens_per_step for k in self.kept_per_step)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {
             "total": self.total,
             "kept": self.kept,

@@ -8,12 +8,13 @@ tokens ``(T, H, W, C)`` with ``T = grid_t``, ``H = grid_h // merge``, ``W = grid
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from vllm_plugin.core.config import DEFAULT_METRIC, METRICS, REFERENCES, check_choice, validate_threshold
-from vllm_plugin.core.masks import is_redundant, scan_steps, token_scores
+from vllm_plugin.core.config import DEFAULT_METRIC, DTDConfig
+from vllm_plugin.core.decide import Decision, decide_steps
+from vllm_plugin.core.masks import token_scores
 
 # Qwen2-VL / Qwen2.5-VL normalize pixels with OpenAI CLIP's statistics.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -35,7 +36,7 @@ class PatchLayout:
     normalized: bool = True
     rescale_factor: float = 1.0 / 255.0
 
-    def with_(self, **changes) -> "PatchLayout":
+    def with_(self, **changes: Any) -> "PatchLayout":
         return replace(self, **changes) if changes else self
 
     def denormalize(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -56,7 +57,7 @@ class PatchLayout:
 
 
 def pixel_tokens(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor,
-                 layout: PatchLayout = PatchLayout(), **overrides) -> torch.Tensor:
+                 layout: PatchLayout = PatchLayout(), **overrides: Any) -> torch.Tensor:
     """Qwen2-VL / Qwen2.5-VL processed video patches -> one pixel token per LLM position.
 
     Args:
@@ -79,7 +80,7 @@ def pixel_tokens(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Ten
     return lay.denormalize(x, inplace=False).reshape(*x.shape[:3], -1)
 
 
-def _patch_view(pixel_values: torch.Tensor, grid_thw, layout: PatchLayout) -> torch.Tensor:
+def _patch_view(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, layout: PatchLayout) -> torch.Tensor:
     """Validate and view the patches as (T, H, W, merge², channels, rest) (no copy)."""
     merge_size, temporal_patch_size, channels = layout.merge_size, layout.temporal_patch_size, layout.channels
     t, h, w = (int(x) for x in (grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw))
@@ -101,7 +102,7 @@ class _StepTokens:
     of the whole video (and its page faults; the patches may be uint8) is never made. A returned
     step stays valid until two other steps have been asked for."""
 
-    def __init__(self, patches: torch.Tensor, first: int, denormalize):
+    def __init__(self, patches: torch.Tensor, first: int, denormalize: Callable[[torch.Tensor], torch.Tensor]):
         self._patches, self._first, self._denormalize = patches, first, denormalize
         T, H, W = patches.shape[:3]
         self.shape = (T - first, H, W, patches[0, 0, 0].numel())
@@ -121,22 +122,31 @@ class _StepTokens:
         return self._buffers[self._held[t]].view(self.shape[1:])
 
 
-def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, threshold: float,
+def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, threshold: Optional[float] = None,
                     metric: str = DEFAULT_METRIC, reference: str = "previous", reference_steps: int = 0,
-                    layout: PatchLayout = PatchLayout(), **overrides) -> torch.Tensor:
-    """DTD straight from processed patches: ``dtd_keep_mask(pixel_tokens(pixel_values, grid_thw, ...)
-    [reference_steps:], threshold, metric, reference, initial_reference=<step reference_steps - 1>)``,
-    the same mask bit for bit, computed one temporal step at a time (what the serving plugin runs).
-    Raw 8-bit patches (vLLM's default for Qwen2-VL-family models: the tower normalizes) with the L1
-    metric are scored from integer sums, never copied to float (:func:`_l1_scores_8bit`; measured
-    1.5-3.2x faster than float steps on the shared clips at 2 fps, the same masks).
+                    layout: PatchLayout = PatchLayout(), drop_ratio: Optional[float] = None, **overrides: Any) -> torch.Tensor:
+    """:func:`pixel_decide`'s mask for a threshold (or ``drop_ratio``), metric and reference."""
+    config = DTDConfig(threshold=threshold, metric=metric, reference=reference, drop_ratio=drop_ratio)
+    return pixel_decide(pixel_values, grid_thw, config, reference_steps, layout, **overrides).mask
+
+
+def pixel_decide(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, config: DTDConfig,
+                 reference_steps: int = 0, layout: PatchLayout = PatchLayout(), **overrides: Any) -> Decision:
+    """DTD straight from processed patches: ``decide_steps(pixel_tokens(pixel_values, grid_thw, ...)
+    [reference_steps:], config, state=<step reference_steps - 1>)``, the same mask bit for bit,
+    computed one temporal step at a time (what the serving plugin runs). Raw 8-bit patches (vLLM's
+    default for Qwen2-VL-family models: the tower normalizes) with the L1 metric and a threshold are
+    scored from integer sums, never copied to float (:func:`_l1_scores_8bit`; measured 1.5-3.2x
+    faster than float steps on the shared clips at 2 fps, the same masks): a detail of the pixel L1
+    scorer, whatever the reference.
 
     Args:
         pixel_values, grid_thw, layout, overrides: as for :func:`pixel_tokens`.
+        config: the DTD setting (``config.criterion`` is not read: these are pixel tokens).
         reference_steps: the first steps are only the reference (the end of a stream's previous
-            chunk, ``reference="previous"``): the last of them is the initial reference.
+            chunk): the last of them is the initial state.
     Returns:
-        bool (T - reference_steps, H, W); True = kept.
+        :class:`vllm_plugin.core.decide.Decision` over the T - reference_steps other steps.
     """
     lay = layout.with_(**overrides)
     patches = _patch_view(pixel_values, grid_thw, lay)
@@ -144,18 +154,16 @@ def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.
         raise ValueError(f"reference_steps must be an int in [0, T), got {reference_steps!r}")
     if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values.sum())) and not bool(torch.isfinite(pixel_values).all()):
         raise ValueError("pixel_values contains NaN or inf")
-    check_choice("metric", metric, METRICS)
-    check_choice("reference", reference, REFERENCES)
-    threshold = validate_threshold(threshold, metric)
-    decide = lambda sc: ~is_redundant(sc, threshold, metric)  # noqa: E731
-    if pixel_values.dtype == torch.uint8 and not lay.normalized and metric == "l1" and _exact_scale_ok(lay.rescale_factor):
+    metric, threshold = str(config.metric), float(config.threshold or 0.0)
+    if (pixel_values.dtype == torch.uint8 and not lay.normalized and metric == "l1" and config.drop_ratio is None
+            and _exact_scale_ok(lay.rescale_factor)):
         steps = patches.reshape(*patches.shape[:3], -1)  # uint8 (T, H, W, C), token elements in pixel_tokens' order
         initial = steps[reference_steps - 1] if reference_steps else None
         score = _l1_scores_8bit(threshold, float(lay.rescale_factor))
-        return scan_steps(steps[reference_steps:], decide, metric, reference, initial, score=score)
+        return decide_steps(steps[reference_steps:], config, state=initial, score=score)
     tokens = _StepTokens(patches, reference_steps, lambda buf: lay.denormalize(buf, inplace=True))
     initial = tokens[-1].clone() if reference_steps else None
-    return scan_steps(tokens, decide, metric, reference, initial)
+    return decide_steps(tokens, config, state=initial)
 
 
 # How far (relative to τ) an exact L1 score must be from τ for the float path's score to fall on the
@@ -175,8 +183,8 @@ def _exact_scale_ok(rescale: float) -> bool:
     return 1e-20 <= r32 <= 1e20
 
 
-def _l1_scores_8bit(threshold: float, rescale: float):
-    """A :func:`scan_steps` ``score`` for raw 8-bit tokens (uint8 (H, W, C)) that decides exactly as
+def _l1_scores_8bit(threshold: float, rescale: float) -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
+    """A :func:`vllm_plugin.core.decide.decide_steps` ``score`` for raw 8-bit tokens (uint8 (H, W, C)) that decides exactly as
     :func:`vllm_plugin.core.masks.token_scores` on ``tokens.float() * rescale`` (the float path),
     faster: the exact score ``Σ|a − b| · rescale / C`` from integer sums (uint8 max − min, no float
     copy of the pixels); a step with any token whose exact score lies within ``_EXACT_BAND`` of τ is
@@ -196,7 +204,7 @@ def _l1_scores_8bit(threshold: float, rescale: float):
     return score
 
 
-def frame_tokens(frames: torch.Tensor, patch_size: int = 14, layout: PatchLayout = PatchLayout(), **overrides) -> torch.Tensor:
+def frame_tokens(frames: torch.Tensor, patch_size: int = 14, layout: PatchLayout = PatchLayout(), **overrides: Any) -> torch.Tensor:
     """Pixel tokens straight from frames that are already at the processor's target size.
 
     Args:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from vllm_plugin.core import CRITERIA, METRICS, DTDConfig
+from vllm_plugin.core import CRITERIA, DTDConfig
+from vllm_plugin.core.config import OPTION_PREFIX
 
-PREFIX = "dtd_"
-KEYS = ("dtd_enabled", "dtd_threshold", "dtd_metric", "dtd_reference", "dtd_criterion")
+PREFIX = OPTION_PREFIX
+KEYS = DTDConfig.option_keys()  # dtd_enabled, dtd_threshold, dtd_metric, dtd_reference, dtd_criterion, dtd_drop_ratio
 SERVING_CRITERIA = CRITERIA  # pixel and feature; defaults per (criterion, metric): vllm_plugin.core.DEFAULT_THRESHOLDS
 # Video item metadata key: a keep mask its caller already decided, bool (T, H, W) of the processed
 # video (streams decide each temporal step when its frames arrive). Only in-process callers can
@@ -33,34 +34,6 @@ def split_dtd_kwargs(kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], 
 
 
 def dtd_config_from_kwargs(kwargs: Mapping[str, Any] | None, criteria=SERVING_CRITERIA) -> DTDConfig:
-    """Build the DTD setting from ``dtd_*`` kwargs (other keys are ignored).
-
-    Raises ``ValueError`` whose message starts with the offending field name.
-    """
-    dtd, _ = split_dtd_kwargs(kwargs)
-    unknown = sorted(set(dtd) - set(KEYS))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown DTD option; known options are {list(KEYS)}")
-    enabled = dtd.get("dtd_enabled", True)
-    if not isinstance(enabled, bool):
-        raise ValueError(f"dtd_enabled: must be true or false, got {enabled!r}")
-    criterion = dtd.get("dtd_criterion", "pixel")
-    if criterion not in criteria:
-        raise ValueError(f"dtd_criterion: must be one of {list(criteria)}, got {criterion!r}")
-    metric = dtd.get("dtd_metric")  # absent: the criterion's default (vllm_plugin.core.DEFAULT_METRICS)
-    if metric is not None and metric not in METRICS:
-        raise ValueError(f"dtd_metric: must be one of {sorted(METRICS)}, got {metric!r}")
-    if "dtd_threshold" in dtd and dtd["dtd_threshold"] is None:
-        raise ValueError("dtd_threshold: must be a number, got None")
-    threshold = dtd.get("dtd_threshold")  # absent: the default of the criterion and metric
-    try:
-        return DTDConfig(
-            threshold=threshold, metric=metric, reference=dtd.get("dtd_reference", "previous"),
-            criterion=criterion, enabled=enabled,
-        )
-    except ValueError as e:
-        msg = str(e)
-        field = next((k for k in KEYS if msg.startswith(k)), None)
-        if field is None:
-            raise ValueError(f"dtd_threshold: {msg}") from None
-        raise ValueError(f"{field}: {msg[len(field):].lstrip(': ')}") from None
+    """The DTD setting of ``dtd_*`` kwargs (other keys are ignored): :meth:`DTDConfig.from_kwargs`,
+    whose :class:`vllm_plugin.core.DTDOptionError` names the offending option (``.field``)."""
+    return DTDConfig.from_kwargs(kwargs, criteria)

@@ -26,15 +26,24 @@ import time
 from pathlib import Path
 
 from analysis.lib.paths import SAMPLE_VIDEO, SCREEN_VIDEO, results_dir
-from vllm_plugin.core import METRICS, REFERENCES, DTDConfig, default_threshold
+from vllm_plugin.core import METRICS, DTDConfig, default_threshold, reference_names
 
 
 def _timed_chat(client, model: str, url: str, question: str, mm: dict) -> dict:
     """One streamed chat request: time to first token, end-to-end time, usage, DTD stats."""
     t0 = time.perf_counter()
     raw = client.chat.completions.with_raw_response.create(
-        model=model, stream=True, stream_options={"include_usage": True}, max_tokens=16, temperature=0.0,
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}]}],
+        model=model,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=16,
+        temperature=0.0,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}],
+            }
+        ],
         extra_body={"mm_processor_kwargs": mm},
     )
     stats = json.loads(raw.headers.get("x-dtd-stats", '{"videos": []}'))["videos"]
@@ -46,8 +55,13 @@ def _timed_chat(client, model: str, url: str, question: str, mm: dict) -> dict:
             text += chunk.choices[0].delta.content
         if chunk.usage is not None:
             usage = chunk.usage
-    return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "e2e_s": time.perf_counter() - t0,
-            "prompt_tokens": usage.prompt_tokens if usage else None, "stats": stats[0] if stats else None, "text": text}
+    return {
+        "ttft_s": ttft if ttft is not None else time.perf_counter() - t0,
+        "e2e_s": time.perf_counter() - t0,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "stats": stats[0] if stats else None,
+        "text": text,
+    }
 
 
 def run_served(args) -> dict:
@@ -59,10 +73,15 @@ def run_served(args) -> dict:
     for v in args.video:
         shutil.copy(v, media / v.name)
     server_args = [
-        "--dtd-streams", "--block-size", "32",
-        "--allowed-local-media-path", str(media),
-        "--media-io-kwargs", json.dumps({"video": {"num_frames": -1, "fps": args.fps}}),
-        "--mm-processor-kwargs", json.dumps({"dtd_threshold": args.threshold, "dtd_metric": args.metric, "dtd_reference": args.reference}),
+        "--dtd-streams",
+        "--block-size",
+        "32",
+        "--allowed-local-media-path",
+        str(media),
+        "--media-io-kwargs",
+        json.dumps({"video": {"num_frames": -1, "fps": args.fps}}),
+        "--mm-processor-kwargs",
+        json.dumps({"dtd_threshold": args.threshold, "dtd_metric": args.metric, "dtd_reference": args.reference}),
     ]
     print(f"starting vLLM with DTD on {model.name} (python -m vllm_plugin.serve; ~1-2 min on a CPU) ...", flush=True)
     t0 = time.perf_counter()
@@ -71,27 +90,44 @@ def run_served(args) -> dict:
         with VLLMServer(model, server_args, module="vllm_plugin.serve") as srv:
             print(f"server up in {time.perf_counter() - t0:.0f} s at {srv.base_url}", flush=True)
             client = srv.client()
-            client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)  # warm-up
+            client.chat.completions.create(
+                model=srv.model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )  # warm-up
             for video in args.video:
                 url = f"file://{media / video.name}"
                 vanilla = _timed_chat(client, srv.model, url, args.question, {"dtd_enabled": False})
                 dtd = _timed_chat(client, srv.model, url, args.question, {})
                 again = _timed_chat(client, srv.model, url, args.question, {})
-                print(f"\n{video.name}, whole clip in one request: prompt tokens {dtd['prompt_tokens']} with DTD vs "
-                      f"{vanilla['prompt_tokens']} without; time to first token {dtd['ttft_s'] * 1000:.0f} ms vs "
-                      f"{vanilla['ttft_s'] * 1000:.0f} ms ({again['ttft_s'] * 1000:.0f} ms when repeated: prefix + "
-                      "multimodal caches)", flush=True)
+                print(
+                    f"\n{video.name}, whole clip in one request: prompt tokens {dtd['prompt_tokens']} with DTD vs "
+                    f"{vanilla['prompt_tokens']} without; time to first token {dtd['ttft_s'] * 1000:.0f} ms vs "
+                    f"{vanilla['ttft_s'] * 1000:.0f} ms ({again['ttft_s'] * 1000:.0f} ms when repeated: prefix + "
+                    "multimodal caches)",
+                    flush=True,
+                )
                 pace = f"{args.speed:g}x real time" if args.speed > 0 else "full speed"
                 print(f"streaming {video.name} at {pace}, a question every {args.ask_every:g} s:", flush=True)
                 pixel = _play(srv.base_url, video, args)
                 encoded = srv.metric("vllm_dtd_encoder_steps_total")
-                print(f"the same stream with feature-level DTD (cosine of the vision tower's outputs, "
-                      f"tau={default_threshold('cosine', 'feature')}; each step encoded once, on arrival):", flush=True)
+                print(
+                    f"the same stream with feature-level DTD (cosine of the vision tower's outputs, "
+                    f"tau={default_threshold('cosine', 'feature')}; each step encoded once, on arrival):",
+                    flush=True,
+                )
                 feature = _play(srv.base_url, video, args, criterion="feature")
                 feature["steps_encoded"] = int(srv.metric("vllm_dtd_encoder_steps_total") - encoded)
-                print(f"vision tower in the API server: {feature['steps_encoded']} temporal steps encoded for "
-                      f"{len(feature['kept_per_step'])} steps streamed (the engine encoded none of them)", flush=True)
-                out[video.name] = {"vanilla": vanilla, "dtd": dtd, "dtd_cached": again, "stream": pixel, "stream_feature": feature}
+                print(
+                    f"vision tower in the API server: {feature['steps_encoded']} temporal steps encoded for "
+                    f"{len(feature['kept_per_step'])} steps streamed (the engine encoded none of them)",
+                    flush=True,
+                )
+                out[video.name] = {
+                    "vanilla": vanilla,
+                    "dtd": dtd,
+                    "dtd_cached": again,
+                    "stream": pixel,
+                    "stream_feature": feature,
+                }
     finally:
         shutil.rmtree(media, ignore_errors=True)
     return out
@@ -103,15 +139,32 @@ def _play(base_url: str, video: Path, args, criterion: str = "pixel") -> dict:
     from vllm_plugin.client import open_stream
 
     v = load_video(video, fps=args.fps)
-    settings = {"dtd_threshold": args.threshold, "dtd_metric": args.metric} if criterion == "pixel" else {"dtd_criterion": criterion}
+    settings = (
+        {"dtd_threshold": args.threshold, "dtd_metric": args.metric}
+        if criterion == "pixel"
+        else {"dtd_criterion": criterion}
+    )
     s = open_stream(base_url, fps=args.fps, **settings)
     try:
-        rec = play(s, v.frames, v.timestamps, ask_every=args.ask_every, question=args.question, speed=args.speed,
-                   on_answer=print_answer, on_event=print_event)
+        rec = play(
+            s,
+            v.frames,
+            v.timestamps,
+            ask_every=args.ask_every,
+            question=args.question,
+            speed=args.speed,
+            on_answer=print_answer,
+            on_event=print_event,
+        )
     finally:
         s.close()
-    return {"questions": rec.questions, "events": rec.events, "kept_per_step": rec.kept_per_step,
-            "tokens_per_step": rec.tokens_per_step, "step_seconds": rec.step_seconds}
+    return {
+        "questions": rec.questions,
+        "events": rec.events,
+        "kept_per_step": rec.kept_per_step,
+        "tokens_per_step": rec.tokens_per_step,
+        "step_seconds": rec.step_seconds,
+    }
 
 
 def run_reference(args) -> dict:
@@ -125,13 +178,21 @@ def run_reference(args) -> dict:
         video = load_video(video_path, fps=args.fps, max_frames=64)
         processed = pipe.process_video(video.frames, args.fps)
         res = {}
-        for name, cfg in (("vanilla", DTDConfig(enabled=False)),
-                          ("dtd", DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference))):
+        for name, cfg in (
+            ("vanilla", DTDConfig(enabled=False)),
+            ("dtd", DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference)),
+        ):
             t0 = time.perf_counter()
             prepared = pipe.prepare(args.question, video=processed, dtd=cfg)
             pipe.logits(prepared)
-            res[name] = {"ttft_s": time.perf_counter() - t0, "e2e_s": None, "prompt_tokens": prepared.num_prompt_tokens,
-                         "stats": prepared.stats.as_dict(), "text": ""}
+            assert prepared.stats is not None  # prepared with a video
+            res[name] = {
+                "ttft_s": time.perf_counter() - t0,
+                "e2e_s": None,
+                "prompt_tokens": prepared.num_prompt_tokens,
+                "stats": prepared.stats.as_dict(),
+                "text": "",
+            }
         res["step_seconds"] = pipe.temporal_patch_size / args.fps
         out[video_path.name] = res
     return out
@@ -144,15 +205,23 @@ def clip_stats(res: dict, stream: str = "stream") -> dict:
     if stream in res:
         st = res[stream]
         kept, per = st["kept_per_step"], st["tokens_per_step"]
-        return {"kept_per_step": kept, "tokens_per_step": per, "kept": sum(kept), "total": per * len(kept),
-                "drop_ratio": 1 - sum(kept) / max(1, per * len(kept)), "step_seconds": st["step_seconds"]}
+        return {
+            "kept_per_step": kept,
+            "tokens_per_step": per,
+            "kept": sum(kept),
+            "total": per * len(kept),
+            "drop_ratio": 1 - sum(kept) / max(1, per * len(kept)),
+            "step_seconds": st["step_seconds"],
+        }
     return {**res["dtd"]["stats"], "step_seconds": res["step_seconds"]}
 
 
 def print_clip(name: str, s: dict, args) -> None:
     tps = s["tokens_per_step"]
-    print(f"\n{name}: {len(s['kept_per_step'])} temporal steps x {tps} tokens "
-          f"(pixel-level {args.metric}, tau={args.threshold}, reference={args.reference})")
+    print(
+        f"\n{name}: {len(s['kept_per_step'])} temporal steps x {tps} tokens "
+        f"(pixel-level {args.metric}, tau={args.threshold}, reference={args.reference})"
+    )
     print(f"{'step':>4} {'time_s':>7} {'kept':>5} {'of':>4}  bar")
     for i, k in enumerate(s["kept_per_step"]):
         print(f"{i:>4} {i * s['step_seconds']:>7.1f} {k:>5} {tps:>4}  {'#' * round(40 * k / tps)}")
@@ -166,15 +235,36 @@ def side_by_side(res: dict, reference_only: bool) -> list[str]:
     stats = {n: clip_stats(res[n]) for n in names}
     rows.append(("video tokens kept", [f"{stats[n]['kept']} of {stats[n]['total']}" for n in names]))
     rows.append(("dropped by DTD", [f"{stats[n]['drop_ratio']:.1%}" for n in names]))
-    rows.append(("prompt tokens (DTD / off)", [f"{res[n]['dtd']['prompt_tokens']} / {res[n]['vanilla']['prompt_tokens']}" for n in names]))
+    rows.append(
+        (
+            "prompt tokens (DTD / off)",
+            [f"{res[n]['dtd']['prompt_tokens']} / {res[n]['vanilla']['prompt_tokens']}" for n in names],
+        )
+    )
     label = "prefill ms (DTD / off)" if reference_only else "TTFT ms (DTD / off)"
-    rows.append((label, [f"{res[n]['dtd']['ttft_s'] * 1000:.0f} / {res[n]['vanilla']['ttft_s'] * 1000:.0f}" for n in names]))
+    rows.append(
+        (label, [f"{res[n]['dtd']['ttft_s'] * 1000:.0f} / {res[n]['vanilla']['ttft_s'] * 1000:.0f}" for n in names])
+    )
     if not reference_only:
-        rows.append(("stream questions: TTFT ms", [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream"]["questions"]) for n in names]))
+        rows.append(
+            (
+                "stream questions: TTFT ms",
+                [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream"]["questions"]) for n in names],
+            )
+        )
         feat = {n: clip_stats(res[n], "stream_feature") for n in names}
-        rows.append(("feature-level: kept", [f"{feat[n]['kept']} of {feat[n]['total']} ({feat[n]['drop_ratio']:.1%} dropped)" for n in names]))
-        rows.append(("feature stream: TTFT ms", [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream_feature"]["questions"])
-                                                 for n in names]))
+        rows.append(
+            (
+                "feature-level: kept",
+                [f"{feat[n]['kept']} of {feat[n]['total']} ({feat[n]['drop_ratio']:.1%} dropped)" for n in names],
+            )
+        )
+        rows.append(
+            (
+                "feature stream: TTFT ms",
+                [", ".join(f"{q['ttft_s'] * 1000:.0f}" for q in res[n]["stream_feature"]["questions"]) for n in names],
+            )
+        )
     w = max(w, *(len(v) + 2 for _, values in rows for v in values))
     return [f"{label:<27}" + "".join(f"{v:>{w}}" for v in values) for label, values in rows]
 
@@ -185,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
     ap.add_argument("--threshold", type=float, default=None, help="default: the metric's pixel-level default")
     ap.add_argument("--metric", default="l1", choices=list(METRICS))
-    ap.add_argument("--reference", default="previous", choices=list(REFERENCES))
+    ap.add_argument("--reference", default="previous", choices=list(reference_names()))
     ap.add_argument("--question", default="What happens in this video?")
     ap.add_argument("--speed", type=float, default=1.0, help="stream playback: 1 = real time, 0 = as fast as possible")
     ap.add_argument("--ask-every", type=float, default=4.0, help="stream: seconds of video between questions")
@@ -195,8 +285,10 @@ def main(argv=None) -> int:
     if args.threshold is None:
         args.threshold = default_threshold(args.metric)
     if args.reference != "previous" and not args.reference_only:
-        ap.error("--reference last_kept: the served demo streams, and streams compare with the previous step only; "
-                 "use it with --reference-only")
+        ap.error(
+            "--reference last_kept: the served demo streams, and streams compare with the previous step only; "
+            "use it with --reference-only"
+        )
     DTDConfig(threshold=args.threshold, metric=args.metric, reference=args.reference)  # fail fast on bad values
 
     res = run_reference(args) if args.reference_only else run_served(args)
@@ -216,9 +308,15 @@ def main(argv=None) -> int:
                 continue
             s = clip_stats(r, key)
             events = [e["time"] for e in r.get(key, {}).get("events", []) if e["type"] == "scene_change"]
-            figs.append(kept_tokens_figure(s["kept_per_step"], s["tokens_per_step"],
-                                           times=[i * s["step_seconds"] for i in range(len(s["kept_per_step"]))], events=events,
-                                           title=f"{level} DTD on {name}: kept tokens per temporal step (drop {s['drop_ratio']:.0%})"))
+            figs.append(
+                kept_tokens_figure(
+                    s["kept_per_step"],
+                    s["tokens_per_step"],
+                    times=[i * s["step_seconds"] for i in range(len(s["kept_per_step"]))],
+                    events=events,
+                    title=f"{level} DTD on {name}: kept tokens per temporal step (drop {s['drop_ratio']:.0%})",
+                )
+            )
     html = write_report(args.out / "kept_tokens.html", figs, "DTD demo: kept video tokens per temporal step")
     (args.out / "demo.json").write_text(json.dumps(res, indent=2, default=str))
     print(f"report: {html} (opens offline: plotly.js is beside it)")

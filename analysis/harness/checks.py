@@ -180,17 +180,15 @@ def near_threshold_per_step(tokens: torch.Tensor, dtd: DTDConfig, tol: Optional[
     """Per temporal step, the tokens whose DTD score lies within ``tol.score_atol`` of the threshold
     (along the reference's own decisions, ``last_kept`` included): those a served model at that dtype
     may decide the other way. ``tokens``: (T, H, W, C) as DTD compares them."""
-    from vllm_plugin.core.masks import is_redundant, scan_steps
+    from vllm_plugin.core import decide_steps
 
     tol = _tol(tol)
     counts = [0] * int(tokens.shape[0])
-    step = iter(range(1, len(counts)))
 
-    def decide(scores):
-        counts[next(step)] = int(((scores.double() - dtd.threshold).abs() <= tol.score_atol).sum())
-        return ~is_redundant(scores, dtd.threshold, dtd.metric)
+    def observe(t: int, scores: torch.Tensor) -> None:
+        counts[t] = int(((scores.double() - dtd.threshold).abs() <= tol.score_atol).sum())
 
-    scan_steps(tokens, decide, dtd.metric, dtd.reference, None)
+    decide_steps(tokens, dtd, observe=observe)
     return counts
 
 
@@ -307,9 +305,7 @@ def chat_with_stats(srv, video: str | Path, question: str = "what happens", medi
 
 def dtd_config(mm: dict) -> DTDConfig:
     """The :class:`DTDConfig` of a request's ``dtd_*`` options (server defaults for the others)."""
-    return DTDConfig(enabled=mm.get("dtd_enabled", True), criterion=mm.get("dtd_criterion", "pixel"),
-                     threshold=mm.get("dtd_threshold"), metric=mm.get("dtd_metric"),
-                     reference=mm.get("dtd_reference", "previous"))
+    return DTDConfig.from_kwargs(mm)
 
 
 # --- the engine's GPU memory, over HTTP ------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import plotly.graph_objects as go
 
@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 def kept_tokens_figure(
     kept_per_step: Sequence[int],
     tokens_per_step: int,
-    times: Optional[Sequence[float]] = None,
+    times: Sequence[float] | None = None,
     events: Iterable[float] = (),
     title: str = "DTD: kept visual tokens per temporal step",
 ) -> go.Figure:
@@ -19,29 +19,68 @@ def kept_tokens_figure(
     x = list(times) if times is not None else list(range(len(kept_per_step)))
     fig = go.Figure()
     fig.add_bar(x=x, y=list(kept_per_step), name="kept", marker_color="#2b7bba")
-    fig.add_scatter(x=x, y=[tokens_per_step] * len(x), name="without DTD", mode="lines", line=dict(dash="dash", color="#999"))
+    fig.add_scatter(
+        x=x, y=[tokens_per_step] * len(x), name="without DTD", mode="lines", line=dict(dash="dash", color="#999")
+    )
     for e in events:
         fig.add_vline(x=e, line=dict(color="#d62728", dash="dot"), annotation_text="cut")
     fig.update_layout(
-        title=title, xaxis_title="time (s)" if times is not None else "temporal step", yaxis_title="tokens",
-        bargap=0.1, template="plotly_white",
+        title=title,
+        xaxis_title="time (s)" if times is not None else "temporal step",
+        yaxis_title="tokens",
+        bargap=0.1,
+        template="plotly_white",
     )
     return fig
 
 
-def stream_ttft_figure(stream_rows: Sequence[dict], stock_rows: Sequence[dict] = (), events: Iterable[float] = ()) -> go.Figure:
+def shift_figure(
+    offsets: Sequence[Sequence[int]],
+    times: Sequence[float] | None = None,
+    title: str = "motion reference: estimated translation per step",
+) -> go.Figure:
+    """Lines of the (dy, dx) in tokens at which each step's reference was read (``Decision.offsets``:
+    the camera translation the ``motion`` reference estimated; (0, 0) for other references)."""
+    x = list(times) if times is not None else list(range(len(offsets)))
+    fig = go.Figure()
+    fig.add_scatter(x=x, y=[int(o[0]) for o in offsets], name="dy (rows)", mode="lines+markers")
+    fig.add_scatter(x=x, y=[int(o[1]) for o in offsets], name="dx (columns)", mode="lines+markers")
+    fig.update_layout(
+        title=title,
+        xaxis_title="time (s)" if times is not None else "temporal step",
+        yaxis_title="tokens",
+        template="plotly_white",
+    )
+    return fig
+
+
+def stream_ttft_figure(
+    stream_rows: Sequence[dict], stock_rows: Sequence[dict] = (), events: Iterable[float] = ()
+) -> go.Figure:
     """Time to first token per question over the stream: our stream (a) vs re-sending the video (b).
     Rows: {"time_s", "ttft_s", "prefilled_tokens"}; ``events``: scene-change times."""
     fig = go.Figure()
-    fig.add_scatter(x=[r["time_s"] for r in stream_rows], y=[r["ttft_s"] * 1000 for r in stream_rows],
-                    mode="lines+markers", name="DTD stream (KV reused)")
+    fig.add_scatter(
+        x=[r["time_s"] for r in stream_rows],
+        y=[r["ttft_s"] * 1000 for r in stream_rows],
+        mode="lines+markers",
+        name="DTD stream (KV reused)",
+    )
     if stock_rows:
-        fig.add_scatter(x=[r["time_s"] for r in stock_rows], y=[r["ttft_s"] * 1000 for r in stock_rows],
-                        mode="lines+markers", name="stock vLLM, whole video each time")
+        fig.add_scatter(
+            x=[r["time_s"] for r in stock_rows],
+            y=[r["ttft_s"] * 1000 for r in stock_rows],
+            mode="lines+markers",
+            name="stock vLLM, whole video each time",
+        )
     for e in events:
         fig.add_vline(x=e, line=dict(color="#d62728", dash="dot"))
-    fig.update_layout(title="Time to first token per question", xaxis_title="stream time (s)", yaxis_title="TTFT (ms)",
-                      template="plotly_white")
+    fig.update_layout(
+        title="Time to first token per question",
+        xaxis_title="stream time (s)",
+        yaxis_title="TTFT (ms)",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -53,10 +92,16 @@ def threshold_figure(rows: Sequence[dict], title: str = "DTD: drop ratio vs thre
     fig = go.Figure()
     for key, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["threshold"])
-        fig.add_scatter(x=[r["threshold"] for r in rs], y=[r["drop_ratio"] for r in rs], mode="lines+markers",
-                        name=" / ".join(key))
-    fig.update_layout(title=title, xaxis_title="threshold τ", yaxis_title="dropped fraction of video tokens",
-                      yaxis_range=[0, 1], template="plotly_white")
+        fig.add_scatter(
+            x=[r["threshold"] for r in rs], y=[r["drop_ratio"] for r in rs], mode="lines+markers", name=" / ".join(key)
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="threshold τ",
+        yaxis_title="dropped fraction of video tokens",
+        yaxis_range=[0, 1],
+        template="plotly_white",
+    )
     return fig
 
 
@@ -85,8 +130,13 @@ def _png_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def overlay_figure(frames, mask, step: Optional[int] = None, step_times: Optional[Sequence[float]] = None,
-                   title: str = "kept (clear) and dropped (shaded) tokens") -> go.Figure:
+def overlay_figure(
+    frames,
+    mask,
+    step: int | None = None,
+    step_times: Sequence[float] | None = None,
+    title: str = "kept (clear) and dropped (shaded) tokens",
+) -> go.Figure:
     """Frames with dropped tokens shaded. ``frames``: uint8 (N, h, w, 3) with N = 2·T;
     ``mask``: bool (T, H, W). One step when ``step`` is given, else a slider over all steps."""
     import numpy as np
@@ -103,9 +153,21 @@ def overlay_figure(frames, mask, step: Optional[int] = None, step_times: Optiona
         return fig
     fig = go.Figure(images[0], frames=[go.Frame(data=[im], name=str(t)) for t, im in enumerate(images)])
     fig.update_layout(
-        title=title, template="plotly_white",
-        sliders=[{"steps": [{"args": [[str(t)], {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}],
-                             "label": label(t), "method": "animate"} for t in range(T)], "currentvalue": {"prefix": "frame: "}}],
+        title=title,
+        template="plotly_white",
+        sliders=[
+            {
+                "steps": [
+                    {
+                        "args": [[str(t)], {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}],
+                        "label": label(t),
+                        "method": "animate",
+                    }
+                    for t in range(T)
+                ],
+                "currentvalue": {"prefix": "frame: "},
+            }
+        ],
     )
     return fig
 
@@ -118,7 +180,9 @@ def serving_figure(rows: Sequence[dict], title: str = "Serving: latency and prom
     xs = [(-0.05 if r["threshold"] is None else r["threshold"]) for r in first]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_scatter(x=xs, y=[r["latency_s"] * 1000 for r in first], mode="lines+markers", name="latency (ms)")
-    fig.add_scatter(x=xs, y=[r["prompt_tokens"] for r in first], mode="lines+markers", name="prompt tokens", secondary_y=True)
+    fig.add_scatter(
+        x=xs, y=[r["prompt_tokens"] for r in first], mode="lines+markers", name="prompt tokens", secondary_y=True
+    )
     fig.update_layout(title=title, xaxis_title="threshold τ (−0.05: DTD off)", template="plotly_white")
     fig.update_yaxes(title_text="latency (ms)", secondary_y=False)
     fig.update_yaxes(title_text="prompt tokens", secondary_y=True)
@@ -134,15 +198,28 @@ def accuracy_figure(summary, title: str = "Accuracy vs dropped video tokens") ->
     for r in rows:
         groups.setdefault((r["mode"], r["criterion"], r["metric"]), []).append(r)
     for (mode, criterion, metric), rs in groups.items():
-        rs = sorted(rs, key=lambda r: (r["drop_ratio"] if r["drop_ratio"] == r["drop_ratio"] else 0.0))
+        rs = sorted(rs, key=lambda r: r["drop_ratio"] if r["drop_ratio"] == r["drop_ratio"] else 0.0)
         name = "full video" if mode == "full" else f"{mode} ({criterion}/{metric})"
-        fig.add_scatter(x=[r["drop_ratio"] for r in rs], y=[r["accuracy"] for r in rs], name=name,
-                        mode="markers" if mode == "full" else "lines+markers",
-                        marker=dict(size=14 if mode == "full" else 8, symbol="star" if mode == "full" else "circle"),
-                        text=[f"τ={r['threshold']:g}" if r["threshold"] == r["threshold"] and r["threshold"] is not None else ""
-                              for r in rs], hovertemplate="%{text} drop %{x:.1%} accuracy %{y:.1%}")
-    fig.update_layout(title=title, xaxis_title="dropped fraction of video tokens", yaxis_title="accuracy",
-                      xaxis_range=[-0.02, 1.02], yaxis_range=[0, 1.02], template="plotly_white")
+        fig.add_scatter(
+            x=[r["drop_ratio"] for r in rs],
+            y=[r["accuracy"] for r in rs],
+            name=name,
+            mode="markers" if mode == "full" else "lines+markers",
+            marker=dict(size=14 if mode == "full" else 8, symbol="star" if mode == "full" else "circle"),
+            text=[
+                f"τ={r['threshold']:g}" if r["threshold"] == r["threshold"] and r["threshold"] is not None else ""
+                for r in rs
+            ],
+            hovertemplate="%{text} drop %{x:.1%} accuracy %{y:.1%}",
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="dropped fraction of video tokens",
+        yaxis_title="accuracy",
+        xaxis_range=[-0.02, 1.02],
+        yaxis_range=[0, 1.02],
+        template="plotly_white",
+    )
     return fig
 
 
@@ -153,38 +230,95 @@ def task_accuracy_figure(per_task, title: str = "Accuracy per task and mode") ->
     for key in dict.fromkeys(r["mode_key"] for r in rows):
         rs = [r for r in rows if r["mode_key"] == key]
         fig.add_bar(x=[r["task"] for r in rs], y=[r["accuracy"] for r in rs], name=key)
-    fig.update_layout(title=title, yaxis_title="accuracy", yaxis_range=[0, 1.02], barmode="group", template="plotly_white")
+    fig.update_layout(
+        title=title, yaxis_title="accuracy", yaxis_range=[0, 1.02], barmode="group", template="plotly_white"
+    )
     return fig
 
 
-def long_stream_figure(questions: Sequence[dict], reanchors: Iterable[float] = (), keyframes: Iterable[float] = (),
-                       budget: Optional[int] = None, title: str = "A long stream: context and time to first token") -> go.Figure:
+def long_stream_figure(
+    questions: Sequence[dict],
+    reanchors: Iterable[float] = (),
+    keyframes: Iterable[float] = (),
+    budget: int | None = None,
+    title: str = "A long stream: context and time to first token",
+) -> go.Figure:
     """A long stream over stream time (hours shown in minutes). Top: the conversation's context
     tokens at each question, frames held and frames evicted by re-anchors, the budget; re-anchors as
     dotted lines, kept keyframes as diamonds. Bottom: time to first token per question.
     ``questions``: rows {"time", "context_tokens", "held_frames", "evicted_frames", "ttft_s"} of one stream."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.6, 0.4],
-                        specs=[[{"secondary_y": True}], [{}]])
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        row_heights=[0.6, 0.4],
+        specs=[[{"secondary_y": True}], [{}]],
+    )
     t = [q["time"] / 60 for q in questions]
-    fig.add_scatter(x=t, y=[q["context_tokens"] for q in questions], name="context tokens", mode="lines",
-                    line=dict(color="#2b7bba"), row=1, col=1)
+    fig.add_scatter(
+        x=t,
+        y=[q["context_tokens"] for q in questions],
+        name="context tokens",
+        mode="lines",
+        line=dict(color="#2b7bba"),
+        row=1,
+        col=1,
+    )
     if budget:
-        fig.add_scatter(x=[t[0], t[-1]] if t else [], y=[budget, budget], name="budget (context_tokens)", mode="lines",
-                        line=dict(color="#999", dash="dash"), row=1, col=1)
-    fig.add_scatter(x=t, y=[q["held_frames"] for q in questions], name="frames held", mode="lines",
-                    line=dict(color="#2ca02c"), row=1, col=1, secondary_y=True)
-    fig.add_scatter(x=t, y=[q["evicted_frames"] for q in questions], name="frames evicted", mode="lines",
-                    line=dict(color="#ff7f0e"), row=1, col=1, secondary_y=True)
+        fig.add_scatter(
+            x=[t[0], t[-1]] if t else [],
+            y=[budget, budget],
+            name="budget (context_tokens)",
+            mode="lines",
+            line=dict(color="#999", dash="dash"),
+            row=1,
+            col=1,
+        )
+    fig.add_scatter(
+        x=t,
+        y=[q["held_frames"] for q in questions],
+        name="frames held",
+        mode="lines",
+        line=dict(color="#2ca02c"),
+        row=1,
+        col=1,
+        secondary_y=True,
+    )
+    fig.add_scatter(
+        x=t,
+        y=[q["evicted_frames"] for q in questions],
+        name="frames evicted",
+        mode="lines",
+        line=dict(color="#ff7f0e"),
+        row=1,
+        col=1,
+        secondary_y=True,
+    )
     keys = sorted(set(keyframes))
     if keys:
-        fig.add_scatter(x=[k / 60 for k in keys], y=[0] * len(keys), name="keyframes held at the end", mode="markers",
-                        marker=dict(symbol="diamond", size=9, color="#9467bd"), row=1, col=1)
+        fig.add_scatter(
+            x=[k / 60 for k in keys],
+            y=[0] * len(keys),
+            name="keyframes held at the end",
+            mode="markers",
+            marker=dict(symbol="diamond", size=9, color="#9467bd"),
+            row=1,
+            col=1,
+        )
     for r in reanchors:
         fig.add_vline(x=r / 60, line=dict(color="#d62728", dash="dot", width=1), row=1, col=1)
-    fig.add_scatter(x=t, y=[q["ttft_s"] * 1000 for q in questions], name="TTFT (ms)", mode="markers",
-                    marker=dict(size=4, color="#444"), row=2, col=1)
+    fig.add_scatter(
+        x=t,
+        y=[q["ttft_s"] * 1000 for q in questions],
+        name="TTFT (ms)",
+        mode="markers",
+        marker=dict(size=4, color="#444"),
+        row=2,
+        col=1,
+    )
     fig.update_yaxes(title_text="tokens", row=1, col=1, secondary_y=False)
     fig.update_yaxes(title_text="frames", row=1, col=1, secondary_y=True)
     fig.update_yaxes(title_text="TTFT (ms)", row=2, col=1)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import cast
 
 import numpy as np
 import torch
 
-from vllm_plugin.core import DTDConfig, PatchLayout, pixel_keep_mask
+from vllm_plugin.core import DTDConfig, PatchLayout, pixel_decide
 
 # what a loader raises for a file it refuses or cannot read: the plugin's VideoDecodeError (a
 # ValueError: codec, container, size), vLLM's ValueError / OpenCV's and FFmpeg's errors
@@ -70,8 +70,12 @@ class LoaderComparison:
         return self.preprocess_s_vllm / max(self.preprocess_s_fast, 1e-9)
 
     def as_row(self) -> dict:
-        return {**asdict(self), "preprocess_s_vllm": self.preprocess_s_vllm,
-                "preprocess_s_fast": self.preprocess_s_fast, "speedup": self.speedup}
+        return {
+            **asdict(self),
+            "preprocess_s_vllm": self.preprocess_s_vllm,
+            "preprocess_s_fast": self.preprocess_s_fast,
+            "speedup": self.speedup,
+        }
 
 
 def _processor(model_path: str | Path):
@@ -85,8 +89,9 @@ def _process(vp, frames: np.ndarray, metadata: dict):
     return out["pixel_values_videos"], out["video_grid_thw"][0]
 
 
-def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, dtd: Optional[DTDConfig] = None,
-                    repeats: int = 1) -> LoaderComparison:
+def compare_loaders(
+    path: str | Path, model_path: str | Path, fps: float = 2.0, dtd: DTDConfig | None = None, repeats: int = 1
+) -> LoaderComparison:
     """Both loaders (vLLM's ``qwen2_vl`` on OpenCV; the plugin's, scaled to the processor's size) on
     the clip at ``path``, each followed by the model's HF video processor and the pixel-level DTD
     decision (``dtd``, default :class:`DTDConfig`). Seconds are the best of ``repeats``. Raises
@@ -98,10 +103,16 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
     dtd = dtd or DTDConfig()
     data = Path(path).read_bytes()
     vp = _processor(model_path)
-    fast_cls = video_loader.loader_class(Qwen2VLVideoBackend)
+    cls = video_loader.loader_class(Qwen2VLVideoBackend)
+    assert cls is not None, "the plugin reproduces vLLM's qwen2_vl loader"
+    fast_cls = cast("type[Qwen2VLVideoBackend]", cls)  # loader_class subclasses its base
     sizing = video_loader.FrameSizing.of(vp, {})
-    layout = PatchLayout(merge_size=vp.merge_size, temporal_patch_size=vp.temporal_patch_size,
-                         image_mean=tuple(vp.image_mean), image_std=tuple(vp.image_std))
+    layout = PatchLayout(
+        merge_size=vp.merge_size,
+        temporal_patch_size=vp.temporal_patch_size,
+        image_mean=tuple(vp.image_mean),
+        image_std=tuple(vp.image_std),
+    )
 
     def run(load, loader: str):
         best = None
@@ -115,7 +126,7 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
             t1 = time.perf_counter()
             pv, grid = _process(vp, frames, meta)
             t2 = time.perf_counter()
-            mask = pixel_keep_mask(pv, grid, dtd.threshold, metric=dtd.metric, reference=dtd.reference, layout=layout)
+            mask = pixel_decide(pv, grid, dtd, layout=layout).mask
             t3 = time.perf_counter()
             times = (t1 - t0, t2 - t1, t3 - t2)
             if best is None or sum(times) < sum(best[-1]):
@@ -125,10 +136,11 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
     previous = video_loader._SIZING
     try:
         video_loader._SIZING = sizing
-        fast = run(lambda: fast_cls.load_bytes(data, fps=fps), "the plugin's video loader")
+        # fps: vLLM annotates it int, its loaders sample at any rate (the server passes a float)
+        fast = run(lambda: fast_cls.load_bytes(data, fps=fps), "the plugin's video loader")  # type: ignore[arg-type]
     finally:
         video_loader._SIZING = previous
-    ref = run(lambda: Qwen2VLVideoBackend.load_bytes(data, fps=fps), "vLLM's video loader")
+    ref = run(lambda: Qwen2VLVideoBackend.load_bytes(data, fps=fps), "vLLM's video loader")  # type: ignore[arg-type]
     grid_equal = bool(torch.equal(ref[2], fast[2]))
     if grid_equal:
         std = torch.tensor(vp.image_std).view(1, 3, 1) * 255.0
@@ -137,11 +149,25 @@ def compare_loaders(path: str | Path, model_path: str | Path, fps: float = 2.0, 
         agree = float((ref[3] == fast[3]).float().mean())
     else:
         mean_d = max_d = agree = float("nan")
+    grid_t, grid_h, grid_w = (int(x) for x in ref[2].tolist())
     return LoaderComparison(
-        clip=Path(path).name, fps=fps, frames=len(ref[0]["frames_indices"]),
-        indices_equal=ref[0]["frames_indices"] == fast[0]["frames_indices"], grid_equal=grid_equal,
-        grid=tuple(int(x) for x in ref[2].tolist()), mean_abs_diff=mean_d, max_abs_diff=max_d, mask_agreement=agree,
-        kept_vllm=int(ref[3].sum()), kept_fast=int(fast[3].sum()), tokens=int(ref[3].numel()),
-        decode_s_vllm=ref[4][0], decode_s_fast=fast[4][0], processor_s_vllm=ref[4][1], processor_s_fast=fast[4][1],
-        decision_s_vllm=ref[4][2], decision_s_fast=fast[4][2],
-        planned=fast[0].get("video_backend") in (video_loader.NATIVE_TAG, video_loader.SCALED_TAG))
+        clip=Path(path).name,
+        fps=fps,
+        frames=len(ref[0]["frames_indices"]),
+        indices_equal=ref[0]["frames_indices"] == fast[0]["frames_indices"],
+        grid_equal=grid_equal,
+        grid=(grid_t, grid_h, grid_w),
+        mean_abs_diff=mean_d,
+        max_abs_diff=max_d,
+        mask_agreement=agree,
+        kept_vllm=int(ref[3].sum()),
+        kept_fast=int(fast[3].sum()),
+        tokens=int(ref[3].numel()),
+        decode_s_vllm=ref[4][0],
+        decode_s_fast=fast[4][0],
+        processor_s_vllm=ref[4][1],
+        processor_s_fast=fast[4][1],
+        decision_s_vllm=ref[4][2],
+        decision_s_fast=fast[4][2],
+        planned=fast[0].get("video_backend") in (video_loader.NATIVE_TAG, video_loader.SCALED_TAG),
+    )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from analysis.lib.video import load_video
-from vllm_plugin.core import CRITERIA, dtd_keep_mask, frame_tokens, mask_stats
+from vllm_plugin.core import CRITERIA, DTDConfig, decide_steps, frame_tokens, mask_stats
 from vllm_plugin.streams.session import Geometry
 
 
@@ -111,30 +111,45 @@ def _pipeline(path: str):
 
 
 def run_dtd(tokens: torch.Tensor, threshold: float, metric: str, reference: str) -> dict:
-    """One DTD run: mask, per-frame kept tokens, drop ratio and the time the decision took."""
+    """One DTD run (:func:`vllm_plugin.core.decide_steps`): mask, per-step kept tokens, drop ratio,
+    the time the decision took, the offset (dy, dx) the reference was read at per step (``motion``:
+    the estimated camera translation in tokens) and the held error (:func:`held_error`)."""
+    config = DTDConfig(threshold=threshold, metric=metric, reference=reference)
     t0 = time.perf_counter()
-    mask = dtd_keep_mask(tokens, threshold, metric=metric, reference=reference)
+    decision = decide_steps(tokens, config)
     seconds = time.perf_counter() - t0
-    s = mask_stats(mask)
-    return {"mask": mask, "kept_per_step": list(s.kept_per_step), "kept": s.kept, "total": s.total,
-            "drop_ratio": s.drop_ratio, "seconds": seconds}
+    s = mask_stats(decision.mask)
+    offsets = [list(o) for o in decision.offsets]
+    return {"mask": decision.mask, "kept_per_step": list(s.kept_per_step), "kept": s.kept, "total": s.total,
+            "drop_ratio": s.drop_ratio, "seconds": seconds, "offsets": offsets,
+            "held_error": held_error(tokens, decision.mask, decision.offsets)}
 
 
-def held_error(tokens: torch.Tensor, mask: torch.Tensor) -> float:
+def held_error(tokens: torch.Tensor, mask: torch.Tensor, offsets: Optional[Sequence[Sequence[int]]] = None) -> float:
     """How much of every frame a model that sees only the kept tokens misses: the mean absolute
-    difference between each token and the most recent kept token at its (h, w).
+    difference between each token and the token it is held as — the most recent kept token at its
+    (h, w), or, with ``offsets`` (a motion-compensated reference), the held token of the previous
+    step at the compensated place (h - dy, w - dx).
 
     Args:
         tokens: float (T, H, W, C). mask: bool (T, H, W), ``mask[0]`` all True (DTD's first frame,
-            or uniform subsampling's first step).
+            or uniform subsampling's first step). offsets: per step (dy, dx) in tokens
+            (``Decision.offsets``); None: all (0, 0).
     Returns:
         the mean over T, H, W, C (0 when every token is kept; pixel tokens are on a 0–1 scale).
     """
+    from vllm_plugin.core.references.motion import shifted
+
     if mask.shape != tokens.shape[:3] or not bool(mask[0].all()):
         raise ValueError("mask must be (T, H, W) like tokens, with the first step all kept")
     held = tokens[0]
     err = 0.0
     for t in range(tokens.shape[0]):
+        dy, dx = (int(v) for v in offsets[t]) if offsets is not None else (0, 0)
+        if (dy, dx) != (0, 0):
+            held, outside = shifted(held, dy, dx)
+            if bool((outside & ~mask[t]).any()):
+                raise ValueError(f"step {t}: a token with no compensated reference was dropped")
         held = torch.where(mask[t, ..., None], tokens[t], held)
         err += float((tokens[t] - held).abs().mean())
     return err / tokens.shape[0]
@@ -160,7 +175,7 @@ def sweep(
     videos: Sequence[VideoTokens],
     thresholds: Iterable[float],
     metrics: Iterable[str] = ("cosine", "l1"),
-    references: Iterable[str] = ("previous", "last_kept"),
+    references: Iterable[str] = ("previous", "last_kept", "motion"),
     criteria: Iterable[str] = ("pixel",),
     model_path: Optional[str | Path] = None,
     skip: Iterable[tuple] = (),
@@ -191,7 +206,8 @@ def sweep(
         res = run_dtd(v.tokens(c, model_path), t, m, r)
         rows.append({"video": v.name, "criterion": c, "metric": m, "reference": r, "threshold": float(t),
                      "kept": res["kept"], "total": res["total"], "drop_ratio": res["drop_ratio"],
-                     "seconds": res["seconds"], "kept_per_step": res["kept_per_step"],
+                     "seconds": res["seconds"], "held_error": res["held_error"], "kept_per_step": res["kept_per_step"],
+                     "offsets": res["offsets"],
                      "tokens_per_step": v.tokens_per_step, "frames": len(v.frames), "fps": v.fps})
     return rows
 
@@ -228,3 +244,28 @@ def serving_sweep(base_url: str, video_url: str, thresholds: Iterable[float], me
                          "prompt_tokens": resp.usage.prompt_tokens, "video_tokens_kept": stats.get("kept"),
                          "video_tokens_total": stats.get("total")})
     return rows
+
+
+def translation_bound(tokens: torch.Tensor, threshold: float, metric: str = "l1", max_shift: int = 3) -> dict:
+    """What ANY whole-token translation could drop: per step t ≥ 1, the most tokens redundant
+    against step t − 1 over every shift (dy, dx) with |dy|, |dx| ≤ ``max_shift`` (the entering edge
+    kept), by exhaustive search. An upper bound for the ``motion`` reference on a clip (its
+    estimator picks among such shifts), for telling a weak estimator from a clip whose motion is not
+    a translation. Returns ``{"drop_ratio", "shifts"}`` (the best shift per step, (0, 0) first)."""
+    from vllm_plugin.core import token_scores
+    from vllm_plugin.core.masks import is_redundant
+    from vllm_plugin.core.references.motion import shifted
+
+    T, H, W, _ = tokens.shape
+    dropped, shifts = 0, [(0, 0)]
+    for t in range(1, T):
+        best = (-1, (0, 0))
+        for dy in range(-max_shift, max_shift + 1):
+            for dx in range(-max_shift, max_shift + 1):
+                aligned, outside = shifted(tokens[t - 1], dy, dx)
+                n = int((is_redundant(token_scores(tokens[t], aligned, metric), threshold, metric) & ~outside).sum())
+                if n > best[0] or (n == best[0] and (dy, dx) == (0, 0)):
+                    best = (n, (dy, dx))
+        dropped += best[0]
+        shifts.append(best[1])
+    return {"drop_ratio": dropped / (T * H * W), "shifts": shifts}

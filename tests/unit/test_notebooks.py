@@ -68,6 +68,9 @@ def test_02_sweep_runs_headless(results_dir):
     out = outputs_of(nb)
     assert "drop_ratio" in out and "application/vnd.plotly.v1+json" in out
     assert (results_dir / "sweep" / "results.parquet").is_file()
+    # the reference switcher (a widget) and the side-by-side table of the three references
+    assert "application/vnd.jupyter.widget-view+json" in out
+    assert "motion_drop_ratio_vs_previous" in out and "motion_held_error" in out
 
 
 

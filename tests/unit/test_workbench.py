@@ -129,3 +129,61 @@ def test_held_error_dtd_beats_uniform_at_equal_budget_on_the_synthetic_clip(synt
     uniform = torch.zeros_like(mask)
     uniform[np.linspace(0, vt.grid[0] - 1, steps).round().astype(int)] = True
     assert held_error(vt.pixel, mask) < held_error(vt.pixel, uniform)
+
+
+def test_held_error_is_zero_for_a_compensated_pan_and_not_for_previous():
+    from analysis.lib.workbench import held_error
+    from vllm_plugin.core import DTDConfig, decide_steps
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.rand(30, 30, 6, generator=g)
+    tokens = torch.stack([big[10 - t : 20 - t, 10 + t : 20 + t] for t in range(4)])  # content moves (+1, -1) per step
+    motion = decide_steps(tokens, DTDConfig(reference="motion", threshold=0.01))
+    assert motion.offsets[1:] == ((1, -1),) * 3 and held_error(tokens, motion.mask, motion.offsets) == 0.0
+    # the same mask held at the SAME place (no compensation) misses most of every frame
+    assert held_error(tokens, motion.mask) > 0.1
+    with pytest.raises(ValueError, match="no compensated reference"):
+        held_error(tokens, torch.zeros(4, 10, 10, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True), motion.offsets)
+
+
+def test_reference_comparison_verdicts_and_the_explorer_widget():
+    import pandas as pd
+
+    from analysis.lib.sweeps import reference_comparison, reference_explorer
+
+    def row(video, ref, kept, held, offsets=((0, 0),)):
+        return {"video": video, "criterion": "pixel", "metric": "l1", "reference": ref, "threshold": 0.05, "kept": kept,
+                "total": 100, "drop_ratio": 1 - kept / 100, "seconds": 0.0, "held_error": held, "tokens_per_step": 50,
+                "frames": 4, "fps": 1.0, "kept_per_step": [50, kept - 50], "offsets": [list(o) for o in offsets]}
+
+    df = pd.DataFrame([row("moviepy_airplane.mp4", "previous", 80, 0.010), row("moviepy_airplane.mp4", "motion", 65, 0.009, ((0, 0), (1, 0))),
+                       row("sam2_02_cups.mp4", "previous", 60, 0.002), row("sam2_02_cups.mp4", "motion", 61, 0.002),
+                       row("other.mp4", "previous", 60, 0.002), row("other.mp4", "motion", 90, 0.002)])
+    rows = {r["video"]: r for r in reference_comparison(df, 0.05)}
+    assert rows["moviepy_airplane.mp4"]["motion_drop_ratio_vs_previous"] == 35 / 20 and rows["moviepy_airplane.mp4"]["met"]
+    assert rows["sam2_02_cups.mp4"]["motion_drop_ratio_vs_previous"] == 39 / 40 and not rows["sam2_02_cups.mp4"]["met"]  # 2.5% off
+    assert "met" not in rows["other.mp4"]
+    worse = df.copy()
+    worse.loc[1, "held_error"] = 0.011  # more dropped, but a higher held error: not met
+    assert not reference_comparison(worse, 0.05)[0]["met"]
+
+    box = reference_explorer(df)
+    controls, label, kept, shift = box.children
+    w_video, w_ref = controls.children[:2]
+    w_video.value, w_ref.value = "moviepy_airplane.mp4", "motion"
+    assert "held error 0.0090" in label.value
+    dy = shift.outputs[0]["data"]["application/vnd.plotly.v1+json"]["data"][0]["y"]
+    assert list(dy) == [0, 1]  # the estimated translation per step, plotted
+
+
+def test_translation_bound_finds_the_pan_and_bounds_motion():
+    from analysis.lib.workbench import translation_bound
+    from vllm_plugin.core import DTDConfig, decide_steps
+
+    g = torch.Generator().manual_seed(2)
+    big = torch.rand(30, 30, 6, generator=g)
+    tokens = torch.stack([big[10 - 2 * t : 20 - 2 * t, 10 : 20] for t in range(4)])  # (+2, 0) per step
+    bound = translation_bound(tokens, 0.01, "l1", max_shift=3)
+    assert bound["shifts"] == [(0, 0), (2, 0), (2, 0), (2, 0)] and bound["drop_ratio"] == 3 * 80 / 400
+    motion = decide_steps(tokens, DTDConfig(reference="motion", threshold=0.01))
+    assert 1 - motion.mask.float().mean().item() <= bound["drop_ratio"] + 1e-9

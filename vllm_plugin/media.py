@@ -33,6 +33,9 @@ from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 
+from vllm_plugin import settings
+from vllm_plugin.settings import SettingsError
+
 Source = Union[str, os.PathLike, bytes]
 
 
@@ -116,25 +119,24 @@ def _decoder(name: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_codecs(raw: Optional[str]) -> VideoCodecs:
+def _parse_codecs(given: Optional[tuple[str, ...]]) -> VideoCodecs:
     import av
 
-    if raw is None:
+    if given is None:
         names = tuple(n for n in DEFAULT_VIDEO_CODECS if _decoder(n) is not None)
     else:
-        names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
-        if not names:
-            raise ValueError(f"{CODECS_ENV}={raw!r} names no codec: give comma-separated FFmpeg decoder names "
-                             f"(e.g. {','.join(DEFAULT_VIDEO_CODECS[:4])}), or unset it for the default list")
+        names = given
         unknown = [n for n in names if _decoder(n) is None]
         if unknown:
-            raise ValueError(f"{CODECS_ENV}: this FFmpeg (PyAV {av.__version__}) has no decoder named "
-                             f"{', '.join(map(repr, unknown))}; give FFmpeg decoder names "
-                             f"(`ffmpeg -decoders`; default: {','.join(DEFAULT_VIDEO_CODECS)})")
+            raise SettingsError(CODECS_ENV, ",".join(given),
+                                f"{CODECS_ENV}: this FFmpeg (PyAV {av.__version__}) has no decoder named "
+                                f"{', '.join(map(repr, unknown))}; give FFmpeg decoder names "
+                                f"(`ffmpeg -decoders`; default: {','.join(DEFAULT_VIDEO_CODECS)})")
         audio = [n for n in names if _decoder(n).type != "video"]
         if audio:
-            raise ValueError(f"{CODECS_ENV}: {', '.join(map(repr, audio))} "
-                             f"{'is not a video decoder' if len(audio) == 1 else 'are not video decoders'}")
+            raise SettingsError(CODECS_ENV, ",".join(given),
+                                f"{CODECS_ENV}: {', '.join(map(repr, audio))} "
+                                f"{'is not a video decoder' if len(audio) == 1 else 'are not video decoders'}")
     ids = frozenset(_decoder(n).canonical_name for n in names)
     probe = [_decoder(n).name for n in names]  # (msmpeg4v3 is decoded by msmpeg4, flv1 by flv)
     for n in sorted(av.codecs_available):  # the other software decoders of these codecs (libdav1d for av1...)
@@ -147,10 +149,10 @@ def _parse_codecs(raw: Optional[str]) -> VideoCodecs:
 def video_codecs(env=None) -> VideoCodecs:
     """The video codecs client bytes may use: ``DTD_VIDEO_CODECS`` of ``env`` (default
     ``os.environ``, read at each call: the process that decodes reads it) — comma-separated FFmpeg
-    decoder names — else :data:`DEFAULT_VIDEO_CODECS` (those this FFmpeg has). Raises ValueError
-    naming the variable for a name this FFmpeg has no video decoder of."""
-    raw = (os.environ if env is None else env).get(CODECS_ENV)
-    return _parse_codecs(raw.strip() if raw and raw.strip() else None)
+    decoder names — else :data:`DEFAULT_VIDEO_CODECS` (those this FFmpeg has). Raises
+    :class:`~vllm_plugin.settings.SettingsError` (a ValueError) naming the variable for a list that
+    names nothing or a name this FFmpeg has no video decoder of."""
+    return _parse_codecs(settings.get(CODECS_ENV, env))
 
 
 def sniff_container(data: bytes) -> str:
@@ -297,7 +299,7 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
     ``max_pixels`` limit on the decoders (frames decoded while opening included). The frame size
     is checked from the codec parameters before anything is decoded. Raises
     :class:`MediaTooLarge` / :class:`CodecNotAccepted` / :class:`VideoDecodeError` (FFmpeg's errors
-    while opening included); ValueError when ``DTD_VIDEO_CODECS`` is invalid.
+    while opening included); SettingsError (a ValueError) when ``DTD_VIDEO_CODECS`` is invalid.
     """
     import av
 

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vllm_plugin import DTD_ARCHITECTURES
+from vllm_plugin import DTD_ARCHITECTURES, settings
 
 MIDDLEWARE = "vllm_plugin.entrypoints.middleware.DTDStatsMiddleware"
 logger = logging.getLogger("vllm.dtd_plugin")
@@ -61,9 +61,7 @@ def enable_streams(argv: list[str], env) -> list[str]:
     names = [n for n in (env.get("VLLM_PLUGINS") or "").split(",") if n]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*names, "dtd", "dtd_streams"]))
     if _arg(argv, "--limit-mm-per-prompt") is None:
-        from vllm_plugin.streams.session import Limits
-
-        chunks = Limits.from_env(env).max_chunks
+        chunks = settings.get("DTD_STREAM_MAX_CHUNKS", env)
         argv += ["--limit-mm-per-prompt", json.dumps({"video": chunks, "image": 1})]
     return argv
 

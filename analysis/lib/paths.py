@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional
+
+from vllm_plugin import settings
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets"
@@ -24,11 +24,11 @@ def default_videos() -> list[Path]:
     return shared_videos() or [SAMPLE_VIDEO]
 
 
-def results_dir(name: str, root: Optional[Path] = None) -> Path:
+def results_dir(name: str, root: Path | None = None) -> Path:
     """``$DTD_RESULTS_DIR/<name>`` when that is set (tests point it at a temporary directory: nothing
     is written into the repository tree), else ``results/<name>`` under ``root`` (default: the
     working directory)."""
-    env = os.environ.get(RESULTS_ENV)
-    if env:
-        return Path(env) / name
+    given = settings.get(RESULTS_ENV)
+    if given:
+        return Path(given) / name
     return (Path(root) if root is not None else Path()) / "results" / name

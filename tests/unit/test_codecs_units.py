@@ -101,7 +101,7 @@ def test_the_variable_replaces_the_list(monkeypatch):
     ("h264,nosuchdecoder", r"DTD_VIDEO_CODECS: .*no decoder named 'nosuchdecoder'"),
     ("h264,libx264", r"DTD_VIDEO_CODECS: .*no decoder named 'libx264'"),  # an encoder only
     ("aac", r"DTD_VIDEO_CODECS: 'aac' is not a video decoder"),
-    (",", r"DTD_VIDEO_CODECS=',' names no codec"),
+    (",", r"DTD_VIDEO_CODECS=',' names nothing"),
 ])
 def test_a_bad_list_fails_clearly_at_start(monkeypatch, msmpeg4_avi, value, match):
     monkeypatch.setenv(CODECS_ENV, value)

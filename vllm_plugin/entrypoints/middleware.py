@@ -4,7 +4,7 @@
 
 Header ``x-dtd-stats``: ``{"videos": [{"total", "kept", "drop_ratio", "tokens_per_step",
 "kept_per_step", "mask_sha256"}, ...]}`` for every request whose prompt had videos processed with
-DTD (plus ``kept_per_frame`` / ``tokens_per_frame``, the old names, for one release).
+DTD.
 """
 
 from __future__ import annotations

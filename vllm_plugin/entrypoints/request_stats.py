@@ -115,8 +115,5 @@ def header_value(found: list[tuple[DTDStats, str]]) -> str:
 
 
 def header_entry(s: DTDStats, digest: str) -> dict:
-    """One video of the ``x-dtd-stats`` header. ``kept_per_frame`` / ``tokens_per_frame`` are the
-    names of release 0.1 for ``kept_per_step`` / ``tokens_per_step`` (they always counted temporal
-    steps); they stay as aliases for one release and go in the next."""
-    return {**s.as_dict(), "kept_per_frame": list(s.kept_per_step), "tokens_per_frame": s.tokens_per_step,
-            "mask_sha256": digest}
+    """One video of the ``x-dtd-stats`` header: the stats and the mask's digest."""
+    return {**s.as_dict(), "mask_sha256": digest}

@@ -57,6 +57,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from vllm_plugin import settings
+
 logger = logging.getLogger("vllm.dtd_plugin")
 
 LOADER_NAME = "dtd_fast"
@@ -145,12 +147,7 @@ def _cpus() -> int:
 
 
 def _concurrency() -> int:
-    raw = os.environ.get("DTD_VIDEO_DECODE_CONCURRENCY", "").strip()
-    try:
-        return max(1, int(raw)) if raw else _cpus()
-    except ValueError:
-        logger.warning("DTD_VIDEO_DECODE_CONCURRENCY=%r is not an integer: using %d", raw, _cpus())
-        return _cpus()
+    return settings.get("DTD_VIDEO_DECODE_CONCURRENCY") or _cpus()
 
 
 _SIZING: Optional[FrameSizing] = None
@@ -450,7 +447,7 @@ def install(model_config, video_processor, server_kwargs: dict) -> Optional[str]
     if _LOGGED_CODECS[0] != accepted:
         _LOGGED_CODECS[0] = accepted
         logger.info("DTD video guards: video codecs accepted (%s): %s", CODECS_ENV, accepted)
-    if os.environ.get("DTD_FAST_VIDEO_LOADER", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not settings.get("DTD_FAST_VIDEO_LOADER"):
         logger.info("DTD video loader: off (DTD_FAST_VIDEO_LOADER=0), vLLM's loader decodes videos")
         return None
     name = get_video_processor_cls_name(model_config)

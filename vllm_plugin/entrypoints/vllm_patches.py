@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from vllm_plugin import settings
+
 logger = logging.getLogger("vllm.dtd_plugin")
 _MARK = "_vllm_dtd_wrapped"
 _LOCK = threading.Lock()
@@ -113,10 +115,6 @@ ALLOW_ANY_VLLM_ENV = "DTD_ALLOW_ANY_VLLM"  # =1: run on another vLLM anyway (a w
 _WARNED_VERSIONS: set[str] = set()
 
 
-def _truthy(value: Optional[str]) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def vllm_version_supported(version: str) -> bool:
     """``version`` is release :data:`SUPPORTED_VLLM` itself, with any post-release or local tag
     (``0.32.0+cpu``, ``0.32.0.post1``). Pre-releases and dev builds of it, other patch releases
@@ -136,12 +134,10 @@ def check_vllm_version(version: Optional[str] = None) -> str:
     version (``vllm.__version__`` unless ``version`` is given), the supported one and the override
     variable. With ``DTD_ALLOW_ANY_VLLM=1`` it logs a warning (once per process and version) and
     returns. Called by :func:`vllm_plugin.register` in every vLLM process. Returns the version."""
-    import os
-
     version = _vllm_version() if version is None else version
     if vllm_version_supported(version):
         return version
-    if _truthy(os.environ.get(ALLOW_ANY_VLLM_ENV)):
+    if settings.get(ALLOW_ANY_VLLM_ENV):
         with _LOCK:
             first = version not in _WARNED_VERSIONS
             _WARNED_VERSIONS.add(version)
@@ -299,6 +295,7 @@ class Patch:
 def _wrap_validate(original):
     from vllm.exceptions import VLLMValidationError
 
+    from vllm_plugin.core import DTDOptionError
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
     from vllm_plugin.entrypoints.video_loader import split_request_options
 
@@ -311,9 +308,8 @@ def _wrap_validate(original):
                 # dtd_threshold: check against the widest one here; the processor checks the merged
                 # setting again (also a 400)
                 dtd_config_from_kwargs(dtd if "dtd_metric" in dtd else {**dtd, "dtd_metric": "cosine"})
-            except ValueError as e:
-                field = str(e).split(":", 1)[0]
-                raise VLLMValidationError(f"mm_processor_kwargs.{e}", parameter=f"mm_processor_kwargs.{field}") from None
+            except DTDOptionError as e:
+                raise VLLMValidationError(f"mm_processor_kwargs.{e}", parameter=f"mm_processor_kwargs.{e.field}") from None
         try:
             _, media_rest = split_request_options(media_io_kwargs)
         except ValueError as e:

@@ -14,9 +14,15 @@ in an API-server process that serves a DTD architecture or the stream routes
 
 from __future__ import annotations
 
-from vllm_plugin.models import DTD_ARCHITECTURES, FAMILIES
-
 __all__ = ["DTD_ARCHITECTURES", "register"]
+
+
+def __getattr__(name: str):
+    if name == "DTD_ARCHITECTURES":  # stock -> DTD architecture, from the family registry (read on use)
+        from vllm_plugin.models import dtd_architectures
+
+        return dtd_architectures()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register() -> None:
@@ -30,10 +36,9 @@ def register() -> None:
 
     check_vllm_version()
 
-    supported = set(ModelRegistry.get_supported_archs())
-    for arch, target in FAMILIES.values():
-        if arch not in supported:
-            ModelRegistry.register_model(arch, target)  # by string: imported lazily where needed
+    from vllm_plugin.models import register_with_vllm
+
+    register_with_vllm(ModelRegistry)  # every family's DTD class, by string: imported lazily where needed
 
     import os
 

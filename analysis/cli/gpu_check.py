@@ -260,7 +260,9 @@ def load_family(name: str, media: Path) -> Family:
     from analysis.lib.synthetic import make_clip
     from analysis.lib.video import write_video
 
-    clip = make_clip(token_px=32) if name.startswith("qwen3") else make_clip()
+    from vllm_plugin.models.families import get_family
+
+    clip = make_clip(token_px=get_family(name).token_px)  # one token per cell of the family's patch layout
     mp4 = media / f"synthetic-{name}.mp4"
     if not mp4.is_file():
         write_video(mp4, clip.frames, clip.fps)

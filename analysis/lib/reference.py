@@ -4,7 +4,7 @@ Qwen2.5-VL generation with DTD applied between the vision encoder and the LLM:
 
 1. the processor turns frames into patches (``pixel_values_videos``, ``video_grid_thw``);
 2. the vision encoder + merger give one embedding per LLM token;
-3. the keep mask comes from :func:`vllm_plugin.core.dtd_keep_mask` on the processed pixels
+3. the keep mask comes from :func:`vllm_plugin.core.decide_steps` on the processed pixels
    (``criterion="pixel"``) or on those embeddings (``criterion="feature"``);
 4. M-RoPE positions are computed for the FULL sequence and only the survivors are kept
    (:func:`vllm_plugin.core.mrope_positions`), so survivors keep their original (t, h, w);
@@ -24,7 +24,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vllm_plugin.core import DTDConfig, DTDStats, PatchLayout, dtd_keep_mask, mask_stats, mrope_positions, pixel_tokens
+from vllm_plugin.core import (
+    DTDConfig, DTDStats, PatchLayout, decide_steps, keep_at_least_one, mask_stats, mrope_positions, pixel_tokens,
+)
 
 
 @dataclass
@@ -89,7 +91,7 @@ def compute_mask(video: ProcessedVideo, dtd: Optional[DTDConfig], embeddings: Op
         if embeddings is None:
             raise ValueError("feature-level DTD needs the vision encoder's embeddings")
         tokens = embeddings.reshape(T, H, W, -1)
-    return dtd_keep_mask(tokens, dtd.threshold, metric=dtd.metric, reference=dtd.reference)
+    return decide_steps(tokens, dtd).mask
 
 
 class ReferencePipeline:
@@ -97,10 +99,11 @@ class ReferencePipeline:
 
     model_class = "Qwen2_5_VLForConditionalGeneration"  # transformers' class of the family
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, model_class: Optional[str] = None):
         import transformers
         from transformers import AutoProcessor
 
+        self.model_class = model_class or self.model_class  # the family spec's reference_class (reference_pipeline)
         self.model_path = str(model_path)
         self.processor = AutoProcessor.from_pretrained(self.model_path)
         self.model = getattr(transformers, self.model_class).from_pretrained(self.model_path, dtype=dtype).eval()
@@ -245,9 +248,10 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
     token (as served).
     """
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, moe: bool = False):
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, moe: bool = False,
+                 model_class: Optional[str] = None):
         self.model_class = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
-        super().__init__(model_path, dtype)
+        super().__init__(model_path, dtype, model_class)
         vp = self.processor.video_processor
         self.layout = PatchLayout(merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
                                   image_mean=tuple(vp.image_mean), image_std=tuple(vp.image_std))
@@ -300,9 +304,7 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
                                                       video_grid_thw=inputs["video_grid_thw"])
         full_pos = full_pos[:, 0]
         main, deepstack = self._features(video)
-        mask = compute_mask(video, dtd, main)
-        if not mask.any():
-            mask.view(-1)[0] = True
+        mask = keep_at_least_one(compute_mask(video, dtd, main))
         flat = mask.flatten()
         is_video = ids == self.config.video_token_id
         if int(is_video.sum()) != flat.numel():
@@ -330,11 +332,19 @@ def reference_pipeline(model_path: str | Path, dtype: torch.dtype = torch.float3
     import json
 
     archs = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
-    if "Qwen3VLForConditionalGeneration" in archs or "Qwen3VLMoeForConditionalGeneration" in archs:
-        return Qwen3VLReferencePipeline(model_path, dtype, moe="Qwen3VLMoeForConditionalGeneration" in archs)
-    if "Qwen2VLForConditionalGeneration" in archs:
-        return Qwen2VLReferencePipeline(model_path, dtype)
-    return ReferencePipeline(model_path, dtype)
+    pipeline, model_class = pipeline_for(archs)
+    return pipeline(model_path, dtype, model_class=model_class)
+
+
+def pipeline_for(architectures) -> tuple[type, str]:
+    """(reference pipeline class, transformers' model class) of the family serving one of
+    ``architectures`` (:func:`vllm_plugin.models.families.family_for_architecture`; its spec's
+    ``reference_pipeline`` and ``reference_class``), the default family's when none does."""
+    from vllm_plugin.models.families import DEFAULT_FAMILY, family_for_architecture, get_family, load
+
+    found = [s for s in map(family_for_architecture, architectures) if s is not None]
+    spec = found[0] if found else get_family(DEFAULT_FAMILY)
+    return load(spec.reference_pipeline), spec.reference_class
 
 
 class Qwen2VLReferencePipeline(ReferencePipeline):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vllm_plugin.core import DTDConfig, mask_digest, timestamped_mrope_positions
+from vllm_plugin.models.families import DEFAULT_FAMILY, families, family_names, get_family, load
 
 Q = "what happens"
 
@@ -111,18 +112,27 @@ def test_qwen3_vision_tower_rows_carry_deepstack_and_decide_on_the_main_output(q
     assert torch.equal(tower.decision_view(rows), rows[:, : main.shape[1]])
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen2_vl"])
+@pytest.mark.parametrize("family", family_names())
 def test_family_checkpoints_build_and_load(family):
+    """Every family's tiny checkpoint builds, is its own (content hash), and loads in its spec's
+    reference pipeline and transformers class; the spec's patch layout is its processor's."""
     from analysis.harness.tiny_model import content_hash, ensure_tiny_model
     from analysis.lib.reference import reference_pipeline
     from analysis.lib.synthetic import make_clip
 
+    spec = get_family(family)
     path = ensure_tiny_model("test", family=family)
-    assert content_hash("test", 0, family) != content_hash("test", 0)
+    assert (content_hash("test", 0, family) == content_hash("test", 0)) == (family == DEFAULT_FAMILY)
     pipe = reference_pipeline(path)
-    assert type(pipe).__name__.lower().startswith(family[:5])
-    assert type(pipe.model).__name__ == json.loads((path / "config.json").read_text())["architectures"][0]
-    clip = make_clip(token_px=32 if family.startswith("qwen3") else 28)
+    assert type(pipe) is load(spec.reference_pipeline)
+    archs = json.loads((path / "config.json").read_text())["architectures"]
+    assert type(pipe.model).__name__ == spec.reference_class == archs[0]
+    vp = pipe.processor.video_processor
+    assert (vp.patch_size, vp.merge_size, vp.temporal_patch_size) == \
+        (spec.patch_size, spec.patch_layout.merge_size, spec.patch_layout.temporal_patch_size)
+    assert tuple(vp.image_mean) == pytest.approx(spec.patch_layout.image_mean)
+    assert tuple(vp.image_std) == pytest.approx(spec.patch_layout.image_std)
+    clip = make_clip(token_px=spec.token_px)
     ref = pipe.prepare(Q, clip.frames[:8], clip.fps, DTDConfig())
     assert pipe.generate(ref, max_new_tokens=2).token_ids
 
@@ -159,8 +169,7 @@ def test_token_count_tool_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family, arch", [("qwen2_5_vl", "Qwen2_5_VLDTDForConditionalGeneration"),
-                                          ("qwen3_vl", "Qwen3VLDTDForConditionalGeneration")])
+@pytest.mark.parametrize("family, arch", [(s.name, s.dtd_architecture) for s in families()])
 def test_dtd_with_vllm_video_pruning_is_refused_at_start(family, arch):
     """DTD and EVS both shorten the video placeholders: the server refuses the pair when it starts
     (the processor is built then), instead of serving mismatched prompts and embeddings."""

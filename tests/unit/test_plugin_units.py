@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.models.families import families
 from vllm_plugin.serve import MIDDLEWARE, build_argv
 
 
@@ -50,11 +51,7 @@ def test_launcher_serves_an_architecture_without_dtd_stock(tmp_path, caplog):
         build_argv(["--model", str(tmp_path)], streams=True)
 
 
-@pytest.mark.parametrize("stock, dtd", [
-    ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLDTDForConditionalGeneration"),
-    ("Qwen3VLForConditionalGeneration", "Qwen3VLDTDForConditionalGeneration"),
-    ("Qwen2VLForConditionalGeneration", "Qwen2VLDTDForConditionalGeneration"),
-])
+@pytest.mark.parametrize("stock, dtd", [(stock, s.dtd_architecture) for s in families() for stock in s.hf_architectures])
 def test_launcher_picks_the_family_from_the_checkpoint(tmp_path, stock, dtd):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": [stock]}))
     argv = build_argv(["--model", str(tmp_path)])

@@ -17,18 +17,10 @@ import torch
 
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.models import vision
+from vllm_plugin.models.families import families
 
 GiB = 1 << 30
-SPECS = {
-    "qwen2_5_vl": vision.VisionTowerSpec(
-        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"),
-    "qwen3_vl": vision.VisionTowerSpec("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel",
-                                       deepstack=True),
-    "qwen3_vl_moe": vision.VisionTowerSpec(
-        "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionModel", deepstack=True),
-    "qwen2_vl": vision.VisionTowerSpec(
-        "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"),
-}
+SPECS = {s.name: s.vision_tower for s in families() if s.vision_tower is not None}  # each family's tower
 
 
 def _checkpoint(family: str):

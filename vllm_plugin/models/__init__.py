@@ -1,32 +1,34 @@
-"""Engine glue: one module per model family, named after vLLM's model module.
+"""Engine glue: one module per model family, named after vLLM's model module, each declaring and
+registering the family's :class:`~vllm_plugin.models.families.FamilySpec` (the registry:
+:mod:`vllm_plugin.models.families`); :mod:`vllm_plugin.models.base` holds the mixins every family's
+DTD classes are built from, :mod:`vllm_plugin.models.vision` the API server's vision tower.
 
-:data:`FAMILIES` maps a stock architecture to its DTD architecture and the class that implements
-it (registered with vLLM's ``ModelRegistry`` by name, so nothing is imported until vLLM needs it).
-Adding a family: a module here binding :mod:`vllm_plugin.models.base`'s mixins to the family's vLLM
-classes, one entry below, and a tiny checkpoint recipe in ``analysis/harness/tiny_model.py``.
+Adding a family: its module here (the spec, and any rule where it differs from Qwen2.5-VL); nothing
+else lists families. Nothing imported here imports vLLM.
 """
 
 from __future__ import annotations
 
-# stock architecture -> (DTD architecture, "module:Class")
-FAMILIES: dict[str, tuple[str, str]] = {
-    "Qwen2_5_VLForConditionalGeneration": (
-        "Qwen2_5_VLDTDForConditionalGeneration",
-        "vllm_plugin.models.qwen2_5_vl:Qwen2_5_VLDTDForConditionalGeneration",
-    ),
-    "Qwen3VLForConditionalGeneration": (
-        "Qwen3VLDTDForConditionalGeneration",
-        "vllm_plugin.models.qwen3_vl:Qwen3VLDTDForConditionalGeneration",
-    ),
-    "Qwen3VLMoeForConditionalGeneration": (
-        "Qwen3VLMoeDTDForConditionalGeneration",
-        "vllm_plugin.models.qwen3_vl_moe:Qwen3VLMoeDTDForConditionalGeneration",
-    ),
-    "Qwen2VLForConditionalGeneration": (
-        "Qwen2VLDTDForConditionalGeneration",
-        "vllm_plugin.models.qwen2_vl:Qwen2VLDTDForConditionalGeneration",
-    ),
-}
 
-# stock architecture -> DTD architecture
-DTD_ARCHITECTURES: dict[str, str] = {stock: dtd for stock, (dtd, _) in FAMILIES.items()}
+def register_with_vllm(model_registry) -> None:
+    """Register every family's DTD architecture with vLLM's ``ModelRegistry``, by ``"module:Class"``:
+    vLLM imports the class (and so builds it) only where it needs the model."""
+    from vllm_plugin.models.families import families
+
+    supported = set(model_registry.get_supported_archs())
+    for spec in families():
+        if spec.dtd_architecture not in supported:
+            model_registry.register_model(spec.dtd_architecture, spec.model_class)
+
+
+def dtd_architectures() -> dict[str, str]:
+    """Stock architecture -> the DTD architecture serving it, of every family."""
+    from vllm_plugin.models.families import families
+
+    return {stock: spec.dtd_architecture for spec in families() for stock in spec.hf_architectures}
+
+
+def __getattr__(name: str):
+    if name == "DTD_ARCHITECTURES":  # stock -> DTD architecture (the registry's, read on use)
+        return dtd_architectures()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

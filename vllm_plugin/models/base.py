@@ -2,8 +2,8 @@
 
 * :class:`DTDMultiModalProcessorMixin` (processing time, API server): runs the HF processor, takes
   each video's keep mask (given by the caller in the item's metadata, see :data:`GIVEN_MASK`, or
-  decided here: pixel level with :func:`vllm_plugin.core.pixel_keep_mask` on the processed patches,
-  feature level with :func:`vllm_plugin.core.dtd_keep_mask` on the outputs of this process's vision
+  decided here: pixel level with :func:`vllm_plugin.core.pixel_decide` on the processed patches,
+  feature level with :func:`vllm_plugin.core.decide_steps` on the outputs of this process's vision
   tower, :mod:`vllm_plugin.models.vision`), carries it with the item (:data:`MASK_KEY`, one bool per
   LLM token, ``flat_from_sizes``) and emits only the kept number of video placeholder tokens. Feature
   level also replaces the patches with the kept outputs (``video_embeds``). Prompt length,
@@ -15,15 +15,15 @@
   (:func:`vllm_plugin.core.mrope_positions`).
 
 The hooks overridden here are vLLM's documented processor/model hooks; each is checked against the
-installed vLLM by :func:`vllm_plugin.entrypoints.vllm_patches.check_overrides` when a family module
-is imported (a vLLM upgrade that changes one fails at startup, naming the version).
+installed vLLM by :func:`vllm_plugin.entrypoints.vllm_patches.check_overrides` when a family's classes
+are built (:func:`vllm_plugin.models.families.build_classes`; a vLLM upgrade that changes one fails at
+startup, naming the version).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -38,8 +38,9 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import BaseProcessingInfo, ProcessorInputs, PromptReplacement
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
+from vllm_plugin import settings
 from vllm_plugin.core import (
-    PatchLayout, dtd_keep_mask, mask_digest, mask_stats, mrope_positions, pixel_keep_mask, video_position_span,
+    PatchLayout, decide_steps, keep_at_least_one, mask_digest, mask_stats, mrope_positions, pixel_decide, video_position_span,
 )
 from vllm_plugin.entrypoints import request_stats, video_loader, vllm_patches
 from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES, dtd_config_from_kwargs, split_dtd_kwargs
@@ -56,18 +57,10 @@ MASK_KEY = "video_dtd_mask"  # processed field: the flat keep mask of a video it
 ROPE_POSITIONS_FACTOR = 4
 GROUP_TOKENS_ENV = "DTD_ENCODER_GROUP_TOKENS"  # smaller vision-tower calls than vLLM profiled (never larger)
 MAX_VIDEO_TOKENS_ENV = "DTD_MAX_VIDEO_TOKENS"  # a video item's tokens before DTD: more is a 400
-MAX_VIDEO_TOKENS = 131072  # default: 512 temporal steps of 448x448 (1,024 frames), ~10 min at Qwen2.5-VL's 2 fps
 
 
-def max_video_tokens(env=os.environ) -> int:
-    raw = env.get(MAX_VIDEO_TOKENS_ENV)
-    try:
-        value = int(raw) if raw not in (None, "") else MAX_VIDEO_TOKENS
-    except ValueError:
-        raise ValueError(f"{MAX_VIDEO_TOKENS_ENV} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{MAX_VIDEO_TOKENS_ENV} must be a positive integer, got {raw!r}")
-    return value
+def max_video_tokens(env=None) -> int:
+    return settings.get(MAX_VIDEO_TOKENS_ENV, env)
 
 
 class VideoTooLargeError(VLLMValidationError, ValueError):
@@ -173,7 +166,7 @@ class DTDMultiModalProcessorMixin:
     metadata before the HF processor sees them.
     """
 
-    vision_tower: Optional[VisionTowerSpec] = None  # set by the family module: feature-level DTD
+    vision_tower: Optional[VisionTowerSpec] = None  # set from the family's spec: feature-level DTD
 
     def __init__(self, *args, **kwargs):
         # vLLM builds the processor in the API server's renderer (and in engine cores, for profiling,
@@ -187,7 +180,7 @@ class DTDMultiModalProcessorMixin:
         if vllm_patches.in_api_server_process():
             model_config = self.info.ctx.model_config
             server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start
-            max_video_tokens()  # a bad DTD_MAX_VIDEO_TOKENS fails at start too
+            settings.check(settings.API_SERVER)  # a bad DTD_* value of the API server fails at start too
             if server.enabled and server.criterion == "feature":  # the server's default: load the tower now
                 vision.tower_for(self.vision_tower, model_config)
             vp = getattr(self.info.get_hf_processor(), "video_processor", None)
@@ -277,15 +270,12 @@ class DTDMultiModalProcessorMixin:
                 encoded = tower.encode(pv if normalized else layout.normalize(pv), grid)
                 encoding += time.perf_counter() - t_enc
                 if mask is None:
-                    mask = dtd_keep_mask(tower.decision_view(encoded).view(*shape, -1), config.threshold, config.metric,
-                                         config.reference)
+                    mask = decide_steps(tower.decision_view(encoded).view(*shape, -1), config).mask
             if mask is None and not config.enabled:
                 mask = torch.ones(shape, dtype=torch.bool)
             elif mask is None:
-                mask = pixel_keep_mask(pv, grid, config.threshold, metric=config.metric, reference=config.reference,
-                                       layout=layout)
-            if not mask.any():  # a fully static stream chunk: keep one token, no empty placeholder
-                mask.view(-1)[0] = True
+                mask = pixel_decide(pv, grid, config, layout=layout).mask
+            mask = keep_at_least_one(mask)
             if feature and embeds is None:
                 embeds = encoded[mask.flatten()]
             masks.append(mask.flatten())
@@ -517,7 +507,7 @@ class DTDModelMixin:
         # merged tokens of one vision-tower call: what vLLM's start-up profiling ran the encoder on at least
         # (vllm/v1/core/encoder_cache_manager.py compute_mm_encoder_budget: max(this, the largest item))
         budget = int(vllm_config.scheduler_config.max_num_encoder_input_tokens)
-        smaller = int(os.environ.get(GROUP_TOKENS_ENV) or 0)  # tests make groups small, to check they are exact
+        smaller = settings.get(GROUP_TOKENS_ENV) or 0  # tests make groups small, to check they are exact
         self.dtd_encoder_group_tokens = max(1, min(budget, smaller) if smaller > 0 else budget)
         # the processor refuses prompts whose positions pass this (DTDMultiModalProcessorMixin._dtd_check_positions)
         vllm_patches.size_rotary_tables(self, rope_positions(self.config))

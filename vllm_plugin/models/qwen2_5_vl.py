@@ -1,51 +1,144 @@
 """Qwen2.5-VL with Differential Token Drop (vLLM's ``vllm/model_executor/models/qwen2_5_vl.py``).
 
-The DTD behaviour is in :mod:`vllm_plugin.models.base`; this module binds it to the family's vLLM
-classes, checks them against the installed vLLM, and registers the processor. Select it for any
-Qwen2.5-VL checkpoint with ``--hf-overrides '{"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}'``
+The family's :class:`~vllm_plugin.models.families.FamilySpec`: the DTD behaviour is
+:mod:`vllm_plugin.models.base`'s, bound to the family's vLLM classes when vLLM first asks for them
+(:func:`~vllm_plugin.models.families.build_classes`, which also checks them against the installed
+vLLM and registers the processor). Select it for any Qwen2.5-VL checkpoint with
+``--hf-overrides '{"architectures": ["Qwen2_5_VLDTDForConditionalGeneration"]}'``
 (``python -m vllm_plugin.serve`` does that).
+
+Its tiny checkpoints (``analysis/harness/tiny_model.py``; the default family, whose checkpoints and
+hashes are those of before families existed): ``test``, as small as vLLM's CPU backend accepts (LLM
+head_dim 64: its CPU attention rejects 16); ``bench``, Qwen2.5-VL-7B's shape scaled down so that LLM
+FLOPs per video token are ≥ 10× the vision encoder's (prefill, what DTD saves, dominates as on real
+deployments); ``bench7b``, the bench LLM with an encoder as costly per video token, relative to it,
+as Qwen2.5-VL-7B's. Frames: the paper's 448x448 budget each.
 """
 
 from __future__ import annotations
 
-from vllm.model_executor.models.qwen2_5_vl import (
-    Qwen2_5_VLDummyInputsBuilder,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLMultiModalProcessor,
-    Qwen2_5_VLProcessingInfo,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import ProcessorInputs
-from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
+from collections.abc import Mapping
+from typing import Any
 
-from vllm_plugin.entrypoints import vllm_patches
-from vllm_plugin.models.base import DTDModelMixin, DTDMultiModalProcessorMixin, DTDProcessingInfoMixin
+from vllm_plugin.core import PatchLayout
+from vllm_plugin.models.families import FamilySpec, TinyContext, TinyRecipe, VLLMClasses, lazy_classes, register_family
 from vllm_plugin.models.vision import VisionTowerSpec
 
-# fields the mixins read or replace
-vllm_patches.require(EncoderCudaGraphConfig, "modalities")
-vllm_patches.require(EncoderCudaGraphConfig, "max_frames_per_video")
-vllm_patches.require(ProcessorInputs, "hf_processor_mm_kwargs")
-vllm_patches.check_sequential_video_encoding()  # DTDModelMixin.requires_sequential_video_encoding
-
-
-class DTDQwen2_5_VLProcessingInfo(DTDProcessingInfoMixin, Qwen2_5_VLProcessingInfo):
-    pass
-
-
-class DTDQwen2_5_VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen2_5_VLMultiModalProcessor):
-    vision_tower = VisionTowerSpec("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel")
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    DTDQwen2_5_VLMultiModalProcessor,
-    info=DTDQwen2_5_VLProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+TINY_VISION = dict(
+    depth=2,
+    hidden_size=128,
+    num_heads=2,
+    intermediate_size=256,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    tokens_per_second=2,  # Qwen2.5-VL's value
+    window_size=112,
+    fullatt_block_indexes=[1],
+    hidden_act="silu",
 )
-class Qwen2_5_VLDTDForConditionalGeneration(DTDModelMixin, Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL whose video prompts carry only the tokens that survive DTD."""
+TINY_TEXT = {
+    "test": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+    ),
+    "bench": dict(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=2
+    ),
+}
+TINY_SIZES: dict[str, dict] = {
+    "test": dict(text=TINY_TEXT["test"], vision=TINY_VISION, vocab_words=1024),
+    "bench": dict(text=TINY_TEXT["bench"], vision=TINY_VISION, vocab_words=1024),
+    # the bench LLM with an encoder as costly per video token as Qwen2.5-VL-7B's relative to its LLM
+    # (vision ≈ 0.4 x LLM multiply-adds per token; `bench` gives the LLM >= 10x): where DTD's saving
+    # on the LLM meets the encoder cost it does not reduce
+    "bench7b": dict(
+        text=TINY_TEXT["bench"],
+        vision={
+            **TINY_VISION,
+            "depth": 4,
+            "hidden_size": 256,
+            "num_heads": 4,
+            "intermediate_size": 448,
+            "fullatt_block_indexes": [1, 3],
+        },
+        vocab_words=1024,
+    ),
+}
 
 
-vllm_patches.check_overrides(DTDQwen2_5_VLProcessingInfo, Qwen2_5_VLProcessingInfo)
-vllm_patches.check_overrides(DTDQwen2_5_VLMultiModalProcessor, Qwen2_5_VLMultiModalProcessor)
-vllm_patches.check_overrides(Qwen2_5_VLDTDForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+def qwen2_tiny_config(config_class: str, merger_size_key: str):
+    """The tiny config builder of a Qwen2-VL style family: ``config_class`` of transformers, the
+    merger's output size under ``merger_size_key`` of the vision config."""
+
+    def build(shape: Mapping[str, Any], ctx: TinyContext):
+        import transformers
+
+        ids = ctx.token_ids
+        vision = dict(shape["vision"], initializer_range=0.05)
+        vision[merger_size_key] = shape["text"]["hidden_size"]
+        return getattr(transformers, config_class)(
+            text_config=dict(
+                rope_scaling={"type": "mrope", "mrope_section": ctx.mrope_section, "rope_theta": 1000000.0},
+                bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=False,
+                **ctx.text,
+            ),
+            vision_config=vision,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            tie_word_embeddings=False,
+            **ctx.tokens,
+        )
+
+    return build
+
+
+def qwen2_tiny_processor(processor_class: str):
+    """The tiny processor builder of a Qwen2-VL style family: Qwen2-VL's image and video processors
+    with the per-image and per-frame pixel budgets, under transformers' ``processor_class``."""
+
+    def build(shape: Mapping[str, Any], ctx: TinyContext):
+        import transformers as tf
+
+        v = shape["vision"]
+        common = dict(
+            patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"]
+        )
+        image = tf.Qwen2VLImageProcessor(
+            size={"shortest_edge": ctx.image_pixels[0], "longest_edge": ctx.image_pixels[1]}, **common
+        )
+        video = tf.Qwen2VLVideoProcessor(
+            size={"shortest_edge": ctx.video_pixels[0], "longest_edge": ctx.video_pixels[1]}, **common
+        )
+        return getattr(tf, processor_class)(
+            image_processor=image, video_processor=video, tokenizer=ctx.tokenizer, chat_template=ctx.chat_template
+        )
+
+    return build
+
+
+SPEC = register_family(
+    FamilySpec(
+        name="qwen2_5_vl",
+        hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
+        dtd_architecture="Qwen2_5_VLDTDForConditionalGeneration",
+        vllm=VLLMClasses.named("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VL"),
+        vision_tower=VisionTowerSpec(
+            "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"
+        ),
+        reference_class="Qwen2_5_VLForConditionalGeneration",
+        patch_layout=PatchLayout(),  # OpenAI CLIP's mean / std
+        patch_size=14,
+        tiny=TinyRecipe(
+            sizes=TINY_SIZES,
+            config=qwen2_tiny_config("Qwen2_5_VLConfig", "out_hidden_size"),
+            processor=qwen2_tiny_processor("Qwen2_5_VLProcessor"),
+            legacy_hash=True,
+        ),
+    )
+)
+# the DTD classes (SPEC.class_names), built when first asked for
+__getattr__ = lazy_classes(SPEC)

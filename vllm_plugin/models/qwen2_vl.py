@@ -1,51 +1,55 @@
 """Qwen2-VL with Differential Token Drop (vLLM's ``vllm/model_executor/models/qwen2_vl.py``).
 
-The DTD behaviour is in :mod:`vllm_plugin.models.base`; this module binds it to the family's vLLM
-classes, checks them against the installed vLLM, and registers the processor. Select it for any
-Qwen2-VL checkpoint with ``--hf-overrides '{"architectures": ["Qwen2VLDTDForConditionalGeneration"]}'``
+The family's :class:`~vllm_plugin.models.families.FamilySpec`: the DTD behaviour is
+:mod:`vllm_plugin.models.base`'s, bound to the family's vLLM classes when vLLM first asks for them.
+What differs from Qwen2.5-VL is in the checkpoint, not in the rules: no window attention, no
+``tokens_per_second`` (a video's temporal position is the step index; the mixins read that from the
+config). Select it for any Qwen2-VL checkpoint with
+``--hf-overrides '{"architectures": ["Qwen2VLDTDForConditionalGeneration"]}'``
 (``python -m vllm_plugin.serve`` does that).
 """
 
 from __future__ import annotations
 
-from vllm.model_executor.models.qwen2_vl import (
-    Qwen2VLDummyInputsBuilder,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLMultiModalProcessor,
-    Qwen2VLProcessingInfo,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import ProcessorInputs
-from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
-
-from vllm_plugin.entrypoints import vllm_patches
-from vllm_plugin.models.base import DTDModelMixin, DTDMultiModalProcessorMixin, DTDProcessingInfoMixin
+from vllm_plugin.core import PatchLayout
+from vllm_plugin.models.families import FamilySpec, TinyRecipe, VLLMClasses, lazy_classes, register_family
+from vllm_plugin.models.qwen2_5_vl import TINY_TEXT, qwen2_tiny_config, qwen2_tiny_processor
 from vllm_plugin.models.vision import VisionTowerSpec
 
-# fields the mixins read or replace
-vllm_patches.require(EncoderCudaGraphConfig, "modalities")
-vllm_patches.require(EncoderCudaGraphConfig, "max_frames_per_video")
-vllm_patches.require(ProcessorInputs, "hf_processor_mm_kwargs")
-vllm_patches.check_sequential_video_encoding()  # DTDModelMixin.requires_sequential_video_encoding
-
-
-class DTDQwen2VLProcessingInfo(DTDProcessingInfoMixin, Qwen2VLProcessingInfo):
-    pass
-
-
-class DTDQwen2VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen2VLMultiModalProcessor):
-    vision_tower = VisionTowerSpec("transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel")
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    DTDQwen2VLMultiModalProcessor,
-    info=DTDQwen2VLProcessingInfo,
-    dummy_inputs=Qwen2VLDummyInputsBuilder,
+# Qwen2-VL's vision config: no window attention, no tokens_per_second (temporal position = step index).
+TINY_VISION = dict(
+    depth=2,
+    embed_dim=128,
+    num_heads=2,
+    mlp_ratio=2,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    hidden_act="quick_gelu",
 )
-class Qwen2VLDTDForConditionalGeneration(DTDModelMixin, Qwen2VLForConditionalGeneration):
-    """Qwen2-VL whose video prompts carry only the tokens that survive DTD."""
 
-
-vllm_patches.check_overrides(DTDQwen2VLProcessingInfo, Qwen2VLProcessingInfo)
-vllm_patches.check_overrides(DTDQwen2VLMultiModalProcessor, Qwen2VLMultiModalProcessor)
-vllm_patches.check_overrides(Qwen2VLDTDForConditionalGeneration, Qwen2VLForConditionalGeneration)
+SPEC = register_family(
+    FamilySpec(
+        name="qwen2_vl",
+        hf_architectures=("Qwen2VLForConditionalGeneration",),
+        dtd_architecture="Qwen2VLDTDForConditionalGeneration",
+        vllm=VLLMClasses.named("vllm.model_executor.models.qwen2_vl", "Qwen2VL"),
+        vision_tower=VisionTowerSpec(
+            "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"
+        ),
+        reference_class="Qwen2VLForConditionalGeneration",
+        reference_pipeline="analysis.lib.reference:Qwen2VLReferencePipeline",
+        patch_layout=PatchLayout(),  # OpenAI CLIP's mean / std
+        patch_size=14,
+        tiny=TinyRecipe(
+            sizes={
+                size: dict(text=TINY_TEXT[size], vision=TINY_VISION, vocab_words=1024) for size in ("test", "bench")
+            },
+            config=qwen2_tiny_config("Qwen2VLConfig", "hidden_size"),  # Qwen2-VL: the merger's output size
+            processor=qwen2_tiny_processor("Qwen2VLProcessor"),
+        ),
+    )
+)
+# the DTD classes (SPEC.class_names), built when first asked for
+__getattr__ = lazy_classes(SPEC)

@@ -1,14 +1,15 @@
 """Qwen3-VL with Differential Token Drop (vLLM's ``vllm/model_executor/models/qwen3_vl.py``).
 
-The DTD behaviour is in :mod:`vllm_plugin.models.base`; this module binds it to the family's vLLM
-classes and adds what Qwen3-VL does differently from Qwen2.5-VL:
+The family's :class:`~vllm_plugin.models.families.FamilySpec`: :mod:`vllm_plugin.models.base`'s DTD
+behaviour, bound to the family's vLLM classes when vLLM first asks for them, with the rules where
+Qwen3-VL differs from Qwen2.5-VL:
 
 * **prompt**: every temporal step is its own group, ``<t.t seconds><|vision_start|> <|video_pad|>×kept
   <|vision_end|>``; the step's timestamp text stays when DTD keeps none of its tokens (the group is
   then empty), as vLLM's own EVS pruning leaves it: the model still reads that the moment passed.
 * **positions**: time is in that text, each step's grid restarts the temporal section; survivors and
   text keep the positions they have in the full prompt
-  (:func:`vllm_plugin.core.timestamped_mrope_positions`).
+  (:func:`vllm_plugin.core.timestamped_mrope_positions`, :class:`DTDTimestampedPositionsMixin`).
 * **DeepStack**: the vision tower's output rows carry the intermediate-layer features after the main
   ones (vLLM's layout), so keeping a row keeps it at every level; feature-level DTD decides on the
   main output (:class:`vllm_plugin.models.vision.VisionTowerSpec` ``deepstack``).
@@ -20,34 +21,23 @@ vllm_plugin.serve`` does that). The MoE checkpoints: :mod:`vllm_plugin.models.qw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from vllm.model_executor.models.qwen3_vl import (
-    Qwen3VLDummyInputsBuilder,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLMultiModalProcessor,
-    Qwen3VLProcessingInfo,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import ProcessorInputs
-from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
-from vllm_plugin.core import timestamped_mrope_positions, timestamped_position_span
-from vllm_plugin.entrypoints import vllm_patches
-from vllm_plugin.models.base import MASK_KEY, DTDModelMixin, DTDMultiModalProcessorMixin, DTDProcessingInfoMixin
+from vllm_plugin.core import PatchLayout, timestamped_mrope_positions, timestamped_position_span
+from vllm_plugin.models.families import FamilySpec, TinyContext, TinyRecipe, VLLMClasses, lazy_classes, register_family
+from vllm_plugin.models.qwen2_5_vl import TINY_TEXT
 from vllm_plugin.models.vision import VisionTowerSpec
 
-# fields and helpers the family glue reads
-vllm_patches.require(EncoderCudaGraphConfig, "modalities")
-vllm_patches.require(EncoderCudaGraphConfig, "max_frames_per_video")
-vllm_patches.require(ProcessorInputs, "hf_processor_mm_kwargs")
-vllm_patches.require(Qwen3VLMultiModalProcessor, "get_video_repl")
-vllm_patches.check_sequential_video_encoding()  # DTDModelMixin.requires_sequential_video_encoding
+LAYOUT = PatchLayout(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))  # Qwen3-VL normalizes to [-1, 1]
 
 
-def step_text_lens(item_tokens: Sequence[int], kept_per_step: Sequence[int], vision_start_id: int, video_id: int) -> list[int]:
+def step_text_lens(
+    item_tokens: Sequence[int], kept_per_step: Sequence[int], vision_start_id: int, video_id: int
+) -> list[int]:
     """Text tokens around the steps of one Qwen3-VL video placeholder, for
     :func:`vllm_plugin.core.timestamped_mrope_positions`: T + 1 counts (before each step's grid, up to
     and including its ``<|vision_start|>``; after the last grid).
@@ -70,30 +60,25 @@ def step_text_lens(item_tokens: Sequence[int], kept_per_step: Sequence[int], vis
     return lens
 
 
-class DTDQwen3VLProcessingInfo(DTDProcessingInfoMixin, Qwen3VLProcessingInfo):
-    pass
+def timestamped_replacement(processor, mask: torch.Tensor, out_item) -> list[int]:
+    """The prompt rule (the processor's ``_dtd_replacement``): each step's group with its kept tokens
+    only; a step that keeps none keeps its timestamp and an empty ``<|vision_start|><|vision_end|>``."""
+    hf_config = processor.info.get_hf_config()
+    return processor.get_video_repl(  # vLLM's Qwen3VLMultiModalProcessor.get_video_repl (a staticmethod)
+        tokens_per_frame=[int(k) for k in mask.flatten(1).sum(1).tolist()],
+        timestamps=out_item["timestamps"].data,
+        tokenizer=processor.info.get_tokenizer(),
+        vision_start_token_id=hf_config.vision_start_token_id,
+        vision_end_token_id=hf_config.vision_end_token_id,
+        video_token_id=hf_config.video_token_id,
+        select_token_id=True,
+    )
 
 
-class DTDQwen3VLMultiModalProcessor(DTDMultiModalProcessorMixin, Qwen3VLMultiModalProcessor):
-    vision_tower = VisionTowerSpec("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel", deepstack=True)
-
-    def _dtd_replacement(self, mask: torch.Tensor, out_item):
-        """Each step's group with its kept tokens only; a step that keeps none keeps its timestamp
-        and an empty ``<|vision_start|><|vision_end|>``."""
-        hf_config = self.info.get_hf_config()
-        return Qwen3VLMultiModalProcessor.get_video_repl(
-            tokens_per_frame=[int(k) for k in mask.flatten(1).sum(1).tolist()],
-            timestamps=out_item["timestamps"].data,
-            tokenizer=self.info.get_tokenizer(),
-            vision_start_token_id=hf_config.vision_start_token_id,
-            vision_end_token_id=hf_config.vision_end_token_id,
-            video_token_id=hf_config.video_token_id,
-            select_token_id=True,
-        )
-
-    def _dtd_position_span(self, steps: int, h: int, w: int, t_factor: float, text_tokens: int) -> int:
-        """Time is in each step's timestamp text: every step's grid takes ``max(h, w)`` positions."""
-        return timestamped_position_span(steps, h, w, text_tokens)
+def timestamped_span(steps: int, h: int, w: int, t_factor: float, text_tokens: int) -> int:
+    """The position rule: time is in each step's timestamp text, every step's grid takes
+    ``max(h, w)`` positions (:func:`vllm_plugin.core.timestamped_position_span`)."""
+    return timestamped_position_span(steps, h, w, text_tokens)
 
 
 class DTDTimestampedPositionsMixin:
@@ -101,6 +86,8 @@ class DTDTimestampedPositionsMixin:
     (shared by the dense and MoE model classes)."""
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        from vllm_plugin.models.base import MASK_KEY  # (base imports vLLM: this runs in the engine)
+
         cfg = self.config
         merge = cfg.vision_config.spatial_merge_size
         parts: list[np.ndarray] = []
@@ -116,13 +103,19 @@ class DTDTimestampedPositionsMixin:
             elem = feature.data.get(MASK_KEY) if feature.modality == "video" else None
             mask = elem.data.reshape(shape).bool() if elem is not None else torch.ones(shape, dtype=torch.bool)
             if feature.modality == "video":
-                lens = step_text_lens(input_tokens[offset:offset + length], mask.flatten(1).sum(1).tolist(),
-                                      cfg.vision_start_token_id, cfg.video_token_id)
+                lens = step_text_lens(
+                    input_tokens[offset : offset + length],
+                    mask.flatten(1).sum(1).tolist(),
+                    cfg.vision_start_token_id,
+                    cfg.video_token_id,
+                )
             else:  # an image: its placeholder is its grid
                 lens = [0, 0]
             pos, next_pos = timestamped_mrope_positions(mask, lens, start=start)
             if pos.shape[1] != length:
-                raise ValueError(f"M-RoPE positions cover {pos.shape[1]} tokens of a {length}-token {feature.modality} placeholder")
+                raise ValueError(
+                    f"M-RoPE positions cover {pos.shape[1]} tokens of a {length}-token {feature.modality} placeholder"
+                )
             parts.append(pos.numpy())
             st = offset + length
         if st < len(input_tokens):
@@ -133,15 +126,112 @@ class DTDTimestampedPositionsMixin:
         return torch.from_numpy(np.ascontiguousarray(positions)), int(positions.max() + 1 - len(input_tokens))
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    DTDQwen3VLMultiModalProcessor,
-    info=DTDQwen3VLProcessingInfo,
-    dummy_inputs=Qwen3VLDummyInputsBuilder,
+# Qwen3-VL's tiny checkpoints: patch 16, DeepStack features from vision layers 0 and 1 (real: 8/16/24
+# of 27), learned position embeddings interpolated to the grid (16 x 16 here), interleaved M-RoPE; the
+# video processor with transformers' Qwen3VLVideoProcessor defaults (its total pixel budget over all
+# frames, fps 2, mean/std 0.5: the sizing real Qwen3-VL checkpoints ship), with the per-frame pixel cap
+# of qwen-vl-utils (the reference implementation) set explicitly: transformers 5.19 leaves it off with
+# a warning, 5.22 turns it on.
+TINY_VISION = dict(
+    depth=3,
+    hidden_size=64,
+    num_heads=1,
+    intermediate_size=128,
+    in_channels=3,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=256,
+    deepstack_visual_indexes=[0, 1],
+    hidden_act="gelu_pytorch_tanh",
 )
-class Qwen3VLDTDForConditionalGeneration(DTDTimestampedPositionsMixin, DTDModelMixin, Qwen3VLForConditionalGeneration):
-    """Qwen3-VL whose video prompts carry only the tokens that survive DTD."""
+TINY_VIDEO_PROCESSOR = dict(cap_pixels_per_frame=True)
 
 
-vllm_patches.check_overrides(DTDQwen3VLProcessingInfo, Qwen3VLProcessingInfo)
-vllm_patches.check_overrides(DTDQwen3VLMultiModalProcessor, Qwen3VLMultiModalProcessor)
-vllm_patches.check_overrides(Qwen3VLDTDForConditionalGeneration, Qwen3VLForConditionalGeneration)
+def qwen3_tiny_config(config_class: str):
+    """The tiny config builder of a Qwen3-VL style family (``config_class`` of transformers)."""
+
+    def build(shape: Mapping[str, Any], ctx: TinyContext):
+        import transformers
+
+        ids = ctx.token_ids
+        config = getattr(transformers, config_class)(
+            text_config=dict(
+                head_dim=ctx.head_dim,
+                pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={
+                    "rope_type": "default",
+                    "mrope_section": ctx.mrope_section,
+                    "mrope_interleaved": True,
+                    "rope_theta": 5000000.0,
+                },
+                **ctx.text,
+            ),
+            vision_config=dict(out_hidden_size=shape["text"]["hidden_size"], initializer_range=0.05, **shape["vision"]),
+            tie_word_embeddings=False,
+            **ctx.tokens,
+        )
+        config.text_config.bos_token_id = ids["<|endoftext|>"]
+        config.text_config.eos_token_id = ids["<|im_end|>"]
+        return config
+
+    return build
+
+
+def qwen3_tiny_processor(shape: Mapping[str, Any], ctx: TinyContext):
+    """Qwen3-VL's processor: images with the per-image budget and its mean / std, videos with its own
+    video processor's defaults (a pixel budget over all frames)."""
+    import transformers as tf
+
+    v = shape["vision"]
+    common = dict(
+        patch_size=v["patch_size"], temporal_patch_size=v["temporal_patch_size"], merge_size=v["spatial_merge_size"]
+    )
+    image = tf.Qwen2VLImageProcessor(
+        size={"shortest_edge": ctx.image_pixels[0], "longest_edge": ctx.image_pixels[1]},
+        image_mean=list(LAYOUT.image_mean),
+        image_std=list(LAYOUT.image_std),
+        **common,
+    )
+    video = tf.Qwen3VLVideoProcessor(**shape["video_processor"], **common)
+    return tf.Qwen3VLProcessor(
+        image_processor=image, video_processor=video, tokenizer=ctx.tokenizer, chat_template=ctx.chat_template
+    )
+
+
+SPEC = register_family(
+    FamilySpec(
+        name="qwen3_vl",
+        hf_architectures=("Qwen3VLForConditionalGeneration",),
+        dtd_architecture="Qwen3VLDTDForConditionalGeneration",
+        vllm=VLLMClasses.named("vllm.model_executor.models.qwen3_vl", "Qwen3VL"),
+        vision_tower=VisionTowerSpec(
+            "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel", deepstack=True
+        ),
+        reference_class="Qwen3VLForConditionalGeneration",
+        reference_pipeline="analysis.lib.reference:Qwen3VLReferencePipeline",
+        patch_layout=LAYOUT,
+        patch_size=16,
+        position_span=timestamped_span,
+        prompt_replacement=timestamped_replacement,
+        model_mixins=(DTDTimestampedPositionsMixin,),
+        processor_requires=("get_video_repl",),
+        tiny=TinyRecipe(
+            sizes={
+                "test": dict(
+                    text=TINY_TEXT["test"], vision=TINY_VISION, vocab_words=1024, video_processor=TINY_VIDEO_PROCESSOR
+                ),
+                "bench": dict(
+                    text=TINY_TEXT["bench"],
+                    vision={**TINY_VISION, "hidden_size": 128, "num_heads": 2, "intermediate_size": 256},
+                    vocab_words=1024,
+                    video_processor=TINY_VIDEO_PROCESSOR,
+                ),
+            },
+            config=qwen3_tiny_config("Qwen3VLConfig"),
+            processor=qwen3_tiny_processor,
+        ),
+    )
+)
+# the DTD classes (SPEC.class_names), built when first asked for
+__getattr__ = lazy_classes(SPEC)

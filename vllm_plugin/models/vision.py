@@ -62,6 +62,7 @@ from typing import Optional
 
 import torch
 
+from vllm_plugin import settings
 from vllm_plugin.entrypoints import request_stats, vllm_patches
 
 logger = logging.getLogger("vllm.dtd_plugin")
@@ -69,7 +70,6 @@ ENV = "DTD_FEATURE_ENCODER"  # "api" (default): a tower in each API-server proce
 DEVICE_ENV = "DTD_FEATURE_ENCODER_DEVICE"
 MAX_STEPS_ENV = "DTD_FEATURE_ENCODER_MAX_STEPS"
 RETRY_ENV = "DTD_FEATURE_ENCODER_RETRY_S"  # seconds a failed load is answered at once before the next try
-RETRY_DEFAULT_S = 30.0
 MEMORY_CHECK_ENV = "DTD_FEATURE_ENCODER_MEMORY_CHECK"  # "on" (default) | "off": the CUDA budget check
 STEP_PATCHES_ENV = "DTD_FEATURE_ENCODER_STEP_PATCHES"  # patches of one temporal step the estimate assumes
 GiB = 1 << 30
@@ -388,22 +388,15 @@ def _weight_files(model_path: str, revision: Optional[str], prefixes: tuple[str,
 def resolve_device(device: Optional[str] = None) -> torch.device:
     """Where a tower goes: ``device``, else ``DTD_FEATURE_ENCODER_DEVICE``, else ``cuda`` when there is
     one (the process's current GPU: the first visible one in an API server), else the CPU."""
-    return torch.device(device or os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(device or settings.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def max_steps(env=os.environ) -> int:
-    return max(1, int(env.get(MAX_STEPS_ENV) or 16))
+def max_steps(env=None) -> int:
+    return settings.get(MAX_STEPS_ENV, env)
 
 
-def retry_seconds(env=os.environ) -> float:
-    raw = env.get(RETRY_ENV)
-    try:
-        value = float(raw) if raw not in (None, "") else RETRY_DEFAULT_S
-    except ValueError:
-        raise ValueError(f"{RETRY_ENV} must be a number of seconds, got {raw!r}") from None
-    if not value >= 0:
-        raise ValueError(f"{RETRY_ENV} must be >= 0, got {raw!r}")
-    return value
+def retry_seconds(env=None) -> float:
+    return settings.get(RETRY_ENV, env)
 
 
 # -- GPU memory: towers inside vLLM's front-end carve-out ---------------------------------------------------
@@ -465,13 +458,14 @@ def _pixel_cap(settings: Optional[dict]) -> Optional[int]:
     return None
 
 
-def step_patches(model_config, vision_config, env=os.environ) -> int:
+def step_patches(model_config, vision_config, env=None) -> int:
     """Patches of one temporal step the memory estimate assumes: ``DTD_FEATURE_ENCODER_STEP_PATCHES``,
     else the video processor's per-frame pixel cap (the server's ``--mm-processor-kwargs`` ``max_pixels``
     / ``size.longest_edge``, else the checkpoint's video processor config, else transformers' Qwen2-VL
     default) over the patch area. Qwen3-VL's cap is a budget over all frames: an upper bound per frame."""
-    if env.get(STEP_PATCHES_ENV):
-        return max(1, int(env[STEP_PATCHES_ENV]))
+    given = settings.get(STEP_PATCHES_ENV, env)
+    if given is not None:
+        return given
     cap = _pixel_cap(getattr(model_config, "mm_processor_kwargs", None))
     path, revision = str(getattr(model_config, "model", "")), getattr(model_config, "revision", None)
     if cap is None:
@@ -569,10 +563,7 @@ def check_gpu_budget(spec: VisionTowerSpec, model_config, dtype: torch.dtype, de
     (not CUDA, or ``DTD_FEATURE_ENCODER_MEMORY_CHECK=off``)."""
     if device.type != "cuda":
         return None
-    check = os.environ.get(MEMORY_CHECK_ENV, "on").strip().lower()
-    if check not in ("on", "off"):
-        raise ValueError(f"{MEMORY_CHECK_ENV} must be 'on' or 'off', got {check!r}")
-    if check == "off":
+    if not settings.get(MEMORY_CHECK_ENV):
         return None
     mm_config = getattr(model_config, "multimodal_config", None)
     try:  # vLLM already reserves a CUDA context per API server when videos decode on the GPU
@@ -602,11 +593,8 @@ _LOAD_LOCK = threading.Lock()
 _clock = time.monotonic  # tests move time
 
 
-def enabled(env=os.environ) -> bool:
-    value = env.get(ENV, "api").strip().lower()
-    if value not in ("api", "off"):
-        raise ValueError(f"{ENV} must be 'api' or 'off', got {value!r}")
-    return value == "api"
+def enabled(env=None) -> bool:
+    return settings.get(ENV, env) == "api"
 
 
 def _unavailable(reason: str, retry_at: float) -> EncoderUnavailable:

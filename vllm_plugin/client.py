@@ -15,12 +15,13 @@ import base64
 import json
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import requests
 
 from vllm_plugin.media import encode_png
+from vllm_plugin.streams.memory import FLAT_FIELDS
 
 
 class StreamHTTPError(RuntimeError):
@@ -69,7 +70,7 @@ class StreamClient:
         """Append frames; returns {frames, steps, events (raised by these frames), kept_per_step}."""
         items = []
         for i, f in enumerate(frames):
-            item = {"image": base64.b64encode(encode_png(f)).decode()}
+            item: dict[str, Any] = {"image": base64.b64encode(encode_png(f)).decode()}
             if timestamps is not None:
                 item["timestamp"] = float(timestamps[i])
             items.append(item)
@@ -77,13 +78,15 @@ class StreamClient:
 
     def push_encoded(self, images: Sequence[str], timestamps: Optional[Sequence[float]] = None) -> dict:
         """Append frames already encoded (base64 PNG/JPEG/WebP), e.g. a clip encoded once and looped."""
-        items = [{"image": b} if timestamps is None else {"image": b, "timestamp": float(t)}
-                 for b, t in zip(images, timestamps if timestamps is not None else [None] * len(images))]
+        items: list[dict[str, Any]] = [{"image": b} for b in images]
+        if timestamps is not None:
+            for item, t in zip(items, timestamps):
+                item["timestamp"] = float(t)
         return self._append({"frames": items})
 
     def push_video(self, video: str | Path | bytes, start_time: Optional[float] = None) -> dict:
         data = video if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
-        body = {"video": base64.b64encode(data).decode()}
+        body: dict[str, Any] = {"video": base64.b64encode(data).decode()}
         if start_time is not None:
             body["start_time"] = start_time
         return self._append(body)
@@ -94,18 +97,20 @@ class StreamClient:
         cached_tokens shows the reused past; stream_state has ttft_s). ``ignore_eos`` answers exactly
         ``max_tokens`` tokens (benchmarks, tests). ``remember=False``: the turn does not stay in the
         conversation (later questions see the frames, not this question and its answer)."""
-        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": temperature,
-                "return_token_ids": return_token_ids, "ignore_eos": ignore_eos, "remember": remember}
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                                "temperature": temperature, "return_token_ids": return_token_ids,
+                                "ignore_eos": ignore_eos, "remember": remember}
         return _check(self.http.post(self.url + "/chat/completions", json=body, timeout=self.timeout))
 
     def ask_stream(self, question: str, max_tokens: int = 64, remember: bool = True) -> Iterator[dict]:
         """Server-sent events: chunks with choices[0].delta.content, then a usage chunk."""
-        body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "stream": True,
-                "remember": remember}
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+                                "stream": True, "remember": remember}
         with self.http.post(self.url + "/chat/completions", json=body, stream=True, timeout=self.timeout) as r:
             if r.status_code >= 400:
                 _check(r)
-            for line in r.iter_lines(decode_unicode=True):
+            for raw in r.iter_lines(decode_unicode=True):
+                line = raw.decode() if isinstance(raw, bytes) else raw
                 if not line or not line.startswith("data: "):
                     continue
                 data = line[6:]
@@ -142,11 +147,23 @@ class StreamClient:
         _check(self.http.delete(self.url, timeout=self.timeout))
 
 
-def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float] = None, **settings) -> StreamClient:
+def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float] = None, memory: Optional[dict] = None,
+                **settings) -> StreamClient:
     """Open a stream. ``fps`` and ``settings`` (dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
-    dtd_criterion, prefill, event_level, standing_question, answer_max_tokens; the memory policy:
-    context_tokens, memory_keep, max_keyframes, keep_turns) left out take the server's defaults."""
+    dtd_criterion, prefill, event_level, standing_question, answer_max_tokens) left out take the
+    server's defaults. ``memory``: the memory policy object (``{"keep": "recent+keyframes",
+    "max_keyframes": 8, "context_tokens": 4096, "keep_turns": 2}``; the server validates it); its
+    keys may also be given as the keyword arguments ``context_tokens``, ``memory_keep``,
+    ``max_keyframes``, ``keep_turns``, sent inside ``memory``."""
+    memory = dict(memory or {})
+    for flat, key in FLAT_FIELDS.items():
+        value = settings.pop(flat, None)
+        if value is None:
+            continue
+        if memory.get(key) is not None:
+            raise ValueError(f"{flat} and memory[{key!r}] are the same option: give one of them")
+        memory[key] = value
     http = requests.Session()
-    body = {"model": model, **({"fps": fps} if fps is not None else {}), **settings}
+    body = {"model": model, **({"fps": fps} if fps is not None else {}), **settings, **({"memory": memory} if memory else {})}
     info = _check(http.post(base_url.rstrip("/") + "/v1/streams", json=body, timeout=60))
     return StreamClient(base_url, info["id"], http)

@@ -175,8 +175,10 @@ def test_a_static_feature_chunk_serves_one_token_with_its_row(reference, tower):
 
 
 def test_an_encoder_that_falls_behind_refuses_appends_with_429_and_keeps_nothing(reference):
+    from vllm_plugin.errors import RateLimited
     from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
-    from vllm_plugin.streams.session import StreamError, StreamManager, StreamSettings
+    from vllm_plugin.streams.routes import http_status
+    from vllm_plugin.streams.session import StreamManager, StreamSettings
 
     gate = threading.Event()
 
@@ -194,9 +196,9 @@ def test_an_encoder_that_falls_behind_refuses_appends_with_429_and_keeps_nothing
     deadline = time.monotonic() + 30
     while queue.pending < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(StreamError) as e:
+    with pytest.raises(RateLimited) as e:
         b.add_frames(frames[:2])
-    assert e.value.status == 429 and "retry" in str(e.value)
+    assert http_status(e.value) == 429 and "retry" in str(e.value)
     assert (len(b.frames), b.nbytes, b.steps) == (0, 0, 0)
     gate.set()
     worker.join(30)
@@ -206,32 +208,37 @@ def test_an_encoder_that_falls_behind_refuses_appends_with_429_and_keeps_nothing
 
 
 def test_an_encoder_failure_leaves_the_stream_as_it_was(reference):
+    from vllm_plugin.errors import Unavailable
     from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
-    from vllm_plugin.streams.session import StreamError, StreamManager, StreamSettings
+    from vllm_plugin.streams.routes import http_status
+    from vllm_plugin.streams.session import StreamManager, StreamSettings
 
     def broken(videos):
         raise RuntimeError("out of memory")
 
     queue = EncodeQueue(processor_patchify(reference.processor.video_processor), broken, max_pending_steps=8)
     s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(criterion="feature")), encoder=queue)
-    with pytest.raises(StreamError) as e:
+    with pytest.raises(Unavailable) as e:
         s.add_frames(list(np.zeros((4, 56, 56, 3), dtype=np.uint8)))
-    assert e.value.status == 503 and (len(s.frames), s.nbytes, queue.pending) == (0, 0, 0)
+    assert http_status(e.value) == 503 and (len(s.frames), s.nbytes, queue.pending) == (0, 0, 0)
 
 
 def test_an_append_that_can_never_fit_the_encoder_queue_is_413(reference):
+    from vllm_plugin.errors import TooLarge
     from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
-    from vllm_plugin.streams.session import StreamError, StreamManager, StreamSettings
+    from vllm_plugin.streams.routes import http_status
+    from vllm_plugin.streams.session import StreamManager, StreamSettings
 
     queue = EncodeQueue(processor_patchify(reference.processor.video_processor), lambda v: [], max_pending_steps=2)
     s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(criterion="feature")), encoder=queue)
-    with pytest.raises(StreamError) as e:
+    with pytest.raises(TooLarge) as e:
         s.add_frames(list(np.zeros((6, 56, 56, 3), dtype=np.uint8)))  # 3 steps > 2: a retry would never help
-    assert e.value.status == 413 and (len(s.frames), queue.pending) == (0, 0)
+    assert http_status(e.value) == 413 and (len(s.frames), queue.pending) == (0, 0)
 
 
 def test_kept_encoder_outputs_count_against_the_byte_caps(reference, tower, synthetic_clip):
-    from vllm_plugin.streams.session import StreamError
+    from vllm_plugin.errors import RateLimited
+    from vllm_plugin.streams.routes import http_status
 
     stream, queue = _feature_stream(reference, tower)
     stream.add_frames(list(synthetic_clip.frames[:8]))
@@ -239,14 +246,14 @@ def test_kept_encoder_outputs_count_against_the_byte_caps(reference, tower, synt
     held = sum(e.numel() * e.element_size() for e in stream.step_embeds + stream.step_first)
     assert held > 0 and stream.nbytes == frame_bytes + held
     # a server whose byte cap the outputs would pass: 429, nothing of the append kept, queue released
-    stream._bytes.limit = stream._bytes.held + sum(f.nbytes for f in synthetic_clip.frames[8:12]) + 1
+    stream.store.account.limit = stream.store.account.held + sum(f.nbytes for f in synthetic_clip.frames[8:12]) + 1
     before = (len(stream.frames), stream.nbytes, len(stream.step_masks))
-    with pytest.raises(StreamError) as e:
+    with pytest.raises(RateLimited) as e:
         stream.add_frames(list(synthetic_clip.frames[8:12]))
-    assert e.value.status == 429 and (len(stream.frames), stream.nbytes, len(stream.step_masks)) == before
+    assert http_status(e.value) == 429 and (len(stream.frames), stream.nbytes, len(stream.step_masks)) == before
     assert queue.pending == 0
     stream.release()
-    assert stream._bytes is None
+    assert stream.store.account is None
 
 
 def test_a_tower_that_does_not_load_is_a_400_at_once_afterwards(monkeypatch):

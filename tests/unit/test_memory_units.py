@@ -6,20 +6,61 @@ import torch
 
 from vllm_plugin.core import DTDConfig
 from vllm_plugin.entrypoints.options import GIVEN_MASK, GIVEN_TIMES
-from vllm_plugin.streams.memory import MemoryPolicy, PolicyError, select_anchor
-from vllm_plugin.streams.session import Limits, StreamError, StreamManager, StreamSettings
+from vllm_plugin.errors import InvalidOption, RateLimited, StreamFull, TooLarge
+from vllm_plugin.streams.memory import Budget, MemorySettings, RecentKeyframesPolicy, RecentPolicy, item_cost
+from vllm_plugin.streams.session import Limits, StreamManager, StreamSettings
 
 TPS = 2
 
 
+def _memory(**given):
+    """Memory settings as an open request's ``memory`` object gives them."""
+    return MemorySettings.parse(given)
+
+
 def test_policy_is_validated_and_defaults_to_a_share_of_the_context():
-    p = MemoryPolicy()
+    p = MemorySettings()
     assert p.keep == "recent+keyframes" and p.budget(16384) == 12288 and p.budget(None) is None
-    assert MemoryPolicy(context_tokens=1000).budget(16384) == 1000 and MemoryPolicy(context_tokens=9000).budget(4096) == 4096
-    for bad in [dict(keep="all"), dict(context_tokens=10), dict(context_tokens=1.5), dict(max_keyframes=-1),
-                dict(keep_turns=1000), dict(anchor_fraction=1.0)]:
-        with pytest.raises(PolicyError):
-            MemoryPolicy(**bad)
+    assert p.as_dict() == {"keep": "recent+keyframes", "max_keyframes": 8, "context_tokens": None, "keep_turns": 2,
+                           "anchor_fraction": 0.5}
+    assert _memory(context_tokens=1000).budget(16384) == 1000 and _memory(context_tokens=9000).budget(4096) == 4096
+    assert _memory(keep="recent").as_dict() == {"keep": "recent", "context_tokens": None, "keep_turns": 2, "anchor_fraction": 0.5}
+    for bad, field in [(dict(keep="all"), "memory.keep"), (dict(keep=["recent"]), "memory.keep"),
+                       (dict(context_tokens=10), "memory.context_tokens"), (dict(context_tokens=1.5), "memory.context_tokens"),
+                       (dict(max_keyframes=-1), "memory.max_keyframes"), (dict(keep_turns=1000), "memory.keep_turns"),
+                       (dict(anchor_fraction=1.0), "memory.anchor_fraction"), (dict(frames=3), "memory.frames"),
+                       # an option of another policy is not one of this policy's
+                       (dict(keep="recent", max_keyframes=3), "memory.max_keyframes")]:
+        with pytest.raises(InvalidOption) as e:
+            _memory(**bad)
+        assert e.value.field == field and str(e.value).startswith(field), (bad, str(e.value))
+    with pytest.raises(InvalidOption, match=r"^keep_turns must be in \[0, 64\], got -1$"):
+        MemorySettings(keep_turns=-1)
+    with pytest.raises(InvalidOption, match="max_keyframes must be in"):
+        RecentKeyframesPolicy(max_keyframes=300)
+
+
+def test_the_open_requests_flat_fields_are_the_memory_objects_keys_and_errors_name_them_as_sent():
+    m = MemorySettings.from_request(None, context_tokens=1024, memory_keep="recent", keep_turns=1)
+    assert m.as_dict() == {"keep": "recent", "context_tokens": 1024, "keep_turns": 1, "anchor_fraction": 0.5}
+    assert MemorySettings.from_request({"keep": "recent", "context_tokens": 1024, "keep_turns": 1}).as_dict() == m.as_dict()
+    both = MemorySettings.from_request({"max_keyframes": 2}, context_tokens=2048)
+    assert (both.keep, both.policy.max_keyframes, both.context_tokens) == ("recent+keyframes", 2, 2048)
+    for memory, flat, field in [(None, {"memory_keep": "all"}, "memory_keep"), ({"keep": "all"}, {}, "memory.keep"),
+                                (None, {"max_keyframes": -1}, "max_keyframes"), ({"keep": "x"}, {"memory_keep": "recent"}, "memory.keep"),
+                                ("recent", {}, "memory"), ({"max_keyframes": -1}, {}, "memory.max_keyframes")]:
+        with pytest.raises(InvalidOption) as e:
+            MemorySettings.from_request(memory, **flat)
+        assert e.value.field == field and field in str(e.value), (memory, flat, str(e.value))
+    assert "memory_keep must be one of ['recent', 'recent+keyframes'" in str(
+        pytest.raises(InvalidOption, MemorySettings.from_request, None, memory_keep="all").value)
+
+
+def _select(policy, chunks, kept, target, keys=(), step_overhead=0.0):
+    """What ``policy`` selects after observing ``keys`` as scene changes (and the first step)."""
+    for s in keys:
+        policy.observe(s, kept[s], scene_change=s > 0)
+    return policy.select(chunks, Budget(target, item_cost(kept, TPS, 2, step_overhead), TPS))
 
 
 def test_spread_keeps_the_ends_and_thins_evenly():
@@ -36,105 +77,128 @@ def test_selection_keeps_the_latest_chunks_and_keyframes_within_the_target():
     chunks = [(a, a + 8) for a in range(0, 80, 8)]
     keys = [0, 3, 9, 13, 30]
     # recent only: the latest chunks while they fit (42 tokens each: 40 kept + 2)
-    a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(keep="recent"), target=130)
+    a = _select(RecentPolicy(), chunks, kept, 130, keys)
     assert a.ranges == chunks[-3:] and a.keyframes == [] and a.tokens == 126
     # with keyframes (12 tokens each): at most max_keyframes of those before the window, spread over them
     # (the stream's first step always among them); older chunks join while they and those keyframes fit
-    a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(max_keyframes=2), target=130)
+    a = _select(RecentKeyframesPolicy(max_keyframes=2), chunks, kept, 130, keys)
     assert a.keyframes == [0, 30] and a.ranges == [(0, 2), (60, 62), *chunks[-2:]] and a.tokens == 108
     # a keyframe the window reaches is served inside its chunk (30 is in chunk (56, 64))
-    a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(max_keyframes=3), target=200)
+    a = _select(RecentKeyframesPolicy(max_keyframes=3), chunks, kept, 200, keys)
     assert a.keyframes == [0, 9, 13] and a.ranges == [(0, 2), (18, 20), (26, 28), *chunks[-3:]] and a.tokens == 162
     # the latest chunk stays whatever the target; keyframes that do not fit are thinned (spread again)
-    a = select_anchor(chunks, kept, keys, TPS, MemoryPolicy(max_keyframes=8), target=60)
+    a = _select(RecentKeyframesPolicy(max_keyframes=8), chunks, kept, 60, keys)
     assert a.ranges == [(60, 62), chunks[-1]] and a.keyframes == [30]
-    assert select_anchor(chunks, kept, keys, TPS, MemoryPolicy(), target=1).ranges == [chunks[-1]]
+    assert _select(RecentKeyframesPolicy(), chunks, kept, 1, keys).ranges == [chunks[-1]]
+    # steps whose frames were freed are no keyframe any more
+    p = RecentKeyframesPolicy(max_keyframes=3)
+    _select(p, chunks, kept, 200, keys)
+    p.forget([9, 13, 14])
+    assert p.select(chunks, Budget(200, item_cost(kept, TPS), TPS)).keyframes == [0, 3]
+    # no cap: every chunk (the keyframes are inside the window); the item cap counts the keyframes too:
+    # the window stops, the keyframes are thinned
+    a = _select(RecentKeyframesPolicy(max_keyframes=3), chunks, kept, 10**6, keys)
+    assert a.keyframes == [] and a.ranges == chunks
+    p = RecentKeyframesPolicy(max_keyframes=3)
+    for k in keys:
+        p.observe(k, kept[k], scene_change=k > 0)
+    a = p.select(chunks, Budget(10**6, item_cost(kept, TPS), TPS, max_items=3))
+    assert a.ranges[-1] == chunks[-1] and len(a.ranges) == 3 and len(a.keyframes) == 2
     # Qwen3-VL's time text per step counts
-    a = select_anchor(chunks, kept, [], TPS, MemoryPolicy(keep="recent"), target=130, step_overhead=8)
+    a = _select(RecentPolicy(), chunks, kept, 130, step_overhead=8)
     assert a.ranges == chunks[-1:]
 
 
-def _long_stream(clip, loops: int, budget: int, policy: MemoryPolicy, append: int = 5, **limits):
+def _long_stream(clip, loops: int, budget: int, policy: MemorySettings, append: int = 5, **limits):
     """A stream driven as the service drives it (a chunk per append, re-anchor before the conversation
     passes ``budget``); yields (stream, anchor or None, frames sent so far) after every append."""
     frames = np.concatenate([clip.frames] * loops)
     s = StreamManager(Limits(**limits)).open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), event_level=0.5,
                                                              memory=policy))
+    conv = s.conversation
     context = 0
     for i in range(0, len(frames), append):
         s.add_frames(list(frames[i:i + append]))
-        steps = s.uncut_steps()
+        steps = conv.uncut_steps()
         anchor = None
         if len(steps):
-            incoming = s.chunk_tokens(steps.start * TPS, steps.stop * TPS) + 2
-            if s.chunks and (context + incoming > budget or s.memory_full()):
-                anchor = s.reanchor(int(policy.anchor_fraction * budget))
+            incoming = conv.chunk_tokens(steps.start * TPS, steps.stop * TPS) + 2
+            if conv.chunks and (context + incoming > budget or conv.full()):
+                anchor = conv.reanchor(int(policy.anchor_fraction * budget))
                 context = anchor.tokens
-            s.cut_chunk()
+            conv.cut_chunk()
             context += incoming
         yield s, anchor, frames[: i + append]
 
 
 def test_a_long_stream_reanchors_serves_exactly_its_selection_and_frees_the_rest(synthetic_clip):
-    policy = MemoryPolicy(max_keyframes=3)
+    policy = _memory(max_keyframes=3)
     anchors, peak_held, frame_bytes = 0, 0, synthetic_clip.frames[0].nbytes
     for s, anchor, sent in _long_stream(synthetic_clip, loops=8, budget=400, policy=policy):
-        items = s.video_items()
+        conv, store = s.conversation, s.store
+        items = conv.video_items()
         # every item is its frame range of the stream, as sent, with the masks and times decided on arrival
-        for (a, b), (pix, meta) in zip(s.chunks, items):
+        for (a, b), (pix, meta) in zip(conv.chunks, items):
             assert np.array_equal(pix, sent[a:b])
-            assert [int(m.sum()) for m in meta[GIVEN_MASK]] == s.kept_per_step[a // TPS:b // TPS]
+            assert [int(m.sum()) for m in meta[GIVEN_MASK]] == store.kept_per_step[a // TPS:b // TPS]
             assert meta[GIVEN_TIMES] == [pytest.approx((a + 2 * k + 0.5) / 2.0) for k in range((b - a) // TPS)]
         # no frame lost: what is not in an item is not cut yet, or was freed by a re-anchor
-        held = {i for a, b in s.chunks for i in range(a, b)} | set(range(s.next_frame, len(s.frames)))
-        assert {i for i, f in enumerate(s.frames) if f is not None} == held
-        assert s.held_frames == len(held) and s.nbytes == len(held) * frame_bytes
-        assert s.chunks == sorted(s.chunks) and all(b <= c for (_, b), (c, _) in zip(s.chunks, s.chunks[1:]))
+        held = {i for a, b in conv.chunks for i in range(a, b)} | set(range(conv.next_frame, len(store.frames)))
+        assert {i for i, f in enumerate(store.frames) if f is not None} == held
+        assert store.held_frames == len(held) and store.nbytes == len(held) * frame_bytes
+        assert conv.chunks == sorted(conv.chunks) and all(b <= c for (_, b), (c, _) in zip(conv.chunks, conv.chunks[1:]))
         if anchor is not None:
             anchors += 1
-            assert s.chunks[: len(anchor.ranges)] == anchor.ranges  # then the new chunk
+            assert conv.chunks[: len(anchor.ranges)] == anchor.ranges  # then the new chunk
             # keyframes: the stream's first step or steps whose kept fraction crossed event_level
             crossed = {e["step"] for e in s.events if e["type"] == "scene_change"} | {0}
-            assert set(anchor.keyframes) <= crossed and len(anchor.keyframes) <= policy.max_keyframes
-            assert sorted(a // TPS for a, _ in s.key_ranges) == anchor.keyframes
-            peak_held = max(peak_held, s.held_frames)
-    assert anchors >= 3 and s.reanchors == anchors and s.evicted_frames > len(s.frames) // 2
+            assert set(anchor.keyframes) <= crossed and len(anchor.keyframes) <= policy.policy.max_keyframes
+            assert conv.keyframes() == anchor.keyframes
+            # the policy's candidates are the crossings whose frames are still held
+            assert set(conv.policy.candidates) <= crossed
+            assert all(store.frames[k * TPS] is not None for k in conv.policy.candidates)
+            peak_held = max(peak_held, store.held_frames)
+    assert anchors >= 3 and conv.reanchors == anchors and store.evicted_frames > len(store.frames) // 2
     # memory follows the policy: what is held after the first re-anchors stays bounded
-    assert peak_held < 0.4 * len(s.frames)
-    assert sum(m is not None for m in s.step_masks) * TPS <= s.held_frames + TPS
+    assert peak_held < 0.4 * len(store.frames)
+    assert sum(m is not None for m in store.step_masks) * TPS <= store.held_frames + TPS
+    # each stream works on its own copy of the policy: the settings' one saw nothing
+    assert policy.policy.candidates == [] and conv.policy is not policy.policy
 
 
 def test_recent_policy_keeps_no_keyframes_and_frees_the_older_frames(synthetic_clip):
-    for s, anchor, _ in _long_stream(synthetic_clip, loops=4, budget=300, policy=MemoryPolicy(keep="recent")):
+    for s, anchor, _ in _long_stream(synthetic_clip, loops=4, budget=300, policy=_memory(keep="recent")):
         if anchor is not None:
-            assert anchor.keyframes == [] and s.key_ranges == set()
-            assert s.chunks[0][0] > 0  # the start of the stream is gone
-    assert s.reanchors >= 3
+            assert anchor.keyframes == [] and s.conversation.key_ranges == set()
+            assert s.conversation.chunks[0][0] > 0  # the start of the stream is gone
+    assert s.conversation.reanchors >= 3
 
 
 def test_held_frames_and_append_rate_are_the_limits_not_the_stream_age(synthetic_clip):
+    from vllm_plugin.streams.routes import http_status
+
     # 48 held frames at most: a stream of 8 loops (384 frames) runs because re-anchors free frames
-    for s, _, _ in _long_stream(synthetic_clip, loops=8, budget=300, policy=MemoryPolicy(), max_frames=48):
-        assert s.held_frames <= 48
+    for s, _, _ in _long_stream(synthetic_clip, loops=8, budget=300, policy=MemorySettings(), max_frames=48):
+        assert s.store.held_frames <= 48
     assert len(s.frames) == 8 * len(synthetic_clip.frames)
     # without re-anchors (lazy, no question) the same stream is refused, clearly; an eager one is told
     # to retry (its prefill frees frames as it catches up); an append of more than half the cap never fits
-    for prefill, status in [("lazy", 409), ("eager", 429)]:
+    for prefill, error, status in [("lazy", StreamFull, 409), ("eager", RateLimited, 429)]:
         t = StreamManager(Limits(max_frames=48)).open(StreamSettings(fps=2.0, prefill=prefill))
         t.add_frames(list(synthetic_clip.frames[:20]))
         t.add_frames(list(synthetic_clip.frames[20:40]))
-        with pytest.raises(StreamError, match="holds 40 frames and may hold 48") as e:
+        with pytest.raises(error, match="holds 40 frames and may hold 48") as e:
             t.add_frames(list(synthetic_clip.frames[40:48]) * 2)
-        assert e.value.status == status
-        with pytest.raises(StreamError, match="at most 24 frames per append") as e:
+        assert http_status(e.value) == status
+        with pytest.raises(TooLarge, match="at most 24 frames per append") as e:
             t.add_frames(list(synthetic_clip.frames[:25]))
-        assert e.value.status == 413
+        assert http_status(e.value) == 413
     r = StreamManager(Limits(max_appends_per_second=3)).open(StreamSettings(fps=2.0))
     for _ in range(3):
         r.admit_append()
-    with pytest.raises(StreamError, match="appends per second") as e:
+    with pytest.raises(RateLimited, match="appends per second") as e:
         r.admit_append()
-    assert e.value.status == 429
+    assert http_status(e.value) == 429
 
 
 def test_feature_streams_free_kept_encoder_outputs(synthetic_clip):
@@ -166,7 +230,7 @@ def test_feature_streams_free_kept_encoder_outputs(synthetic_clip):
         s.cut_chunk()
         s.video_items()
     before = s.nbytes
-    s.reanchor(target=200)
+    s.conversation.reanchor(target=200)
     assert s.nbytes < before and m.bytes.held == s.nbytes
     freed = [k for k, e in enumerate(s.step_embeds) if e is None]
     assert freed and all(s.step_masks[k] is None and s.step_first[k] is None for k in freed)
@@ -210,15 +274,17 @@ def test_soak_windows_summary_and_figure():
 def test_oldest_steps_not_in_a_chunk_are_dropped_to_bound_the_next_one(synthetic_clip):
     s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), event_level=0.5, prefill="lazy"))
     s.add_frames(list(synthetic_clip.frames))  # 24 steps; 64 kept at steps 0, 12, 16, 20
+    conv = s.conversation
+    assert conv.policy.candidates == [0, 12, 16, 20]
     before = s.nbytes
-    dropped = s.drop_uncut(max_tokens=100)
+    dropped = conv.drop_uncut(max_tokens=100)
     kept = s.kept_per_step
-    assert dropped % TPS == 0 and s.next_frame == dropped and sum(kept[dropped // TPS:]) <= 100
+    assert dropped % TPS == 0 and conv.next_frame == dropped and sum(kept[dropped // TPS:]) <= 100
     assert sum(kept[dropped // TPS - 1:]) > 100  # no more than needed
-    assert all(f is None for f in s.frames[:dropped]) and s.evicted_frames == dropped
+    assert all(f is None for f in s.frames[:dropped]) and s.store.evicted_frames == dropped
     assert s.nbytes == before - dropped * synthetic_clip.frames[0].nbytes
-    assert 0 not in s.keyframe_steps and s.cut_chunk() == (dropped, len(synthetic_clip.frames))
-    assert s.drop_uncut(0) == 0  # nothing uncut: nothing to drop
+    assert 0 not in conv.policy.candidates and s.cut_chunk() == (dropped, len(synthetic_clip.frames))
+    assert conv.drop_uncut(0) == 0  # nothing uncut: nothing to drop
 
 
 _ONEDNN_PROBE = r"""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DTD_ARCH, mm_processor
+from conftest import mm_processor
 
 PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what happens<|im_end|>\n"
 
@@ -26,9 +26,9 @@ def _process(processor, frames: np.ndarray, fps: float, **kwargs):
 def _model_positions(arch: str, processor, result) -> torch.Tensor:
     """The engine's M-RoPE positions of a processed prompt: the DTD model class's own rule, run on a
     stand-in that has only what the rule reads (the HF config)."""
-    from vllm_plugin.models import FAMILIES
+    from vllm_plugin.models.families import family_for_architecture
 
-    module, name = next(target for dtd, target in FAMILIES.values() if dtd == arch).split(":")
+    module, name = family_for_architecture(arch).model_class.split(":")
     cls = getattr(__import__(module, fromlist=[name]), name)
     view = types.SimpleNamespace(config=processor.info.get_hf_config())
     if hasattr(cls, "iter_mm_grid_thw"):  # Qwen2-VL / Qwen2.5-VL's rule reads the grids through it
@@ -47,7 +47,9 @@ def test_the_processors_position_bound_is_the_models_largest_position(family, th
     from analysis.harness.tiny_model import ensure_tiny_model
     from vllm_plugin.models.base import ITEM_EXTRA_POSITIONS
 
-    arch = {"qwen2_5_vl": DTD_ARCH, "qwen3_vl": "Qwen3VLDTDForConditionalGeneration"}[family]
+    from vllm_plugin.models.families import get_family
+
+    arch = get_family(family).dtd_architecture
     processor = mm_processor(ensure_tiny_model("test", family=family), arch)
     clip = synthetic_clip if family == "qwen2_5_vl" else qwen3_clip
     for frames, fps in [(clip.frames[:16], 2.0), (np.repeat(clip.frames[:1], 24, axis=0), 0.05)]:
@@ -113,25 +115,23 @@ def _service():
     from types import SimpleNamespace
 
     from vllm_plugin.streams.service import StreamService
+    from vllm_plugin.streams.session import StreamManager
 
-    proc = SimpleNamespace(_dtd_stream_t_factor=lambda fps: 2 / fps * 2,
-                           _dtd_position_span=lambda T, h, w, tf, text: text + max(int((T - 1) * tf), h - 1, w - 1) + 1)
-    svc = SimpleNamespace(server_dtd={}, max_model_len=16384, mm_processor=proc, position_room=131072 - 16384)
-    svc.check_text = types.MethodType(StreamService.check_text, svc)
-    return svc
+    engine = SimpleNamespace(server_dtd={}, max_model_len=16384, position_room=131072 - 16384,
+                             step_positions=lambda fps: 2 / fps * 2)
+    return StreamService(engine, StreamManager())
 
 
 def test_a_stream_fps_that_would_pass_the_table_is_refused_at_open():
     from vllm_plugin.streams.routes import OpenStreamRequest
-    from vllm_plugin.streams.service import StreamService
-    from vllm_plugin.streams.session import StreamError
+    from vllm_plugin.errors import InvalidOption
 
     svc = _service()
-    assert StreamService.settings(svc, OpenStreamRequest(fps=0.1)).fps == 0.1  # 40 positions per step: fine
-    with pytest.raises(StreamError, match="rotary table"):
-        StreamService.settings(svc, OpenStreamRequest(fps=1e-5))
-    with pytest.raises(StreamError, match="standing_question has"):
-        StreamService.settings(svc, OpenStreamRequest(standing_question="x" * (32 * 16384 + 1)))
+    assert svc.settings(OpenStreamRequest(fps=0.1)).fps == 0.1  # 40 positions per step: fine
+    with pytest.raises(InvalidOption, match="rotary table"):
+        svc.settings(OpenStreamRequest(fps=1e-5))
+    with pytest.raises(InvalidOption, match="standing_question has"):
+        svc.settings(OpenStreamRequest(standing_question="x" * (32 * 16384 + 1)))
 
 
 def test_the_encoder_queue_never_calls_the_tower_with_more_than_its_step_limit():
@@ -158,12 +158,12 @@ def test_the_encoder_queue_never_calls_the_tower_with_more_than_its_step_limit()
 
 
 def test_a_data_uri_without_a_comma_is_a_400():
-    from vllm_plugin.streams.routes import _b64
-    from vllm_plugin.streams.session import StreamError
+    from vllm_plugin.errors import InvalidRequest
+    from vllm_plugin.streams.routes import _b64, http_status
 
-    with pytest.raises(StreamError, match="comma") as e:
+    with pytest.raises(InvalidRequest, match="comma") as e:
         _b64("data:image/png;base64", 1024)
-    assert e.value.status == 400
+    assert http_status(e.value) == 400
 
 
 def test_a_video_over_the_per_item_token_cap_is_refused_with_dtd_on(dtd_processor, synthetic_clip, monkeypatch):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_stats, frame_tokens
-from vllm_plugin.streams.session import Geometry, Limits, StreamError, StreamManager, StreamSettings
+from vllm_plugin.errors import InvalidOption, InvalidRequest
+from vllm_plugin.streams.session import Geometry, Limits, StreamManager, StreamSettings
 
 
 def _settings(**kw):
@@ -18,7 +19,7 @@ def test_geometry_sizes_are_token_aligned_and_bounded():
         h, w = g.target_size(*hw)
         assert h % 28 == 0 and w % 28 == 0 and g.min_pixels <= h * w <= g.max_pixels
     assert g.target_size(224, 224) == (224, 224)
-    with pytest.raises(StreamError):
+    with pytest.raises(InvalidRequest, match="frame size 1000x1 is not usable"):
         g.target_size(1, 1000)
 
 
@@ -62,13 +63,14 @@ def test_chunks_carry_the_masks_decided_on_arrival_and_are_stable(synthetic_clip
     assert np.array_equal(s.frames[19], c.frames[19])
 
 
-def test_limits_from_the_environment_new_names_and_deprecated_old_ones(caplog):
+def test_limits_from_the_environment():
     assert Limits.from_env({"DTD_STREAM_MAX_STREAMS": "3"}).max_streams == 3
-    with caplog.at_level("WARNING", logger="vllm.dtd_plugin"):
-        assert Limits.from_env({"VLLM_DTD_STREAM_MAX_FRAMES": "64"}).max_frames == 64
-    assert "VLLM_DTD_STREAM_MAX_FRAMES is deprecated: use DTD_STREAM_MAX_FRAMES" in caplog.text
-    both = Limits.from_env({"DTD_STREAM_MAX_FRAMES": "10", "VLLM_DTD_STREAM_MAX_FRAMES": "64"})
-    assert both.max_frames == 10  # the new name wins
+    assert Limits.from_env({"DTD_STREAM_IDLE_SECONDS": "2.5"}).idle_seconds == 2.5
+    assert Limits.from_env({}) == Limits()
+    # release 0.1's VLLM_DTD_STREAM_* names are not read (never released; vLLM warns about unknown VLLM_*)
+    assert Limits.from_env({"VLLM_DTD_STREAM_MAX_FRAMES": "64"}).max_frames == Limits().max_frames
+    with pytest.raises(ValueError, match="DTD_STREAM_MAX_FRAMES must be an integer >= 1, got 'many'"):
+        Limits.from_env({"DTD_STREAM_MAX_FRAMES": "many"})
 
 
 def test_limits_are_shared_between_api_server_processes():
@@ -99,28 +101,39 @@ def test_append_reports_the_steps_it_completed(synthetic_clip):
 def test_dtd_disabled_streams_count_every_token(synthetic_clip):
     s = StreamManager().open(StreamSettings(fps=2.0, dtd=DTDConfig(enabled=False), event_level=0.5))
     out = s.add_frames(list(synthetic_clip.frames[:8]))
-    assert s.kept_per_step == [s.tokens_per_step] * 4
+    assert s.kept_per_step == [s.store.tokens_per_step] * 4
     assert out["events"] == []  # nothing is dropped, so the kept fraction signals nothing
 
 
-def test_server_default_last_kept_does_not_break_streams():
+def _engine(**facts):
+    """The facts of a served model a StreamService reads to open streams (no engine behind it)."""
     from types import SimpleNamespace
 
-    from vllm_plugin.streams.routes import OpenStreamRequest
+    return SimpleNamespace(**{"server_dtd": {}, "max_model_len": 4096, "position_room": 12288,
+                              "step_positions": lambda fps: 4 / fps, **facts})
+
+
+def test_every_reference_serves_streams_and_the_server_default_applies():
+    from vllm_plugin.core import reference_names
+    from vllm_plugin.streams.routes import OpenStreamRequest, http_status
     from vllm_plugin.streams.service import StreamService
 
-    svc = SimpleNamespace(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1}, max_model_len=4096,
-                          mm_processor=SimpleNamespace(_dtd_stream_t_factor=lambda fps: 4 / fps), position_room=12288,
-                          check_text=lambda text, what: None)
-    settings = StreamService.settings(svc, OpenStreamRequest())
-    assert settings.dtd.reference == "previous" and settings.dtd.threshold == 0.1
-    with pytest.raises(StreamError, match="dtd_reference"):  # asked for explicitly: still a clear 400
-        StreamService.settings(svc, OpenStreamRequest(dtd_reference="last_kept"))
+    svc = StreamService(_engine(server_dtd={"dtd_reference": "last_kept", "dtd_threshold": 0.1}), StreamManager())
+    settings = svc.settings(OpenStreamRequest())
+    assert settings.dtd.reference == "last_kept" and settings.dtd.threshold == 0.1
+    for name in reference_names():
+        assert svc.settings(OpenStreamRequest(dtd_reference=name)).dtd.reference == name
+    assert svc.settings(OpenStreamRequest(dtd_drop_ratio=0.5)).dtd.drop_ratio == 0.5
+    with pytest.raises(InvalidOption, match="dtd_reference") as e:
+        svc.settings(OpenStreamRequest(dtd_reference="nearest"))
+    assert e.value.field == "dtd_reference" and http_status(e.value) == 400
+    with pytest.raises(InvalidOption) as e:
+        svc.settings(OpenStreamRequest(dtd_threshold="high"))
+    assert e.value.field == "dtd_threshold" and http_status(e.value) == 400
 
 
 def test_idle_streams_are_reaped_on_a_timer():
     import asyncio
-    from types import SimpleNamespace
 
     from vllm_plugin.streams.service import StreamService
 
@@ -128,7 +141,7 @@ def test_idle_streams_are_reaped_on_a_timer():
     s = m.open(_settings())
 
     async def run():
-        task = asyncio.create_task(StreamService.reap(SimpleNamespace(manager=m), 0.05))
+        task = asyncio.create_task(StreamService(_engine(), m).reap(0.05))
         await asyncio.sleep(0.4)
         task.cancel()
 

@@ -2,8 +2,9 @@
 through ONE background worker that batches them into single vision-tower calls.
 
 The queue is bounded in temporal steps (``Limits.max_pending_encode_steps``): an append whose steps
-do not fit is refused with 429 and a retry hint before anything of it is kept, so a stream that
-sends faster than the tower encodes costs a retry, never unbounded memory. No vLLM import.
+do not fit is refused (:class:`vllm_plugin.errors.RateLimited`, a 429) with a retry hint before
+anything of it is kept, so a stream that sends faster than the tower encodes costs a retry, never
+unbounded memory. No vLLM import.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional, Callable
 
 import numpy as np
 
-from vllm_plugin.streams.session import StreamError
+from vllm_plugin.errors import RateLimited, TooLarge
 
 logger = logging.getLogger("vllm.dtd_plugin")
 
@@ -49,16 +50,16 @@ class EncodeQueue:
         self._worker.start()
 
     def reserve(self, steps: int) -> None:
-        """Take room for ``steps`` temporal steps or raise 429 (nothing reserved); 413 when they could
-        never fit."""
+        """Take room for ``steps`` temporal steps or raise :class:`RateLimited` (nothing reserved);
+        :class:`TooLarge` when they could never fit."""
         if steps > self.max_pending_steps:
-            raise StreamError(f"one append completes {steps} temporal steps; the vision encoder's queue holds at most "
-                              f"{self.max_pending_steps}: send fewer frames per append", 413)
+            raise TooLarge(f"one append completes {steps} temporal steps; the vision encoder's queue holds at most "
+                           f"{self.max_pending_steps}: send fewer frames per append")
         with self._cv:
             if self.pending + steps > self.max_pending_steps:
-                raise StreamError(
-                    f"the vision encoder is behind: {self.pending} temporal steps are waiting to be encoded and at most "
-                    f"{self.max_pending_steps} may; retry in {self.retry_after_s:g} s", 429)
+                raise RateLimited(
+                    f"the vision encoder is behind: {self.pending} temporal steps are waiting to be encoded "
+                    f"and at most {self.max_pending_steps} may; retry in {self.retry_after_s:g} s", self.retry_after_s)
             self.pending += steps
 
     def release(self, steps: int) -> None:
@@ -71,7 +72,7 @@ class EncodeQueue:
         per_step = len(frames) // max(1, steps)
         pieces = [(frames[a * per_step:(a + k) * per_step], k) for a in range(0, steps, self.max_batch_steps)
                   for k in [min(self.max_batch_steps, steps - a)]]
-        futures = [Future() for _ in pieces]
+        futures: list[Future] = [Future() for _ in pieces]
         with self._cv:  # a job is at most one tower call: an append of many steps is encoded in pieces
             self._jobs.extend((f, k, fut) for (f, k), fut in zip(pieces, futures))
             self._cv.notify()
@@ -84,7 +85,8 @@ class EncodeQueue:
             with self._cv:
                 while not self._jobs:
                     self._cv.wait()
-                batch, n = [], 0
+                batch: list[tuple[np.ndarray, int, Future]] = []
+                n = 0
                 while self._jobs and (not batch or n + self._jobs[0][1] <= self.max_batch_steps):
                     job = self._jobs.pop(0)
                     batch.append(job)

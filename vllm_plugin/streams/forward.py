@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from vllm_plugin import settings
 from vllm_plugin.streams.session import stream_owner
 
 logger = logging.getLogger("vllm.dtd_plugin")
@@ -46,7 +47,7 @@ def prepare_socket_dir(env=os.environ) -> None:
     """In the process that starts the API servers (the plugin's ``register()`` runs there before
     it spawns them): a fresh private directory (``mkdtemp``: unpredictable, mode 0700) whose path
     the API-server processes inherit."""
-    if env.get(SOCKET_DIR_ENV) is None:
+    if settings.get(SOCKET_DIR_ENV, env) is None:
         env[SOCKET_DIR_ENV] = path = tempfile.mkdtemp(prefix="vllm-dtd-streams-")
         # removed when this process ends (API servers are multiprocessing children: their atexit
         # handlers never run, so they do not clean up themselves)
@@ -57,7 +58,7 @@ def socket_dir(server_key: str) -> Path:
     """The private directory of this server's peer sockets: the inherited ``mkdtemp`` one, else
     one named after the process that started the API servers (``server_key``). Refuses a
     directory another user made or can enter."""
-    given = os.environ.get(SOCKET_DIR_ENV)
+    given = settings.get(SOCKET_DIR_ENV)
     d = Path(given) if given else Path(tempfile.gettempdir()) / f"vllm-dtd-streams-{os.getuid()}-{server_key}"
     d.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(d)
@@ -72,9 +73,10 @@ class Peers:
     def __init__(self, index: int, count: int, server_key: Optional[str] = None):
         self.index, self.count = index, count
         self.dir = socket_dir(server_key or str(os.getppid())) if count > 1 else None
-        if count <= 1 and os.environ.get(SOCKET_DIR_ENV):  # one process: nothing to share
+        given = settings.get(SOCKET_DIR_ENV)
+        if count <= 1 and given:  # one process: nothing to share
             with contextlib.suppress(OSError):
-                os.rmdir(os.environ[SOCKET_DIR_ENV])
+                os.rmdir(given)
         self._clients: dict[int, object] = {}
         self._server = None
 

@@ -5,7 +5,8 @@ Opt-in as vLLM requires: ``VLLM_PLUGINS=dtd,dtd_streams`` (``python -m vllm_plug
 
 * ``POST   /v1/streams``                         open a stream (fps, DTD settings, event level, standing question)
 * ``POST   /v1/streams/{id}/frames``             append frames (base64 images with timestamps, or a base64 video chunk)
-* ``POST   /v1/streams/{id}/chat/completions``   ask at the current point (OpenAI chat-completions shape, ``stream: true`` for SSE)
+* ``POST   /v1/streams/{id}/chat/completions``   ask at the current point (OpenAI chat-completions shape,
+  ``stream: true`` for SSE)
 * ``GET    /v1/streams/{id}/events?after=N``     scene-change events and proactive answers
 * ``GET    /v1/streams/{id}``                    status (frames, kept tokens per step, ...)
 * ``DELETE /v1/streams/{id}``                    close
@@ -13,6 +14,9 @@ Opt-in as vLLM requires: ``VLLM_PLUGINS=dtd,dtd_streams`` (``python -m vllm_plug
 Limits (env ``DTD_STREAM_<FIELD>`` for every field of :class:`vllm_plugin.streams.session.Limits`):
 a full stream or server, an upload too large or decoding to too many pixels gets a clear 4xx,
 never a crash. Several API-server processes: see :mod:`vllm_plugin.streams.forward`.
+
+This module is the only one that speaks HTTP: the service and the streams raise the plugin's own
+errors (:mod:`vllm_plugin.errors`) and :data:`HTTP_STATUS` gives each its status.
 """
 
 from __future__ import annotations
@@ -21,45 +25,78 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 from typing import Any, Optional
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from vllm.entrypoints.serve.utils.api_utils import load_aware_call, with_cancellation
 
+from vllm_plugin.core import DTDConfig
 from vllm_plugin.entrypoints import vllm_patches
-from vllm_plugin.streams.forward import FORWARDED, StreamForwarder
+from vllm_plugin.errors import (
+    DTDError, InvalidRequest, NotFound, RateLimited, StreamFull, TooLarge, TooManyStreams, Unavailable,
+)
 from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
-from vllm_plugin.streams.memory import CONTEXT_FRACTION
+from vllm_plugin.streams.forward import FORWARDED, StreamForwarder
+from vllm_plugin.streams.memory import CONTEXT_FRACTION, policy_names
 from vllm_plugin.streams.service import StreamService
-from vllm_plugin.streams.session import Stream, StreamError, StreamSettings
+from vllm_plugin.streams.session import Stream, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
 router = APIRouter(prefix="/v1/streams", tags=["DTD streams"])
 _DEFAULTS = StreamSettings()  # the one place stream defaults are defined
+_MEMORY = _DEFAULTS.memory.as_dict()
+
+# the HTTP status of each of the plugin's errors (a subclass takes its nearest listed base's)
+HTTP_STATUS: dict[type, int] = {
+    InvalidRequest: 400, NotFound: 404, StreamFull: 409, TooLarge: 413, RateLimited: 429, Unavailable: 503, DTDError: 400,
+}
+ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLargeError",
+               429: "TooManyRequestsError", 503: "ServiceUnavailableError"}
 
 
-class OpenStreamRequest(BaseModel):
+def http_status(error: BaseException) -> int:
+    """The status a route answers ``error`` with: :data:`HTTP_STATUS` for the plugin's errors, 400 for
+    any other ``ValueError`` (processing and validation in vLLM: too long a prompt, bad media), 500
+    otherwise."""
+    for cls in type(error).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 400 if isinstance(error, ValueError) else 500
+
+
+# the DTD options of an open request: DTDConfig's request options (dtd_enabled, dtd_threshold, dtd_metric,
+# dtd_reference, dtd_criterion, dtd_drop_ratio), as the chat API's mm_processor_kwargs; DTDConfig validates them
+DTDOptions = create_model(
+    "DTDOptions",
+    **{key: (Optional[Any], Field(None, description=f"{key}: as in mm_processor_kwargs (vllm_plugin.core.DTDConfig)"))
+       for key in DTDConfig.option_keys()},
+)
+
+
+class OpenStreamRequest(DTDOptions):  # type: ignore[misc,valid-type]  (a model pydantic builds)
     model: Optional[str] = None
     fps: float = Field(_DEFAULTS.fps, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)")
-    dtd_enabled: Optional[bool] = None
-    dtd_threshold: Optional[float] = None
-    dtd_metric: Optional[str] = None
-    dtd_reference: Optional[str] = None
-    dtd_criterion: Optional[str] = Field(None, description="'pixel' or 'feature' (the vision tower's outputs, encoded as frames arrive)")
     prefill: str = Field(_DEFAULTS.prefill, description="'eager': frames enter the KV cache as they arrive, a question "
                          "prefills only its own text; 'lazy': the frames since the last question are prefilled with the next")
     event_level: float = Field(_DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change")
     standing_question: Optional[str] = Field(None, description="asked automatically at every scene change")
     answer_max_tokens: int = Field(_DEFAULTS.answer_max_tokens, ge=1, le=4096)
-    context_tokens: Optional[int] = Field(None, description="the conversation's budget in tokens; reaching it re-anchors "
-                                          f"the stream (default: {CONTEXT_FRACTION:g} of the server's max model length)")
-    memory_keep: Optional[str] = Field(None, description="what a re-anchor keeps: 'recent' (the latest chunks) or "
-                                       f"'recent+keyframes' (plus scene-change steps); default {_DEFAULTS.memory.keep!r}")
-    max_keyframes: Optional[int] = Field(None, description=f"keyframes a re-anchor keeps at most (default {_DEFAULTS.memory.max_keyframes})")
-    keep_turns: Optional[int] = Field(None, description="past questions and answers a re-anchor keeps, as text "
-                                      f"(default {_DEFAULTS.memory.keep_turns})")
+    memory: Optional[dict[str, Any]] = Field(None, description="the memory policy: 'keep' (the policy: "
+                                             f"{', '.join(repr(n) for n in policy_names())}; default {_MEMORY['keep']!r}), "
+                                             "its own options (recent+keyframes: 'max_keyframes'), and 'context_tokens', "
+                                             "'keep_turns', 'anchor_fraction'; each validated by its owner")
+    context_tokens: Optional[int] = Field(None, description="memory.context_tokens: the conversation's budget in tokens; "
+                                          f"reaching it re-anchors the stream (default: {CONTEXT_FRACTION:g} of the "
+                                          "server's max model length)")
+    memory_keep: Optional[str] = Field(None, description="memory.keep: what a re-anchor keeps: 'recent' (the latest "
+                                       f"chunks) or 'recent+keyframes' (plus scene-change steps); default {_MEMORY['keep']!r}")
+    max_keyframes: Optional[int] = Field(None, description="memory.max_keyframes: keyframes a re-anchor keeps at most "
+                                         f"(default {_MEMORY['max_keyframes']})")
+    keep_turns: Optional[int] = Field(None, description="memory.keep_turns: past questions and answers a re-anchor keeps, "
+                                      f"as text (default {_MEMORY['keep_turns']})")
 
 
 class FrameIn(BaseModel):
@@ -87,25 +124,23 @@ class StreamChatRequest(BaseModel):
                            "questions, as benchmarks ask them)")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    kind = {404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLargeError", 429: "TooManyRequestsError",
-            503: "ServiceUnavailableError"}
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse({"error": {"message": message, "type": kind.get(status, "BadRequestError"), "code": status}},
+def _error(status: int, message: str, retry_after_s: float = 1.0) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
+    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"), "code": status}},
                         status_code=status, headers=headers)
 
 
-def _b64(data: str, limit: int) -> bytes:
+def _b64(data: str, limit: int, field: Optional[str] = None) -> bytes:
     if len(data) > limit * 4 // 3 + 8:
-        raise StreamError(f"upload larger than {limit} bytes", 413)
+        raise TooLarge(f"upload larger than {limit} bytes")
+    if data.startswith("data:"):
+        if "," not in data:
+            raise InvalidRequest("a data: URI needs a comma before its base64 payload", field)
+        data = data.split(",", 1)[1]
     try:
-        if data.startswith("data:"):
-            if "," not in data:
-                raise StreamError("a data: URI needs a comma before its base64 payload")
-            data = data.split(",", 1)[1]
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise StreamError("not valid base64") from None
+        raise InvalidRequest("not valid base64", field) from None
 
 
 def _question(messages: list[dict[str, Any]]) -> str:
@@ -118,48 +153,52 @@ def _question(messages: list[dict[str, Any]]) -> str:
                 texts = [p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"]
                 if len(texts) == len(c):
                     return "".join(texts)
-            raise StreamError("stream questions are text; the video comes from the stream's frames")
-    raise StreamError("messages must contain a user message")
+            raise InvalidRequest("stream questions are text; the video comes from the stream's frames", "messages")
+    raise InvalidRequest("messages must contain a user message", "messages")
 
 
 def _service(request: Request) -> StreamService:
     svc = getattr(request.app.state, "dtd_streams", None)
     if svc is None:
-        raise StreamError("stream routes are not initialized", 503)
+        raise Unavailable("stream routes are not initialized")
     return svc
 
 
 def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest):
     lim = svc.manager.limits
     if (body.frames is None) == (body.video is None):
-        raise StreamError("give either frames or video")
+        raise InvalidRequest("give either frames or video")
     if body.frames is not None:
         if not body.frames:
-            raise StreamError("frames is empty")
+            raise InvalidRequest("frames is empty", "frames")
         if len(body.frames) > lim.max_frames_per_append:
-            raise StreamError(f"at most {lim.max_frames_per_append} frames per append", 413)
+            raise TooLarge(f"at most {lim.max_frames_per_append} frames per append")
         frames, stamps, budget = [], [], lim.max_upload_bytes
         for i, f in enumerate(body.frames):
-            raw = _b64(f.image, budget)
+            raw = _b64(f.image, budget, f"frames[{i}]")
             budget -= len(raw)
             try:  # one full-size frame in memory at a time
                 frames.append(stream.fit(decode_image(raw, max_pixels=lim.max_frame_pixels)))
+            except DTDError:  # the stream's own answer (a frame size it cannot use)
+                raise
             except MediaTooLarge as e:
-                raise StreamError(f"frames[{i}]: {e}", 413) from None
+                raise TooLarge(f"frames[{i}]: {e}") from None
             except ValueError as e:
-                raise StreamError(f"frames[{i}]: {e}") from None
+                raise InvalidRequest(f"frames[{i}]: {e}", f"frames[{i}]") from None
             stamps.append(f.timestamp)
         if any(t is None for t in stamps) and not all(t is None for t in stamps):
-            raise StreamError("give a timestamp for every frame or for none")
+            raise InvalidRequest("give a timestamp for every frame or for none", "frames")
         return frames, (None if stamps[0] is None else stamps)
-    raw = _b64(body.video, lim.max_upload_bytes)
+    raw = _b64(body.video or "", lim.max_upload_bytes, "video")  # (given: frames were not)
     try:
         frames, times = decode_video_upload(raw, stream.settings.fps, stream.fit, lim.max_frames_per_append,
                                             lim.max_frame_pixels, lim.max_decoded_pixels)
+    except DTDError:
+        raise
     except MediaTooLarge as e:
-        raise StreamError(f"video: {e}", 413) from None
+        raise TooLarge(f"video: {e}") from None
     except (VideoDecodeError, ValueError) as e:
-        raise StreamError(f"video: {e}") from None
+        raise InvalidRequest(f"video: {e}", "video") from None
     if body.start_time is None:
         return frames, None
     return frames, [body.start_time + float(t) for t in times]
@@ -168,8 +207,8 @@ def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest
 async def _guard(coro):
     try:
         return await coro
-    except StreamError as e:
-        return _error(e.status, str(e))
+    except DTDError as e:
+        return _error(http_status(e), str(e), getattr(e, "retry_after_s", 1.0))
     except ValueError as e:  # processing / validation in vLLM (too long a prompt, bad media, ...)
         return _error(400, str(e))
 
@@ -184,12 +223,12 @@ async def open_stream(body: OpenStreamRequest, request: Request):
             await asyncio.to_thread(svc.encoder)  # the vision tower loads once, off the event loop
         try:
             stream = svc.open(settings)
-        except StreamError as e:  # this process holds its share of streams: another may have room
-            if e.status != 429 or request.headers.get(FORWARDED.decode()) is not None:
+        except TooManyStreams:  # this process holds its share of streams: another may have room
+            if svc.peers is None or request.headers.get(FORWARDED.decode()) is not None:
                 raise
             moved = await svc.peers.open_elsewhere(request.headers, await request.body())
             if moved is None:
-                raise StreamError(f"too many open streams (at most {svc.manager.limits.max_streams * svc.peers.count})", 429) from None
+                raise TooManyStreams(f"too many open streams (at most {svc.manager.limits.max_streams * svc.peers.count})") from None
             return JSONResponse(moved.json(), status_code=moved.status_code)
         return JSONResponse(svc.status(stream))
     return await _guard(run())
@@ -199,23 +238,10 @@ async def open_stream(body: OpenStreamRequest, request: Request):
 async def append_frames(stream_id: str, body: AppendFramesRequest, request: Request):
     async def run():
         svc = _service(request)
-        stream = svc.manager.get(stream_id)
+        stream = svc.get(stream_id)
         stream.admit_append()
         frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
-        try:
-            added = await asyncio.to_thread(stream.add_frames, frames, stamps)
-        except StreamError as e:
-            if e.status == 429:  # held frames: free what a re-anchor can, the retry then fits
-                svc.relieve(stream)
-            raise
-        svc.after_append(stream)
-        events = added["events"]
-        if events and stream.settings.standing_question:
-            task = asyncio.get_running_loop().create_task(svc.proactive(stream, events))
-            svc.tasks.add(task)  # keep a reference until done
-            task.add_done_callback(svc.tasks.discard)
-        return JSONResponse({"frames": len(stream.frames), "steps": stream.steps, "events": events,
-                             "kept_per_step": added["kept_per_step"]})
+        return JSONResponse(await svc.append(stream, frames, stamps))
     return await _guard(run())
 
 
@@ -228,7 +254,7 @@ async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
     async def run():
         svc = _service(request)
         svc.check_model(body.model)
-        stream = svc.manager.get(stream_id)
+        stream = svc.get(stream_id)
         question = _question(body.messages)
         if not body.stream:
             return JSONResponse(await svc.answer(stream, question, body.max_tokens, body.temperature, body.return_token_ids,
@@ -241,9 +267,8 @@ async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
 @router.get("/{stream_id}/events", summary="Scene-change events and proactive answers")
 async def events(stream_id: str, request: Request, after: int = -1):
     async def run():
-        stream = _service(request).manager.get(stream_id)
-        new = [e for e in stream.events if e["index"] > after]
-        return JSONResponse({"events": new, "next": stream.events[-1]["index"] if stream.events else -1})
+        stream = _service(request).get(stream_id)
+        return JSONResponse({"events": stream.events.after(after), "next": stream.events.last_index})
     return await _guard(run())
 
 
@@ -251,14 +276,14 @@ async def events(stream_id: str, request: Request, after: int = -1):
 async def status(stream_id: str, request: Request):
     async def run():
         svc = _service(request)
-        return JSONResponse(svc.status(svc.manager.get(stream_id)))
+        return JSONResponse(svc.status(svc.get(stream_id)))
     return await _guard(run())
 
 
 @router.delete("/{stream_id}", summary="Close a stream")
 async def close(stream_id: str, request: Request):
     async def run():
-        await asyncio.to_thread(_service(request).manager.close, stream_id)  # may wait for an append's lock
+        await _service(request).close(stream_id)
         return JSONResponse({"id": stream_id, "closed": True})
     return await _guard(run())
 
@@ -276,10 +301,11 @@ class DTDStreamPlugin:
         self.app = app
 
     async def init_state(self, engine_client, state, args) -> None:
-        svc = state.dtd_streams = StreamService(engine_client, args)
-        if svc.server_dtd.get("dtd_criterion") == "feature" and svc.server_dtd.get("dtd_enabled", True):
+        svc = state.dtd_streams = StreamService.from_vllm(engine_client, args)
+        server_dtd = svc.engine.server_dtd
+        if server_dtd.get("dtd_criterion") == "feature" and server_dtd.get("dtd_enabled", True):
             await asyncio.to_thread(svc.encoder)  # the server's default criterion: load the tower at start
-        if svc.peers.count > 1:
+        if svc.peers is not None and svc.peers.count > 1:
             await svc.peers.serve(self.app)
         task = asyncio.get_running_loop().create_task(svc.reap(min(30.0, max(0.05, svc.manager.limits.idle_seconds / 4))))
         svc.tasks.add(task)

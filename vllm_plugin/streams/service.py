@@ -1,10 +1,13 @@
 """The stream service of one API-server process: streams, their conversations, and the engine.
 
-It reuses vLLM's own request path wherever there is one: the served tokenizer and multimodal
-processor come from the engine client's renderer (so ``--tokenizer``, ``--revision``,
-``--trust-remote-code`` and ``--mm-processor-kwargs`` apply as for ``/v1/chat/completions``), the
-chat template is the one vLLM resolves (``--chat-template``, the processor's, the tokenizer's), and a
-question is one ``engine_client.generate`` call with token ids and video items.
+:class:`StreamService` is built from injected parts: an :class:`Engine` (what it needs of the
+server) and a :class:`StreamManager` (the streams), so a unit test builds one with a fake engine.
+:class:`VLLMEngine` is the engine of a vLLM server; it reuses vLLM's own request path wherever there
+is one: the served tokenizer and multimodal processor come from the engine client's renderer (so
+``--tokenizer``, ``--revision``, ``--trust-remote-code`` and ``--mm-processor-kwargs`` apply as for
+``/v1/chat/completions``), the chat template is the one vLLM resolves (``--chat-template``, the
+processor's, the tokenizer's), and a question is one ``engine_client.generate`` call with token ids
+and video items. Errors are the plugin's own (:mod:`vllm_plugin.errors`).
 """
 
 from __future__ import annotations
@@ -12,21 +15,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 import uuid
 import zlib
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, cast
 
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.errors import InvalidOption, InvalidRequest, ModelNotFound, RateLimited, Unavailable
 from vllm_plugin.models import vision
 from vllm_plugin.streams import openai_format
 from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
 from vllm_plugin.streams.forward import Peers
-from vllm_plugin.streams.memory import MemoryPolicy, PolicyError
+from vllm_plugin.streams.memory import MemorySettings
 from vllm_plugin.streams.prompt import ChatPrompt
-from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamError, StreamManager, StreamSettings
+from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamManager, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
 MAX_CHARS_PER_TOKEN = 32  # a text longer than the context's tokens × this is refused before tokenizing
@@ -59,8 +62,9 @@ def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
     """The chat template vLLM's chat endpoint uses for this server (checked vLLM 0.32 functions)."""
     from vllm.renderers import chat_utils, hf
 
-    load = vllm_patches.require(chat_utils, "load_chat_template", ["chat_template", "is_literal"])
-    resolve = vllm_patches.require(hf, "resolve_chat_template", ["tokenizer", "chat_template", "tools", "model_config"])
+    load = cast(Callable[..., Any], vllm_patches.require(chat_utils, "load_chat_template", ["chat_template", "is_literal"]))
+    resolve = cast(Callable[..., Optional[str]],
+                   vllm_patches.require(hf, "resolve_chat_template", ["tokenizer", "chat_template", "tools", "model_config"]))
     return resolve(tokenizer, load(getattr(args, "chat_template", None)), None, model_config=engine_client.model_config)
 
 
@@ -88,15 +92,56 @@ def processor_sizer(processor, patch_size: int, temporal_patch_size: int, max_si
     return size
 
 
-class StreamService:
+class Engine(Protocol):
+    """What a :class:`StreamService` needs of the server: the served model's facts, its tokenizer and
+    chat template, the family's position rules, and the calls into the engine. :class:`VLLMEngine`
+    is vLLM's; a unit test gives a fake one."""
+
+    served_names: list[str]
+    max_model_len: Optional[int]
+    server_dtd: dict  # the server's dtd_* defaults (its --mm-processor-kwargs)
+    tokenizer: Any  # encode, apply_chat_template
+    chat_template: Optional[str]
+    video_pad: int  # the token id of a video placeholder in a served prompt
+    prefix_caching: bool
+    dp_ranks: int  # data-parallel engines this server reaches
+    position_room: int  # positions the rotary table holds beyond the context
+
+    def step_positions(self, fps: float) -> float:
+        """Temporal M-RoPE positions one temporal step of a video item at ``fps`` advances."""
+        ...
+
+    def item_positions(self, steps: int, h: int, w: int, fps: float) -> int:
+        """Positions a video item of ``steps`` × ``h`` × ``w`` merged tokens at ``fps`` spans, whatever
+        DTD keeps (the family's rule)."""
+        ...
+
+    def sampling_params(self, max_tokens: int, temperature: float = 0.0, ignore_eos: bool = False) -> Any:
+        ...
+
+    def generate(self, prompt: dict, params: Any, request_id: str, data_parallel_rank: Optional[int] = None) -> AsyncIterator[Any]:
+        """The request's outputs (vLLM ``RequestOutput``\\ s), as ``EngineClient.generate``."""
+        ...
+
+    def encoder(self, max_pending_steps: int) -> EncodeQueue:
+        """A queue feeding the family's vision tower (feature criterion); :class:`InvalidOption`
+        naming ``dtd_criterion`` when no tower can run here."""
+        ...
+
+
+class VLLMEngine:
+    """The :class:`Engine` of a vLLM server: its engine client, renderer and arguments; also this
+    API-server process's place among the server's (``api_process_index`` of ``api_process_count``)
+    and the stream geometry the served processor gives."""
+
     def __init__(self, engine_client, args):
-        self.engine = engine_client
-        self.tasks: set = set()
+        from vllm_plugin.models import DTD_ARCHITECTURES
+        from vllm_plugin.models.base import rope_positions
+
+        self.client = engine_client
         self.max_model_len = getattr(getattr(engine_client, "model_config", None), "max_model_len", None)
         names = getattr(args, "served_model_name", None) or [args.model]
         self.served_names = [names] if isinstance(names, str) else list(names)
-        from vllm_plugin.models import DTD_ARCHITECTURES
-
         archs = list(getattr(engine_client.model_config, "architectures", None) or [])
         if not set(archs) & set(DTD_ARCHITECTURES.values()):
             raise RuntimeError(f"the DTD stream routes need a DTD architecture, the server runs {archs}: start it with "
@@ -105,40 +150,89 @@ class StreamService:
         renderer = engine_client.renderer
         self.tokenizer = renderer.get_tokenizer()
         self.chat_template = served_chat_template(engine_client, args, self.tokenizer)
-        mm_processor = renderer.get_mm_processor()
+        self.mm_processor = mm_processor = renderer.get_mm_processor()
         info = mm_processor.info
         hf_processor = info.get_hf_processor()
-        video_processor = getattr(hf_processor, "video_processor", None) or info.get_image_processor()
+        self.video_processor = vp = getattr(hf_processor, "video_processor", None) or info.get_image_processor()
         raw = getattr(args, "mm_processor_kwargs", None) or {}
         self.server_dtd, server_rest = split_dtd_kwargs(json.loads(raw) if isinstance(raw, str) else dict(raw))
         # API-server processes (vLLM sets both in each process it starts; one process: 1 and 0)
         pc = engine_client.vllm_config.parallel_config
         vllm_patches.require(type(pc), "_api_process_count")  # private in vLLM 0.32: checked, never guessed
         vllm_patches.require(type(pc), "_api_process_rank")
-        count = max(1, int(pc._api_process_count or 1))
-        index = max(0, int(pc._api_process_rank or 0))
-        limits = Limits.from_env(os.environ).per_process(count)
-        sizer = processor_sizer(mm_processor, int(video_processor.patch_size), int(video_processor.temporal_patch_size))
-        geometry = Geometry.from_video_processor(video_processor, server_rest, sizer=sizer)
-        self.manager = StreamManager(limits, geometry, owner=index)
-        self.peers = Peers(index, count)
-        # a forwarded append carries base64 (4/3 of the bytes) plus its JSON
-        self.max_body_bytes = limits.max_upload_bytes * 4 // 3 + 2**20
+        self.api_process_count = max(1, int(pc._api_process_count or 1))
+        self.api_process_index = max(0, int(pc._api_process_rank or 0))
+        sizer = processor_sizer(mm_processor, int(vp.patch_size), int(vp.temporal_patch_size))
+        self.geometry = Geometry.from_video_processor(vp, server_rest, sizer=sizer)
         # data parallelism: every request of a stream goes to one engine (its prefix cache is there)
         self.dp_ranks = int(pc.data_parallel_size_local if pc.local_engines_only else pc.data_parallel_size)
         self.video_pad = self.tokenizer.convert_tokens_to_ids(hf_processor.video_token)
-        # feature criterion: the family's vision tower in this process, fed by one batching queue
-        self.video_processor = video_processor
+        # feature criterion: the family's vision tower in this process
         self.tower_spec = getattr(mm_processor, "vision_tower", None)
-        self._encoder: Optional[EncodeQueue] = None
-        self._encoder_lock = threading.Lock()
         self.prefix_caching = bool(getattr(engine_client.vllm_config.cache_config, "enable_prefix_caching", True))
         # positions: what the conversation's video items may span beyond their tokens before a request would
         # pass the rotary table (the processor refuses those: DTDMultiModalProcessorMixin._dtd_check_positions)
-        from vllm_plugin.models.base import rope_positions
-
-        self.mm_processor = mm_processor
         self.position_room = rope_positions(info.get_hf_config()) - max(self.max_model_len or 0, 1)
+
+    def step_positions(self, fps: float) -> float:
+        return self.mm_processor._dtd_stream_t_factor(fps)
+
+    def item_positions(self, steps: int, h: int, w: int, fps: float) -> int:
+        return self.mm_processor._dtd_position_span(steps, h, w, self.step_positions(fps), 0)
+
+    def sampling_params(self, max_tokens: int, temperature: float = 0.0, ignore_eos: bool = False):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
+
+    def generate(self, prompt: dict, params, request_id: str, data_parallel_rank: Optional[int] = None):
+        return self.client.generate(prompt, params, request_id, data_parallel_rank=data_parallel_rank)
+
+    def encoder(self, max_pending_steps: int) -> EncodeQueue:
+        """Loads the vision tower on first use: call it off the event loop."""
+        try:
+            tower = vision.tower_for(self.tower_spec, self.client.model_config)
+        except vision.EncoderUnavailable as e:
+            raise InvalidOption("dtd_criterion", str(e)) from None
+        return EncodeQueue(processor_patchify(self.video_processor), tower.encode_many, max_pending_steps,
+                           max_batch_steps=tower.max_steps, decision_dim=tower.decision_dim)
+
+
+class StreamService:
+    """The streams of one API-server process, their conversations, and the engine.
+
+    Args:
+        engine: the :class:`Engine` (vLLM's: :meth:`from_vllm`).
+        manager: this process's streams (:class:`StreamManager`: limits, geometry, process index).
+        peers: the server's other API-server processes (:class:`Peers`; None: this one alone).
+    """
+
+    def __init__(self, engine: Engine, manager: StreamManager, peers: Optional[Peers] = None):
+        self.engine = engine
+        self.manager = manager
+        self.peers = peers
+        self.tasks: set = set()
+        # a forwarded append carries base64 (4/3 of the bytes) plus its JSON
+        self.max_body_bytes = manager.limits.max_upload_bytes * 4 // 3 + 2**20
+        self._encoder: Optional[EncodeQueue] = None  # feature criterion: one batching queue per process
+        self._encoder_lock = threading.Lock()
+
+    @classmethod
+    def from_vllm(cls, engine_client, args) -> "StreamService":
+        """The service of a vLLM API-server process (``init_state`` of the endpoint plugin)."""
+        engine = VLLMEngine(engine_client, args)
+        count = engine.api_process_count
+        limits = Limits.from_env().per_process(count)
+        manager = StreamManager(limits, engine.geometry, owner=engine.api_process_index)
+        return cls(engine, manager, Peers(engine.api_process_index, count))
+
+    @property
+    def max_model_len(self) -> Optional[int]:
+        return self.engine.max_model_len
+
+    @property
+    def served_names(self) -> list[str]:
+        return self.engine.served_names
 
     def chunk_extra_positions(self, stream: Stream, a: int, b: int, steps: Optional[int] = None) -> int:
         """Positions the item of frames ``[a, b)`` spans beyond its video tokens (the family's rule,
@@ -146,71 +240,96 @@ class StreamService:
         few of many steps, whose survivors keep their original positions."""
         tps, factor = stream.geometry.temporal_patch_size, stream.geometry.factor
         steps = (b - a) // tps if steps is None else steps
-        if not steps or stream.size is None:
+        size = stream.store.size
+        if not steps or size is None:
             return 0
-        h, w = stream.size[0] // factor, stream.size[1] // factor
-        span = self.mm_processor._dtd_position_span(steps, h, w, self.mm_processor._dtd_stream_t_factor(stream.settings.fps), 0)
-        return span - stream.chunk_tokens(a, b)
+        span = self.engine.item_positions(steps, size[0] // factor, size[1] // factor, stream.settings.fps)
+        return span - stream.conversation.chunk_tokens(a, b)
 
     def extra_positions(self, stream: Stream) -> int:
-        return sum(self.chunk_extra_positions(stream, a, b) for a, b in stream.chunks)
+        return sum(self.chunk_extra_positions(stream, a, b) for a, b in stream.conversation.chunks)
 
     def encoder(self) -> EncodeQueue:
         """This process's encode-on-arrival queue (loads the vision tower on first use: call it off the
-        event loop). Raises :class:`StreamError` 400 naming ``dtd_criterion`` when no tower can run."""
+        event loop). Raises :class:`InvalidOption` naming ``dtd_criterion`` when no tower can run."""
         with self._encoder_lock:
             if self._encoder is None:
-                try:
-                    tower = vision.tower_for(self.tower_spec, self.engine.model_config)
-                except vision.EncoderUnavailable as e:
-                    raise StreamError(str(e)) from None
-                self._encoder = EncodeQueue(processor_patchify(self.video_processor), tower.encode_many,
-                                            self.manager.limits.max_pending_encode_steps, max_batch_steps=tower.max_steps,
-                                            decision_dim=tower.decision_dim)
+                self._encoder = self.engine.encoder(self.manager.limits.max_pending_encode_steps)
             return self._encoder
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model not in self.served_names:
-            raise StreamError(f"model {model!r} is not served here (serving {self.served_names})", 404)
+            raise ModelNotFound(f"model {model!r} is not served here (serving {self.served_names})")
 
     def settings(self, req) -> StreamSettings:
+        """The settings of an open request (``OpenStreamRequest``): its ``dtd_*`` options over the
+        server's, its memory (the ``memory`` object and the flat fields), the rest."""
         mine = {k: v for k, v in req.model_dump().items() if k.startswith("dtd_") and v is not None}
-        defaults = dict(self.server_dtd)
-        if "dtd_reference" not in mine:  # streams compare with the previous step, whatever the server default
-            defaults["dtd_reference"] = "previous"
+        defaults = dict(self.engine.server_dtd)
         try:
             dtd = dtd_config_from_kwargs({**defaults, **mine})
-            given = {"context_tokens": req.context_tokens, "keep": req.memory_keep, "max_keyframes": req.max_keyframes,
-                     "keep_turns": req.keep_turns}
-            memory = MemoryPolicy(**{k: v for k, v in given.items() if v is not None})
-        except (ValueError, PolicyError) as e:
-            raise StreamError(str(e)) from None
+        except ValueError as e:  # vllm_plugin.core.DTDOptionError: the option is its field
+            raise InvalidOption(getattr(e, "field", None) or "dtd", str(e)) from None
+        memory = MemorySettings.from_request(req.memory, context_tokens=req.context_tokens, memory_keep=req.memory_keep,
+                                             max_keyframes=req.max_keyframes, keep_turns=req.keep_turns)
         if self.max_model_len and memory.context_tokens and memory.context_tokens > self.max_model_len:
-            raise StreamError(f"context_tokens {memory.context_tokens} is more than the model's context ({self.max_model_len})")
+            name = "context_tokens" if req.context_tokens is not None else "memory.context_tokens"
+            raise InvalidOption(name, f"{name} {memory.context_tokens} is more than the model's context ({self.max_model_len})")
         if req.standing_question is not None:
             self.check_text(req.standing_question, "standing_question")
-        step = self.mm_processor._dtd_stream_t_factor(req.fps) if isinstance(req.fps, (int, float)) and req.fps > 0 else 0.0
-        if step * MIN_CHUNK_STEPS > self.position_room / 2:
-            raise StreamError(f"fps {req.fps:g} is too low for this model: each temporal step advances the video's M-RoPE "
-                              f"time index by {step:g} positions, and the rotary table leaves room for {self.position_room} "
-                              f"beyond the context; use fps >= {self.mm_processor._dtd_stream_t_factor(1.0) * MIN_CHUNK_STEPS * 2 / self.position_room:.3g}")
+        positions = self.engine.step_positions
+        step = positions(req.fps) if isinstance(req.fps, (int, float)) and req.fps > 0 else 0.0
+        room = self.engine.position_room
+        if step * MIN_CHUNK_STEPS > room / 2:
+            raise InvalidOption("fps", f"fps {req.fps:g} is too low for this model: each temporal step advances the video's "
+                                f"M-RoPE time index by {step:g} positions, and the rotary table leaves room for {room} "
+                                f"beyond the context; use fps >= {positions(1.0) * MIN_CHUNK_STEPS * 2 / room:.3g}")
         return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level, prefill=req.prefill,
                               standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens,
                               memory=memory)
 
     def open(self, settings: StreamSettings) -> Stream:
         """Open a stream (feature criterion: call :meth:`encoder` first, off the event loop)."""
-        conversation = ChatPrompt(self.tokenizer, self.chat_template)  # a template that cannot serve fails before a slot is taken
+        prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template)  # a template that cannot serve fails before a slot is taken
         feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
         stream = self.manager.open(settings, encoder=self.encoder() if feature else None)
-        if settings.prefill == "eager" and not self.prefix_caching:
+        if settings.prefill == "eager" and not self.engine.prefix_caching:
             stream.eager_stopped = "prefix caching is off on this server: eager prefill would be recomputed at every question"
-        stream.conversation = conversation
+        stream.conversation.restart(prompt, 0)
         return stream
+
+    def get(self, stream_id: str) -> Stream:
+        return self.manager.get(stream_id)
+
+    async def append(self, stream: Stream, frames: list, timestamps: Optional[list[float]] = None) -> dict:
+        """Append decoded frames (off the event loop); starts the eager prefill and the proactive
+        answers they call for. An append refused because the stream holds too many frames first
+        starts a re-anchor (:meth:`relieve`), so that the client's retry fits."""
+        try:
+            added = await asyncio.to_thread(stream.add_frames, frames, timestamps)
+        except RateLimited:
+            self.relieve(stream)
+            raise
+        self.after_append(stream)
+        events = added["events"]
+        if events and stream.settings.standing_question:
+            self._spawn(self.proactive(stream, events))
+        return {"frames": len(stream.store.frames), "steps": stream.store.steps, "events": events,
+                "kept_per_step": added["kept_per_step"]}
+
+    async def close(self, stream_id: str) -> None:
+        await asyncio.to_thread(self.manager.close, stream_id)  # may wait for an append's lock
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)  # a reference until done
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def dp_rank(self, stream: Stream) -> Optional[int]:
         """The engine of a stream under data parallelism: crc32(id) mod the ranks this server reaches."""
-        return zlib.crc32(stream.id.encode()) % self.dp_ranks if self.dp_ranks > 1 else None
+        ranks = self.engine.dp_ranks
+        return zlib.crc32(stream.id.encode()) % ranks if ranks > 1 else None
 
     def status(self, stream: Stream) -> dict:
         return {**stream.status(), "context_budget": self.budget(stream), "api_server": self.manager.owner,
@@ -228,16 +347,14 @@ class StreamService:
         """The processor options of a stream's requests: its DTD settings, and ``do_resize: false``:
         its frames are already at the size the processor gives one temporal step, and a family whose
         budget covers all frames of a video (Qwen3-VL) would otherwise resize each chunk by its length."""
-        c = stream.settings.dtd
-        return {"dtd_enabled": c.enabled, "dtd_threshold": c.threshold, "dtd_metric": c.metric, "dtd_reference": c.reference,
-                "dtd_criterion": c.criterion, "do_resize": False}
+        return {**stream.settings.dtd.to_kwargs(), "do_resize": False}
 
     def _prompt(self, stream: Stream, prompt_ids: list[int]) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids, "mm_processor_kwargs": self.dtd_kwargs(stream)}
-        items = stream.video_items()  # the stream's chunk lock: never held while encoding
+        items = stream.conversation.video_items()  # the conversation's lock: never held while encoding
         if items:
             prompt["multi_modal_data"] = {"video": items}
-            prompt["multi_modal_uuids"] = {"video": stream.item_uuids()}
+            prompt["multi_modal_uuids"] = {"video": stream.conversation.item_uuids()}
         return prompt
 
     def budget(self, stream: Stream) -> Optional[int]:
@@ -248,73 +365,80 @@ class StreamService:
         if chunk is None:
             return 0
         a, b = chunk
+        conv = stream.conversation
         steps = (b - a) // stream.geometry.temporal_patch_size
-        return stream.chunk_tokens(a, b) + 2 + int(stream.step_overhead * steps)
+        return conv.chunk_tokens(a, b) + 2 + int(conv.step_overhead * steps)
+
+    def _dropped(self, stream: Stream, frames: int, message: str) -> None:
+        stream.events.add({"type": "dropped", "time": stream.store.timestamps[stream.conversation.next_frame - 1],
+                           "frames": frames, "message": message})
 
     def bound_next_chunk(self, stream: Stream, room: int) -> None:
         """Before a cut: the steps not in a chunk yet may hold at most the share of the budget a
         re-anchor leaves free, less ``room`` (the question); older ones are dropped (a lazy stream
         nobody asked for longer than its budget holds, or one whose prefill fell far behind)."""
+        conv = stream.conversation
         budget = self.budget(stream)
-        steps = stream.uncut_steps()
+        steps = conv.uncut_steps()
         tps = stream.geometry.temporal_patch_size
         # positions: the next chunk spans at most half of the room the rotary table leaves (re-anchoring frees the rest)
+        room_positions = self.engine.position_room // 2
         max_steps = len(steps)
-        while max_steps > 1 and self.chunk_extra_positions(stream, (steps.stop - max_steps) * tps, steps.stop * tps) > self.position_room // 2:
+        while max_steps > 1 and self.chunk_extra_positions(stream, (steps.stop - max_steps) * tps, steps.stop * tps) > room_positions:
             max_steps = max(1, max_steps // 2)
         if max_steps < len(steps):
-            dropped = stream.drop_uncut(0, keep_steps=max_steps)
-            stream.add_event({"type": "dropped", "time": stream.timestamps[stream.next_frame - 1], "frames": dropped,
-                              "message": f"{dropped} frames were dropped: the new frames spanned more M-RoPE positions "
-                                         "than the model's rotary table leaves room for (a long stretch at a low fps)"})
-            steps = stream.uncut_steps()
+            dropped = conv.drop_uncut(0, keep_steps=max_steps)
+            self._dropped(stream, dropped, f"{dropped} frames were dropped: the new frames spanned more M-RoPE positions "
+                                           "than the model's rotary table leaves room for (a long stretch at a low fps)")
+            steps = conv.uncut_steps()
         if budget is None:
             return
         limit = max(1, int((1 - stream.settings.memory.anchor_fraction) * budget) - room)
-        if len(steps) and stream.chunk_tokens(steps.start * tps, steps.stop * tps) > limit:
-            dropped = stream.drop_uncut(limit)
+        if len(steps) and conv.chunk_tokens(steps.start * tps, steps.stop * tps) > limit:
+            dropped = conv.drop_uncut(limit)
             if dropped:
-                stream.add_event({"type": "dropped", "time": stream.timestamps[stream.next_frame - 1], "frames": dropped,
-                                  "message": f"{dropped} frames not asked about or prefilled in time were dropped "
-                                             "(they were more than the budget leaves for new frames)"})
+                self._dropped(stream, dropped, f"{dropped} frames not asked about or prefilled in time were dropped "
+                                               "(they were more than the budget leaves for new frames)")
 
     def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> bool:
         """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
         conversation past its budget, or the stream nears its frame or item limit: the conversation starts
-        over from the memory policy's selection (:meth:`Stream.reanchor`; ``cut``: the chunk the request
-        just cut is the latest and stays) and the last ``keep_turns`` turns, as many as fit a quarter of
-        the re-anchored share (:meth:`ChatPrompt.restart`); the request that called it prefills it."""
+        over from the memory policy's selection (:meth:`Conversation.reanchor`; ``cut``: the chunk the
+        request just cut is the latest and stays) and the last ``keep_turns`` turns, as many as fit a
+        quarter of the re-anchored share (:meth:`ChatPrompt.restart`); the request that called it
+        prefills it."""
+        conv = stream.conversation
         budget = self.budget(stream)
         # positions: the items' span beyond their tokens must stay within the rotary table's room
-        full = stream.memory_full() or self.extra_positions(stream) > self.position_room * 3 // 4
-        older = len(stream.chunks) - int(cut)
-        if older < 1 or (not full and (budget is None or stream.context_tokens + incoming <= budget)):
+        full = conv.full() or self.extra_positions(stream) > self.engine.position_room * 3 // 4
+        older = len(conv.chunks) - int(cut)
+        if older < 1 or (not full and (budget is None or conv.context_tokens + incoming <= budget)):
             return False
-        policy = stream.settings.memory
-        share = int(policy.anchor_fraction * (budget or self.max_model_len or 4096))
-        conversation = ChatPrompt(self.tokenizer, self.chat_template)
-        turns = stream.conversation.last_turns(policy.keep_turns)
-        conversation.restart(turns, 0)
-        while turns and len(conversation.ids) > share // 4:  # long questions do not wedge the stream
+        memory = stream.settings.memory
+        share = int(memory.anchor_fraction * (budget or self.max_model_len or 4096))
+        prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template)
+        turns = conv.prompt.last_turns(memory.keep_turns)
+        prompt.restart(turns, 0)
+        while turns and len(prompt.ids) > share // 4:  # long questions do not wedge the stream
             turns = turns[1:]
-            conversation.restart(turns, 0)
-        target = share - len(conversation.ids) - 16
-        if not full and stream.context_tokens <= target:
+            prompt.restart(turns, 0)
+        target = share - len(prompt.ids) - 16
+        if not full and conv.context_tokens <= target:
             return False  # what is in would stay: the new frames (or a long answer) are too many for any re-anchor
-        before, chunks_before = stream.context_tokens, len(stream.chunks)
-        anchor = stream.reanchor(max(1, target), step_overhead=stream.step_overhead)
-        conversation.open_videos = len(stream.chunks) - int(cut)  # the cut chunk opens when its request is done
-        stream.conversation = conversation
+        before, chunks_before = conv.context_tokens, len(conv.chunks)
+        anchor = conv.reanchor(max(1, target), step_overhead=conv.step_overhead)
+        prompt.open_videos = len(conv.chunks) - int(cut)  # the cut chunk opens when its request is done
         # until the engine counts it (the cut chunk, in the anchor's tokens, is counted again by the caller)
-        stream.context_tokens = len(conversation.ids) + anchor.tokens + 16
-        stream.add_event({"type": "reanchor", "time": stream.timestamps[stream.next_frame - 1], "reanchor": stream.reanchors,
-                          "budget": budget, "trigger": trigger,
-                          "context_tokens_before": before, "context_tokens_after": stream.context_tokens,
-                          "chunks_before": chunks_before, "chunk_ranges": [list(c) for c in stream.chunks],
-                          "keyframes": anchor.keyframes, "turns_kept": len(conversation.messages) // 2,
-                          "evicted_frames": stream.evicted_frames, "held_frames": stream.held_frames})
+        conv.restart(prompt, len(prompt.ids) + anchor.tokens + 16)
+        store = stream.store
+        stream.events.add({"type": "reanchor", "time": store.timestamps[conv.next_frame - 1], "reanchor": conv.reanchors,
+                           "budget": budget, "trigger": trigger,
+                           "context_tokens_before": before, "context_tokens_after": conv.context_tokens,
+                           "chunks_before": chunks_before, "chunk_ranges": [list(c) for c in conv.chunks],
+                           "keyframes": anchor.keyframes, "turns_kept": len(prompt.messages) // 2,
+                           "evicted_frames": store.evicted_frames, "held_frames": store.held_frames})
         logger.info("DTD stream %s: re-anchored at %d tokens (budget %s): %d video items (%d keyframes), %d turns",
-                    stream.id, before, budget, len(stream.chunks), len(anchor.keyframes), len(conversation.messages) // 2)
+                    stream.id, before, budget, len(conv.chunks), len(anchor.keyframes), len(prompt.messages) // 2)
         return True
 
     def relieve(self, stream: Stream) -> None:
@@ -322,19 +446,17 @@ class StreamService:
         holds is in its conversation): re-anchor now, off the append, so that the client's retry fits."""
         async def run():
             async with stream.chat_lock:
-                if not stream.closed and stream.memory_full():
+                if not stream.closed and stream.conversation.full():
                     await off_loop(self.maybe_reanchor, stream, 0, "memory")  # renders the template: not on the loop
 
         if stream.prefill_task is None:
-            task = asyncio.get_running_loop().create_task(run())
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._spawn(run())
 
     async def _engine_generate(self, stream: Stream, prompt_ids: list[int], params, rid: str):
-        """``engine_client.generate`` for a request of the stream's conversation. vLLM ends a request
+        """The engine's ``generate`` for a request of the stream's conversation. vLLM ends a request
         whose items its engine-side processor cache lost (P0/P1 drift) with ``finish_reason`` "error"
         and no token, and drops them from the API server's cache: the request is sent again once, with
-        every item's data (the stream holds it). A request that still fails raises :class:`StreamError` 503."""
+        every item's data (the stream holds it). A request that still fails raises :class:`Unavailable`."""
         for attempt in range(2):
             async for out in self.engine.generate(self._prompt(stream, prompt_ids), params, rid if not attempt else f"{rid}-retry",
                                                   data_parallel_rank=self.dp_rank(stream)):
@@ -347,30 +469,18 @@ class StreamService:
                 yield out
             else:
                 return
-        raise StreamError("the engine ended this request with an error twice (see the server log); retry", 503)
+        raise Unavailable("the engine ended this request with an error twice (see the server log); retry")
 
     def counted(self, stream: Stream, prompt_ids: list[int], out, answer: int = 0) -> None:
-        """Record what the engine counted for a request of the conversation: its length
-        (``context_tokens``) and the prompt tokens per temporal step besides the kept ones."""
-        n = len(out.prompt_token_ids or [])
-        if not n:
-            return
-        stream.context_tokens = n + answer
-        tps = stream.geometry.temporal_patch_size
-        steps = sum((b - a) // tps for a, b in stream.chunks)
-        video = sum(stream.chunk_tokens(a, b) for a, b in stream.chunks)
-        if steps:
-            stream.step_overhead = max(0.0, (n - (len(prompt_ids) - len(stream.chunks)) - video) / steps)
+        """Record what the engine counted for a request of the conversation (:meth:`Conversation.counted`)."""
+        stream.conversation.counted(len(out.prompt_token_ids or []), len(prompt_ids), answer)
 
     def after_append(self, stream: Stream) -> None:
         """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
         if (stream.settings.prefill != "eager" or stream.eager_stopped or stream.prefill_task is not None
                 or not stream.eager_due()):
             return
-        task = asyncio.get_running_loop().create_task(self.prefill(stream))
-        stream.prefill_task = task
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        stream.prefill_task = self._spawn(self.prefill(stream))
 
     async def prefill(self, stream: Stream) -> None:
         """Eager prefill: while complete temporal steps with kept tokens are not in a chunk, cut them
@@ -391,18 +501,17 @@ class StreamService:
                         # stop, once: the stream goes on lazily (questions prefill what arrived)
                         stream.eager_stopped = f"eager prefill failed: {describe(e)}"
                         logger.warning("DTD stream %s: %s; the stream continues with lazy prefill", stream.id, stream.eager_stopped)
-                        stream.add_event({"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"})
+                        stream.events.add({"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"})
                         return
         finally:
             stream.prefill_task = None
 
     async def _prefill_chunk(self, stream: Stream, room: int) -> bool:
-        """Under the stream's chat lock: cut the next chunk (at most :meth:`Stream.chunk_frames`) and
-        prefill the conversation up to it (a one-token request), re-anchoring first if due. False when
-        nothing waits. On failure the chunk is dropped (its steps go with the next request) and the
-        error raised."""
-        from vllm import SamplingParams
-
+        """Under the stream's chat lock: cut the next chunk (at most :meth:`Conversation.chunk_frames`)
+        and prefill the conversation up to it (a one-token request), re-anchoring first if due. False
+        when nothing waits. On failure the chunk is dropped (its steps go with the next request) and
+        the error raised."""
+        conv = stream.conversation
         cut: list = []
         try:
             # off the event loop; a cancellation waits for it, then the handler below sees the cut
@@ -412,69 +521,71 @@ class StreamService:
             # the re-anchored conversation is prefilled here, with the new chunk, off the question path
             prompt_ids = await off_loop(self._prefill_prompt, stream, cut[0], room)
             if self.max_model_len and len(prompt_ids) + 1 > self.max_model_len:
-                raise StreamError(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
-            rid = f"{stream.id[:12]}-prefill{len(stream.chunks)}-{uuid.uuid4().hex[:8]}"
+                raise InvalidRequest(f"the conversation ({len(prompt_ids)} tokens) no longer fits the model's context")
+            rid = f"{stream.id[:12]}-prefill{len(conv.chunks)}-{uuid.uuid4().hex[:8]}"
             last = None
-            async for last in self._engine_generate(stream, prompt_ids, SamplingParams(max_tokens=1, temperature=0.0), rid):
-                pass
+            async for out in self._engine_generate(stream, prompt_ids, self.engine.sampling_params(1, 0.0), rid):
+                last = out
             if last is not None:
                 self.counted(stream, prompt_ids, last)
         except BaseException:
             if cut:
-                stream.drop_last_chunk()
+                conv.drop_last_chunk()
             raise
-        stream.conversation.open_videos += 1
-        stream.prefills += 1
+        conv.prompt.open_videos += 1
+        conv.prefills += 1
         return True
 
-    def check_text(self, text: str, what: str) -> None:
+    def check_text(self, text: str, what: str, field: Optional[str] = None) -> None:
         """A question (or standing question) longer than any context could hold is refused before it is
         tokenized: at most ``max_model_len`` tokens of :data:`MAX_CHARS_PER_TOKEN` characters each."""
         limit = MAX_CHARS_PER_TOKEN * (self.max_model_len or 32768)
         if len(text) > limit:
-            raise StreamError(f"{what} has {len(text)} characters; at most {limit} fit this model's context")
+            raise InvalidOption(field or what, f"{what} has {len(text)} characters; at most {limit} fit this model's context")
 
     def _question_tokens(self, question: str) -> int:
-        return len(self.tokenizer.encode(question, add_special_tokens=False)) + 16
+        return len(self.engine.tokenizer.encode(question, add_special_tokens=False)) + 16
 
     def _cut_into(self, stream: Stream, room: int, cut: list) -> None:
         """Bound what waits (:meth:`bound_next_chunk`), cut the next chunk into ``cut`` (none: empty)."""
         self.bound_next_chunk(stream, room)
-        chunk = stream.cut_chunk()
+        chunk = stream.conversation.cut_chunk()
         if chunk is not None:
             cut.append(chunk)
 
     def _prefill_prompt(self, stream: Stream, chunk: tuple[int, int], room: int) -> list[int]:
+        conv = stream.conversation
         self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "prefill", cut=True)
-        prompt_ids = stream.conversation.video_prefix(stream.conversation.open_videos + 1)
-        stream.video_items()
+        prompt_ids = conv.prompt.video_prefix(conv.prompt.open_videos + 1)
+        conv.video_items()
         return prompt_ids
 
     def _question_prompt(self, stream: Stream, chunk, question: str, room: int) -> tuple[int, list[int]]:
         """(video items in the prompt, prompt ids) of the question's turn, re-anchoring first if due; the
         items are built here (frames stacked), not on the event loop."""
+        conv = stream.conversation
         self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "question", cut=chunk is not None)
-        videos = stream.conversation.open_videos + (chunk is not None)
-        prompt_ids = stream.conversation.next_turn(question, videos)
-        stream.video_items()
+        videos = conv.prompt.open_videos + (chunk is not None)
+        prompt_ids = conv.prompt.next_turn(question, videos)
+        conv.video_items()
         return videos, prompt_ids
 
     async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False,
                        remember: bool = True):
-        """Async generator of vLLM RequestOutputs for one question at the stream's current point.
+        """Async generator of the engine's outputs for one question at the stream's current point.
         ``remember=False``: the turn does not stay in the conversation (:meth:`ChatPrompt.forget`)."""
-        from vllm import SamplingParams
-
-        self.check_text(question, "the question")
+        self.check_text(question, "the question", "messages")
+        conv = stream.conversation
         async with stream.chat_lock:
             # tokenizing, rendering the chat template and stacking frames run off the event loop
             question_tokens = await off_loop(self._question_tokens, question)
             if self.max_model_len and question_tokens + max_tokens > self.max_model_len:  # refused before any state changes
-                raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} tokens "
-                                  f"and the question alone takes {question_tokens}")
+                raise InvalidOption("max_tokens", f"max_tokens is too large: {max_tokens}; the model's context is "
+                                    f"{self.max_model_len} tokens and the question alone takes {question_tokens}")
             # a backlog longer than one chunk: all but its last chunk are prefilled first, as an eager stream
-            # would have (each video item bounded in frames and bytes); an error here fails the question, with its reason
-            while stream.backlog():
+            # would have (each video item bounded in frames and bytes); an error here fails the question,
+            # with its reason
+            while conv.backlog():
                 await self._prefill_chunk(stream, question_tokens + max_tokens)
             cut: list = []
             try:
@@ -482,39 +593,40 @@ class StreamService:
                 chunk = cut[0] if cut else None
                 videos, prompt_ids = await off_loop(self._question_prompt, stream, chunk, question, question_tokens + max_tokens)
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
-                    raise StreamError(f"max_tokens is too large: {max_tokens}; the model's context is {self.max_model_len} "
-                                      f"tokens and this conversation already has at least {len(prompt_ids)}")
-                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
-                rid = f"{stream.id[:12]}-q{stream.questions}-{uuid.uuid4().hex[:8]}"
+                    raise InvalidOption("max_tokens", f"max_tokens is too large: {max_tokens}; the model's context is "
+                                        f"{self.max_model_len} tokens and this conversation already has at least {len(prompt_ids)}")
+                params = self.engine.sampling_params(max_tokens, temperature, ignore_eos)
+                rid = f"{stream.id[:12]}-q{conv.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
                 async for out in self._engine_generate(stream, prompt_ids, params, rid):
                     last = out
                     yield out
             except BaseException:
                 if cut:  # the turn did not happen: its chunk is not part of the conversation
-                    stream.drop_last_chunk()
+                    conv.drop_last_chunk()
                 raise
-            stream.questions += 1
+            conv.questions += 1
             o = last.outputs[0] if last is not None else None
             ids = list(o.token_ids) if o is not None else []
             if last is not None:
                 self.counted(stream, prompt_ids, last, answer=len(ids) + 2 if remember else 0)
             if not remember:
-                stream.conversation.forget(videos)
+                conv.prompt.forget(videos)
                 return
             # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
             # which vLLM keeps in token_ids); a stop string (str) is not in the ids
             stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
-            stream.conversation.commit(prompt_ids, question, videos, ids, o.text if o is not None else "",
-                                       stop_ids=ids[-1:] if stopped else ())
+            conv.prompt.commit(prompt_ids, question, videos, ids, o.text if o is not None else "",
+                               stop_ids=ids[-1:] if stopped else ())
 
     def state(self, stream: Stream, out, timing: openai_format.Timing, with_ids: bool = False) -> dict:
         prompt_ids = list(out.prompt_token_ids or [])
-        state = {"frames": len(stream.frames), "chunks": len(stream.chunks), "time": stream.timestamps[-1] if stream.timestamps else None,
-                 "question": stream.questions, "ttft_s": timing.ttft_s, "e2e_s": timing.elapsed(),
-                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(stream.video_items(), prompt_ids, self.video_pad),
-                 "chunk_ranges": [list(c) for c in stream.chunks], "context_tokens": stream.context_tokens,
-                 "reanchors": stream.reanchors, "held_frames": stream.held_frames, "evicted_frames": stream.evicted_frames}
+        store, conv = stream.store, stream.conversation
+        state = {"frames": len(store.frames), "chunks": len(conv.chunks), "time": store.timestamps[-1] if store.timestamps else None,
+                 "question": conv.questions, "ttft_s": timing.ttft_s, "e2e_s": timing.elapsed(),
+                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(conv.video_items(), prompt_ids, self.engine.video_pad),
+                 "chunk_ranges": [list(c) for c in conv.chunks], "context_tokens": conv.context_tokens,
+                 "reanchors": conv.reanchors, "held_frames": store.held_frames, "evicted_frames": store.evicted_frames}
         if with_ids:
             state["prompt_token_ids"] = prompt_ids
             state["completion_token_ids"] = list(out.outputs[0].token_ids)
@@ -559,11 +671,13 @@ class StreamService:
 
     async def proactive(self, stream: Stream, events: list[dict]) -> None:
         q = stream.settings.standing_question
+        if q is None:
+            return
         for e in events:
             try:
                 resp = await self.answer(stream, q, stream.settings.answer_max_tokens)
-                stream.add_event({"type": "answer", "trigger": e["index"], "time": e["time"], "question": q,
-                                  "text": resp["choices"][0]["message"]["content"], "usage": resp["usage"]})
+                stream.events.add({"type": "answer", "trigger": e["index"], "time": e["time"], "question": q,
+                                   "text": resp["choices"][0]["message"]["content"], "usage": resp["usage"]})
             except Exception as exc:  # never let a background answer take anything down
                 logger.warning("DTD stream %s: proactive answer failed: %s", stream.id, describe(exc))
-                stream.add_event({"type": "error", "trigger": e["index"], "message": describe(exc)})
+                stream.events.add({"type": "error", "trigger": e["index"], "message": describe(exc)})

@@ -1,0 +1,407 @@
+"""Streams as parts, without a server or an engine: a memory policy added in one class, the parts
+(store, decision, events) on their own, the service driven through a fake engine, and the one table
+that turns the plugin's errors into HTTP statuses."""
+
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens
+from vllm_plugin.entrypoints.options import GIVEN_MASK
+from vllm_plugin.errors import (
+    DTDError,
+    InvalidOption,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    StreamFull,
+    StreamNotFound,
+    TooLarge,
+    TooManyStreams,
+    Unavailable,
+)
+from vllm_plugin.streams.memory import Anchor, MemoryPolicy, MemorySettings, register_policy, unregister_policy
+from vllm_plugin.streams.session import Limits, StreamManager, StreamSettings
+
+TPS = 2
+
+
+class RecentOnlyLast(MemoryPolicy):
+    """A toy policy: the latest ``n`` chunks, nothing else (its one option, validated by itself)."""
+
+    name = "recent-only-last"
+
+    def configure(self, options):
+        self.n = options.integer("n", 1, 1, 16)
+        self.seen: list[int] = []
+
+    def observe(self, step, kept, scene_change=False):
+        self.seen.append(step)
+
+    def select(self, chunks, budget):
+        ranges = list(chunks[-self.n :])
+        return Anchor(ranges, [], sum(budget.cost(a, b) for a, b in ranges))
+
+
+@pytest.fixture
+def toy_policy():
+    register_policy(RecentOnlyLast)
+    try:
+        yield RecentOnlyLast
+    finally:
+        unregister_policy(RecentOnlyLast.name)
+
+
+def _settings(memory=None, **kw):
+    return StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), memory=MemorySettings.parse(memory or {}), **kw)
+
+
+def test_a_policy_registered_in_one_class_is_what_a_stream_re_anchors_with(toy_policy, synthetic_clip):
+    frames = synthetic_clip.frames
+    s = StreamManager().open(_settings({"keep": "recent-only-last"}, prefill="lazy"))
+    conv = s.conversation
+    for a in range(0, 24, 8):
+        s.add_frames(list(frames[a : a + 8]))
+        conv.cut_chunk()
+    assert conv.policy.seen == list(range(12))  # every step, in order, as it was decided
+    anchor = conv.reanchor(target=10**6)  # all of them would fit: the policy keeps the latest only
+    assert anchor.ranges == [(16, 24)] and conv.chunks == [(16, 24)] and conv.reanchors == 1
+    assert all(f is None for f in s.frames[:16]) and s.store.held_frames == 8
+    assert s.status()["memory"] == {
+        "keep": "recent-only-last",
+        "n": 1,
+        "context_tokens": None,
+        "keep_turns": 2,
+        "anchor_fraction": 0.5,
+    }
+    # its option is validated by the policy itself; another policy's option is not one of its own
+    two = StreamManager().open(_settings({"keep": "recent-only-last", "n": 2}))
+    for a in range(0, 24, 8):
+        two.add_frames(list(frames[a : a + 8]))
+        two.conversation.cut_chunk()
+    assert two.conversation.reanchor(target=10**6).ranges == [(8, 16), (16, 24)]
+    for memory, field in [
+        ({"keep": "recent-only-last", "n": 0}, "memory.n"),
+        ({"keep": "recent-only-last", "max_keyframes": 2}, "memory.max_keyframes"),
+    ]:
+        with pytest.raises(InvalidOption) as e:
+            MemorySettings.parse(memory)
+        assert e.value.field == field
+    unregister_policy(RecentOnlyLast.name)
+    with pytest.raises(InvalidOption, match="memory.keep must be one of"):
+        MemorySettings.parse({"keep": "recent-only-last"})
+
+
+def test_a_policy_that_drops_the_latest_chunk_is_refused(toy_policy, synthetic_clip):
+    class Forgetful(RecentOnlyLast):
+        name = "forgetful"
+
+        def select(self, chunks, budget):
+            return Anchor(list(chunks[:1]), [], 1)
+
+    register_policy(Forgetful)
+    try:
+        s = StreamManager().open(_settings({"keep": "forgetful"}))
+        for a in range(0, 16, 8):
+            s.add_frames(list(synthetic_clip.frames[a : a + 8]))
+            s.conversation.cut_chunk()
+        with pytest.raises(RuntimeError, match="did not keep the latest chunk"):
+            s.conversation.reanchor(target=100)
+        assert s.conversation.chunks == [(0, 8), (8, 16)] and s.store.held_frames == 16  # nothing freed
+    finally:
+        unregister_policy("forgetful")
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy(type("Other", (MemoryPolicy,), {"name": "recent"}))
+    with pytest.raises(TypeError):
+        register_policy(type("Nameless", (MemoryPolicy,), {}))
+
+
+def test_the_decision_state_carries_the_reference_and_chunked_equals_whole(synthetic_clip):
+    from vllm_plugin.streams.decision import DecisionState
+
+    frames = synthetic_clip.frames
+    d = DecisionState(DTDConfig(threshold=0.05))
+    masks = []
+    for a, b in [(0, 2), (2, 10), (10, 12), (12, len(frames))]:
+        tokens = d.pixel_tokens(frames[a:b])
+        masks.append(d.decide(tokens))
+        assert torch.equal(d.state, tokens[-1])  # "previous": the next step is compared with the last one
+    whole = dtd_keep_mask(frame_tokens(torch.from_numpy(frames)), 0.05, "l1")
+    assert torch.equal(torch.cat(masks), whole)
+    # rewinding to an earlier state decides the same steps again the same way
+    d2 = DecisionState(DTDConfig(threshold=0.05))
+    d2.decide(d2.pixel_tokens(frames[:10]))
+    state = d2.state
+    d2.decide(d2.pixel_tokens(frames[10:20]))
+    d2.rewind(state)
+    assert torch.equal(d2.decide(d2.pixel_tokens(frames[10:20])), whole[5:10])
+    off = DecisionState(DTDConfig(enabled=False))
+    assert off.decide(off.pixel_tokens(frames[:4])).all() and off.state is None
+
+
+def test_an_append_whose_analysis_fails_leaves_the_decision_as_it_was(synthetic_clip, monkeypatch):
+    frames = synthetic_clip.frames
+    s = StreamManager().open(_settings())
+    s.add_frames(list(frames[:8]))
+    state = s.decision.state.clone()
+
+    def broken(mask):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(s.store, "add_masks", broken)
+    with pytest.raises(Unavailable, match="nothing was added"):
+        s.add_frames(list(frames[8:16]))
+    assert torch.equal(s.decision.state, state) and len(s.frames) == 8 and len(s.kept_per_step) == 4
+    monkeypatch.undo()
+    s.add_frames(list(frames[8:]))  # the rest: as if the failed append had never come
+    whole = dtd_keep_mask(frame_tokens(torch.from_numpy(frames)), 0.05, "l1")
+    assert s.kept_per_step == [int(m.sum()) for m in whole]
+
+
+def test_the_frame_store_accounts_for_every_byte(synthetic_clip):
+    from vllm_plugin.streams.session import Geometry
+    from vllm_plugin.streams.store import ByteAccount, FrameStore
+
+    account = ByteAccount(limit=10 * synthetic_clip.frames[0].nbytes)
+    store = FrameStore(Geometry(), max_bytes=6 * synthetic_clip.frames[0].nbytes, account=account)
+    frames = [store.fit(f) for f in synthetic_clip.frames[:4]]
+    n, times = store.check(frames, None, fps=2.0)
+    assert n == sum(f.nbytes for f in frames) and times == [0.0, 0.5, 1.0, 1.5]
+    store.add(frames, times, n)
+    assert store.nbytes == account.held == n and store.steps == 2
+    with pytest.raises(StreamFull, match="at most"):
+        store.check(frames, None, fps=2.0)  # 8 frames > 6 frames' bytes
+    with pytest.raises(InvalidRequest, match="timestamps must increase") as e:
+        store.check(frames[:2], [1.0, 0.5], fps=2.0)
+    assert e.value.field == "timestamps"
+    store.add_masks(torch.ones(2, 8, 8, dtype=torch.bool))
+    store.add_kept([64, 64])
+    assert store.free([0, 1, 2]) == [0]  # step 1 keeps a frame
+    assert store.nbytes == account.held == n // 4 and store.held_frames == 1 and store.step_masks[1] is not None
+    store.take_back(1, 0)  # (a test of the undo path only: frame 3, no bytes)
+    store.release()
+    assert account.held == 0 and store.account is None
+    with pytest.raises(RateLimited, match="retry when streams have closed"):
+        ByteAccount(limit=1).reserve(2)
+
+
+def test_the_event_log_numbers_events_and_signals_scene_changes():
+    from vllm_plugin.streams.events import EventLog, RateLimiter
+
+    log = EventLog(max_events=3, event_level=0.5)
+    assert [log.scene_change(step, f) for step, f in enumerate([1.0, 0.9, 0.1, 0.6, 0.7, 0.2, 0.5])] == [
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]  # rising to the level (the first step is never one)
+    for i in range(5):
+        log.add({"type": "x", "i": i})
+    assert [e["index"] for e in log] == [2, 3, 4] and log.count == 5 and log.last_index == 4
+    assert [e["i"] for e in log.after(2)] == [3, 4] and log[0]["i"] == 2 and len(log) == 3
+    assert not EventLog(enabled=False).scene_change(1, 1.0)
+    limiter = RateLimiter(2)
+    assert [limiter.admit(t) for t in (0.0, 0.1, 0.2, 1.05, 1.3)] == [True, True, False, True, True]
+
+
+def test_every_error_of_the_plugin_has_one_http_status():
+    from vllm_plugin.streams.routes import ERROR_TYPES, http_status
+
+    expected = {
+        InvalidRequest("x"): 400,
+        InvalidOption("fps", "fps x"): 400,
+        StreamNotFound("x"): 404,
+        ModelNotFound("x"): 404,
+        StreamFull("x"): 409,
+        TooLarge("x"): 413,
+        RateLimited("x"): 429,
+        TooManyStreams("x"): 429,
+        Unavailable("x"): 503,
+        DTDError("x"): 400,
+        ValueError("x"): 400,
+        RuntimeError("x"): 500,
+    }
+    assert {type(e).__name__: http_status(e) for e in expected} == {type(e).__name__: s for e, s in expected.items()}
+    assert set(ERROR_TYPES) == {400, 404, 409, 413, 429, 503}
+    # the field an option error names is data, not part of a message to parse
+    assert InvalidOption("memory.keep", "anything").field == "memory.keep"
+
+
+# --- the service, driven through a fake engine ----------------------------------------------------
+
+
+class FakeEngine:
+    """An engine with no model behind it: the tiny checkpoint's tokenizer and chat template, and a
+    ``generate`` that answers "a cat" and records every request (the placeholders expanded to the
+    kept tokens of each video item, as the engine's processor expands them)."""
+
+    def __init__(self, model_path, max_model_len=4096, prefix_caching=True):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.chat_template = (model_path / "chat_template.jinja").read_text()
+        self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.answer_ids = self.tokenizer.encode("a cat", add_special_tokens=False) + [im_end]
+        self.served_names = ["tiny"]
+        self.max_model_len = max_model_len
+        self.server_dtd = {"dtd_threshold": 0.05}
+        self.prefix_caching = prefix_caching
+        self.dp_ranks = 1
+        self.position_room = 10**6
+        self.requests: list[tuple[dict, dict]] = []
+
+    def step_positions(self, fps):
+        return 2.0 / fps
+
+    def item_positions(self, steps, h, w, fps):
+        return int((steps - 1) * self.step_positions(fps)) + max(h, w)
+
+    def sampling_params(self, max_tokens, temperature=0.0, ignore_eos=False):
+        return {"max_tokens": max_tokens, "temperature": temperature, "ignore_eos": ignore_eos}
+
+    async def generate(self, prompt, params, request_id, data_parallel_rank=None):
+        self.requests.append((prompt, params))
+        videos = iter(prompt.get("multi_modal_data", {}).get("video", []))
+        ids = []
+        for t in prompt["prompt_token_ids"]:
+            ids += [t] * (max(1, int(np.asarray(next(videos)[1][GIVEN_MASK]).sum())) if t == self.video_pad else 1)
+        out = self.answer_ids[: params["max_tokens"]]
+        done = len(out) == len(self.answer_ids)
+        yield SimpleNamespace(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            num_cached_tokens=0,
+            finished=True,
+            outputs=[
+                SimpleNamespace(
+                    text=self.tokenizer.decode(out, skip_special_tokens=True),
+                    token_ids=out,
+                    finish_reason="stop" if done else "length",
+                    stop_reason=None,
+                )
+            ],
+        )
+
+    def encoder(self, max_pending_steps):
+        raise InvalidOption("dtd_criterion", "dtd_criterion: 'feature' needs a vision tower; this engine has none")
+
+
+def _service(tiny_model_path, **engine):
+    from vllm_plugin.streams.service import StreamService
+
+    return StreamService(FakeEngine(tiny_model_path, **engine), StreamManager(Limits(max_streams=2)))
+
+
+def test_a_service_built_on_a_fake_engine_opens_appends_asks_and_closes(tiny_model_path, synthetic_clip):
+    from vllm_plugin.streams.routes import OpenStreamRequest, http_status
+
+    frames = synthetic_clip.frames
+    svc = _service(tiny_model_path)
+    engine = svc.engine
+
+    async def run():
+        stream = svc.open(svc.settings(OpenStreamRequest(fps=2.0, prefill="lazy")))
+        added = await svc.append(stream, list(frames[:16]))
+        assert added["frames"] == 16 and added["steps"] == 8 and added["kept_per_step"] == stream.kept_per_step
+        r = await svc.answer(stream, "What happens?", max_tokens=8)
+        prompt, params = engine.requests[-1]
+        assert r["choices"][0]["message"]["content"] == "a cat" and params["max_tokens"] == 8
+        st = r["stream_state"]
+        assert st["chunk_ranges"] == [[0, 16]] and st["video_tokens_per_chunk"] == [sum(stream.kept_per_step)]
+        assert prompt["multi_modal_uuids"] == {"video": [f"{stream.id}/frames0-16"]}
+        assert prompt["mm_processor_kwargs"]["dtd_threshold"] == 0.05  # the server's default
+        assert r["usage"]["prompt_tokens"] == len(prompt["prompt_token_ids"]) - 1 + sum(stream.kept_per_step)
+        # the answer stays in the conversation: the next prompt starts with the first one and its answer
+        await svc.append(stream, list(frames[16:24]))
+        r2 = await svc.answer(stream, "And now?", max_tokens=8)
+        second = engine.requests[-1][0]
+        first_ids = prompt["prompt_token_ids"]
+        assert second["prompt_token_ids"][: len(first_ids) + len(engine.answer_ids)] == first_ids + engine.answer_ids
+        assert len(second["multi_modal_data"]["video"]) == 2
+        status = svc.status(stream)
+        assert (status["questions"], status["chunks"], status["frames"]) == (2, 2, 24)
+        # what the engine counted, and the answer that stays (with the template's end of turn)
+        assert status["context_tokens"] == r2["usage"]["prompt_tokens"] + len(engine.answer_ids) + 2
+        assert status["context_budget"] == 3072  # 0.75 of the engine's 4096
+        # a question that cannot fit the context is refused before anything changes
+        with pytest.raises(InvalidOption, match="max_tokens is too large") as e:
+            await svc.answer(stream, "?", max_tokens=5000)
+        assert e.value.field == "max_tokens" and svc.status(stream)["questions"] == 2
+        await svc.close(stream.id)
+        with pytest.raises(StreamNotFound) as e:
+            svc.get(stream.id)
+        assert http_status(e.value) == 404
+
+    asyncio.run(run())
+    with pytest.raises(ModelNotFound):
+        svc.check_model("another")
+    with pytest.raises(InvalidOption) as e:  # the engine's answer: no tower here
+        svc.open(svc.settings(OpenStreamRequest(dtd_criterion="feature")))
+    assert e.value.field == "dtd_criterion" and len(svc.manager) == 0
+
+
+def test_an_eager_stream_prefills_through_the_engine_and_the_question_extends_it(tiny_model_path, synthetic_clip):
+    from vllm_plugin.streams.routes import OpenStreamRequest
+
+    svc = _service(tiny_model_path)
+
+    async def run():
+        stream = svc.open(svc.settings(OpenStreamRequest(fps=2.0)))
+        await svc.append(stream, list(synthetic_clip.frames[:16]))
+        while svc.tasks:  # the eager prefill the append started
+            await asyncio.gather(*list(svc.tasks))
+        prefill, params = svc.engine.requests[-1]
+        assert params["max_tokens"] == 1 and stream.conversation.prefills == 1 and not stream.eager_stopped
+        await svc.answer(stream, "What happens?", max_tokens=8)
+        question = svc.engine.requests[-1][0]["prompt_token_ids"]
+        assert question[: len(prefill["prompt_token_ids"])] == prefill["prompt_token_ids"]
+        assert svc.status(stream)["prefill_pending"] is False
+
+    asyncio.run(run())
+    lazy = _service(tiny_model_path, prefix_caching=False)
+    assert "prefix caching is off" in lazy.open(lazy.settings(OpenStreamRequest(fps=2.0))).eager_stopped
+
+
+def test_the_service_re_anchors_with_a_registered_toy_policy(toy_policy, tiny_model_path, synthetic_clip):
+    """A policy added in one class is served: the open request names it in its memory object, and the
+    conversation the engine sees after a re-anchor holds its selection."""
+    from vllm_plugin.streams.routes import OpenStreamRequest
+
+    frames = np.concatenate([synthetic_clip.frames] * 2)
+    svc = _service(tiny_model_path)
+
+    async def run():
+        req = OpenStreamRequest(
+            fps=2.0, prefill="lazy", memory={"keep": "recent-only-last", "context_tokens": 400, "keep_turns": 1}
+        )
+        stream = svc.open(svc.settings(req))
+        conv, videos_after_reanchor = stream.conversation, []
+        for a in range(0, len(frames), 8):
+            await svc.append(stream, list(frames[a : a + 8]))
+            before = conv.reanchors
+            await svc.answer(stream, "What changed?", max_tokens=8)
+            if conv.reanchors > before:  # this question's prompt was re-anchored: the policy's selection only
+                videos_after_reanchor.append(len(svc.engine.requests[-1][0]["multi_modal_data"]["video"]))
+        anchors = [e for e in stream.events if e["type"] == "reanchor"]
+        assert len(anchors) >= 2 and all(len(e["chunk_ranges"]) == 1 and e["keyframes"] == [] for e in anchors)
+        assert videos_after_reanchor and set(videos_after_reanchor) == {1}
+        assert svc.status(stream)["memory"]["keep"] == "recent-only-last"
+        assert stream.store.held_frames == sum(b - a for a, b in conv.chunks) < len(frames) // 2
+
+    asyncio.run(run())
+    with pytest.raises(InvalidOption) as e:
+        svc.settings(OpenStreamRequest(memory={"keep": "recent-only-last", "n": 99}))
+    assert e.value.field == "memory.n"
+    with pytest.raises(InvalidOption) as e:  # one option given both ways
+        svc.settings(OpenStreamRequest(memory={"keep": "recent"}, memory_keep="recent+keyframes"))
+    assert e.value.field == "memory.keep"
+    with pytest.raises(InvalidOption, match="context_tokens 8000 is more than the model's context") as e:
+        svc.settings(OpenStreamRequest(context_tokens=8000))
+    assert e.value.field == "context_tokens"

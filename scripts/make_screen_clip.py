@@ -58,8 +58,16 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_clip(source: Path = SOURCE, out: Path = OUT, start: float = START, duration: float = DURATION,
-              step: int = STEP, width: int = WIDTH, crf: int = CRF, check_source: bool = True) -> Path:
+def make_clip(
+    source: Path = SOURCE,
+    out: Path = OUT,
+    start: float = START,
+    duration: float = DURATION,
+    step: int = STEP,
+    width: int = WIDTH,
+    crf: int = CRF,
+    check_source: bool = True,
+) -> Path:
     import av
 
     if check_source and sha256(source) != SOURCE_SHA256:

@@ -59,7 +59,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import requests
@@ -71,6 +71,9 @@ from analysis.lib.reports import write_report
 from analysis.lib.summary import percentile
 from analysis.lib.video import write_video
 
+if TYPE_CHECKING:
+    import torch
+
 QUESTION = "Describe what happens in the video."
 
 
@@ -80,7 +83,7 @@ class Clip:
     path: Path  # the clip as both servers get it (processor size, lossless)
     tokens_per_step: int
     steps: int
-    pixel: "object"  # torch (T, H, W, C) pixel tokens, for the equal-budget comparison
+    pixel: torch.Tensor  # (T, H, W, C) pixel tokens, for the equal-budget comparison
     frames: np.ndarray
     fps: float
     given: bool = True  # one of the clips given (or found), not the synthetic one
@@ -95,8 +98,14 @@ def skip(clip: str, reason: str) -> None:
     print(f"  skipped {clip}: {reason}", flush=True)
 
 
-def prepare_clips(videos: list[Path], fps: float, max_frames: int, media: Path, synthetic: bool = True,
-                  refused: Optional[dict[str, str]] = None) -> list[Clip]:
+def prepare_clips(
+    videos: list[Path],
+    fps: float,
+    max_frames: int,
+    media: Path,
+    synthetic: bool = True,
+    refused: dict[str, str] | None = None,
+) -> list[Clip]:
     """Each clip's first ``max_frames`` frames at ``fps``, at its NATIVE resolution, re-encoded as
     ordinary H.264 (the servers decode and resize them, as they would a user's video). A clip that
     does not decode is reported (:func:`skip`), recorded in ``refused`` and left out."""
@@ -118,21 +127,22 @@ def prepare_clips(videos: list[Path], fps: float, max_frames: int, media: Path, 
         sources.append(("synthetic", make_clip(cells=16).frames[::every][:max_frames], False))
     clips = []
     for name, frames, given in sources:
-        frames = frames[: len(frames) // 2 * 2, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # even sizes (4:2:0)
+        # even sizes (4:2:0)
+        frames = frames[: len(frames) // 2 * 2, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]
         path = write_video(media / f"{name}.mp4", frames, fps, lossless=False)
         vt = load_tokens(path, fps=fps)  # what the model sees: the encoded frames at the processor's size
         clips.append(Clip(name, path, vt.tokens_per_step, vt.grid[0], vt.pixel, frames, fps, given))
     return clips
 
 
-def uniform_subsample(clip: Clip, kept_video_tokens: int, media: Path) -> tuple[Path, "object"]:
+def uniform_subsample(clip: Clip, kept_video_tokens: int, media: Path) -> tuple[Path, torch.Tensor]:
     """Whole temporal steps chosen uniformly (the first included) so that the video tokens match
     ``kept_video_tokens``; returns the clip file and the equivalent (T, H, W) keep mask."""
     import torch
 
     k = min(clip.steps, max(1, int(round(kept_video_tokens / clip.tokens_per_step))))
     chosen = sorted(set(np.linspace(0, clip.steps - 1, k).round().astype(int).tolist()))
-    frames = np.concatenate([clip.frames[2 * s:2 * s + 2] for s in chosen])
+    frames = np.concatenate([clip.frames[2 * s : 2 * s + 2] for s in chosen])
     mask = torch.zeros(clip.pixel.shape[:3], dtype=torch.bool)
     mask[chosen] = True
     return write_video(media / f"{clip.name}_uniform{k}.mp4", frames, clip.fps, lossless=False), mask
@@ -145,7 +155,7 @@ def _metrics(base_url: str) -> str:
     return requests.get(base_url + "/metrics", timeout=10).text
 
 
-def kv_capacity_tokens(text: str) -> Optional[int]:
+def kv_capacity_tokens(text: str) -> int | None:
     """Tokens the KV cache holds, from vLLM's ``vllm:cache_config_info`` labels."""
     for line in text.splitlines():
         if line.startswith("vllm:cache_config_info{"):
@@ -157,12 +167,26 @@ def kv_capacity_tokens(text: str) -> Optional[int]:
     return None
 
 
-def one_request(base_url: str, model: str, video: Path, max_tokens: int, mm: Optional[dict] = None,
-                media_io: Optional[dict] = None) -> dict:
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
-                                                      {"type": "text", "text": QUESTION}]}]}
+def one_request(
+    base_url: str, model: str, video: Path, max_tokens: int, mm: dict | None = None, media_io: dict | None = None
+) -> dict:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{video}"}},
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+    }
     if mm:
         body["mm_processor_kwargs"] = mm
     if media_io:
@@ -182,8 +206,12 @@ def one_request(base_url: str, model: str, video: Path, max_tokens: int, mm: Opt
                 ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 usage = chunk["usage"]
-    return {"status": 200, "ttft_s": ttft, "e2e_s": time.perf_counter() - t0,
-            "prompt_tokens": usage["prompt_tokens"] if usage else None}
+    return {
+        "status": 200,
+        "ttft_s": ttft,
+        "e2e_s": time.perf_counter() - t0,
+        "prompt_tokens": usage["prompt_tokens"] if usage else None,
+    }
 
 
 class KVSampler:
@@ -211,20 +239,41 @@ class KVSampler:
         self._thread.join()
 
 
-def run_load(base_url: str, model: str, video: Path, n: int, concurrency: int, max_tokens: int, capacity: Optional[int],
-             mm: Optional[dict] = None, media_io: Optional[dict] = None) -> dict:
+def run_load(
+    base_url: str,
+    model: str,
+    video: Path,
+    n: int,
+    concurrency: int,
+    max_tokens: int,
+    capacity: int | None,
+    mm: dict | None = None,
+    media_io: dict | None = None,
+) -> dict:
     with KVSampler(base_url) as kv, ThreadPoolExecutor(concurrency) as pool:
         t0 = time.perf_counter()
         results = list(pool.map(lambda _: one_request(base_url, model, video, max_tokens, mm, media_io), range(n)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
-    row = {"concurrency": concurrency, "requests": n, "ok": len(ok), "errors": [r for r in results if r["status"] != 200][:3],
-           "wall_s": wall, "req_per_s": len(ok) / wall if wall else 0.0, "kv_peak_perc": kv.peak}
+    row = {
+        "concurrency": concurrency,
+        "requests": n,
+        "ok": len(ok),
+        "errors": [r for r in results if r["status"] != 200][:3],
+        "wall_s": wall,
+        "req_per_s": len(ok) / wall if wall else 0.0,
+        "kv_peak_perc": kv.peak,
+    }
     if ok:
         ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
         e2e = [r["e2e_s"] for r in ok]
-        row.update(prompt_tokens=ok[0]["prompt_tokens"], ttft_p50_s=statistics.median(ttft), ttft_p95_s=percentile(ttft, 0.95),
-                   e2e_p50_s=statistics.median(e2e), e2e_p95_s=percentile(e2e, 0.95))
+        row.update(
+            prompt_tokens=ok[0]["prompt_tokens"],
+            ttft_p50_s=statistics.median(ttft),
+            ttft_p95_s=percentile(ttft, 0.95),
+            e2e_p50_s=statistics.median(e2e),
+            e2e_p95_s=percentile(e2e, 0.95),
+        )
         if capacity and ok[0]["prompt_tokens"]:
             row["max_concurrent"] = capacity // (ok[0]["prompt_tokens"] + max_tokens)
     return row
@@ -233,13 +282,16 @@ def run_load(base_url: str, model: str, video: Path, n: int, concurrency: int, m
 def timing(text: str) -> dict[str, float]:
     """The plugin's cumulative DTD decision, video preprocessing and API-server vision tower seconds
     (0 on stock vLLM; the tower runs for feature-level DTD only)."""
-    return {"decision_s": metric_sum(text, "vllm_dtd_decision_seconds_total"),
-            "preprocess_s": metric_sum(text, "vllm_dtd_video_preprocess_seconds_total"),
-            "encoder_s": metric_sum(text, "vllm_dtd_encoder_seconds_total")}
+    return {
+        "decision_s": metric_sum(text, "vllm_dtd_decision_seconds_total"),
+        "preprocess_s": metric_sum(text, "vllm_dtd_video_preprocess_seconds_total"),
+        "encoder_s": metric_sum(text, "vllm_dtd_encoder_seconds_total"),
+    }
 
 
-def measure(srv, clips: dict[str, Path], args, label: str, mm: Optional[dict] = None,
-            media_io: Optional[dict] = None) -> dict[str, dict]:
+def measure(
+    srv, clips: dict[str, Path], args, label: str, mm: dict | None = None, media_io: dict | None = None
+) -> dict[str, dict]:
     text = _metrics(srv.base_url)
     capacity = kv_capacity_tokens(text)
     out = {}
@@ -250,22 +302,40 @@ def measure(srv, clips: dict[str, Path], args, label: str, mm: Optional[dict] = 
         t1 = timing(_metrics(srv.base_url))
         c1["timing"] = {k: t1[k] - t0[k] for k in t0}  # one request at a time: the work itself, no contention
         c1["encoder_s_per_request"] = c1["timing"]["encoder_s"] / args.requests
-        cn = run_load(srv.base_url, srv.model, path, 2 * args.requests, args.concurrency, args.max_tokens, capacity, mm, media_io)
+        cn = run_load(
+            srv.base_url, srv.model, path, 2 * args.requests, args.concurrency, args.max_tokens, capacity, mm, media_io
+        )
         for row in (c1, cn):
             if row["ok"] < row["requests"]:
                 raise SystemExit(f"[{label}] {name}: {row['requests'] - row['ok']} requests failed: {row['errors']}")
         out[name] = {"c1": c1, "cN": cn, "kv_capacity_tokens": capacity}
-        print(f"  [{label}] {name:28s} prompt {c1.get('prompt_tokens')!s:>6} | c=1 {c1['req_per_s']:6.2f} req/s "
-              f"ttft p50 {c1.get('ttft_p50_s', float('nan')):6.2f}s | c={args.concurrency} {cn['req_per_s']:6.2f} req/s "
-              f"ttft p95 {cn.get('ttft_p95_s', float('nan')):6.2f}s kv peak {cn['kv_peak_perc']:5.1%} | fits {c1.get('max_concurrent')}",
-              flush=True)
+        print(
+            f"  [{label}] {name:28s} prompt {c1.get('prompt_tokens')!s:>6} | c=1 {c1['req_per_s']:6.2f} req/s "
+            f"ttft p50 {c1.get('ttft_p50_s', float('nan')):6.2f}s | c={args.concurrency} {cn['req_per_s']:6.2f} req/s "
+            f"ttft p95 {cn.get('ttft_p95_s', float('nan')):6.2f}s kv peak {cn['kv_peak_perc']:5.1%} "
+            f"| fits {c1.get('max_concurrent')}",
+            flush=True,
+        )
     return out
 
 
 def server_args(media: Path, extra: list[str]) -> list[str]:
-    return ["--max-model-len", "32768", "--max-num-batched-tokens", "32768", "--block-size", "32",
-            "--no-enable-prefix-caching", "--mm-processor-cache-gb", "0",
-            "--allowed-local-media-path", str(media), "--limit-mm-per-prompt", json.dumps({"video": 1}), *extra]
+    return [
+        "--max-model-len",
+        "32768",
+        "--max-num-batched-tokens",
+        "32768",
+        "--block-size",
+        "32",
+        "--no-enable-prefix-caching",
+        "--mm-processor-cache-gb",
+        "0",
+        "--allowed-local-media-path",
+        str(media),
+        "--limit-mm-per-prompt",
+        json.dumps({"video": 1}),
+        *extra,
+    ]
 
 
 class ClipRefused(Exception):
@@ -273,13 +343,26 @@ class ClipRefused(Exception):
 
 
 def none_left(refused: dict[str, str]) -> SystemExit:
-    return SystemExit(f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure")
+    return SystemExit(
+        f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure"
+    )
 
 
-def served_dtd_stats(srv, path: Path, mm: Optional[dict] = None) -> dict:
+def served_dtd_stats(srv, path: Path, mm: dict | None = None) -> dict:
     """The server's ``x-dtd-stats`` of the clip's video. Raises :class:`ClipRefused` for a 4xx."""
-    body = {"model": srv.model, "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": f"file://{path}"}}, {"type": "text", "text": QUESTION}]}]}
+    body = {
+        "model": srv.model,
+        "max_tokens": 1,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+    }
     if mm:
         body["mm_processor_kwargs"] = mm
     r = requests.post(srv.base_url + "/v1/chat/completions", json=body, timeout=600)
@@ -308,8 +391,11 @@ def try_evs(model: Path, media: Path, clip: Clip, rate: float, log_dir: Path) ->
         # the root cause: the first logged "SomethingError: ..." line
         log = srv.log_path.read_text(errors="replace").splitlines()
         cause = next((m.group(0) for ln in log if " ERROR " in ln and (m := re.search(r"\b\w+Error: .*", ln))), "")
-        return {"pruning_rate": rate, "outcome": f"crashed ({r['status']}; engine {'alive' if alive else 'dead'})",
-                "detail": cause[:400]}
+        return {
+            "pruning_rate": rate,
+            "outcome": f"crashed ({r['status']}; engine {'alive' if alive else 'dead'})",
+            "detail": cause[:400],
+        }
     finally:
         srv.stop()
 
@@ -317,9 +403,17 @@ def try_evs(model: Path, media: Path, clip: Clip, rate: float, log_dir: Path) ->
 # ---------------------------------------------------------------------------------------------- report
 
 
-def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: dict, decision: dict,
-              feature: Optional[dict] = None, feature_decision: Optional[dict] = None,
-              dtd_vllm_loader: Optional[dict] = None) -> dict:
+def summarize(
+    clips: list[Clip],
+    dtd: dict,
+    stock: dict,
+    uniform: dict,
+    held: dict,
+    decision: dict,
+    feature: dict | None = None,
+    feature_decision: dict | None = None,
+    dtd_vllm_loader: dict | None = None,
+) -> dict:
     """Per clip and overall ratios. ``dtd`` is pixel-level DTD (the server default); ``feature``, when
     measured, feature-level DTD on the same server (vision tower in the API server)."""
     per_clip = []
@@ -328,32 +422,54 @@ def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: di
         ratio = d["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan")
         ceiling = s["prompt_tokens"] / d["prompt_tokens"]
         f = (feature or {}).get(c.name)
-        feat = {} if f is None else {
-            "feature_prompt_tokens": f["cN"]["prompt_tokens"],
-            "feature_throughput_ratio": f["cN"]["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan"),
-            "feature_ttft_p50_ratio_c1": f["c1"]["ttft_p50_s"] / stock[c.name]["c1"]["ttft_p50_s"],
-            "feature_encoder_s_per_request": f["c1"].get("encoder_s_per_request")}
+        feat = (
+            {}
+            if f is None
+            else {
+                "feature_prompt_tokens": f["cN"]["prompt_tokens"],
+                "feature_throughput_ratio": f["cN"]["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan"),
+                "feature_ttft_p50_ratio_c1": f["c1"]["ttft_p50_s"] / stock[c.name]["c1"]["ttft_p50_s"],
+                "feature_encoder_s_per_request": f["c1"].get("encoder_s_per_request"),
+            }
+        )
         v = (dtd_vllm_loader or {}).get(c.name)
         if v is not None:  # pixel-level DTD with vLLM's own video loader on the same server
             vr = v["cN"]["req_per_s"] / s["req_per_s"] if s["req_per_s"] else float("nan")
             feat.update(vllm_loader_throughput_ratio=vr, vllm_loader_of_ceiling=vr / ceiling)
-        per_clip.append({**feat, "clip": c.name, "video_tokens": c.video_tokens, "kept_video_tokens": held[c.name]["kept"],
-                         "stock_prompt_tokens": s["prompt_tokens"], "dtd_prompt_tokens": d["prompt_tokens"],
-                         "uniform_prompt_tokens": u.get("prompt_tokens"),
-                         "throughput_ratio": ratio, "ceiling": ceiling, "of_ceiling": ratio / ceiling,
-                         "uniform_throughput_ratio": (u["req_per_s"] / s["req_per_s"]) if u and s["req_per_s"] else None,
-                         "ttft_p50_ratio_c1": dtd[c.name]["c1"]["ttft_p50_s"] / stock[c.name]["c1"]["ttft_p50_s"],
-                         "dtd_held_error": held[c.name]["dtd"], "uniform_held_error": held[c.name]["uniform"]})
+        per_clip.append(
+            {
+                **feat,
+                "clip": c.name,
+                "video_tokens": c.video_tokens,
+                "kept_video_tokens": held[c.name]["kept"],
+                "stock_prompt_tokens": s["prompt_tokens"],
+                "dtd_prompt_tokens": d["prompt_tokens"],
+                "uniform_prompt_tokens": u.get("prompt_tokens"),
+                "throughput_ratio": ratio,
+                "ceiling": ceiling,
+                "of_ceiling": ratio / ceiling,
+                "uniform_throughput_ratio": (u["req_per_s"] / s["req_per_s"]) if u and s["req_per_s"] else None,
+                "ttft_p50_ratio_c1": dtd[c.name]["c1"]["ttft_p50_s"] / stock[c.name]["c1"]["ttft_p50_s"],
+                "dtd_held_error": held[c.name]["dtd"],
+                "uniform_held_error": held[c.name]["uniform"],
+            }
+        )
     tot_s = sum(stock[c.name]["cN"]["wall_s"] for c in clips)
     tot_d = sum(dtd[c.name]["cN"]["wall_s"] for c in clips)
     tok_s = sum(stock[c.name]["cN"]["prompt_tokens"] for c in clips)
     tok_d = sum(dtd[c.name]["cN"]["prompt_tokens"] for c in clips)
+
     def share(prefix="", timing=decision):
         d, p = timing.get(f"{prefix}decision_s"), timing.get(f"{prefix}preprocess_s")
         return d / p if d is not None and p else float("nan")
 
-    out = {"per_clip": per_clip, "throughput_ratio": tot_s / tot_d, "ceiling": tok_s / tok_d,
-           "dtd_overhead": share(), "dtd_overhead_whole_run": share("all_")}
+    out = {
+        "per_clip": per_clip,
+        "throughput_ratio": tot_s / tot_d,
+        "ceiling": tok_s / tok_d,
+        "dtd_overhead": share(),
+        "dtd_overhead_whole_run": share("all_"),
+    }
     if dtd_vllm_loader:
         out["vllm_loader_throughput_ratio"] = tot_s / sum(dtd_vllm_loader[c.name]["cN"]["wall_s"] for c in clips)
     if feature:
@@ -363,35 +479,89 @@ def summarize(clips: list[Clip], dtd: dict, stock: dict, uniform: dict, held: di
     return out
 
 
-def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict, feature: Optional[dict] = None):
+def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict, feature: dict | None = None):
     from plotly.subplots import make_subplots
 
     names = [r["clip"] for r in summary["per_clip"]]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=(
-        "requests/s at concurrency N", "TTFT p50 at concurrency 1 (s)", "prompt tokens", "throughput ratio vs ceiling"))
-    for label, data, color in (("stock", stock, "#888"), ("DTD pixel", dtd, "#d62728"), ("DTD feature", feature or {}, "#9467bd"),
-                               ("uniform (DTD budget)", uniform, "#1f77b4")):
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=(
+            "requests/s at concurrency N",
+            "TTFT p50 at concurrency 1 (s)",
+            "prompt tokens",
+            "throughput ratio vs ceiling",
+        ),
+    )
+    for label, data, color in (
+        ("stock", stock, "#888"),
+        ("DTD pixel", dtd, "#d62728"),
+        ("DTD feature", feature or {}, "#9467bd"),
+        ("uniform (DTD budget)", uniform, "#1f77b4"),
+    ):
         present = [n for n in names if n in data]
-        fig.add_bar(x=present, y=[data[n]["cN"]["req_per_s"] for n in present], name=label, marker_color=color, row=1, col=1,
-                    legendgroup=label)
-        fig.add_bar(x=present, y=[data[n]["c1"].get("ttft_p50_s") for n in present], name=label, marker_color=color, row=1, col=2,
-                    legendgroup=label, showlegend=False)
-        fig.add_bar(x=present, y=[data[n]["c1"].get("prompt_tokens") for n in present], name=label, marker_color=color, row=2, col=1,
-                    legendgroup=label, showlegend=False)
-    fig.add_bar(x=names, y=[r["throughput_ratio"] for r in summary["per_clip"]], name="DTD/stock req/s", marker_color="#d62728",
-                row=2, col=2)
-    fig.add_scatter(x=names, y=[r["ceiling"] for r in summary["per_clip"]], mode="markers", name="ceiling (stock/DTD tokens)",
-                    marker=dict(symbol="line-ew-open", size=30, color="black", line=dict(width=3)), row=2, col=2)
-    fig.update_layout(title=f"DTD (pixel) vs stock vLLM: throughput ratio {summary['throughput_ratio']:.2f} "
-                            f"(ceiling {summary['ceiling']:.2f}), DTD decision {100 * summary['dtd_overhead']:.1f}% of preprocessing",
-                      barmode="group", template="plotly_white", height=800)
+        fig.add_bar(
+            x=present,
+            y=[data[n]["cN"]["req_per_s"] for n in present],
+            name=label,
+            marker_color=color,
+            row=1,
+            col=1,
+            legendgroup=label,
+        )
+        fig.add_bar(
+            x=present,
+            y=[data[n]["c1"].get("ttft_p50_s") for n in present],
+            name=label,
+            marker_color=color,
+            row=1,
+            col=2,
+            legendgroup=label,
+            showlegend=False,
+        )
+        fig.add_bar(
+            x=present,
+            y=[data[n]["c1"].get("prompt_tokens") for n in present],
+            name=label,
+            marker_color=color,
+            row=2,
+            col=1,
+            legendgroup=label,
+            showlegend=False,
+        )
+    fig.add_bar(
+        x=names,
+        y=[r["throughput_ratio"] for r in summary["per_clip"]],
+        name="DTD/stock req/s",
+        marker_color="#d62728",
+        row=2,
+        col=2,
+    )
+    fig.add_scatter(
+        x=names,
+        y=[r["ceiling"] for r in summary["per_clip"]],
+        mode="markers",
+        name="ceiling (stock/DTD tokens)",
+        marker=dict(symbol="line-ew-open", size=30, color="black", line=dict(width=3)),
+        row=2,
+        col=2,
+    )
+    fig.update_layout(
+        title=f"DTD (pixel) vs stock vLLM: throughput ratio {summary['throughput_ratio']:.2f} "
+        f"(ceiling {summary['ceiling']:.2f}), DTD decision {100 * summary['dtd_overhead']:.1f}% of preprocessing",
+        barmode="group",
+        template="plotly_white",
+        height=800,
+    )
     return fig
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.cli.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer, smaller requests: under 10 minutes on 2 CPU cores")
-    ap.add_argument("--video", type=Path, nargs="+", help="clips (default: ../shared/videos/*.mp4, else the bundled clip)")
+    ap.add_argument(
+        "--video", type=Path, nargs="+", help="clips (default: ../shared/videos/*.mp4, else the bundled clip)"
+    )
     ap.add_argument("--no-synthetic", action="store_true", help="leave out the synthetic clip")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--requests", type=int, help="requests per clip at concurrency 1 (twice that at N)")
@@ -401,8 +571,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-evs", action="store_true", help="skip the EVS attempt")
     add_model_arguments(ap, "bench7b")
     ap.add_argument("--no-feature", action="store_true", help="skip feature-level DTD (the API server's vision tower)")
-    ap.add_argument("--no-loader-comparison", action="store_true",
-                    help="skip DTD with vLLM's own video loader (media_io_kwargs fast_decode false)")
+    ap.add_argument(
+        "--no-loader-comparison",
+        action="store_true",
+        help="skip DTD with vLLM's own video loader (media_io_kwargs fast_decode false)",
+    )
     ap.add_argument("--out", type=Path, default=results_dir("bench"))
     args = ap.parse_args(argv)
     args.requests = args.requests or (2 if args.quick else 4)
@@ -423,16 +596,22 @@ def main(argv=None) -> int:
     model = model_from_arguments(ap, args)
     media = Path(tempfile.mkdtemp(prefix="dtd-bench-"))
     try:
-        videos, refused = args.video or default_videos(), {}
+        videos = args.video or default_videos()
+        refused: dict[str, str] = {}
         clips = prepare_clips(videos, args.fps, args.frames, media, not args.no_synthetic, refused)
         if not any(c.given for c in clips):  # (the synthetic clip alone is no benchmark of the clips asked for)
             raise none_left(refused)
-        print(f"{len(clips)} clips at {args.fps:g} fps, ≤{args.frames} frames; checkpoint {model.name}; "
-              f"concurrency 1 and {args.concurrency}", flush=True)
+        print(
+            f"{len(clips)} clips at {args.fps:g} fps, ≤{args.frames} frames; checkpoint {model.name}; "
+            f"concurrency 1 and {args.concurrency}",
+            flush=True,
+        )
         cfg = dtd_config_from_kwargs({})
 
         print("(1) DTD-vLLM", flush=True)
-        with VLLMServer(model, server_args(media, []), module="vllm_plugin.serve", log_path=args.out / "dtd.log") as srv:
+        with VLLMServer(
+            model, server_args(media, []), module="vllm_plugin.serve", log_path=args.out / "dtd.log"
+        ) as srv:
             served = {}
             for c in list(clips):  # the first request of each clip: one the server refuses is left out
                 try:
@@ -448,8 +627,13 @@ def main(argv=None) -> int:
             after = timing(_metrics(srv.base_url))
             dtd_vllm_loader = None
             if not args.no_loader_comparison:  # the same requests decoded by vLLM's own video loader
-                dtd_vllm_loader = measure(srv, {c.name: c.path for c in clips}, args, "DTD, vLLM's loader",
-                                          media_io={"video": {"fast_decode": False}})
+                dtd_vllm_loader = measure(
+                    srv,
+                    {c.name: c.path for c in clips},
+                    args,
+                    "DTD, vLLM's loader",
+                    media_io={"video": {"fast_decode": False}},
+                )
             feature, feature_decision, served_feature = None, None, {}
             if not args.no_feature:
                 mm = {"dtd_criterion": "feature"}
@@ -467,8 +651,13 @@ def main(argv=None) -> int:
             kept = served[c.name]["kept"]
             mask = dtd_keep_mask(c.pixel, cfg.threshold, metric=cfg.metric, reference=cfg.reference)
             uniform_paths[c.name], umask = uniform_subsample(c, kept, media)
-            held[c.name] = {"kept": kept, "local_kept": int(mask.sum()), "uniform_kept": int(umask.sum()),
-                            "dtd": held_error(c.pixel, mask), "uniform": held_error(c.pixel, umask)}
+            held[c.name] = {
+                "kept": kept,
+                "local_kept": int(mask.sum()),
+                "uniform_kept": int(umask.sum()),
+                "dtd": held_error(c.pixel, mask),
+                "uniform": held_error(c.pixel, umask),
+            }
 
         print("(2) stock vLLM, then uniform frame subsampling at the DTD budget", flush=True)
         with VLLMServer(model, server_args(media, []), log_path=args.out / "stock.log") as srv:
@@ -485,42 +674,83 @@ def main(argv=None) -> int:
         shutil.rmtree(media, ignore_errors=True)
 
     summary = summarize(clips, dtd, stock, uniform, held, decision, feature, feature_decision, dtd_vllm_loader)
-    print(f"\n{'clip':28s} {'tokens s/d/u':>18s} {'ratio':>6s} {'ceil':>6s} {'%ceil':>6s} {'unif':>6s} "
-          f"{'ttft c1':>7s} {'held dtd':>8s} {'held unif':>9s}")
+    print(
+        f"\n{'clip':28s} {'tokens s/d/u':>18s} {'ratio':>6s} {'ceil':>6s} {'%ceil':>6s} {'unif':>6s} "
+        f"{'ttft c1':>7s} {'held dtd':>8s} {'held unif':>9s}"
+    )
     for r in summary["per_clip"]:
-        print(f"{r['clip']:28s} {r['stock_prompt_tokens']:>6d}/{r['dtd_prompt_tokens']:>5d}/{r['uniform_prompt_tokens'] or 0:>5d} "
-              f"{r['throughput_ratio']:6.2f} {r['ceiling']:6.2f} {100 * r['of_ceiling']:5.0f}% {r['uniform_throughput_ratio'] or 0:6.2f} "
-              f"{r['ttft_p50_ratio_c1']:7.2f} {r['dtd_held_error']:8.4f} {r['uniform_held_error']:9.4f}")
+        print(
+            f"{r['clip']:28s} {r['stock_prompt_tokens']:>6d}/{r['dtd_prompt_tokens']:>5d}/"
+            f"{r['uniform_prompt_tokens'] or 0:>5d} "
+            f"{r['throughput_ratio']:6.2f} {r['ceiling']:6.2f} {100 * r['of_ceiling']:5.0f}% "
+            f"{r['uniform_throughput_ratio'] or 0:6.2f} "
+            f"{r['ttft_p50_ratio_c1']:7.2f} {r['dtd_held_error']:8.4f} {r['uniform_held_error']:9.4f}"
+        )
     if dtd_vllm_loader:
         print(f"\n{'clip':28s} {'req/s ratio to stock: plugin loader / vLLM loader':>50s} {'of ceiling':>16s}")
         for r in summary["per_clip"]:
-            print(f"{r['clip']:28s} {r['throughput_ratio']:>33.2f} / {r['vllm_loader_throughput_ratio']:<14.2f} "
-                  f"{100 * r['of_ceiling']:6.0f}% / {100 * r['vllm_loader_of_ceiling']:3.0f}%")
+            print(
+                f"{r['clip']:28s} {r['throughput_ratio']:>33.2f} / {r['vllm_loader_throughput_ratio']:<14.2f} "
+                f"{100 * r['of_ceiling']:6.0f}% / {100 * r['vllm_loader_of_ceiling']:3.0f}%"
+            )
     if feature:
-        print(f"\n{'clip':28s} {'prompt tokens stock/pixel/feature':>34s} {'req/s ratio pixel/feature':>26s} "
-              f"{'ttft c1 ratio pixel/feature':>28s} {'encoder s/req (feature, API server)':>36s}")
+        print(
+            f"\n{'clip':28s} {'prompt tokens stock/pixel/feature':>34s} {'req/s ratio pixel/feature':>26s} "
+            f"{'ttft c1 ratio pixel/feature':>28s} {'encoder s/req (feature, API server)':>36s}"
+        )
         for r in summary["per_clip"]:
-            print(f"{r['clip']:28s} {r['stock_prompt_tokens']:>14d}/{r['dtd_prompt_tokens']:>6d}/{r['feature_prompt_tokens']:>6d} "
-                  f"{r['throughput_ratio']:>13.2f}/{r['feature_throughput_ratio']:<12.2f} {r['ttft_p50_ratio_c1']:>14.2f}/"
-                  f"{r['feature_ttft_p50_ratio_c1']:<13.2f} {r['feature_encoder_s_per_request']:>36.3f}")
-        print(f"feature-level DTD decision {feature_decision['decision_s']:.3f} s of {feature_decision['preprocess_s']:.3f} s "
-              f"of video preprocessing at concurrency 1 (vision tower {feature_decision['encoder_s']:.3f} s, counted apart)")
-    print(f"DTD decision {decision['decision_s']:.3f} s of {decision['preprocess_s']:.3f} s of video preprocessing at concurrency 1 "
-          f"({decision['all_decision_s']:.3f} s of {decision['all_preprocess_s']:.3f} s over the whole run); "
-          f"EVS: {evs['outcome']}; took {time.perf_counter() - t_start:.0f} s")
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "checkpoint": model.name, "summary": summary,
-              "dtd": dtd, "stock": stock, "uniform": uniform, "held": held, "decision": decision, "evs": evs,
-              "served_stats": served, "refused": refused, "feature": feature, "feature_decision": feature_decision,
-              "served_feature_stats": served_feature, "dtd_vllm_loader": dtd_vllm_loader,
-              "seconds": time.perf_counter() - t_start}
+            print(
+                f"{r['clip']:28s} {r['stock_prompt_tokens']:>14d}/{r['dtd_prompt_tokens']:>6d}/"
+                f"{r['feature_prompt_tokens']:>6d} "
+                f"{r['throughput_ratio']:>13.2f}/{r['feature_throughput_ratio']:<12.2f} "
+                f"{r['ttft_p50_ratio_c1']:>14.2f}/"
+                f"{r['feature_ttft_p50_ratio_c1']:<13.2f} {r['feature_encoder_s_per_request']:>36.3f}"
+            )
+        assert feature_decision is not None  # measured with `feature`
+        print(
+            f"feature-level DTD decision {feature_decision['decision_s']:.3f} s "
+            f"of {feature_decision['preprocess_s']:.3f} s of video preprocessing at concurrency 1 "
+            f"(vision tower {feature_decision['encoder_s']:.3f} s, counted apart)"
+        )
+    print(
+        f"DTD decision {decision['decision_s']:.3f} s of {decision['preprocess_s']:.3f} s "
+        f"of video preprocessing at concurrency 1 "
+        f"({decision['all_decision_s']:.3f} s of {decision['all_preprocess_s']:.3f} s over the whole run); "
+        f"EVS: {evs['outcome']}; took {time.perf_counter() - t_start:.0f} s"
+    )
+    result = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "checkpoint": model.name,
+        "summary": summary,
+        "dtd": dtd,
+        "stock": stock,
+        "uniform": uniform,
+        "held": held,
+        "decision": decision,
+        "evs": evs,
+        "served_stats": served,
+        "refused": refused,
+        "feature": feature,
+        "feature_decision": feature_decision,
+        "served_feature_stats": served_feature,
+        "dtd_vllm_loader": dtd_vllm_loader,
+        "seconds": time.perf_counter() - t_start,
+    }
     (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=float))
-    write_report(args.out / "bench.html", [report_figure(summary, dtd, stock, uniform, feature)], "DTD serving benchmark")
-    last = f"throughput_ratio={summary['throughput_ratio']:.3f} ceiling={summary['ceiling']:.3f} dtd_overhead={summary['dtd_overhead']:.4f}"
+    write_report(
+        args.out / "bench.html", [report_figure(summary, dtd, stock, uniform, feature)], "DTD serving benchmark"
+    )
+    last = (
+        f"throughput_ratio={summary['throughput_ratio']:.3f} ceiling={summary['ceiling']:.3f} "
+        f"dtd_overhead={summary['dtd_overhead']:.4f}"
+    )
     if dtd_vllm_loader:
         last += f" vllm_loader_throughput_ratio={summary['vllm_loader_throughput_ratio']:.3f}"
     if feature:
-        last += (f" feature_throughput_ratio={summary['feature_throughput_ratio']:.3f}"
-                 f" feature_dtd_overhead={summary['feature_dtd_overhead']:.4f}")
+        last += (
+            f" feature_throughput_ratio={summary['feature_throughput_ratio']:.3f}"
+            f" feature_dtd_overhead={summary['feature_dtd_overhead']:.4f}"
+        )
     print(last)
     return 0
 

@@ -1,6 +1,7 @@
 """Benchmark: video preprocessing in the API server, vLLM's loader against the plugin's.
 
-    python -m analysis.cli.bench_preprocess [--video PATH ...] [--fps 2] [--concurrency 4] [--out results/bench_preprocess]
+    python -m analysis.cli.bench_preprocess [--video PATH ...] [--fps 2] [--concurrency 4]
+                                            [--out results/bench_preprocess]
 
 Per clip (default: the ORIGINAL files of ``../shared/videos``, as a user would send them):
 
@@ -53,7 +54,9 @@ def skip(clip: str, reason: str) -> None:
 
 
 def none_left(refused: dict[str, str]) -> SystemExit:
-    return SystemExit(f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure")
+    return SystemExit(
+        f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure"
+    )
 
 
 def equivalence(clips: dict[str, Path], model: Path, fps: float, dtd, refused: dict[str, str]) -> dict:
@@ -69,9 +72,12 @@ def equivalence(clips: dict[str, Path], model: Path, fps: float, dtd, refused: d
             refused[name] = e.reason
             skip(name, e.reason)
             continue
-        print(f"  {c.clip:30s} frames {c.frames:4d} indices {'=' if c.indices_equal else '≠'} grid "
-              f"{'=' if c.grid_equal else '≠'} {c.grid} |Δ| mean {c.mean_abs_diff:.2f} max {c.max_abs_diff:.0f} "
-              f"mask agreement {c.mask_agreement:.4f}{'' if c.planned else FALLBACK_NOTE}", flush=True)
+        print(
+            f"  {c.clip:30s} frames {c.frames:4d} indices {'=' if c.indices_equal else '≠'} grid "
+            f"{'=' if c.grid_equal else '≠'} {c.grid} |Δ| mean {c.mean_abs_diff:.2f} max {c.max_abs_diff:.0f} "
+            f"mask agreement {c.mask_agreement:.4f}{'' if c.planned else FALLBACK_NOTE}",
+            flush=True,
+        )
     return eq
 
 
@@ -99,16 +105,25 @@ def figure(rows: list[dict]):
     import plotly.graph_objects as go
 
     names = [r["clip"] for r in rows]
-    fig = go.Figure([go.Bar(name="vLLM's loader", x=names, y=[r["served_s_vllm"] for r in rows]),
-                     go.Bar(name="plugin's loader", x=names, y=[r["served_s_fast"] for r in rows])])
-    fig.update_layout(barmode="group", yaxis_title="API-server preprocessing s / request",
-                      title="Video preprocessing per request (decode + processor + DTD decision)")
+    fig = go.Figure(
+        [
+            go.Bar(name="vLLM's loader", x=names, y=[r["served_s_vllm"] for r in rows]),
+            go.Bar(name="plugin's loader", x=names, y=[r["served_s_fast"] for r in rows]),
+        ]
+    )
+    fig.update_layout(
+        barmode="group",
+        yaxis_title="API-server preprocessing s / request",
+        title="Video preprocessing per request (decode + processor + DTD decision)",
+    )
     return fig
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.cli.bench_preprocess", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--video", type=Path, nargs="+", help="clips (default: ../shared/videos/*.mp4, else the bundled clip)")
+    ap.add_argument(
+        "--video", type=Path, nargs="+", help="clips (default: ../shared/videos/*.mp4, else the bundled clip)"
+    )
     ap.add_argument("--fps", type=float, default=2.0, help="sampling rate (vLLM's Qwen2-VL loader default: 2)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--requests", type=int, default=3, help="requests per clip and loader, one at a time")
@@ -146,7 +161,9 @@ def main(argv=None) -> int:
         extra = ["--media-io-kwargs", json.dumps({"video": {"fps": args.fps}})]
         rows = {name: {"clip": name, **eq[name].as_row()} for name in clips}
         print("(2) DTD-vLLM: vLLM's loader (fast_decode false) and the plugin's", flush=True)
-        with VLLMServer(model, server_args(media, extra), module="vllm_plugin.serve", log_path=args.out / "dtd.log") as srv:
+        with VLLMServer(
+            model, server_args(media, extra), module="vllm_plugin.serve", log_path=args.out / "dtd.log"
+        ) as srv:
             for name, path in list(clips.items()):
                 for mio in (EXACT, None):  # warm-up, each loader; a refused clip is left out
                     why = refusal(one_request(srv.base_url, srv.model, path, 1, media_io=mio))
@@ -159,17 +176,29 @@ def main(argv=None) -> int:
                     continue
                 exact = preprocess_seconds(srv, path, EXACT, args.requests)
                 fast = preprocess_seconds(srv, path, None, args.requests)
-                load_exact = run_load(srv.base_url, srv.model, path, args.load_requests, args.concurrency, 4, None, media_io=EXACT)
+                load_exact = run_load(
+                    srv.base_url, srv.model, path, args.load_requests, args.concurrency, 4, None, media_io=EXACT
+                )
                 load_fast = run_load(srv.base_url, srv.model, path, args.load_requests, args.concurrency, 4, None)
                 row = rows[name]
-                row.update(served_s_vllm=statistics.median(exact), served_s_fast=statistics.median(fast),
-                           req_s_vllm=load_exact["req_per_s"], req_s_fast=load_fast["req_per_s"],
-                           ttft_p50_vllm=load_exact.get("ttft_p50_s"), ttft_p50_fast=load_fast.get("ttft_p50_s"),
-                           prompt_tokens_vllm=load_exact.get("prompt_tokens"), prompt_tokens_fast=load_fast.get("prompt_tokens"))
+                row.update(
+                    served_s_vllm=statistics.median(exact),
+                    served_s_fast=statistics.median(fast),
+                    req_s_vllm=load_exact["req_per_s"],
+                    req_s_fast=load_fast["req_per_s"],
+                    ttft_p50_vllm=load_exact.get("ttft_p50_s"),
+                    ttft_p50_fast=load_fast.get("ttft_p50_s"),
+                    prompt_tokens_vllm=load_exact.get("prompt_tokens"),
+                    prompt_tokens_fast=load_fast.get("prompt_tokens"),
+                )
                 row["served_speedup"] = row["served_s_vllm"] / max(row["served_s_fast"], 1e-9)
-                print(f"  {name:30s} preprocess {row['served_s_vllm']:6.2f}s -> {row['served_s_fast']:6.2f}s "
-                      f"(x{row['served_speedup']:.2f}) | c={args.concurrency} {row['req_s_vllm']:.2f} -> "
-                      f"{row['req_s_fast']:.2f} req/s, ttft p50 {row['ttft_p50_vllm']:.2f} -> {row['ttft_p50_fast']:.2f}s", flush=True)
+                print(
+                    f"  {name:30s} preprocess {row['served_s_vllm']:6.2f}s -> {row['served_s_fast']:6.2f}s "
+                    f"(x{row['served_speedup']:.2f}) | c={args.concurrency} {row['req_s_vllm']:.2f} -> "
+                    f"{row['req_s_fast']:.2f} req/s, "
+                    f"ttft p50 {row['ttft_p50_vllm']:.2f} -> {row['ttft_p50_fast']:.2f}s",
+                    flush=True,
+                )
 
         if not args.no_stock:
             print("(3) stock vLLM (plugin not loaded)", flush=True)
@@ -180,10 +209,16 @@ def main(argv=None) -> int:
                         skip(f"{name} (stock vLLM)", why)
                         continue
                     load = run_load(srv.base_url, srv.model, path, args.load_requests, args.concurrency, 4, None)
-                    rows[name].update(req_s_stock=load["req_per_s"], ttft_p50_stock=load.get("ttft_p50_s"),
-                                      prompt_tokens_stock=load.get("prompt_tokens"))
-                    print(f"  {name:30s} c={args.concurrency} {load['req_per_s']:.2f} req/s, ttft p50 "
-                          f"{load.get('ttft_p50_s', float('nan')):.2f}s", flush=True)
+                    rows[name].update(
+                        req_s_stock=load["req_per_s"],
+                        ttft_p50_stock=load.get("ttft_p50_s"),
+                        prompt_tokens_stock=load.get("prompt_tokens"),
+                    )
+                    print(
+                        f"  {name:30s} c={args.concurrency} {load['req_per_s']:.2f} req/s, ttft p50 "
+                        f"{load.get('ttft_p50_s', float('nan')):.2f}s",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(media, ignore_errors=True)
 
@@ -192,11 +227,20 @@ def main(argv=None) -> int:
         raise none_left(refused)
     speedup = statistics.median(r["served_speedup"] for r in table)
     agreement = min(r["mask_agreement"] for r in table)
-    summary = {"fps": args.fps, "concurrency": args.concurrency, "checkpoint": model.name,
-               "preprocess_speedup": speedup, "mask_agreement": agreement, "clips": table, "refused": refused,
-               "seconds": time.perf_counter() - t_start}
+    summary = {
+        "fps": args.fps,
+        "concurrency": args.concurrency,
+        "checkpoint": model.name,
+        "preprocess_speedup": speedup,
+        "mask_agreement": agreement,
+        "clips": table,
+        "refused": refused,
+        "seconds": time.perf_counter() - t_start,
+    }
     (args.out / "bench_preprocess.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_report(args.out / "bench_preprocess.html", [figure(table)], "Video preprocessing: vLLM's loader vs the plugin's")
+    write_report(
+        args.out / "bench_preprocess.html", [figure(table)], "Video preprocessing: vLLM's loader vs the plugin's"
+    )
     print(f"wrote {args.out / 'bench_preprocess.json'} in {summary['seconds']:.0f} s")
     print(f"preprocess_speedup={speedup:.2f} mask_agreement={agreement:.4f}")
     return 0

@@ -32,13 +32,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
 from analysis.lib.paths import results_dir
-from vllm_plugin.streams.session import Geometry
 from analysis.lib.video import SAMPLE_VIDEO, VideoDecodeError, load_video, write_video
+from vllm_plugin.streams.session import Geometry
 
 QUESTION = "What is happening now?"
 BENCH_SIZE = (168, 280)  # frames resized to 6x10 tokens per temporal step so that (b) fits a 32k context
@@ -49,7 +50,7 @@ def prepare_frames(video: Path, fps: float, minutes: float) -> tuple[np.ndarray,
 
     v = load_video(video, fps=fps)
     h, w = BENCH_SIZE
-    base = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in v.frames])
+    base = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in v.frames])
     n = int(round(minutes * 60 * fps))
     frames = np.concatenate([base] * (n // len(base) + 1))[:n]
     return frames, np.arange(n) / fps
@@ -62,7 +63,11 @@ def question_points(n_frames: int, fps: float, every: float) -> list[int]:
     return list(range(step, n_frames + 1, step))
 
 
-MODES = {"eager": {"prefill": "eager"}, "lazy": {"prefill": "lazy"}, "feature": {"prefill": "eager", "dtd_criterion": "feature"}}
+MODES: dict[str, dict[str, Any]] = {  # open_stream's settings
+    "eager": {"prefill": "eager"},
+    "lazy": {"prefill": "lazy"},
+    "feature": {"prefill": "eager", "dtd_criterion": "feature"},
+}
 
 
 def run_stream(srv, frames, stamps, points, fps, mode: str) -> list[dict]:
@@ -82,11 +87,21 @@ def run_stream(srv, frames, stamps, points, fps, mode: str) -> list[dict]:
         r = s.ask(QUESTION, max_tokens=1)
         dt = time.perf_counter() - t0
         u = r["usage"]
-        rows.append({"time_s": float(stamps[n - 1]), "ttft_s": dt, "prompt_tokens": u["prompt_tokens"],
-                     "prefilled_tokens": u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"],
-                     "chunks": r["stream_state"]["chunks"]})
-        print(f"  (a:{mode}) t={rows[-1]['time_s']:6.1f}s ttft {dt * 1000:7.0f} ms prefilled {rows[-1]['prefilled_tokens']:6d} "
-              f"of {u['prompt_tokens']:6d} ({rows[-1]['chunks']} chunks)", flush=True)
+        rows.append(
+            {
+                "time_s": float(stamps[n - 1]),
+                "ttft_s": dt,
+                "prompt_tokens": u["prompt_tokens"],
+                "prefilled_tokens": u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"],
+                "chunks": r["stream_state"]["chunks"],
+            }
+        )
+        print(
+            f"  (a:{mode}) t={rows[-1]['time_s']:6.1f}s ttft {dt * 1000:7.0f} ms "
+            f"prefilled {rows[-1]['prefilled_tokens']:6d} "
+            f"of {u['prompt_tokens']:6d} ({rows[-1]['chunks']} chunks)",
+            flush=True,
+        )
     s.close()
     return rows
 
@@ -108,23 +123,46 @@ def run_stock(model: Path, frames, stamps, points, fps, server_args, media: Path
     from analysis.harness.server import VLLMServer
 
     rows = []
-    with VLLMServer(model, server_args + ["--allowed-local-media-path", str(media), "--media-io-kwargs",
-                                          json.dumps({"video": {"num_frames": -1}})]) as srv:
+    with VLLMServer(
+        model,
+        server_args
+        + ["--allowed-local-media-path", str(media), "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}})],
+    ) as srv:
         client = srv.client()
         client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": "warm up"}], max_tokens=1)
         for n in points:
             path = write_video(media / f"so_far_{n}.mp4", frames[:n], fps)
             t0 = time.perf_counter()
             r = client.chat.completions.create(
-                model=srv.model, max_tokens=1, temperature=0,
-                messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
-                                                       {"type": "text", "text": QUESTION}]}])
+                model=srv.model,
+                max_tokens=1,
+                temperature=0,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                            {"type": "text", "text": QUESTION},
+                        ],
+                    }
+                ],
+            )
             dt = time.perf_counter() - t0
             cached = (r.usage.prompt_tokens_details.cached_tokens or 0) if r.usage.prompt_tokens_details else 0
-            rows.append({"time_s": float(stamps[n - 1]), "ttft_s": dt, "prompt_tokens": r.usage.prompt_tokens,
-                         "prefilled_tokens": r.usage.prompt_tokens - cached})
-            print(f"  (b) t={rows[-1]['time_s']:6.1f}s ttft {dt * 1000:7.0f} ms prefilled {rows[-1]['prefilled_tokens']:6d} "
-                  f"of {r.usage.prompt_tokens:6d}", flush=True)
+            rows.append(
+                {
+                    "time_s": float(stamps[n - 1]),
+                    "ttft_s": dt,
+                    "prompt_tokens": r.usage.prompt_tokens,
+                    "prefilled_tokens": r.usage.prompt_tokens - cached,
+                }
+            )
+            print(
+                f"  (b) t={rows[-1]['time_s']:6.1f}s ttft {dt * 1000:7.0f} ms "
+                f"prefilled {rows[-1]['prefilled_tokens']:6d} "
+                f"of {r.usage.prompt_tokens:6d}",
+                flush=True,
+            )
             path.unlink()
     return rows
 
@@ -143,14 +181,17 @@ def main(argv=None) -> int:
     ap.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--every", type=float, default=10.0, help="seconds of video between questions")
-    ap.add_argument("--modes", default="eager,lazy,feature", help=f"DTD stream modes, in order, the first one is compared: {sorted(MODES)}")
+    ap.add_argument(
+        "--modes",
+        default="eager,lazy,feature",
+        help=f"DTD stream modes, in order, the first one is compared: {sorted(MODES)}",
+    )
     add_model_arguments(ap, "bench7b")
     ap.add_argument("--out", type=Path, default=results_dir("bench_stream"))
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         ap.error(f"--modes: choose from {sorted(MODES)}")
-
 
     try:
         frames, stamps = prepare_frames(args.video, args.fps, args.minutes)
@@ -160,12 +201,23 @@ def main(argv=None) -> int:
         raise SystemExit(f"every clip was refused ({args.video.name}: {reason}): nothing to measure") from None
     model = model_from_arguments(ap, args)
     points = question_points(len(frames), args.fps, args.every)
-    server_args = ["--max-model-len", "32768", "--max-num-batched-tokens", "32768", "--block-size", "32",
-                   "--enable-prompt-tokens-details",
-                   # eager streams cut a chunk per append with kept tokens (at most one per second of video)
-                   "--limit-mm-per-prompt", json.dumps({"video": int(len(frames) / args.fps) + len(points) + 2})]
-    print(f"{args.video.name} looped to {args.minutes:g} min at {args.fps:g} fps: {len(frames)} frames "
-          f"({BENCH_SIZE[1]}x{BENCH_SIZE[0]}), {len(points)} questions, checkpoint {model.name}", flush=True)
+    server_args = [
+        "--max-model-len",
+        "32768",
+        "--max-num-batched-tokens",
+        "32768",
+        "--block-size",
+        "32",
+        "--enable-prompt-tokens-details",
+        # eager streams cut a chunk per append with kept tokens (at most one per second of video)
+        "--limit-mm-per-prompt",
+        json.dumps({"video": int(len(frames) / args.fps) + len(points) + 2}),
+    ]
+    print(
+        f"{args.video.name} looped to {args.minutes:g} min at {args.fps:g} fps: {len(frames)} frames "
+        f"({BENCH_SIZE[1]}x{BENCH_SIZE[0]}), {len(points)} questions, checkpoint {model.name}",
+        flush=True,
+    )
     media = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     try:
         print(f"(a) DTD streams ({', '.join(modes)}), KV cache reused across questions", flush=True)
@@ -183,26 +235,48 @@ def main(argv=None) -> int:
     summary = {}
     for m in modes:
         rows = a[m]
-        summary[m] = {"ttft_ratio": rows[-1]["ttft_s"] / b[-1]["ttft_s"],
-                      "prefill_ratio": rows[-1]["prefilled_tokens"] / max(1, b[-1]["prefilled_tokens"]),
-                      "question_prefill_tokens": sum(r["prefilled_tokens"] for r in rows) / len(rows),
-                      "ttft_growth": ttft_growth(rows), "encoder_s": encoder_s[m], "chunks": rows[-1]["chunks"]}
-        print(f"  {m:8s} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary[m].items()))
+        summary[m] = {
+            "ttft_ratio": rows[-1]["ttft_s"] / b[-1]["ttft_s"],
+            "prefill_ratio": rows[-1]["prefilled_tokens"] / max(1, b[-1]["prefilled_tokens"]),
+            "question_prefill_tokens": sum(r["prefilled_tokens"] for r in rows) / len(rows),
+            "ttft_growth": ttft_growth(rows),
+            "encoder_s": encoder_s[m],
+            "chunks": rows[-1]["chunks"],
+        }
+        print(
+            f"  {m:8s} "
+            + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary[m].items())
+        )
     summary["stock"] = {"ttft_growth": ttft_growth(b)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_stream.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "checkpoint": model.name, "streams": a, "stock": b,
-         "summary": summary}, indent=2))
+    (args.out / "bench_stream.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "checkpoint": model.name,
+                "streams": a,
+                "stock": b,
+                "summary": summary,
+            },
+            indent=2,
+        )
+    )
     try:
         from analysis.lib.figures import stream_ttft_figure
         from analysis.lib.reports import write_report
 
-        write_report(args.out / "bench_stream.html", [stream_ttft_figure(a[modes[0]], b)], "DTD stream vs stock: time to first token")
+        write_report(
+            args.out / "bench_stream.html",
+            [stream_ttft_figure(a[modes[0]], b)],
+            "DTD stream vs stock: time to first token",
+        )
     except ImportError:
         pass
     s0 = summary[modes[0]]
-    print(f"ttft_ratio={s0['ttft_ratio']:.4f} prefill_ratio={s0['prefill_ratio']:.4f} "
-          f"question_prefill_tokens={s0['question_prefill_tokens']:.1f} ttft_growth={s0['ttft_growth']:.3f}")
+    print(
+        f"ttft_ratio={s0['ttft_ratio']:.4f} prefill_ratio={s0['prefill_ratio']:.4f} "
+        f"question_prefill_tokens={s0['question_prefill_tokens']:.1f} ttft_growth={s0['ttft_growth']:.3f}"
+    )
     return 0
 
 

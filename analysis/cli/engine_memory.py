@@ -38,16 +38,35 @@ def main(argv=None) -> int:
 
     media = Path(tempfile.mkdtemp(prefix="engine-memory-"))
     frames = np.full((args.frames, args.side, args.side, 3), 120, np.uint8)
-    frames[:, args.side // 4: args.side // 2, args.side // 4: args.side // 2] = 30
+    frames[:, args.side // 4 : args.side // 2, args.side // 4 : args.side // 2] = 30
     video = write_video(media / "static.mp4", frames, 2.0)
-    short = write_video(media / "short.mp4", frames[:max(2, args.warmup_frames)], 2.0)
-    serve = ["--max-model-len", str(args.max_model_len), "--max-num-batched-tokens", str(args.max_model_len),
-             "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}}), "--allowed-local-media-path", str(media)]
+    short = write_video(media / "short.mp4", frames[: max(2, args.warmup_frames)], 2.0)
+    serve = [
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-batched-tokens",
+        str(args.max_model_len),
+        "--media-io-kwargs",
+        json.dumps({"video": {"num_frames": -1}}),
+        "--allowed-local-media-path",
+        str(media),
+    ]
+
     def ask(srv, path):
         raw = srv.client().chat.completions.with_raw_response.create(
-            model=srv.model, max_tokens=4, temperature=0.0,
-            messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
-                                                   {"type": "text", "text": "what happens"}]}])
+            model=srv.model,
+            max_tokens=4,
+            temperature=0.0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                        {"type": "text", "text": "what happens"},
+                    ],
+                }
+            ],
+        )
         return json.loads(raw.headers.get("x-dtd-stats", '{"videos": [{}]}'))["videos"][0]
 
     with VLLMServer(ensure_tiny_model("test"), serve, module="vllm_plugin.serve") as srv:
@@ -58,9 +77,11 @@ def main(argv=None) -> int:
         stats = ask(srv, video)
         after = srv.worker_peak_mb()
     met = after <= startup
-    print(f"startup_peak_mb={startup:.0f} warm_peak_mb={warm:.0f} after_peak_mb={after:.0f} ratio={after / startup:.4f} "
-          f"ratio_warm={after / warm:.4f} tokens_before_dtd={stats.get('total')} kept={stats.get('kept')} "
-          f"goal={'met' if met else 'NOT met'}")
+    print(
+        f"startup_peak_mb={startup:.0f} warm_peak_mb={warm:.0f} after_peak_mb={after:.0f} ratio={after / startup:.4f} "
+        f"ratio_warm={after / warm:.4f} tokens_before_dtd={stats.get('total')} kept={stats.get('kept')} "
+        f"goal={'met' if met else 'NOT met'}"
+    )
     return 0 if met else 1
 
 

@@ -44,10 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--serve-args", default="", help="extra flags for the server --model starts (one string)")
     ap.add_argument("--served-model", default=None, help="model name to send (default: the server's)")
     ap.add_argument("--modes", default="full,dtd,uniform", help=f"comma list of {list(MODES)}")
-    ap.add_argument("--thresholds", default=None, help="τ grid: start:stop:step (stop included) or a comma list "
-                    "(default: the criterion's default τ)")
+    ap.add_argument(
+        "--thresholds",
+        default=None,
+        help="τ grid: start:stop:step (stop included) or a comma list (default: the criterion's default τ)",
+    )
     ap.add_argument("--criterion", default="feature", help=f"comma list of {list(CRITERIA)} (the paper's: feature)")
-    ap.add_argument("--metric", default=None, help=f"one of {list(METRICS)} (default: cosine for feature, l1 for pixel)")
+    ap.add_argument(
+        "--metric", default=None, help=f"one of {list(METRICS)} (default: cosine for feature, l1 for pixel)"
+    )
     ap.add_argument("--fps", type=float, default=1.0, help="frames per second played (the paper's evaluation: 1)")
     ap.add_argument("--limit", type=int, default=None, help="the first N questions of the file only")
     ap.add_argument("--out", required=True, type=Path)
@@ -111,12 +116,24 @@ def main(argv=None) -> int:
 
         extra = ["--dtd-streams", *shlex.split(args.serve_args)]
         server = VLLMServer(args.model, extra, module="vllm_plugin.serve", cpu_defaults=not gpu_available())
-        print(f"starting python -m vllm_plugin.serve on {args.model} (log: {server.log_path})", file=sys.stderr, flush=True)
+        print(
+            f"starting python -m vllm_plugin.serve on {args.model} (log: {server.log_path})",
+            file=sys.stderr,
+            flush=True,
+        )
         server.start()
         url = server.base_url
     try:
-        out = evaluate(questions, args.videos, url, args.mode_list, args.out, fps=args.fps, model=args.served_model,
-                       progress=not args.quiet)
+        out = evaluate(
+            questions,
+            args.videos,
+            url,
+            args.mode_list,
+            args.out,
+            fps=args.fps,
+            model=args.served_model,
+            progress=not args.quiet,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -124,16 +141,23 @@ def main(argv=None) -> int:
         if server is not None:
             server.stop()
     df = out.results
-    print(f"{out.ran} passes run, {out.skipped} already in {args.out}; {len(issues)} malformed entries, "
-          f"{len(out.missing)} videos missing, {len(out.failed)} passes failed; results.csv/.parquet, summary.csv" + (f", {out.report}" if out.report else ""))
+    print(
+        f"{out.ran} passes run, {out.skipped} already in {args.out}; {len(issues)} malformed entries, "
+        f"{len(out.missing)} videos missing, {len(out.failed)} passes failed; results.csv/.parquet, summary.csv"
+        + (f", {out.report}" if out.report else "")
+    )
     if not df.empty:
         for r in summarize(df, by=()).to_dict("records"):
-            print(f"mode={r['mode_key']} questions={r['questions']} accuracy={r['accuracy']:.4f} "
-                  f"unparsed={r['unparsed']} errors={r['errors']} drop_ratio={r['drop_ratio']:.4f} "
-                  f"prompt_tokens={r['prompt_tokens']:.0f} ttft_s={r['ttft_s']:.3f}")
+            print(
+                f"mode={r['mode_key']} questions={r['questions']} accuracy={r['accuracy']:.4f} "
+                f"unparsed={r['unparsed']} errors={r['errors']} drop_ratio={r['drop_ratio']:.4f} "
+                f"prompt_tokens={r['prompt_tokens']:.0f} ttft_s={r['ttft_s']:.3f}"
+            )
         for r in ovo_scores(df).to_dict("records"):
-            print(f"mode={r['mode_key']} ovobench " + " ".join(f"{k}={r[k]:.4f}" for k in ("backward", "realtime", "forward", "total")
-                                                           if r[k] == r[k]))
+            print(
+                f"mode={r['mode_key']} ovobench "
+                + " ".join(f"{k}={r[k]:.4f}" for k in ("backward", "realtime", "forward", "total") if r[k] == r[k])
+            )
     print(headline(df))
     return 0
 

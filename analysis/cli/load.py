@@ -3,12 +3,12 @@
     python -m analysis.cli.load [--url URL] [--streams 50] [--seconds 120] [--out results/load]
 
 Every stream (one thread each) opens, then until the deadline appends one temporal step (the
-server's ``temporal_patch_size`` frames) every step's duration of wall time (real-time speed) and asks a short question every
-``--ask-every`` seconds; at the end it checks the server holds exactly the frames it sent, and
-closes. Every loop stops by itself at the deadline. Without ``--url`` a DTD server (tiny ``test``
-checkpoint, stream limits raised to fit) is started and stopped here. Reports HTTP status counts,
-latencies, frames accounted for and the server's resident memory (RSS of its process tree,
-sampled every second). The last line is ``streams=… requests=… 5xx=… frames_lost=… rss_peak_mb=…``.
+server's ``temporal_patch_size`` frames) every step's duration of wall time (real-time speed) and
+asks a short question every ``--ask-every`` seconds; at the end it checks the server holds exactly
+the frames it sent, and closes. Every loop stops by itself at the deadline. Without ``--url`` a DTD
+server (tiny ``test`` checkpoint, stream limits raised to fit) is started and stopped here. Reports
+HTTP status counts, latencies, frames accounted for and the server's resident memory (RSS of its
+process tree, sampled every second). The last line is ``streams=… requests=… 5xx=… frames_lost=… rss_peak_mb=…``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import requests
@@ -63,12 +62,15 @@ def _frames(side: int) -> list[str]:
     from analysis.lib.synthetic import make_clip
     from vllm_plugin.media import encode_png
 
-    return [base64.b64encode(encode_png(np.asarray(Image.fromarray(f).resize((side, side))))).decode()
-            for f in make_clip().frames]
+    return [
+        base64.b64encode(encode_png(np.asarray(Image.fromarray(f).resize((side, side))))).decode()
+        for f in make_clip().frames
+    ]
 
 
-def stream_worker(base_url: str, deadline: float, fps: float, ask_every: float, frames: list[str], offset: int,
-                  record) -> dict:
+def stream_worker(
+    base_url: str, deadline: float, fps: float, ask_every: float, frames: list[str], offset: int, record
+) -> dict:
     """One stream's bounded life. ``record(kind, status, seconds)`` is called for every request."""
     http = requests.Session()
 
@@ -95,8 +97,12 @@ def stream_worker(base_url: str, deadline: float, fps: float, ask_every: float, 
         if now >= deadline:
             break
         if now >= next_ask and sent:
-            call("ask", "post", f"{url}/chat/completions",
-                 json={"messages": [{"role": "user", "content": "What is happening now?"}], "max_tokens": 2})
+            call(
+                "ask",
+                "post",
+                f"{url}/chat/completions",
+                json={"messages": [{"role": "user", "content": "What is happening now?"}], "max_tokens": 2},
+            )
             next_ask += ask_every
             continue
         if now >= next_push:
@@ -114,8 +120,15 @@ def stream_worker(base_url: str, deadline: float, fps: float, ask_every: float, 
     return {"opened": True, "sent": sent, "held": held}
 
 
-def run_load(base_url: str, streams: int = 50, seconds: float = 120.0, fps: float = 2.0, ask_every: float = 10.0,
-             side: int = 112, server_pid: Optional[int] = None) -> dict:
+def run_load(
+    base_url: str,
+    streams: int = 50,
+    seconds: float = 120.0,
+    fps: float = 2.0,
+    ask_every: float = 10.0,
+    side: int = 112,
+    server_pid: int | None = None,
+) -> dict:
     frames = _frames(side)
     lock = threading.Lock()
     log: list[tuple[str, object, float]] = []
@@ -138,7 +151,7 @@ def run_load(base_url: str, streams: int = 50, seconds: float = 120.0, fps: floa
     by_process_start = tree_rss_by_process(server_pid) if server_pid else {}
     rss_start = sum(by_process_start.values()) if server_pid else None
     deadline = time.monotonic() + seconds
-    results: list[Optional[dict]] = [None] * streams
+    results: list[dict | None] = [None] * streams
 
     def run(k):
         # spread the streams' schedules over one step so they do not all push at the same instant
@@ -147,8 +160,10 @@ def run_load(base_url: str, streams: int = 50, seconds: float = 120.0, fps: floa
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=run, args=(k,)) for k in range(streams)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t0
     stop.set()
     if sampler:
@@ -161,12 +176,19 @@ def run_load(base_url: str, streams: int = 50, seconds: float = 120.0, fps: floa
             by_kind[kind] = {"n": len(dts), "p50_s": statistics.median(dts), "p95_s": percentile(dts, 0.95)}
     res = [r for r in results if r]
     return {
-        "streams": streams, "seconds": seconds, "wall_s": wall, "requests": len(log), "statuses": dict(statuses),
+        "streams": streams,
+        "seconds": seconds,
+        "wall_s": wall,
+        "requests": len(log),
+        "statuses": dict(statuses),
         "server_errors": sum(n for s, n in statuses.items() if s.startswith("5")),
         "failed": sum(n for s, n in statuses.items() if not s.startswith("2")),
-        "opened": sum(r["opened"] for r in res), "frames_sent": sum(r["sent"] for r in res),
+        "opened": sum(r["opened"] for r in res),
+        "frames_sent": sum(r["sent"] for r in res),
         "frames_lost": sum(abs(r["sent"] - r["held"]) for r in res if r["opened"]),
-        "latency": by_kind, "rss_start_mb": rss_start, "rss_peak_mb": max(rss) if rss else None,
+        "latency": by_kind,
+        "rss_start_mb": rss_start,
+        "rss_peak_mb": max(rss) if rss else None,
         "rss_end_mb": rss[-1] if rss else None,
         "rss_by_process_mb": {"start": by_process_start, "end": tree_rss_by_process(server_pid) if server_pid else {}},
     }
@@ -181,8 +203,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--ask-every", type=float, default=10.0)
     ap.add_argument("--side", type=int, default=112)
-    ap.add_argument("--mm-cache-gb", type=float, default=0.5,
-                    help="the started server's --mm-processor-cache-gb (vLLM's default: 4)")
+    ap.add_argument(
+        "--mm-cache-gb",
+        type=float,
+        default=0.5,
+        help="the started server's --mm-processor-cache-gb (vLLM's default: 4)",
+    )
     ap.add_argument("--out", type=Path, default=results_dir("load"))
     args = ap.parse_args(argv)
 
@@ -196,16 +222,21 @@ def main(argv=None) -> int:
         from analysis.harness.server import VLLMServer
         from analysis.harness.tiny_model import ensure_tiny_model
 
-        env = {"DTD_STREAM_MAX_STREAMS": str(args.streams + 8),
-               "DTD_STREAM_MAX_FRAMES": str(int(args.seconds * args.fps) + 64)}
+        env = {
+            "DTD_STREAM_MAX_STREAMS": str(args.streams + 8),
+            "DTD_STREAM_MAX_FRAMES": str(int(args.seconds * args.fps) + 64),
+        }
         server_args = ["--dtd-streams", "--block-size", "32", "--mm-processor-cache-gb", str(args.mm_cache_gb)]
         with VLLMServer(ensure_tiny_model("test"), server_args, module="vllm_plugin.serve", env=env) as srv:
+            assert srv.proc is not None  # started by the with
             out = go(srv.base_url, srv.proc.pid)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
-    print(f"streams={out['opened']} requests={out['requests']} 5xx={out['server_errors']} failed={out['failed']} "
-          f"frames_lost={out['frames_lost']} rss_peak_mb={out['rss_peak_mb'] or 0:.0f}")
+    print(
+        f"streams={out['opened']} requests={out['requests']} 5xx={out['server_errors']} failed={out['failed']} "
+        f"frames_lost={out['frames_lost']} rss_peak_mb={out['rss_peak_mb'] or 0:.0f}"
+    )
     return 0
 
 

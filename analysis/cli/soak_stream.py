@@ -66,55 +66,111 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.hours <= 0 or args.hours > 48 or args.speed <= 0 or args.streams < 1 or args.fps <= 0 or args.window <= 0:
         ap.error("--hours in (0, 48], --speed, --fps, --window > 0, --streams >= 1")
-    settings = {k: v for k, v in {"context_tokens": args.context_tokens, "memory_keep": args.memory_keep,
-                                  "max_keyframes": args.max_keyframes, "keep_turns": args.keep_turns,
-                                  "dtd_criterion": args.criterion, "dtd_threshold": args.threshold,
-                                  "prefill": "eager"}.items() if v is not None}
+    settings = {
+        k: v
+        for k, v in {
+            "context_tokens": args.context_tokens,
+            "memory_keep": args.memory_keep,
+            "max_keyframes": args.max_keyframes,
+            "keep_turns": args.keep_turns,
+            "dtd_criterion": args.criterion,
+            "dtd_threshold": args.threshold,
+            "prefill": "eager",
+        }.items()
+        if v is not None
+    }
     if args.url:
         try:
             url = lib.check_loopback(args.url)
         except ValueError as e:
             ap.error(str(e))
     images = lib.encoded_clip(args.video, args.fps)
-    print(f"{args.video.name}: {len(images)} frames at {args.fps:g} fps, looped for {args.hours:g} h of stream time "
-          f"into {args.streams} stream(s) at {args.speed:g}x; a question every {args.ask_every:g} s; {settings}", flush=True)
+    print(
+        f"{args.video.name}: {len(images)} frames at {args.fps:g} fps, looped for {args.hours:g} h of stream time "
+        f"into {args.streams} stream(s) at {args.speed:g}x; a question every {args.ask_every:g} s; {settings}",
+        flush=True,
+    )
 
     def go(url, pid):
-        return lib.run_soak(url, pid, images, args.streams, args.hours, args.speed, args.fps, args.ask_every,
-                            args.append_every, settings, max_tokens=args.max_tokens,
-                            sample_every_s=min(5.0, args.window / args.speed / 3))  # a few samples per window
+        return lib.run_soak(
+            url,
+            pid,
+            images,
+            args.streams,
+            args.hours,
+            args.speed,
+            args.fps,
+            args.ask_every,
+            args.append_every,
+            settings,
+            max_tokens=args.max_tokens,
+            sample_every_s=min(5.0, args.window / args.speed / 3),
+        )  # a few samples per window
 
     if args.url:
         soak = go(url, args.server_pid)
-        info = {"url": url}
+        info: dict[str, object] = {"url": url}
     else:
         from analysis.harness.server import VLLMServer
 
         model = model_from_arguments(ap, args)
-        server_args = ["--dtd-streams", "--block-size", "32", "--enable-prompt-tokens-details",
-                       "--mm-processor-cache-gb", str(args.mm_cache_gb)]
+        server_args = [
+            "--dtd-streams",
+            "--block-size",
+            "32",
+            "--enable-prompt-tokens-details",
+            "--mm-processor-cache-gb",
+            str(args.mm_cache_gb),
+        ]
         env = {"DTD_STREAM_MAX_STREAMS": str(args.streams + 4)}
         with VLLMServer(model, server_args, module="vllm_plugin.serve", env=env) as srv:
             print(f"server: {srv.base_url} ({model.name}; log {srv.log_path})", flush=True)
+            assert srv.proc is not None  # started by the with
             soak = go(srv.base_url, srv.proc.pid)
         info = {"model": str(model), "server_args": server_args}
 
     wins = lib.windows(soak, args.window, end_s=args.hours * 3600)
     s = lib.summary(soak, wins, args.hours)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **info,
-                                                    "summary": s, "windows": wins, "questions": soak.questions,
-                                                    "samples": soak.samples, "events": soak.events,
-                                                    "errors": soak.errors}, indent=1))
-    cols = ["window", "start_s", "questions", "ttft_p50_ms", "ttft_p95_ms", "prefilled_mean", "context_mean", "context_max",
-            "reanchors", "held_frames_max", "rss_total_mb", "kv_usage_max", "lag_max_s"]
+    (args.out / "soak.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                **info,
+                "summary": s,
+                "windows": wins,
+                "questions": soak.questions,
+                "samples": soak.samples,
+                "events": soak.events,
+                "errors": soak.errors,
+            },
+            indent=1,
+        )
+    )
+    cols = [
+        "window",
+        "start_s",
+        "questions",
+        "ttft_p50_ms",
+        "ttft_p95_ms",
+        "prefilled_mean",
+        "context_mean",
+        "context_max",
+        "reanchors",
+        "held_frames_max",
+        "rss_total_mb",
+        "kv_usage_max",
+        "lag_max_s",
+    ]
     with open(args.out / "windows.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols + ["rss_by_process"], extrasaction="ignore")
         w.writeheader()
         for row in wins:
             w.writerow({**row, "rss_by_process": json.dumps(row.get("rss_by_process", {}))})
-    print(f"\n{'window (min)':>12} {'q':>4} {'TTFT p50':>9} {'p95 ms':>7} {'prefilled':>9} {'context':>8} {'max':>6} "
-          f"{'re-anch':>7} {'held fr':>7} {'RSS MB':>7} {'KV use':>6}  RSS by process")
+    print(
+        f"\n{'window (min)':>12} {'q':>4} {'TTFT p50':>9} {'p95 ms':>7} {'prefilled':>9} {'context':>8} {'max':>6} "
+        f"{'re-anch':>7} {'held fr':>7} {'RSS MB':>7} {'KV use':>6}  RSS by process"
+    )
 
     def num(row, key, fmt):
         v = row.get(key)
@@ -122,25 +178,34 @@ def main(argv=None) -> int:
 
     for row in wins:
         rss = ", ".join(f"{k} {v:.0f}" for k, v in sorted((row.get("rss_by_process") or {}).items()))
-        print(f"{row['start_s'] / 60:5.0f}-{row['end_s'] / 60:<6.0f} {row['questions']:4d} {num(row, 'ttft_p50_ms', '9.1f')} "
-              f"{num(row, 'ttft_p95_ms', '7.1f')} {num(row, 'prefilled_mean', '9.1f')} {num(row, 'context_mean', '8.0f')} "
-              f"{num(row, 'context_max', '6d')} {row['reanchors']:7d} {num(row, 'held_frames_max', '7d')} "
-              f"{num(row, 'rss_total_mb', '7.0f')} {num(row, 'kv_usage_max', '6.3f')}  {rss}")
-    for e in soak.errors[:20]:
-        print("error:", e)
+        print(
+            f"{row['start_s'] / 60:5.0f}-{row['end_s'] / 60:<6.0f} {row['questions']:4d} "
+            f"{num(row, 'ttft_p50_ms', '9.1f')} {num(row, 'ttft_p95_ms', '7.1f')} "
+            f"{num(row, 'prefilled_mean', '9.1f')} {num(row, 'context_mean', '8.0f')} "
+            f"{num(row, 'context_max', '6d')} {row['reanchors']:7d} {num(row, 'held_frames_max', '7d')} "
+            f"{num(row, 'rss_total_mb', '7.0f')} {num(row, 'kv_usage_max', '6.3f')}  {rss}"
+        )
+    for err in soak.errors[:20]:
+        print("error:", err)
     from analysis.lib.figures import long_stream_figure
     from analysis.lib.reports import write_report
 
     first = [q for q in soak.questions if q["stream"] == 0]
     reanchors = [e["time"] for e in soak.events if e["stream"] == 0 and e["type"] == "reanchor"]
     budget = args.context_tokens or next((e["budget"] for e in soak.events if e["type"] == "reanchor"), None)
-    fig = long_stream_figure(first, reanchors, lib.keyframe_times(soak, args.fps), budget=budget,
-                             title=f"Stream 0 of {args.streams}: {args.hours:g} h at {args.speed:g}x, {len(reanchors)} re-anchors")
+    fig = long_stream_figure(
+        first,
+        reanchors,
+        lib.keyframe_times(soak, args.fps),
+        budget=budget,
+        title=f"Stream 0 of {args.streams}: {args.hours:g} h at {args.speed:g}x, {len(reanchors)} re-anchors",
+    )
     html = write_report(args.out / "soak.html", [fig], "DTD stream soak")
     print(f"report: {html}")
     if args.png:
-        from analysis.harness.browser import chromium_driver, assert_report_renders
         import tempfile
+
+        from analysis.harness.browser import assert_report_renders, chromium_driver
 
         driver = chromium_driver(tempfile.mkdtemp(prefix="soak-chrome-"))
         try:
@@ -149,13 +214,17 @@ def main(argv=None) -> int:
             driver.quit()
         print(f"plot: {args.png}")
     ok_ttft = s["ttft_ratio"] is not None and s["ttft_ratio"] <= 1.5
-    print(f"goals: errors=0 {'met' if s['errors'] == 0 else 'NOT met'}; ttft_p95_last <= 1.5 x first "
-          f"{'met' if ok_ttft else 'NOT met'} (ratio {s['ttft_ratio'] if s['ttft_ratio'] is not None else float('nan'):.2f}, "
-          f"first = window {s['ttft_first_window']}; window 0: p95 {float('nan') if s['ttft_p95_window0'] is None else s['ttft_p95_window0']:.4f} s); "
-          f"re-anchors {s['reanchors']} (first at {s['first_reanchor_s']} s); RSS after the first re-anchor "
-          f"{_mb(s['rss_after_first_reanchor_mb'])} MB -> end {_mb(s['rss_end_mb'])} MB, growth by process "
-          f"{ {k: round(v) for k, v in s['rss_growth_by_process_mb'].items()} }, in the second half "
-          f"{_mb(s['rss_growth_second_half_mb'])} MB")
+    ratio = s["ttft_ratio"] if s["ttft_ratio"] is not None else float("nan")
+    p95_window0 = float("nan") if s["ttft_p95_window0"] is None else s["ttft_p95_window0"]
+    print(
+        f"goals: errors=0 {'met' if s['errors'] == 0 else 'NOT met'}; ttft_p95_last <= 1.5 x first "
+        f"{'met' if ok_ttft else 'NOT met'} (ratio {ratio:.2f}, "
+        f"first = window {s['ttft_first_window']}; window 0: p95 {p95_window0:.4f} s); "
+        f"re-anchors {s['reanchors']} (first at {s['first_reanchor_s']} s); RSS after the first re-anchor "
+        f"{_mb(s['rss_after_first_reanchor_mb'])} MB -> end {_mb(s['rss_end_mb'])} MB, growth by process "
+        f"{ {k: round(v) for k, v in s['rss_growth_by_process_mb'].items()} }, in the second half "
+        f"{_mb(s['rss_growth_second_half_mb'])} MB"
+    )
     print(lib.last_line(s))
     return 0
 

@@ -36,8 +36,16 @@ def main(argv=None) -> int:
         settings["dtd_threshold"] = args.threshold
     s = open_stream(args.url, fps=args.fps, **settings)
     try:
-        rec = play(s, v.frames, v.timestamps, args.ask_every, args.question, args.speed,
-                   on_answer=print_answer, on_event=print_event)
+        rec = play(
+            s,
+            v.frames,
+            v.timestamps,
+            args.ask_every,
+            args.question,
+            args.speed,
+            on_answer=print_answer,
+            on_event=print_event,
+        )
     finally:
         s.close()
     print("kept tokens per temporal step:", rec.kept_per_step, f"(of {rec.tokens_per_step})")

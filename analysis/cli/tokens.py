@@ -39,14 +39,25 @@ def measure_clips(srv, clips: dict[str, Path], criteria: list[str]) -> list[dict
         for mode in ["off", *criteria]:
             mm = {"dtd_enabled": False} if mode == "off" else {"dtd_criterion": mode}
             resp, s, _ = served_video_request(client, srv.model, f"file://{path}", mm, Q)
-            rows.append({"clip": name, "mode": mode, "prompt_tokens": resp.usage.prompt_tokens, "kept": s["kept"],
-                         "total": s["total"], "steps": len(s["kept_per_step"]), "tokens_per_step": s["tokens_per_step"]})
+            rows.append(
+                {
+                    "clip": name,
+                    "mode": mode,
+                    "prompt_tokens": resp.usage.prompt_tokens,
+                    "kept": s["kept"],
+                    "total": s["total"],
+                    "steps": len(s["kept_per_step"]),
+                    "tokens_per_step": s["tokens_per_step"],
+                }
+            )
     return rows
 
 
 def table(rows: list[dict], labels: list[str], criteria: list[str]) -> str:
     """Markdown: per clip, each checkpoint's video tokens without DTD and kept with each criterion."""
-    head = "| clip | " + " | ".join(f"{lab}: steps × tokens/step, off → " + ", ".join(criteria) for lab in labels) + " |"
+    head = (
+        "| clip | " + " | ".join(f"{lab}: steps × tokens/step, off → " + ", ".join(criteria) for lab in labels) + " |"
+    )
     out = [head, "|---" * (1 + len(labels)) + "|"]
     for clip in dict.fromkeys(r["clip"] for r in rows):
         cells = []
@@ -61,9 +72,15 @@ def table(rows: list[dict], labels: list[str], criteria: list[str]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.cli.tokens", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", default="qwen2_5_vl,qwen3_vl", help=f"tiny checkpoints of these families ({', '.join(FAMILIES)})")
-    ap.add_argument("--model", type=Path, nargs="*", default=[], help="checkpoint directories (instead of / besides tiny ones)")
-    ap.add_argument("--video", type=Path, nargs="+", help="clips (default: ../shared/videos/*.mp4, else the bundled clip)")
+    ap.add_argument(
+        "--family", default="qwen2_5_vl,qwen3_vl", help=f"tiny checkpoints of these families ({', '.join(FAMILIES)})"
+    )
+    ap.add_argument(
+        "--model", type=Path, nargs="*", default=[], help="checkpoint directories (instead of / besides tiny ones)"
+    )
+    ap.add_argument(
+        "--video", type=Path, nargs="+", help="clips (default: ../shared/videos/*.mp4, else the bundled clip)"
+    )
     ap.add_argument("--fps", type=float, default=2.0)
     ap.add_argument("--criterion", default="pixel,feature")
     ap.add_argument("--out", type=Path, default=results_dir("tokens"))
@@ -98,14 +115,26 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     try:
         clips = {v.name: Path(shutil.copy(v, media / v.name)) for v in videos}
-        server_args = ["--allowed-local-media-path", str(media), "--max-model-len", "32768", "--max-num-batched-tokens", "32768",
-                       "--media-io-kwargs", json.dumps({"video": {"fps": args.fps, "num_frames": -1}})]
+        server_args = [
+            "--allowed-local-media-path",
+            str(media),
+            "--max-model-len",
+            "32768",
+            "--max-num-batched-tokens",
+            "32768",
+            "--media-io-kwargs",
+            json.dumps({"video": {"fps": args.fps, "num_frames": -1}}),
+        ]
         for label, path in checkpoints:
             print(f"{label}: serving {path} (python -m vllm_plugin.serve) ...", flush=True)
             with VLLMServer(path, server_args, module="vllm_plugin.serve", log_path=args.out / f"{label}.log") as srv:
                 for r in measure_clips(srv, clips, criteria):
                     rows.append({"label": label, **r})
-                    print(f"  {r['clip']:32s} {r['mode']:8s} prompt {r['prompt_tokens']:6d}  video {r['kept']:6d}/{r['total']}", flush=True)
+                    print(
+                        f"  {r['clip']:32s} {r['mode']:8s} prompt {r['prompt_tokens']:6d}  "
+                        f"video {r['kept']:6d}/{r['total']}",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(media, ignore_errors=True)
     df = pd.DataFrame(rows)
@@ -114,9 +143,12 @@ def main(argv=None) -> int:
     md = table(rows, labels, criteria)
     (args.out / "tokens.md").write_text(md + "\n")
     print(md)
-    ratios = " ".join(
-        f"video_tokens_kept_{lab}_{c}={df[(df.label == lab) & (df['mode'] == c)].kept.sum() / df[(df.label == lab) & (df['mode'] == c)].total.sum():.3f}"
-        for lab in labels for c in criteria)
+
+    def kept_share(lab: str, c: str) -> float:
+        sel = df[(df.label == lab) & (df["mode"] == c)]
+        return sel.kept.sum() / sel.total.sum()
+
+    ratios = " ".join(f"video_tokens_kept_{lab}_{c}={kept_share(lab, c):.3f}" for lab in labels for c in criteria)
     print(f"checkpoints={len(labels)} clips={len(clips)} {ratios}")
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from analysis.eval.formats import LETTERS, Question
 
@@ -50,25 +49,27 @@ SB_POLL_AFTER_GT_S = 4.0  # polling goes on until the ground-truth time + this
 SB_TIME_TOLERANCE_S = 2.0  # an answer within ± this of the ground-truth time is on time
 
 # --- OVO-Bench (constant.py, utils/OVOBench.py) ---------------------------------------------------
-OVO_PROMPT = ("\nQuestion: {question}\nOptions:\n{options}\n\nRespond only with the letter corresponding to your chosen "
-              "option (e.g., A, B, C). \nDo not include any additional text or explanation in your response.\n")
+OVO_PROMPT = (
+    "\nQuestion: {question}\nOptions:\n{options}\n\nRespond only with the letter corresponding to your chosen option "
+    "(e.g., A, B, C). \nDo not include any additional text or explanation in your response.\n"
+)
 OVO_REC_PROMPT = (
-    "\nYou're watching a video in which people may perform a certain type of action repetively. \nThe person performing "
-    "this kind of action are referred to as 'they' in the following statement.\nYou're task is to count how many times "
-    "have different people in the video perform this kind of action in total.\nOne complete motion counts as one. \nNow, "
-    "answer the following question: {question}\nProvide your answer as a single number (e.g., 0, 1, 2, 3…) indicating "
-    "the total count.\nDo not include any additional text or explanation in your response.\n"
+    "\nYou're watching a video in which people may perform a certain type of action repetively. \nThe person "
+    "performing this kind of action are referred to as 'they' in the following statement.\nYou're task is to count how "
+    "many times have different people in the video perform this kind of action in total.\nOne complete motion counts "
+    "as one. \nNow, answer the following question: {question}\nProvide your answer as a single number (e.g., 0, 1, 2, "
+    "3…) indicating the total count.\nDo not include any additional text or explanation in your response.\n"
 )
 OVO_SSR_PROMPT = (
-    "\nYou're watching a tutorial video which contain a sequential of steps. \nThe following is one step from the whole "
-    "procedures: \n{step}\nYour task is to determine if the man or woman in the video is currently performing this step."
-    "\nAnswer only with “Yes” or “No”.\nDo not include any additional text or explanation in your response.\n"
+    "\nYou're watching a tutorial video which contain a sequential of steps. \nThe following is one step from the "
+    "whole procedures: \n{step}\nYour task is to determine if the man or woman in the video is currently performing "
+    "this step.\nAnswer only with “Yes” or “No”.\nDo not include any additional text or explanation in your response.\n"
 )
 OVO_CRR_PROMPT = (
     "\nYou're responsible of answering questions based on the video content. \nThe following question are relevant to "
-    "the latest frames, i.e. the end of the video.\n{question}\nDecide whether existing visual content, especially latest "
-    "frames, i.e. frames that near the end of the video, provide enough information for answering the question.\nAnswer "
-    "only with “Yes” or “No”.\nDo not include any additional text or explanation in your response.\n"
+    "the latest frames, i.e. the end of the video.\n{question}\nDecide whether existing visual content, especially "
+    "latest frames, i.e. frames that near the end of the video, provide enough information for answering the "
+    "question.\nAnswer only with “Yes” or “No”.\nDo not include any additional text or explanation in your response.\n"
 )
 
 MC_MAX_TOKENS = 16  # a letter, with room for "The best option is (B)."
@@ -95,13 +96,13 @@ class Reply:
     text: str
     role: str = "answer"
     index: int = 0  # forward: the probe
-    error: Optional[str] = None
+    error: str | None = None
     prompt_tokens: int = 0
     video_tokens: int = 0
     full_video_tokens: int = 0
     ttft_s: float = float("nan")
     e2e_s: float = float("nan")
-    last_frame_time: Optional[float] = None
+    last_frame_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Verdict:
     score: float
     parsed: bool
     prediction: str = ""
-    response_time: Optional[float] = None
+    response_time: float | None = None
     out_of: int = 1  # what the benchmark counts: 1 per question, 1 per probe for forward questions
 
     @property
@@ -126,7 +127,7 @@ _ARTICLE_USE = re.compile(r"\s+(?!(?:is|was|because|since|as|and|or)\b)[a-z]")  
 _LEADING = re.compile(r"^\s*[\(\[]?\s*([A-J])\s*(?:[\)\].:,：\-–]|\n|$|\s+(?:is|was)\b)")
 
 
-def parse_letter(reply: str, options: tuple[str, ...] | list[str]) -> Optional[str]:
+def parse_letter(reply: str, options: tuple[str, ...] | list[str]) -> str | None:
     """The option letter a reply chose, or None. Read, in order (markdown ``*`` aside): a reply that
     starts with a letter standing alone (``"B"``, ``"(B)"``, ``"B."``, ``"B)"``, ``"B:"``, ``"B - x"``,
     ``"B\nwhy"``, ``"B is right"``); else the LAST "answer/option is B" (``"option A is wrong; the
@@ -138,8 +139,13 @@ def parse_letter(reply: str, options: tuple[str, ...] | list[str]) -> Optional[s
     m = _LEADING.match(text)
     if m and m.group(1) in valid:
         return m.group(1)
-    hits = [m.group(1) for m in _ANSWER_IS.finditer(text) if m.group(1).isupper() and m.group(1) in valid
-            and not (m.group(1) in "AI" and _ARTICLE_USE.match(text, m.end()))]
+    hits = [
+        m.group(1)
+        for m in _ANSWER_IS.finditer(text)
+        if m.group(1).isupper()
+        and m.group(1) in valid
+        and not (m.group(1) in "AI" and _ARTICLE_USE.match(text, m.end()))
+    ]
     if hits:
         return hits[-1]
     norm = lambda s: re.sub(r"[\s.!]+$", "", s.strip().lower())
@@ -152,7 +158,7 @@ def says_yes(reply: str) -> bool:
     return "yes" in (reply or "").strip().lower()
 
 
-def yes_no(reply: str) -> Optional[str]:
+def yes_no(reply: str) -> str | None:
     """OVO-Bench's SSR/CRR reading: ``"Yes"``/``"No"`` when that word (case as written) is in the
     reply, or the reply is exactly ``"Y"``/``"N"``; None when neither or both are."""
     text = (reply or "").strip()
@@ -162,7 +168,7 @@ def yes_no(reply: str) -> Optional[str]:
     return "Yes" if has_yes and not has_no else "No" if has_no and not has_yes else None
 
 
-def count_of(reply: str) -> Optional[str]:
+def count_of(reply: str) -> str | None:
     """OVO-Bench's REC reading: every digit of the reply, joined (``"3 times"`` → ``"3"``)."""
     digits = "".join(re.findall(r"\d+", reply or ""))
     return digits or None
@@ -183,6 +189,7 @@ def asks_for(q: Question) -> list[Ask]:
             prompt = OVO_PROMPT.format(question=q.question, options=lettered(q.options, "; ") + ";")
         return [Ask(q.time, prompt, "answer")]
     if q.kind == "proactive":
+        assert q.gt_time is not None, f"{q.qid}: a proactive question has its gt_time"
         poll = SB_PROACTIVE_PROMPT.format(question=SB_PROACTIVE_POLL.format(question=q.question, output=q.answer))
         out, t = [], q.time + SB_POLL_INTERVAL_S
         while t <= q.gt_time + SB_POLL_AFTER_GT_S + 1e-9:
@@ -203,7 +210,7 @@ def asks_for(q: Question) -> list[Ask]:
     raise ValueError(f"unknown question kind {q.kind!r}")
 
 
-def follow_up(q: Question, reply: Reply) -> Optional[Ask]:
+def follow_up(q: Question, reply: Reply) -> Ask | None:
     """The ask that follows a reply at the same point (StreamingBench proactive: after a "yes", the
     question itself), or None."""
     if q.kind == "proactive" and reply.role == "poll" and not reply.error and says_yes(reply.text):
@@ -240,6 +247,7 @@ def score(q: Question, replies: list[Reply]) -> Verdict:
         if not content:  # never said yes: StreamingBench's last time is the last poll, outside the window
             return Verdict(0.0, all(not r.error and "no" in r.text.lower() for r in polls), "", None)
         c = content[-1]
+        assert q.gt_time is not None, f"{q.qid}: a proactive question has its gt_time"
         on_time = abs(c.time - q.gt_time) <= SB_TIME_TOLERANCE_S
         right = on_time and not c.error and q.answer in c.text
         return Verdict(float(right), not c.error, c.text.strip()[:200], c.time)

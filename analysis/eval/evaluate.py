@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,10 +31,10 @@ class Outcome:
     skipped: int = 0
     missing: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # passes the server refused: "{video} {mode}" -> why
-    report: Optional[Path] = None
+    report: Path | None = None
 
 
-def resolve_video(videos_dir: Path, name: str) -> Optional[Path]:
+def resolve_video(videos_dir: Path, name: str) -> Path | None:
     """A question file's video under ``videos_dir``: its path relative to it (``./videos/x.mp4`` →
     ``videos_dir/videos/x.mp4``), else its base name there (StreamingBench's paths name a ``videos``
     folder, OVO-Bench's a source folder). A path climbing out of ``videos_dir`` (``..``, absolute) is
@@ -65,12 +65,12 @@ class StreamGeometry:
     resize_ahead: bool
 
     @property
-    def decode_size(self) -> Optional[tuple[int, int]]:
+    def decode_size(self) -> tuple[int, int] | None:
         """The size to decode frames at (None: as they are; the stream resizes them)."""
         return self.size if self.resize_ahead else None
 
 
-def _held(base_url: str, frame: np.ndarray, model: Optional[str]) -> dict:
+def _held(base_url: str, frame: np.ndarray, model: str | None) -> dict:
     s = open_stream(base_url, model=model, dtd_enabled=False)
     try:
         tps = s.status()["temporal_patch_size"]
@@ -80,7 +80,7 @@ def _held(base_url: str, frame: np.ndarray, model: Optional[str]) -> dict:
         s.close()
 
 
-def stream_geometry(base_url: str, frame: np.ndarray, model: Optional[str] = None) -> StreamGeometry:
+def stream_geometry(base_url: str, frame: np.ndarray, model: str | None = None) -> StreamGeometry:
     """Ask the server (two throwaway streams of one temporal step) how it holds a video whose frames
     are like ``frame``, and whether a frame resized to that size stays at it."""
     st = _held(base_url, frame, model)
@@ -97,9 +97,17 @@ def _signature(q_or_row) -> tuple:
     return (q_or_row["video"], q_or_row["task"], float(q_or_row["question_time"]), q_or_row["answer"])
 
 
-def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, modes: Sequence[Mode], out: Path,
-             fps: float = 1.0, model: Optional[str] = None, progress: bool = True,
-             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Outcome:
+def evaluate(
+    questions: Sequence[Question],
+    videos_dir: Path,
+    base_url: str,
+    modes: Sequence[Mode],
+    out: Path,
+    fps: float = 1.0,
+    model: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> Outcome:
     """Run every (video, mode) pass not yet in ``out`` and write results, summary and report. ``out``
     holding a run of another model or frame rate, or of other frame sizes, is refused (``ValueError``);
     stored rows of another question file under the same ids are not taken for these questions.
@@ -111,8 +119,13 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
     from tqdm.auto import tqdm
 
     store = Store(out)
-    store.check_settings({"benchmarks": sorted({q.benchmark for q in questions}), "fps": float(fps),
-                          "model": served_model(base_url, model)})
+    store.check_settings(
+        {
+            "benchmarks": sorted({q.benchmark for q in questions}),
+            "fps": float(fps),
+            "model": served_model(base_url, model),
+        }
+    )
     sig = {q.qid: _signature(q) for q in questions}
     # a stored row counts for a question only if it is that question (same video, task, time, answer)
     mine = lambda r: sig.get(r["qid"]) == _signature(r)
@@ -141,14 +154,19 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
             geo = stream_geometry(base_url, first.frames[0], model)
             before = {p.tokens_per_step for (vid, _), p in passes.items() if vid == video}
             if before and before != {geo.tokens_per_step}:
-                raise ValueError(f"{out} holds passes of {video} at {sorted(before)} tokens per step; the server now gives "
-                                 f"{geo.tokens_per_step} (other size settings?): give another --out")
+                raise ValueError(
+                    f"{out} holds passes of {video} at {sorted(before)} tokens per step; the server now gives "
+                    f"{geo.tokens_per_step} (other size settings?): give another --out"
+                )
             end = max(q.end_time for q in qs) + 1e-3
             if not geo.resize_ahead:
                 held = min(end * fps, 1e9) * first.frames[0].nbytes
                 if held > 4e9:
-                    log(f"{video}: the server's resize is not idempotent (min_pixels = max_pixels?), so its frames are held as "
-                        f"decoded: ~{held / 1e9:.0f} GB; lower --fps or keep min_pixels below max_pixels if that is too much")
+                    log(
+                        f"{video}: the server's resize is not idempotent (min_pixels = max_pixels?), "
+                        f"so its frames are held as decoded: ~{held / 1e9:.0f} GB; "
+                        "lower --fps or keep min_pixels below max_pixels if that is too much"
+                    )
             v = load_video(path, fps=fps, end=end, size=geo.decode_size)
         except (VideoDecodeError, StreamHTTPError) as e:  # unreadable, or frames the server refuses
             outcome.missing[video] = str(e)
@@ -158,8 +176,19 @@ def evaluate(questions: Sequence[Question], videos_dir: Path, base_url: str, mod
         for mode in need:
             budget = passes.get((video, mode.dtd_key)) if mode.name == "uniform" else None
             try:
-                rows, totals = run_pass(base_url, video, v.frames, v.timestamps, fps, qs, mode, geo.tokens_per_step,
-                                        geo.temporal_patch_size, budget=budget, model=model)
+                rows, totals = run_pass(
+                    base_url,
+                    video,
+                    v.frames,
+                    v.timestamps,
+                    fps,
+                    qs,
+                    mode,
+                    geo.tokens_per_step,
+                    geo.temporal_patch_size,
+                    budget=budget,
+                    model=model,
+                )
             except StreamHTTPError as e:  # e.g. 429 too many open streams: not stored, a rerun retries it
                 outcome.failed[f"{video} {mode.key}"] = str(e)
                 log(f"pass {mode.key} on {video!r} failed ({e}); a rerun retries it")

@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -59,7 +59,7 @@ class Question:
     question: str
     options: tuple[str, ...] = ()
     answer: str = ""  # mc: the right letter; proactive: the ground-truth output
-    gt_time: Optional[float] = None  # proactive: when the answer is due
+    gt_time: float | None = None  # proactive: when the answer is due
     probes: tuple[Probe, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)  # what a convention needs besides (OVO: the activity)
 
@@ -117,7 +117,7 @@ def option_texts(options: list[str]) -> tuple[str, ...]:
     out = []
     for i, o in enumerate(options):
         m = re.match(rf"^\s*(?:\({LETTERS[i]}\)|{LETTERS[i]}[.)])\s*", o) if i < len(LETTERS) else None
-        out.append(o[m.end():].strip() if m else o.strip())
+        out.append(o[m.end() :].strip() if m else o.strip())
     return tuple(out)
 
 
@@ -132,10 +132,10 @@ class SBQuestion(_Entry):
     task_type: str = Field(min_length=1)
     question: str = Field(min_length=1)
     time_stamp: str
-    options: Optional[list[str]] = None
-    answer: Optional[str] = None
-    ground_truth_time_stamp: Optional[str] = None
-    ground_truth_output: Optional[str] = None
+    options: list[str] | None = None
+    answer: str | None = None
+    ground_truth_time_stamp: str | None = None
+    ground_truth_output: str | None = None
 
     @field_validator("time_stamp", "ground_truth_time_stamp")
     @classmethod
@@ -157,17 +157,24 @@ class SBQuestion(_Entry):
             if window < 0:
                 raise ValueError("ground_truth_time_stamp is before time_stamp")
             if window > MAX_PROACTIVE_WINDOW_S:
-                raise ValueError(f"ground_truth_time_stamp is {window:.0f} s after time_stamp: more than the "
-                                 f"{MAX_PROACTIVE_WINDOW_S:.0f} s of polls allowed")
+                raise ValueError(
+                    f"ground_truth_time_stamp is {window:.0f} s after time_stamp: more than the "
+                    f"{MAX_PROACTIVE_WINDOW_S:.0f} s of polls allowed"
+                )
         else:
             if not self.options or len(self.options) < 2:
                 raise ValueError("a multiple-choice item needs at least two options")
             shown = min(len(self.options), SB_SHOWN_OPTIONS)
             letter = (self.answer or "").strip().strip("().").upper()
             if len(letter) != 1 or letter not in LETTERS[:shown]:
-                raise ValueError(f"answer {self.answer!r} is not one of the option letters {LETTERS[:shown]}"
-                                 + (f" (StreamingBench's prompt shows the first {SB_SHOWN_OPTIONS} options)"
-                                    if len(self.options) > SB_SHOWN_OPTIONS else ""))
+                raise ValueError(
+                    f"answer {self.answer!r} is not one of the option letters {LETTERS[:shown]}"
+                    + (
+                        f" (StreamingBench's prompt shows the first {SB_SHOWN_OPTIONS} options)"
+                        if len(self.options) > SB_SHOWN_OPTIONS
+                        else ""
+                    )
+                )
         return self
 
 
@@ -177,16 +184,16 @@ class SBVideo(_Entry):
 
 
 class OVOItem(_Entry):
-    id: Union[int, str]
+    id: int | str
     task: str = Field(min_length=1)
     video: str = Field(min_length=1)
-    question: Optional[str] = None
-    options: Optional[list[str]] = None
-    gt: Optional[int] = None
-    realtime: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
-    test_info: Optional[list[dict[str, Any]]] = None
-    activity: Optional[str] = None
-    answer: Optional[str] = None
+    question: str | None = None
+    options: list[str] | None = None
+    gt: int | None = None
+    realtime: float | None = Field(None, ge=0, allow_inf_nan=False)
+    test_info: list[dict[str, Any]] | None = None
+    activity: str | None = None
+    answer: str | None = None
 
     @model_validator(mode="after")
     def _kind(self):
@@ -205,7 +212,13 @@ class OVOItem(_Entry):
             if self.task == "CRR" and not self.question:
                 raise ValueError("CRR needs its question")
         else:
-            if self.question is None or not self.options or len(self.options) < 2 or self.gt is None or self.realtime is None:
+            if (
+                self.question is None
+                or not self.options
+                or len(self.options) < 2
+                or self.gt is None
+                or self.realtime is None
+            ):
                 raise ValueError(f"a {self.task} item needs question, options (≥ 2), gt and realtime")
             check_time(self.realtime, "realtime")
             if len(self.options) > len(LETTERS):
@@ -229,8 +242,13 @@ def _streamingbench(data: Any, name: str) -> tuple[list[Question], list[FormatIs
     out, issues = [], []
     for vi, raw in enumerate(data):
         if isinstance(raw, list):
-            issues.append(FormatIssue(f"{name}: entry {vi}", "a list of videos inside the list (StreamingBench's "
-                                      "sequential-QA file) is not supported: its questions build on earlier answers"))
+            issues.append(
+                FormatIssue(
+                    f"{name}: entry {vi}",
+                    "a list of videos inside the list (StreamingBench's "
+                    "sequential-QA file) is not supported: its questions build on earlier answers",
+                )
+            )
             continue
         try:
             v = SBVideo.model_validate(raw)
@@ -246,11 +264,36 @@ def _streamingbench(data: Any, name: str) -> tuple[list[Question], list[FormatIs
                 continue
             qid = f"sb/{vi}/{qi}"  # entry and question index: the same video recurs over entries
             if q.proactive:
-                out.append(Question(qid, "streamingbench", v.video_path, q.task_type, "proactive", parse_clock(q.time_stamp),
-                                    q.question, answer=q.ground_truth_output, gt_time=parse_clock(q.ground_truth_time_stamp)))
+                # SBQuestion._kind let no proactive item through without its ground truth
+                assert q.ground_truth_output is not None and q.ground_truth_time_stamp is not None
+                out.append(
+                    Question(
+                        qid,
+                        "streamingbench",
+                        v.video_path,
+                        q.task_type,
+                        "proactive",
+                        parse_clock(q.time_stamp),
+                        q.question,
+                        answer=q.ground_truth_output,
+                        gt_time=parse_clock(q.ground_truth_time_stamp),
+                    )
+                )
             else:
-                out.append(Question(qid, "streamingbench", v.video_path, q.task_type, "mc", parse_clock(q.time_stamp), q.question,
-                                    options=option_texts(q.options[:SB_SHOWN_OPTIONS]), answer=q.answer.strip().strip("().").upper()))
+                assert q.options is not None and q.answer is not None  # SBQuestion._kind: an MC item has both
+                out.append(
+                    Question(
+                        qid,
+                        "streamingbench",
+                        v.video_path,
+                        q.task_type,
+                        "mc",
+                        parse_clock(q.time_stamp),
+                        q.question,
+                        options=option_texts(q.options[:SB_SHOWN_OPTIONS]),
+                        answer=q.answer.strip().strip("().").upper(),
+                    )
+                )
     return out, issues
 
 
@@ -259,7 +302,9 @@ def _ovobench(data: Any, name: str) -> tuple[list[Question], list[FormatIssue]]:
         return [], [FormatIssue(name, "an OVO-Bench file is a JSON list of items")]
     out, issues = [], []
     for i, raw in enumerate(data):
-        where = f"{name}: entry {i}" + (f" (id {raw.get('id')!r}, task {raw.get('task')!r})" if isinstance(raw, dict) else "")
+        where = f"{name}: entry {i}" + (
+            f" (id {raw.get('id')!r}, task {raw.get('task')!r})" if isinstance(raw, dict) else ""
+        )
         try:
             it = OVOItem.model_validate(raw)
         except (ValidationError, ValueError) as e:
@@ -272,22 +317,47 @@ def _ovobench(data: Any, name: str) -> tuple[list[Question], list[FormatIssue]]:
     return out, issues
 
 
-def _ovo_question(it: "OVOItem") -> Question:
+def _ovo_question(it: OVOItem) -> Question:
     qid = f"ovo/{it.task}/{it.id}"
     if it.task not in OVO_FORWARD:
+        # OVOItem._kind let no backward/real-time item through without these
+        assert it.realtime is not None and it.question is not None and it.options is not None and it.gt is not None
         # options as given: OVO-Bench letters them all again (its build_prompt), even one written lettered
-        return Question(qid, "ovobench", it.video, it.task, "mc", float(it.realtime), it.question,
-                        options=tuple(o.strip() for o in it.options), answer=LETTERS[it.gt])
+        return Question(
+            qid,
+            "ovobench",
+            it.video,
+            it.task,
+            "mc",
+            float(it.realtime),
+            it.question,
+            options=tuple(o.strip() for o in it.options),
+            answer=LETTERS[it.gt],
+        )
+    assert it.test_info is not None  # OVOItem._kind: a forward item has its probes
     if it.task == "REC":
         probes = [Probe(float(p["realtime"]), str(p["count"])) for p in it.test_info]
     else:
-        probes = [Probe(float(p["realtime"]), "Yes" if p["type"] == 1 else "No", str(p.get("step", ""))) for p in it.test_info]
+        probes = [
+            Probe(float(p["realtime"]), "Yes" if p["type"] == 1 else "No", str(p.get("step", ""))) for p in it.test_info
+        ]
     probes.sort(key=lambda p: p.time)
-    return Question(qid, "ovobench", it.video, it.task, "forward", probes[0].time, it.question or "",
-                    probes=tuple(probes), extra={"activity": it.activity or ""})
+    return Question(
+        qid,
+        "ovobench",
+        it.video,
+        it.task,
+        "forward",
+        probes[0].time,
+        it.question or "",
+        probes=tuple(probes),
+        extra={"activity": it.activity or ""},
+    )
 
 
-def load_questions(path: str | Path, fmt: Literal["streamingbench", "ovobench"]) -> tuple[list[Question], list[FormatIssue]]:
+def load_questions(
+    path: str | Path, fmt: Literal["streamingbench", "ovobench"]
+) -> tuple[list[Question], list[FormatIssue]]:
     """Read a benchmark file. Returns (questions, issues): every well-formed entry is a question,
     every malformed one an issue naming it; a file that is not JSON raises ``ValueError``."""
     path = Path(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -15,9 +14,9 @@ from analysis.eval.formats import Question
 from analysis.eval.runner import Mode
 from analysis.lib.figures import overlay_figure
 from analysis.lib.video import load_video
-from vllm_plugin.media import resize_frame
 from analysis.lib.workbench import tokens_from_frames
 from vllm_plugin.core import dtd_keep_mask
+from vllm_plugin.media import resize_frame
 
 
 @dataclass
@@ -36,13 +35,23 @@ class QuestionView:
     def kept(self) -> int:
         return int(self.mask.sum())
 
-    def figure(self, step: Optional[int] = None):
-        title = f"{self.question.qid} at {self.question.time:g} s, {self.mode.key}: kept (clear) and dropped (shaded) tokens"
+    def figure(self, step: int | None = None):
+        title = (
+            f"{self.question.qid} at {self.question.time:g} s, {self.mode.key}: "
+            "kept (clear) and dropped (shaded) tokens"
+        )
         return overlay_figure(self.frames, self.mask.numpy(), step=step, step_times=self.step_times, title=title)
 
 
-def question_view(question: Question, videos_dir: Path, base_url: str, mode: Mode, fps: float = 1.0,
-                  model_path: Optional[str | Path] = None, reference: str = "previous") -> QuestionView:
+def question_view(
+    question: Question,
+    videos_dir: Path,
+    base_url: str,
+    mode: Mode,
+    fps: float = 1.0,
+    model_path: str | Path | None = None,
+    reference: str = "previous",
+) -> QuestionView:
     """The frames a ``full`` or ``dtd`` pass of :func:`analysis.eval.runner.run_pass` sent before
     ``question`` (decoded and resized as the harness does), with the keep mask recomputed by
     :func:`vllm_plugin.core.dtd_keep_mask` on the same frames (feature level: the vision tower of
@@ -67,8 +76,11 @@ def question_view(question: Question, videos_dir: Path, base_url: str, mode: Mod
     if mode.name == "full":
         mask = torch.ones(tokens.grid, dtype=torch.bool)
     else:
-        mask = dtd_keep_mask(tokens.tokens(mode.criterion, model_path), mode.threshold, metric=mode.metric, reference=reference)
-    return QuestionView(question, mode, frames[:n], mask, [float(t) for t in times[:n:geo.temporal_patch_size]])
+        assert mode.criterion is not None and mode.metric is not None, f"{mode.key}: a DTD setting"
+        mask = dtd_keep_mask(
+            tokens.tokens(mode.criterion, model_path), mode.threshold, metric=mode.metric, reference=reference
+        )
+    return QuestionView(question, mode, frames[:n], mask, [float(t) for t in times[: n : geo.temporal_patch_size]])
 
 
 def question_browser(questions, results, modes, videos_dir: Path, base_url: str, fps: float = 1.0):
@@ -81,9 +93,14 @@ def question_browser(questions, results, modes, videos_dir: Path, base_url: str,
     shown = [m for m in modes if m.name != "uniform"]
     if not asked or not shown:
         return W.HTML("no multiple-choice question was asked in a full or DTD mode")
-    pick = W.Dropdown(options=[(f"{q.qid} @ {q.time:g}s: {q.question[:50]}", q.qid) for q in asked], description="question")
-    mode = W.Dropdown(options=[m.key for m in shown], value=next((m.key for m in shown if m.name == "dtd"), shown[0].key),
-                      description="mode")
+    pick = W.Dropdown(
+        options=[(f"{q.qid} @ {q.time:g}s: {q.question[:50]}", q.qid) for q in asked], description="question"
+    )
+    mode = W.Dropdown(
+        options=[m.key for m in shown],
+        value=next((m.key for m in shown if m.name == "dtd"), shown[0].key),
+        description="mode",
+    )
     out = W.Output()
 
     def show(_=None):
@@ -93,8 +110,10 @@ def question_browser(questions, results, modes, videos_dir: Path, base_url: str,
         row = results[(results["qid"] == q.qid) & (results["mode_key"] == m.key)].iloc[0]
         out.clear_output(wait=True)
         with out:
-            print(f"{q.qid}: kept {view.kept} of {view.mask.numel()} video tokens (served: {row['video_tokens']}); "
-                  f"answer {q.answer}, reply {row['reply']!r}")
+            print(
+                f"{q.qid}: kept {view.kept} of {view.mask.numel()} video tokens (served: {row['video_tokens']}); "
+                f"answer {q.answer}, reply {row['reply']!r}"
+            )
             view.figure().show()
 
     pick.observe(show, names="value")

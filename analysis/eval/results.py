@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import pandas as pd
 
 from analysis.eval.runner import Pass
 from analysis.lib.reports import write_report
 
-SUMMARY_COLUMNS = ["mode_key", "mode", "criterion", "metric", "threshold", "benchmark", "task", "questions", "accuracy",
-                   "unparsed", "errors", "drop_ratio", "prompt_tokens", "video_tokens", "ttft_s"]
+SUMMARY_COLUMNS = [
+    "mode_key",
+    "mode",
+    "criterion",
+    "metric",
+    "threshold",
+    "benchmark",
+    "task",
+    "questions",
+    "accuracy",
+    "unparsed",
+    "errors",
+    "drop_ratio",
+    "prompt_tokens",
+    "video_tokens",
+    "ttft_s",
+]
 
 
 class Store:
@@ -50,9 +65,11 @@ class Store:
             old = json.loads(path.read_text(encoding="utf-8"))
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             if diff:
-                raise ValueError(f"{self.out} holds a run with other settings ("
-                                 + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                                 + "): give another --out, or remove it")
+                raise ValueError(
+                    f"{self.out} holds a run with other settings ("
+                    + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                    + "): give another --out, or remove it"
+                )
         else:
             path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
@@ -91,13 +108,24 @@ def summarize(df: pd.DataFrame, by: Iterable[str] = ("task",)) -> pd.DataFrame:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     keys = ["mode_key", "mode", "criterion", "metric", "threshold", *by]
     ok = df["errors"] == 0
-    df = df.assign(unparsed=~df["parsed"].astype(bool) & ok, points=df["points"].where(ok, 0.0),
-                   out_of=df["out_of"].where(ok, 0), errors=(~ok).astype(int))
+    df = df.assign(
+        unparsed=~df["parsed"].astype(bool) & ok,
+        points=df["points"].where(ok, 0.0),
+        out_of=df["out_of"].where(ok, 0),
+        errors=(~ok).astype(int),
+    )
     g = df.groupby(keys, dropna=False, sort=False)
-    out = g.agg(questions=("qid", "count"), points=("points", "sum"), out_of=("out_of", "sum"),
-                unparsed=("unparsed", "sum"), errors=("errors", "sum"), drop_ratio=("drop_ratio", "mean"),
-                prompt_tokens=("prompt_tokens", "mean"), video_tokens=("video_tokens", "mean"),
-                ttft_s=("ttft_s", "mean")).reset_index()
+    out = g.agg(
+        questions=("qid", "count"),
+        points=("points", "sum"),
+        out_of=("out_of", "sum"),
+        unparsed=("unparsed", "sum"),
+        errors=("errors", "sum"),
+        drop_ratio=("drop_ratio", "mean"),
+        prompt_tokens=("prompt_tokens", "mean"),
+        video_tokens=("video_tokens", "mean"),
+        ttft_s=("ttft_s", "mean"),
+    ).reset_index()
     out.insert(out.columns.get_loc("points"), "accuracy", out["points"] / out["out_of"].where(out["out_of"] > 0))
     return out.drop(columns=["points", "out_of"])
 
@@ -112,7 +140,11 @@ def ovo_scores(df: pd.DataFrame) -> pd.DataFrame:
     if d.empty:
         return pd.DataFrame(columns=["mode_key", "backward", "realtime", "forward", "total"])
     task = summarize(d, by=("task",))
-    group = {**{t: "backward" for t in OVO_BACKWARD}, **{t: "realtime" for t in OVO_REALTIME}, **{t: "forward" for t in OVO_FORWARD}}
+    group = {
+        **{t: "backward" for t in OVO_BACKWARD},
+        **{t: "realtime" for t in OVO_REALTIME},
+        **{t: "forward" for t in OVO_FORWARD},
+    }
     task["category"] = task["task"].map(group)
     cat = task.groupby(["mode_key", "category"], sort=False)["accuracy"].mean().unstack("category")
     out = cat.reindex(columns=["backward", "realtime", "forward"])
@@ -137,11 +169,13 @@ def write_eval_report(df: pd.DataFrame, out: Path, title: str = "Accuracy vs dro
     extra = "<h2>Per task</h2>" + per_task.to_html(index=False, float_format=fmt)
     ovo = ovo_scores(df)
     if not ovo.empty:
-        extra += "<h2>OVO-Bench aggregate (its score.py: category means of task means)</h2>" + ovo.to_html(index=False, float_format=fmt)
+        extra += "<h2>OVO-Bench aggregate (its score.py: category means of task means)</h2>" + ovo.to_html(
+            index=False, float_format=fmt
+        )
     return write_report(out / "report.html", [accuracy_figure(overall), task_accuracy_figure(per_task)], title, extra)
 
 
-def headline(df: pd.DataFrame, mode_key: Optional[str] = None) -> str:
+def headline(df: pd.DataFrame, mode_key: str | None = None) -> str:
     """``questions=N accuracy=A drop_ratio=D`` of one mode (default: the first DTD mode, else the
     first mode of the run)."""
     if df.empty:
@@ -151,5 +185,4 @@ def headline(df: pd.DataFrame, mode_key: Optional[str] = None) -> str:
         mode_key = next((k for k in keys if k.startswith("dtd/")), keys[0])
     s = summarize(df[df["mode_key"] == mode_key], by=()).iloc[0]
     drop = s["drop_ratio"]
-    return (f"questions={s['questions']} accuracy={s['accuracy']:.4f} "
-            f"drop_ratio={0.0 if math.isnan(drop) else drop:.4f}")
+    return f"questions={s['questions']} accuracy={s['accuracy']:.4f} drop_ratio={0.0 if math.isnan(drop) else drop:.4f}"

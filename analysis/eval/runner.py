@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -43,9 +43,9 @@ class Mode:
     ``dtd`` pass a ``uniform`` pass matches in tokens); None for ``full``."""
 
     name: str
-    criterion: Optional[str] = None
-    metric: Optional[str] = None
-    threshold: Optional[float] = None
+    criterion: str | None = None
+    metric: str | None = None
+    threshold: float | None = None
 
     def __post_init__(self):
         if self.name not in MODES:
@@ -64,12 +64,21 @@ class Mode:
 
     def stream_settings(self) -> dict:
         if self.name == "dtd":
-            return {"dtd_enabled": True, "dtd_criterion": self.criterion, "dtd_metric": self.metric,
-                    "dtd_threshold": self.threshold}
+            return {
+                "dtd_enabled": True,
+                "dtd_criterion": self.criterion,
+                "dtd_metric": self.metric,
+                "dtd_threshold": self.threshold,
+            }
         return {"dtd_enabled": False}
 
 
-def modes_grid(names: Sequence[str], criteria: Sequence[str], metrics: dict[str, str], thresholds: dict[str, Sequence[float]]) -> list[Mode]:
+def modes_grid(
+    names: Sequence[str],
+    criteria: Sequence[str],
+    metrics: Mapping[str, str],
+    thresholds: Mapping[str, Sequence[float]],
+) -> list[Mode]:
     """The modes of a run in the order they run: ``full``, every ``dtd`` setting, every ``uniform``
     one (a ``uniform`` pass needs the ``dtd`` pass of its setting: asking for ``uniform`` runs it).
     ``metrics``/``thresholds``: per criterion."""
@@ -109,10 +118,20 @@ class Pass:
         return self.kept_tokens / max(1, self.steps * self.tokens_per_step)
 
 
-def run_pass(base_url: str, video: str, frames: np.ndarray, times: np.ndarray, fps: float, questions: Sequence[Question],
-             mode: Mode, tokens_per_step: int, temporal_patch_size: int = 2, budget: Optional[Pass] = None,
-             model: Optional[str] = None,
-             on_ask: Optional[Callable[[Question, Ask, Reply], None]] = None) -> tuple[list[dict], Pass]:
+def run_pass(
+    base_url: str,
+    video: str,
+    frames: np.ndarray,
+    times: np.ndarray,
+    fps: float,
+    questions: Sequence[Question],
+    mode: Mode,
+    tokens_per_step: int,
+    temporal_patch_size: int = 2,
+    budget: Pass | None = None,
+    model: str | None = None,
+    on_ask: Callable[[Question, Ask, Reply], None] | None = None,
+) -> tuple[list[dict], Pass]:
     """Play ``frames`` (uint8 (N, H, W, 3) at ``fps``, stamped ``times`` in seconds of the video)
     into new streams and ask ``questions`` (all of one video) at their times: one stream per start
     (:func:`stream_start`: 0, or a StreamingBench proactive question's own start). ``tokens_per_step``
@@ -136,8 +155,17 @@ def run_pass(base_url: str, video: str, frames: np.ndarray, times: np.ndarray, f
         stream = open_stream(base_url, model=model, fps=stream_fps, **mode.stream_settings())
         try:
             full_times = times[times >= start - 1e-6] - start
-            for r in _play(stream, frames[keep], times[keep] - start, full_times, start, qs, mode,
-                           (tokens_per_step, temporal_patch_size), on_ask):
+            for r in _play(
+                stream,
+                frames[keep],
+                times[keep] - start,
+                full_times,
+                start,
+                qs,
+                mode,
+                (tokens_per_step, temporal_patch_size),
+                on_ask,
+            ):
                 rows_by_qid[r["qid"]] = r
             st = stream.status()
         finally:
@@ -146,19 +174,34 @@ def run_pass(base_url: str, video: str, frames: np.ndarray, times: np.ndarray, f
             except StreamHTTPError:
                 pass
         if start == 0.0 or 0.0 not in groups:
-            frames_n, steps, kept = frames_n + st["frames"], steps + len(st["kept_per_step"]), kept + sum(st["kept_per_step"])
+            frames_n, steps, kept = (
+                frames_n + st["frames"],
+                steps + len(st["kept_per_step"]),
+                kept + sum(st["kept_per_step"]),
+            )
     return [rows_by_qid[q.qid] for q in questions], Pass(video, mode.key, frames_n, steps, tokens_per_step, kept)
 
 
-def _play(stream: StreamClient, frames: np.ndarray, times: np.ndarray, full_times: np.ndarray, start: float,
-          questions: Sequence[Question], mode: Mode, step: tuple[int, int], on_ask) -> list[dict]:
+def _play(
+    stream: StreamClient,
+    frames: np.ndarray,
+    times: np.ndarray,
+    full_times: np.ndarray,
+    start: float,
+    questions: Sequence[Question],
+    mode: Mode,
+    step: tuple[int, int],
+    on_ask,
+) -> list[dict]:
     """One stream: frames stamped ``times`` (s from the stream's start, which is ``start`` s into the
     video); ``full_times``: the stamps a ``full`` pass sends (the drop ratio's denominator)."""
-    plan = sorted(((a.time, qi, ai) for qi, q in enumerate(questions) for ai, a in enumerate(asks_for(q))), key=lambda x: x[:3])
+    plan = sorted(
+        ((a.time, qi, ai) for qi, q in enumerate(questions) for ai, a in enumerate(asks_for(q))), key=lambda x: x[:3]
+    )
     replies: list[list[Reply]] = [[] for _ in questions]
     done = [False] * len(questions)
     sent = 0
-    refused: Optional[str] = None  # the server refused frames: later asks of this stream are errors too
+    refused: str | None = None  # the server refused frames: later asks of this stream are errors too
     tokens_per_step, tps = step
 
     def ask_now(q: Question, ask: Ask, t: float) -> Reply:
@@ -182,17 +225,27 @@ def _play(stream: StreamClient, frames: np.ndarray, times: np.ndarray, full_time
             return Reply(time=t + start, text="", role=ask.role, index=ask.index, error=str(e))
         state = r["stream_state"]
         if state["time"] is not None and state["time"] > t + 1e-6:
-            raise TimeTravel(f"{q.qid}: the stream held a frame at {state['time'] + start:.3f} s of the video "
-                             f"when asked at {t + start:.3f} s")
+            raise TimeTravel(
+                f"{q.qid}: the stream held a frame at {state['time'] + start:.3f} s of the video "
+                f"when asked at {t + start:.3f} s"
+            )
         full_frames = int(np.searchsorted(full_times, t + 1e-6, side="right"))
-        return Reply(time=t + start, text=r["choices"][0]["message"]["content"] or "", role=ask.role, index=ask.index,
-                     prompt_tokens=r["usage"]["prompt_tokens"], video_tokens=sum(state["video_tokens_per_chunk"]),
-                     full_video_tokens=(full_frames // tps) * tokens_per_step, ttft_s=state["ttft_s"],
-                     e2e_s=time.perf_counter() - t0, last_frame_time=None if state["time"] is None else state["time"] + start)
+        return Reply(
+            time=t + start,
+            text=r["choices"][0]["message"]["content"] or "",
+            role=ask.role,
+            index=ask.index,
+            prompt_tokens=r["usage"]["prompt_tokens"],
+            video_tokens=sum(state["video_tokens_per_chunk"]),
+            full_video_tokens=(full_frames // tps) * tokens_per_step,
+            ttft_s=state["ttft_s"],
+            e2e_s=time.perf_counter() - t0,
+            last_frame_time=None if state["time"] is None else state["time"] + start,
+        )
 
     for t, qi, ai in plan:
         q = questions[qi]
-        ask: Optional[Ask] = asks_for(q)[ai]
+        ask: Ask | None = asks_for(q)[ai]
         while ask is not None and not done[qi]:
             reply = ask_now(q, ask, t - start)
             replies[qi].append(reply)
@@ -208,13 +261,35 @@ def row(q: Question, mode: Mode, replies: list[Reply], verdict: Verdict) -> dict
     last = replies[-1] if replies else Reply(time=q.time, text="")
     video, full = last.video_tokens, last.full_video_tokens
     return {
-        "qid": q.qid, "benchmark": q.benchmark, "video": q.video, "task": q.task, "kind": q.kind, "question_time": q.time,
-        "mode": mode.name, "mode_key": mode.key, "criterion": mode.criterion, "metric": mode.metric, "threshold": mode.threshold,
-        "score": verdict.score, "points": verdict.points, "out_of": verdict.out_of, "correct": verdict.score >= 1.0, "parsed": verdict.parsed, "prediction": verdict.prediction,
-        "answer": q.answer, "reply": last.text, "response_time": verdict.response_time, "asks": len(replies),
-        "errors": sum(1 for r in replies if r.error), "error": next((r.error for r in replies if r.error), None),
-        "prompt_tokens": last.prompt_tokens, "video_tokens": video, "full_video_tokens": full,
-        "drop_ratio": (1.0 - video / full) if full else math.nan, "ttft_s": last.ttft_s, "e2e_s": last.e2e_s,
+        "qid": q.qid,
+        "benchmark": q.benchmark,
+        "video": q.video,
+        "task": q.task,
+        "kind": q.kind,
+        "question_time": q.time,
+        "mode": mode.name,
+        "mode_key": mode.key,
+        "criterion": mode.criterion,
+        "metric": mode.metric,
+        "threshold": mode.threshold,
+        "score": verdict.score,
+        "points": verdict.points,
+        "out_of": verdict.out_of,
+        "correct": verdict.score >= 1.0,
+        "parsed": verdict.parsed,
+        "prediction": verdict.prediction,
+        "answer": q.answer,
+        "reply": last.text,
+        "response_time": verdict.response_time,
+        "asks": len(replies),
+        "errors": sum(1 for r in replies if r.error),
+        "error": next((r.error for r in replies if r.error), None),
+        "prompt_tokens": last.prompt_tokens,
+        "video_tokens": video,
+        "full_video_tokens": full,
+        "drop_ratio": (1.0 - video / full) if full else math.nan,
+        "ttft_s": last.ttft_s,
+        "e2e_s": last.e2e_s,
         "last_frame_time": max((r.last_frame_time for r in replies if r.last_frame_time is not None), default=None),
         "last_ask_time": max((r.time for r in replies), default=q.time),
     }

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -31,8 +31,8 @@ def play(
     question: str = "What is happening?",
     speed: float = 1.0,
     max_tokens: int = 16,
-    on_answer: Optional[Callable[[dict], None]] = None,
-    on_event: Optional[Callable[[dict], None]] = None,
+    on_answer: Callable[[dict], None] | None = None,
+    on_event: Callable[[dict], None] | None = None,
     push_batch: int = 2,
 ) -> PlayRecord:
     """Push frames at ``speed`` × real time (0 = as fast as possible); ask every ``ask_every``
@@ -54,9 +54,14 @@ def play(
             t0 = time.perf_counter()
             r = stream.ask(question, max_tokens=max_tokens)
             u = r["usage"]
-            q = {"time": float(stamps[-1]), "ttft_s": r["stream_state"]["ttft_s"], "e2e_s": time.perf_counter() - t0,
-                 "prompt_tokens": u["prompt_tokens"], "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
-                 "answer": r["choices"][0]["message"]["content"]}
+            q = {
+                "time": float(stamps[-1]),
+                "ttft_s": r["stream_state"]["ttft_s"],
+                "e2e_s": time.perf_counter() - t0,
+                "prompt_tokens": u["prompt_tokens"],
+                "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                "answer": r["choices"][0]["message"]["content"],
+            }
             rec.questions.append(q)
             on_answer and on_answer(q)
             next_q = stamps[-1] + ask_every
@@ -69,13 +74,20 @@ def play(
 
 
 def print_answer(q: dict) -> None:
-    print(f"[t={q['time']:6.1f}s] ttft {q['ttft_s'] * 1000:6.0f} ms | prompt {q['prompt_tokens']:5d} tokens, "
-          f"{q['cached_tokens']:5d} from cache | {q['answer']!r}", flush=True)
+    print(
+        f"[t={q['time']:6.1f}s] ttft {q['ttft_s'] * 1000:6.0f} ms | prompt {q['prompt_tokens']:5d} tokens, "
+        f"{q['cached_tokens']:5d} from cache | {q['answer']!r}",
+        flush=True,
+    )
 
 
 def print_event(e: dict) -> None:
     if e["type"] == "scene_change":
-        print(f"[t={e['time']:6.1f}s] EVENT scene change at step {e['step']} (kept {e['kept_fraction']:.0%} of the frame)", flush=True)
+        print(
+            f"[t={e['time']:6.1f}s] EVENT scene change at step {e['step']} "
+            f"(kept {e['kept_fraction']:.0%} of the frame)",
+            flush=True,
+        )
     elif e["type"] == "answer":
         print(f"[t={e['time']:6.1f}s] PROACTIVE {e['question']!r} -> {e['text']!r}", flush=True)
     else:

@@ -8,8 +8,8 @@ plotly.js inside the page instead (one self-contained file, ~4.6 MB).
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Union
 
 PLOTLY_JS = "plotly.min.js"
 
@@ -29,7 +29,7 @@ def _ensure_js(directory: Path) -> Path:
     return js
 
 
-def write_report(path: Union[str, Path], figures: Iterable, title: str, extra_html: str = "", inline: bool = False) -> Path:
+def write_report(path: str | Path, figures: Iterable, title: str, extra_html: str = "", inline: bool = False) -> Path:
     """Write ``path`` (an .html page titled ``title``) with ``figures`` (plotly figures) and then
     ``extra_html``. Returns the page's path."""
     path = Path(path)
@@ -40,7 +40,9 @@ def write_report(path: Union[str, Path], figures: Iterable, title: str, extra_ht
         _ensure_js(path.parent)
         head = f'<script src="{PLOTLY_JS}"></script>'
     body = "".join(f.to_html(full_html=False, include_plotlyjs=False) for f in figures)
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{head}</head>"
-            f"<body><h1>{html.escape(title)}</h1>{body}{extra_html}</body></html>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{head}</head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}{extra_html}</body></html>"
+    )
     path.write_text(page, encoding="utf-8")
     return path

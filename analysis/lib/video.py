@@ -42,14 +42,17 @@ def load_video(
     width) each frame is resized to as it is decoded (bicubic, as a stream resizes its frames).
     Raises :class:`VideoDecodeError` for unreadable input."""
     fit = None if size is None else (lambda f: resize_frame(f, *size))
-    frames, times, source_fps, duration = decode_video(path, fps=fps, max_frames=max_frames, start=start, end=end, fit=fit)
+    frames, times, source_fps, duration = decode_video(
+        path, fps=fps, max_frames=max_frames, start=start, end=end, fit=fit
+    )
     return Video(frames, times, float(fps) if fps is not None else source_fps, source_fps, duration, str(path))
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, lossless: bool = True) -> Path:
     """Encode uint8 (N, H, W, 3) RGB frames as H.264 MP4 (lossless RGB when ``lossless``)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -57,7 +60,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, lossles
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264rgb" if lossless else "libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream = container.add_stream(
+            "libx264rgb" if lossless else "libx264", rate=Fraction(fps).limit_denominator(1000)
+        )
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         if lossless:
             stream.pix_fmt = "rgb24"

@@ -14,7 +14,6 @@ from analysis.harness.server import free_port
 from conftest import REPO
 
 
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """JupyterLab on a copy of the notebooks (autosave and checkpoints stay out of the repository);
@@ -25,13 +24,31 @@ def lab(tmp_path_factory):
     port, token = free_port(), secrets.token_hex(16)
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(REPO / "notebooks", root / "notebooks")
-    log = open(root / "lab.log", "w")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True",
-         "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    # the server holds its own descriptor of the log: ours closes once it is started
+    with open(root / "lab.log", "w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "lab",
+                "--no-browser",
+                f"--ServerApp.port={port}",
+                "--ServerApp.ip=127.0.0.1",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={root}",
+                "--ServerApp.allow_root=True",
+                "--LabApp.expose_app_in_browser=True",
+                "--LabApp.news_url=None",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -64,8 +81,13 @@ def _wait(predicate, timeout=180, poll=0.5):
 
 def _titles(driver):
     # read in one script call: plotly re-renders titles, so element handles can go stale between calls
-    return [t for t in driver.execute_script(
-        "return Array.from(document.querySelectorAll('.js-plotly-plot .gtitle')).map(e => e.textContent)") if t]
+    return [
+        t
+        for t in driver.execute_script(
+            "return Array.from(document.querySelectorAll('.js-plotly-plot .gtitle')).map(e => e.textContent)"
+        )
+        if t
+    ]
 
 
 def _press(driver, key, times=1):
@@ -95,14 +117,22 @@ def test_threshold_slider_changes_the_plot(lab, lab_browser, results_dir):
     base, token = lab
     browser.get(f"{base}/lab/tree/notebooks/01_explore_dtd.ipynb?token={token}")
     _wait(lambda: browser.execute_script("return !!(window.jupyterapp && document.querySelector('.jp-Notebook'))"))
-    _wait(lambda: browser.execute_script(
-        "const w = window.jupyterapp.shell.currentWidget; return !!(w && w.sessionContext && w.sessionContext.session"
-        " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle')"))
+    _wait(
+        lambda: browser.execute_script(
+            "const w = window.jupyterapp.shell.currentWidget; "
+            "return !!(w && w.sessionContext && w.sessionContext.session"
+            " && w.sessionContext.session.kernel && w.sessionContext.session.kernel.status === 'idle')"
+        )
+    )
     browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     before = _wait(lambda: [t for t in _titles(browser) if "kept" in t and "τ=0.05" in t])
     # let "run all" finish (the last cell's output is there), then use the first slider: τ
-    _wait(lambda: browser.execute_script(
-        "const c = window.jupyterapp.shell.currentWidget.content.widgets; return c[c.length - 1].model.outputs.length > 0"))
+    _wait(
+        lambda: browser.execute_script(
+            "const c = window.jupyterapp.shell.currentWidget.content.widgets; "
+            "return c[c.length - 1].model.outputs.length > 0"
+        )
+    )
     time.sleep(1)
     _press(browser, Keys.ARROW_RIGHT, times=10)  # τ 0.05 -> 0.15: a person's ten key presses
     after = _wait(lambda: [t for t in _titles(browser) if "kept" in t and "τ=0.15" in t], timeout=120)

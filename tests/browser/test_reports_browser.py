@@ -13,7 +13,6 @@ import pytest
 from analysis.harness.browser import assert_report_renders
 
 
-
 @pytest.fixture(scope="module")
 def screenshot_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("report_screenshots")
@@ -22,10 +21,14 @@ def screenshot_dir(tmp_path_factory) -> Path:
 def _figures():
     from analysis.lib.figures import kept_tokens_figure, threshold_figure
 
-    rows = [{"video": video, "criterion": "pixel", "metric": "l1", "reference": "previous", "threshold": t, "drop_ratio": d}
-            for video, pts in (("screen_recording.mp4", ((0.02, 0.6), (0.05, 0.83), (0.1, 0.9))),
-                               ("moviepy_airplane.mp4", ((0.02, 0.2), (0.05, 0.44), (0.1, 0.6))))
-            for t, d in pts]
+    rows = [
+        {"video": video, "criterion": "pixel", "metric": "l1", "reference": "previous", "threshold": t, "drop_ratio": d}
+        for video, pts in (
+            ("screen_recording.mp4", ((0.02, 0.6), (0.05, 0.83), (0.1, 0.9))),
+            ("moviepy_airplane.mp4", ((0.02, 0.2), (0.05, 0.44), (0.1, 0.6))),
+        )
+        for t, d in pts
+    ]
     return [kept_tokens_figure([64, 3, 2], 64), threshold_figure(rows)]
 
 
@@ -34,12 +37,20 @@ def test_report_renders_offline(browser, tmp_path, screenshot_dir, inline):
     from analysis.lib.reports import PLOTLY_JS, write_report
 
     kind = "inline" if inline else "default"
-    page = write_report(tmp_path / kind / "report.html", _figures(), f"DTD report ({kind})",
-                        extra_html="<table id='summary'><tr><td>kept</td><td>69</td></tr></table>", inline=inline)
+    page = write_report(
+        tmp_path / kind / "report.html",
+        _figures(),
+        f"DTD report ({kind})",
+        extra_html="<table id='summary'><tr><td>kept</td><td>69</td></tr></table>",
+        inline=inline,
+    )
     assert (page.parent / PLOTLY_JS).is_file() != inline  # beside the page unless inline
     shot = screenshot_dir / f"report_{kind}.png"
     state = assert_report_renders(browser, page, shot, expected_plots=2)
-    print(f"\n{kind} report: plotly.js {state['version']}, traces {[p['traces'] for p in state['plots']]}, screenshot {shot}")
+    print(
+        f"\n{kind} report: plotly.js {state['version']}, traces {[p['traces'] for p in state['plots']]}, "
+        f"screenshot {shot}"
+    )
     assert [p["traces"] for p in state["plots"]] == [2, 2]  # kept bars + undropped line; one line per video
     assert browser.execute_script("return document.querySelector('#summary td:last-child').textContent") == "69"
     if inline:

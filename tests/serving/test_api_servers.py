@@ -23,8 +23,15 @@ def dp_server(tiny_model_path, media_dir, tmp_path_factory):
     from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "dp.log"
-    args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE),
-                                    "--data-parallel-size", str(DP), "--api-server-count", "2"]
+    args = serve_args(media_dir) + [
+        "--dtd-streams",
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--data-parallel-size",
+        str(DP),
+        "--api-server-count",
+        "2",
+    ]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log) as srv:
         yield srv
 
@@ -41,8 +48,10 @@ def _get(url):
 
 def _frames(seed: int, n: int = 2):
     rng = np.random.default_rng(seed)
-    return [{"image": base64.b64encode(encode_png(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))).decode()}
-            for _ in range(n)]
+    return [
+        {"image": base64.b64encode(encode_png(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8))).decode()}
+        for _ in range(n)
+    ]
 
 
 def _engine_prompt_tokens(srv) -> list[float]:
@@ -85,16 +94,24 @@ def test_a_stream_works_from_every_api_server_and_keeps_one_engine(dp_server):
                 r = _post(url + "/frames", json={"frames": _frames(100 * k + 10 * q + i)})
                 assert r.status_code == 200, r.text
                 forwarded += "x-dtd-stream-owner" in r.headers
-            _prefilled(url)  # eager prefill of the appended frames (on the same engine) is done: count the question only
+            _prefilled(
+                url
+            )  # eager prefill of the appended frames (on the same engine) is done: count the question only
             before = _engine_prompt_tokens(dp_server)
             if q == 1:  # SSE
-                r = _post(url + "/chat/completions", stream=True,
-                          json={"messages": [{"role": "user", "content": "what changed?"}], "max_tokens": 3, "stream": True})
+                r = _post(
+                    url + "/chat/completions",
+                    stream=True,
+                    json={"messages": [{"role": "user", "content": "what changed?"}], "max_tokens": 3, "stream": True},
+                )
                 assert r.status_code == 200
                 events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
                 usage = events[-1]["usage"]
             else:
-                r = _post(url + "/chat/completions", json={"messages": [{"role": "user", "content": "what changed?"}], "max_tokens": 3})
+                r = _post(
+                    url + "/chat/completions",
+                    json={"messages": [{"role": "user", "content": "what changed?"}], "max_tokens": 3},
+                )
                 assert r.status_code == 200, r.text
                 usage = r.json()["usage"]
             forwarded += "x-dtd-stream-owner" in r.headers
@@ -129,9 +146,18 @@ def test_a_forwarded_question_is_aborted_when_its_client_hangs_up(dp_server):
         assert _post(f"{base}/v1/streams/{sid}/frames", json={"frames": _frames(attempt)}).status_code == 200
         g0 = dp_server.metric("vllm:generation_tokens_total")
         with requests.Session() as fresh:
-            r = fresh.post(f"{base}/v1/streams/{sid}/chat/completions", stream=True, timeout=120, json={
-                "messages": [{"role": "user", "content": "go on"}], "max_tokens": 12000, "stream": True,
-                "ignore_eos": True, "temperature": 1.0})
+            r = fresh.post(
+                f"{base}/v1/streams/{sid}/chat/completions",
+                stream=True,
+                timeout=120,
+                json={
+                    "messages": [{"role": "user", "content": "go on"}],
+                    "max_tokens": 12000,
+                    "stream": True,
+                    "ignore_eos": True,
+                    "temperature": 1.0,
+                },
+            )
             via_peer = "x-dtd-stream-owner" in r.headers
             lines = r.iter_lines()
             assert next(lines).startswith(b"data: {")

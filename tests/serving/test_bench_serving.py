@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from analysis.cli.bench import Clip, kv_capacity_tokens, metric_sum, summarize, uniform_subsample
 from conftest import REPO, renders_offline
 
 METRICS = """# HELP vllm:kv_cache_usage_perc KV-cache usage.
@@ -20,14 +19,33 @@ vllm_dtd_decision_seconds_created 1.7e9
 
 def test_small_run_end_to_end(tmp_path, real_clip_mp4, request):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "analysis.cli.bench", "--size", "test", "--video", str(real_clip_mp4), "--requests", "1",
-           "--frames", "8", "--concurrency", "2", "--no-evs", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis.cli.bench",
+        "--size",
+        "test",
+        "--video",
+        str(real_clip_mp4),
+        "--requests",
+        "1",
+        "--frames",
+        "8",
+        "--concurrency",
+        "2",
+        "--no-evs",
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"throughput_ratio=([\d.]+) ceiling=([\d.]+) dtd_overhead=([\d.]+)"
-                     r" vllm_loader_throughput_ratio=([\d.]+)"
-                     r" feature_throughput_ratio=([\d.]+) feature_dtd_overhead=([\d.]+)", last)
+    m = re.fullmatch(
+        r"throughput_ratio=([\d.]+) ceiling=([\d.]+) dtd_overhead=([\d.]+)"
+        r" vllm_loader_throughput_ratio=([\d.]+)"
+        r" feature_throughput_ratio=([\d.]+) feature_dtd_overhead=([\d.]+)",
+        last,
+    )
     assert m, last
     result = json.loads((out / "bench.json").read_text())
     assert {r["clip"] for r in result["summary"]["per_clip"]} == {"airplane_2fps", "synthetic"}
@@ -45,7 +63,10 @@ def test_small_run_end_to_end(tmp_path, real_clip_mp4, request):
         assert r["feature_prompt_tokens"] < r["stock_prompt_tokens"] and r["feature_encoder_s_per_request"] > 0
         # the same requests with vLLM's own video loader: same prompt length up to a token or two of the mask
         vllm_loader = result["dtd_vllm_loader"][r["clip"]]["c1"]["prompt_tokens"]
-        assert abs(vllm_loader - r["dtd_prompt_tokens"]) <= 0.01 * r["stock_prompt_tokens"] and r["vllm_loader_throughput_ratio"] > 0
+        assert (
+            abs(vllm_loader - r["dtd_prompt_tokens"]) <= 0.01 * r["stock_prompt_tokens"]
+            and r["vllm_loader_throughput_ratio"] > 0
+        )
     assert (out / "bench.html").stat().st_size > 1000
     renders_offline(request, out / "bench.html", expected_plots=1)
     assert result["evs"]["outcome"].startswith("skipped")
@@ -53,8 +74,25 @@ def test_small_run_end_to_end(tmp_path, real_clip_mp4, request):
 
 def test_bench_preprocess_small_run(tmp_path, real_clip_mp4, synthetic_mp4):
     out = tmp_path / "bench_preprocess"
-    cmd = [sys.executable, "-m", "analysis.cli.bench_preprocess", "--size", "test", "--video", str(real_clip_mp4),
-           str(synthetic_mp4), "--requests", "1", "--load-requests", "2", "--concurrency", "2", "--no-stock", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis.cli.bench_preprocess",
+        "--size",
+        "test",
+        "--video",
+        str(real_clip_mp4),
+        str(synthetic_mp4),
+        "--requests",
+        "1",
+        "--load-requests",
+        "2",
+        "--concurrency",
+        "2",
+        "--no-stock",
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     m = re.fullmatch(r"preprocess_speedup=([\d.]+) mask_agreement=([\d.]+)", p.stdout.strip().splitlines()[-1])

@@ -4,14 +4,16 @@ import json
 import subprocess
 import sys
 
-
 from conftest import REPO, renders_offline
 
 
 def test_demo_serves_and_reports(tmp_path, request):
     out = subprocess.run(
-        [sys.executable, "-m", "analysis.cli.demo", "--out", str(tmp_path), "--speed", "0"], cwd=REPO, capture_output=True,
-        text=True, timeout=900,
+        [sys.executable, "-m", "analysis.cli.demo", "--out", str(tmp_path), "--speed", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
@@ -33,12 +35,10 @@ def test_demo_serves_and_reports(tmp_path, request):
     assert drop["moviepy_airplane.mp4"] < 0.5 < 0.75 < drop["screen_recording.mp4"], drop
     assert f"{drop['screen_recording.mp4']:.1%}" in text
     # feature-level DTD on a stream: every temporal step encoded once (in the API server), kept counts shown
-    for name, r in res.items():
+    for r in res.values():
         f = r["stream_feature"]
         assert f["steps_encoded"] == len(f["kept_per_step"]) and f["kept_per_step"][0] == f["tokens_per_step"]
         assert len(f["questions"]) >= 2
     assert "feature-level: kept" in text and "temporal steps encoded" in text
     assert (tmp_path / "kept_tokens.html").stat().st_size > 1000 and (tmp_path / "plotly.min.js").is_file()
     renders_offline(request, tmp_path / "kept_tokens.html", expected_plots=4)
-
-

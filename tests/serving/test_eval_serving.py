@@ -14,8 +14,17 @@ import pytest
 from conftest import REPO, renders_offline
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
-SB_MODES = ["full", "dtd/pixel/l1/0.05", "dtd/pixel/l1/0.5", "dtd/feature/cosine/0.05", "dtd/feature/cosine/0.5",
-            "uniform/pixel/l1/0.05", "uniform/pixel/l1/0.5", "uniform/feature/cosine/0.05", "uniform/feature/cosine/0.5"]
+SB_MODES = [
+    "full",
+    "dtd/pixel/l1/0.05",
+    "dtd/pixel/l1/0.5",
+    "dtd/feature/cosine/0.05",
+    "dtd/feature/cosine/0.5",
+    "uniform/pixel/l1/0.05",
+    "uniform/pixel/l1/0.5",
+    "uniform/feature/cosine/0.05",
+    "uniform/feature/cosine/0.5",
+]
 LAST_LINE = re.compile(r"^questions=\d+ accuracy=\d\.\d{4} drop_ratio=\d\.\d{4}$")
 
 
@@ -33,8 +42,13 @@ def eval_videos(tmp_path_factory, synthetic_mp4, real_clip_mp4):
 
 
 def eval_stream(*args, timeout=900, check=True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "analysis.eval_stream", "--quiet", *map(str, args)], cwd=REPO,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "analysis.eval_stream", "--quiet", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0 or not check, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -42,8 +56,22 @@ def eval_stream(*args, timeout=900, check=True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def sb_run(dtd_server, eval_videos, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("eval_sb")
-    args = ["--format", "streamingbench", "--data", FIXTURES / "streamingbench.json", "--videos", eval_videos,
-            "--url", dtd_server.base_url, "--criterion", "pixel,feature", "--thresholds", "0.05,0.5", "--out", out_dir]
+    args = [
+        "--format",
+        "streamingbench",
+        "--data",
+        FIXTURES / "streamingbench.json",
+        "--videos",
+        eval_videos,
+        "--url",
+        dtd_server.base_url,
+        "--criterion",
+        "pixel,feature",
+        "--thresholds",
+        "0.05,0.5",
+        "--out",
+        out_dir,
+    ]
     return args, out_dir, eval_stream(*args)
 
 
@@ -57,19 +85,32 @@ def test_streamingbench_runs_every_mode_on_the_same_questions(sb_run):
     df = pd.read_parquet(out_dir / "results.parquet")
     assert sorted(df["mode_key"].unique()) == sorted(SB_MODES)
     qids = {m: set(g["qid"]) for m, g in df.groupby("mode_key")}
-    assert all(q == qids["full"] for q in qids.values()) and qids["full"] == {"sb/0/0", "sb/1/0", "sb/1/1", "sb/2/0", "sb/3/0"}
+    assert all(q == qids["full"] for q in qids.values()) and qids["full"] == {
+        "sb/0/0",
+        "sb/1/0",
+        "sb/1/1",
+        "sb/2/0",
+        "sb/3/0",
+    }
     assert len(df) == len(SB_MODES) * 5 and (df["errors"] == 0).all()
     for r in df.to_dict("records"):  # only frames at or before each ask's time were ever in the stream
         assert r["last_frame_time"] <= r["last_ask_time"] + 1e-6, r
         if r["kind"] == "mc":
-            assert r["last_ask_time"] == r["question_time"] and r["asks"] == 1 and r["prompt_tokens"] > r["video_tokens"]
-            assert r["full_video_tokens"] > 0 and (r["video_tokens"] > 0 or r["mode"] == "uniform")  # uniform may not have a step yet
+            assert (
+                r["last_ask_time"] == r["question_time"] and r["asks"] == 1 and r["prompt_tokens"] > r["video_tokens"]
+            )
+            assert r["full_video_tokens"] > 0 and (
+                r["video_tokens"] > 0 or r["mode"] == "uniform"
+            )  # uniform may not have a step yet
     full = df[df["mode"] == "full"].set_index("qid")
     assert (full["drop_ratio"] == 0).all() and (full["video_tokens"] == full["full_video_tokens"]).all()
     for key in SB_MODES[1:]:
         d = df[df["mode_key"] == key].set_index("qid")
         assert (d["video_tokens"] <= full.loc[d.index, "video_tokens"]).all(), key
-    assert df[df["mode_key"] == "dtd/pixel/l1/0.5"]["drop_ratio"].mean() > df[df["mode_key"] == "dtd/pixel/l1/0.05"]["drop_ratio"].mean()
+    assert (
+        df[df["mode_key"] == "dtd/pixel/l1/0.5"]["drop_ratio"].mean()
+        > df[df["mode_key"] == "dtd/pixel/l1/0.05"]["drop_ratio"].mean()
+    )
     for name in ("results.csv", "summary.csv", "results.jsonl", "passes.jsonl"):
         assert (out_dir / name).is_file()
     summary = pd.read_csv(out_dir / "summary.csv")
@@ -97,7 +138,9 @@ def test_uniform_sends_about_dtds_budget_at_a_lower_frame_rate(sb_run):
         full = passes[(video, "full")]
         for setting in ("pixel/l1/0.05", "pixel/l1/0.5", "feature/cosine/0.5"):
             dtd, uni = passes[(video, f"dtd/{setting}")], passes[(video, f"uniform/{setting}")]
-            assert uni["frames"] <= full["frames"] and (uni["frames"] < full["frames"] or dtd["kept_tokens"] == full["kept_tokens"])
+            assert uni["frames"] <= full["frames"] and (
+                uni["frames"] < full["frames"] or dtd["kept_tokens"] == full["kept_tokens"]
+            )
             # whole steps: within one step (+ the odd frame's) of DTD's tokens
             assert abs(uni["kept_tokens"] - dtd["kept_tokens"]) <= 2 * full["tokens_per_step"], (video, setting)
 
@@ -117,7 +160,9 @@ def test_a_rerun_skips_what_is_done_and_runs_what_is_missing(sb_run):
     (out_dir / "results.jsonl").write_text("\n".join(kept) + "\n")
     # a pass whose totals are missing (a torn write; a uniform pass's budget) runs again
     passes = (out_dir / "passes.jsonl").read_text().splitlines()
-    gone = [p for p in passes if json.loads(p)["mode"] == "dtd/feature/cosine/0.05" and "sample_2" in json.loads(p)["video"]]
+    gone = [
+        p for p in passes if json.loads(p)["mode"] == "dtd/feature/cosine/0.05" and "sample_2" in json.loads(p)["video"]
+    ]
     (out_dir / "passes.jsonl").write_text("\n".join(p for p in passes if p not in gone) + "\n")
     third = eval_stream(*args)
     assert "4 passes run, 23 already" in third.stdout  # one mode × three videos, and the pass without its totals
@@ -156,8 +201,22 @@ def test_the_question_view_shows_what_the_stream_served(sb_run, dtd_server, eval
 
 
 def test_ovobench_forward_probes_are_asked_at_their_times_and_scored_per_probe(dtd_server, eval_videos, tmp_path):
-    run = eval_stream("--format", "ovobench", "--data", FIXTURES / "ovo_bench.json", "--videos", eval_videos,
-                      "--url", dtd_server.base_url, "--modes", "full,dtd", "--criterion", "pixel", "--out", tmp_path)
+    run = eval_stream(
+        "--format",
+        "ovobench",
+        "--data",
+        FIXTURES / "ovo_bench.json",
+        "--videos",
+        eval_videos,
+        "--url",
+        dtd_server.base_url,
+        "--modes",
+        "full,dtd",
+        "--criterion",
+        "pixel",
+        "--out",
+        tmp_path,
+    )
     assert LAST_LINE.match(run.stdout.strip().splitlines()[-1])
     assert "YouTube_Games/missing.mp4' not found" in run.stderr and run.stderr.count("skipped malformed entry") == 2
     df = pd.read_parquet(tmp_path / "results.parquet")
@@ -170,4 +229,7 @@ def test_ovobench_forward_probes_are_asked_at_their_times_and_scored_per_probe(d
         assert r["asks"] == n and r["out_of"] == n and r["last_ask_time"] == last and r["last_frame_time"] <= last
         assert 0 <= r["points"] <= n and len(r["prediction"].split(",")) == n
     mc = df[df["kind"] == "mc"]
-    assert set(mc["qid"]) == {"ovo/EPM/0", "ovo/HLD/1", "ovo/OCR/2"} and (mc["last_frame_time"] <= mc["question_time"]).all()
+    assert (
+        set(mc["qid"]) == {"ovo/EPM/0", "ovo/HLD/1", "ovo/OCR/2"}
+        and (mc["last_frame_time"] <= mc["question_time"]).all()
+    )

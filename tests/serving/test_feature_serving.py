@@ -25,19 +25,36 @@ def _chat(srv, video, media_io=None, **mm):
     if media_io:  # e.g. vLLM's own video loader: {"video": {"fast_decode": false}}
         extra["media_io_kwargs"] = media_io
     raw = client.chat.completions.with_raw_response.create(
-        model=srv.model, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5,
+        model=srv.model,
+        max_tokens=6,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=5,
         extra_body=extra,
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}}, {"type": "text", "text": Q}]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{video}"}},
+                    {"type": "text", "text": Q},
+                ],
+            }
+        ],
     )
     return raw.parse(), json.loads(raw.headers["x-dtd-stats"])["videos"]
 
 
-@pytest.mark.parametrize("clip, mm", [
-    ("synthetic", {"dtd_criterion": "feature"}),
-    ("real", {"dtd_criterion": "feature"}),
-    ("real", {"dtd_criterion": "feature", "dtd_threshold": 0.8, "dtd_reference": "last_kept"}),
-])
-def test_served_feature_dtd_equals_the_reference_pipeline(dtd_server, served_reference, synthetic_mp4, real_clip_mp4, clip, mm):
+@pytest.mark.parametrize(
+    "clip, mm",
+    [
+        ("synthetic", {"dtd_criterion": "feature"}),
+        ("real", {"dtd_criterion": "feature"}),
+        ("real", {"dtd_criterion": "feature", "dtd_threshold": 0.8, "dtd_reference": "last_kept"}),
+    ],
+)
+def test_served_feature_dtd_equals_the_reference_pipeline(
+    dtd_server, served_reference, synthetic_mp4, real_clip_mp4, clip, mm
+):
     """Same keep mask (digest), same prompt length, greedy tokens and top-5 logprobs within 1e-4 of the
     transformers reference with feature DTD (float32; bf16: analysis/harness/checks.py); the video is
     encoded once (in the API server)."""
@@ -47,7 +64,9 @@ def test_served_feature_dtd_equals_the_reference_pipeline(dtd_server, served_ref
     path = synthetic_mp4 if clip == "synthetic" else real_clip_mp4
     v = load_video(path, fps=None)
     video = reference.process_video(v.frames, v.fps)
-    cfg = DTDConfig(criterion="feature", threshold=mm.get("dtd_threshold"), reference=mm.get("dtd_reference", "previous"))
+    cfg = DTDConfig(
+        criterion="feature", threshold=mm.get("dtd_threshold"), reference=mm.get("dtd_reference", "previous")
+    )
     prepared = reference.prepare(Q, video=video, dtd=cfg)
     assert 0 < int(prepared.mask.sum()) < prepared.mask.numel()
 
@@ -71,7 +90,9 @@ def _wait_prefilled(stream):
     return st
 
 
-def test_feature_stream_encodes_on_arrival_and_a_question_adds_no_encoding(dtd_server, served_reference, synthetic_clip):
+def test_feature_stream_encodes_on_arrival_and_a_question_adds_no_encoding(
+    dtd_server, served_reference, synthetic_clip
+):
     frames = synthetic_clip.frames
     reference, cfg = served_reference, DTDConfig(criterion="feature")
     prepared = reference.prepare(Q, video=reference.process_video(frames, 2.0), dtd=cfg)
@@ -105,7 +126,7 @@ def test_eager_prefill_leaves_a_question_only_its_own_text(dtd_server, synthetic
     lazy = open_stream(dtd_server.base_url, fps=2.0, dtd_criterion=criterion, prefill="lazy")
     try:
         for q in range(3):
-            part = synthetic_clip.frames[q * 16:(q + 1) * 16]
+            part = synthetic_clip.frames[q * 16 : (q + 1) * 16]
             eager.push(part)
             lazy.push(part)
             _wait_prefilled(eager)
@@ -135,10 +156,16 @@ def test_eight_concurrent_eager_streams_lose_no_frame(dtd_server, synthetic_clip
             seen = []
             kept = []
             for q in range(4):
-                kept += s.push(frames[q * 8:(q + 1) * 8])["kept_per_step"]
+                kept += s.push(frames[q * 8 : (q + 1) * 8])["kept_per_step"]
                 a = s.ask(f"stream {i} question {q}?", max_tokens=2)
-                seen.append((sum(a["stream_state"]["video_tokens_per_chunk"]), len(a["stream_state"]["video_tokens_per_chunk"]),
-                             sum(kept), a["stream_state"]["frames"]))
+                seen.append(
+                    (
+                        sum(a["stream_state"]["video_tokens_per_chunk"]),
+                        len(a["stream_state"]["video_tokens_per_chunk"]),
+                        sum(kept),
+                        a["stream_state"]["frames"],
+                    )
+                )
             results[i] = seen
         except Exception as e:  # reported below
             errors.append((i, repr(e)))

@@ -11,12 +11,19 @@ from hypothesis import strategies as st
 
 from vllm_plugin.client import open_stream
 
-
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,  # nothing written into the repo
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,  # nothing written into the repo
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
@@ -89,8 +96,12 @@ def test_fuzz_append_and_ask(dtd_server, openapi, fuzz_stream):
 
 
 dtd_keys = st.sampled_from(["dtd_enabled", "dtd_threshold", "dtd_metric", "dtd_reference", "dtd_criterion", "dtd_x"])
-dtd_values = (st.floats(-2, 2, allow_nan=False) | st.sampled_from(["l1", "cosine", "previous", "last_kept", "pixel", "feature", ""])
-              | st.booleans() | json_values)
+dtd_values = (
+    st.floats(-2, 2, allow_nan=False)
+    | st.sampled_from(["l1", "cosine", "previous", "last_kept", "pixel", "feature", ""])
+    | st.booleans()
+    | json_values
+)
 
 
 def test_fuzz_processor_kwargs(dtd_server, synthetic_mp4):
@@ -99,10 +110,23 @@ def test_fuzz_processor_kwargs(dtd_server, synthetic_mp4):
     @FUZZ
     @given(st.dictionaries(dtd_keys, dtd_values, max_size=4))
     def run(mm):
-        r = _post(dtd_server.base_url + "/v1/chat/completions", {
-            "model": dtd_server.model, "max_tokens": 1, "mm_processor_kwargs": mm,
-            "messages": [{"role": "user", "content": [
-                {"type": "video_url", "video_url": {"url": f"file://{synthetic_mp4}"}}, {"type": "text", "text": "q"}]}]})
+        r = _post(
+            dtd_server.base_url + "/v1/chat/completions",
+            {
+                "model": dtd_server.model,
+                "max_tokens": 1,
+                "mm_processor_kwargs": mm,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "video_url", "video_url": {"url": f"file://{synthetic_mp4}"}},
+                            {"type": "text", "text": "q"},
+                        ],
+                    }
+                ],
+            },
+        )
         assert r.status_code in (200, 400), (mm, r.status_code, r.text[:300])
         seen.add(r.status_code)
 
@@ -112,10 +136,14 @@ def test_fuzz_processor_kwargs(dtd_server, synthetic_mp4):
 
 
 _fps = st.floats(1e-6, 60.0).map(lambda x: float(f"{x:.3g}"))
-_ops = st.lists(st.one_of(
-    st.tuples(st.just("append"), st.integers(1, 48), st.one_of(st.none(), st.floats(1e-3, 1e5))),
-    st.tuples(st.just("ask"), st.integers(1, 3), st.booleans()),
-), min_size=1, max_size=6)
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 48), st.one_of(st.none(), st.floats(1e-3, 1e5))),
+        st.tuples(st.just("ask"), st.integers(1, 3), st.booleans()),
+    ),
+    min_size=1,
+    max_size=6,
+)
 
 
 def test_random_legal_stream_sequences_never_take_the_engine_down(dtd_server, synthetic_clip):
@@ -124,8 +152,13 @@ def test_random_legal_stream_sequences_never_take_the_engine_down(dtd_server, sy
     engine and /health survive every sequence."""
     frames = synthetic_clip.frames
 
-    @settings(max_examples=12, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=12,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(_fps, st.sampled_from(["eager", "lazy"]), st.floats(0.0, 1.0), _ops)
     def run(fps, prefill, threshold, ops):
         r = _post(dtd_server.base_url + "/v1/streams", {"fps": fps, "prefill": prefill, "dtd_threshold": threshold})
@@ -145,8 +178,14 @@ def test_random_legal_stream_sequences_never_take_the_engine_down(dtd_server, sy
                     i += n
                     _post(url + "/frames", body)
                 else:
-                    _post(url + "/chat/completions", {"messages": [{"role": "user", "content": "what now?"}],
-                                                      "max_tokens": op[1], "remember": op[2]})
+                    _post(
+                        url + "/chat/completions",
+                        {
+                            "messages": [{"role": "user", "content": "what now?"}],
+                            "max_tokens": op[1],
+                            "remember": op[2],
+                        },
+                    )
         finally:
             requests.delete(url, timeout=60)
         assert requests.get(dtd_server.base_url + "/health", timeout=60).status_code == 200

@@ -14,10 +14,14 @@ from conftest import generated_when_settled
 from vllm_plugin.client import open_stream
 
 
-
 def _chat(srv, content, mm_kwargs=None, max_tokens=2, **body):
-    req = {"model": srv.model, "max_tokens": max_tokens, "temperature": 0,
-           "messages": [{"role": "user", "content": content}], **body}
+    req = {
+        "model": srv.model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": content}],
+        **body,
+    }
     if mm_kwargs is not None:
         req["mm_processor_kwargs"] = mm_kwargs
     return requests.post(srv.base_url + "/v1/chat/completions", json=req, timeout=300)
@@ -70,14 +74,17 @@ def bad_media(media_dir, synthetic_clip):
     return out
 
 
-@pytest.mark.parametrize("name,words", [
-    ("empty", ["video_url"]),
-    ("zero_frames", ["video_url"]),
-    ("one_frame", ["video_url", "at least 2"]),
-    ("text", ["video_url"]),
-    ("png_as_mp4", ["video_url"]),
-    ("dir", ["video_url"]),
-])
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        ("empty", ["video_url"]),
+        ("zero_frames", ["video_url"]),
+        ("one_frame", ["video_url", "at least 2"]),
+        ("text", ["video_url"]),
+        ("png_as_mp4", ["video_url"]),
+        ("dir", ["video_url"]),
+    ],
+)
 def test_unusable_video_files_are_400(dtd_server, bad_media, name, words):
     r = _chat(dtd_server, _video(f"file://{bad_media[name]}"))
     _assert_4xx(r, *words)
@@ -94,7 +101,10 @@ def test_data_urls_of_the_wrong_kind_are_4xx(dtd_server, bad_media, mime):
 
 
 def test_a_video_sent_as_an_image_is_4xx(dtd_server, synthetic_mp4):
-    r = _chat(dtd_server, [{"type": "image_url", "image_url": {"url": f"file://{synthetic_mp4}"}}, {"type": "text", "text": "hi"}])
+    r = _chat(
+        dtd_server,
+        [{"type": "image_url", "image_url": {"url": f"file://{synthetic_mp4}"}}, {"type": "text", "text": "hi"}],
+    )
     _assert_4xx(r)
 
 
@@ -131,25 +141,49 @@ def test_a_long_video_is_served_and_one_beyond_the_context_is_400(dtd_server, me
     assert dtd_server.alive()
 
 
-@pytest.mark.parametrize("mm", ["not a dict", [1, 2], {"dtd_threshold": None}, {"dtd_threshold": float("nan")},
-                                {"dtd_enabled": 1}, {"dtd_metric": ["l1"]}, {"dtd_threshold": 1e308}])
+@pytest.mark.parametrize(
+    "mm",
+    [
+        "not a dict",
+        [1, 2],
+        {"dtd_threshold": None},
+        {"dtd_threshold": float("nan")},
+        {"dtd_enabled": 1},
+        {"dtd_metric": ["l1"]},
+        {"dtd_threshold": 1e308},
+    ],
+)
 def test_invalid_mm_processor_kwargs_are_4xx(dtd_server, synthetic_mp4, mm):
-    body = json.dumps({"model": dtd_server.model, "max_tokens": 2, "mm_processor_kwargs": mm,
-                       "messages": [{"role": "user", "content": _video(f"file://{synthetic_mp4}")}]}, allow_nan=True)
-    r = requests.post(dtd_server.base_url + "/v1/chat/completions", data=body,
-                      headers={"content-type": "application/json"}, timeout=300)
+    body = json.dumps(
+        {
+            "model": dtd_server.model,
+            "max_tokens": 2,
+            "mm_processor_kwargs": mm,
+            "messages": [{"role": "user", "content": _video(f"file://{synthetic_mp4}")}],
+        },
+        allow_nan=True,
+    )
+    r = requests.post(
+        dtd_server.base_url + "/v1/chat/completions",
+        data=body,
+        headers={"content-type": "application/json"},
+        timeout=300,
+    )
     assert 400 <= r.status_code < 500, (mm, r.status_code, r.text[:300])
 
 
 def test_oversize_and_bomb_frames_are_4xx(dtd_server):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     s = open_stream(dtd_server.base_url, fps=2.0)
     try:
         buf = io.BytesIO()
         Image.new("RGB", (20000, 16), (10, 20, 30)).save(buf, format="PNG")  # tiny file, too wide
-        r = requests.post(f"{s.url}/frames", json={"frames": [{"image": base64.b64encode(buf.getvalue()).decode()}]}, timeout=60)
+        r = requests.post(
+            f"{s.url}/frames", json={"frames": [{"image": base64.b64encode(buf.getvalue()).decode()}]}, timeout=60
+        )
         _assert_4xx(r, "frames[0]", "size")
         # a body beyond the upload limit (64 MiB) is refused before decoding
         r = requests.post(f"{s.url}/frames", json={"video": "A" * (88 * 2**20)}, timeout=120)
@@ -170,24 +204,45 @@ def test_client_disconnect_mid_answer_frees_the_request(dtd_server, synthetic_cl
         # ignore_eos only an abort ends it earlier.
         generated = dtd_server.metric("vllm:generation_tokens_total")
         max_tokens = 12000
-        with requests.post(f"{s.url}/chat/completions", stream=True, timeout=120, json={
-                "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": max_tokens,
-                "stream": True, "temperature": 1.0, "ignore_eos": True}) as r:
+        with requests.post(
+            f"{s.url}/chat/completions",
+            stream=True,
+            timeout=120,
+            json={
+                "messages": [{"role": "user", "content": "tell a long story"}],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "temperature": 1.0,
+                "ignore_eos": True,
+            },
+        ) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # held: a dropped generator closes urllib3's chunked connection
             assert next(lines).startswith(b"data: {")
         total = generated_when_settled(dtd_server, within=60) - generated
         assert 0 < total < max_tokens, f"{total} of {max_tokens} tokens generated: the answer was not aborted"
         # an answer budget beyond the context left is a 400, before the event stream starts
-        r = requests.post(f"{s.url}/chat/completions", timeout=60, json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9, "stream": True})
+        r = requests.post(
+            f"{s.url}/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9, "stream": True},
+        )
         _assert_4xx(r, "max_tokens", "context")
         assert s.status()["questions"] == 0  # the turn that was cut off is not part of the conversation
         # the same through vLLM's own endpoint (its first chunk, the role, follows the first token)
         generated = dtd_server.metric("vllm:generation_tokens_total")
-        with requests.post(dtd_server.base_url + "/v1/chat/completions", stream=True, timeout=120, json={
-                "model": dtd_server.model, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-                "messages": [{"role": "user", "content": "tell a long story"}]}) as r:
+        with requests.post(
+            dtd_server.base_url + "/v1/chat/completions",
+            stream=True,
+            timeout=120,
+            json={
+                "model": dtd_server.model,
+                "max_tokens": max_tokens,
+                "stream": True,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "tell a long story"}],
+            },
+        ) as r:
             assert r.status_code == 200
             lines = r.iter_lines()  # held: a dropped generator closes urllib3's chunked connection
             assert next(lines).startswith(b"data: {")
@@ -209,7 +264,7 @@ def test_concurrent_appends_and_questions_on_one_stream(dtd_server, synthetic_cl
 
     def push(i):
         try:
-            s.push(synthetic_clip.frames[i * 2:(i + 1) * 2])
+            s.push(synthetic_clip.frames[i * 2 : (i + 1) * 2])
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -220,7 +275,9 @@ def test_concurrent_appends_and_questions_on_one_stream(dtd_server, synthetic_cl
             errors.append(e)
 
     try:
-        threads = [threading.Thread(target=push, args=(i,)) for i in range(12)] + [threading.Thread(target=ask) for _ in range(3)]
+        threads = [threading.Thread(target=push, args=(i,)) for i in range(12)] + [
+            threading.Thread(target=ask) for _ in range(3)
+        ]
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert not errors, errors
@@ -260,7 +317,9 @@ def test_uploads_that_reference_other_files_are_400_and_read_nothing(dtd_server,
     target = os.path.relpath(REPO / "assets" / "moviepy_airplane.mp4")  # what the server would open
     uploads = {
         "ffconcat": f"ffconcat version 1.0\nfile '{target}'\n".encode(),
-        "hls": f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\n{target}\n#EXT-X-ENDLIST\n".encode(),
+        "hls": (
+            f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\n{target}\n#EXT-X-ENDLIST\n"
+        ).encode(),
         "image2 pattern": b"assets/frame%03d.png",
     }
     s = open_stream(dtd_server.base_url, fps=2.0)
@@ -272,8 +331,9 @@ def test_uploads_that_reference_other_files_are_400_and_read_nothing(dtd_server,
         for fmt in ("GIF", "BMP", "TIFF"):  # images: PNG, JPEG, WebP only
             buf = io.BytesIO()
             Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format=fmt)
-            r = requests.post(f"{s.url}/frames", timeout=60,
-                              json={"frames": [{"image": base64.b64encode(buf.getvalue()).decode()}]})
+            r = requests.post(
+                f"{s.url}/frames", timeout=60, json={"frames": [{"image": base64.b64encode(buf.getvalue()).decode()}]}
+            )
             _assert_4xx(r, "frames[0]", "PNG, JPEG or WebP")
         assert s.status()["frames"] == 0
     finally:
@@ -281,9 +341,10 @@ def test_uploads_that_reference_other_files_are_400_and_read_nothing(dtd_server,
 
 
 def _rss_mb(pid: int, field: str = "VmHWM") -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     raise AssertionError(f"no {field}")
 
 
@@ -330,10 +391,19 @@ def test_a_question_without_sse_is_aborted_when_its_client_hangs_up(dtd_server, 
         generated = dtd_server.metric("vllm:generation_tokens_total")
         max_tokens = 12000  # ~20 s here; only an abort ends it sooner (ignore_eos)
         try:
-            r = requests.post(f"{s.url}/chat/completions", timeout=(10, 3), json={
-                "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": max_tokens,
-                "temperature": 1.0, "ignore_eos": True})
-            pytest.fail(f"the question returned before the client hung up: {r.status_code} {r.text[:300]} ... {r.text[-700:]}")
+            r = requests.post(
+                f"{s.url}/chat/completions",
+                timeout=(10, 3),
+                json={
+                    "messages": [{"role": "user", "content": "tell a long story"}],
+                    "max_tokens": max_tokens,
+                    "temperature": 1.0,
+                    "ignore_eos": True,
+                },
+            )
+            pytest.fail(
+                f"the question returned before the client hung up: {r.status_code} {r.text[:300]} ... {r.text[-700:]}"
+            )
         except requests.exceptions.ReadTimeout:
             pass  # the client hangs up after 3 s
         total = generated_when_settled(dtd_server, within=60) - generated

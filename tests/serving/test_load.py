@@ -8,7 +8,6 @@ import pytest
 from analysis.cli.load import run_load
 from conftest import BLOCK_SIZE
 
-
 STREAMS, SECONDS, FPS = 50, 120, 2.0
 MM_CACHE_GB = 0.5  # vLLM's multimodal processor cache, one in the API server and one in the engine
 

@@ -23,7 +23,7 @@ def _open(base, **kw):
 
 
 def _expected_tokens(ranges, kept):
-    return [max(1, sum(kept[a // TPS:b // TPS])) for a, b in ranges]
+    return [max(1, sum(kept[a // TPS : b // TPS])) for a, b in ranges]
 
 
 def _check_answer(r, kept, scene_steps, frames_sent):
@@ -47,7 +47,7 @@ def test_a_stream_through_reanchors_answers_with_exactly_the_policy_selection(dt
     s = _open(dtd_server.base_url)
     answers, sent = [], 0
     for i in range(0, len(frames), 8):
-        s.push(frames[i:i + 8], [k / 2.0 for k in range(i, i + 8)])
+        s.push(frames[i : i + 8], [k / 2.0 for k in range(i, i + 8)])
         sent += 8
         s.wait_prefilled()
         if (i // 8) % 2:
@@ -62,7 +62,9 @@ def test_a_stream_through_reanchors_answers_with_exactly_the_policy_selection(dt
     # after a re-anchor the next question's items start with the re-anchor's selection
     later = [r for r, _ in answers if r["stream_state"]["reanchors"] == anchors[-1]["reanchor"]]
     if later:
-        assert later[0]["stream_state"]["chunk_ranges"][:len(anchors[-1]["chunk_ranges"])] == anchors[-1]["chunk_ranges"]
+        assert (
+            later[0]["stream_state"]["chunk_ranges"][: len(anchors[-1]["chunk_ranges"])] == anchors[-1]["chunk_ranges"]
+        )
     for e in anchors:
         assert set(e["keyframes"]) <= scene | {0} and e["context_tokens_after"] < e["context_tokens_before"]
         assert e["turns_kept"] <= POLICY["keep_turns"]
@@ -81,7 +83,7 @@ def test_appends_and_questions_while_streams_reanchor(dtd_server, synthetic_clip
     def pusher():
         try:
             for i in range(0, len(frames), 6):
-                s.push(frames[i:i + 6], [k / 2.0 for k in range(i, i + 6)])
+                s.push(frames[i : i + 6], [k / 2.0 for k in range(i, i + 6)])
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -115,18 +117,19 @@ def test_big_appends_and_a_lazy_stream_asked_late_never_wedge(dtd_server, synthe
     frames = np.concatenate([synthetic_clip.frames] * 6)
     s = _open(dtd_server.base_url, context_tokens=4096)
     for i in range(0, len(frames), 96):
-        s.push(frames[i:i + 96], [k / 2.0 for k in range(i, i + 96)])
+        s.push(frames[i : i + 96], [k / 2.0 for k in range(i, i + 96)])
         s.wait_prefilled()
     r = s.ask("Now?", max_tokens=2, ignore_eos=True)
     st = s.status()
     assert st["frames"] == len(frames) and st["held_frames"] <= 256 and st["reanchors"] >= 1
     assert st["held_frames"] + st["evicted_frames"] == st["frames"]
-    assert r["stream_state"]["video_tokens_per_chunk"] == _expected_tokens([tuple(c) for c in st["chunk_ranges"]],
-                                                                          st["kept_per_step"])
+    assert r["stream_state"]["video_tokens_per_chunk"] == _expected_tokens(
+        [tuple(c) for c in st["chunk_ranges"]], st["kept_per_step"]
+    )
     s.close()
     z = _open(dtd_server.base_url, prefill="lazy")
     for i in range(0, 96, 24):
-        z.push(frames[i:i + 24], [k / 2.0 for k in range(i, i + 24)])
+        z.push(frames[i : i + 24], [k / 2.0 for k in range(i, i + 24)])
     r = z.ask("Now?", max_tokens=2, ignore_eos=True)
     dropped = [e for e in z.events(after=-1) if e["type"] == "dropped"]
     assert dropped and r["usage"]["prompt_tokens"] <= POLICY["context_tokens"] + 64
@@ -137,8 +140,12 @@ def test_big_appends_and_a_lazy_stream_asked_late_never_wedge(dtd_server, synthe
 
 def test_memory_policy_is_validated_at_open(dtd_server):
     base = dtd_server.base_url
-    for body, word in [({"memory_keep": "all"}, "memory_keep"), ({"context_tokens": 10**7}, "context_tokens"),
-                       ({"context_tokens": 12}, "context_tokens"), ({"keep_turns": -1}, "keep_turns")]:
+    for body, word in [
+        ({"memory_keep": "all"}, "memory_keep"),
+        ({"context_tokens": 10**7}, "context_tokens"),
+        ({"context_tokens": 12}, "context_tokens"),
+        ({"keep_turns": -1}, "keep_turns"),
+    ]:
         r = requests.post(f"{base}/v1/streams", json=body, timeout=30)
         assert r.status_code == 400 and word in r.json()["error"]["message"], (body, r.text)
     r = requests.post(f"{base}/v1/streams", json={}, timeout=30)
@@ -150,9 +157,29 @@ def test_memory_policy_is_validated_at_open(dtd_server):
 def test_soak_tool_runs_a_short_soak_against_the_server(dtd_server, tmp_path):
     """The CI's shorter soak: 6 minutes of stream time at 30x, a small budget so that it re-anchors."""
     out = tmp_path / "soak"
-    cmd = [sys.executable, "-m", "analysis.soak_stream", "--url", dtd_server.base_url, "--server-pid", str(dtd_server.proc.pid),
-           "--hours", "0.1", "--speed", "30", "--fps", "1", "--ask-every", "10", "--context-tokens", "1024",
-           "--window", "120", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis.soak_stream",
+        "--url",
+        dtd_server.base_url,
+        "--server-pid",
+        str(dtd_server.proc.pid),
+        "--hours",
+        "0.1",
+        "--speed",
+        "30",
+        "--fps",
+        "1",
+        "--ask-every",
+        "10",
+        "--context-tokens",
+        "1024",
+        "--window",
+        "120",
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
@@ -165,8 +192,13 @@ def test_soak_tool_runs_a_short_soak_against_the_server(dtd_server, tmp_path):
     assert max(q["context_tokens"] for q in data["questions"]) <= 1024 + 300 and data["summary"]["errors"] == 0
     html = (out / "soak.html").read_text()
     assert "context tokens" in html and "frames evicted" in html and "TTFT" in html
-    bad = subprocess.run([sys.executable, "-m", "analysis.soak_stream", "--url", "http://example.com:8000"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "analysis.soak_stream", "--url", "http://example.com:8000"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "loopback" in bad.stderr
 
 
@@ -192,5 +224,6 @@ def test_vllm_engine_processes_run_on_tcmalloc(dtd_server):
     engine = [p for p in psutil.Process(dtd_server.proc.pid).children(recursive=True) if p.name().startswith("VLLM::")]
     assert {p.name().split("::")[1][:6] for p in engine} >= {"Engine", "Worker"}
     for p in engine:
-        maps = open(f"/proc/{p.pid}/maps").read()
+        with open(f"/proc/{p.pid}/maps") as f:
+            maps = f.read()
         assert "libtcmalloc" in maps, f"{p.name()} runs without TCMalloc"

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import requests
 
-from analysis.harness.checks import assert_server_healthy, check_fps_past_the_table_is_refused, check_sparse_stream_is_answered
+from analysis.harness.checks import (
+    assert_server_healthy,
+    check_fps_past_the_table_is_refused,
+    check_sparse_stream_is_answered,
+)
 from conftest import chat_with_stats
 from vllm_plugin.client import StreamHTTPError, open_stream
-
 
 
 def test_a_stream_whose_fps_would_pass_the_rotary_table_is_refused_at_open(dtd_server):
@@ -36,7 +39,7 @@ def test_a_stream_whose_items_leave_the_processor_cache_keeps_answering(dtd_serv
         # noise: DTD keeps every token, so every item carries all of its patches (4.8 MB per 32 frames)
         frames = np.random.default_rng(0).integers(0, 256, (192, 224, 224, 3), dtype=np.uint8)
         for q in range(6):
-            s.push(frames[q * 32:(q + 1) * 32])
+            s.push(frames[q * 32 : (q + 1) * 32])
             a = s.ask(f"question {q}", max_tokens=2)
             assert a["choices"][0]["message"]["content"] is not None
     finally:
@@ -80,7 +83,8 @@ def test_a_huge_question_or_standing_question_does_not_stall_the_server(dtd_serv
         assert isinstance(result, StreamHTTPError) and result.status == 400, result
         assert stall < 2.0
         stall, result = _longest_health_stall(
-            dtd_server, lambda: open_stream(dtd_server.base_url, fps=2.0, standing_question="why " * 250_000))
+            dtd_server, lambda: open_stream(dtd_server.base_url, fps=2.0, standing_question="why " * 250_000)
+        )
         print(f"longest /health stall during a 1-MB standing question: {stall:.2f} s")
         assert isinstance(result, StreamHTTPError) and result.status == 400, result
         assert stall < 2.0

@@ -21,7 +21,9 @@ def run_notebook(name: str, env: dict | None = None, timeout: int = 600):
     old = dict(os.environ)
     os.environ.update(env or {})
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     except Exception as e:
         pytest.fail(f"{name} failed: {type(e).__name__}: {str(e)[-3000:]}\n{server_log_tail(nb)}", pytrace=False)
     finally:
@@ -47,8 +49,10 @@ def outputs_of(nb) -> str:
 
 
 def test_03_serving_runs_against_a_live_server(dtd_server, real_clip_mp4):
-    nb = run_notebook("03_serving_latency.ipynb", env={"DTD_SERVER_URL": dtd_server.base_url,
-                                                        "DTD_VIDEO_URL": f"file://{real_clip_mp4}"})
+    nb = run_notebook(
+        "03_serving_latency.ipynb",
+        env={"DTD_SERVER_URL": dtd_server.base_url, "DTD_VIDEO_URL": f"file://{real_clip_mp4}"},
+    )
     out = outputs_of(nb)
     assert "prompt_tokens" in out and "application/vnd.plotly.v1+json" in out
     assert "requests sent by the slider: [(0.1, " in out  # the slider move sent a request
@@ -70,7 +74,9 @@ def test_04_accuracy_starts_an_embedded_server_when_none_answers(results_dir):
     assert m and "tiny random-weight checkpoint" in out
     assert "14 passes run" in out and re.search(r"questions=4 accuracy=\d\.\d{4} drop_ratio=\d\.\d{4}", out)
     view = re.search(r"kept (\d+) of (\d+) video tokens; the server sent (\d+)", out)
-    assert view and view.group(1) == view.group(3) and int(view.group(1)) < int(view.group(2))  # DTD dropped some, as served
+    assert (
+        view and view.group(1) == view.group(3) and int(view.group(1)) < int(view.group(2))
+    )  # DTD dropped some, as served
     assert out.count("application/vnd.plotly.v1+json") >= 3 and "application/vnd.jupyter.widget-view+json" in out
     assert (results_dir / "eval_notebook" / "results.parquet").is_file()
     with pytest.raises(requests.RequestException):  # the kernel's exit stopped the embedded server

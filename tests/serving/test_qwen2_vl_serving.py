@@ -18,8 +18,9 @@ def qwen2_server(media_dir, tmp_path_factory):
     from analysis.harness.tiny_model import ensure_tiny_model
 
     log = tmp_path_factory.mktemp("logs") / "qwen2-dtd.log"
-    with VLLMServer(ensure_tiny_model("test", family="qwen2_vl"), serve_args(media_dir), module="vllm_plugin.serve",
-                    log_path=log) as srv:
+    with VLLMServer(
+        ensure_tiny_model("test", family="qwen2_vl"), serve_args(media_dir), module="vllm_plugin.serve", log_path=log
+    ) as srv:
         yield srv
 
 

@@ -27,7 +27,9 @@ def moe_server(moe_path, media_dir, tmp_path_factory):
         yield srv
 
 
-@pytest.mark.parametrize("mm", [{"dtd_enabled": False}, {}, {"dtd_criterion": "feature"}], ids=["off", "pixel", "feature"])
+@pytest.mark.parametrize(
+    "mm", [{"dtd_enabled": False}, {}, {"dtd_criterion": "feature"}], ids=["off", "pixel", "feature"]
+)
 def test_qwen3_vl_moe_served_equals_the_reference_pipeline(moe_server, moe_path, qwen3_mp4, qwen3_clip, mm):
     from analysis.harness.server import served_torch_dtype
     from analysis.lib.reference import reference_pipeline

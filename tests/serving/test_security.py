@@ -10,12 +10,21 @@ import requests
 from vllm_plugin.client import open_stream
 
 
-
 def _chat_video(srv, url):
-    return requests.post(srv.base_url + "/v1/chat/completions", timeout=120, json={
-        "model": srv.model, "max_tokens": 2,
-        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                                  {"type": "text", "text": "what"}]}]})
+    return requests.post(
+        srv.base_url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": srv.model,
+            "max_tokens": 2,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what"}],
+                }
+            ],
+        },
+    )
 
 
 def test_no_file_read_outside_the_allowed_media_path(dtd_server, media_dir):
@@ -24,19 +33,35 @@ def test_no_file_read_outside_the_allowed_media_path(dtd_server, media_dir):
         os.symlink("/etc/passwd", link)
     outside_dir = media_dir / "inner"
     outside_dir.mkdir(exist_ok=True)
-    for url in ("file:///etc/passwd",
-                f"file://{media_dir}/../../../../etc/passwd",
-                f"file://{outside_dir}/../../../../../etc/passwd",
-                f"file://{media_dir}/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
-                f"file://{link}",
-                "file://localhost/etc/passwd"):
+    for url in (
+        "file:///etc/passwd",
+        f"file://{media_dir}/../../../../etc/passwd",
+        f"file://{outside_dir}/../../../../../etc/passwd",
+        f"file://{media_dir}/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        f"file://{link}",
+        "file://localhost/etc/passwd",
+    ):
         r = _chat_video(dtd_server, url)
         assert r.status_code == 400, (url, r.status_code, r.text[:300])
         assert "root:" not in r.text
     # images go through the same media connector
-    r = requests.post(dtd_server.base_url + "/v1/chat/completions", timeout=60, json={
-        "model": dtd_server.model, "max_tokens": 2, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, {"type": "text", "text": "x"}]}]})
+    r = requests.post(
+        dtd_server.base_url + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": dtd_server.model,
+            "max_tokens": 2,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
+                        {"type": "text", "text": "x"},
+                    ],
+                }
+            ],
+        },
+    )
     assert r.status_code == 400 and "root:" not in r.text
 
 
@@ -55,10 +80,20 @@ def test_stream_uploads_are_bytes_never_paths_or_urls(dtd_server):
 def test_the_stock_baseline_runs_no_dtd_code(stock_server, dtd_server, synthetic_mp4, synthetic_clip, media_dir):
     """Baselines are what a user gets without us: the stock server runs with no plugin loaded, so
     every vLLM rule the plugin relaxes or wraps is vLLM's own there (and is not on the DTD server)."""
-    body = lambda srv: {"model": srv.model, "max_tokens": 2, "mm_processor_kwargs": {"dtd_threshold": 0.1},
-                        "messages": [{"role": "user", "content": [
-                            {"type": "video_url", "video_url": {"url": f"file://{synthetic_mp4}"}},
-                            {"type": "text", "text": "what"}]}]}
+    body = lambda srv: {
+        "model": srv.model,
+        "max_tokens": 2,
+        "mm_processor_kwargs": {"dtd_threshold": 0.1},
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{synthetic_mp4}"}},
+                    {"type": "text", "text": "what"},
+                ],
+            }
+        ],
+    }
     stock = requests.post(stock_server.base_url + "/v1/chat/completions", json=body(stock_server), timeout=120)
     assert stock.status_code == 400 and "--trust-request-mm-kwargs" in stock.text  # vLLM's rule, unpatched
     assert "x-dtd-stats" not in stock.headers
@@ -68,11 +103,26 @@ def test_the_stock_baseline_runs_no_dtd_code(stock_server, dtd_server, synthetic
     from analysis.lib.video import write_video
 
     one = write_video(media_dir / "one_frame_for_stock.mp4", synthetic_clip.frames[:1], 2.0)
-    bad = {"model": stock_server.model, "max_tokens": 2, "messages": [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": f"file://{one}"}}, {"type": "text", "text": "what"}]}]}
+    bad = {
+        "model": stock_server.model,
+        "max_tokens": 2,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{one}"}},
+                    {"type": "text", "text": "what"},
+                ],
+            }
+        ],
+    }
     assert requests.post(stock_server.base_url + "/v1/chat/completions", json=bad, timeout=120).status_code >= 500
-    assert requests.post(dtd_server.base_url + "/v1/chat/completions", json={**bad, "model": dtd_server.model},
-                         timeout=120).status_code == 400
+    assert (
+        requests.post(
+            dtd_server.base_url + "/v1/chat/completions", json={**bad, "model": dtd_server.model}, timeout=120
+        ).status_code
+        == 400
+    )
     metrics = requests.get(stock_server.base_url + "/metrics", timeout=30).text
     assert "vllm_dtd_" not in metrics and "vllm_dtd_" in requests.get(dtd_server.base_url + "/metrics", timeout=30).text
 
@@ -98,8 +148,11 @@ def test_stream_ids_are_unguessable_and_isolate_streams(dtd_server, synthetic_cl
         pushed_a = a.push(synthetic_clip.frames[:4])
         # one character off is another (non-existent) stream
         near = a.id[:-1] + ("A" if a.id[-1] != "A" else "B")
-        r = requests.post(f"{dtd_server.base_url}/v1/streams/{near}/frames", timeout=30, json={
-            "frames": [{"image": base64.b64encode(b"x").decode()}]})
+        r = requests.post(
+            f"{dtd_server.base_url}/v1/streams/{near}/frames",
+            timeout=30,
+            json={"frames": [{"image": base64.b64encode(b"x").decode()}]},
+        )
         assert r.status_code == 404
         for path in ("", "/events"):
             assert requests.get(f"{dtd_server.base_url}/v1/streams/{near}{path}", timeout=30).status_code == 404

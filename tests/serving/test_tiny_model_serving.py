@@ -1,23 +1,18 @@
 """Tiny checkpoints: deterministic, cached, Qwen-shaped; they load in transformers and serve in vLLM."""
 
 import hashlib
-import json
-import subprocess
-import sys
-import time
 
-import torch
-
-from analysis.harness.tiny_model import SPECIAL_TOKENS, build, content_hash, flops_per_video_token
 from analysis.harness.checks import assert_same_greedy, served_top_logprobs
-from conftest import REPO, chat_video
+from conftest import chat_video
 
 
 def _digest(path):
     return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_serves_in_vllm_and_matches_reference(stock_server, tiny_model_path, served_reference, synthetic_clip, synthetic_mp4):
+def test_serves_in_vllm_and_matches_reference(
+    stock_server, tiny_model_path, served_reference, synthetic_clip, synthetic_mp4
+):
     """Stock vLLM on the tiny checkpoint == the reference pipeline with DTD disabled: same prompt
     length (text + every video token) and the same greedy top-5 log-probabilities (at the served dtype)."""
     from vllm_plugin.core import DTDConfig

@@ -14,9 +14,17 @@ EXACT = {"video": {"fast_decode": False}}
 
 
 def _chat(srv, url, media_io=None, mm=None, logprobs=False):
-    body = {"model": srv.model, "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                                      {"type": "text", "text": "what happens"}]}]}
+    body = {
+        "model": srv.model,
+        "max_tokens": 4,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what happens"}],
+            }
+        ],
+    }
     if media_io is not None:
         body["media_io_kwargs"] = media_io
     if mm is not None:
@@ -52,8 +60,16 @@ def test_exact_mode_is_stock_vllm_bit_for_bit(dtd_server, stock_server, real_cli
         def __init__(self, j):
             from types import SimpleNamespace as N
 
-            self.choices = [N(logprobs=N(content=[N(token=c["token"], top_logprobs=[N(**t) for t in c["top_logprobs"]])
-                                                  for c in j["choices"][0]["logprobs"]["content"]]))]
+            self.choices = [
+                N(
+                    logprobs=N(
+                        content=[
+                            N(token=c["token"], top_logprobs=[N(**t) for t in c["top_logprobs"]])
+                            for c in j["choices"][0]["logprobs"]["content"]
+                        ]
+                    )
+                )
+            ]
 
     assert_same_greedy(*served_top_logprobs(R(ours.json())), *served_top_logprobs(R(stock.json())))
 
@@ -67,16 +83,22 @@ def test_fast_decode_needs_no_trust_but_a_boolean(dtd_server, synthetic_mp4):
     assert _chat(dtd_server, url, {"video": {"fast_decode": True}}).status_code == 200
 
 
-@pytest.mark.parametrize("payload", [
-    b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
-    b"ffconcat version 1.0\nfile 'synthetic.mp4'\n",
-    b"GIF89a" + b"\x00" * 64,
-], ids=["hls", "ffconcat", "gif"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
+        b"ffconcat version 1.0\nfile 'synthetic.mp4'\n",
+        b"GIF89a" + b"\x00" * 64,
+    ],
+    ids=["hls", "ffconcat", "gif"],
+)
 def test_video_urls_are_only_self_contained_containers(dtd_server, payload):
     url = "data:video/mp4;base64," + base64.b64encode(payload).decode()
     for media_io in (None, EXACT):
         r = _chat(dtd_server, url, media_io)
-        assert r.status_code == 400 and "not a video container this server accepts" in r.json()["error"]["message"], r.text
+        assert r.status_code == 400 and "not a video container this server accepts" in r.json()["error"]["message"], (
+            r.text
+        )
     assert dtd_server.alive()
 
 
@@ -86,8 +108,10 @@ def test_concurrent_requests_are_each_correct(dtd_server, real_clip_mp4, media_d
     from analysis.lib.video import load_video, write_video
 
     frames = load_video(real_clip_mp4, fps=None).frames
-    urls = [f"file://{write_video(media_dir / f'concurrent_{i}.mp4', frames[i:i + 10], 2.0, lossless=False)}"
-            for i in range(4)]
+    urls = [
+        f"file://{write_video(media_dir / f'concurrent_{i}.mp4', frames[i : i + 10], 2.0, lossless=False)}"
+        for i in range(4)
+    ]
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda u: _stats(_chat(dtd_server, u))["mask_sha256"], urls))
     alone = [_stats(_chat(dtd_server, u, mm={"dtd_enabled": True}))["mask_sha256"] for u in urls]

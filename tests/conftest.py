@@ -15,8 +15,10 @@ TEST_MAX_STREAMS = 9  # streams the DTD test server holds (8 concurrent ones in 
 BLOCK_SIZE = 32  # KV block size of the DTD test server (the CPU backend needs a multiple of 32)
 DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
 # CI must run the browser tests (scripts/setup.sh installs Chromium there); elsewhere they may be skipped
-needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true",
-                                   reason="Debian chromium + chromium-driver (scripts/setup.sh installs them)")
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI") != "true",
+    reason="Debian chromium + chromium-driver (scripts/setup.sh installs them)",
+)
 
 
 # The folder says what a test needs; its marker comes from there, never by hand:
@@ -196,9 +198,19 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "dtd.log"
     # DTD_ENCODER_GROUP_TOKENS: the engine encodes pixel-level DTD videos in calls of <= 128 tokens (2 steps of
     # the synthetic clip), so every served = reference check here also checks that grouping is exact
-    env = {"DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS), "DTD_STREAM_MAX_FRAMES": "256", "DTD_ENCODER_GROUP_TOKENS": "128"}
+    env = {
+        "DTD_STREAM_MAX_STREAMS": str(TEST_MAX_STREAMS),
+        "DTD_STREAM_MAX_FRAMES": "256",
+        "DTD_ENCODER_GROUP_TOKENS": "128",
+    }
     # a processor cache of ~2 stream chunks of the synthetic clip: streams outgrow it within a test (test_never_down)
-    args = serve_args(media_dir) + ["--dtd-streams", "--block-size", str(BLOCK_SIZE), "--mm-processor-cache-gb", "0.008"]
+    args = serve_args(media_dir) + [
+        "--dtd-streams",
+        "--block-size",
+        str(BLOCK_SIZE),
+        "--mm-processor-cache-gb",
+        "0.008",
+    ]
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv
 
@@ -217,11 +229,19 @@ def chat_video(client, model: str, video_path: Path, question: str, max_tokens: 
     """One greedy chat request with a local video; top-5 logprobs with token ids."""
     return client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": [
-            {"type": "video_url", "video_url": {"url": f"file://{video_path}"}},
-            {"type": "text", "text": question},
-        ]}],
-        max_tokens=max_tokens, temperature=0.0, logprobs=True, top_logprobs=5,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{video_path}"}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=5,
         extra_body={"return_tokens_as_token_ids": True, **extra},
     )
 

@@ -1,12 +1,12 @@
 """A small client for the DTD stream routes.
 
-    from vllm_plugin.client import open_stream
-    s = open_stream("http://127.0.0.1:8000", fps=2, standing_question="What changed?")
-    s.push(frames)                       # uint8 (N, H, W, 3) RGB frames (PNG over the wire), or
-    s.push_video("clip.mp4")             # a video chunk, sampled at the stream's fps by the server
-    r = s.ask("What is happening?")      # OpenAI chat.completion dict, usage incl. cached tokens
-    for e in s.events(): ...             # scene changes and proactive answers
-    s.close()
+from vllm_plugin.client import open_stream
+s = open_stream("http://127.0.0.1:8000", fps=2, standing_question="What changed?")
+s.push(frames)                       # uint8 (N, H, W, 3) RGB frames (PNG over the wire), or
+s.push_video("clip.mp4")             # a video chunk, sampled at the stream's fps by the server
+r = s.ask("What is happening?")      # OpenAI chat.completion dict, usage incl. cached tokens
+for e in s.events(): ...             # scene changes and proactive answers
+s.close()
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import requests
@@ -45,8 +46,14 @@ class StreamClient:
     """``retries``: an append refused with 429 or 503 (the server's vision tower is behind, or its frame
     memory is full) is sent again after the server's ``Retry-After``, up to this many times."""
 
-    def __init__(self, base_url: str, stream_id: str, session: Optional[requests.Session] = None, timeout: float = 600,
-                 retries: int = 30):
+    def __init__(
+        self,
+        base_url: str,
+        stream_id: str,
+        session: requests.Session | None = None,
+        timeout: float = 600,
+        retries: int = 30,
+    ):
         self.base_url = base_url.rstrip("/")
         self.id = stream_id
         self.http = session or requests.Session()
@@ -66,7 +73,7 @@ class StreamClient:
     def url(self) -> str:
         return f"{self.base_url}/v1/streams/{self.id}"
 
-    def push(self, frames: Sequence[np.ndarray] | np.ndarray, timestamps: Optional[Sequence[float]] = None) -> dict:
+    def push(self, frames: Sequence[np.ndarray] | np.ndarray, timestamps: Sequence[float] | None = None) -> dict:
         """Append frames; returns {frames, steps, events (raised by these frames), kept_per_step}."""
         items = []
         for i, f in enumerate(frames):
@@ -76,7 +83,7 @@ class StreamClient:
             items.append(item)
         return self._append({"frames": items})
 
-    def push_encoded(self, images: Sequence[str], timestamps: Optional[Sequence[float]] = None) -> dict:
+    def push_encoded(self, images: Sequence[str], timestamps: Sequence[float] | None = None) -> dict:
         """Append frames already encoded (base64 PNG/JPEG/WebP), e.g. a clip encoded once and looped."""
         items: list[dict[str, Any]] = [{"image": b} for b in images]
         if timestamps is not None:
@@ -84,28 +91,44 @@ class StreamClient:
                 item["timestamp"] = float(t)
         return self._append({"frames": items})
 
-    def push_video(self, video: str | Path | bytes, start_time: Optional[float] = None) -> dict:
+    def push_video(self, video: str | Path | bytes, start_time: float | None = None) -> dict:
         data = video if isinstance(video, (bytes, bytearray)) else Path(video).read_bytes()
         body: dict[str, Any] = {"video": base64.b64encode(data).decode()}
         if start_time is not None:
             body["start_time"] = start_time
         return self._append(body)
 
-    def ask(self, question: str, max_tokens: int = 64, temperature: float = 0.0, return_token_ids: bool = False,
-            ignore_eos: bool = False, remember: bool = True) -> dict:
+    def ask(
+        self,
+        question: str,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        return_token_ids: bool = False,
+        ignore_eos: bool = False,
+        remember: bool = True,
+    ) -> dict:
         """A question at the current point: the chat.completion dict (usage.prompt_tokens_details.
         cached_tokens shows the reused past; stream_state has ttft_s). ``ignore_eos`` answers exactly
         ``max_tokens`` tokens (benchmarks, tests). ``remember=False``: the turn does not stay in the
         conversation (later questions see the frames, not this question and its answer)."""
-        body: dict[str, Any] = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                                "temperature": temperature, "return_token_ids": return_token_ids,
-                                "ignore_eos": ignore_eos, "remember": remember}
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "return_token_ids": return_token_ids,
+            "ignore_eos": ignore_eos,
+            "remember": remember,
+        }
         return _check(self.http.post(self.url + "/chat/completions", json=body, timeout=self.timeout))
 
     def ask_stream(self, question: str, max_tokens: int = 64, remember: bool = True) -> Iterator[dict]:
         """Server-sent events: chunks with choices[0].delta.content, then a usage chunk."""
-        body: dict[str, Any] = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-                                "stream": True, "remember": remember}
+        body: dict[str, Any] = {
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "remember": remember,
+        }
         with self.http.post(self.url + "/chat/completions", json=body, stream=True, timeout=self.timeout) as r:
             if r.status_code >= 400:
                 _check(r)
@@ -118,7 +141,7 @@ class StreamClient:
                     return
                 yield json.loads(data)
 
-    def events(self, after: Optional[int] = None) -> list[dict]:
+    def events(self, after: int | None = None) -> list[dict]:
         """Events after index ``after`` (default: those not returned yet)."""
         after = self._after if after is None else after
         out = _check(self.http.get(self.url + "/events", params={"after": after}, timeout=self.timeout))
@@ -126,7 +149,7 @@ class StreamClient:
             self._after = max(self._after, out["events"][-1]["index"])
         return out["events"]
 
-    def iter_events(self, poll_s: float = 0.5, until: Optional[float] = None) -> Iterator[dict]:
+    def iter_events(self, poll_s: float = 0.5, until: float | None = None) -> Iterator[dict]:
         while until is None or time.monotonic() < until:
             yield from self.events()
             time.sleep(poll_s)
@@ -147,8 +170,9 @@ class StreamClient:
         _check(self.http.delete(self.url, timeout=self.timeout))
 
 
-def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float] = None, memory: Optional[dict] = None,
-                **settings) -> StreamClient:
+def open_stream(
+    base_url: str, model: str | None = None, fps: float | None = None, memory: dict | None = None, **settings
+) -> StreamClient:
     """Open a stream. ``fps`` and ``settings`` (dtd_enabled, dtd_threshold, dtd_metric, dtd_reference,
     dtd_criterion, prefill, event_level, standing_question, answer_max_tokens) left out take the
     server's defaults. ``memory``: the memory policy object (``{"keep": "recent+keyframes",
@@ -164,6 +188,11 @@ def open_stream(base_url: str, model: Optional[str] = None, fps: Optional[float]
             raise ValueError(f"{flat} and memory[{key!r}] are the same option: give one of them")
         memory[key] = value
     http = requests.Session()
-    body = {"model": model, **({"fps": fps} if fps is not None else {}), **settings, **({"memory": memory} if memory else {})}
+    body = {
+        "model": model,
+        **({"fps": fps} if fps is not None else {}),
+        **settings,
+        **({"memory": memory} if memory else {}),
+    }
     info = _check(http.post(base_url.rstrip("/") + "/v1/streams", json=body, timeout=60))
     return StreamClient(base_url, info["id"], http)

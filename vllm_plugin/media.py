@@ -27,9 +27,10 @@ import contextlib
 import functools
 import io
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Union
 
 import numpy as np
 
@@ -69,6 +70,8 @@ MAX_UPLOAD_TRACKS = 4
 def _refuse_nested_open(url, flags, options):
     """``io_open`` for uploads: a demuxer that tries to open anything besides the upload fails."""
     raise PermissionError(f"an upload may not open other files or URLs ({str(url)[:80]!r})")
+
+
 _MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Video codecs a client's video may use by default (FFmpeg decoder names): what cameras, phones,
@@ -79,8 +82,25 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # list; a default decoder this FFmpeg build lacks is left out.
 CODECS_ENV = "DTD_VIDEO_CODECS"
 DEFAULT_VIDEO_CODECS = (
-    "h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg",
-    "msmpeg4v1", "msmpeg4v2", "msmpeg4", "h263", "wmv1", "wmv2", "wmv3", "vc1", "theora", "flv",
+    "h264",
+    "hevc",
+    "vp8",
+    "vp9",
+    "av1",
+    "mpeg4",
+    "mpeg1video",
+    "mpeg2video",
+    "mjpeg",
+    "msmpeg4v1",
+    "msmpeg4v2",
+    "msmpeg4",
+    "h263",
+    "wmv1",
+    "wmv2",
+    "wmv3",
+    "vc1",
+    "theora",
+    "flv",
 )
 UPLOAD_CODECS = DEFAULT_VIDEO_CODECS  # the name of the fixed list before DTD_VIDEO_CODECS
 # Audio decoders FFmpeg's stream-info probing may open while a file is opened (its audio track is
@@ -119,7 +139,7 @@ def _decoder(name: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_codecs(given: Optional[tuple[str, ...]]) -> VideoCodecs:
+def _parse_codecs(given: tuple[str, ...] | None) -> VideoCodecs:
     import av
 
     if given is None:
@@ -128,15 +148,21 @@ def _parse_codecs(given: Optional[tuple[str, ...]]) -> VideoCodecs:
         names = given
         unknown = [n for n in names if _decoder(n) is None]
         if unknown:
-            raise SettingsError(CODECS_ENV, ",".join(given),
-                                f"{CODECS_ENV}: this FFmpeg (PyAV {av.__version__}) has no decoder named "
-                                f"{', '.join(map(repr, unknown))}; give FFmpeg decoder names "
-                                f"(`ffmpeg -decoders`; default: {','.join(DEFAULT_VIDEO_CODECS)})")
+            raise SettingsError(
+                CODECS_ENV,
+                ",".join(given),
+                f"{CODECS_ENV}: this FFmpeg (PyAV {av.__version__}) has no decoder named "
+                f"{', '.join(map(repr, unknown))}; give FFmpeg decoder names "
+                f"(`ffmpeg -decoders`; default: {','.join(DEFAULT_VIDEO_CODECS)})",
+            )
         audio = [n for n in names if _decoder(n).type != "video"]
         if audio:
-            raise SettingsError(CODECS_ENV, ",".join(given),
-                                f"{CODECS_ENV}: {', '.join(map(repr, audio))} "
-                                f"{'is not a video decoder' if len(audio) == 1 else 'are not video decoders'}")
+            raise SettingsError(
+                CODECS_ENV,
+                ",".join(given),
+                f"{CODECS_ENV}: {', '.join(map(repr, audio))} "
+                f"{'is not a video decoder' if len(audio) == 1 else 'are not video decoders'}",
+            )
     ids = frozenset(_decoder(n).canonical_name for n in names)
     probe = [_decoder(n).name for n in names]  # (msmpeg4v3 is decoded by msmpeg4, flv1 by flv)
     for n in sorted(av.codecs_available):  # the other software decoders of these codecs (libdav1d for av1...)
@@ -210,11 +236,11 @@ def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def decode_video(
     source: Source,
-    fps: Optional[float] = 1.0,
-    max_frames: Optional[int] = None,
+    fps: float | None = 1.0,
+    max_frames: int | None = None,
     start: float = 0.0,
-    end: Optional[float] = None,
-    fit: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    end: float | None = None,
+    fit: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Decode a file path or in-memory bytes the user trusts; for every time k/fps keep the first
     frame at or after it (``fit(frame)`` of it when given: e.g. resized, so a long video is never
@@ -279,9 +305,16 @@ def _container_frame_size(data: bytes, fmt: str) -> tuple[int, int]:
     import av
 
     try:
-        with av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
-                     container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS),
-                                        "codec_whitelist": "none"}) as container:
+        with av.open(
+            io.BytesIO(data),
+            format=fmt,
+            io_open=_refuse_nested_open,
+            container_options={
+                **_DEMUXER_OPTIONS.get(fmt, {}),
+                "max_streams": str(MAX_UPLOAD_TRACKS),
+                "codec_whitelist": "none",
+            },
+        ) as container:
             if container.streams.video:
                 cc = container.streams.video[0].codec_context
                 return int(cc.width or 0), int(cc.height or 0)
@@ -310,13 +343,22 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
     capped = {"max_pixels": str(max_frame_pixels)}
     try:
         # codec_whitelist: the decoders FFmpeg's stream-info probing may open while the file is opened
-        container = av.open(io.BytesIO(data), format=fmt, io_open=_refuse_nested_open,
-                            container_options={**_DEMUXER_OPTIONS.get(fmt, {}), "max_streams": str(MAX_UPLOAD_TRACKS),
-                                               "codec_whitelist": codecs.probe},
-                            stream_options=[capped] * MAX_UPLOAD_TRACKS)
+        container = av.open(
+            io.BytesIO(data),
+            format=fmt,
+            io_open=_refuse_nested_open,
+            container_options={
+                **_DEMUXER_OPTIONS.get(fmt, {}),
+                "max_streams": str(MAX_UPLOAD_TRACKS),
+                "codec_whitelist": codecs.probe,
+            },
+            stream_options=[capped] * MAX_UPLOAD_TRACKS,
+        )
     except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
-        raise MediaTooLarge(f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
-                            f"{max_frame_pixels} pixels per frame)") from e
+        raise MediaTooLarge(
+            f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
+            f"{max_frame_pixels} pixels per frame)"
+        ) from e
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode {what}: {e}") from e
     with container:
@@ -325,8 +367,10 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
         stream = container.streams.video[0]
         codec = stream.codec_context.codec
         if not codecs.accepts(codec):  # by decoder or codec name: av1 may be decoded by libdav1d
-            raise CodecNotAccepted(f"video codec {codec.name!r} is not accepted by this server (accepted: "
-                                   f"{codecs.describe()}; the server's {CODECS_ENV} sets the list)")
+            raise CodecNotAccepted(
+                f"video codec {codec.name!r} is not accepted by this server (accepted: "
+                f"{codecs.describe()}; the server's {CODECS_ENV} sets the list)"
+            )
         stream.codec_context.options = capped  # the decoder refuses frames larger than the cap
         w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if w <= 0 or h <= 0:
@@ -334,11 +378,14 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
             # checks its size when it opens) leaves no size: the container's own, no decoder run
             dw, dh = _container_frame_size(data, fmt)
             if dw * dh > max_frame_pixels:
-                raise MediaTooLarge(f"video frames of {dw}x{dh} pixels exceed the limit of {max_frame_pixels} "
-                                    "pixels per frame")
+                raise MediaTooLarge(
+                    f"video frames of {dw}x{dh} pixels exceed the limit of {max_frame_pixels} pixels per frame"
+                )
             raise VideoDecodeError(f"{what} declares no frame size")
         if w * h > max_frame_pixels:
-            raise MediaTooLarge(f"video frames of {w}x{h} pixels exceed the limit of {max_frame_pixels} pixels per frame")
+            raise MediaTooLarge(
+                f"video frames of {w}x{h} pixels exceed the limit of {max_frame_pixels} pixels per frame"
+            )
         yield container, stream
 
 
@@ -371,25 +418,31 @@ def decode_video_upload(
             if declared * w * h > max_decoded_pixels:
                 raise MediaTooLarge(
                     f"the video chunk declares {declared} frames of {w}x{h} = {declared * w * h} pixels; "
-                    f"at most {max_decoded_pixels} decoded pixels per upload")
+                    f"at most {max_decoded_pixels} decoded pixels per upload"
+                )
             budget = [max_decoded_pixels]
 
             def check(frame):
                 px = int(frame.width) * int(frame.height)
                 if px > max_frame_pixels:
-                    raise MediaTooLarge(f"a decoded frame of {frame.width}x{frame.height} pixels exceeds the limit "
-                                        f"of {max_frame_pixels} pixels per frame")
+                    raise MediaTooLarge(
+                        f"a decoded frame of {frame.width}x{frame.height} pixels exceeds the limit "
+                        f"of {max_frame_pixels} pixels per frame"
+                    )
                 budget[0] -= px
                 if budget[0] < 0:
-                    raise MediaTooLarge(f"the video chunk decodes to more than {max_decoded_pixels} pixels "
-                                        "(the limit per upload)")
+                    raise MediaTooLarge(
+                        f"the video chunk decodes to more than {max_decoded_pixels} pixels (the limit per upload)"
+                    )
 
             for frame, t in _sample(container, stream, fps, None, None, max_frames, check=check):
                 out.append(fit(frame.to_ndarray(format="rgb24")))
                 times.append(t)
     except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
-        raise MediaTooLarge(f"the video chunk exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
-                            f"{max_frame_pixels} pixels per frame)") from e
+        raise MediaTooLarge(
+            f"the video chunk exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
+            f"{max_frame_pixels} pixels per frame)"
+        ) from e
     except av.error.FFmpegError as e:
         raise VideoDecodeError(f"cannot decode the video chunk: {e}") from e
     if not out:

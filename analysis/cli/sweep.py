@@ -28,14 +28,23 @@ from vllm_plugin.core import CRITERIA, METRICS, default_threshold, reference_nam
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "videos"
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.cli.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--video", "--videos", nargs="+", type=Path, help="default: the shared clips (../shared/videos/*.mp4)")
+    ap.add_argument(
+        "--video", "--videos", nargs="+", type=Path, help="default: the shared clips (../shared/videos/*.mp4)"
+    )
     ap.add_argument("--thresholds", required=True, help="start:stop:step (stop included) or a comma list")
     ap.add_argument("--metric", default="cosine,l1")
-    ap.add_argument("--reference", "--references", default="previous,last_kept", help=f"a comma list of {list(reference_names())}")
+    ap.add_argument(
+        "--reference", "--references", default="previous,last_kept", help=f"a comma list of {list(reference_names())}"
+    )
     ap.add_argument("--criterion", default="pixel", help="pixel and/or feature (the vision encoder's output)")
-    ap.add_argument("--model", default=None, help="checkpoint of any family DTD serves (Qwen2.5-VL, Qwen3-VL, Qwen2-VL) for feature tokens (default: the tiny Qwen2.5-VL test one)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint of any family DTD serves (Qwen2.5-VL, Qwen3-VL, Qwen2-VL) for feature tokens (default: the tiny Qwen2.5-VL test one)",
+    )
     ap.add_argument("--fps", type=float, default=1.0)
     ap.add_argument("--max-frames", type=int, default=64)
     ap.add_argument("--out", type=Path, required=True)
@@ -52,16 +61,32 @@ def main(argv=None) -> int:
         if not args.video:
             ap.error(f"--video: none given and no clips in {SHARED_VIDEOS}")
     metrics, references, criteria = split(args.metric), split(args.reference), split(args.criterion)
-    for name, values, allowed in (("--metric", metrics, METRICS), ("--references", references, reference_names()),
-                                  ("--criterion", criteria, CRITERIA)):
+    for name, values, allowed in (
+        ("--metric", metrics, METRICS),
+        ("--references", references, reference_names()),
+        ("--criterion", criteria, CRITERIA),
+    ):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             ap.error(f"{name}: {bad or values} not in {list(allowed)}")
 
-    df, ran = run_sweep(args.video, thresholds, metrics, references, criteria, args.out, model_path=args.model,
-                        fps=args.fps, max_frames=args.max_frames, progress=not args.quiet)
+    df, ran = run_sweep(
+        args.video,
+        thresholds,
+        metrics,
+        references,
+        criteria,
+        args.out,
+        model_path=args.model,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        progress=not args.quiet,
+    )
     report = args.out / "report.html" if len(df) else None
-    print(f"{ran} cells run, {len(df) - ran} already in {args.out}; results.csv/.parquet" + (f", {report}" if report else ""))
+    print(
+        f"{ran} cells run, {len(df) - ran} already in {args.out}; results.csv/.parquet"
+        + (f", {report}" if report else "")
+    )
     return motion_measure(df, criteria, metrics, thresholds)
 
 
@@ -78,9 +103,11 @@ def motion_measure(df, criteria, metrics, thresholds) -> int:
                 printed = True
                 verdict = "" if "met" not in r else f"  goal {r['goal']}: {'met' if r['met'] else 'NOT met'}"
                 failed |= r.get("met") is False
-                print(f"{criterion}/{metric} τ={tau:g} {r['video']}: dropped previous {r['previous_drop']:.3f} "
-                      f"motion {r['motion_drop']:.3f} (x{r['motion_drop_ratio_vs_previous']:.3f}), held error previous "
-                      f"{r['previous_held_error']:.4f} motion {r['motion_held_error']:.4f}{verdict}")
+                print(
+                    f"{criterion}/{metric} τ={tau:g} {r['video']}: dropped previous {r['previous_drop']:.3f} "
+                    f"motion {r['motion_drop']:.3f} (x{r['motion_drop_ratio_vs_previous']:.3f}), held error previous "
+                    f"{r['previous_held_error']:.4f} motion {r['motion_held_error']:.4f}{verdict}"
+                )
     if printed:
         print(f"motion_goal={'NOT met' if failed else 'met'}")
     return 1 if failed else 0

@@ -11,14 +11,23 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Union
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1400,1600")
+_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1600",
+)
 
 
-def chromium_driver(user_data_dir: Union[str, Path], offline: bool = True):
+def chromium_driver(user_data_dir: str | Path, offline: bool = True):
     """A headless Debian Chromium (Selenium). ``offline``: no DNS at all, so nothing named by a host
     name can load (loopback IP addresses still work)."""
     from selenium import webdriver
@@ -26,7 +35,11 @@ def chromium_driver(user_data_dir: Union[str, Path], offline: bool = True):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in (*_FLAGS, f"--user-data-dir={user_data_dir}", *(("--host-resolver-rules=MAP * ~NOTFOUND",) if offline else ())):
+    for flag in (
+        *_FLAGS,
+        f"--user-data-dir={user_data_dir}",
+        *(("--host-resolver-rules=MAP * ~NOTFOUND",) if offline else ()),
+    ):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
@@ -68,7 +81,9 @@ def assert_offline_source(source: str) -> None:
     for attrs, body in _SCRIPT_TAG.findall(source):
         src = _SRC.search(attrs)
         if src:
-            assert not _REMOTE.match(src.group(1)) and "cdn.plot.ly" not in src.group(1), f"remote script src: {src.group(1)}"
+            assert not _REMOTE.match(src.group(1)) and "cdn.plot.ly" not in src.group(1), (
+                f"remote script src: {src.group(1)}"
+            )
         elif not _is_plotly_bundle(body):
             assert "cdn.plot.ly" not in body, "an inline script refers to cdn.plot.ly"
     outside = _SCRIPT_TAG.sub("", source)
@@ -81,15 +96,26 @@ def report_state(driver) -> dict:
     return driver.execute_script(_STATE_JS)
 
 
-def _drawn(state: dict, expected_plots: Optional[int]) -> bool:
+def _drawn(state: dict, expected_plots: int | None) -> bool:
     plots = state["plots"]
-    return (state["ready"] == "complete" and state["plotly"] and len(plots) > 0
-            and (expected_plots is None or len(plots) == expected_plots)
-            and all(p["drawn"] and p["traces"] >= 1 and p["svgs"] >= 1 and p["width"] > 0 and p["height"] > 0 for p in plots))
+    return (
+        state["ready"] == "complete"
+        and state["plotly"]
+        and len(plots) > 0
+        and (expected_plots is None or len(plots) == expected_plots)
+        and all(
+            p["drawn"] and p["traces"] >= 1 and p["svgs"] >= 1 and p["width"] > 0 and p["height"] > 0 for p in plots
+        )
+    )
 
 
-def assert_report_renders(driver, html_path: Union[str, Path], screenshot_path: Union[str, Path, None] = None,
-                          expected_plots: Optional[int] = None, timeout: float = 30.0) -> dict:
+def assert_report_renders(
+    driver,
+    html_path: str | Path,
+    screenshot_path: str | Path | None = None,
+    expected_plots: int | None = None,
+    timeout: float = 30.0,
+) -> dict:
     """Open ``html_path`` (a file on disk) in ``driver`` and assert the report DREW, offline:
 
     * the page loads no script from the network (:func:`assert_offline_source` on the page source;
@@ -118,12 +144,16 @@ def assert_report_renders(driver, html_path: Union[str, Path], screenshot_path: 
     assert state["plotly"], f"{html_path.name}: window.Plotly is not defined (plotly.js did not load)"
     assert state["plots"], f"{html_path.name}: no plotly figure in the page"
     if expected_plots is not None:
-        assert len(state["plots"]) == expected_plots, f"{html_path.name}: {len(state['plots'])} figures, expected {expected_plots}"
+        assert len(state["plots"]) == expected_plots, (
+            f"{html_path.name}: {len(state['plots'])} figures, expected {expected_plots}"
+        )
     assert state["unclassed"] == 0, state
     for p in state["plots"]:
         assert p["drawn"], f"{html_path.name}: figure {p['id']} was never drawn (not a .js-plotly-plot)"
         assert p["traces"] >= 1, f"{html_path.name}: figure {p['id']} has no _fullData traces ({p['traces']})"
-        assert p["svgs"] >= 1 and p["width"] > 0 and p["height"] > 0, f"{html_path.name}: figure {p['id']} has no visible .main-svg: {p}"
+        assert p["svgs"] >= 1 and p["width"] > 0 and p["height"] > 0, (
+            f"{html_path.name}: figure {p['id']} has no visible .main-svg: {p}"
+        )
     if screenshot_path is not None:
         assert screenshot_path.stat().st_size > 5_000, f"{screenshot_path} looks empty"
     return state

@@ -26,9 +26,9 @@ records it as a failed case).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -55,12 +55,13 @@ class Tolerances:
 
 TOLERANCES = {
     "float32": Tolerances("float32", logprob_atol=1e-4, tie_gap=0.0, rows_rtol=0.0, rows_atol=0.0, score_atol=0.0),
-    "bfloat16": Tolerances("bfloat16", logprob_atol=5e-2, tie_gap=2 * 5e-2, rows_rtol=1.6e-2, rows_atol=1e-2,
-                           score_atol=1e-2),
+    "bfloat16": Tolerances(
+        "bfloat16", logprob_atol=5e-2, tie_gap=2 * 5e-2, rows_rtol=1.6e-2, rows_atol=1e-2, score_atol=1e-2
+    ),
 }
 
 
-def tolerances(dtype: Optional[str | torch.dtype] = None) -> Tolerances:
+def tolerances(dtype: str | torch.dtype | None = None) -> Tolerances:
     """The tolerances of ``dtype`` (a name or a ``torch.dtype``; default: :func:`served_dtype`)."""
     if dtype is None:
         dtype = served_dtype()
@@ -70,7 +71,7 @@ def tolerances(dtype: Optional[str | torch.dtype] = None) -> Tolerances:
     return TOLERANCES[name]
 
 
-def _tol(tol: Optional[Tolerances]) -> Tolerances:
+def _tol(tol: Tolerances | None) -> Tolerances:
     return tol if tol is not None else tolerances()
 
 
@@ -87,7 +88,7 @@ def served_top_logprobs(resp) -> tuple[list[int], list[dict[int, float]]]:
     return ids, tops
 
 
-def assert_same_top_logprobs(a: list[dict[int, float]], b: list[dict[int, float]], atol: Optional[float] = None):
+def assert_same_top_logprobs(a: list[dict[int, float]], b: list[dict[int, float]], atol: float | None = None):
     """Same top-5 token sets (up to near-ties) and log-probabilities within ``atol`` (default: the
     served dtype's :attr:`Tolerances.logprob_atol`)."""
     if atol is None:
@@ -109,7 +110,7 @@ def top2_gap(top: dict[int, float]) -> float:
     return v[0] - v[1] if len(v) > 1 else float("inf")
 
 
-def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     """The first step where two token sequences differ (a length difference counts), else None."""
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -121,11 +122,17 @@ def _check_divergence(step: int, tops: Sequence[Sequence[dict[int, float]]], tol
     gaps = [top2_gap(t[step]) for t in tops if step < len(t)]
     assert gaps and min(gaps) <= tol.tie_gap, (
         f"{what}: greedy tokens differ at step {step}, where the top-2 log-probability gap is "
-        f"{min(gaps) if gaps else 'unknown'} (a {tol.dtype} near tie is at most {tol.tie_gap})")
+        f"{min(gaps) if gaps else 'unknown'} (a {tol.dtype} near tie is at most {tol.tie_gap})"
+    )
 
 
-def assert_same_greedy(ids_a: Sequence[int], tops_a: list[dict[int, float]], ids_b: Sequence[int],
-                       tops_b: list[dict[int, float]], tol: Optional[Tolerances] = None) -> Optional[int]:
+def assert_same_greedy(
+    ids_a: Sequence[int],
+    tops_a: list[dict[int, float]],
+    ids_b: Sequence[int],
+    tops_b: list[dict[int, float]],
+    tol: Tolerances | None = None,
+) -> int | None:
     """Two greedy answers with their top-5 log-probabilities agree at ``tol`` (default: the served
     dtype's). float32: ``ids_a == ids_b`` and every step's log-probabilities within the tolerance.
     bfloat16: equal up to the first differing step, which must be a near tie; log-probabilities are
@@ -140,14 +147,19 @@ def assert_same_greedy(ids_a: Sequence[int], tops_a: list[dict[int, float]], ids
         assert_same_top_logprobs(tops_a, tops_b, tol.logprob_atol)
         return None
     assert d < len(ids_a) and d < len(ids_b), (
-        f"one answer stopped at step {d}, the other went on: {list(ids_a)} vs {list(ids_b)}")
+        f"one answer stopped at step {d}, the other went on: {list(ids_a)} vs {list(ids_b)}"
+    )
     _check_divergence(d, (tops_a, tops_b), tol, "served vs reference")
-    assert_same_top_logprobs(tops_a[:d + 1], tops_b[:d + 1], tol.logprob_atol)
+    assert_same_top_logprobs(tops_a[: d + 1], tops_b[: d + 1], tol.logprob_atol)
     return d
 
 
-def assert_same_tokens(served: Sequence[int], reference_ids: Sequence[int], reference_tops: list[dict[int, float]],
-                       tol: Optional[Tolerances] = None) -> Optional[int]:
+def assert_same_tokens(
+    served: Sequence[int],
+    reference_ids: Sequence[int],
+    reference_tops: list[dict[int, float]],
+    tol: Tolerances | None = None,
+) -> int | None:
     """A greedy answer served without log-probabilities (stream answers) against the reference's:
     float32 equal; bfloat16 equal up to a first difference at a step the reference calls a near tie.
     Returns that step (None: equal)."""
@@ -163,7 +175,7 @@ def assert_same_tokens(served: Sequence[int], reference_ids: Sequence[int], refe
     return d
 
 
-def assert_rows_close(a: torch.Tensor, b: torch.Tensor, tol: Optional[Tolerances] = None) -> None:
+def assert_rows_close(a: torch.Tensor, b: torch.Tensor, tol: Tolerances | None = None) -> None:
     """Embedding rows: float32 bit for bit (``torch.equal``), bfloat16 within the dtype's rtol / atol."""
     tol = _tol(tol)
     if tol.rows_rtol == 0 and tol.rows_atol == 0:
@@ -176,7 +188,7 @@ def assert_rows_close(a: torch.Tensor, b: torch.Tensor, tol: Optional[Tolerances
 # --- keep masks --------------------------------------------------------------------------------------
 
 
-def near_threshold_per_step(tokens: torch.Tensor, dtd: DTDConfig, tol: Optional[Tolerances] = None) -> list[int]:
+def near_threshold_per_step(tokens: torch.Tensor, dtd: DTDConfig, tol: Tolerances | None = None) -> list[int]:
     """Per temporal step, the tokens whose DTD score lies within ``tol.score_atol`` of the threshold
     (along the reference's own decisions, ``last_kept`` included): those a served model at that dtype
     may decide the other way. ``tokens``: (T, H, W, C) as DTD compares them."""
@@ -198,8 +210,9 @@ def reference_tokens(reference, prepared) -> torch.Tensor:
     return reference.video_embeddings(prepared.video).reshape(T, H, W, -1)
 
 
-def assert_same_kept(served_kept_per_step: Sequence[int], reference, prepared, dtd: Optional[DTDConfig],
-                     tol: Optional[Tolerances] = None) -> bool:
+def assert_same_kept(
+    served_kept_per_step: Sequence[int], reference, prepared, dtd: DTDConfig | None, tol: Tolerances | None = None
+) -> bool:
     """The served kept tokens per temporal step are the reference mask's; at a dtype with a score
     tolerance, feature-level counts may differ by the step's near-threshold tokens. Returns whether
     they are equal."""
@@ -212,12 +225,15 @@ def assert_same_kept(served_kept_per_step: Sequence[int], reference, prepared, d
     assert near_ok and len(served) == len(want), (served, want)
     near = near_threshold_per_step(reference_tokens(reference, prepared), dtd, tol)
     off = [(t, s, w, n) for t, (s, w, n) in enumerate(zip(served, want, near)) if abs(s - w) > n]
-    assert not off, f"kept per step differ by more than the near-threshold tokens (step, served, reference, near): {off}"
+    assert not off, (
+        f"kept per step differ by more than the near-threshold tokens (step, served, reference, near): {off}"
+    )
     return False
 
 
-def assert_same_mask(stats: dict, reference, prepared, dtd: Optional[DTDConfig] = None,
-                     tol: Optional[Tolerances] = None) -> bool:
+def assert_same_mask(
+    stats: dict, reference, prepared, dtd: DTDConfig | None = None, tol: Tolerances | None = None
+) -> bool:
     """The served keep mask (``x-dtd-stats`` of one video) is the reference's: the same digest;
     a bf16 feature-level mask may differ in near-threshold tokens only (:func:`assert_same_kept`).
     Returns whether the digests are equal (False: a near tie, the prompts differ)."""
@@ -240,18 +256,21 @@ class Comparison:
 
     mask_equal: bool = True  # False: a near-tie feature mask (nothing else compared)
     steps: int = 0  # greedy steps whose log-probabilities were compared
-    diverged_at: Optional[int] = None  # bf16: the near-tie step where the tokens first differ
+    diverged_at: int | None = None  # bf16: the near-tie step where the tokens first differ
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         if not self.mask_equal:
             return "feature mask differs in near-threshold tokens only (answer not compared)"
         s = f"{self.steps} greedy steps compared"
-        return s + (f", tokens differ from step {self.diverged_at} (a near tie)" if self.diverged_at is not None else "")
+        return s + (
+            f", tokens differ from step {self.diverged_at} (a near tie)" if self.diverged_at is not None else ""
+        )
 
 
-def compare_to_reference(resp, stats: dict, reference, prepared, dtd: Optional[DTDConfig] = None,
-                         tol: Optional[Tolerances] = None) -> Comparison:
+def compare_to_reference(
+    resp, stats: dict, reference, prepared, dtd: DTDConfig | None = None, tol: Tolerances | None = None
+) -> Comparison:
     """A served chat answer (greedy, top-5 log-probabilities with token ids, ``x-dtd-stats`` of its
     one video in ``stats``) equals the reference pipeline's on ``prepared``: the same keep mask
     (digest), the same prompt length, the same greedy tokens and top-5 log-probabilities within the
@@ -261,7 +280,10 @@ def compare_to_reference(resp, stats: dict, reference, prepared, dtd: Optional[D
     if not assert_same_mask(stats, reference, prepared, dtd, tol):
         out.mask_equal = False
         return out
-    assert resp.usage.prompt_tokens == prepared.num_prompt_tokens, (resp.usage.prompt_tokens, prepared.num_prompt_tokens)
+    assert resp.usage.prompt_tokens == prepared.num_prompt_tokens, (
+        resp.usage.prompt_tokens,
+        prepared.num_prompt_tokens,
+    )
     ids, tops = served_top_logprobs(resp)
     gen = reference.generate(prepared, max_new_tokens=len(ids), stop_at_eos=False)
     out.diverged_at = assert_same_greedy(ids, tops, gen.token_ids, gen.top_logprobs, tol)
@@ -277,16 +299,21 @@ def serve_args(media_dir: str | Path) -> list[str]:
     every decoded frame reaches the processor (the reference sees the same pixels), local files
     allowed from ``media_dir``, logprobs for the comparisons."""
     return [
-        "--media-io-kwargs", json.dumps({"video": {"num_frames": -1}}),
-        "--allowed-local-media-path", str(media_dir),
-        "--max-logprobs", "20",
+        "--media-io-kwargs",
+        json.dumps({"video": {"num_frames": -1}}),
+        "--allowed-local-media-path",
+        str(media_dir),
+        "--max-logprobs",
+        "20",
         "--enable-prompt-tokens-details",
-        "--seed", "0",
+        "--seed",
+        "0",
     ]
 
 
-def chat_with_stats(srv, video: str | Path, question: str = "what happens", media_io: Optional[dict] = None,
-                    max_tokens: int = 6, **mm):
+def chat_with_stats(
+    srv, video: str | Path, question: str = "what happens", media_io: dict | None = None, max_tokens: int = 6, **mm
+):
     """One greedy chat request with a local video (top-5 logprobs with token ids) and the
     ``x-dtd-stats`` header's per-video stats (``[]`` without the header)."""
     extra = {"return_tokens_as_token_ids": True}
@@ -295,9 +322,21 @@ def chat_with_stats(srv, video: str | Path, question: str = "what happens", medi
     if media_io:
         extra["media_io_kwargs"] = media_io
     raw = srv.client().chat.completions.with_raw_response.create(
-        model=srv.model, max_tokens=max_tokens, temperature=0.0, logprobs=True, top_logprobs=5, extra_body=extra,
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{video}"}},
-                                               {"type": "text", "text": question}]}],
+        model=srv.model,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body=extra,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": f"file://{video}"}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
     )
     stats = json.loads(raw.headers["x-dtd-stats"])["videos"] if "x-dtd-stats" in raw.headers else []
     return raw.parse(), stats

@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import requests
 
@@ -115,10 +115,10 @@ class VLLMServer:
         model: str | os.PathLike,
         extra_args: Sequence[str] = (),
         module: str = "vllm.entrypoints.openai.api_server",
-        port: Optional[int] = None,
-        env: Optional[dict[str, str]] = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
         startup_timeout: float = 600.0,
-        log_path: Optional[str | os.PathLike] = None,
+        log_path: str | os.PathLike | None = None,
         cpu_defaults: bool = True,
         die_with_parent: bool = False,
     ):
@@ -128,19 +128,33 @@ class VLLMServer:
         self.die_with_parent = die_with_parent
         self.port = port or free_port()
         self.module = module
-        self.args = [sys.executable, "-m", module, "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.args = [
+            sys.executable,
+            "-m",
+            module,
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         given = set(a.split("=", 1)[0] for a in extra_args if a.startswith("--"))
         defaults = default_args(cpu_defaults)
         for flag, value in zip(defaults[::2], defaults[1::2]):
             if flag not in given:
                 self.args += [flag, value]
         self.args += list(extra_args)
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
+        self.env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **(env or {}),
+        }
         if self.stock and "VLLM_PLUGINS" not in (env or {}):
             self.env["VLLM_PLUGINS"] = ""  # vLLM loads only listed plugins: none
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
     @property
     def stock(self) -> bool:
@@ -166,10 +180,14 @@ class VLLMServer:
         except OSError:
             return ""
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            self.args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+            self.args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + self.startup_timeout
@@ -217,7 +235,7 @@ class VLLMServer:
         self._log.close()
         self.proc = None
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -232,7 +250,7 @@ class NotebookServer:
 
     def __init__(self, url: str, media_dirs: Sequence[str | os.PathLike] = ()):
         self.requested = url.rstrip("/")
-        self.embedded: Optional[VLLMServer] = None
+        self.embedded: VLLMServer | None = None
         if answers(self.requested):
             self.url = self.requested
             check_streams(self.url)
@@ -245,8 +263,11 @@ class NotebookServer:
         for d in media_dirs:
             args += ["--allowed-local-media-path", str(Path(d).resolve())]
         self.embedded = VLLMServer(ensure_tiny_model("test"), args, module="vllm_plugin.serve", die_with_parent=True)
-        print(f"No server answered at {self.requested}; starting an embedded one on the tiny checkpoint "
-              f"(about a minute; log: {self.embedded.log_path}) ...", flush=True)
+        print(
+            f"No server answered at {self.requested}; starting an embedded one on the tiny checkpoint "
+            f"(about a minute; log: {self.embedded.log_path}) ...",
+            flush=True,
+        )
         atexit.register(self.stop)  # before start: an interrupted start-up stops it too
         try:
             self.embedded.start()
@@ -261,16 +282,18 @@ class NotebookServer:
     def describe(self) -> str:
         if self.embedded is None:
             return f"Using the server at {self.url} (model {self.model()})."
-        return (f"Using an EMBEDDED server at {self.url}: python -m vllm_plugin.serve --dtd-streams on the tiny random-weight "
-                f"checkpoint {self.embedded.model} (nothing answered at {self.requested}). Its answers are random: it shows "
-                f"the mechanics, not accuracy. Set {SERVER_URL_ENV} to your server to use it.")
+        return (
+            f"Using an EMBEDDED server at {self.url}: python -m vllm_plugin.serve --dtd-streams on the tiny random-weight "
+            f"checkpoint {self.embedded.model} (nothing answered at {self.requested}). Its answers are random: it shows "
+            f"the mechanics, not accuracy. Set {SERVER_URL_ENV} to your server to use it."
+        )
 
     def stop(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()
 
 
-def notebook_server(url: Optional[str] = None, media_dirs: Sequence[str | os.PathLike] = ()) -> NotebookServer:
+def notebook_server(url: str | None = None, media_dirs: Sequence[str | os.PathLike] = ()) -> NotebookServer:
     """One :class:`NotebookServer` per process and URL (default: ``$DTD_SERVER_URL``): running a
     notebook's cell again reuses the server it started instead of starting a second one."""
     url = url or settings.get(SERVER_URL_ENV)
@@ -284,7 +307,7 @@ def notebook_server(url: Optional[str] = None, media_dirs: Sequence[str | os.Pat
 _NOTEBOOK_SERVERS: dict[str, NotebookServer] = {}
 
 
-def served_model(base_url: str, model: Optional[str] = None) -> str:
+def served_model(base_url: str, model: str | None = None) -> str:
     """The model requests ask: ``model``, else the server's first (``/v1/models``)."""
     if model:
         return model
@@ -306,9 +329,13 @@ def check_streams(url: str) -> None:
     except (requests.RequestException, ValueError):
         spec = {}
     if "/v1/streams" not in spec.get("paths", {}):
-        raise ServerError(f"the server at {url} has no /v1/streams routes: start it with python -m vllm_plugin.serve "
-                          "--dtd-streams (or VLLM_PLUGINS=dtd,dtd_streams)")
+        raise ServerError(
+            f"the server at {url} has no /v1/streams routes: start it with python -m vllm_plugin.serve "
+            "--dtd-streams (or VLLM_PLUGINS=dtd,dtd_streams)"
+        )
     chat = spec.get("components", {}).get("schemas", {}).get("StreamChatRequest", {}).get("properties", {})
     if "remember" not in chat:
-        raise ServerError(f"the server at {url} runs an older plugin whose stream questions cannot leave no turn "
-                          "(remember: false): its questions would see each other; update the plugin on the server")
+        raise ServerError(
+            f"the server at {url} runs an older plugin whose stream questions cannot leave no turn "
+            "(remember: false): its questions would see each other; update the plugin on the server"
+        )

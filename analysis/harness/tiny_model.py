@@ -62,17 +62,35 @@ CHAT_TEMPLATE = (
 )
 
 # Real checkpoints' shapes, for the cost ratio only (config.json of Qwen/Qwen2.5-VL-7B-Instruct and -3B-Instruct).
-_REAL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, in_channels=3, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2)
+_REAL_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    num_heads=16,
+    intermediate_size=3420,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
 REAL_SHAPES: dict[str, dict] = {
     "Qwen2.5-VL-7B": dict(
-        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4),
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+        ),
         vision=_REAL_VISION,
     ),
     "Qwen2.5-VL-3B": dict(
-        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                  num_key_value_heads=2),
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+        ),
         vision=_REAL_VISION,
     ),
 }
@@ -83,15 +101,135 @@ VIDEO_MAX_PIXELS = 448 * 448
 IMAGE_MIN_PIXELS = 4 * 28 * 28
 IMAGE_MAX_PIXELS = 448 * 448
 
-_WORDS = (
-    "the a an of to in and is are was were be on at by for with from as this that these those it its "
-    "video frame frames scene camera person people car plane jet field sky sun tree trees road house "
-    "man woman child dog cat ball cup cups table hand hands screen window mouse cursor button page text "
-    "moves moving stands walks runs flies sits looks holds opens closes turns shows appears changes "
-    "left right up down top bottom center near far fast slow small large red green blue white black "
-    "what where when who why how many much does do did is there any one two three four five first last "
-    "question answer describe happening now before after during then again yes no maybe"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "and",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "on",
+    "at",
+    "by",
+    "for",
+    "with",
+    "from",
+    "as",
+    "this",
+    "that",
+    "these",
+    "those",
+    "it",
+    "its",
+    "video",
+    "frame",
+    "frames",
+    "scene",
+    "camera",
+    "person",
+    "people",
+    "car",
+    "plane",
+    "jet",
+    "field",
+    "sky",
+    "sun",
+    "tree",
+    "trees",
+    "road",
+    "house",
+    "man",
+    "woman",
+    "child",
+    "dog",
+    "cat",
+    "ball",
+    "cup",
+    "cups",
+    "table",
+    "hand",
+    "hands",
+    "screen",
+    "window",
+    "mouse",
+    "cursor",
+    "button",
+    "page",
+    "text",
+    "moves",
+    "moving",
+    "stands",
+    "walks",
+    "runs",
+    "flies",
+    "sits",
+    "looks",
+    "holds",
+    "opens",
+    "closes",
+    "turns",
+    "shows",
+    "appears",
+    "changes",
+    "left",
+    "right",
+    "up",
+    "down",
+    "top",
+    "bottom",
+    "center",
+    "near",
+    "far",
+    "fast",
+    "slow",
+    "small",
+    "large",
+    "red",
+    "green",
+    "blue",
+    "white",
+    "black",
+    "what",
+    "where",
+    "when",
+    "who",
+    "why",
+    "how",
+    "many",
+    "much",
+    "does",
+    "do",
+    "did",
+    "is",
+    "there",
+    "any",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "first",
+    "last",
+    "question",
+    "answer",
+    "describe",
+    "happening",
+    "now",
+    "before",
+    "after",
+    "during",
+    "then",
+    "again",
+    "yes",
+    "no",
+    "maybe",
+]
 
 
 def __getattr__(name: str):
@@ -182,8 +320,9 @@ def _released_expert_layout(out: Path) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
-def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool = False,
-          family: str = DEFAULT_FAMILY) -> Path:
+def build(
+    out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool = False, family: str = DEFAULT_FAMILY
+) -> Path:
     """Write the checkpoint to ``out`` (skipped when ``out`` already holds the same content hash)."""
     out = Path(out)
     digest = content_hash(size, seed, family)
@@ -229,10 +368,17 @@ def build(out: str | os.PathLike, size: str = "test", seed: int = 0, force: bool
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    context = TinyContext(tokenizer=tokenizer, token_ids=ids, tokens=tokens, text=text, head_dim=head_dim,
-                          mrope_section=mrope_section, chat_template=CHAT_TEMPLATE,
-                          image_pixels=(IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS),
-                          video_pixels=(VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS))
+    context = TinyContext(
+        tokenizer=tokenizer,
+        token_ids=ids,
+        tokens=tokens,
+        text=text,
+        head_dim=head_dim,
+        mrope_section=mrope_section,
+        chat_template=CHAT_TEMPLATE,
+        image_pixels=(IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS),
+        video_pixels=(VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS),
+    )
     processor = recipe(family).processor(spec, context)
     config = recipe(family).config(spec, context)
     config.torch_dtype = torch.float32
@@ -271,22 +417,28 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parents[2] / ".cache"
 
 
-def ensure_tiny_model(size: str = "test", seed: int = 0, cache_dir: str | os.PathLike | None = None,
-                      family: str = DEFAULT_FAMILY) -> Path:
+def ensure_tiny_model(
+    size: str = "test", seed: int = 0, cache_dir: str | os.PathLike | None = None, family: str = DEFAULT_FAMILY
+) -> Path:
     """Path of the cached checkpoint for (family, size, seed), building it on first use."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     prefix = size if recipe(family).legacy_hash else f"{family}-{size}"
-    return build(root / "tiny_models" / f"{prefix}-{content_hash(size, seed, family)[:12]}", size=size, seed=seed,
-                 family=family)
+    return build(
+        root / "tiny_models" / f"{prefix}-{content_hash(size, seed, family)[:12]}", size=size, seed=seed, family=family
+    )
 
 
 def add_model_arguments(ap: argparse.ArgumentParser, default_size: str) -> None:
     """``--model PATH`` (a real checkpoint of any family with DTD) or a tiny one: ``--family``, ``--size``."""
     ap.add_argument("--model", type=Path, help="a checkpoint directory (any family DTD serves); default: a tiny one")
     ap.add_argument("--family", choices=family_names(), default=DEFAULT_FAMILY, help="family of the tiny checkpoint")
-    ap.add_argument("--size", default=default_size, choices=all_sizes(),
-                    help="size of the tiny checkpoint (bench7b: an encoder as costly, relative to the LLM, as "
-                         "Qwen2.5-VL-7B's, qwen2_5_vl only; bench: LLM-heavy; test: the smallest)")
+    ap.add_argument(
+        "--size",
+        default=default_size,
+        choices=all_sizes(),
+        help="size of the tiny checkpoint (bench7b: an encoder as costly, relative to the LLM, as "
+        "Qwen2.5-VL-7B's, qwen2_5_vl only; bench: LLM-heavy; test: the smallest)",
+    )
 
 
 def model_from_arguments(ap: argparse.ArgumentParser, args) -> Path:
@@ -318,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = ""
     if args.family == DEFAULT_FAMILY:  # the cost model reads the default family's shapes
         ratio = f", LLM/vision FLOPs per video token = {flops_per_video_token(args.size)['ratio']:.1f}"
-    print(f"{path}  (family={args.family}, size={args.size}, seed={args.seed}, "
-          f"hash={content_hash(args.size, args.seed, args.family)[:12]}{ratio})")
+    print(
+        f"{path}  (family={args.family}, size={args.size}, seed={args.seed}, "
+        f"hash={content_hash(args.size, args.seed, args.family)[:12]}{ratio})"
+    )
     return 0
 
 

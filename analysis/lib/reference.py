@@ -19,13 +19,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from vllm_plugin.core import (
-    DTDConfig, DTDStats, PatchLayout, decide_steps, keep_at_least_one, mask_stats, mrope_positions, pixel_tokens,
+    DTDConfig,
+    DTDStats,
+    PatchLayout,
+    decide_steps,
+    keep_at_least_one,
+    mask_stats,
+    mrope_positions,
+    pixel_tokens,
 )
 
 
@@ -38,7 +44,7 @@ class ProcessedVideo:
     second_per_grid_t: float
     merge_size: int = 2
     layout: PatchLayout = PatchLayout()  # patch layout and normalization (Qwen3-VL: mean/std 0.5)
-    frames: Optional[np.ndarray] = None  # the frames it was made from, uint8 (N, H, W, 3) (Qwen3-VL's prompt needs them)
+    frames: np.ndarray | None = None  # the frames it was made from, uint8 (N, H, W, 3) (Qwen3-VL's prompt needs them)
     fps: float = 1.0
 
     @property
@@ -59,11 +65,13 @@ class Prepared:
     input_ids: torch.Tensor  # long (L,), the kept sequence (video tokens are <|video_pad|>)
     inputs_embeds: torch.Tensor  # (L, hidden)
     position_ids: torch.Tensor  # long (3, L)
-    mask: Optional[torch.Tensor]  # bool (T, H, W) for the video, None for text only
-    stats: Optional[DTDStats]
-    video: Optional[ProcessedVideo] = None
+    mask: torch.Tensor | None  # bool (T, H, W) for the video, None for text only
+    stats: DTDStats | None
+    video: ProcessedVideo | None = None
     full_length: int = 0  # prompt length without DTD
-    lm_kwargs: dict = field(default_factory=dict)  # more inputs of the prefill (Qwen3-VL: DeepStack rows and where they go)
+    lm_kwargs: dict = field(
+        default_factory=dict
+    )  # more inputs of the prefill (Qwen3-VL: DeepStack rows and where they go)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -77,7 +85,7 @@ class Generation:
     text: str = ""
 
 
-def compute_mask(video: ProcessedVideo, dtd: Optional[DTDConfig], embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compute_mask(video: ProcessedVideo, dtd: DTDConfig | None, embeddings: torch.Tensor | None = None) -> torch.Tensor:
     """The keep mask (T, H, W) of ``video`` under ``dtd`` (all True when disabled).
 
     ``embeddings`` (num_tokens, C) are required for ``criterion="feature"``.
@@ -99,7 +107,7 @@ class ReferencePipeline:
 
     model_class = "Qwen2_5_VLForConditionalGeneration"  # transformers' class of the family
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, model_class: Optional[str] = None):
+    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, model_class: str | None = None):
         import transformers
         from transformers import AutoProcessor
 
@@ -135,19 +143,17 @@ class ReferencePipeline:
     @torch.no_grad()
     def video_embeddings(self, video: ProcessedVideo) -> torch.Tensor:
         """Vision encoder + merger output, (num_tokens, hidden), in (t, h, w) raster order."""
-        out = self.model.model.get_video_features(
-            video.pixel_values, torch.tensor([video.grid_thw]), return_dict=True
-        )
+        out = self.model.model.get_video_features(video.pixel_values, torch.tensor([video.grid_thw]), return_dict=True)
         return out.pooler_output[0]
 
     @torch.no_grad()
     def prepare(
         self,
         question: str,
-        frames: Optional[np.ndarray] = None,
+        frames: np.ndarray | None = None,
         fps: float = 1.0,
-        dtd: Optional[DTDConfig] = None,
-        video: Optional[ProcessedVideo] = None,
+        dtd: DTDConfig | None = None,
+        video: ProcessedVideo | None = None,
     ) -> Prepared:
         """Tokenize the chat prompt, encode the video, apply DTD, keep original positions."""
         if video is None and frames is not None:
@@ -183,7 +189,11 @@ class ReferencePipeline:
     # -- model ----------------------------------------------------------------------------------
     def _lm(self, embeds: torch.Tensor, positions: torch.Tensor, cache, **extra):
         out = self.model.model.language_model(
-            inputs_embeds=embeds[None], position_ids=positions[:, None, :], past_key_values=cache, use_cache=True, **extra
+            inputs_embeds=embeds[None],
+            position_ids=positions[:, None, :],
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
         )
         return self.model.lm_head(out.last_hidden_state[0]).float(), out.past_key_values
 
@@ -192,11 +202,15 @@ class ReferencePipeline:
         """Prefill logits, float32 (L, vocab)."""
         from transformers import DynamicCache
 
-        logits, _ = self._lm(prepared.inputs_embeds, prepared.position_ids, DynamicCache(config=self.config), **prepared.lm_kwargs)
+        logits, _ = self._lm(
+            prepared.inputs_embeds, prepared.position_ids, DynamicCache(config=self.config), **prepared.lm_kwargs
+        )
         return logits
 
     @torch.no_grad()
-    def generate(self, prepared: Prepared, max_new_tokens: int = 8, top_logprobs: int = 5, stop_at_eos: bool = True) -> Generation:
+    def generate(
+        self, prepared: Prepared, max_new_tokens: int = 8, top_logprobs: int = 5, stop_at_eos: bool = True
+    ) -> Generation:
         """Greedy decoding; records the top-k log-probabilities of every generated step."""
         from transformers import DynamicCache
 
@@ -230,7 +244,10 @@ class ReferencePipeline:
         n = len(frames)
         meta = VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps, frames_indices=list(range(n)))
         inputs = self.processor(
-            text=[text], videos=[np.asarray(frames)], video_metadata=[meta], return_tensors="pt",
+            text=[text],
+            videos=[np.asarray(frames)],
+            video_metadata=[meta],
+            return_tensors="pt",
             do_sample_frames=False,
         )
         return self.model(**inputs).logits[0].float()
@@ -248,13 +265,22 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
     token (as served).
     """
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32, moe: bool = False,
-                 model_class: Optional[str] = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        moe: bool = False,
+        model_class: str | None = None,
+    ):
         self.model_class = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
         super().__init__(model_path, dtype, model_class)
         vp = self.processor.video_processor
-        self.layout = PatchLayout(merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
-                                  image_mean=tuple(vp.image_mean), image_std=tuple(vp.image_std))
+        self.layout = PatchLayout(
+            merge_size=self.merge_size,
+            temporal_patch_size=self.temporal_patch_size,
+            image_mean=tuple(vp.image_mean),
+            image_std=tuple(vp.image_std),
+        )
 
     @staticmethod
     def _metadata(n: int, fps: float):
@@ -266,18 +292,31 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
         """Frames uint8 (N, H, W, 3) sampled at ``fps`` -> processed patches (no further sampling;
         ``processor_kwargs`` e.g. ``do_resize=False`` for frames already at their size)."""
         frames = np.asarray(frames)
-        out = self.processor.video_processor(videos=[frames], video_metadata=[self._metadata(len(frames), fps)],
-                                             return_tensors="pt", do_sample_frames=False, **processor_kwargs)
+        out = self.processor.video_processor(
+            videos=[frames],
+            video_metadata=[self._metadata(len(frames), fps)],
+            return_tensors="pt",
+            do_sample_frames=False,
+            **processor_kwargs,
+        )
         grid = tuple(int(x) for x in out["video_grid_thw"][0].tolist())
-        return ProcessedVideo(pixel_values=out["pixel_values_videos"], grid_thw=grid,
-                              second_per_grid_t=self.temporal_patch_size / float(fps), merge_size=self.merge_size,
-                              layout=self.layout, frames=frames, fps=float(fps))
+        return ProcessedVideo(
+            pixel_values=out["pixel_values_videos"],
+            grid_thw=grid,
+            second_per_grid_t=self.temporal_patch_size / float(fps),
+            merge_size=self.merge_size,
+            layout=self.layout,
+            frames=frames,
+            fps=float(fps),
+        )
 
     @torch.no_grad()
     def _features(self, video: ProcessedVideo) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = self.model.model.get_video_features(video.pixel_values, torch.tensor([video.grid_thw]), return_dict=True)
         # per DeepStack level, one entry per video (here one)
-        return out.pooler_output[0], [lvl[0] if isinstance(lvl, (tuple, list)) else lvl for lvl in out.deepstack_features]
+        return out.pooler_output[0], [
+            lvl[0] if isinstance(lvl, (tuple, list)) else lvl for lvl in out.deepstack_features
+        ]
 
     @torch.no_grad()
     def video_embeddings(self, video: ProcessedVideo) -> torch.Tensor:
@@ -285,8 +324,15 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
         return self._features(video)[0]
 
     @torch.no_grad()
-    def prepare(self, question: str, frames: Optional[np.ndarray] = None, fps: float = 1.0,
-                dtd: Optional[DTDConfig] = None, video: Optional[ProcessedVideo] = None, **processor_kwargs) -> Prepared:
+    def prepare(
+        self,
+        question: str,
+        frames: np.ndarray | None = None,
+        fps: float = 1.0,
+        dtd: DTDConfig | None = None,
+        video: ProcessedVideo | None = None,
+        **processor_kwargs,
+    ) -> Prepared:
         if video is None and frames is not None:
             video = self.process_video(frames, fps, **processor_kwargs)
         text = self.chat_text(question, with_video=video is not None)
@@ -295,13 +341,21 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
             ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
             pos = torch.arange(ids.shape[0]).expand(3, -1)
             return Prepared(ids, embed(ids), pos, None, None, None, int(ids.shape[0]))
-        inputs = self.processor(text=[text], videos=[video.frames], video_metadata=[self._metadata(len(video.frames), video.fps)],
-                                return_tensors="pt", do_sample_frames=False, return_mm_token_type_ids=True, **processor_kwargs)
+        inputs = self.processor(
+            text=[text],
+            videos=[video.frames],
+            video_metadata=[self._metadata(len(video.frames), video.fps)],
+            return_tensors="pt",
+            do_sample_frames=False,
+            return_mm_token_type_ids=True,
+            **processor_kwargs,
+        )
         if tuple(inputs["video_grid_thw"][0].tolist()) != tuple(video.grid_thw):
             raise ValueError("the processor gave the prompt another grid than the processed video")
         ids = inputs["input_ids"][0]
-        full_pos, _ = self.model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                                      video_grid_thw=inputs["video_grid_thw"])
+        full_pos, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"]
+        )
         full_pos = full_pos[:, 0]
         main, deepstack = self._features(video)
         mask = keep_at_least_one(compute_mask(video, dtd, main))
@@ -315,15 +369,23 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
         visual = kept_ids == self.config.video_token_id
         embeds = embed(kept_ids)
         embeds[visual] = main[flat].to(embeds.dtype)
-        extra = {"visual_pos_masks": visual[None], "deepstack_visual_embeds": [d[flat].to(embeds.dtype) for d in deepstack]}
+        extra = {
+            "visual_pos_masks": visual[None],
+            "deepstack_visual_embeds": [d[flat].to(embeds.dtype) for d in deepstack],
+        }
         return Prepared(kept_ids, embeds, full_pos[:, keep], mask, mask_stats(mask), video, int(ids.shape[0]), extra)
 
     @torch.no_grad()
     def plain_logits(self, question: str, frames: np.ndarray, fps: float) -> torch.Tensor:
         """Logits of the UNMODIFIED transformers model (its own forward and position ids)."""
         text = self.chat_text(question, with_video=True)
-        inputs = self.processor(text=[text], videos=[np.asarray(frames)], video_metadata=[self._metadata(len(frames), fps)],
-                                return_tensors="pt", do_sample_frames=False)
+        inputs = self.processor(
+            text=[text],
+            videos=[np.asarray(frames)],
+            video_metadata=[self._metadata(len(frames), fps)],
+            return_tensors="pt",
+            do_sample_frames=False,
+        )
         return self.model(**inputs).logits[0].float()
 
 

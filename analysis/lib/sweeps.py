@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -13,8 +13,23 @@ from analysis.lib.figures import kept_tokens_figure, threshold_figure
 from analysis.lib.reports import write_report
 from analysis.lib.workbench import cell_key, load_tokens, sweep
 
-COLUMNS = ["video", "criterion", "metric", "reference", "threshold", "kept", "total", "drop_ratio", "seconds",
-           "held_error", "tokens_per_step", "frames", "fps", "kept_per_step", "offsets"]
+COLUMNS = [
+    "video",
+    "criterion",
+    "metric",
+    "reference",
+    "threshold",
+    "kept",
+    "total",
+    "drop_ratio",
+    "seconds",
+    "held_error",
+    "tokens_per_step",
+    "frames",
+    "fps",
+    "kept_per_step",
+    "offsets",
+]
 LIST_COLUMNS = ("kept_per_step", "offsets")  # JSON in the CSV
 
 
@@ -49,21 +64,37 @@ def write_sweep_report(df: pd.DataFrame, out: Path) -> Path:
     figs = [threshold_figure(rows)]
     for (video, criterion, metric, reference), g in df.groupby(["video", "criterion", "metric", "reference"]):
         mid = g.sort_values("threshold").iloc[len(g) // 2]
-        fig = kept_tokens_figure(mid["kept_per_step"], int(mid["tokens_per_step"]),
-                                 title=f"{video}: {criterion}/{metric}/{reference}, τ={mid['threshold']:g} "
-                                       f"(drop {mid['drop_ratio']:.0%})")
+        fig = kept_tokens_figure(
+            mid["kept_per_step"],
+            int(mid["tokens_per_step"]),
+            title=f"{video}: {criterion}/{metric}/{reference}, τ={mid['threshold']:g} (drop {mid['drop_ratio']:.0%})",
+        )
         figs.append(fig)
     table = df.drop(columns=list(LIST_COLUMNS)).sort_values(["video", "criterion", "metric", "reference", "threshold"])
-    return write_report(out / "report.html", figs, "DTD sweep", table.to_html(index=False, float_format=lambda x: f"{x:.4g}"))
+    return write_report(
+        out / "report.html", figs, "DTD sweep", table.to_html(index=False, float_format=lambda x: f"{x:.4g}")
+    )
 
 
-def run_sweep(videos: Sequence[Path], thresholds: Sequence[float], metrics: Sequence[str], references: Sequence[str],
-              criteria: Sequence[str], out: Path, model_path=None, fps: float = 1.0, max_frames: int = 64,
-              progress: bool = True) -> tuple[pd.DataFrame, int]:
+def run_sweep(
+    videos: Sequence[Path],
+    thresholds: Sequence[float],
+    metrics: Sequence[str],
+    references: Sequence[str],
+    criteria: Sequence[str],
+    out: Path,
+    model_path=None,
+    fps: float = 1.0,
+    max_frames: int = 64,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, int]:
     """Run the cells of the grid not yet in ``out`` (results.csv), save results and report.
     Returns (all results, number of cells run now)."""
     old = load_results(out)
-    done = {cell_key(r["video"], r["criterion"], r["metric"], r["reference"], r["threshold"]) for r in old.to_dict("records")}
+    done = {
+        cell_key(r["video"], r["criterion"], r["metric"], r["reference"], r["threshold"])
+        for r in old.to_dict("records")
+    }
     tokens = [load_tokens(p, fps=fps, max_frames=max_frames) for p in videos]
     rows = sweep(tokens, thresholds, metrics, references, criteria, model_path=model_path, skip=done, progress=progress)
     df = pd.concat([old, pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True) if rows else old
@@ -81,7 +112,9 @@ MOTION_GAIN_GOAL = 1.5  # handheld: motion drops >= 1.5x the tokens previous dro
 FIXED_VIEW_TOLERANCE = 0.02  # fixed view: motion's drop within 2% (relative) of previous's
 
 
-def reference_comparison(df: pd.DataFrame, threshold: float, criterion: str = "pixel", metric: str = "l1") -> list[dict]:
+def reference_comparison(
+    df: pd.DataFrame, threshold: float, criterion: str = "pixel", metric: str = "l1"
+) -> list[dict]:
     """Per video, at ``threshold``: each reference's dropped share and held error, and for
     ``motion`` against ``previous``: the ratio of dropped tokens, the held-error difference and the
     goal's verdict (handheld clips: ratio >= :data:`MOTION_GAIN_GOAL` at no higher held error; fixed
@@ -129,16 +162,29 @@ def reference_explorer(df: pd.DataFrame):
     out_kept, out_shift, label = W.Output(), W.Output(), W.HTML()
 
     def update(*_):
-        sel = df[(df.video == w_video.value) & (df.reference == w_ref.value) & (df.metric == w_metric.value)
-                 & ((df.threshold - w_thr.value).abs() < 1e-12)]
+        sel = df[
+            (df.video == w_video.value)
+            & (df.reference == w_ref.value)
+            & (df.metric == w_metric.value)
+            & ((df.threshold - w_thr.value).abs() < 1e-12)
+        ]
         if not len(sel):
             label.value = "<i>no such cell in this sweep</i>"
             out_kept.outputs = out_shift.outputs = ()
             return
         row = sel.iloc[0]
-        out_kept.outputs = (figure_output(kept_tokens_figure(
-            row.kept_per_step, int(row.tokens_per_step), title=f"{w_ref.value}: kept tokens per step (drop {row.drop_ratio:.1%})")),)
-        out_shift.outputs = (figure_output(shift_figure(row.offsets, title=f"{w_ref.value}: reference offset per step (tokens)")),)
+        out_kept.outputs = (
+            figure_output(
+                kept_tokens_figure(
+                    row.kept_per_step,
+                    int(row.tokens_per_step),
+                    title=f"{w_ref.value}: kept tokens per step (drop {row.drop_ratio:.1%})",
+                )
+            ),
+        )
+        out_shift.outputs = (
+            figure_output(shift_figure(row.offsets, title=f"{w_ref.value}: reference offset per step (tokens)")),
+        )
         label.value = f"held error {row.held_error:.4f} · dropped {row.drop_ratio:.1%}"
 
     for w in (w_video, w_ref, w_metric, w_thr):

@@ -78,7 +78,7 @@ def make_clip(cells: int = 8, fps: float = 2.0, seed: int = 0, token_px: int = T
     col = 1
     for s in range(steps):
         if s < 12:
-            if 6 <= s:
+            if s >= 6:
                 changed[s][row, col] = changed[s][row, col + 1] = True
                 col += 1
                 if s == 6:

@@ -6,9 +6,9 @@ of settings, times them, and talks to a live server.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class VideoTokens:
     fps: float
     pixel: torch.Tensor  # (T, H, W, C) in [0, 1], T = N / 2
     step_times: list[float] = field(default_factory=list)  # time of the first frame of every step
-    path: Optional[str] = None
+    path: str | None = None
     _features: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -39,7 +39,7 @@ class VideoTokens:
     def tokens_per_step(self) -> int:
         return self.grid[1] * self.grid[2]
 
-    def tokens(self, criterion: str = "pixel", model_path: Optional[str | Path] = None) -> torch.Tensor:
+    def tokens(self, criterion: str = "pixel", model_path: str | Path | None = None) -> torch.Tensor:
         if criterion == "pixel":
             return self.pixel
         if criterion != "feature":
@@ -50,17 +50,30 @@ class VideoTokens:
         return self._features[key]
 
 
-def load_tokens(path: str | Path, fps: float = 1.0, max_pixels: int = Geometry.max_pixels, max_frames: Optional[int] = None,
-                name: Optional[str] = None) -> VideoTokens:
+def load_tokens(
+    path: str | Path,
+    fps: float = 1.0,
+    max_pixels: int = Geometry.max_pixels,
+    max_frames: int | None = None,
+    name: str | None = None,
+) -> VideoTokens:
     """Decode ``path`` at ``fps`` (PyAV), resize like Qwen2.5-VL's processor, pad to whole temporal
     patches (repeating the last frame, as the processor does) and compute pixel tokens."""
 
     v = load_video(path, fps=fps, max_frames=max_frames)
-    return tokens_from_frames(v.frames, fps, v.timestamps, max_pixels=max_pixels, name=name or Path(path).name, path=str(path))
+    return tokens_from_frames(
+        v.frames, fps, v.timestamps, max_pixels=max_pixels, name=name or Path(path).name, path=str(path)
+    )
 
 
-def tokens_from_frames(frames: np.ndarray, fps: float, timestamps: Optional[Sequence[float]] = None,
-                       max_pixels: int = 448 * 448, name: str = "frames", path: Optional[str] = None) -> VideoTokens:
+def tokens_from_frames(
+    frames: np.ndarray,
+    fps: float,
+    timestamps: Sequence[float] | None = None,
+    max_pixels: int = 448 * 448,
+    name: str = "frames",
+    path: str | None = None,
+) -> VideoTokens:
     from PIL import Image
 
     geo = Geometry(max_pixels=max_pixels)
@@ -75,7 +88,7 @@ def tokens_from_frames(frames: np.ndarray, fps: float, timestamps: Optional[Sequ
     return VideoTokens(name, frames, fps, pixel, [float(times[2 * t]) for t in range(pixel.shape[0])], path)
 
 
-def feature_tokens(video: VideoTokens, model_path: Optional[str | Path] = None) -> torch.Tensor:
+def feature_tokens(video: VideoTokens, model_path: str | Path | None = None) -> torch.Tensor:
     """The vision encoder's merged output for every LLM token, (T, H, W, C): the paper's
     feature-level criterion. ``model_path``: any local checkpoint of a family DTD serves (the tiny
     Qwen2.5-VL test one by default). A family whose token covers another cell than 28 px (Qwen3-VL:
@@ -89,12 +102,14 @@ def feature_tokens(video: VideoTokens, model_path: Optional[str | Path] = None) 
     cell = int(pipe.processor.video_processor.patch_size) * pipe.merge_size
     T, H, W = video.grid
     if cell * H != video.frames.shape[1] or cell * W != video.frames.shape[2]:
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((W * cell, H * cell), Image.BICUBIC)) for f in video.frames])
+        frames = np.stack(
+            [np.asarray(Image.fromarray(f).resize((W * cell, H * cell), Image.BICUBIC)) for f in video.frames]
+        )
         processed = pipe.process_video(frames, video.fps, do_resize=False)
     else:
         processed = pipe.process_video(video.frames, video.fps)
     T, H, W = processed.llm_grid
-    if (T, H, W) != video.grid:
+    if video.grid != (T, H, W):
         raise ValueError(f"processor grid {(T, H, W)} differs from the video's {video.grid}")
     return pipe.video_embeddings(processed).reshape(T, H, W, -1).float()
 
@@ -120,12 +135,19 @@ def run_dtd(tokens: torch.Tensor, threshold: float, metric: str, reference: str)
     seconds = time.perf_counter() - t0
     s = mask_stats(decision.mask)
     offsets = [list(o) for o in decision.offsets]
-    return {"mask": decision.mask, "kept_per_step": list(s.kept_per_step), "kept": s.kept, "total": s.total,
-            "drop_ratio": s.drop_ratio, "seconds": seconds, "offsets": offsets,
-            "held_error": held_error(tokens, decision.mask, decision.offsets)}
+    return {
+        "mask": decision.mask,
+        "kept_per_step": list(s.kept_per_step),
+        "kept": s.kept,
+        "total": s.total,
+        "drop_ratio": s.drop_ratio,
+        "seconds": seconds,
+        "offsets": offsets,
+        "held_error": held_error(tokens, decision.mask, decision.offsets),
+    }
 
 
-def held_error(tokens: torch.Tensor, mask: torch.Tensor, offsets: Optional[Sequence[Sequence[int]]] = None) -> float:
+def held_error(tokens: torch.Tensor, mask: torch.Tensor, offsets: Sequence[Sequence[int]] | None = None) -> float:
     """How much of every frame a model that sees only the kept tokens misses: the mean absolute
     difference between each token and the token it is held as — the most recent kept token at its
     (h, w), or, with ``offsets`` (a motion-compensated reference), the held token of the previous
@@ -177,7 +199,7 @@ def sweep(
     metrics: Iterable[str] = ("cosine", "l1"),
     references: Iterable[str] = ("previous", "last_kept", "motion"),
     criteria: Iterable[str] = ("pixel",),
-    model_path: Optional[str | Path] = None,
+    model_path: str | Path | None = None,
     skip: Iterable[tuple] = (),
     progress: bool = True,
 ) -> list[dict]:
@@ -204,11 +226,25 @@ def sweep(
     rows = []
     for v, c, m, r, t in tqdm(cells, desc="DTD sweep", disable=not progress):
         res = run_dtd(v.tokens(c, model_path), t, m, r)
-        rows.append({"video": v.name, "criterion": c, "metric": m, "reference": r, "threshold": float(t),
-                     "kept": res["kept"], "total": res["total"], "drop_ratio": res["drop_ratio"],
-                     "seconds": res["seconds"], "held_error": res["held_error"], "kept_per_step": res["kept_per_step"],
-                     "offsets": res["offsets"],
-                     "tokens_per_step": v.tokens_per_step, "frames": len(v.frames), "fps": v.fps})
+        rows.append(
+            {
+                "video": v.name,
+                "criterion": c,
+                "metric": m,
+                "reference": r,
+                "threshold": float(t),
+                "kept": res["kept"],
+                "total": res["total"],
+                "drop_ratio": res["drop_ratio"],
+                "seconds": res["seconds"],
+                "held_error": res["held_error"],
+                "kept_per_step": res["kept_per_step"],
+                "offsets": res["offsets"],
+                "tokens_per_step": v.tokens_per_step,
+                "frames": len(v.frames),
+                "fps": v.fps,
+            }
+        )
     return rows
 
 
@@ -219,15 +255,30 @@ def served_video_request(client, model: str, video_url: str, mm: dict, question:
 
     t0 = time.perf_counter()
     raw = client.chat.completions.with_raw_response.create(
-        model=model, max_tokens=1, temperature=0.0, extra_body={"mm_processor_kwargs": mm},
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url}},
-                                               {"type": "text", "text": question}]}])
+        model=model,
+        max_tokens=1,
+        temperature=0.0,
+        extra_body={"mm_processor_kwargs": mm},
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "video_url", "video_url": {"url": video_url}}, {"type": "text", "text": question}],
+            }
+        ],
+    )
     latency = time.perf_counter() - t0
     return raw.parse(), json.loads(raw.headers.get("x-dtd-stats", '{"videos": [{}]}'))["videos"][0], latency
 
 
-def serving_sweep(base_url: str, video_url: str, thresholds: Iterable[float], metric: str = "l1",
-                  question: str = "What happens in this video?", model: Optional[str] = None, repeats: int = 1) -> list[dict]:
+def serving_sweep(
+    base_url: str,
+    video_url: str,
+    thresholds: Iterable[float],
+    metric: str = "l1",
+    question: str = "What happens in this video?",
+    model: str | None = None,
+    repeats: int = 1,
+) -> list[dict]:
     """Against a live DTD server: per threshold, the prompt tokens and latency of one request
     (``dtd_enabled=False`` for threshold ``None``). Each setting's first request is cold (its
     multimodal hash is new); with ``repeats`` > 1 the later ones show the cached latency."""
@@ -240,9 +291,17 @@ def serving_sweep(base_url: str, video_url: str, thresholds: Iterable[float], me
         mm = {"dtd_enabled": False} if thr is None else {"dtd_threshold": float(thr), "dtd_metric": metric}
         for rep in range(repeats):
             resp, stats, latency = served_video_request(client, model, video_url, mm, question)
-            rows.append({"threshold": thr, "metric": metric, "repeat": rep, "latency_s": latency,
-                         "prompt_tokens": resp.usage.prompt_tokens, "video_tokens_kept": stats.get("kept"),
-                         "video_tokens_total": stats.get("total")})
+            rows.append(
+                {
+                    "threshold": thr,
+                    "metric": metric,
+                    "repeat": rep,
+                    "latency_s": latency,
+                    "prompt_tokens": resp.usage.prompt_tokens,
+                    "video_tokens_kept": stats.get("kept"),
+                    "video_tokens_total": stats.get("total"),
+                }
+            )
     return rows
 
 

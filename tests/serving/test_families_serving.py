@@ -10,8 +10,13 @@ import re
 
 import pytest
 
-from analysis.harness.checks import (assert_same_greedy, assert_same_kept, assert_same_mask, assert_same_tokens,
-                                     served_top_logprobs)
+from analysis.harness.checks import (
+    assert_same_greedy,
+    assert_same_kept,
+    assert_same_mask,
+    assert_same_tokens,
+    served_top_logprobs,
+)
 from conftest import chat_video, chat_with_stats, serve_args
 from vllm_plugin.client import open_stream
 from vllm_plugin.core import DTDConfig
@@ -43,11 +48,20 @@ def qwen3_server(qwen3_stock_answers, qwen3_path, media_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "qwen3-dtd.log"
     # a rotary table of 2048 positions as served by vLLM for Qwen3-VL without its own pruning (x1): a long
     # static video's full-prompt positions pass it with fewer tokens than the context (test below)
-    small_table = ["--hf-overrides", json.dumps({"architectures": ["Qwen3VLDTDForConditionalGeneration"],
-                                                 "text_config": {"max_position_embeddings": QWEN3_POSITIONS}}),
-                   "--max-model-len", str(QWEN3_POSITIONS)]
-    with VLLMServer(qwen3_path, serve_args(media_dir) + ["--dtd-streams"] + small_table, module="vllm_plugin.serve",
-                    log_path=log) as srv:
+    small_table = [
+        "--hf-overrides",
+        json.dumps(
+            {
+                "architectures": ["Qwen3VLDTDForConditionalGeneration"],
+                "text_config": {"max_position_embeddings": QWEN3_POSITIONS},
+            }
+        ),
+        "--max-model-len",
+        str(QWEN3_POSITIONS),
+    ]
+    with VLLMServer(
+        qwen3_path, serve_args(media_dir) + ["--dtd-streams"] + small_table, module="vllm_plugin.serve", log_path=log
+    ) as srv:
         yield srv
 
 
@@ -79,14 +93,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("clip, mm", CASES, ids=[f"{c}-{json.dumps(m)}" for c, m in CASES])
-def test_qwen3_served_equals_the_reference_pipeline(qwen3_server, served_qwen3_reference, qwen3_clip, real_clip_mp4, clips, clip, mm):
+def test_qwen3_served_equals_the_reference_pipeline(
+    qwen3_server, served_qwen3_reference, qwen3_clip, real_clip_mp4, clips, clip, mm
+):
     """Same keep mask (digest), prompt length, greedy tokens and top-5 logprobs (1e-4; bf16:
     analysis/harness/checks.py) as transformers' Qwen3-VL with DTD between its vision tower (DeepStack
     levels included) and its LLM."""
     qwen3_reference = served_qwen3_reference
     frames, fps = _frames(clip, qwen3_clip, real_clip_mp4)
-    cfg = DTDConfig(criterion=mm.get("dtd_criterion", "pixel"), threshold=mm.get("dtd_threshold"),
-                    reference=mm.get("dtd_reference", "previous"))
+    cfg = DTDConfig(
+        criterion=mm.get("dtd_criterion", "pixel"),
+        threshold=mm.get("dtd_threshold"),
+        reference=mm.get("dtd_reference", "previous"),
+    )
     prepared = qwen3_reference.prepare(Q, frames, fps, cfg)
     assert 0 < int(prepared.mask.sum()) < prepared.mask.numel()
     resp, (s,) = chat_with_stats(qwen3_server, clips[clip], **mm)
@@ -110,7 +129,7 @@ def test_qwen3_stream_chunks_equal_the_whole_stream(qwen3_server, served_qwen3_r
     s = open_stream(qwen3_server.base_url, fps=c.fps, dtd_criterion=criterion)
     try:
         for k in range(3):
-            s.push(c.frames[16 * k:16 * (k + 1)])
+            s.push(c.frames[16 * k : 16 * (k + 1)])
             s.wait_prefilled(timeout=120)
         a = s.ask(Q, max_tokens=4, return_token_ids=True)
         st = s.status()

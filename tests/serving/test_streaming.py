@@ -11,7 +11,6 @@ from conftest import BLOCK_SIZE, TEST_MAX_STREAMS
 from vllm_plugin.client import StreamHTTPError, open_stream
 
 
-
 @pytest.fixture
 def stream(dtd_server):
     s = open_stream(dtd_server.base_url, fps=2.0, dtd_threshold=0.05)
@@ -24,8 +23,13 @@ def stream(dtd_server):
 
 def test_routes_are_in_openapi(dtd_server):
     paths = requests.get(dtd_server.base_url + "/openapi.json", timeout=30).json()["paths"]
-    for p in ("/v1/streams", "/v1/streams/{stream_id}/frames", "/v1/streams/{stream_id}/chat/completions",
-              "/v1/streams/{stream_id}/events", "/v1/streams/{stream_id}"):
+    for p in (
+        "/v1/streams",
+        "/v1/streams/{stream_id}/frames",
+        "/v1/streams/{stream_id}/chat/completions",
+        "/v1/streams/{stream_id}/events",
+        "/v1/streams/{stream_id}",
+    ):
         assert p in paths, p
 
 
@@ -70,7 +74,11 @@ def test_questions_not_remembered_leave_no_turn_and_share_the_frames(stream, syn
     assert b["stream_state"]["video_tokens_per_chunk"][0] == a["stream_state"]["video_tokens_per_chunk"][0]
     assert b["usage"]["prompt_tokens_details"]["cached_tokens"] >= (shared // BLOCK_SIZE) * BLOCK_SIZE > 0
     text = tok.decode(ids_b)
-    assert "first question" not in text and text.count("<|im_start|>user") == 1 and text.count("<|im_start|>assistant") == 1
+    assert (
+        "first question" not in text
+        and text.count("<|im_start|>user") == 1
+        and text.count("<|im_start|>assistant") == 1
+    )
     assert text.count("<|vision_start|>") == 2 and text.endswith("second question?<|im_end|>\n<|im_start|>assistant\n")
     assert stream.status()["questions"] == 2
 
@@ -91,7 +99,9 @@ def test_a_question_costs_only_the_new_frames(dtd_server, synthetic_clip):
 
 
 def test_scene_change_events_and_proactive_answer(dtd_server, synthetic_clip):
-    s = open_stream(dtd_server.base_url, fps=2.0, event_level=0.5, standing_question="What changed?", answer_max_tokens=3)
+    s = open_stream(
+        dtd_server.base_url, fps=2.0, event_level=0.5, standing_question="What changed?", answer_max_tokens=3
+    )
     try:
         for i in range(0, 48, 6):
             s.push(synthetic_clip.frames[i : i + 6])
@@ -139,11 +149,21 @@ def test_limits_and_unknown_ids_are_4xx_and_others_keep_working(dtd_server, stre
     base = dtd_server.base_url
     stream.push(synthetic_clip.frames[:8])
     # unknown / closed ids
-    for method, path in [("post", "/frames"), ("post", "/chat/completions"), ("get", "/events"), ("get", ""), ("delete", "")]:
-        r = getattr(requests, method)(f"{base}/v1/streams/strm-doesnotexist{path}", json={"frames": [], "messages": []}, timeout=30)
+    for method, path in [
+        ("post", "/frames"),
+        ("post", "/chat/completions"),
+        ("get", "/events"),
+        ("get", ""),
+        ("delete", ""),
+    ]:
+        r = getattr(requests, method)(
+            f"{base}/v1/streams/strm-doesnotexist{path}", json={"frames": [], "messages": []}, timeout=30
+        )
         assert r.status_code in (404, 422), (path, r.status_code)
     # bad frames, bad settings
-    r = requests.post(f"{stream.url}/frames", json={"frames": [{"image": base64.b64encode(b"not an image").decode()}]}, timeout=30)
+    r = requests.post(
+        f"{stream.url}/frames", json={"frames": [{"image": base64.b64encode(b"not an image").decode()}]}, timeout=30
+    )
     assert r.status_code == 400 and "frames[0]" in r.json()["error"]["message"]
     r = requests.post(f"{stream.url}/frames", json={"frames": [{"image": "%%%"}]}, timeout=30)
     assert r.status_code == 400

@@ -1,14 +1,8 @@
 """The benchmark script: its helpers, and one small real run end to end (two real servers)."""
 
-import json
-import re
-import subprocess
-import sys
-
 import pytest
 
 from analysis.cli.bench import Clip, kv_capacity_tokens, metric_sum, summarize, uniform_subsample
-from conftest import REPO, renders_offline
 
 METRICS = """# HELP vllm:kv_cache_usage_perc KV-cache usage.
 vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
@@ -43,14 +37,19 @@ def test_uniform_subsample_matches_the_budget(tmp_path, synthetic_clip):
 
 def test_summary_ratios():
     clips = [Clip("a", None, 10, 4, None, None, 1.0)]
-    run = lambda rps, tok, ttft: {"c1": {"ttft_p50_s": ttft}, "cN": {"req_per_s": rps, "wall_s": 8 / rps, "prompt_tokens": tok}}
-    s = summarize(clips, {"a": run(2.0, 100, 0.5)}, {"a": run(1.0, 300, 1.0)}, {"a": run(2.5, 90, 0.4)},
-                  {"a": {"kept": 20, "dtd": 0.01, "uniform": 0.05}}, {"decision_s": 1.0, "preprocess_s": 40.0})
+    run = lambda rps, tok, ttft: {
+        "c1": {"ttft_p50_s": ttft},
+        "cN": {"req_per_s": rps, "wall_s": 8 / rps, "prompt_tokens": tok},
+    }
+    s = summarize(
+        clips,
+        {"a": run(2.0, 100, 0.5)},
+        {"a": run(1.0, 300, 1.0)},
+        {"a": run(2.5, 90, 0.4)},
+        {"a": {"kept": 20, "dtd": 0.01, "uniform": 0.05}},
+        {"decision_s": 1.0, "preprocess_s": 40.0},
+    )
     r = s["per_clip"][0]
     assert (r["throughput_ratio"], r["ceiling"], r["uniform_throughput_ratio"]) == (2.0, 3.0, 2.5)
     assert r["of_ceiling"] == pytest.approx(2 / 3) and r["ttft_p50_ratio_c1"] == 0.5
     assert (s["throughput_ratio"], s["ceiling"], s["dtd_overhead"]) == (2.0, 3.0, 0.025)
-
-
-
-

@@ -72,8 +72,27 @@ def _guarded_codec(data: bytes) -> str:
 def test_default_list_covers_what_vllms_loaders_meet():
     codecs = video_codecs()
     # the list before DTD_VIDEO_CODECS, and the decoders of older cameras and CV sample data
-    for name in ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg",
-                 "msmpeg4v1", "msmpeg4v2", "msmpeg4", "h263", "wmv1", "wmv2", "wmv3", "vc1", "theora", "flv"):
+    for name in (
+        "h264",
+        "hevc",
+        "vp8",
+        "vp9",
+        "av1",
+        "mpeg4",
+        "mpeg1video",
+        "mpeg2video",
+        "mjpeg",
+        "msmpeg4v1",
+        "msmpeg4v2",
+        "msmpeg4",
+        "h263",
+        "wmv1",
+        "wmv2",
+        "wmv3",
+        "vc1",
+        "theora",
+        "flv",
+    ):
         assert name in DEFAULT_VIDEO_CODECS
         if name in av.codecs_available:  # (a default this FFmpeg build lacks is left out)
             assert name in codecs.names
@@ -97,12 +116,15 @@ def test_the_variable_replaces_the_list(monkeypatch):
     assert not video_codecs().accepts(av.codec.Codec("h264", "r"))
 
 
-@pytest.mark.parametrize("value,match", [
-    ("h264,nosuchdecoder", r"DTD_VIDEO_CODECS: .*no decoder named 'nosuchdecoder'"),
-    ("h264,libx264", r"DTD_VIDEO_CODECS: .*no decoder named 'libx264'"),  # an encoder only
-    ("aac", r"DTD_VIDEO_CODECS: 'aac' is not a video decoder"),
-    (",", r"DTD_VIDEO_CODECS=',' names nothing"),
-])
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("h264,nosuchdecoder", r"DTD_VIDEO_CODECS: .*no decoder named 'nosuchdecoder'"),
+        ("h264,libx264", r"DTD_VIDEO_CODECS: .*no decoder named 'libx264'"),  # an encoder only
+        ("aac", r"DTD_VIDEO_CODECS: 'aac' is not a video decoder"),
+        (",", r"DTD_VIDEO_CODECS=',' names nothing"),
+    ],
+)
 def test_a_bad_list_fails_clearly_at_start(monkeypatch, msmpeg4_avi, value, match):
     monkeypatch.setenv(CODECS_ENV, value)
     with pytest.raises(ValueError, match=match) as e:
@@ -169,8 +191,14 @@ def test_av1_by_its_software_decoder(monkeypatch):
 # ---------------------------------------------------------------------------------------------- size guards
 
 
-NEW_CODECS = [("msmpeg4", 64, 64), ("msmpeg4v2", 64, 64), ("wmv1", 64, 64), ("wmv2", 64, 64), ("h263", 176, 144),
-              ("flv", 64, 64)]
+NEW_CODECS = [
+    ("msmpeg4", 64, 64),
+    ("msmpeg4v2", 64, 64),
+    ("wmv1", 64, 64),
+    ("wmv2", 64, 64),
+    ("h263", 176, 144),
+    ("flv", 64, 64),
+]
 
 
 @pytest.mark.parametrize("codec,w,h", NEW_CODECS)
@@ -210,8 +238,9 @@ def test_bench_preprocess_reports_a_refused_clip_and_goes_on(clip_files, tiny_mo
 
     good, corrupt = clip_files
     refused: dict[str, str] = {}
-    eq = bench_preprocess.equivalence({corrupt.name: corrupt, good.name: good}, tiny_model_path, 2.0,
-                                      dtd_config_from_kwargs({}), refused)
+    eq = bench_preprocess.equivalence(
+        {corrupt.name: corrupt, good.name: good}, tiny_model_path, 2.0, dtd_config_from_kwargs({}), refused
+    )
     out = capsys.readouterr().out
     assert list(eq) == [good.name] and eq[good.name].indices_equal and eq[good.name].grid_equal
     assert list(refused) == [corrupt.name] and "the plugin's video loader refused it" in refused[corrupt.name]
@@ -220,7 +249,9 @@ def test_bench_preprocess_reports_a_refused_clip_and_goes_on(clip_files, tiny_mo
     # a codec the list leaves out: refused by the plugin's loader, in process, as the server would
     monkeypatch.setenv(CODECS_ENV, "h264")
     refused.clear()
-    assert bench_preprocess.equivalence({good.name: good}, tiny_model_path, 2.0, dtd_config_from_kwargs({}), refused) == {}
+    assert (
+        bench_preprocess.equivalence({good.name: good}, tiny_model_path, 2.0, dtd_config_from_kwargs({}), refused) == {}
+    )
     assert "CodecNotAccepted" in refused[good.name] and "'msmpeg4'" in refused[good.name]
 
     # every clip refused: a non-zero exit with the reasons, before any server starts
@@ -232,8 +263,9 @@ def test_bench_preprocess_reports_a_refused_clip_and_goes_on(clip_files, tiny_mo
 
     monkeypatch.setattr(server, "VLLMServer", NoServer)
     with pytest.raises(SystemExit) as e:
-        bench_preprocess.main(["--video", str(corrupt), str(good), "--model", str(tiny_model_path),
-                               "--out", str(good.parent / "out")])
+        bench_preprocess.main(
+            ["--video", str(corrupt), str(good), "--model", str(tiny_model_path), "--out", str(good.parent / "out")]
+        )
     assert "every clip was refused" in str(e.value.code) and corrupt.name in str(e.value.code)
     assert server.VLLMServer is NoServer
 

@@ -4,15 +4,16 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO, renders_offline
 
 
 def test_demo_reference_only(tmp_path, request):
     out = subprocess.run(
-        [sys.executable, "-m", "analysis.cli.demo", "--reference-only", "--out", str(tmp_path)], cwd=REPO,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "analysis.cli.demo", "--reference-only", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "demo.json").read_text())

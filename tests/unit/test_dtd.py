@@ -8,16 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_plugin.core import (
-    PatchLayout,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     DTDConfig,
+    PatchLayout,
     decide_steps,
     dtd_keep_mask,
-    mask_stats,
-    kept_thw,
-    mrope_positions,
     frame_tokens,
+    kept_thw,
+    mask_stats,
+    mrope_positions,
     pixel_keep_mask,
     pixel_tokens,
     token_scores,
@@ -167,8 +167,14 @@ def test_kept_positions_hand_computed():
         ]
     )
     assert kept_thw(mask).tolist() == [
-        [0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 1, 1], [0, 1, 2],
-        [1, 0, 1], [1, 1, 0],
+        [0, 0, 0],
+        [0, 0, 1],
+        [0, 0, 2],
+        [0, 1, 0],
+        [0, 1, 1],
+        [0, 1, 2],
+        [1, 0, 1],
+        [1, 1, 0],
         [2, 1, 2],
     ]
     # second_per_grid_t = 2 / fps(1) = 2 s, tokens_per_second = 2 -> t index 0, 4, 8; start at 10
@@ -235,7 +241,10 @@ def test_pixel_tokens_layout_and_denormalization():
         (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1), 0.5, "cosine", "first"), "reference"),
         (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1, dtype=torch.long), 0.5), "floating-point"),
         (lambda: dtd_keep_mask([[1.0]], 0.5), "torch.Tensor"),
-        (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1), 0.5, initial_reference=torch.ones(2, 2, 1)), "initial_reference"),
+        (
+            lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1), 0.5, initial_reference=torch.ones(2, 2, 1)),
+            "initial_reference",
+        ),
         (lambda: dtd_keep_mask(torch.ones(2, 1, 1, 1), drop_ratio=1.5), "drop_ratio"),
         (lambda: pixel_tokens(torch.zeros(10, 1176), (1, 2, 2)), "patches"),
         (lambda: pixel_tokens(torch.zeros(8, 1176), (2, 2, 3)), "divisible"),
@@ -264,7 +273,9 @@ def test_dtd_module_imports_without_vllm():
 
 def test_frame_tokens_equal_pixel_tokens_of_raw_patches():
     t, gh, gw, ps, tps, m, C = 3, 4, 6, 14, 2, 2, 3
-    frames = torch.randint(0, 256, (t * tps, gh * ps, gw * ps, C), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    frames = torch.randint(0, 256, (t * tps, gh * ps, gw * ps, C), generator=torch.Generator().manual_seed(1)).to(
+        torch.uint8
+    )
     # Qwen2-VL's processor layout of the same (unresized, unnormalized) frames
     v = frames.permute(0, 3, 1, 2).float()
     p = v.reshape(t, tps, C, gh // m, m, ps, gw // m, m, ps).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
@@ -297,8 +308,9 @@ def test_pixel_keep_mask_equals_keep_mask_of_pixel_tokens(video, mt, reference, 
     metric, threshold = mt
     ref_steps = min(ref_steps, grid[0] - 1) if reference == "previous" else 0
     tokens = pixel_tokens(pv, grid, normalized=normalized)
-    want = dtd_keep_mask(tokens[ref_steps:], threshold, metric, reference,
-                         initial_reference=tokens[ref_steps - 1] if ref_steps else None)
+    want = dtd_keep_mask(
+        tokens[ref_steps:], threshold, metric, reference, initial_reference=tokens[ref_steps - 1] if ref_steps else None
+    )
     got = pixel_keep_mask(pv, grid, threshold, metric, reference, reference_steps=ref_steps, normalized=normalized)
     assert torch.equal(got, want)  # bit for bit, not approximately
 
@@ -329,9 +341,14 @@ def test_8bit_l1_decisions_on_the_threshold_are_the_float_paths():
     band = tk._EXACT_BAND
     try:
         tk._EXACT_BAND = 0.0
-        differ = [S for S, pv, tau in _on_threshold_videos()
-                  if not torch.equal(pixel_keep_mask(pv, (2, 4, 4), tau, "l1", normalized=False),
-                                     dtd_keep_mask(pixel_tokens(pv, (2, 4, 4), normalized=False), tau, "l1"))]
+        differ = [
+            S
+            for S, pv, tau in _on_threshold_videos()
+            if not torch.equal(
+                pixel_keep_mask(pv, (2, 4, 4), tau, "l1", normalized=False),
+                dtd_keep_mask(pixel_tokens(pv, (2, 4, 4), normalized=False), tau, "l1"),
+            )
+        ]
     finally:
         tk._EXACT_BAND = band
     assert differ, "no on-threshold case where integer and float scores decide differently: the test proves nothing"
@@ -350,7 +367,9 @@ def test_8bit_l1_path_scores_without_floats_away_from_the_threshold(monkeypatch)
     assert not calls  # random pixels score ~0.33, far from τ: integer sums alone decided
 
 
-@pytest.mark.parametrize("rescale, tau", [(-1 / 255, 0.05), (-1 / 255, 0.0), (1e-50, 1e-60), (1e-42, 5e-43), (1e-45, 1.2e-45)])
+@pytest.mark.parametrize(
+    "rescale, tau", [(-1 / 255, 0.05), (-1 / 255, 0.0), (1e-50, 1e-60), (1e-42, 5e-43), (1e-45, 1.2e-45)]
+)
 def test_8bit_l1_path_is_left_where_float32_cannot_carry_the_scale(rescale, tau):
     """Counterexamples a review found: a negative rescale (the float path's abs removes the sign) and
     ones float32 underflows; there the float path decides."""

@@ -7,8 +7,17 @@ import pytest
 import torch
 
 from analysis.harness import server
-from analysis.harness.checks import (TOLERANCES, assert_rows_close, assert_same_greedy, assert_same_kept, assert_same_mask,
-                                     assert_same_tokens, assert_same_top_logprobs, near_threshold_per_step, tolerances)
+from analysis.harness.checks import (
+    TOLERANCES,
+    assert_rows_close,
+    assert_same_greedy,
+    assert_same_kept,
+    assert_same_mask,
+    assert_same_tokens,
+    assert_same_top_logprobs,
+    near_threshold_per_step,
+    tolerances,
+)
 from vllm_plugin.core import DTDConfig, mask_digest
 
 
@@ -36,8 +45,9 @@ def test_the_installed_vllm_is_the_cpu_build_here():
     assert server._vllm_cpu_build()
 
 
-@pytest.mark.parametrize("value, want", [("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("float32", "float32"),
-                                         (" FP32 ", "float32")])
+@pytest.mark.parametrize(
+    "value, want", [("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("float32", "float32"), (" FP32 ", "float32")]
+)
 def test_the_environment_overrides_the_dtype(monkeypatch, value, want):
     monkeypatch.setenv(server.DTYPE_ENV, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -147,9 +157,13 @@ def test_rows_bit_equal_in_float32_close_in_bf16(no_env, monkeypatch):
 def _feature_case(threshold=0.9):
     """Tokens (T=3, 1, 2, C=2) whose cosine scores against the previous step are known, and a
     ``prepared`` / ``reference`` pair as the serving checks read them."""
-    tokens = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]],
-                           [[[1.0, 0.0], [0.9, 0.436]]],  # cos 1.0 (dropped), ~0.9 (near the threshold)
-                           [[[0.0, 1.0], [0.9, 0.436]]]])  # cos 0 (kept), 1.0 (dropped)
+    tokens = torch.tensor(
+        [
+            [[[1.0, 0.0], [1.0, 0.0]]],
+            [[[1.0, 0.0], [0.9, 0.436]]],  # cos 1.0 (dropped), ~0.9 (near the threshold)
+            [[[0.0, 1.0], [0.9, 0.436]]],
+        ]
+    )  # cos 0 (kept), 1.0 (dropped)
     cfg = DTDConfig(criterion="feature", metric="cosine", threshold=threshold)
     from vllm_plugin.core import dtd_keep_mask
 
@@ -182,10 +196,10 @@ def test_feature_masks_may_differ_in_near_threshold_tokens_in_bf16_only(no_env, 
         assert_same_mask({"mask_sha256": "0" * 64, "kept_per_step": flipped}, reference, prepared, DTDConfig())
 
 
-def test_served_references_are_the_float32_references_here(served_reference, reference, served_qwen3_reference,
-                                                           qwen3_reference):
+def test_served_references_are_the_float32_references_here(
+    served_reference, reference, served_qwen3_reference, qwen3_reference
+):
     """The serving tests' reference pipelines run at the served dtype: float32 here (the fixtures the
     unit tests use), bf16 on CUDA (tests/conftest.py ``served_reference``)."""
     assert served_reference is reference and next(reference.model.parameters()).dtype is torch.float32
     assert served_qwen3_reference is qwen3_reference and next(qwen3_reference.model.parameters()).dtype is torch.float32
-

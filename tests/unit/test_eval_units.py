@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
 from analysis.eval import conventions as cv
 from analysis.eval import runner
 from analysis.eval.conventions import Reply, asks_for, follow_up, parse_letter, score, stream_start
@@ -16,6 +15,7 @@ from analysis.eval.evaluate import resolve_video
 from analysis.eval.formats import Probe, Question, load_questions, option_texts, parse_clock
 from analysis.eval.results import Store, headline, summarize
 from analysis.eval.runner import Mode, Pass, TimeTravel, modes_grid, uniform_indices
+from conftest import REPO
 from vllm_plugin.client import StreamHTTPError
 
 FIXTURES = REPO / "tests" / "fixtures" / "eval"
@@ -45,8 +45,11 @@ def test_ovobench_fixture_is_read_and_malformed_entries_are_named():
     assert rec.kind == "forward" and [p.time for p in rec.probes] == [8.0, 11.0, 15.5] and rec.probes[1].expected == "5"
     assert rec.extra["activity"] == "move the red square one cell"
     ssr = by["ovo/SSR/4"]
-    assert [(p.expected, p.text) for p in ssr.probes] == [("Yes", "show the first scene"), ("No", "show the first scene"),
-                                                          ("Yes", "show the second scene")]
+    assert [(p.expected, p.text) for p in ssr.probes] == [
+        ("Yes", "show the first scene"),
+        ("No", "show the first scene"),
+        ("Yes", "show the second scene"),
+    ]
     assert [p.expected for p in by["ovo/CRR/5"].probes] == ["No", "No", "Yes"]
     text = "\n".join(map(str, issues))
     assert "entry 7 (id 7, task 'ATR')" in text and "gt 7 is not an index of the 4 options" in text
@@ -76,14 +79,38 @@ def test_clock_and_option_letters():
     assert option_texts(["A piece of rock.", "B"]) == ("A piece of rock.", "B")
 
 
-@pytest.mark.parametrize("reply,letter", [
-    ("B", "B"), ("(C)", "C"), ("**A**", "A"), ("D.", "D"), ("B) blue", "B"), ("C. Green.", "C"), ("A: red", "A"),
-    ("The best option is B.", "B"), ("Answer: (D)", "D"), ("I think option B is right", "B"), ("answer is c", None),
-    ("Blue.", "B"), ("blue", "B"), ("A man walks", None), ("", None), ("E", None), ("None of them", None),
-    ("b", None), ("Because A", None), ("B\nThe airplane is flying.", "B"), ("B is the correct answer.", "B"),
-    ("B - An airplane", "B"), ("Answer: **C**", "C"), ("The answer is **C**.", "C"), ("B：blue", "B"),
-    ("The answer is A man walking", None), ("The option A is wrong; the answer is B.", "B"),
-])
+@pytest.mark.parametrize(
+    "reply,letter",
+    [
+        ("B", "B"),
+        ("(C)", "C"),
+        ("**A**", "A"),
+        ("D.", "D"),
+        ("B) blue", "B"),
+        ("C. Green.", "C"),
+        ("A: red", "A"),
+        ("The best option is B.", "B"),
+        ("Answer: (D)", "D"),
+        ("I think option B is right", "B"),
+        ("answer is c", None),
+        ("Blue.", "B"),
+        ("blue", "B"),
+        ("A man walks", None),
+        ("", None),
+        ("E", None),
+        ("None of them", None),
+        ("b", None),
+        ("Because A", None),
+        ("B\nThe airplane is flying.", "B"),
+        ("B is the correct answer.", "B"),
+        ("B - An airplane", "B"),
+        ("Answer: **C**", "C"),
+        ("The answer is **C**.", "C"),
+        ("B：blue", "B"),
+        ("The answer is A man walking", None),
+        ("The option A is wrong; the answer is B.", "B"),
+    ],
+)
 def test_letters_are_read_robustly_and_anything_else_is_unparsed(reply, letter):
     assert parse_letter(reply, ("Red.", "Blue.", "Green.", "White.")) == letter
 
@@ -91,25 +118,50 @@ def test_letters_are_read_robustly_and_anything_else_is_unparsed(reply, letter):
 def test_prompts_follow_each_benchmarks_convention():
     sb = Question("q", "streamingbench", "v", "t", "mc", 5.0, "What?", options=("x", "y", "z", "w"), answer="A")
     p = asks_for(sb)[0].prompt
-    assert "Respond with only the letter (A, B, C, or D)" in p and p.endswith("Options:\nA. x\nB. y\nC. z\nD. w\n\nThe best option is:")
+    assert "Respond with only the letter (A, B, C, or D)" in p and p.endswith(
+        "Options:\nA. x\nB. y\nC. z\nD. w\n\nThe best option is:"
+    )
     ovo = Question("q", "ovobench", "v", "EPM", "mc", 5.0, "What?", options=("x", "y"), answer="A")
     assert "Options:\nA. x; B. y;\n\nRespond only with the letter" in asks_for(ovo)[0].prompt
-    rec = Question("r", "ovobench", "v", "REC", "forward", 1.0, "", probes=(Probe(1.0, "1"), Probe(4.0, "2")),
-                   extra={"activity": "jump"})
+    rec = Question(
+        "r",
+        "ovobench",
+        "v",
+        "REC",
+        "forward",
+        1.0,
+        "",
+        probes=(Probe(1.0, "1"), Probe(4.0, "2")),
+        extra={"activity": "jump"},
+    )
     asks = asks_for(rec)
     assert [a.time for a in asks] == [1.0, 4.0] and "How many times did they jump?" in asks[0].prompt
     assert [a.index for a in asks] == [0, 1]
 
 
 def test_proactive_polls_every_second_until_gt_plus_4_and_a_yes_brings_the_question():
-    q = Question("p", "streamingbench", "v", "Proactive Output", "proactive", 8.0, 'When X, output "go".', answer="go", gt_time=12.0)
+    q = Question(
+        "p",
+        "streamingbench",
+        "v",
+        "Proactive Output",
+        "proactive",
+        8.0,
+        'When X, output "go".',
+        answer="go",
+        gt_time=12.0,
+    )
     polls = asks_for(q)
     assert [a.time for a in polls] == [9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0]
-    assert polls[0].prompt.endswith('Question: When X, output "go". Is it the right time to output "go"? You can only answer yes or no.\n\nThe answer is:\n')
+    assert polls[0].prompt.endswith(
+        'Question: When X, output "go". Is it the right time to output "go"? You can only answer yes or no.\n\nThe answer is:\n'
+    )
     assert stream_start(q) == 8.0 and cv.last_ask_time(q) == 16.0
     assert follow_up(q, Reply(10.0, "no", role="poll")) is None
     nxt = follow_up(q, Reply(11.0, "Yes.", role="poll"))
-    assert nxt.role == "content" and nxt.time == 11.0 and 'Question: When X, output "go".\n\nThe answer is:' in nxt.prompt
+    assert (
+        nxt.role == "content" and nxt.time == 11.0 and 'Question: When X, output "go".\n\nThe answer is:' in nxt.prompt
+    )
 
 
 def test_scoring_of_each_kind():
@@ -130,10 +182,18 @@ def test_scoring_of_each_kind():
     rec = Question("r", "ovobench", "v", "REC", "forward", 1.0, "", probes=(Probe(1.0, "1"), Probe(4.0, "12")))
     v = score(rec, [Reply(1.0, "1", role="probe", index=0), Reply(4.0, "1 and 2", role="probe", index=1)])
     assert v.score == 1.0 and v.out_of == 2  # OVO-Bench joins all digits: "1 and 2" -> "12"
-    ssr = Question("s", "ovobench", "v", "SSR", "forward", 1.0, "", probes=(Probe(1.0, "Yes", "x"), Probe(2.0, "No", "x")))
+    ssr = Question(
+        "s", "ovobench", "v", "SSR", "forward", 1.0, "", probes=(Probe(1.0, "Yes", "x"), Probe(2.0, "No", "x"))
+    )
     v = score(ssr, [Reply(1.0, "Yes.", role="probe", index=0), Reply(2.0, "Maybe", role="probe", index=1)])
     assert (v.score, v.points, v.parsed, v.prediction) == (0.5, 1.0, False, "Yes,?")
-    assert [cv.yes_no(r) for r in ("Y", "N", "Not yet", "yes", "Yes and No")] == ["Yes", "No", "No", None, None]  # OVO's reading
+    assert [cv.yes_no(r) for r in ("Y", "N", "Not yet", "yes", "Yes and No")] == [
+        "Yes",
+        "No",
+        "No",
+        None,
+        None,
+    ]  # OVO's reading
 
 
 def test_uniform_sampling_and_the_modes_of_a_run():
@@ -142,7 +202,12 @@ def test_uniform_sampling_and_the_modes_of_a_run():
     assert uniform_indices(times, 0.25).tolist() == [0, 4, 8, 12, 16]
     assert uniform_indices(times, 0.0).tolist() == [0]
     ms = modes_grid(["uniform"], ["pixel"], {"pixel": "l1"}, {"pixel": [0.05, 0.1]})
-    assert [m.key for m in ms] == ["dtd/pixel/l1/0.05", "dtd/pixel/l1/0.1", "uniform/pixel/l1/0.05", "uniform/pixel/l1/0.1"]
+    assert [m.key for m in ms] == [
+        "dtd/pixel/l1/0.05",
+        "dtd/pixel/l1/0.1",
+        "uniform/pixel/l1/0.05",
+        "uniform/pixel/l1/0.1",
+    ]
     assert [m.key for m in modes_grid(["full"], ["pixel"], {"pixel": "l1"}, {"pixel": [0.05]})] == ["full"]
     with pytest.raises(ValueError, match="modes must be among"):
         modes_grid(["fast"], ["pixel"], {"pixel": "l1"}, {"pixel": [0.05]})
@@ -185,9 +250,15 @@ class RecordingStream:
         now = self.times[-1] if self.times else None
         self.asked.append((now, prompt))
         steps = len(self.times) // 2
-        return {"choices": [{"message": {"content": self.answer(prompt, now)}}], "usage": {"prompt_tokens": 10 + 4 * steps},
-                "stream_state": {"time": None if now is None else now + self.lie, "video_tokens_per_chunk": [4 * steps],
-                                 "ttft_s": 0.01}}
+        return {
+            "choices": [{"message": {"content": self.answer(prompt, now)}}],
+            "usage": {"prompt_tokens": 10 + 4 * steps},
+            "stream_state": {
+                "time": None if now is None else now + self.lie,
+                "video_tokens_per_chunk": [4 * steps],
+                "ttft_s": 0.01,
+            },
+        }
 
     def status(self):
         steps = len(self.times) // 2
@@ -208,14 +279,29 @@ def _run(monkeypatch, questions, answer, mode=Mode("full"), lie=0.0, n=30, full_
 
     monkeypatch.setattr(runner, "open_stream", fake_open)
     frames = np.zeros((n, 4, 4, 3), np.uint8)
-    rows, totals = runner.run_pass("http://x", "v.mp4", frames, np.arange(float(n)), 1.0, questions, mode, 4, 2,
-                                   budget=Pass("v.mp4", "dtd", n, n // 2, 4, n // 2))
+    rows, totals = runner.run_pass(
+        "http://x",
+        "v.mp4",
+        frames,
+        np.arange(float(n)),
+        1.0,
+        questions,
+        mode,
+        4,
+        2,
+        budget=Pass("v.mp4", "dtd", n, n // 2, 4, n // 2),
+    )
     return rows, totals, made
 
 
 def test_only_frames_up_to_each_asks_time_are_sent_and_polling_stops_at_yes(monkeypatch):
-    mc = [Question(f"m{t}", "streamingbench", "v.mp4", "t", "mc", float(t), "?", options=("a", "b"), answer="A") for t in (12, 3, 7)]
-    pq = Question("p", "streamingbench", "v.mp4", "Proactive Output", "proactive", 10.0, "when?", answer="go", gt_time=15.0)
+    mc = [
+        Question(f"m{t}", "streamingbench", "v.mp4", "t", "mc", float(t), "?", options=("a", "b"), answer="A")
+        for t in (12, 3, 7)
+    ]
+    pq = Question(
+        "p", "streamingbench", "v.mp4", "Proactive Output", "proactive", 10.0, "when?", answer="go", gt_time=15.0
+    )
     fwd = Question("f", "ovobench", "v.mp4", "CRR", "forward", 2.0, "?", probes=(Probe(2.0, "No"), Probe(9.5, "Yes")))
 
     def answer(prompt, now):
@@ -243,12 +329,19 @@ def test_a_server_holding_later_frames_fails_the_run(monkeypatch):
 
 
 def test_frames_the_server_refuses_make_that_streams_later_asks_errors_not_a_crash(monkeypatch):
-    mc = [Question(f"m{t}", "streamingbench", "v.mp4", "t", "mc", float(t), "?", options=("a", "b"), answer="A") for t in (5, 20, 25)]
+    mc = [
+        Question(f"m{t}", "streamingbench", "v.mp4", "t", "mc", float(t), "?", options=("a", "b"), answer="A")
+        for t in (5, 20, 25)
+    ]
     rows, _, _ = _run(monkeypatch, mc, lambda p, now: "A", full_after=10.0)
     by = {r["qid"]: r for r in rows}
     assert by["m5"]["correct"] and by["m5"]["errors"] == 0
     for q in ("m20", "m25"):
-        assert by[q]["errors"] == 1 and not by[q]["correct"] and "frames refused: HTTP 409: stream is full" in by[q]["error"]
+        assert (
+            by[q]["errors"] == 1
+            and not by[q]["correct"]
+            and "frames refused: HTTP 409: stream is full" in by[q]["error"]
+        )
 
 
 def test_a_uniform_pass_sends_its_budgets_frames_at_the_lower_rate(monkeypatch):
@@ -263,11 +356,36 @@ def test_a_uniform_pass_sends_its_budgets_frames_at_the_lower_rate(monkeypatch):
 
 def test_the_store_resumes_ignores_a_torn_line_and_summarizes_as_the_benchmarks_count(tmp_path):
     store = Store(tmp_path)
-    base = {"benchmark": "ovobench", "video": "v", "kind": "mc", "criterion": None, "metric": None, "threshold": None,
-            "errors": 0, "drop_ratio": 0.0, "prompt_tokens": 10, "video_tokens": 5, "ttft_s": 0.1, "parsed": True}
-    rows = [dict(base, qid="a", task="EPM", mode="full", mode_key="full", score=1.0, points=1.0, out_of=1, correct=True),
-            dict(base, qid="b", task="REC", kind="forward", mode="full", mode_key="full", score=0.25, points=1.0, out_of=4,
-                 correct=False, parsed=False)]
+    base = {
+        "benchmark": "ovobench",
+        "video": "v",
+        "kind": "mc",
+        "criterion": None,
+        "metric": None,
+        "threshold": None,
+        "errors": 0,
+        "drop_ratio": 0.0,
+        "prompt_tokens": 10,
+        "video_tokens": 5,
+        "ttft_s": 0.1,
+        "parsed": True,
+    }
+    rows = [
+        dict(base, qid="a", task="EPM", mode="full", mode_key="full", score=1.0, points=1.0, out_of=1, correct=True),
+        dict(
+            base,
+            qid="b",
+            task="REC",
+            kind="forward",
+            mode="full",
+            mode_key="full",
+            score=0.25,
+            points=1.0,
+            out_of=4,
+            correct=False,
+            parsed=False,
+        ),
+    ]
     store.add(rows, Pass("v", "full", 4, 2, 4, 8))
     with open(store.rows_path, "a") as f:
         f.write('{"qid": "torn')
@@ -290,7 +408,10 @@ def test_why_frames_are_not_always_resized_ahead():
     once = g.target_size(360, 640)
     assert once == (336, 588) and g.target_size(*once) != once
     assert Geometry().target_size(*Geometry().target_size(360, 640)) == Geometry().target_size(360, 640)
-    assert StreamGeometry(once, 252, 2, False).decode_size is None and StreamGeometry(once, 252, 2, True).decode_size == once
+    assert (
+        StreamGeometry(once, 252, 2, False).decode_size is None
+        and StreamGeometry(once, 252, 2, True).decode_size == once
+    )
 
 
 def test_a_results_folder_refuses_a_run_with_other_settings(tmp_path):
@@ -305,17 +426,45 @@ def test_the_command_line_says_what_is_wrong_before_asking_anything(tmp_path, ca
     from analysis.cli.eval_stream import main
     from analysis.harness.server import free_port
 
-    base = ["--format", "ovobench", "--data", str(FIXTURES / "ovo_bench.json"), "--videos", str(tmp_path), "--out", str(tmp_path / "o")]
+    base = [
+        "--format",
+        "ovobench",
+        "--data",
+        str(FIXTURES / "ovo_bench.json"),
+        "--videos",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(base + ["--url", f"http://127.0.0.1:{free_port()}"]) == 2
     assert "no vLLM server answers at" in capsys.readouterr().err
-    for bad, says in ((["--modes", "fast"], "modes must be among"), (["--criterion", "pixel", "--thresholds", "2"], "must be in [0.0, 1.0]"),
-                      (["--metric", "l2"], "--metric"), (["--fps", "0"], "--fps must be in (0, 60]")):
+    for bad, says in (
+        (["--modes", "fast"], "modes must be among"),
+        (["--criterion", "pixel", "--thresholds", "2"], "must be in [0.0, 1.0]"),
+        (["--metric", "l2"], "--metric"),
+        (["--fps", "0"], "--fps must be in (0, 60]"),
+    ):
         with pytest.raises(SystemExit):
             main(base + ["--url", "http://x"] + bad)
         assert says in capsys.readouterr().err
     (tmp_path / "notjson.json").write_text("[")
-    assert main(["--format", "streamingbench", "--data", str(tmp_path / "notjson.json"), "--videos", str(tmp_path),
-                 "--url", "http://x", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "--format",
+                "streamingbench",
+                "--data",
+                str(tmp_path / "notjson.json"),
+                "--videos",
+                str(tmp_path),
+                "--url",
+                "http://x",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "not a readable JSON file" in capsys.readouterr().err
 
 
@@ -323,11 +472,35 @@ def test_ovobench_aggregate_is_the_mean_of_its_category_means():
     from analysis.eval.results import ovo_scores
 
     def r(qid, task, points, out_of):
-        return {"qid": qid, "benchmark": "ovobench", "task": task, "mode_key": "full", "mode": "full", "criterion": None,
-                "metric": None, "threshold": None, "points": points, "out_of": out_of, "parsed": True, "errors": 0,
-                "drop_ratio": 0.0, "prompt_tokens": 1, "video_tokens": 1, "ttft_s": 0.0}
-    df = pd.DataFrame([r("a", "EPM", 1, 1), r("b", "EPM", 0, 1), r("c", "ASI", 1, 1), r("d", "OCR", 0, 1),
-                       r("e", "REC", 3, 4), r("f", "SSR", 1, 4)])
+        return {
+            "qid": qid,
+            "benchmark": "ovobench",
+            "task": task,
+            "mode_key": "full",
+            "mode": "full",
+            "criterion": None,
+            "metric": None,
+            "threshold": None,
+            "points": points,
+            "out_of": out_of,
+            "parsed": True,
+            "errors": 0,
+            "drop_ratio": 0.0,
+            "prompt_tokens": 1,
+            "video_tokens": 1,
+            "ttft_s": 0.0,
+        }
+
+    df = pd.DataFrame(
+        [
+            r("a", "EPM", 1, 1),
+            r("b", "EPM", 0, 1),
+            r("c", "ASI", 1, 1),
+            r("d", "OCR", 0, 1),
+            r("e", "REC", 3, 4),
+            r("f", "SSR", 1, 4),
+        ]
+    )
     s = ovo_scores(df).iloc[0]
     assert (s["backward"], s["realtime"], s["forward"]) == (0.75, 0.0, 0.5)  # (0.5 + 1) / 2; 0; (0.75 + 0.25) / 2
     assert s["total"] == pytest.approx(1.25 / 3)

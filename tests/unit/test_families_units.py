@@ -21,25 +21,39 @@ def _served(processor, reference, frames, fps, **mm):
     from vllm_plugin.models.qwen3_vl import Qwen3VLDTDForConditionalGeneration
 
     n = len(frames)
-    meta = {"fps": float(fps), "duration": n / fps, "total_num_frames": n, "frames_indices": list(range(n)),
-            "video_backend": "test", "do_sample_frames": False}
+    meta = {
+        "fps": float(fps),
+        "duration": n / fps,
+        "total_num_frames": n,
+        "frames_indices": list(range(n)),
+        "video_backend": "test",
+        "do_sample_frames": False,
+    }
     prompt = reference.tokenizer(reference.chat_text(Q))["input_ids"]
     out = processor(prompt, processor.info.parse_mm_data({"video": [(frames, meta)]}), hf_processor_mm_kwargs=mm)
     (item,), (ph,) = out["mm_kwargs"]["video"], out["mm_placeholders"]["video"]
     feature = MultiModalFeatureSpec(data=item, modality="video", identifier="v0", mm_position=ph)
     model = SimpleNamespace(config=processor.info.get_hf_config())
-    positions, delta = Qwen3VLDTDForConditionalGeneration.get_mrope_input_positions(model, out["prompt_token_ids"], [feature])
+    positions, delta = Qwen3VLDTDForConditionalGeneration.get_mrope_input_positions(
+        model, out["prompt_token_ids"], [feature]
+    )
     return out["prompt_token_ids"], item, positions, delta
 
 
-@pytest.mark.parametrize("dtd", [DTDConfig(enabled=False), DTDConfig(), DTDConfig(threshold=0.2, reference="last_kept")],
-                         ids=["off", "default", "last_kept"])
+@pytest.mark.parametrize(
+    "dtd",
+    [DTDConfig(enabled=False), DTDConfig(), DTDConfig(threshold=0.2, reference="last_kept")],
+    ids=["off", "default", "last_kept"],
+)
 def test_qwen3_served_prompt_mask_and_positions_equal_transformers(qwen3_processor, qwen3_reference, qwen3_clip, dtd):
     """The prompt (timestamps, one group per step, kept tokens only), the keep mask and every position
     (text, timestamps and survivors: those of the FULL prompt, from transformers' get_rope_index)."""
     c = qwen3_clip
-    mm = {"dtd_enabled": dtd.enabled, "dtd_threshold": dtd.threshold, "dtd_reference": dtd.reference} if dtd.enabled \
+    mm = (
+        {"dtd_enabled": dtd.enabled, "dtd_threshold": dtd.threshold, "dtd_reference": dtd.reference}
+        if dtd.enabled
         else {"dtd_enabled": False}
+    )
     ids, item, positions, delta = _served(qwen3_processor, qwen3_reference, c.frames, c.fps, **mm)
     ref = qwen3_reference.prepare(Q, c.frames, c.fps, dtd)
     t, h, w = ref.mask.shape
@@ -102,7 +116,9 @@ def test_qwen3_vision_tower_rows_carry_deepstack_and_decide_on_the_main_output(q
     from vllm_plugin.models.vision import VisionTower
 
     cfg = qwen3_reference.config.vision_config
-    tower = VisionTower.load(DTDQwen3VLMultiModalProcessor.vision_tower, str(qwen3_path), cfg, torch.float32, device="cpu")
+    tower = VisionTower.load(
+        DTDQwen3VLMultiModalProcessor.vision_tower, str(qwen3_path), cfg, torch.float32, device="cpu"
+    )
     video = qwen3_reference.process_video(qwen3_clip.frames[:8], qwen3_clip.fps)
     rows = tower.encode(video.pixel_values, video.grid_thw)
     main, deepstack = qwen3_reference._features(video)
@@ -128,8 +144,11 @@ def test_family_checkpoints_build_and_load(family):
     archs = json.loads((path / "config.json").read_text())["architectures"]
     assert type(pipe.model).__name__ == spec.reference_class == archs[0]
     vp = pipe.processor.video_processor
-    assert (vp.patch_size, vp.merge_size, vp.temporal_patch_size) == \
-        (spec.patch_size, spec.patch_layout.merge_size, spec.patch_layout.temporal_patch_size)
+    assert (vp.patch_size, vp.merge_size, vp.temporal_patch_size) == (
+        spec.patch_size,
+        spec.patch_layout.merge_size,
+        spec.patch_layout.temporal_patch_size,
+    )
     assert tuple(vp.image_mean) == pytest.approx(spec.patch_layout.image_mean)
     assert tuple(vp.image_std) == pytest.approx(spec.patch_layout.image_std)
     clip = make_clip(token_px=spec.token_px)
@@ -157,10 +176,14 @@ def test_workbench_feature_tokens_of_another_family_line_up_with_the_pixel_grid(
     assert feats.shape[:3] == video.grid and feats.shape[3] == 128
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--family", "llava"], "--family"), (["--criterion", "edges"], "--criterion"),
-    (["--video", "/nonexistent.mp4"], "no such video"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--family", "llava"], "--family"),
+        (["--criterion", "edges"], "--criterion"),
+        (["--video", "/nonexistent.mp4"], "no such video"),
+    ],
+)
 def test_token_count_tool_rejects_bad_arguments(argv, message, capsys):
     from analysis.cli.tokens import main
 
@@ -193,8 +216,14 @@ def test_qwen3_cached_path_with_per_video_fps_decides_on_the_same_pixels(qwen3_p
     videos = [c.frames[:24], c.frames[24:48]]
 
     def run(cache):
-        meta = lambda n: {"fps": float(c.fps), "duration": n / c.fps, "total_num_frames": n, "frames_indices": list(range(n)),
-                          "video_backend": "test", "do_sample_frames": False}
+        meta = lambda n: {
+            "fps": float(c.fps),
+            "duration": n / c.fps,
+            "total_num_frames": n,
+            "frames_indices": list(range(n)),
+            "video_backend": "test",
+            "do_sample_frames": False,
+        }
         items = proc.info.parse_mm_data({"video": [(v, meta(len(v))) for v in videos]})
         out = proc(prompt, items, hf_processor_mm_kwargs={"fps": [2.0, 2.0], "dtd_threshold": 0.1}, cache=cache)
         digests = []
@@ -215,13 +244,25 @@ def test_qwen3_stream_step_times_reach_the_prompt(qwen3_processor, qwen3_clip):
 
     proc, c = qwen3_processor, qwen3_clip
     frames = c.frames[:8]
-    meta = {"fps": 2.0, "duration": 4.0, "total_num_frames": 8, "frames_indices": list(range(8)), "video_backend": "dtd_stream",
-            GIVEN_MASK: np.ones((4, 8, 8), bool), GIVEN_TIMES: [100.5, 101.5, 107.0, 108.0]}
+    meta = {
+        "fps": 2.0,
+        "duration": 4.0,
+        "total_num_frames": 8,
+        "frames_indices": list(range(8)),
+        "video_backend": "dtd_stream",
+        GIVEN_MASK: np.ones((4, 8, 8), bool),
+        GIVEN_TIMES: [100.5, 101.5, 107.0, 108.0],
+    }
     tok = proc.info.get_tokenizer()
     prompt = tok("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>hi<|im_end|>\n")["input_ids"]
-    out = proc(prompt, proc.info.parse_mm_data({"video": [(frames, meta)]}),
-               hf_processor_mm_kwargs={"do_resize": False})
+    out = proc(
+        prompt, proc.info.parse_mm_data({"video": [(frames, meta)]}), hf_processor_mm_kwargs={"do_resize": False}
+    )
     text = tok.decode(out["prompt_token_ids"])
-    assert [t for t in ("<100.5 seconds>", "<101.5 seconds>", "<107.0 seconds>", "<108.0 seconds>") if t in text] == \
-        ["<100.5 seconds>", "<101.5 seconds>", "<107.0 seconds>", "<108.0 seconds>"]
+    assert [t for t in ("<100.5 seconds>", "<101.5 seconds>", "<107.0 seconds>", "<108.0 seconds>") if t in text] == [
+        "<100.5 seconds>",
+        "<101.5 seconds>",
+        "<107.0 seconds>",
+        "<108.0 seconds>",
+    ]
     assert "<0.2 seconds>" not in text

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import DTD_ARCH, mm_processor
-from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_digest
+from vllm_plugin.core import DTDConfig, mask_digest
 
 SPEC = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"
 
@@ -50,17 +50,21 @@ def test_the_api_server_tower_is_the_reference_encoder(tower, reference, synthet
     # attention never crosses temporal steps: two steps at a time, in one batched call, give the same rows
     t, h, w = video.grid_thw
     per = h * w * 2
-    parts = tower.encode_many([(video.pixel_values[i * per:(i + 1) * per], (2, h, w)) for i in range(t // 2)])
+    parts = tower.encode_many([(video.pixel_values[i * per : (i + 1) * per], (2, h, w)) for i in range(t // 2)])
     assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("mm", [{"dtd_criterion": "feature"},
-                                {"dtd_criterion": "feature", "dtd_threshold": 0.9, "dtd_reference": "last_kept"}])
+@pytest.mark.parametrize(
+    "mm",
+    [{"dtd_criterion": "feature"}, {"dtd_criterion": "feature", "dtd_threshold": 0.9, "dtd_reference": "last_kept"}],
+)
 def test_served_feature_mask_and_rows_are_the_reference(processor32, reference, synthetic_clip, mm):
     from vllm_plugin.models import vision
     from vllm_plugin.models.base import MASK_KEY
 
-    cfg = DTDConfig(criterion="feature", threshold=mm.get("dtd_threshold"), reference=mm.get("dtd_reference", "previous"))
+    cfg = DTDConfig(
+        criterion="feature", threshold=mm.get("dtd_threshold"), reference=mm.get("dtd_reference", "previous")
+    )
     mask, embeds = _reference_feature(reference, synthetic_clip.frames, cfg)
     assert 0 < int(mask.sum()) < mask.numel()
     before = sum(t.steps for t in vision.loaded_towers())
@@ -152,8 +156,11 @@ def test_feature_stream_item_is_served_without_encoding_again(processor32, refer
     (item,) = stream.video_items()
     before = sum(t.steps for t in vision.loaded_towers())
     items = processor32.info.parse_mm_data({"video": [item]})
-    out = processor32(processor32.dummy_inputs.get_dummy_text({"video": 1}), items,
-                      hf_processor_mm_kwargs={"dtd_criterion": "feature"})
+    out = processor32(
+        processor32.dummy_inputs.get_dummy_text({"video": 1}),
+        items,
+        hf_processor_mm_kwargs={"dtd_criterion": "feature"},
+    )
     got = out["mm_kwargs"]["video"][0]
     assert sum(t.steps for t in vision.loaded_towers()) == before
     assert torch.equal(got[MASK_KEY].data.bool(), torch.stack(stream.step_masks).flatten())
@@ -259,8 +266,12 @@ def test_kept_encoder_outputs_count_against_the_byte_caps(reference, tower, synt
 def test_a_tower_that_does_not_load_is_a_400_at_once_afterwards(monkeypatch):
     from vllm_plugin.models import vision
 
-    model_config = SimpleNamespace(model="/nonexistent/model", revision=None, dtype=torch.float32,
-                                   hf_config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)))
+    model_config = SimpleNamespace(
+        model="/nonexistent/model",
+        revision=None,
+        dtype=torch.float32,
+        hf_config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)),
+    )
     spec = vision.VisionTowerSpec(SPEC)
     for _ in range(2):
         with pytest.raises(vision.EncoderUnavailable, match="dtd_criterion.*did not load"):

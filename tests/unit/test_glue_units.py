@@ -25,17 +25,27 @@ def _apply(processor, videos, **mm_kwargs):
 
     tok = processor.info.get_tokenizer()
     pad = "<|vision_start|><|video_pad|><|vision_end|>"
-    prompt = tok.encode(f"<|im_start|>user\n{pad * len(videos)}what?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    prompt = tok.encode(
+        f"<|im_start|>user\n{pad * len(videos)}what?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )
     items = processor.info.parse_mm_data({"video": videos})
-    out = processor.apply(ProcessorInputs(prompt=prompt, mm_data_items=items, hf_processor_mm_kwargs=mm_kwargs),
-                          TimingContext(enabled=False))
+    out = processor.apply(
+        ProcessorInputs(prompt=prompt, mm_data_items=items, hf_processor_mm_kwargs=mm_kwargs),
+        TimingContext(enabled=False),
+    )
     video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
     return out, sum(1 for t in out["prompt_token_ids"] if t == video_pad)
 
 
 def _video(frames: np.ndarray, fps: float = 2.0):
     n = len(frames)
-    meta = {"fps": fps, "total_num_frames": n, "frames_indices": list(range(n)), "duration": n / fps, "video_backend": "test"}
+    meta = {
+        "fps": fps,
+        "total_num_frames": n,
+        "frames_indices": list(range(n)),
+        "duration": n / fps,
+        "video_backend": "test",
+    }
     return frames, meta
 
 
@@ -91,7 +101,7 @@ def test_stream_frames_fit_the_served_processor_whatever_its_size_settings(tiny_
     s = StreamManager(geometry=Geometry(sizer=sizer)).open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05)))
     s.add_frames(list(synthetic_clip.frames[:8]))
     s.cut_chunk()
-    (frames, meta), = s.video_items()
+    ((frames, meta),) = s.video_items()
     with caplog.at_level("WARNING", logger="vllm.dtd_plugin"):
         out, n_pad = _apply(proc, [(frames, meta)])
     assert "does not fit" not in caplog.text
@@ -129,8 +139,13 @@ print("ACTIVE", vllm_patches.active(), getattr(online_renderer.validate_request_
 
 def test_a_stock_architecture_with_the_plugin_installed_is_not_patched(tiny_model_path):
     """register() runs in every vLLM process; serving a stock architecture must leave vLLM as it is."""
-    out = subprocess.run([sys.executable, "-c", STOCK_SCRIPT, str(tiny_model_path)], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", STOCK_SCRIPT, str(tiny_model_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ACTIVE [] False" in out.stdout
 
@@ -140,7 +155,12 @@ def test_patches_apply_only_in_api_server_processes(monkeypatch):
 
     from vllm_plugin.entrypoints import vllm_patches
 
-    for name, expected in (("MainProcess", True), ("ApiServer_1", True), ("EngineCore_DP0", False), ("VllmWorker-0", False)):
+    for name, expected in (
+        ("MainProcess", True),
+        ("ApiServer_1", True),
+        ("EngineCore_DP0", False),
+        ("VllmWorker-0", False),
+    ):
         monkeypatch.setattr(multiprocessing.current_process(), "name", name)
         assert vllm_patches.in_api_server_process() is expected
 
@@ -188,21 +208,27 @@ def test_stream_prompts_come_from_the_chat_template(tiny_model_path):
     conv = ChatPrompt(tok, template)
     assert conv.end_of_turn == "<|im_end|>\n"
     first = conv.next_turn("what?", videos=1)
-    assert tok.decode(first) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                                 "<|vision_start|><|video_pad|><|vision_end|>what?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(first) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|video_pad|><|vision_end|>what?<|im_end|>\n<|im_start|>assistant\n"
+    )
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     answer = tok.encode("a b", add_special_tokens=False) + [im_end]
     conv.commit(first, "what?", 1, answer, "a b", stop_ids=[im_end])
     second = conv.next_turn("and now?", videos=0)
     assert second[: len(first) + len(answer)] == first + answer  # the past keeps its ids: the prefix cache serves it
-    assert tok.decode(second[len(first) + len(answer):]) == "\n<|im_start|>user\nand now?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.decode(second[len(first) + len(answer) :])
+        == "\n<|im_start|>user\nand now?<|im_end|>\n<|im_start|>assistant\n"
+    )
     # eager prefill: the open turn up to its videos is a prefix of the question's prompt
     conv.commit(second, "and now?", 0, answer, "a b", stop_ids=[im_end])
     prefill = conv.video_prefix(2)
     third = conv.next_turn("now?", videos=2)
     assert third[: len(prefill)] == prefill and tok.decode(prefill).endswith(
-        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>")
-    assert tok.decode(third[len(prefill):]) == "now?<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+    )
+    assert tok.decode(third[len(prefill) :]) == "now?<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_a_forgotten_turn_leaves_its_videos_and_drops_its_words(tiny_model_path):
@@ -220,8 +246,10 @@ def test_a_forgotten_turn_leaves_its_videos_and_drops_its_words(tiny_model_path)
     assert first[: len(head)] == head and second[: len(head)] == head  # the first video's tokens are shared
     text = tok.decode(second)
     assert "first?" not in text and "<|im_start|>assistant" not in text[: text.rindex("<|im_start|>assistant")]
-    assert text.endswith("<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
-                         "second?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith(
+        "<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+        "second?<|im_end|>\n<|im_start|>assistant\n"
+    )
     # a remembered question after it keeps the forgotten turn's videos in its own turn
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     conv.commit(second, "second?", 2, [im_end], "", stop_ids=[im_end])

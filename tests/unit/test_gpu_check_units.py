@@ -23,8 +23,14 @@ GIB, MIB = 1 << 30, 1 << 20
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "analysis.cli.gpu_check", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "analysis.cli.gpu_check", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_without_cuda_it_says_so_and_exits_0(tmp_path):
@@ -37,15 +43,18 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 
-@pytest.mark.parametrize("args, env, word", [
-    (["--families", "qwen9_vl"], None, "--families"),
-    (["--families", ""], None, "--families"),
-    (["--runners", "v3"], None, "--runners"),
-    (["--gpu-memory-utilization", "1.5"], None, "--gpu-memory-utilization"),
-    (["--api-gpu-gib", "0"], None, "--api-gpu-gib"),
-    (["--quick", "--bogus"], None, "--bogus"),
-    ([], {"DTD_TEST_DTYPE": "fp16"}, "DTD_TEST_DTYPE"),
-])
+@pytest.mark.parametrize(
+    "args, env, word",
+    [
+        (["--families", "qwen9_vl"], None, "--families"),
+        (["--families", ""], None, "--families"),
+        (["--runners", "v3"], None, "--runners"),
+        (["--gpu-memory-utilization", "1.5"], None, "--gpu-memory-utilization"),
+        (["--api-gpu-gib", "0"], None, "--api-gpu-gib"),
+        (["--quick", "--bogus"], None, "--bogus"),
+        ([], {"DTD_TEST_DTYPE": "fp16"}, "DTD_TEST_DTYPE"),
+    ],
+)
 def test_bad_arguments_exit_2(args, env, word):
     r = _run(*args, env=env)
     assert r.returncode == 2 and word in r.stderr, (r.returncode, r.stderr)
@@ -98,10 +107,18 @@ def test_nvidia_smi_rows():
 
 
 def _probe(pid=10, peak_gib=20.0, v2=True, free_gib=40.0):
-    return {"pid": pid, "model_runner": "vllm.v1.worker.gpu.model_runner.GPUModelRunner" if v2 else
-            "vllm.v1.worker.gpu_model_runner.GPUModelRunner", "use_v2_model_runner": v2,
-            "max_memory_allocated": int(peak_gib * GIB), "max_memory_reserved": int(peak_gib * GIB),
-            "free": int(free_gib * GIB), "total": 80 * GIB, "gpu_memory_utilization": 0.5}
+    return {
+        "pid": pid,
+        "model_runner": "vllm.v1.worker.gpu.model_runner.GPUModelRunner"
+        if v2
+        else "vllm.v1.worker.gpu_model_runner.GPUModelRunner",
+        "use_v2_model_runner": v2,
+        "max_memory_allocated": int(peak_gib * GIB),
+        "max_memory_reserved": int(peak_gib * GIB),
+        "free": int(free_gib * GIB),
+        "total": 80 * GIB,
+        "gpu_memory_utilization": 0.5,
+    }
 
 
 def test_runner_check():
@@ -135,14 +152,20 @@ def test_the_worker_probe_reads_the_workers_runner_and_cuda_memory(monkeypatch):
     class Runner:
         pass
 
-    worker = N(model_runner=Runner(), use_v2_model_runner=True,
-               vllm_config=N(cache_config=N(gpu_memory_utilization=0.5)))
+    worker = N(
+        model_runner=Runner(), use_v2_model_runner=True, vllm_config=N(cache_config=N(gpu_memory_utilization=0.5))
+    )
     p = GpuCheckProbe.dtd_gpu_check_probe(worker)
     assert p["pid"] == os.getpid() and p["use_v2_model_runner"] and p["model_runner"].endswith("Runner")
-    assert (p["max_memory_allocated"], p["free"], p["total"], p["gpu_memory_utilization"]) == (5 * GIB, 3 * GIB, 80 * GIB, 0.5)
+    assert (p["max_memory_allocated"], p["free"], p["total"], p["gpu_memory_utilization"]) == (
+        5 * GIB,
+        3 * GIB,
+        80 * GIB,
+        0.5,
+    )
     # vLLM mixes the extension into the worker class: no attribute of its own may clash with a worker's
     assert [a for a in dir(GpuCheckProbe) if not a.startswith("__")] == [gpu_check.PROBE_METHOD]
-    assert gpu_check.PROBE == f"{GpuCheckProbe.__module__}.{GpuCheckProbe.__qualname__}"
+    assert f"{GpuCheckProbe.__module__}.{GpuCheckProbe.__qualname__}" == gpu_check.PROBE
 
 
 def test_group_pids_finds_this_process():
@@ -155,7 +178,9 @@ def test_group_pids_finds_this_process():
 def _response(ids, tops, prompt_tokens):
     """The openai-client shape of a chat answer with top-5 logprobs and token ids."""
     tok = lambda t: f"token_id:{t}"  # noqa: E731
-    content = [N(token=tok(i), top_logprobs=[N(token=tok(k), logprob=v) for k, v in top.items()]) for i, top in zip(ids, tops)]
+    content = [
+        N(token=tok(i), top_logprobs=[N(token=tok(k), logprob=v) for k, v in top.items()]) for i, top in zip(ids, tops)
+    ]
     return N(usage=N(prompt_tokens=prompt_tokens), choices=[N(logprobs=N(content=content))])
 
 
@@ -167,22 +192,35 @@ def test_compare_to_reference_on_the_tiny_checkpoint(reference, synthetic_clip, 
     prepared = reference.prepare("what happens", synthetic_clip.frames, synthetic_clip.fps, cfg)
     gen = reference.generate(prepared, max_new_tokens=4, stop_at_eos=False)
     stats = {"mask_sha256": mask_digest(prepared.mask), "kept_per_step": prepared.mask.flatten(1).sum(1).tolist()}
-    same = compare_to_reference(_response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens), stats, reference,
-                                prepared, cfg)
+    same = compare_to_reference(
+        _response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens), stats, reference, prepared, cfg
+    )
     assert same.mask_equal and same.steps == 4 and same.diverged_at is None and "4 greedy steps" in same.describe()
 
     moved = [{k: v + 3e-4 for k, v in t.items()} for t in gen.top_logprobs]  # float32: 1e-4
     with pytest.raises(AssertionError):
-        compare_to_reference(_response(gen.token_ids, moved, prepared.num_prompt_tokens), stats, reference, prepared, cfg)
+        compare_to_reference(
+            _response(gen.token_ids, moved, prepared.num_prompt_tokens), stats, reference, prepared, cfg
+        )
     with pytest.raises(AssertionError):  # another prompt length
-        compare_to_reference(_response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens + 1), stats, reference,
-                             prepared, cfg)
+        compare_to_reference(
+            _response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens + 1), stats, reference, prepared, cfg
+        )
     with pytest.raises(AssertionError):  # another mask
-        compare_to_reference(_response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens),
-                             {**stats, "mask_sha256": "0" * 64}, reference, prepared, cfg)
+        compare_to_reference(
+            _response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens),
+            {**stats, "mask_sha256": "0" * 64},
+            reference,
+            prepared,
+            cfg,
+        )
     monkeypatch.setenv("DTD_TEST_DTYPE", "bfloat16")  # the same answer, at bf16's tolerance
-    assert compare_to_reference(_response(gen.token_ids, moved, prepared.num_prompt_tokens), stats, reference, prepared,
-                                cfg).steps == 4
+    assert (
+        compare_to_reference(
+            _response(gen.token_ids, moved, prepared.num_prompt_tokens), stats, reference, prepared, cfg
+        ).steps
+        == 4
+    )
 
 
 # --- the gpu check's cases, against a fake server that answers as the reference does ----------------
@@ -211,9 +249,14 @@ class _FakeStream:
         kept = self.status()["kept_per_step"]
         gen = self.fam.reference.generate(self.whole, max_new_tokens=max_tokens, stop_at_eos=False)
         ids = self.whole.input_ids.tolist()
-        return {"stream_state": {"video_tokens_per_chunk": [sum(kept[a:a + 8]) for a in range(0, len(kept), 8)],
-                                 "prompt_token_ids": ids, "completion_token_ids": gen.token_ids},
-                "usage": {"prompt_tokens": len(ids), "prompt_tokens_details": {"cached_tokens": len(ids) - 12}}}
+        return {
+            "stream_state": {
+                "video_tokens_per_chunk": [sum(kept[a : a + 8]) for a in range(0, len(kept), 8)],
+                "prompt_token_ids": ids,
+                "completion_token_ids": gen.token_ids,
+            },
+            "usage": {"prompt_tokens": len(ids), "prompt_tokens_details": {"cached_tokens": len(ids) - 12}},
+        }
 
     def close(self):
         pass
@@ -237,15 +280,21 @@ def test_the_cases_pass_on_answers_equal_to_the_reference(families, name, monkey
         assert Path(video) == fam.mp4
         prepared = fam.prepare(checks.dtd_config(mm))
         gen = fam.reference.generate(prepared, max_new_tokens=max_tokens, stop_at_eos=False)
-        stats = {"mask_sha256": checks.mask_digest(prepared.mask), "kept_per_step": prepared.mask.flatten(1).sum(1).tolist(),
-                 "kept": int(prepared.mask.sum()), "total": prepared.mask.numel()}
+        stats = {
+            "mask_sha256": checks.mask_digest(prepared.mask),
+            "kept_per_step": prepared.mask.flatten(1).sum(1).tolist(),
+            "kept": int(prepared.mask.sum()),
+            "total": prepared.mask.numel(),
+        }
         return _response(gen.token_ids, gen.top_logprobs, prepared.num_prompt_tokens), [stats]
 
     monkeypatch.setattr(checks, "chat_with_stats", chat)
     monkeypatch.setattr(vllm_plugin.client, "open_stream", lambda url, fps=None, **kw: _FakeStream(fam, **kw))
     srv = N(base_url="http://fake")
     assert "6 greedy steps compared" in gpu_check.case_video(srv, fam, {"dtd_criterion": "feature"})
-    assert "6 greedy steps compared" in gpu_check.case_video(srv, fam, {"dtd_threshold": 0.1, "dtd_reference": "last_kept"})
+    assert "6 greedy steps compared" in gpu_check.case_video(
+        srv, fam, {"dtd_threshold": 0.1, "dtd_reference": "last_kept"}
+    )
     for criterion in ("pixel", "feature"):
         assert "= reference" in gpu_check.case_eager_stream(srv, fam, criterion)
     if fam.qwen3:

@@ -20,8 +20,12 @@ import torch
 
 def _video_request(processor, frames: np.ndarray, **mm_kwargs):
     meta = {
-        "fps": 2.0, "duration": len(frames) / 2.0, "total_num_frames": len(frames),
-        "frames_indices": list(range(len(frames))), "video_backend": "opencv", "do_sample_frames": False,
+        "fps": 2.0,
+        "duration": len(frames) / 2.0,
+        "total_num_frames": len(frames),
+        "frames_indices": list(range(len(frames))),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
     }
     items = processor.info.parse_mm_data({"video": [(frames, meta)]})
     prompt = processor.dummy_inputs.get_dummy_text({"video": 1})
@@ -87,8 +91,11 @@ class _Tower:
     calls: list
 
     def _parse_and_validate_video_input(self, **kwargs):
-        return _Input(type="pixel_values_videos", pixel_values_videos=kwargs["pixel_values_videos"],
-                      video_grid_thw=kwargs["video_grid_thw"])
+        return _Input(
+            type="pixel_values_videos",
+            pixel_values_videos=kwargs["pixel_values_videos"],
+            video_grid_thw=kwargs["video_grid_thw"],
+        )
 
     def _process_video_input(self, video_input):
         grid = video_input["video_grid_thw"]
@@ -138,7 +145,9 @@ def test_videos_are_encoded_one_at_a_time(dtd_processor):
     pixels = torch.cat([it["pixel_values_videos"].data for it in items])
     mask = torch.cat([it[MASK_KEY].data.bool() for it in items])
     model = _dtd_model()
-    video_input = model._parse_and_validate_video_input(pixel_values_videos=pixels, video_grid_thw=grid, **{MASK_KEY: mask})
+    video_input = model._parse_and_validate_video_input(
+        pixel_values_videos=pixels, video_grid_thw=grid, **{MASK_KEY: mask}
+    )
     rows = model._process_video_input(video_input)
     assert model.calls == [1, 1]
     for r, it in zip(rows, items):
@@ -160,7 +169,10 @@ def test_encoder_cache_holds_the_charged_rows(dtd_processor):
     assert mask.numel() == full and 0 < int(mask.sum()) < full
     model = _dtd_model()
     video_input = model._parse_and_validate_video_input(
-        pixel_values_videos=item["pixel_values_videos"].data, video_grid_thw=item["video_grid_thw"].data[None], **{MASK_KEY: mask})
+        pixel_values_videos=item["pixel_values_videos"].data,
+        video_grid_thw=item["video_grid_thw"].data[None],
+        **{MASK_KEY: mask},
+    )
     (rows,) = model._process_video_input(video_input)
     assert rows.shape[0] == placeholder.get_num_embeds() == placeholder.length == int(mask.sum())
     assert torch.equal(rows[:, 0].long(), _encoded_index(mask, int(item["video_grid_thw"].data[0])))

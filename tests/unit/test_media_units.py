@@ -40,10 +40,17 @@ def _keep(frame):
     return frame
 
 
-@pytest.mark.parametrize("fmt,codec,demuxer", [
-    ("mp4", "h264", "mov"), ("mov", "h264", "mov"), ("matroska", "h264", "matroska"),
-    ("webm", "libvpx-vp9", "matroska"), ("avi", "mpeg4", "avi"), ("mpegts", "h264", "mpegts"),
-])
+@pytest.mark.parametrize(
+    "fmt,codec,demuxer",
+    [
+        ("mp4", "h264", "mov"),
+        ("mov", "h264", "mov"),
+        ("matroska", "h264", "matroska"),
+        ("webm", "libvpx-vp9", "matroska"),
+        ("avi", "mpeg4", "avi"),
+        ("mpegts", "h264", "mpegts"),
+    ],
+)
 def test_allowed_containers_decode(fmt, codec, demuxer):
     data = make_video(fmt, codec, 64, 48, 6, fps=6)
     assert sniff_container(data) == demuxer

@@ -21,16 +21,32 @@ def _memory(**given):
 def test_policy_is_validated_and_defaults_to_a_share_of_the_context():
     p = MemorySettings()
     assert p.keep == "recent+keyframes" and p.budget(16384) == 12288 and p.budget(None) is None
-    assert p.as_dict() == {"keep": "recent+keyframes", "max_keyframes": 8, "context_tokens": None, "keep_turns": 2,
-                           "anchor_fraction": 0.5}
+    assert p.as_dict() == {
+        "keep": "recent+keyframes",
+        "max_keyframes": 8,
+        "context_tokens": None,
+        "keep_turns": 2,
+        "anchor_fraction": 0.5,
+    }
     assert _memory(context_tokens=1000).budget(16384) == 1000 and _memory(context_tokens=9000).budget(4096) == 4096
-    assert _memory(keep="recent").as_dict() == {"keep": "recent", "context_tokens": None, "keep_turns": 2, "anchor_fraction": 0.5}
-    for bad, field in [(dict(keep="all"), "memory.keep"), (dict(keep=["recent"]), "memory.keep"),
-                       (dict(context_tokens=10), "memory.context_tokens"), (dict(context_tokens=1.5), "memory.context_tokens"),
-                       (dict(max_keyframes=-1), "memory.max_keyframes"), (dict(keep_turns=1000), "memory.keep_turns"),
-                       (dict(anchor_fraction=1.0), "memory.anchor_fraction"), (dict(frames=3), "memory.frames"),
-                       # an option of another policy is not one of this policy's
-                       (dict(keep="recent", max_keyframes=3), "memory.max_keyframes")]:
+    assert _memory(keep="recent").as_dict() == {
+        "keep": "recent",
+        "context_tokens": None,
+        "keep_turns": 2,
+        "anchor_fraction": 0.5,
+    }
+    for bad, field in [
+        (dict(keep="all"), "memory.keep"),
+        (dict(keep=["recent"]), "memory.keep"),
+        (dict(context_tokens=10), "memory.context_tokens"),
+        (dict(context_tokens=1.5), "memory.context_tokens"),
+        (dict(max_keyframes=-1), "memory.max_keyframes"),
+        (dict(keep_turns=1000), "memory.keep_turns"),
+        (dict(anchor_fraction=1.0), "memory.anchor_fraction"),
+        (dict(frames=3), "memory.frames"),
+        # an option of another policy is not one of this policy's
+        (dict(keep="recent", max_keyframes=3), "memory.max_keyframes"),
+    ]:
         with pytest.raises(InvalidOption) as e:
             _memory(**bad)
         assert e.value.field == field and str(e.value).startswith(field), (bad, str(e.value))
@@ -43,17 +59,26 @@ def test_policy_is_validated_and_defaults_to_a_share_of_the_context():
 def test_the_open_requests_flat_fields_are_the_memory_objects_keys_and_errors_name_them_as_sent():
     m = MemorySettings.from_request(None, context_tokens=1024, memory_keep="recent", keep_turns=1)
     assert m.as_dict() == {"keep": "recent", "context_tokens": 1024, "keep_turns": 1, "anchor_fraction": 0.5}
-    assert MemorySettings.from_request({"keep": "recent", "context_tokens": 1024, "keep_turns": 1}).as_dict() == m.as_dict()
+    assert (
+        MemorySettings.from_request({"keep": "recent", "context_tokens": 1024, "keep_turns": 1}).as_dict()
+        == m.as_dict()
+    )
     both = MemorySettings.from_request({"max_keyframes": 2}, context_tokens=2048)
     assert (both.keep, both.policy.max_keyframes, both.context_tokens) == ("recent+keyframes", 2, 2048)
-    for memory, flat, field in [(None, {"memory_keep": "all"}, "memory_keep"), ({"keep": "all"}, {}, "memory.keep"),
-                                (None, {"max_keyframes": -1}, "max_keyframes"), ({"keep": "x"}, {"memory_keep": "recent"}, "memory.keep"),
-                                ("recent", {}, "memory"), ({"max_keyframes": -1}, {}, "memory.max_keyframes")]:
+    for memory, flat, field in [
+        (None, {"memory_keep": "all"}, "memory_keep"),
+        ({"keep": "all"}, {}, "memory.keep"),
+        (None, {"max_keyframes": -1}, "max_keyframes"),
+        ({"keep": "x"}, {"memory_keep": "recent"}, "memory.keep"),
+        ("recent", {}, "memory"),
+        ({"max_keyframes": -1}, {}, "memory.max_keyframes"),
+    ]:
         with pytest.raises(InvalidOption) as e:
             MemorySettings.from_request(memory, **flat)
         assert e.value.field == field and field in str(e.value), (memory, flat, str(e.value))
     assert "memory_keep must be one of ['recent', 'recent+keyframes'" in str(
-        pytest.raises(InvalidOption, MemorySettings.from_request, None, memory_keep="all").value)
+        pytest.raises(InvalidOption, MemorySettings.from_request, None, memory_keep="all").value
+    )
 
 
 def _select(policy, chunks, kept, target, keys=(), step_overhead=0.0):
@@ -113,12 +138,13 @@ def _long_stream(clip, loops: int, budget: int, policy: MemorySettings, append: 
     """A stream driven as the service drives it (a chunk per append, re-anchor before the conversation
     passes ``budget``); yields (stream, anchor or None, frames sent so far) after every append."""
     frames = np.concatenate([clip.frames] * loops)
-    s = StreamManager(Limits(**limits)).open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), event_level=0.5,
-                                                             memory=policy))
+    s = StreamManager(Limits(**limits)).open(
+        StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), event_level=0.5, memory=policy)
+    )
     conv = s.conversation
     context = 0
     for i in range(0, len(frames), append):
-        s.add_frames(list(frames[i:i + append]))
+        s.add_frames(list(frames[i : i + append]))
         steps = conv.uncut_steps()
         anchor = None
         if len(steps):
@@ -140,13 +166,15 @@ def test_a_long_stream_reanchors_serves_exactly_its_selection_and_frees_the_rest
         # every item is its frame range of the stream, as sent, with the masks and times decided on arrival
         for (a, b), (pix, meta) in zip(conv.chunks, items):
             assert np.array_equal(pix, sent[a:b])
-            assert [int(m.sum()) for m in meta[GIVEN_MASK]] == store.kept_per_step[a // TPS:b // TPS]
+            assert [int(m.sum()) for m in meta[GIVEN_MASK]] == store.kept_per_step[a // TPS : b // TPS]
             assert meta[GIVEN_TIMES] == [pytest.approx((a + 2 * k + 0.5) / 2.0) for k in range((b - a) // TPS)]
         # no frame lost: what is not in an item is not cut yet, or was freed by a re-anchor
         held = {i for a, b in conv.chunks for i in range(a, b)} | set(range(conv.next_frame, len(store.frames)))
         assert {i for i, f in enumerate(store.frames) if f is not None} == held
         assert store.held_frames == len(held) and store.nbytes == len(held) * frame_bytes
-        assert conv.chunks == sorted(conv.chunks) and all(b <= c for (_, b), (c, _) in zip(conv.chunks, conv.chunks[1:]))
+        assert conv.chunks == sorted(conv.chunks) and all(
+            b <= c for (_, b), (c, _) in zip(conv.chunks, conv.chunks[1:])
+        )
         if anchor is not None:
             anchors += 1
             assert conv.chunks[: len(anchor.ranges)] == anchor.ranges  # then the new chunk
@@ -223,10 +251,12 @@ def test_feature_streams_free_kept_encoder_outputs(synthetic_clip):
             return f
 
     m = StreamManager()
-    s = m.open(StreamSettings(fps=2.0, dtd=DTDConfig(criterion="feature", threshold=0.9), event_level=0.5), encoder=Tower())
+    s = m.open(
+        StreamSettings(fps=2.0, dtd=DTDConfig(criterion="feature", threshold=0.9), event_level=0.5), encoder=Tower()
+    )
     frames = np.concatenate([synthetic_clip.frames] * 3)
     for i in range(0, len(frames), 8):
-        s.add_frames(list(frames[i:i + 8]))
+        s.add_frames(list(frames[i : i + 8]))
         s.cut_chunk()
         s.video_items()
     before = s.nbytes
@@ -244,12 +274,31 @@ def test_soak_windows_summary_and_figure():
     soak = Soak()
     for t in range(10, 1800, 10):  # 30 min of stream time, a question every 10 s; TTFT 20 ms, 24 ms, then 30 ms
         ttft = 0.02 if t < 600 else 0.024 if t <= 1200 else 0.03
-        soak.questions.append({"stream": 0, "time": float(t), "ttft_s": ttft, "prefilled_tokens": 40,
-                               "context_tokens": 500 + t % 300, "held_frames": 30, "evicted_frames": t // 2, "lag_s": 0.0})
-    soak.samples = [{"time": float(t), "rss_mb": {"python[1]": 1000.0, "VLLM::EngineCore[2]": 900.0 + t / 100},
-                     "rss_total_mb": 1900.0 + t / 100, "kv_usage": 0.1} for t in range(0, 1801, 60)]
-    soak.events = [{"stream": 0, "type": "reanchor", "time": 300.0, "keyframes": [0, 40], "budget": 1024},
-                   {"stream": 0, "type": "reanchor", "time": 900.0, "keyframes": [40], "budget": 1024}]
+        soak.questions.append(
+            {
+                "stream": 0,
+                "time": float(t),
+                "ttft_s": ttft,
+                "prefilled_tokens": 40,
+                "context_tokens": 500 + t % 300,
+                "held_frames": 30,
+                "evicted_frames": t // 2,
+                "lag_s": 0.0,
+            }
+        )
+    soak.samples = [
+        {
+            "time": float(t),
+            "rss_mb": {"python[1]": 1000.0, "VLLM::EngineCore[2]": 900.0 + t / 100},
+            "rss_total_mb": 1900.0 + t / 100,
+            "kv_usage": 0.1,
+        }
+        for t in range(0, 1801, 60)
+    ]
+    soak.events = [
+        {"stream": 0, "type": "reanchor", "time": 300.0, "keyframes": [0, 40], "budget": 1024},
+        {"stream": 0, "type": "reanchor", "time": 900.0, "keyframes": [40], "budget": 1024},
+    ]
     wins = windows(soak, 600)
     assert [w["questions"] for w in wins] == [60, 60, 59] and [w["reanchors"] for w in wins] == [1, 1, 0]
     assert wins[0]["ttft_p95_ms"] == pytest.approx(20) and wins[2]["ttft_p50_ms"] == pytest.approx(30)
@@ -260,11 +309,19 @@ def test_soak_windows_summary_and_figure():
     assert s["ttft_ratio"] == pytest.approx(1.25) and s["rss_growth_mb"] == pytest.approx((1800 - 300) / 100)
     assert s["rss_growth_by_process_mb"] == {"python": 0.0, "VLLM::EngineCore": pytest.approx(15.0)}
     assert s["rss_growth_second_half_mb"] == pytest.approx((1800 - 900) / 100)
-    assert last_line(s) == "hours=0.5 questions=179 errors=0 ttft_p95_first=0.0240 ttft_p95_last=0.0300 rss_growth_mb=15.0"
+    assert (
+        last_line(s) == "hours=0.5 questions=179 errors=0 ttft_p95_first=0.0240 ttft_p95_last=0.0300 rss_growth_mb=15.0"
+    )
     assert keyframe_times(soak, fps=1.0) == [80.0]  # held after the last re-anchor
     fig = long_stream_figure(soak.questions, [300.0, 900.0], [0.0, 80.0], budget=1024)
-    assert {t.name for t in fig.data} == {"context tokens", "budget (context_tokens)", "frames held", "frames evicted",
-                                          "keyframes held at the end", "TTFT (ms)"}
+    assert {t.name for t in fig.data} == {
+        "context tokens",
+        "budget (context_tokens)",
+        "frames held",
+        "frames evicted",
+        "keyframes held at the end",
+        "TTFT (ms)",
+    }
     assert len(fig.layout.shapes) == 2  # the re-anchors
     assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="loopback"):
@@ -279,8 +336,8 @@ def test_oldest_steps_not_in_a_chunk_are_dropped_to_bound_the_next_one(synthetic
     before = s.nbytes
     dropped = conv.drop_uncut(max_tokens=100)
     kept = s.kept_per_step
-    assert dropped % TPS == 0 and conv.next_frame == dropped and sum(kept[dropped // TPS:]) <= 100
-    assert sum(kept[dropped // TPS - 1:]) > 100  # no more than needed
+    assert dropped % TPS == 0 and conv.next_frame == dropped and sum(kept[dropped // TPS :]) <= 100
+    assert sum(kept[dropped // TPS - 1 :]) > 100  # no more than needed
     assert all(f is None for f in s.frames[:dropped]) and s.store.evicted_frames == dropped
     assert s.nbytes == before - dropped * synthetic_clip.frames[0].nbytes
     assert 0 not in conv.policy.candidates and s.cut_chunk() == (dropped, len(synthetic_clip.frames))
@@ -327,7 +384,9 @@ def test_the_cpu_workers_growth_is_onednns_primitive_cache_and_it_has_a_cap():
         env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
         if capacity is not None:
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
-        out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-c", _ONEDNN_PROBE], env=env, capture_output=True, text=True, timeout=600
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return [float(x) for x in out.stdout.split()[-2:]]
 

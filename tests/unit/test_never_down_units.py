@@ -17,8 +17,14 @@ PROMPT = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what happ
 
 def _process(processor, frames: np.ndarray, fps: float, **kwargs):
     n = len(frames)
-    meta = {"fps": fps, "duration": n / fps, "total_num_frames": n, "frames_indices": list(range(n)),
-            "video_backend": "test", "do_sample_frames": False}
+    meta = {
+        "fps": fps,
+        "duration": n / fps,
+        "total_num_frames": n,
+        "frames_indices": list(range(n)),
+        "video_backend": "test",
+        "do_sample_frames": False,
+    }
     items = processor.info.parse_mm_data({"video": [(frames, meta)]})
     return processor(PROMPT, items, hf_processor_mm_kwargs=kwargs)
 
@@ -33,8 +39,10 @@ def _model_positions(arch: str, processor, result) -> torch.Tensor:
     view = types.SimpleNamespace(config=processor.info.get_hf_config())
     if hasattr(cls, "iter_mm_grid_thw"):  # Qwen2-VL / Qwen2.5-VL's rule reads the grids through it
         view.iter_mm_grid_thw = types.MethodType(cls.iter_mm_grid_thw, view)
-    features = [types.SimpleNamespace(data=item, modality="video", mm_position=where)
-                for item, where in zip(result["mm_kwargs"]["video"], result["mm_placeholders"]["video"])]
+    features = [
+        types.SimpleNamespace(data=item, modality="video", mm_position=where)
+        for item, where in zip(result["mm_kwargs"]["video"], result["mm_placeholders"]["video"])
+    ]
     positions, _ = cls.get_mrope_input_positions(view, list(result["prompt_token_ids"]), features)
     return positions
 
@@ -46,7 +54,6 @@ def test_the_processors_position_bound_is_the_models_largest_position(family, th
     record), for DTD keeping all, some, or one token; static frames far apart in time included."""
     from analysis.harness.tiny_model import ensure_tiny_model
     from vllm_plugin.models.base import ITEM_EXTRA_POSITIONS
-
     from vllm_plugin.models.families import get_family
 
     arch = get_family(family).dtd_architecture
@@ -77,8 +84,13 @@ def test_rotary_tables_are_sized_in_place_and_checked():
     from vllm_plugin.entrypoints.vllm_patches import VLLMMismatch, size_rotary_tables
 
     with set_current_vllm_config(VllmConfig()):
-        rope = get_rope(64, 1024, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12]},
-                        dtype=torch.float32, mrope_positions_factor=1)
+        rope = get_rope(
+            64,
+            1024,
+            rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12]},
+            dtype=torch.float32,
+            mrope_positions_factor=1,
+        )
     model = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
     model[0].rotary_emb = model[1].rotary_emb = rope  # one table shared by the layers, as get_rope does
     before = rope.cos_sin_cache.clone()
@@ -90,7 +102,6 @@ def test_rotary_tables_are_sized_in_place_and_checked():
         size_rotary_tables(torch.nn.Linear(2, 2), 4096)
 
 
-
 def test_a_yarn_rotary_table_keeps_its_frequencies_when_enlarged():
     """YaRN's frequencies depend on max_position_embeddings: the enlarged table continues vLLM's rows
     exactly (changing that attribute, as for a plain table, would change every row)."""
@@ -100,8 +111,18 @@ def test_a_yarn_rotary_table_keeps_its_frequencies_when_enlarged():
     from vllm_plugin.entrypoints.vllm_patches import size_rotary_tables
 
     with set_current_vllm_config(VllmConfig()):
-        rope = get_rope(64, 256, rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
-                                                  "mrope_section": [8, 12, 12]}, dtype=torch.float32, mrope_positions_factor=1)
+        rope = get_rope(
+            64,
+            256,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "mrope_section": [8, 12, 12],
+            },
+            dtype=torch.float32,
+            mrope_positions_factor=1,
+        )
     assert rope.scaling_factor == 4.0 and rope.cos_sin_cache.shape[0] == 1024
     before = rope.cos_sin_cache.clone()
     model = torch.nn.Module()
@@ -117,14 +138,15 @@ def _service():
     from vllm_plugin.streams.service import StreamService
     from vllm_plugin.streams.session import StreamManager
 
-    engine = SimpleNamespace(server_dtd={}, max_model_len=16384, position_room=131072 - 16384,
-                             step_positions=lambda fps: 2 / fps * 2)
+    engine = SimpleNamespace(
+        server_dtd={}, max_model_len=16384, position_room=131072 - 16384, step_positions=lambda fps: 2 / fps * 2
+    )
     return StreamService(engine, StreamManager())
 
 
 def test_a_stream_fps_that_would_pass_the_table_is_refused_at_open():
-    from vllm_plugin.streams.routes import OpenStreamRequest
     from vllm_plugin.errors import InvalidOption
+    from vllm_plugin.streams.routes import OpenStreamRequest
 
     svc = _service()
     assert svc.settings(OpenStreamRequest(fps=0.1)).fps == 0.1  # 40 positions per step: fine
@@ -145,7 +167,9 @@ def test_the_encoder_queue_never_calls_the_tower_with_more_than_its_step_limit()
 
     def patchify(frames):  # 2 frames per step, 4 tokens per step; the first frame's value tags the rows
         steps = len(frames) // 2
-        return torch.tensor(frames[::2, 0, 0, :1], dtype=torch.float32).repeat_interleave(4, 0), torch.tensor([steps, 4, 4])
+        return torch.tensor(frames[::2, 0, 0, :1], dtype=torch.float32).repeat_interleave(4, 0), torch.tensor(
+            [steps, 4, 4]
+        )
 
     q = EncodeQueue(patchify, encode_many, max_pending_steps=256, max_batch_steps=16)
     frames = np.arange(256, dtype=np.uint8)[:, None, None, None].repeat(3, axis=3)  # 128 steps
@@ -171,7 +195,9 @@ def test_a_video_over_the_per_item_token_cap_is_refused_with_dtd_on(dtd_processo
 
     frames = synthetic_clip.frames[:8]  # 4 steps of 64 tokens: 256 before DTD
     monkeypatch.setenv(MAX_VIDEO_TOKENS_ENV, "255")
-    with pytest.raises(VideoTooLargeError, match=f"256 video tokens before DTD.*at most 255 per video \\({MAX_VIDEO_TOKENS_ENV}\\)"):
+    with pytest.raises(
+        VideoTooLargeError, match=f"256 video tokens before DTD.*at most 255 per video \\({MAX_VIDEO_TOKENS_ENV}\\)"
+    ):
         _process(dtd_processor, frames, 2.0)
     # without DTD every token is in the prompt: vLLM's own admission bounds it, the cap does not apply
     _process(dtd_processor, frames, 2.0, dtd_enabled=False)

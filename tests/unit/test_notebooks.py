@@ -21,7 +21,9 @@ def run_notebook(name: str, env: dict | None = None, timeout: int = 600):
     old = dict(os.environ)
     os.environ.update(env or {})
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     except Exception as e:
         pytest.fail(f"{name} failed: {type(e).__name__}: {str(e)[-3000:]}\n{server_log_tail(nb)}", pytrace=False)
     finally:
@@ -71,7 +73,3 @@ def test_02_sweep_runs_headless(results_dir):
     # the reference switcher (a widget) and the side-by-side table of the three references
     assert "application/vnd.jupyter.widget-view+json" in out
     assert "motion_drop_ratio_vs_previous" in out and "motion_held_error" in out
-
-
-
-

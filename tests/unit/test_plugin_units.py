@@ -21,11 +21,17 @@ def test_options_defaults_and_overrides():
     assert split_dtd_kwargs({"dtd_threshold": 0.1, "fps": 2}) == ({"dtd_threshold": 0.1}, {"fps": 2})
 
 
-@pytest.mark.parametrize("kw, field", [
-    ({"dtd_threshold": 2}, "dtd_threshold"), ({"dtd_metric": "x"}, "dtd_metric"),
-    ({"dtd_reference": "x"}, "dtd_reference"), ({"dtd_enabled": 1}, "dtd_enabled"),
-    ({"dtd_criterion": "features"}, "dtd_criterion"), ({"dtd_x": 1}, "dtd_x"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"dtd_threshold": 2}, "dtd_threshold"),
+        ({"dtd_metric": "x"}, "dtd_metric"),
+        ({"dtd_reference": "x"}, "dtd_reference"),
+        ({"dtd_enabled": 1}, "dtd_enabled"),
+        ({"dtd_criterion": "features"}, "dtd_criterion"),
+        ({"dtd_x": 1}, "dtd_x"),
+    ],
+)
 def test_option_errors_start_with_the_field(kw, field):
     with pytest.raises(ValueError) as e:
         dtd_config_from_kwargs(kw)
@@ -51,7 +57,9 @@ def test_launcher_serves_an_architecture_without_dtd_stock(tmp_path, caplog):
         build_argv(["--model", str(tmp_path)], streams=True)
 
 
-@pytest.mark.parametrize("stock, dtd", [(stock, s.dtd_architecture) for s in families() for stock in s.hf_architectures])
+@pytest.mark.parametrize(
+    "stock, dtd", [(stock, s.dtd_architecture) for s in families() for stock in s.hf_architectures]
+)
 def test_launcher_picks_the_family_from_the_checkpoint(tmp_path, stock, dtd):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": [stock]}))
     argv = build_argv(["--model", str(tmp_path)])

@@ -20,10 +20,16 @@ def test_video_positions_equal_the_models_rope_index(reference, synthetic_clip):
 
     frames = synthetic_clip.frames
     text = reference.chat_text("what happens")
-    meta = VideoMetadata(total_num_frames=len(frames), fps=2.0, duration=len(frames) / 2.0, frames_indices=list(range(len(frames))))
-    inputs = reference.processor(text=[text], videos=[frames], video_metadata=[meta], return_tensors="pt", do_sample_frames=False)
+    meta = VideoMetadata(
+        total_num_frames=len(frames), fps=2.0, duration=len(frames) / 2.0, frames_indices=list(range(len(frames)))
+    )
+    inputs = reference.processor(
+        text=[text], videos=[frames], video_metadata=[meta], return_tensors="pt", do_sample_frames=False
+    )
     hf_pos, _ = reference.model.model.get_rope_index(
-        inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
         second_per_grid_ts=inputs["second_per_grid_ts"],
     )
     prepared = reference.prepare("what happens", frames, 2.0, DTDConfig(enabled=False))
@@ -53,7 +59,9 @@ def test_dtd_drops_tokens_but_keeps_original_positions(reference, synthetic_clip
 
 
 def test_feature_criterion_and_generation(reference, synthetic_clip):
-    feat = reference.prepare("what happens", synthetic_clip.frames, 2.0, DTDConfig(threshold=0.9, metric="cosine", criterion="feature"))
+    feat = reference.prepare(
+        "what happens", synthetic_clip.frames, 2.0, DTDConfig(threshold=0.9, metric="cosine", criterion="feature")
+    )
     assert feat.stats.kept_per_step[0] == 64 and feat.stats.kept < feat.stats.total
     # static steps: identical frames -> identical embeddings -> all dropped
     for s in synthetic_clip.static_steps:

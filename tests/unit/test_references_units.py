@@ -149,9 +149,13 @@ def test_a_registered_reference_is_processed_by_the_dtd_processor(toy_reference,
     frames = synthetic_clip.frames
     out, n_pad = _apply(dtd_processor, [_video(frames)], dtd_threshold=0.05, dtd_reference=toy_reference)
     served = out["mm_kwargs"]["video"][0][MASK_KEY].data
-    expected = decide_steps(frame_tokens(torch.from_numpy(frames)), DTDConfig(threshold=0.05, reference=toy_reference)).mask
+    expected = decide_steps(
+        frame_tokens(torch.from_numpy(frames)), DTDConfig(threshold=0.05, reference=toy_reference)
+    ).mask
     assert torch.equal(served, expected.flatten()) and n_pad == int(expected.sum())
-    assert not torch.equal(expected, decide_steps(frame_tokens(torch.from_numpy(frames)), DTDConfig(threshold=0.05)).mask)
+    assert not torch.equal(
+        expected, decide_steps(frame_tokens(torch.from_numpy(frames)), DTDConfig(threshold=0.05)).mask
+    )
     motion, _ = _apply(dtd_processor, [_video(frames)], dtd_threshold=0.05, dtd_reference="motion")
     want = decide_steps(frame_tokens(torch.from_numpy(frames)), DTDConfig(threshold=0.05, reference="motion")).mask
     assert torch.equal(motion["mm_kwargs"]["video"][0][MASK_KEY].data, want.flatten())

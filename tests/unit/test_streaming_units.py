@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_plugin.core import DTDConfig, dtd_keep_mask, mask_stats, frame_tokens
+from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens, mask_stats
 from vllm_plugin.errors import InvalidOption, InvalidRequest
 from vllm_plugin.streams.session import Geometry, Limits, StreamManager, StreamSettings
 
@@ -85,7 +85,16 @@ def test_stream_ids_name_the_process_that_holds_them():
 
     s = StreamManager(owner=3).open(_settings())
     assert s.id.startswith("strm-3-") and stream_owner(s.id) == 3
-    for bad in ("strm-nope", "strm--x", "strm-99999-x", "x-1-y", "strm-1", "strm-\u00b2-x", "strm-0001-x", "strm-1-a/b"):
+    for bad in (
+        "strm-nope",
+        "strm--x",
+        "strm-99999-x",
+        "x-1-y",
+        "strm-1",
+        "strm-\u00b2-x",
+        "strm-0001-x",
+        "strm-1-a/b",
+    ):
         assert stream_owner(bad) is None
 
 
@@ -109,8 +118,15 @@ def _engine(**facts):
     """The facts of a served model a StreamService reads to open streams (no engine behind it)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{"server_dtd": {}, "max_model_len": 4096, "position_room": 12288,
-                              "step_positions": lambda fps: 4 / fps, **facts})
+    return SimpleNamespace(
+        **{
+            "server_dtd": {},
+            "max_model_len": 4096,
+            "position_room": 12288,
+            "step_positions": lambda fps: 4 / fps,
+            **facts,
+        }
+    )
 
 
 def test_every_reference_serves_streams_and_the_server_default_applies():
@@ -149,7 +165,10 @@ def test_idle_streams_are_reaped_on_a_timer():
     assert len(m) == 0 and s.id  # no other stream request was needed
 
 
-@pytest.mark.parametrize("server_kwargs", [{}, {"max_pixels": 128 * 28 * 28}, {"size": {"shortest_edge": 3136, "longest_edge": 96 * 28 * 28}}])
+@pytest.mark.parametrize(
+    "server_kwargs",
+    [{}, {"max_pixels": 128 * 28 * 28}, {"size": {"shortest_edge": 3136, "longest_edge": 96 * 28 * 28}}],
+)
 def test_stream_frames_are_not_resized_again_by_the_served_processor(tiny_model_path, server_kwargs):
     from transformers import AutoProcessor
 
@@ -190,7 +209,7 @@ def test_chunks_carry_their_steps_times_as_the_client_stamped_them(synthetic_cli
     s.add_frames(list(c.frames[:4]))  # nominal: 0, 0.5, 1.0, 1.5 s
     s.add_frames(list(c.frames[4:8]), timestamps=[60.0, 60.5, 61.0, 61.5])
     s.cut_chunk()
-    (frames, meta), = s.video_items()
+    ((frames, meta),) = s.video_items()
     assert meta[GIVEN_TIMES] == [0.25, 1.25, 60.25, 61.25]
     assert meta["frames_indices"] == list(range(8))
     # a later chunk is a video of its own at the stream's rate: the processor's sampled fps is the

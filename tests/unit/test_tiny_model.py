@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from analysis.harness.tiny_model import SPECIAL_TOKENS, build, content_hash, flops_per_video_token
-from analysis.harness.checks import assert_same_greedy, served_top_logprobs
-from conftest import REPO, chat_video
+from conftest import REPO
 
 
 def _digest(path):
@@ -46,7 +45,8 @@ def test_checkpoint_shape_and_tokens(tiny_model_path):
     assert cfg["video_token_id"] == vocab["<|video_pad|>"] and cfg["image_token_id"] == vocab["<|image_pad|>"]
     text = proc.apply_chat_template(
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what happens"}]}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert "<|vision_start|><|video_pad|><|vision_end|>what happens<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
@@ -61,7 +61,9 @@ def test_bench7b_has_the_encoder_cost_of_qwen2_5_vl_7b():
     """Vision-encoder multiply-adds per LLM video token relative to the LLM's: Qwen2.5-VL-7B ~0.4,
     -3B ~0.9 (from their configs); bench7b puts the bench LLM beside an encoder of the 7B's share."""
     share = {s: 1 / flops_per_video_token(s)["ratio"] for s in ("bench", "bench7b", "Qwen2.5-VL-7B", "Qwen2.5-VL-3B")}
-    assert share["Qwen2.5-VL-7B"] == pytest.approx(0.39, abs=0.02) and share["Qwen2.5-VL-3B"] == pytest.approx(0.92, abs=0.03)
+    assert share["Qwen2.5-VL-7B"] == pytest.approx(0.39, abs=0.02) and share["Qwen2.5-VL-3B"] == pytest.approx(
+        0.92, abs=0.03
+    )
     assert abs(share["bench7b"] - share["Qwen2.5-VL-7B"]) < 0.05 and share["bench"] < 0.1
     assert flops_per_video_token("bench7b")["llm"] == flops_per_video_token("bench")["llm"]
 
@@ -79,5 +81,3 @@ def test_loads_in_transformers(size):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.shape[-1] == model.config.text_config.vocab_size and torch.isfinite(logits).all()
-
-

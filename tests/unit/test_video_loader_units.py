@@ -33,7 +33,9 @@ def _frames(n: int, h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
     return out
 
 
-def encode(path, frames, fmt=None, codec="libx264", fps=25, gop=12, bframes=3, pts=None, time_base=None, options=None) -> bytes:
+def encode(
+    path, frames, fmt=None, codec="libx264", fps=25, gop=12, bframes=3, pts=None, time_base=None, options=None
+) -> bytes:
     """Encode with PyAV; ``pts`` (in ``time_base``) gives a variable frame rate."""
     with av.open(str(path), mode="w", format=fmt) as c:
         s = c.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
@@ -60,8 +62,13 @@ CASES = {
     "mp4_bframes": dict(n=60, fmt="mp4"),
     "mp4_one_keyframe": dict(n=50, fmt="mp4", gop=1000),
     "mp4_no_bframes": dict(n=40, fmt="mp4", bframes=0),
-    "mp4_vfr": dict(n=45, fmt="mp4", time_base=Fraction(1, 1000), bframes=0,
-                    pts=list(np.cumsum([0] + [33 if i % 3 else 90 for i in range(44)]).astype(int))),
+    "mp4_vfr": dict(
+        n=45,
+        fmt="mp4",
+        time_base=Fraction(1, 1000),
+        bframes=0,
+        pts=list(np.cumsum([0] + [33 if i % 3 else 90 for i in range(44)]).astype(int)),
+    ),
     "mkv_no_frame_count": dict(n=40, fmt="matroska"),
     "mpegts_no_frame_count": dict(n=40, fmt="mpegts"),
     "avi_mpeg4": dict(n=30, fmt="avi", codec="mpeg4"),
@@ -79,7 +86,9 @@ def clips(tmp_path_factory):
     for name, spec in CASES.items():
         spec = dict(spec)
         n = spec.pop("n")
-        out[name] = encode(d / f"{name}.{spec['fmt'] if spec['fmt'] != 'matroska' else 'mkv'}", _frames(n, seed=n), **spec)
+        out[name] = encode(
+            d / f"{name}.{spec['fmt'] if spec['fmt'] != 'matroska' else 'mkv'}", _frames(n, seed=n), **spec
+        )
     return out
 
 
@@ -102,8 +111,9 @@ def _every_frame(data: bytes) -> list[np.ndarray]:
 
 def _check(name, data, ref, ref_md, got, md):
     assert md["frames_indices"] == ref_md["frames_indices"]
-    assert {k: md[k] for k in ("total_num_frames", "fps", "duration")} == \
-        {k: ref_md[k] for k in ("total_num_frames", "fps", "duration")}
+    assert {k: md[k] for k in ("total_num_frames", "fps", "duration")} == {
+        k: ref_md[k] for k in ("total_num_frames", "fps", "duration")
+    }
     assert np.array_equal(got, ref)  # nothing scaled: vLLM's pixels, bit for bit
     if name not in VLLMS_LOADER:  # decoded by the plan: the frames FFmpeg gives at those indices
         truth = _every_frame(data)
@@ -128,8 +138,11 @@ def test_same_frames_and_metadata_as_vllms_loader(clips, name, fps):
     from vllm.multimodal.video_decoders import VideoSourceMetadata, VideoTargetMetadata
 
     src = VideoSourceMetadata(md["total_num_frames"], md["fps"], md["duration"])
-    assert name in VLLMS_LOADER or md["frames_indices"] == [i for i in Qwen2VLVideoBackend.compute_frames_index_to_sample(
-        src, VideoTargetMetadata(-1, fps, 300)) if i < len(_every_frame(data))]
+    assert name in VLLMS_LOADER or md["frames_indices"] == [
+        i
+        for i in Qwen2VLVideoBackend.compute_frames_index_to_sample(src, VideoTargetMetadata(-1, fps, 300))
+        if i < len(_every_frame(data))
+    ]
 
 
 @pytest.mark.parametrize("name", ["mp4_bframes", "mpegts_no_frame_count", "mp4_vfr", "mp4_very_short"])
@@ -161,8 +174,9 @@ def test_scaled_frames_have_the_processors_size_and_grid(clips, monkeypatch):
     ref, ref_md = Qwen2VLVideoBackend.load_bytes(data, fps=2)
     got, md = FAST.load_bytes(data, fps=2)
     assert got.shape[1:3] == sizing.size(96, 128) != ref.shape[1:3] and md["video_backend"] == vl.SCALED_TAG
-    grid = lambda frames: vp(videos=[frames], return_tensors="pt", do_sample_frames=False,
-                             cap_pixels_per_frame=False)["video_grid_thw"].tolist()
+    grid = lambda frames: vp(videos=[frames], return_tensors="pt", do_sample_frames=False, cap_pixels_per_frame=False)[
+        "video_grid_thw"
+    ].tolist()
     assert grid(got) == grid(ref)
     assert sizing.size(*got.shape[1:3]) == got.shape[1:3]  # the processor's resize is a no-op
 

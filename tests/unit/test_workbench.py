@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from analysis.lib.explore import Explorer
-from analysis.lib.figures import kept_tokens_figure, overlay_figure, overlay_image, serving_figure, stream_ttft_figure, threshold_figure
+from analysis.lib.figures import (
+    kept_tokens_figure,
+    overlay_figure,
+    overlay_image,
+    serving_figure,
+    stream_ttft_figure,
+    threshold_figure,
+)
 from analysis.lib.video import SAMPLE_VIDEO
 from analysis.lib.workbench import cell_key, load_tokens, parse_range, sweep, tokens_from_frames
 from conftest import REPO, renders_offline
@@ -43,8 +50,14 @@ def test_sweep_grid_skip_and_feature_criterion(synthetic_clip):
     assert len(rows) == 2 * 2 + 2 * 3 - 2  # l1 skips 1.5 (out of range); cosine keeps all three
     r = next(r for r in rows if r["metric"] == "l1" and r["threshold"] == 0.01 and r["reference"] == "previous")
     assert r["kept_per_step"] == synthetic_clip.expected_kept_per_step() and r["seconds"] >= 0
-    again = sweep([v], [0.01, 0.5], metrics=["l1"], references=["previous"], progress=False,
-                  skip={cell_key("syn", "pixel", "l1", "previous", 0.01)})
+    again = sweep(
+        [v],
+        [0.01, 0.5],
+        metrics=["l1"],
+        references=["previous"],
+        progress=False,
+        skip={cell_key("syn", "pixel", "l1", "previous", 0.01)},
+    )
     assert [x["threshold"] for x in again] == [0.5]
     feat = sweep([v], [0.9], metrics=["cosine"], references=["previous"], criteria=["feature"], progress=False)
     assert feat[0]["criterion"] == "feature" and feat[0]["kept_per_step"][0] == 64
@@ -52,8 +65,22 @@ def test_sweep_grid_skip_and_feature_criterion(synthetic_clip):
 
 
 def test_sweep_cli_writes_tables_report_and_skips_on_rerun(tmp_path, request):
-    cmd = [sys.executable, "-m", "analysis.cli.sweep", "--video", str(SAMPLE_VIDEO), "--thresholds", "0.5:1.0:0.25",
-           "--metric", "cosine,l1", "--reference", "previous,last_kept", "--out", str(tmp_path), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis.cli.sweep",
+        "--video",
+        str(SAMPLE_VIDEO),
+        "--thresholds",
+        "0.5:1.0:0.25",
+        "--metric",
+        "cosine,l1",
+        "--reference",
+        "previous,last_kept",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "12 cells run, 0 already" in first.stdout
@@ -63,7 +90,9 @@ def test_sweep_cli_writes_tables_report_and_skips_on_rerun(tmp_path, request):
     renders_offline(request, tmp_path / "report.html", expected_plots=5)  # drop ratio + one per (metric, reference)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert "0 cells run, 12 already" in again.stdout
-    bad = subprocess.run(cmd[:-4] + ["--metric", "dot", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run(
+        cmd[:-4] + ["--metric", "dot", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "--metric" in bad.stderr
 
 
@@ -77,11 +106,32 @@ def test_figures(synthetic_clip):
     assert "0/64 kept" in overlay_figure(synthetic_clip.frames, mask.numpy(), step=1).layout.title.text
     fig = kept_tokens_figure([64, 0, 2], 64, times=[0, 1, 2], events=[1.0])
     assert list(fig.data[0].y) == [64, 0, 2] and len(fig.layout.shapes) == 1
-    rows = [{"video": "v", "criterion": "pixel", "metric": "l1", "reference": "previous", "threshold": t, "drop_ratio": t / 2}
-            for t in (0.2, 0.1)]
+    rows = [
+        {
+            "video": "v",
+            "criterion": "pixel",
+            "metric": "l1",
+            "reference": "previous",
+            "threshold": t,
+            "drop_ratio": t / 2,
+        }
+        for t in (0.2, 0.1)
+    ]
     assert list(threshold_figure(rows).data[0].x) == [0.1, 0.2]
-    assert len(serving_figure([{"threshold": None, "latency_s": 1, "prompt_tokens": 9}, {"threshold": 0.1, "latency_s": 0.5, "prompt_tokens": 5}]).data) == 2
-    assert len(stream_ttft_figure([{"time_s": 1, "ttft_s": 0.1}], [{"time_s": 1, "ttft_s": 1.0}], events=[0.5]).data) == 2
+    assert (
+        len(
+            serving_figure(
+                [
+                    {"threshold": None, "latency_s": 1, "prompt_tokens": 9},
+                    {"threshold": 0.1, "latency_s": 0.5, "prompt_tokens": 5},
+                ]
+            ).data
+        )
+        == 2
+    )
+    assert (
+        len(stream_ttft_figure([{"time_s": 1, "ttft_s": 0.1}], [{"time_s": 1, "ttft_s": 1.0}], events=[0.5]).data) == 2
+    )
 
 
 def test_explorer_logic_and_widgets():
@@ -143,7 +193,9 @@ def test_held_error_is_zero_for_a_compensated_pan_and_not_for_previous():
     # the same mask held at the SAME place (no compensation) misses most of every frame
     assert held_error(tokens, motion.mask) > 0.1
     with pytest.raises(ValueError, match="no compensated reference"):
-        held_error(tokens, torch.zeros(4, 10, 10, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True), motion.offsets)
+        held_error(
+            tokens, torch.zeros(4, 10, 10, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True), motion.offsets
+        )
 
 
 def test_reference_comparison_verdicts_and_the_explorer_widget():
@@ -152,16 +204,41 @@ def test_reference_comparison_verdicts_and_the_explorer_widget():
     from analysis.lib.sweeps import reference_comparison, reference_explorer
 
     def row(video, ref, kept, held, offsets=((0, 0),)):
-        return {"video": video, "criterion": "pixel", "metric": "l1", "reference": ref, "threshold": 0.05, "kept": kept,
-                "total": 100, "drop_ratio": 1 - kept / 100, "seconds": 0.0, "held_error": held, "tokens_per_step": 50,
-                "frames": 4, "fps": 1.0, "kept_per_step": [50, kept - 50], "offsets": [list(o) for o in offsets]}
+        return {
+            "video": video,
+            "criterion": "pixel",
+            "metric": "l1",
+            "reference": ref,
+            "threshold": 0.05,
+            "kept": kept,
+            "total": 100,
+            "drop_ratio": 1 - kept / 100,
+            "seconds": 0.0,
+            "held_error": held,
+            "tokens_per_step": 50,
+            "frames": 4,
+            "fps": 1.0,
+            "kept_per_step": [50, kept - 50],
+            "offsets": [list(o) for o in offsets],
+        }
 
-    df = pd.DataFrame([row("moviepy_airplane.mp4", "previous", 80, 0.010), row("moviepy_airplane.mp4", "motion", 65, 0.009, ((0, 0), (1, 0))),
-                       row("sam2_02_cups.mp4", "previous", 60, 0.002), row("sam2_02_cups.mp4", "motion", 61, 0.002),
-                       row("other.mp4", "previous", 60, 0.002), row("other.mp4", "motion", 90, 0.002)])
+    df = pd.DataFrame(
+        [
+            row("moviepy_airplane.mp4", "previous", 80, 0.010),
+            row("moviepy_airplane.mp4", "motion", 65, 0.009, ((0, 0), (1, 0))),
+            row("sam2_02_cups.mp4", "previous", 60, 0.002),
+            row("sam2_02_cups.mp4", "motion", 61, 0.002),
+            row("other.mp4", "previous", 60, 0.002),
+            row("other.mp4", "motion", 90, 0.002),
+        ]
+    )
     rows = {r["video"]: r for r in reference_comparison(df, 0.05)}
-    assert rows["moviepy_airplane.mp4"]["motion_drop_ratio_vs_previous"] == 35 / 20 and rows["moviepy_airplane.mp4"]["met"]
-    assert rows["sam2_02_cups.mp4"]["motion_drop_ratio_vs_previous"] == 39 / 40 and not rows["sam2_02_cups.mp4"]["met"]  # 2.5% off
+    assert (
+        rows["moviepy_airplane.mp4"]["motion_drop_ratio_vs_previous"] == 35 / 20 and rows["moviepy_airplane.mp4"]["met"]
+    )
+    assert (
+        rows["sam2_02_cups.mp4"]["motion_drop_ratio_vs_previous"] == 39 / 40 and not rows["sam2_02_cups.mp4"]["met"]
+    )  # 2.5% off
     assert "met" not in rows["other.mp4"]
     worse = df.copy()
     worse.loc[1, "held_error"] = 0.011  # more dropped, but a higher held error: not met
@@ -182,7 +259,7 @@ def test_translation_bound_finds_the_pan_and_bounds_motion():
 
     g = torch.Generator().manual_seed(2)
     big = torch.rand(30, 30, 6, generator=g)
-    tokens = torch.stack([big[10 - 2 * t : 20 - 2 * t, 10 : 20] for t in range(4)])  # (+2, 0) per step
+    tokens = torch.stack([big[10 - 2 * t : 20 - 2 * t, 10:20] for t in range(4)])  # (+2, 0) per step
     bound = translation_bound(tokens, 0.01, "l1", max_shift=3)
     assert bound["shifts"] == [(0, 0), (2, 0), (2, 0), (2, 0)] and bound["drop_ratio"] == 3 * 80 / 400
     motion = decide_steps(tokens, DTDConfig(reference="motion", threshold=0.01))

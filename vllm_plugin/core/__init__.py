@@ -13,24 +13,72 @@ reference pipeline, benchmarks and notebooks import it; nothing re-implements it
 """
 
 from vllm_plugin.core.config import (
-    CRITERIA, DEFAULT_FEATURE_METRIC, DEFAULT_METRIC, DEFAULT_METRICS, DEFAULT_THRESHOLDS, METRICS, DTDConfig, DTDOptionError,
-    default_threshold, reference_names, validate_threshold,
+    CRITERIA,
+    DEFAULT_FEATURE_METRIC,
+    DEFAULT_METRIC,
+    DEFAULT_METRICS,
+    DEFAULT_THRESHOLDS,
+    METRICS,
+    DTDConfig,
+    DTDOptionError,
+    default_threshold,
+    reference_names,
+    validate_threshold,
 )
 from vllm_plugin.core.decide import Decision, decide_steps, keep_at_least_one
 from vllm_plugin.core.masks import dtd_keep_mask, token_scores
-from vllm_plugin.core.references import Reference, get_reference, register_reference
 from vllm_plugin.core.positions import (
-    kept_thw, mrope_positions, timestamped_mrope_positions, timestamped_position_span, video_position_span,
+    kept_thw,
+    mrope_positions,
+    timestamped_mrope_positions,
+    timestamped_position_span,
+    video_position_span,
 )
+from vllm_plugin.core.references import Reference, get_reference, register_reference
 from vllm_plugin.core.stats import DTDStats, mask_digest, mask_stats
 from vllm_plugin.core.tokens import (
-    OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PatchLayout, frame_tokens, pixel_decide, pixel_keep_mask, pixel_tokens,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    PatchLayout,
+    frame_tokens,
+    pixel_decide,
+    pixel_keep_mask,
+    pixel_tokens,
 )
 
 __all__ = [
-    "CRITERIA", "DEFAULT_FEATURE_METRIC", "DEFAULT_METRIC", "DEFAULT_METRICS", "DEFAULT_THRESHOLDS", "METRICS", "DTDConfig",
-    "DTDOptionError", "default_threshold", "reference_names", "validate_threshold", "Decision", "decide_steps", "keep_at_least_one",
-    "dtd_keep_mask", "token_scores", "Reference", "get_reference", "register_reference", "kept_thw", "mrope_positions", "timestamped_mrope_positions",
-    "timestamped_position_span", "video_position_span", "DTDStats", "mask_digest", "mask_stats",
-    "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "PatchLayout", "frame_tokens", "pixel_decide", "pixel_keep_mask", "pixel_tokens",
+    "CRITERIA",
+    "DEFAULT_FEATURE_METRIC",
+    "DEFAULT_METRIC",
+    "DEFAULT_METRICS",
+    "DEFAULT_THRESHOLDS",
+    "METRICS",
+    "DTDConfig",
+    "DTDOptionError",
+    "default_threshold",
+    "reference_names",
+    "validate_threshold",
+    "Decision",
+    "decide_steps",
+    "keep_at_least_one",
+    "dtd_keep_mask",
+    "token_scores",
+    "Reference",
+    "get_reference",
+    "register_reference",
+    "kept_thw",
+    "mrope_positions",
+    "timestamped_mrope_positions",
+    "timestamped_position_span",
+    "video_position_span",
+    "DTDStats",
+    "mask_digest",
+    "mask_stats",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "PatchLayout",
+    "frame_tokens",
+    "pixel_decide",
+    "pixel_keep_mask",
+    "pixel_tokens",
 ]

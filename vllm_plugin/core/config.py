@@ -8,8 +8,9 @@ read their defaults from here. References are registered in :mod:`vllm_plugin.co
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 METRICS: tuple[str, ...] = ("cosine", "l1")
 CRITERIA: tuple[str, ...] = ("pixel", "feature")
@@ -93,12 +94,12 @@ class DTDConfig:
     Request options are the fields with a ``dtd_`` prefix (:meth:`from_kwargs`, :meth:`to_kwargs`).
     """
 
-    threshold: Optional[float] = None
-    metric: Optional[str] = None
+    threshold: float | None = None
+    metric: str | None = None
     reference: str = "previous"
     criterion: str = "pixel"
     enabled: bool = True
-    drop_ratio: Optional[float] = None
+    drop_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -129,7 +130,7 @@ class DTDConfig:
         return tuple(OPTION_PREFIX + f.name for f in fields(cls))
 
     @classmethod
-    def from_kwargs(cls, kwargs: Optional[Mapping[str, Any]], criteria: Sequence[str] = CRITERIA) -> "DTDConfig":
+    def from_kwargs(cls, kwargs: Mapping[str, Any] | None, criteria: Sequence[str] = CRITERIA) -> DTDConfig:
         """The setting of a request's ``dtd_*`` options (other keys are ignored; absent ones take the
         defaults). Raises :class:`DTDOptionError` naming the option: an unknown ``dtd_*`` key, an
         explicit null, a criterion outside ``criteria``, a bad value."""
@@ -144,12 +145,15 @@ class DTDConfig:
         criterion = given.get("dtd_criterion", "pixel")
         if criterion not in criteria:
             raise DTDOptionError("dtd_criterion", f"must be one of {list(criteria)}, got {criterion!r}")
-        return cls(**{k[len(OPTION_PREFIX):]: v for k, v in given.items()})
+        return cls(**{k[len(OPTION_PREFIX) :]: v for k, v in given.items()})
 
     def to_kwargs(self) -> dict[str, Any]:
         """The request options that give this setting (``from_kwargs(c.to_kwargs()) == c``)."""
-        return {OPTION_PREFIX + f.name: getattr(self, f.name) for f in fields(self)
-                if not (f.name == "drop_ratio" and self.drop_ratio is None)}
+        return {
+            OPTION_PREFIX + f.name: getattr(self, f.name)
+            for f in fields(self)
+            if not (f.name == "drop_ratio" and self.drop_ratio is None)
+        }
 
 
 OPTION_PREFIX = "dtd_"

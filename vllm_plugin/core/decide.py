@@ -20,8 +20,9 @@ True = kept; the state (H, W, C).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -42,16 +43,16 @@ class Decision:
     read ((0, 0) but for ``motion``; (0, 0) for steps kept whole)."""
 
     mask: torch.Tensor
-    state: Optional[torch.Tensor]
+    state: torch.Tensor | None
     offsets: tuple[tuple[int, int], ...]
 
 
 def decide_steps(
     tokens: Any,
     config: DTDConfig,
-    state: Optional[torch.Tensor] = None,
-    score: Optional[StepScorer] = None,
-    observe: Optional[Callable[[int, torch.Tensor], None]] = None,
+    state: torch.Tensor | None = None,
+    score: StepScorer | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Decision:
     """Decide which tokens of ``tokens`` survive under ``config``.
 

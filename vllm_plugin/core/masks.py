@@ -20,8 +20,6 @@ the merged spatial grid (one entry per LLM token), ``C`` channels of a token.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +42,7 @@ def check_tokens(tokens: object, name: str = "tokens") -> torch.Tensor:
     return tokens
 
 
-def check_initial_reference(initial_reference: Optional[torch.Tensor], tokens: torch.Tensor) -> None:
+def check_initial_reference(initial_reference: torch.Tensor | None, tokens: torch.Tensor) -> None:
     if initial_reference is None:
         return
     if not isinstance(initial_reference, torch.Tensor) or tuple(initial_reference.shape) != tuple(tokens.shape[1:]):
@@ -85,11 +83,11 @@ def redundancy(scores: torch.Tensor, metric: str) -> torch.Tensor:
 
 def dtd_keep_mask(
     tokens: torch.Tensor,
-    threshold: Optional[float] = None,
+    threshold: float | None = None,
     metric: str = DEFAULT_METRIC,
     reference: str = "previous",
-    initial_reference: Optional[torch.Tensor] = None,
-    drop_ratio: Optional[float] = None,
+    initial_reference: torch.Tensor | None = None,
+    drop_ratio: float | None = None,
 ) -> torch.Tensor:
     """Which tokens of a video survive DTD: :func:`vllm_plugin.core.decide.decide_steps`'s mask, for
     tokens given as a tensor.

@@ -3,7 +3,7 @@ holes; nothing shifts."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,7 +59,9 @@ def video_position_span(T: int, H: int, W: int, t_factor: float) -> int:
     return max(last_t, H - 1, W - 1) + 1
 
 
-def timestamped_mrope_positions(mask: torch.Tensor, text_lens: Sequence[int], start: int = 0) -> tuple[torch.Tensor, int]:
+def timestamped_mrope_positions(
+    mask: torch.Tensor, text_lens: Sequence[int], start: int = 0
+) -> tuple[torch.Tensor, int]:
     """M-RoPE position ids of one video item laid out as Qwen3-VL lays it out: each temporal step is
     its own frame group, preceded by text (its ``<t.t seconds>`` timestamp and ``<|vision_start|>``;
     from the second step on also the previous step's ``<|vision_end|>``), and time is carried by that
@@ -91,7 +93,7 @@ def timestamped_mrope_positions(mask: torch.Tensor, text_lens: Sequence[int], st
         parts.append(torch.arange(p, p + lens[t]).expand(3, -1))
         p += lens[t]
         if t < T:
-            pos, p = mrope_positions(mask[t:t + 1], start=p)
+            pos, p = mrope_positions(mask[t : t + 1], start=p)
             parts.append(pos)
     return torch.cat(parts, dim=1), p
 

@@ -7,8 +7,9 @@ tokens ``(T, H, W, C)`` with ``T = grid_t``, ``H = grid_h // merge``, ``W = grid
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class PatchLayout:
     normalized: bool = True
     rescale_factor: float = 1.0 / 255.0
 
-    def with_(self, **changes: Any) -> "PatchLayout":
+    def with_(self, **changes: Any) -> PatchLayout:
         return replace(self, **changes) if changes else self
 
     def denormalize(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -56,8 +57,12 @@ class PatchLayout:
         return ((x - mean) / std).reshape(pixel_values.shape[0], -1)
 
 
-def pixel_tokens(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor,
-                 layout: PatchLayout = PatchLayout(), **overrides: Any) -> torch.Tensor:
+def pixel_tokens(
+    pixel_values: torch.Tensor,
+    grid_thw: Sequence[int] | torch.Tensor,
+    layout: PatchLayout = PatchLayout(),
+    **overrides: Any,
+) -> torch.Tensor:
     """Qwen2-VL / Qwen2.5-VL processed video patches -> one pixel token per LLM position.
 
     Args:
@@ -80,7 +85,9 @@ def pixel_tokens(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Ten
     return lay.denormalize(x, inplace=False).reshape(*x.shape[:3], -1)
 
 
-def _patch_view(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+def _patch_view(
+    pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, layout: PatchLayout
+) -> torch.Tensor:
     """Validate and view the patches as (T, H, W, merge², channels, rest) (no copy)."""
     merge_size, temporal_patch_size, channels = layout.merge_size, layout.temporal_patch_size, layout.channels
     t, h, w = (int(x) for x in (grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw))
@@ -122,16 +129,30 @@ class _StepTokens:
         return self._buffers[self._held[t]].view(self.shape[1:])
 
 
-def pixel_keep_mask(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, threshold: Optional[float] = None,
-                    metric: str = DEFAULT_METRIC, reference: str = "previous", reference_steps: int = 0,
-                    layout: PatchLayout = PatchLayout(), drop_ratio: Optional[float] = None, **overrides: Any) -> torch.Tensor:
+def pixel_keep_mask(
+    pixel_values: torch.Tensor,
+    grid_thw: Sequence[int] | torch.Tensor,
+    threshold: float | None = None,
+    metric: str = DEFAULT_METRIC,
+    reference: str = "previous",
+    reference_steps: int = 0,
+    layout: PatchLayout = PatchLayout(),
+    drop_ratio: float | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
     """:func:`pixel_decide`'s mask for a threshold (or ``drop_ratio``), metric and reference."""
     config = DTDConfig(threshold=threshold, metric=metric, reference=reference, drop_ratio=drop_ratio)
     return pixel_decide(pixel_values, grid_thw, config, reference_steps, layout, **overrides).mask
 
 
-def pixel_decide(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, config: DTDConfig,
-                 reference_steps: int = 0, layout: PatchLayout = PatchLayout(), **overrides: Any) -> Decision:
+def pixel_decide(
+    pixel_values: torch.Tensor,
+    grid_thw: Sequence[int] | torch.Tensor,
+    config: DTDConfig,
+    reference_steps: int = 0,
+    layout: PatchLayout = PatchLayout(),
+    **overrides: Any,
+) -> Decision:
     """DTD straight from processed patches: ``decide_steps(pixel_tokens(pixel_values, grid_thw, ...)
     [reference_steps:], config, state=<step reference_steps - 1>)``, the same mask bit for bit,
     computed one temporal step at a time (what the serving plugin runs). Raw 8-bit patches (vLLM's
@@ -150,13 +171,26 @@ def pixel_decide(pixel_values: torch.Tensor, grid_thw: Sequence[int] | torch.Ten
     """
     lay = layout.with_(**overrides)
     patches = _patch_view(pixel_values, grid_thw, lay)
-    if isinstance(reference_steps, bool) or not isinstance(reference_steps, int) or not 0 <= reference_steps < patches.shape[0]:
+    if (
+        isinstance(reference_steps, bool)
+        or not isinstance(reference_steps, int)
+        or not 0 <= reference_steps < patches.shape[0]
+    ):
         raise ValueError(f"reference_steps must be an int in [0, T), got {reference_steps!r}")
-    if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values.sum())) and not bool(torch.isfinite(pixel_values).all()):
+    if (
+        pixel_values.is_floating_point()
+        and not bool(torch.isfinite(pixel_values.sum()))
+        and not bool(torch.isfinite(pixel_values).all())
+    ):
         raise ValueError("pixel_values contains NaN or inf")
     metric, threshold = str(config.metric), float(config.threshold or 0.0)
-    if (pixel_values.dtype == torch.uint8 and not lay.normalized and metric == "l1" and config.drop_ratio is None
-            and _exact_scale_ok(lay.rescale_factor)):
+    if (
+        pixel_values.dtype == torch.uint8
+        and not lay.normalized
+        and metric == "l1"
+        and config.drop_ratio is None
+        and _exact_scale_ok(lay.rescale_factor)
+    ):
         steps = patches.reshape(*patches.shape[:3], -1)  # uint8 (T, H, W, C), token elements in pixel_tokens' order
         initial = steps[reference_steps - 1] if reference_steps else None
         score = _l1_scores_8bit(threshold, float(lay.rescale_factor))
@@ -204,7 +238,9 @@ def _l1_scores_8bit(threshold: float, rescale: float) -> Callable[[torch.Tensor,
     return score
 
 
-def frame_tokens(frames: torch.Tensor, patch_size: int = 14, layout: PatchLayout = PatchLayout(), **overrides: Any) -> torch.Tensor:
+def frame_tokens(
+    frames: torch.Tensor, patch_size: int = 14, layout: PatchLayout = PatchLayout(), **overrides: Any
+) -> torch.Tensor:
     """Pixel tokens straight from frames that are already at the processor's target size.
 
     Args:

@@ -6,7 +6,8 @@ overrides them with ``extra_body={"mm_processor_kwargs": {"dtd_threshold": 0.1}}
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vllm_plugin.core import CRITERIA, DTDConfig
 from vllm_plugin.core.config import OPTION_PREFIX

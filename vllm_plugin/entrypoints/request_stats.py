@@ -12,18 +12,19 @@ import contextvars
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from vllm_plugin.core import DTDStats
 
 logger = logging.getLogger("vllm.dtd_plugin")  # under "vllm": shown by vLLM's log handler
 
 _LOCK = threading.Lock()
-_BY_HASH: "OrderedDict[str, tuple[DTDStats, str]]" = OrderedDict()
+_BY_HASH: OrderedDict[str, tuple[DTDStats, str]] = OrderedDict()
 _MAX = 4096
 
 # The list of stats of the request being handled (None outside a request).
-REQUEST_STATS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("dtd_request_stats", default=None)
+REQUEST_STATS: contextvars.ContextVar[list | None] = contextvars.ContextVar("dtd_request_stats", default=None)
 
 _metrics: dict[str, Any] = {}
 
@@ -36,7 +37,7 @@ def record(mm_hash: str, stats: DTDStats, digest: str) -> None:
             _BY_HASH.popitem(last=False)
 
 
-def lookup(mm_hash: str) -> Optional[tuple[DTDStats, str]]:
+def lookup(mm_hash: str) -> tuple[DTDStats, str] | None:
     with _LOCK:
         return _BY_HASH.get(mm_hash)
 
@@ -56,11 +57,15 @@ def _make_counters():
         _metrics["decision"] = Counter("vllm_dtd_decision_seconds", "Time spent deciding which video tokens to drop")
         _metrics["preprocess"] = Counter(
             "vllm_dtd_video_preprocess_seconds",
-            "Time decoding videos and in the multimodal processor (DTD decision included, the vision tower not)")
+            "Time decoding videos and in the multimodal processor (DTD decision included, the vision tower not)",
+        )
         _metrics["encoder_steps"] = Counter(
-            "vllm_dtd_encoder_steps", "Video temporal steps encoded by the API server's vision tower (feature-level DTD)")
+            "vllm_dtd_encoder_steps",
+            "Video temporal steps encoded by the API server's vision tower (feature-level DTD)",
+        )
         _metrics["encoder_seconds"] = Counter(
-            "vllm_dtd_encoder_seconds", "Time the API server's vision tower spent encoding video (feature-level DTD)")
+            "vllm_dtd_encoder_seconds", "Time the API server's vision tower spent encoding video (feature-level DTD)"
+        )
     return _metrics
 
 
@@ -103,7 +108,10 @@ def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:
     for s, _ in found:
         logger.info(
             "DTD: video tokens kept %d of %d (%.1f%% dropped); kept per temporal step %s",
-            s.kept, s.total, 100 * s.drop_ratio, list(s.kept_per_step),
+            s.kept,
+            s.total,
+            100 * s.drop_ratio,
+            list(s.kept_per_step),
         )
     return found
 

@@ -53,7 +53,7 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -65,8 +65,17 @@ LOADER_NAME = "dtd_fast"
 NATIVE_TAG, SCALED_TAG = f"pyav_{LOADER_NAME}", f"pyav_{LOADER_NAME}_scaled"  # the metadata's video_backend
 FAST_DECODE_KEY = "fast_decode"
 # processor kwargs that change the frame size: the loader cannot see a request's processor kwargs
-SIZE_KWARGS = ("size", "min_pixels", "max_pixels", "shortest_edge", "longest_edge", "resized_height",
-               "resized_width", "cap_pixels_per_frame", "max_video_tokens")
+SIZE_KWARGS = (
+    "size",
+    "min_pixels",
+    "max_pixels",
+    "shortest_edge",
+    "longest_edge",
+    "resized_height",
+    "resized_width",
+    "cap_pixels_per_frame",
+    "max_video_tokens",
+)
 # the Qwen processors resize with bicubic (antialiased) too; scaling the YUV planes before the RGB
 # conversion: 3.0 ms per 2048x1810 -> 476x420 frame, converting first then scaling: 15.4 ms
 _SWS_INTERPOLATION = "BICUBIC"
@@ -94,8 +103,11 @@ def tag_for_hash(result):
     bytes tagged when this loader decoded it (idempotent)."""
     media = getattr(result, "media", None)
     meta = media[1] if isinstance(media, tuple) and len(media) == 2 else None
-    if isinstance(meta, Mapping) and meta.get("video_backend") in (NATIVE_TAG, SCALED_TAG) and \
-            not result.original_bytes.startswith(HASH_TAG):
+    if (
+        isinstance(meta, Mapping)
+        and meta.get("video_backend") in (NATIVE_TAG, SCALED_TAG)
+        and not result.original_bytes.startswith(HASH_TAG)
+    ):
         result.original_bytes = HASH_TAG + result.original_bytes
     return result
 
@@ -121,7 +133,7 @@ class FrameSizing:
         return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
     @classmethod
-    def of(cls, video_processor, server_kwargs: dict) -> Optional["FrameSizing"]:
+    def of(cls, video_processor, server_kwargs: dict) -> FrameSizing | None:
         """The sizing of ``video_processor``; None when the server's processor kwargs change it (then
         frames are decoded at their own size and the processor resizes them, as in vLLM)."""
         if size_keys(server_kwargs):
@@ -150,7 +162,7 @@ def _concurrency() -> int:
     return settings.get("DTD_VIDEO_DECODE_CONCURRENCY") or _cpus()
 
 
-_SIZING: Optional[FrameSizing] = None
+_SIZING: FrameSizing | None = None
 _LOGGED_CODECS: list = [None]  # the codec list install() last logged
 _THREADS = min(16, _cpus())  # FFmpeg frame threads per decode (FFmpeg's own automatic choice caps at 16 too)
 _SLOTS = threading.BoundedSemaphore(_concurrency())
@@ -184,7 +196,7 @@ def source_metadata(container, stream, visible_frames: int):
     return VideoSourceMetadata(total_frames_num=total, original_fps=fps, duration=total / fps if fps > 0 else 0)
 
 
-def _scaler(sizing: Optional[FrameSizing], width: int, height: int):
+def _scaler(sizing: FrameSizing | None, width: int, height: int):
     out_h, out_w = sizing.size(height, width) if sizing is not None else (height, width)
 
     def scale(frame) -> np.ndarray:
@@ -195,7 +207,9 @@ def _scaler(sizing: Optional[FrameSizing], width: int, height: int):
     return scale, (out_h, out_w)
 
 
-def _decode_planned(container, stream, frame_pts: list[int], keys: list[int], indices: list[int], scale) -> dict[int, np.ndarray]:
+def _decode_planned(
+    container, stream, frame_pts: list[int], keys: list[int], indices: list[int], scale
+) -> dict[int, np.ndarray]:
     """Decode the frames at ``indices`` (presentation order), seeking to the keyframe before each
     run and skipping non-reference frames nothing needs. Raises :class:`FastDecodeUnavailable`
     when a needed frame does not come out as planned."""
@@ -205,7 +219,7 @@ def _decode_planned(container, stream, frame_pts: list[int], keys: list[int], in
     cc = stream.codec_context
     j = 0
 
-    def key_before(pts: int) -> Optional[int]:
+    def key_before(pts: int) -> int | None:
         k = bisect.bisect_right(keys, pts) - 1
         return keys[k] if k >= 0 else None
 
@@ -305,7 +319,7 @@ def _packets(container, stream):
     return pts, keys, discarded
 
 
-def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizing: Optional[FrameSizing]):
+def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizing: FrameSizing | None):
     """``(frames uint8 (N, h, w, 3) RGB, source metadata, sampled indices, indices decoded)`` — the
     return of vLLM's ``decode_video`` — with the frames at ``sizing``'s size. Raises
     :class:`FastDecodeUnavailable` when only vLLM's loader gives vLLM's frames for this file (the
@@ -321,7 +335,9 @@ def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizin
             pts, keys, _ = _packets(container, stream)
             source = loader_cls._prepare_source(source_metadata(container, stream, len(pts)))
             frame_idx = loader_cls.compute_frames_index_to_sample(source=source, target=target, **sampling_kwargs)
-            stream.thread_type = "FRAME"  # measured here: FRAME threads 0.97 s, AUTO 1.56 s, SLICE 1.38 s (636 frames, 2048x1810)
+            stream.thread_type = (
+                "FRAME"  # measured here: FRAME threads 0.97 s, AUTO 1.56 s, SLICE 1.38 s (636 frames, 2048x1810)
+            )
             stream.codec_context.thread_count = _THREADS
             scale, (out_h, out_w) = _scaler(sizing, width, height)
             frame_pts = sorted(pts)
@@ -358,8 +374,9 @@ class FastDecodeMixin:
             with _guarded(data):
                 pass
             return base.load_bytes(data, **kwargs)
-        target = VideoTargetMetadata(num_frames=a.get("num_frames", -1), fps=a.get("fps", -1),
-                                     max_duration=a.get("max_duration", 300))
+        target = VideoTargetMetadata(
+            num_frames=a.get("num_frames", -1), fps=a.get("fps", -1), max_duration=a.get("max_duration", 300)
+        )
         sampling_kwargs, _ = resolve_video_backend_kwargs(backend, extra)
         try:
             with _SLOTS:
@@ -369,8 +386,9 @@ class FastDecodeMixin:
             return base.load_bytes(data, **kwargs)
         if len(valid) < len(frame_idx):
             logger.warning("DTD video loader: expected %d frames but got %d.", len(frame_idx), len(valid))
-        return frames, cls.create_hf_metadata(source=source, valid_frame_indices=valid,
-                                              video_backend=SCALED_TAG if _SIZING is not None else NATIVE_TAG)
+        return frames, cls.create_hf_metadata(
+            source=source, valid_frame_indices=valid, video_backend=SCALED_TAG if _SIZING is not None else NATIVE_TAG
+        )
 
 
 def split_request_options(media_io_kwargs):
@@ -397,9 +415,11 @@ def check_request(item, request_kwargs) -> None:
     if isinstance(meta, Mapping) and meta.get("video_backend") == SCALED_TAG:
         clash = size_keys(request_kwargs)
         if clash:
-            raise ValueError(f"mm_processor_kwargs.{clash[0]}: the frame size of a request cannot be changed when the "
-                             f"server's video loader scales frames; send media_io_kwargs "
-                             f'{{"video": {{"{FAST_DECODE_KEY}": false}}}} with it')
+            raise ValueError(
+                f"mm_processor_kwargs.{clash[0]}: the frame size of a request cannot be changed when the "
+                f"server's video loader scales frames; send media_io_kwargs "
+                f'{{"video": {{"{FAST_DECODE_KEY}": false}}}} with it'
+            )
 
 
 # vLLM loader classes whose load_bytes is VideoBackend.load_bytes (sampling + one codec call): the
@@ -408,7 +428,7 @@ _FAST_BASES = ("VideoBackend", "Qwen2VLVideoBackend")
 _CLASSES: dict[type, type] = {}
 
 
-def loader_class(base: type) -> Optional[type]:
+def loader_class(base: type) -> type | None:
     """The fast loader in front of vLLM's ``base`` loader class (None if ``base`` is not one it reproduces)."""
     if base.__name__ not in _FAST_BASES:
         return None
@@ -430,7 +450,7 @@ def check_vllm(base: type) -> None:
     require(type(VIDEO_LOADER_REGISTRY), "register", ["name", "video_processor", "requires_gpu"])
 
 
-def install(model_config, video_processor, server_kwargs: dict) -> Optional[str]:
+def install(model_config, video_processor, server_kwargs: dict) -> str | None:
     """Register the fast loader for the served model's video processor in vLLM's
     ``VIDEO_LOADER_REGISTRY`` (the API server's process only; idempotent) and set the frame sizing.
     ``DTD_FAST_VIDEO_LOADER=0`` leaves vLLM's choice alone. Returns the backend name or None.
@@ -462,8 +482,11 @@ def install(model_config, video_processor, server_kwargs: dict) -> Optional[str]
     check_vllm(base)
     _SIZING = FrameSizing.of(video_processor, server_kwargs)
     VIDEO_LOADER_REGISTRY.register(LOADER_NAME, video_processor=name)(cls)
-    logger.info("DTD video loader %r: decodes the frames vLLM's %r loader samples, scaled to the processor's "
-                "size (%s); media_io_kwargs {\"video\": {\"fast_decode\": false}} runs vLLM's loader",
-                LOADER_NAME, vllm_backend or envs.VLLM_VIDEO_LOADER_BACKEND,
-                "per processor config" if _SIZING else "not scaled: the server's processor kwargs set the size")
+    logger.info(
+        "DTD video loader %r: decodes the frames vLLM's %r loader samples, scaled to the processor's "
+        'size (%s); media_io_kwargs {"video": {"fast_decode": false}} runs vLLM\'s loader',
+        LOADER_NAME,
+        vllm_backend or envs.VLLM_VIDEO_LOADER_BACKEND,
+        "per processor config" if _SIZING else "not scaled: the server's processor kwargs set the size",
+    )
     return LOADER_NAME

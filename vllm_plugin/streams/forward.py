@@ -24,7 +24,6 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from vllm_plugin import settings
 from vllm_plugin.streams.session import stream_owner
@@ -33,8 +32,16 @@ logger = logging.getLogger("vllm.dtd_plugin")
 
 _PATH = re.compile(r"^/v1/streams/([^/]+)")
 FORWARDED = b"x-dtd-forwarded-from"
-_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"upgrade", b"proxy-connection",
-        b"content-length"}
+_HOP = {
+    b"host",
+    b"connection",
+    b"keep-alive",
+    b"transfer-encoding",
+    b"te",
+    b"upgrade",
+    b"proxy-connection",
+    b"content-length",
+}
 _SERVER_HEADERS = {b"date", b"server"}  # the forwarding server sends its own
 
 
@@ -70,7 +77,7 @@ def socket_dir(server_key: str) -> Path:
 class Peers:
     """The API-server processes of one server: this one's index, their count, their sockets."""
 
-    def __init__(self, index: int, count: int, server_key: Optional[str] = None):
+    def __init__(self, index: int, count: int, server_key: str | None = None):
         self.index, self.count = index, count
         self.dir = socket_dir(server_key or str(os.getppid())) if count > 1 else None
         given = settings.get(SOCKET_DIR_ENV)
@@ -142,8 +149,13 @@ class Peers:
 async def _json(send, status: int, message: str) -> None:
     kind = {404: "NotFoundError", 413: "PayloadTooLargeError"}.get(status, "ServiceUnavailableError")
     body = json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -183,7 +195,7 @@ class StreamForwarder:
             return await _json(send, 413, f"request body larger than {svc.max_body_bytes} bytes")
         receive = _limited(receive, svc.max_body_bytes)
         m = _PATH.match(scope["path"])
-        peers: Optional[Peers] = getattr(svc, "peers", None)
+        peers: Peers | None = getattr(svc, "peers", None)
         if m is None or peers is None or peers.count <= 1:
             return await self.app(scope, receive, send)
         owner = stream_owner(m.group(1))
@@ -205,7 +217,11 @@ class StreamForwarder:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
         headers.append((FORWARDED, str(peers.index).encode()))
         qs = scope.get("query_string", b"").decode("latin-1")
-        url = "http://dtd-peer" + scope.get("raw_path", scope["path"].encode()).decode("latin-1") + (f"?{qs}" if qs else "")
+        url = (
+            "http://dtd-peer"
+            + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+            + (f"?{qs}" if qs else "")
+        )
         client = peers.client(owner)
 
         async def relay():
@@ -218,7 +234,11 @@ class StreamForwarder:
                 logger.warning("DTD streams: API server %d cannot reach API server %d: %s", peers.index, owner, e)
                 return await _json(send, 503, f"the API-server process holding this stream is not reachable ({e})")
             try:
-                out = [(k, v) for k, v in resp.headers.raw if k.lower() not in (_HOP | _SERVER_HEADERS) - {b"content-length"}]
+                out = [
+                    (k, v)
+                    for k, v in resp.headers.raw
+                    if k.lower() not in (_HOP | _SERVER_HEADERS) - {b"content-length"}
+                ]
                 out.append((b"x-dtd-stream-owner", str(owner).encode()))
                 await send({"type": "http.response.start", "status": resp.status_code, "headers": out})
                 async for chunk in resp.aiter_raw():

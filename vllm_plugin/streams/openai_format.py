@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -17,7 +16,7 @@ class Timing:
 
     def __init__(self):
         self.t0 = time.perf_counter()
-        self.ttft_s: Optional[float] = None
+        self.ttft_s: float | None = None
 
     def saw(self, out) -> None:
         if self.ttft_s is None and out.outputs and out.outputs[0].token_ids:
@@ -40,26 +39,36 @@ def video_tokens_per_chunk(items, prompt_ids: list[int], video_pad: int) -> list
             break
         counts.append(max(1, int(np.asarray(meta[GIVEN_MASK]).sum())))
     if served != sum(counts):  # a bug, not the client's: said in the log, the answer stands
-        logging.getLogger("vllm.dtd_plugin").error("DTD stream: the served prompt holds %d video tokens, its chunks' masks "
-                                                   "keep %d", served, sum(counts))
+        logging.getLogger("vllm.dtd_plugin").error(
+            "DTD stream: the served prompt holds %d video tokens, its chunks' masks keep %d", served, sum(counts)
+        )
     return counts
 
 
 def usage(out) -> dict:
     o = out.outputs[0]
     prompt_tokens = len(out.prompt_token_ids or [])
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(o.token_ids),
-            "total_tokens": prompt_tokens + len(o.token_ids),
-            "prompt_tokens_details": {"cached_tokens": int(out.num_cached_tokens or 0)}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(o.token_ids),
+        "total_tokens": prompt_tokens + len(o.token_ids),
+        "prompt_tokens_details": {"cached_tokens": int(out.num_cached_tokens or 0)},
+    }
 
 
 def completion(out, model: str, state: dict) -> dict:
     """A ``chat.completion`` from a finished vLLM ``RequestOutput``, with the stream's ``stream_state``."""
     o = out.outputs[0]
     return {
-        "id": f"chatcmpl-{out.request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason}],
-        "usage": usage(out), "stream_state": state,
+        "id": f"chatcmpl-{out.request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": o.text}, "finish_reason": o.finish_reason}
+        ],
+        "usage": usage(out),
+        "stream_state": state,
     }
 
 
@@ -68,14 +77,23 @@ def sse(payload: dict) -> str:
 
 
 def delta_chunk(out, model: str, text: str) -> dict:
-    return {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion.chunk", "model": model,
-            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": out.outputs[0].finish_reason}]}
+    return {
+        "id": f"chatcmpl-{out.request_id}",
+        "object": "chat.completion.chunk",
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": out.outputs[0].finish_reason}],
+    }
 
 
 def final_chunk(final: dict) -> dict:
     """The last SSE chunk: no choices, the usage and stream state of the whole answer."""
-    return {"id": final["id"], "object": "chat.completion.chunk", "choices": [], "usage": final["usage"],
-            "stream_state": final["stream_state"]}
+    return {
+        "id": final["id"],
+        "object": "chat.completion.chunk",
+        "choices": [],
+        "usage": final["usage"],
+        "stream_state": final["stream_state"],
+    }
 
 
 DONE = "data: [DONE]\n\n"

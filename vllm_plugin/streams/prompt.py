@@ -12,7 +12,7 @@ question's.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 _PROBE = "\x00dtd-probe\x00"
 
@@ -25,7 +25,7 @@ class ChatPrompt:
         template: the chat template (Jinja source) vLLM resolved for the served model.
     """
 
-    def __init__(self, tokenizer, template: Optional[str]):
+    def __init__(self, tokenizer, template: str | None):
         self.tokenizer = tokenizer
         self.template = template
         self.messages: list[dict] = []  # the conversation as text, only to render the next turn's delta
@@ -34,14 +34,15 @@ class ChatPrompt:
         self.end_of_turn = self._end_of_turn()
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _end_of_turn(self) -> str:
         """What the template writes after an assistant message's content (Qwen: ``<|im_end|>\\n``)."""
         user = {"role": "user", "content": [{"type": "text", "text": "?"}]}
         text = self.render([user, {"role": "assistant", "content": _PROBE}], add_generation_prompt=False)
-        return text[text.index(_PROBE) + len(_PROBE):]
+        return text[text.index(_PROBE) + len(_PROBE) :]
 
     @staticmethod
     def user_message(question: str, videos: int) -> dict:
@@ -55,13 +56,17 @@ class ChatPrompt:
         after = self.render([*self.messages, self.user_message(question, videos)], add_generation_prompt=True)
         probe = self.render([*self.messages, self.user_message(_PROBE, videos)], add_generation_prompt=True)
         if not after.startswith(before) or not probe.startswith(before):
-            raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
-                             "streams need one that does")
-        head = probe[len(before):probe.index(_PROBE)] if videos else ""
-        delta = after[len(before):]
+            raise ValueError(
+                "the chat template does not render a conversation as a prefix of its continuation; "
+                "streams need one that does"
+            )
+        head = probe[len(before) : probe.index(_PROBE)] if videos else ""
+        delta = after[len(before) :]
         if not delta.startswith(head):
-            raise ValueError("the chat template does not render a turn's videos before its text; streams need one that does")
-        return head, delta[len(head):]
+            raise ValueError(
+                "the chat template does not render a turn's videos before its text; streams need one that does"
+            )
+        return head, delta[len(head) :]
 
     def video_prefix(self, videos: int) -> list[int]:
         """Ids of the conversation and the open user turn up to its ``videos``-th video placeholder:
@@ -74,17 +79,28 @@ class ChatPrompt:
         (its ``videos`` placeholders first: the chunks prefilled since the last answer and the one the
         question brings) and the generation prompt."""
         head, rest = self._turn(question, videos)
-        return self.ids + self.tokenizer.encode(head, add_special_tokens=False) + self.tokenizer.encode(rest, add_special_tokens=False)
+        return (
+            self.ids
+            + self.tokenizer.encode(head, add_special_tokens=False)
+            + self.tokenizer.encode(rest, add_special_tokens=False)
+        )
 
-    def commit(self, prompt_ids: list[int], question: str, videos: int, answer_ids: list[int], answer_text: str,
-               stop_ids: Sequence[int] = ()) -> None:
+    def commit(
+        self,
+        prompt_ids: list[int],
+        question: str,
+        videos: int,
+        answer_ids: list[int],
+        answer_text: str,
+        stop_ids: Sequence[int] = (),
+    ) -> None:
         """Record a finished turn: its prompt, the generated ids and the template's end of turn (less
         the stop token the model already produced, when the end of turn starts with it)."""
         tail = self.end_of_turn
         if answer_ids and answer_ids[-1] in stop_ids:
             stop_text = self.tokenizer.decode([answer_ids[-1]])
             if stop_text and tail.startswith(stop_text):
-                tail = tail[len(stop_text):]
+                tail = tail[len(stop_text) :]
         self.messages += [self.user_message(question, videos), {"role": "assistant", "content": answer_text}]
         self.open_videos = 0
         self.ids = list(prompt_ids) + list(answer_ids) + self.tokenizer.encode(tail, add_special_tokens=False)

@@ -36,7 +36,14 @@ from vllm.entrypoints.serve.utils.api_utils import load_aware_call, with_cancell
 from vllm_plugin.core import DTDConfig
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.errors import (
-    DTDError, InvalidRequest, NotFound, RateLimited, StreamFull, TooLarge, TooManyStreams, Unavailable,
+    DTDError,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    StreamFull,
+    TooLarge,
+    TooManyStreams,
+    Unavailable,
 )
 from vllm_plugin.media import UPLOAD_FORMATS, MediaTooLarge, VideoDecodeError, decode_image, decode_video_upload
 from vllm_plugin.streams.forward import FORWARDED, StreamForwarder
@@ -51,10 +58,22 @@ _MEMORY = _DEFAULTS.memory.as_dict()
 
 # the HTTP status of each of the plugin's errors (a subclass takes its nearest listed base's)
 HTTP_STATUS: dict[type, int] = {
-    InvalidRequest: 400, NotFound: 404, StreamFull: 409, TooLarge: 413, RateLimited: 429, Unavailable: 503, DTDError: 400,
+    InvalidRequest: 400,
+    NotFound: 404,
+    StreamFull: 409,
+    TooLarge: 413,
+    RateLimited: 429,
+    Unavailable: 503,
+    DTDError: 400,
 }
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError", 413: "PayloadTooLargeError",
-               429: "TooManyRequestsError", 503: "ServiceUnavailableError"}
+ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    413: "PayloadTooLargeError",
+    429: "TooManyRequestsError",
+    503: "ServiceUnavailableError",
+}
 
 
 def http_status(error: BaseException) -> int:
@@ -71,66 +90,100 @@ def http_status(error: BaseException) -> int:
 # dtd_reference, dtd_criterion, dtd_drop_ratio), as the chat API's mm_processor_kwargs; DTDConfig validates them
 DTDOptions = create_model(
     "DTDOptions",
-    **{key: (Optional[Any], Field(None, description=f"{key}: as in mm_processor_kwargs (vllm_plugin.core.DTDConfig)"))
-       for key in DTDConfig.option_keys()},
+    **{
+        key: (Optional[Any], Field(None, description=f"{key}: as in mm_processor_kwargs (vllm_plugin.core.DTDConfig)"))
+        for key in DTDConfig.option_keys()
+    },
 )
 
 
 class OpenStreamRequest(DTDOptions):  # type: ignore[misc,valid-type]  (a model pydantic builds)
-    model: Optional[str] = None
-    fps: float = Field(_DEFAULTS.fps, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)")
-    prefill: str = Field(_DEFAULTS.prefill, description="'eager': frames enter the KV cache as they arrive, a question "
-                         "prefills only its own text; 'lazy': the frames since the last question are prefilled with the next")
-    event_level: float = Field(_DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change")
-    standing_question: Optional[str] = Field(None, description="asked automatically at every scene change")
+    model: str | None = None
+    fps: float = Field(
+        _DEFAULTS.fps, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)"
+    )
+    prefill: str = Field(
+        _DEFAULTS.prefill,
+        description="'eager': frames enter the KV cache as they arrive, a question "
+        "prefills only its own text; 'lazy': the frames since the last question are prefilled with the next",
+    )
+    event_level: float = Field(
+        _DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change"
+    )
+    standing_question: str | None = Field(None, description="asked automatically at every scene change")
     answer_max_tokens: int = Field(_DEFAULTS.answer_max_tokens, ge=1, le=4096)
-    memory: Optional[dict[str, Any]] = Field(None, description="the memory policy: 'keep' (the policy: "
-                                             f"{', '.join(repr(n) for n in policy_names())}; default {_MEMORY['keep']!r}), "
-                                             "its own options (recent+keyframes: 'max_keyframes'), and 'context_tokens', "
-                                             "'keep_turns', 'anchor_fraction'; each validated by its owner")
-    context_tokens: Optional[int] = Field(None, description="memory.context_tokens: the conversation's budget in tokens; "
-                                          f"reaching it re-anchors the stream (default: {CONTEXT_FRACTION:g} of the "
-                                          "server's max model length)")
-    memory_keep: Optional[str] = Field(None, description="memory.keep: what a re-anchor keeps: 'recent' (the latest "
-                                       f"chunks) or 'recent+keyframes' (plus scene-change steps); default {_MEMORY['keep']!r}")
-    max_keyframes: Optional[int] = Field(None, description="memory.max_keyframes: keyframes a re-anchor keeps at most "
-                                         f"(default {_MEMORY['max_keyframes']})")
-    keep_turns: Optional[int] = Field(None, description="memory.keep_turns: past questions and answers a re-anchor keeps, "
-                                      f"as text (default {_MEMORY['keep_turns']})")
+    memory: dict[str, Any] | None = Field(
+        None,
+        description="the memory policy: 'keep' (the policy: "
+        f"{', '.join(repr(n) for n in policy_names())}; default {_MEMORY['keep']!r}), "
+        "its own options (recent+keyframes: 'max_keyframes'), and 'context_tokens', "
+        "'keep_turns', 'anchor_fraction'; each validated by its owner",
+    )
+    context_tokens: int | None = Field(
+        None,
+        description="memory.context_tokens: the conversation's budget in tokens; "
+        f"reaching it re-anchors the stream (default: {CONTEXT_FRACTION:g} of the "
+        "server's max model length)",
+    )
+    memory_keep: str | None = Field(
+        None,
+        description="memory.keep: what a re-anchor keeps: 'recent' (the latest "
+        f"chunks) or 'recent+keyframes' (plus scene-change steps); default {_MEMORY['keep']!r}",
+    )
+    max_keyframes: int | None = Field(
+        None,
+        description=f"memory.max_keyframes: keyframes a re-anchor keeps at most (default {_MEMORY['max_keyframes']})",
+    )
+    keep_turns: int | None = Field(
+        None,
+        description="memory.keep_turns: past questions and answers a re-anchor keeps, "
+        f"as text (default {_MEMORY['keep_turns']})",
+    )
 
 
 class FrameIn(BaseModel):
     image: str = Field(..., description="base64 JPEG/PNG/WebP")
-    timestamp: Optional[float] = Field(None, description="seconds since the stream started")
+    timestamp: float | None = Field(None, description="seconds since the stream started")
 
 
 class AppendFramesRequest(BaseModel):
-    frames: Optional[list[FrameIn]] = None
-    video: Optional[str] = Field(None, description="base64 video chunk, sampled at the stream's fps; containers: "
-                                 + "; ".join(UPLOAD_FORMATS.values()))
-    start_time: Optional[float] = Field(None, description="stream time of the video chunk's first frame")
+    frames: list[FrameIn] | None = None
+    video: str | None = Field(
+        None,
+        description="base64 video chunk, sampled at the stream's fps; containers: "
+        + "; ".join(UPLOAD_FORMATS.values()),
+    )
+    start_time: float | None = Field(None, description="stream time of the video chunk's first frame")
 
 
 class StreamChatRequest(BaseModel):
     messages: list[dict[str, Any]]
-    model: Optional[str] = None
+    model: str | None = None
     max_tokens: int = Field(64, ge=1, description="answer budget; more than the model's context left is a 400")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stream: bool = False
-    ignore_eos: bool = Field(False, description="keep generating past end-of-text, as vLLM's own ignore_eos (benchmarks, tests)")
+    ignore_eos: bool = Field(
+        False, description="keep generating past end-of-text, as vLLM's own ignore_eos (benchmarks, tests)"
+    )
     return_token_ids: bool = Field(False, description="add prompt/completion token ids to stream_state")
-    remember: bool = Field(True, description="false: this question and its answer do not stay in the stream's "
-                           "conversation; later questions see the same frames but not this turn (independent "
-                           "questions, as benchmarks ask them)")
+    remember: bool = Field(
+        True,
+        description="false: this question and its answer do not stay in the stream's "
+        "conversation; later questions see the same frames but not this turn (independent "
+        "questions, as benchmarks ask them)",
+    )
 
 
 def _error(status: int, message: str, retry_after_s: float = 1.0) -> JSONResponse:
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if status in (429, 503) else None
-    return JSONResponse({"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"), "code": status}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"), "code": status}},
+        status_code=status,
+        headers=headers,
+    )
 
 
-def _b64(data: str, limit: int, field: Optional[str] = None) -> bytes:
+def _b64(data: str, limit: int, field: str | None = None) -> bytes:
     if len(data) > limit * 4 // 3 + 8:
         raise TooLarge(f"upload larger than {limit} bytes")
     if data.startswith("data:"):
@@ -191,8 +244,14 @@ def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest
         return frames, (None if stamps[0] is None else stamps)
     raw = _b64(body.video or "", lim.max_upload_bytes, "video")  # (given: frames were not)
     try:
-        frames, times = decode_video_upload(raw, stream.settings.fps, stream.fit, lim.max_frames_per_append,
-                                            lim.max_frame_pixels, lim.max_decoded_pixels)
+        frames, times = decode_video_upload(
+            raw,
+            stream.settings.fps,
+            stream.fit,
+            lim.max_frames_per_append,
+            lim.max_frame_pixels,
+            lim.max_decoded_pixels,
+        )
     except DTDError:
         raise
     except MediaTooLarge as e:
@@ -228,9 +287,12 @@ async def open_stream(body: OpenStreamRequest, request: Request):
                 raise
             moved = await svc.peers.open_elsewhere(request.headers, await request.body())
             if moved is None:
-                raise TooManyStreams(f"too many open streams (at most {svc.manager.limits.max_streams * svc.peers.count})") from None
+                raise TooManyStreams(
+                    f"too many open streams (at most {svc.manager.limits.max_streams * svc.peers.count})"
+                ) from None
             return JSONResponse(moved.json(), status_code=moved.status_code)
         return JSONResponse(svc.status(stream))
+
     return await _guard(run())
 
 
@@ -242,6 +304,7 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
         stream.admit_append()
         frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
         return JSONResponse(await svc.append(stream, frames, stamps))
+
     return await _guard(run())
 
 
@@ -257,10 +320,22 @@ async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
         stream = svc.get(stream_id)
         question = _question(body.messages)
         if not body.stream:
-            return JSONResponse(await svc.answer(stream, question, body.max_tokens, body.temperature, body.return_token_ids,
-                                                 body.ignore_eos, body.remember))
-        events = await svc.answer_sse(stream, question, body.max_tokens, body.temperature, body.ignore_eos, body.remember)
+            return JSONResponse(
+                await svc.answer(
+                    stream,
+                    question,
+                    body.max_tokens,
+                    body.temperature,
+                    body.return_token_ids,
+                    body.ignore_eos,
+                    body.remember,
+                )
+            )
+        events = await svc.answer_sse(
+            stream, question, body.max_tokens, body.temperature, body.ignore_eos, body.remember
+        )
         return StreamingResponse(events, media_type="text/event-stream")
+
     return await _guard(run())
 
 
@@ -269,6 +344,7 @@ async def events(stream_id: str, request: Request, after: int = -1):
     async def run():
         stream = _service(request).get(stream_id)
         return JSONResponse({"events": stream.events.after(after), "next": stream.events.last_index})
+
     return await _guard(run())
 
 
@@ -277,6 +353,7 @@ async def status(stream_id: str, request: Request):
     async def run():
         svc = _service(request)
         return JSONResponse(svc.status(svc.get(stream_id)))
+
     return await _guard(run())
 
 
@@ -285,6 +362,7 @@ async def close(stream_id: str, request: Request):
     async def run():
         await _service(request).close(stream_id)
         return JSONResponse({"id": stream_id, "closed": True})
+
     return await _guard(run())
 
 
@@ -307,6 +385,8 @@ class DTDStreamPlugin:
             await asyncio.to_thread(svc.encoder)  # the server's default criterion: load the tower at start
         if svc.peers is not None and svc.peers.count > 1:
             await svc.peers.serve(self.app)
-        task = asyncio.get_running_loop().create_task(svc.reap(min(30.0, max(0.05, svc.manager.limits.idle_seconds / 4))))
+        task = asyncio.get_running_loop().create_task(
+            svc.reap(min(30.0, max(0.05, svc.manager.limits.idle_seconds / 4)))
+        )
         svc.tasks.add(task)
         logger.info("DTD stream routes ready at /v1/streams (limits %s)", svc.manager.limits)

@@ -18,7 +18,8 @@ import logging
 import threading
 import uuid
 import zlib
-from typing import Any, AsyncIterator, Callable, Optional, Protocol, cast
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol, cast
 
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.entrypoints.options import dtd_config_from_kwargs, split_dtd_kwargs
@@ -34,7 +35,9 @@ from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamManager,
 logger = logging.getLogger("vllm.dtd_plugin")
 MAX_CHARS_PER_TOKEN = 32  # a text longer than the context's tokens × this is refused before tokenizing
 MIN_CHUNK_STEPS = 16  # a stream's fps must let a chunk of this many temporal steps fit half the position room
-QUESTION_ROOM = 128  # tokens an eager prefill leaves for the next question's text and answer (at most a quarter of the budget)
+QUESTION_ROOM = (
+    128  # tokens an eager prefill leaves for the next question's text and answer (at most a quarter of the budget)
+)
 
 
 def describe(e: BaseException) -> str:
@@ -58,13 +61,17 @@ async def off_loop(fn, *args):
     return task.result()
 
 
-def served_chat_template(engine_client, args, tokenizer) -> Optional[str]:
+def served_chat_template(engine_client, args, tokenizer) -> str | None:
     """The chat template vLLM's chat endpoint uses for this server (checked vLLM 0.32 functions)."""
     from vllm.renderers import chat_utils, hf
 
-    load = cast(Callable[..., Any], vllm_patches.require(chat_utils, "load_chat_template", ["chat_template", "is_literal"]))
-    resolve = cast(Callable[..., Optional[str]],
-                   vllm_patches.require(hf, "resolve_chat_template", ["tokenizer", "chat_template", "tools", "model_config"]))
+    load = cast(
+        Callable[..., Any], vllm_patches.require(chat_utils, "load_chat_template", ["chat_template", "is_literal"])
+    )
+    resolve = cast(
+        Callable[..., str | None],
+        vllm_patches.require(hf, "resolve_chat_template", ["tokenizer", "chat_template", "tools", "model_config"]),
+    )
     return resolve(tokenizer, load(getattr(args, "chat_template", None)), None, model_config=engine_client.model_config)
 
 
@@ -82,8 +89,14 @@ def processor_sizer(processor, patch_size: int, temporal_patch_size: int, max_si
     @functools.lru_cache(maxsize=max_sizes)
     def size(height: int, width: int) -> tuple[int, int]:
         n = temporal_patch_size
-        meta = {"fps": 1.0, "duration": float(n), "total_num_frames": n, "frames_indices": list(range(n)),
-                "video_backend": "dtd_stream", "do_sample_frames": False}
+        meta = {
+            "fps": 1.0,
+            "duration": float(n),
+            "total_num_frames": n,
+            "frames_indices": list(range(n)),
+            "video_backend": "dtd_stream",
+            "do_sample_frames": False,
+        }
         items = processor.info.parse_mm_data({"video": [(np.zeros((n, height, width, 3), np.uint8), meta)]})
         out = processor(prompt, items, hf_processor_mm_kwargs={"dtd_enabled": False})
         _, gh, gw = (int(x) for x in out["mm_kwargs"]["video"][0]["video_grid_thw"].data.tolist())
@@ -98,10 +111,10 @@ class Engine(Protocol):
     is vLLM's; a unit test gives a fake one."""
 
     served_names: list[str]
-    max_model_len: Optional[int]
+    max_model_len: int | None
     server_dtd: dict  # the server's dtd_* defaults (its --mm-processor-kwargs)
     tokenizer: Any  # encode, apply_chat_template
-    chat_template: Optional[str]
+    chat_template: str | None
     video_pad: int  # the token id of a video placeholder in a served prompt
     prefix_caching: bool
     dp_ranks: int  # data-parallel engines this server reaches
@@ -116,10 +129,11 @@ class Engine(Protocol):
         DTD keeps (the family's rule)."""
         ...
 
-    def sampling_params(self, max_tokens: int, temperature: float = 0.0, ignore_eos: bool = False) -> Any:
-        ...
+    def sampling_params(self, max_tokens: int, temperature: float = 0.0, ignore_eos: bool = False) -> Any: ...
 
-    def generate(self, prompt: dict, params: Any, request_id: str, data_parallel_rank: Optional[int] = None) -> AsyncIterator[Any]:
+    def generate(
+        self, prompt: dict, params: Any, request_id: str, data_parallel_rank: int | None = None
+    ) -> AsyncIterator[Any]:
         """The request's outputs (vLLM ``RequestOutput``\\ s), as ``EngineClient.generate``."""
         ...
 
@@ -144,9 +158,11 @@ class VLLMEngine:
         self.served_names = [names] if isinstance(names, str) else list(names)
         archs = list(getattr(engine_client.model_config, "architectures", None) or [])
         if not set(archs) & set(DTD_ARCHITECTURES.values()):
-            raise RuntimeError(f"the DTD stream routes need a DTD architecture, the server runs {archs}: start it with "
-                               "python -m vllm_plugin.serve or --hf-overrides '{\"architectures\": [<a DTD architecture>]}' "
-                               f"(DTD architectures: {sorted(DTD_ARCHITECTURES.values())})")
+            raise RuntimeError(
+                f"the DTD stream routes need a DTD architecture, the server runs {archs}: start it with "
+                "python -m vllm_plugin.serve or --hf-overrides '{\"architectures\": [<a DTD architecture>]}' "
+                f"(DTD architectures: {sorted(DTD_ARCHITECTURES.values())})"
+            )
         renderer = engine_client.renderer
         self.tokenizer = renderer.get_tokenizer()
         self.chat_template = served_chat_template(engine_client, args, self.tokenizer)
@@ -185,7 +201,7 @@ class VLLMEngine:
 
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos)
 
-    def generate(self, prompt: dict, params, request_id: str, data_parallel_rank: Optional[int] = None):
+    def generate(self, prompt: dict, params, request_id: str, data_parallel_rank: int | None = None):
         return self.client.generate(prompt, params, request_id, data_parallel_rank=data_parallel_rank)
 
     def encoder(self, max_pending_steps: int) -> EncodeQueue:
@@ -194,8 +210,13 @@ class VLLMEngine:
             tower = vision.tower_for(self.tower_spec, self.client.model_config)
         except vision.EncoderUnavailable as e:
             raise InvalidOption("dtd_criterion", str(e)) from None
-        return EncodeQueue(processor_patchify(self.video_processor), tower.encode_many, max_pending_steps,
-                           max_batch_steps=tower.max_steps, decision_dim=tower.decision_dim)
+        return EncodeQueue(
+            processor_patchify(self.video_processor),
+            tower.encode_many,
+            max_pending_steps,
+            max_batch_steps=tower.max_steps,
+            decision_dim=tower.decision_dim,
+        )
 
 
 class StreamService:
@@ -207,18 +228,18 @@ class StreamService:
         peers: the server's other API-server processes (:class:`Peers`; None: this one alone).
     """
 
-    def __init__(self, engine: Engine, manager: StreamManager, peers: Optional[Peers] = None):
+    def __init__(self, engine: Engine, manager: StreamManager, peers: Peers | None = None):
         self.engine = engine
         self.manager = manager
         self.peers = peers
         self.tasks: set = set()
         # a forwarded append carries base64 (4/3 of the bytes) plus its JSON
         self.max_body_bytes = manager.limits.max_upload_bytes * 4 // 3 + 2**20
-        self._encoder: Optional[EncodeQueue] = None  # feature criterion: one batching queue per process
+        self._encoder: EncodeQueue | None = None  # feature criterion: one batching queue per process
         self._encoder_lock = threading.Lock()
 
     @classmethod
-    def from_vllm(cls, engine_client, args) -> "StreamService":
+    def from_vllm(cls, engine_client, args) -> StreamService:
         """The service of a vLLM API-server process (``init_state`` of the endpoint plugin)."""
         engine = VLLMEngine(engine_client, args)
         count = engine.api_process_count
@@ -227,14 +248,14 @@ class StreamService:
         return cls(engine, manager, Peers(engine.api_process_index, count))
 
     @property
-    def max_model_len(self) -> Optional[int]:
+    def max_model_len(self) -> int | None:
         return self.engine.max_model_len
 
     @property
     def served_names(self) -> list[str]:
         return self.engine.served_names
 
-    def chunk_extra_positions(self, stream: Stream, a: int, b: int, steps: Optional[int] = None) -> int:
+    def chunk_extra_positions(self, stream: Stream, a: int, b: int, steps: int | None = None) -> int:
         """Positions the item of frames ``[a, b)`` spans beyond its video tokens (the family's rule,
         :meth:`DTDMultiModalProcessorMixin._dtd_position_span`): frames far apart in time, or DTD keeping
         few of many steps, whose survivors keep their original positions."""
@@ -257,7 +278,7 @@ class StreamService:
                 self._encoder = self.engine.encoder(self.manager.limits.max_pending_encode_steps)
             return self._encoder
 
-    def check_model(self, model: Optional[str]) -> None:
+    def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_names:
             raise ModelNotFound(f"model {model!r} is not served here (serving {self.served_names})")
 
@@ -270,38 +291,58 @@ class StreamService:
             dtd = dtd_config_from_kwargs({**defaults, **mine})
         except ValueError as e:  # vllm_plugin.core.DTDOptionError: the option is its field
             raise InvalidOption(getattr(e, "field", None) or "dtd", str(e)) from None
-        memory = MemorySettings.from_request(req.memory, context_tokens=req.context_tokens, memory_keep=req.memory_keep,
-                                             max_keyframes=req.max_keyframes, keep_turns=req.keep_turns)
+        memory = MemorySettings.from_request(
+            req.memory,
+            context_tokens=req.context_tokens,
+            memory_keep=req.memory_keep,
+            max_keyframes=req.max_keyframes,
+            keep_turns=req.keep_turns,
+        )
         if self.max_model_len and memory.context_tokens and memory.context_tokens > self.max_model_len:
             name = "context_tokens" if req.context_tokens is not None else "memory.context_tokens"
-            raise InvalidOption(name, f"{name} {memory.context_tokens} is more than the model's context ({self.max_model_len})")
+            raise InvalidOption(
+                name, f"{name} {memory.context_tokens} is more than the model's context ({self.max_model_len})"
+            )
         if req.standing_question is not None:
             self.check_text(req.standing_question, "standing_question")
         positions = self.engine.step_positions
         step = positions(req.fps) if isinstance(req.fps, (int, float)) and req.fps > 0 else 0.0
         room = self.engine.position_room
         if step * MIN_CHUNK_STEPS > room / 2:
-            raise InvalidOption("fps", f"fps {req.fps:g} is too low for this model: each temporal step advances the video's "
-                                f"M-RoPE time index by {step:g} positions, and the rotary table leaves room for {room} "
-                                f"beyond the context; use fps >= {positions(1.0) * MIN_CHUNK_STEPS * 2 / room:.3g}")
-        return StreamSettings(fps=req.fps, dtd=dtd, event_level=req.event_level, prefill=req.prefill,
-                              standing_question=req.standing_question, answer_max_tokens=req.answer_max_tokens,
-                              memory=memory)
+            raise InvalidOption(
+                "fps",
+                f"fps {req.fps:g} is too low for this model: each temporal step advances the video's "
+                f"M-RoPE time index by {step:g} positions, and the rotary table leaves room for {room} "
+                f"beyond the context; use fps >= {positions(1.0) * MIN_CHUNK_STEPS * 2 / room:.3g}",
+            )
+        return StreamSettings(
+            fps=req.fps,
+            dtd=dtd,
+            event_level=req.event_level,
+            prefill=req.prefill,
+            standing_question=req.standing_question,
+            answer_max_tokens=req.answer_max_tokens,
+            memory=memory,
+        )
 
     def open(self, settings: StreamSettings) -> Stream:
         """Open a stream (feature criterion: call :meth:`encoder` first, off the event loop)."""
-        prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template)  # a template that cannot serve fails before a slot is taken
+        prompt = ChatPrompt(
+            self.engine.tokenizer, self.engine.chat_template
+        )  # a template that cannot serve fails before a slot is taken
         feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
         stream = self.manager.open(settings, encoder=self.encoder() if feature else None)
         if settings.prefill == "eager" and not self.engine.prefix_caching:
-            stream.eager_stopped = "prefix caching is off on this server: eager prefill would be recomputed at every question"
+            stream.eager_stopped = (
+                "prefix caching is off on this server: eager prefill would be recomputed at every question"
+            )
         stream.conversation.restart(prompt, 0)
         return stream
 
     def get(self, stream_id: str) -> Stream:
         return self.manager.get(stream_id)
 
-    async def append(self, stream: Stream, frames: list, timestamps: Optional[list[float]] = None) -> dict:
+    async def append(self, stream: Stream, frames: list, timestamps: list[float] | None = None) -> dict:
         """Append decoded frames (off the event loop); starts the eager prefill and the proactive
         answers they call for. An append refused because the stream holds too many frames first
         starts a re-anchor (:meth:`relieve`), so that the client's retry fits."""
@@ -314,8 +355,12 @@ class StreamService:
         events = added["events"]
         if events and stream.settings.standing_question:
             self._spawn(self.proactive(stream, events))
-        return {"frames": len(stream.store.frames), "steps": stream.store.steps, "events": events,
-                "kept_per_step": added["kept_per_step"]}
+        return {
+            "frames": len(stream.store.frames),
+            "steps": stream.store.steps,
+            "events": events,
+            "kept_per_step": added["kept_per_step"],
+        }
 
     async def close(self, stream_id: str) -> None:
         await asyncio.to_thread(self.manager.close, stream_id)  # may wait for an append's lock
@@ -326,14 +371,18 @@ class StreamService:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def dp_rank(self, stream: Stream) -> Optional[int]:
+    def dp_rank(self, stream: Stream) -> int | None:
         """The engine of a stream under data parallelism: crc32(id) mod the ranks this server reaches."""
         ranks = self.engine.dp_ranks
         return zlib.crc32(stream.id.encode()) % ranks if ranks > 1 else None
 
     def status(self, stream: Stream) -> dict:
-        return {**stream.status(), "context_budget": self.budget(stream), "api_server": self.manager.owner,
-                "data_parallel_rank": self.dp_rank(stream)}
+        return {
+            **stream.status(),
+            "context_budget": self.budget(stream),
+            "api_server": self.manager.owner,
+            "data_parallel_rank": self.dp_rank(stream),
+        }
 
     async def reap(self, every_s: float) -> None:
         """Free idle streams on a timer (not only when another stream request arrives)."""
@@ -357,10 +406,10 @@ class StreamService:
             prompt["multi_modal_uuids"] = {"video": stream.conversation.item_uuids()}
         return prompt
 
-    def budget(self, stream: Stream) -> Optional[int]:
+    def budget(self, stream: Stream) -> int | None:
         return stream.settings.memory.budget(self.max_model_len)
 
-    def item_cost(self, stream: Stream, chunk: Optional[tuple[int, int]]) -> int:
+    def item_cost(self, stream: Stream, chunk: tuple[int, int] | None) -> int:
         """Tokens a video item of frames ``[a, b)`` adds to the conversation (0 for None)."""
         if chunk is None:
             return 0
@@ -370,8 +419,14 @@ class StreamService:
         return conv.chunk_tokens(a, b) + 2 + int(conv.step_overhead * steps)
 
     def _dropped(self, stream: Stream, frames: int, message: str) -> None:
-        stream.events.add({"type": "dropped", "time": stream.store.timestamps[stream.conversation.next_frame - 1],
-                           "frames": frames, "message": message})
+        stream.events.add(
+            {
+                "type": "dropped",
+                "time": stream.store.timestamps[stream.conversation.next_frame - 1],
+                "frames": frames,
+                "message": message,
+            }
+        )
 
     def bound_next_chunk(self, stream: Stream, room: int) -> None:
         """Before a cut: the steps not in a chunk yet may hold at most the share of the budget a
@@ -384,12 +439,19 @@ class StreamService:
         # positions: the next chunk spans at most half of the room the rotary table leaves (re-anchoring frees the rest)
         room_positions = self.engine.position_room // 2
         max_steps = len(steps)
-        while max_steps > 1 and self.chunk_extra_positions(stream, (steps.stop - max_steps) * tps, steps.stop * tps) > room_positions:
+        while (
+            max_steps > 1
+            and self.chunk_extra_positions(stream, (steps.stop - max_steps) * tps, steps.stop * tps) > room_positions
+        ):
             max_steps = max(1, max_steps // 2)
         if max_steps < len(steps):
             dropped = conv.drop_uncut(0, keep_steps=max_steps)
-            self._dropped(stream, dropped, f"{dropped} frames were dropped: the new frames spanned more M-RoPE positions "
-                                           "than the model's rotary table leaves room for (a long stretch at a low fps)")
+            self._dropped(
+                stream,
+                dropped,
+                f"{dropped} frames were dropped: the new frames spanned more M-RoPE positions "
+                "than the model's rotary table leaves room for (a long stretch at a low fps)",
+            )
             steps = conv.uncut_steps()
         if budget is None:
             return
@@ -397,8 +459,12 @@ class StreamService:
         if len(steps) and conv.chunk_tokens(steps.start * tps, steps.stop * tps) > limit:
             dropped = conv.drop_uncut(limit)
             if dropped:
-                self._dropped(stream, dropped, f"{dropped} frames not asked about or prefilled in time were dropped "
-                                               "(they were more than the budget leaves for new frames)")
+                self._dropped(
+                    stream,
+                    dropped,
+                    f"{dropped} frames not asked about or prefilled in time were dropped "
+                    "(they were more than the budget leaves for new frames)",
+                )
 
     def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> bool:
         """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
@@ -431,19 +497,38 @@ class StreamService:
         # until the engine counts it (the cut chunk, in the anchor's tokens, is counted again by the caller)
         conv.restart(prompt, len(prompt.ids) + anchor.tokens + 16)
         store = stream.store
-        stream.events.add({"type": "reanchor", "time": store.timestamps[conv.next_frame - 1], "reanchor": conv.reanchors,
-                           "budget": budget, "trigger": trigger,
-                           "context_tokens_before": before, "context_tokens_after": conv.context_tokens,
-                           "chunks_before": chunks_before, "chunk_ranges": [list(c) for c in conv.chunks],
-                           "keyframes": anchor.keyframes, "turns_kept": len(prompt.messages) // 2,
-                           "evicted_frames": store.evicted_frames, "held_frames": store.held_frames})
-        logger.info("DTD stream %s: re-anchored at %d tokens (budget %s): %d video items (%d keyframes), %d turns",
-                    stream.id, before, budget, len(conv.chunks), len(anchor.keyframes), len(prompt.messages) // 2)
+        stream.events.add(
+            {
+                "type": "reanchor",
+                "time": store.timestamps[conv.next_frame - 1],
+                "reanchor": conv.reanchors,
+                "budget": budget,
+                "trigger": trigger,
+                "context_tokens_before": before,
+                "context_tokens_after": conv.context_tokens,
+                "chunks_before": chunks_before,
+                "chunk_ranges": [list(c) for c in conv.chunks],
+                "keyframes": anchor.keyframes,
+                "turns_kept": len(prompt.messages) // 2,
+                "evicted_frames": store.evicted_frames,
+                "held_frames": store.held_frames,
+            }
+        )
+        logger.info(
+            "DTD stream %s: re-anchored at %d tokens (budget %s): %d video items (%d keyframes), %d turns",
+            stream.id,
+            before,
+            budget,
+            len(conv.chunks),
+            len(anchor.keyframes),
+            len(prompt.messages) // 2,
+        )
         return True
 
     def relieve(self, stream: Stream) -> None:
         """An eager stream refused frames because it holds too many and no prefill is running (all it
         holds is in its conversation): re-anchor now, off the append, so that the client's retry fits."""
+
         async def run():
             async with stream.chat_lock:
                 if not stream.closed and stream.conversation.full():
@@ -458,13 +543,21 @@ class StreamService:
         and no token, and drops them from the API server's cache: the request is sent again once, with
         every item's data (the stream holds it). A request that still fails raises :class:`Unavailable`."""
         for attempt in range(2):
-            async for out in self.engine.generate(self._prompt(stream, prompt_ids), params, rid if not attempt else f"{rid}-retry",
-                                                  data_parallel_rank=self.dp_rank(stream)):
+            async for out in self.engine.generate(
+                self._prompt(stream, prompt_ids),
+                params,
+                rid if not attempt else f"{rid}-retry",
+                data_parallel_rank=self.dp_rank(stream),
+            ):
                 o = out.outputs[0] if out.outputs else None
                 if out.finished and o is not None and o.finish_reason == "error" and not o.token_ids:
                     # vLLM 0.32 ends a request this way when its engine-side multimodal cache lost an item
-                    logger.warning("DTD stream %s: request %s ended with an engine error (no token)%s", stream.id, rid,
-                                   "; sending it again with every item's data" if not attempt else "")
+                    logger.warning(
+                        "DTD stream %s: request %s ended with an engine error (no token)%s",
+                        stream.id,
+                        rid,
+                        "; sending it again with every item's data" if not attempt else "",
+                    )
                     break
                 yield out
             else:
@@ -477,8 +570,12 @@ class StreamService:
 
     def after_append(self, stream: Stream) -> None:
         """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
-        if (stream.settings.prefill != "eager" or stream.eager_stopped or stream.prefill_task is not None
-                or not stream.eager_due()):
+        if (
+            stream.settings.prefill != "eager"
+            or stream.eager_stopped
+            or stream.prefill_task is not None
+            or not stream.eager_due()
+        ):
             return
         stream.prefill_task = self._spawn(self.prefill(stream))
 
@@ -500,8 +597,12 @@ class StreamService:
                     except Exception as e:
                         # stop, once: the stream goes on lazily (questions prefill what arrived)
                         stream.eager_stopped = f"eager prefill failed: {describe(e)}"
-                        logger.warning("DTD stream %s: %s; the stream continues with lazy prefill", stream.id, stream.eager_stopped)
-                        stream.events.add({"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"})
+                        logger.warning(
+                            "DTD stream %s: %s; the stream continues with lazy prefill", stream.id, stream.eager_stopped
+                        )
+                        stream.events.add(
+                            {"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"}
+                        )
                         return
         finally:
             stream.prefill_task = None
@@ -536,12 +637,14 @@ class StreamService:
         conv.prefills += 1
         return True
 
-    def check_text(self, text: str, what: str, field: Optional[str] = None) -> None:
+    def check_text(self, text: str, what: str, field: str | None = None) -> None:
         """A question (or standing question) longer than any context could hold is refused before it is
         tokenized: at most ``max_model_len`` tokens of :data:`MAX_CHARS_PER_TOKEN` characters each."""
         limit = MAX_CHARS_PER_TOKEN * (self.max_model_len or 32768)
         if len(text) > limit:
-            raise InvalidOption(field or what, f"{what} has {len(text)} characters; at most {limit} fit this model's context")
+            raise InvalidOption(
+                field or what, f"{what} has {len(text)} characters; at most {limit} fit this model's context"
+            )
 
     def _question_tokens(self, question: str) -> int:
         return len(self.engine.tokenizer.encode(question, add_special_tokens=False)) + 16
@@ -570,8 +673,15 @@ class StreamService:
         conv.video_items()
         return videos, prompt_ids
 
-    async def generate(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False,
-                       remember: bool = True):
+    async def generate(
+        self,
+        stream: Stream,
+        question: str,
+        max_tokens: int,
+        temperature: float,
+        ignore_eos: bool = False,
+        remember: bool = True,
+    ):
         """Async generator of the engine's outputs for one question at the stream's current point.
         ``remember=False``: the turn does not stay in the conversation (:meth:`ChatPrompt.forget`)."""
         self.check_text(question, "the question", "messages")
@@ -579,9 +689,14 @@ class StreamService:
         async with stream.chat_lock:
             # tokenizing, rendering the chat template and stacking frames run off the event loop
             question_tokens = await off_loop(self._question_tokens, question)
-            if self.max_model_len and question_tokens + max_tokens > self.max_model_len:  # refused before any state changes
-                raise InvalidOption("max_tokens", f"max_tokens is too large: {max_tokens}; the model's context is "
-                                    f"{self.max_model_len} tokens and the question alone takes {question_tokens}")
+            if (
+                self.max_model_len and question_tokens + max_tokens > self.max_model_len
+            ):  # refused before any state changes
+                raise InvalidOption(
+                    "max_tokens",
+                    f"max_tokens is too large: {max_tokens}; the model's context is "
+                    f"{self.max_model_len} tokens and the question alone takes {question_tokens}",
+                )
             # a backlog longer than one chunk: all but its last chunk are prefilled first, as an eager stream
             # would have (each video item bounded in frames and bytes); an error here fails the question,
             # with its reason
@@ -591,10 +706,15 @@ class StreamService:
             try:
                 await off_loop(self._cut_into, stream, question_tokens + max_tokens, cut)
                 chunk = cut[0] if cut else None
-                videos, prompt_ids = await off_loop(self._question_prompt, stream, chunk, question, question_tokens + max_tokens)
+                videos, prompt_ids = await off_loop(
+                    self._question_prompt, stream, chunk, question, question_tokens + max_tokens
+                )
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
-                    raise InvalidOption("max_tokens", f"max_tokens is too large: {max_tokens}; the model's context is "
-                                        f"{self.max_model_len} tokens and this conversation already has at least {len(prompt_ids)}")
+                    raise InvalidOption(
+                        "max_tokens",
+                        f"max_tokens is too large: {max_tokens}; the model's context is "
+                        f"{self.max_model_len} tokens and this conversation already has at least {len(prompt_ids)}",
+                    )
                 params = self.engine.sampling_params(max_tokens, temperature, ignore_eos)
                 rid = f"{stream.id[:12]}-q{conv.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
@@ -616,31 +736,58 @@ class StreamService:
             # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
             # which vLLM keeps in token_ids); a stop string (str) is not in the ids
             stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
-            conv.prompt.commit(prompt_ids, question, videos, ids, o.text if o is not None else "",
-                               stop_ids=ids[-1:] if stopped else ())
+            conv.prompt.commit(
+                prompt_ids, question, videos, ids, o.text if o is not None else "", stop_ids=ids[-1:] if stopped else ()
+            )
 
     def state(self, stream: Stream, out, timing: openai_format.Timing, with_ids: bool = False) -> dict:
         prompt_ids = list(out.prompt_token_ids or [])
         store, conv = stream.store, stream.conversation
-        state = {"frames": len(store.frames), "chunks": len(conv.chunks), "time": store.timestamps[-1] if store.timestamps else None,
-                 "question": conv.questions, "ttft_s": timing.ttft_s, "e2e_s": timing.elapsed(),
-                 "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(conv.video_items(), prompt_ids, self.engine.video_pad),
-                 "chunk_ranges": [list(c) for c in conv.chunks], "context_tokens": conv.context_tokens,
-                 "reanchors": conv.reanchors, "held_frames": store.held_frames, "evicted_frames": store.evicted_frames}
+        state = {
+            "frames": len(store.frames),
+            "chunks": len(conv.chunks),
+            "time": store.timestamps[-1] if store.timestamps else None,
+            "question": conv.questions,
+            "ttft_s": timing.ttft_s,
+            "e2e_s": timing.elapsed(),
+            "video_tokens_per_chunk": openai_format.video_tokens_per_chunk(
+                conv.video_items(), prompt_ids, self.engine.video_pad
+            ),
+            "chunk_ranges": [list(c) for c in conv.chunks],
+            "context_tokens": conv.context_tokens,
+            "reanchors": conv.reanchors,
+            "held_frames": store.held_frames,
+            "evicted_frames": store.evicted_frames,
+        }
         if with_ids:
             state["prompt_token_ids"] = prompt_ids
             state["completion_token_ids"] = list(out.outputs[0].token_ids)
         return state
 
-    async def answer(self, stream: Stream, question: str, max_tokens: int, temperature: float = 0.0, with_ids: bool = False,
-                     ignore_eos: bool = False, remember: bool = True) -> dict:
+    async def answer(
+        self,
+        stream: Stream,
+        question: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        with_ids: bool = False,
+        ignore_eos: bool = False,
+        remember: bool = True,
+    ) -> dict:
         timing, out = openai_format.Timing(), None
         async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos, remember):
             timing.saw(out)
         return openai_format.completion(out, self.served_names[0], self.state(stream, out, timing, with_ids))
 
-    async def answer_sse(self, stream: Stream, question: str, max_tokens: int, temperature: float, ignore_eos: bool = False,
-                         remember: bool = True):
+    async def answer_sse(
+        self,
+        stream: Stream,
+        question: str,
+        max_tokens: int,
+        temperature: float,
+        ignore_eos: bool = False,
+        remember: bool = True,
+    ):
         """``(first output, async iterator of SSE lines)``: errors before the first output raise here,
         so the route can answer them with a 4xx before the event stream starts."""
         timing = openai_format.Timing()
@@ -676,8 +823,16 @@ class StreamService:
         for e in events:
             try:
                 resp = await self.answer(stream, q, stream.settings.answer_max_tokens)
-                stream.events.add({"type": "answer", "trigger": e["index"], "time": e["time"], "question": q,
-                                   "text": resp["choices"][0]["message"]["content"], "usage": resp["usage"]})
+                stream.events.add(
+                    {
+                        "type": "answer",
+                        "trigger": e["index"],
+                        "time": e["time"],
+                        "question": q,
+                        "text": resp["choices"][0]["message"]["content"],
+                        "usage": resp["usage"],
+                    }
+                )
             except Exception as exc:  # never let a background answer take anything down
                 logger.warning("DTD stream %s: proactive answer failed: %s", stream.id, describe(exc))
                 stream.events.add({"type": "error", "trigger": e["index"], "message": describe(exc)})

@@ -52,8 +52,8 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -61,7 +61,15 @@ import torch
 from vllm_plugin import settings
 from vllm_plugin.core import DTDConfig
 from vllm_plugin.errors import (
-    DTDError, InvalidOption, InvalidRequest, RateLimited, StreamFull, StreamNotFound, TooLarge, TooManyStreams, Unavailable,
+    DTDError,
+    InvalidOption,
+    InvalidRequest,
+    RateLimited,
+    StreamFull,
+    StreamNotFound,
+    TooLarge,
+    TooManyStreams,
+    Unavailable,
 )
 from vllm_plugin.streams.conversation import Conversation
 from vllm_plugin.streams.decision import DecisionState
@@ -80,7 +88,7 @@ def stream_id(owner: int) -> str:
     return f"strm-{owner}-{secrets.token_urlsafe(24)}"
 
 
-def stream_owner(sid: str) -> Optional[int]:
+def stream_owner(sid: str) -> int | None:
     """The API-server process index a stream id names (None if it is not a stream id)."""
     m = _ID.match(sid)
     return int(m.group(1)) if m else None
@@ -105,19 +113,22 @@ class Limits:
     max_chunk_bytes: int = 64 * 1024**2  # decoded bytes of one video item
 
     @classmethod
-    def from_env(cls, env=None) -> "Limits":
+    def from_env(cls, env=None) -> Limits:
         """``DTD_STREAM_<FIELD>`` of ``env`` (default ``os.environ``) for every field, read by
         :mod:`vllm_plugin.settings` (whose table has the same defaults)."""
         return cls(**{f: settings.get(ENV_PREFIX + f.upper(), env) for f in cls.__dataclass_fields__})
 
-    def per_process(self, count: int) -> "Limits":
+    def per_process(self, count: int) -> Limits:
         """The share of one of ``count`` API-server processes: streams live in the process that
         opened them, so the server-wide caps (streams, bytes held) are split evenly."""
         if count <= 1:
             return self
-        return replace(self, max_streams=max(1, self.max_streams // count),
-                       max_total_bytes=max(1, self.max_total_bytes // count),
-                       max_pending_encode_steps=max(1, self.max_pending_encode_steps // count))
+        return replace(
+            self,
+            max_streams=max(1, self.max_streams // count),
+            max_total_bytes=max(1, self.max_total_bytes // count),
+            max_pending_encode_steps=max(1, self.max_pending_encode_steps // count),
+        )
 
 
 @dataclass(frozen=True)
@@ -133,14 +144,14 @@ class Geometry:
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 448 * 448
     temporal_patch_size: int = 2
-    sizer: Optional[Callable[[int, int], tuple[int, int]]] = field(default=None, compare=False, repr=False)
+    sizer: Callable[[int, int], tuple[int, int]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_video_processor(cls, vp, overrides: Optional[dict] = None, sizer=None) -> "Geometry":
+    def from_video_processor(cls, vp, overrides: dict | None = None, sizer=None) -> Geometry:
         """From the HF video processor, with the server's ``--mm-processor-kwargs`` size keys
         (``size``, ``min_pixels``, ``max_pixels``) applied as the processor applies them: frames
         resized to this geometry are not resized again when the processor sees them."""
@@ -151,7 +162,9 @@ class Geometry:
         if o.get("max_pixels") is not None:
             size["longest_edge"] = o["max_pixels"]
         return cls(
-            patch_size=int(vp.patch_size), merge_size=int(vp.merge_size), sizer=sizer,
+            patch_size=int(vp.patch_size),
+            merge_size=int(vp.merge_size),
+            sizer=sizer,
             min_pixels=int(size.get("shortest_edge", getattr(vp, "min_pixels", cls.min_pixels))),
             max_pixels=int(size.get("longest_edge", getattr(vp, "max_pixels", cls.max_pixels))),
             temporal_patch_size=int(vp.temporal_patch_size),
@@ -167,7 +180,9 @@ class Geometry:
         try:
             if self.sizer is not None:
                 return self.sizer(height, width)
-            return smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            return smart_resize(
+                height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            )
         except ValueError as e:
             raise InvalidRequest(f"frame size {width}x{height} is not usable: {e}", "frames") from None
 
@@ -184,7 +199,7 @@ class StreamSettings:
     fps: float = 2.0
     dtd: DTDConfig = field(default_factory=DTDConfig)
     event_level: float = 0.5  # kept fraction of a step that signals a scene change
-    standing_question: Optional[str] = None
+    standing_question: str | None = None
     answer_max_tokens: int = 64
     prefill: str = "eager"
     memory: MemorySettings = field(default_factory=MemorySettings)
@@ -216,8 +231,15 @@ class Stream:
     temporal step is encoded once, when its frames arrive, and its kept outputs are what the engine
     receives at question time."""
 
-    def __init__(self, stream_id: str, settings: StreamSettings, geometry: Geometry, limits: Limits,
-                 bytes_account: Optional[ByteAccount] = None, encoder=None):
+    def __init__(
+        self,
+        stream_id: str,
+        settings: StreamSettings,
+        geometry: Geometry,
+        limits: Limits,
+        bytes_account: ByteAccount | None = None,
+        encoder=None,
+    ):
         self.id = stream_id
         self.settings = settings
         self.geometry = geometry
@@ -225,17 +247,21 @@ class Stream:
         self.created = self.last_active = time.monotonic()
         self.feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
         if self.feature and encoder is None:
-            raise InvalidOption("dtd_criterion", "dtd_criterion: 'feature' needs the server's vision tower, which is not available here")
+            raise InvalidOption(
+                "dtd_criterion", "dtd_criterion: 'feature' needs the server's vision tower, which is not available here"
+            )
         self.encoder = encoder
         self.store = FrameStore(geometry, limits.max_bytes, bytes_account)
-        self.decision = DecisionState(settings.dtd, geometry.patch_size, geometry.merge_size, geometry.temporal_patch_size)
+        self.decision = DecisionState(
+            settings.dtd, geometry.patch_size, geometry.merge_size, geometry.temporal_patch_size
+        )
         self.conversation = Conversation(stream_id, self.store, settings.fps, settings.memory, limits)
         self.events = EventLog(limits.max_events, settings.event_level, settings.dtd.enabled)
         self.appends = RateLimiter(limits.max_appends_per_second)
         self.append_lock = threading.Lock()  # one append at a time (held while its steps are decided, or encoded)
         self.chat_lock = asyncio.Lock()  # one question (or eager prefill) at a time per stream
-        self.prefill_task: Optional[asyncio.Task] = None  # the running eager prefill, if any
-        self.eager_stopped: Optional[str] = None  # why eager prefill stopped for this stream (then lazy)
+        self.prefill_task: asyncio.Task | None = None  # the running eager prefill, if any
+        self.eager_stopped: str | None = None  # why eager prefill stopped for this stream (then lazy)
         self.closed = False
         self._submitted = False  # this append's steps went to the encoder (it releases their reservation)
 
@@ -268,7 +294,7 @@ class Stream:
     def step_first(self) -> list:
         return self.store.step_first
 
-    def cut_chunk(self) -> Optional[tuple[int, int]]:
+    def cut_chunk(self) -> tuple[int, int] | None:
         return self.conversation.cut_chunk()
 
     def video_items(self) -> list[tuple[np.ndarray, dict]]:
@@ -287,14 +313,16 @@ class Stream:
     def admit_append(self) -> None:
         """The per-stream append rate (``max_appends_per_second``, over the last second)."""
         if not self.appends.admit(time.monotonic()):
-            raise RateLimited(f"at most {self.limits.max_appends_per_second:g} appends per second per stream: "
-                              "send more frames per append")
+            raise RateLimited(
+                f"at most {self.limits.max_appends_per_second:g} appends per second per stream: "
+                "send more frames per append"
+            )
 
     def fit(self, frame: np.ndarray) -> np.ndarray:
         """One frame resized to the stream's size (set by its first frame)."""
         return self.store.fit(frame)
 
-    def add_frames(self, frames: list[np.ndarray], timestamps: Optional[list[float]] = None) -> dict:
+    def add_frames(self, frames: list[np.ndarray], timestamps: list[float] | None = None) -> dict:
         """Append frames (any size; resized to the stream's), decide the new complete steps.
         Returns ``{"events": events they raised, "kept_per_step": kept tokens of the temporal
         steps this append completed}``. Thread-safe; nothing of a refused append is kept."""
@@ -305,14 +333,20 @@ class Stream:
             raise TooLarge(f"at most {lim.max_frames_per_append} frames per append")
         with self.append_lock:
             if len(frames) > lim.max_frames // 2:
-                raise TooLarge(f"at most {lim.max_frames // 2} frames per append (half of the {lim.max_frames} "
-                               "frames a stream may hold)")
+                raise TooLarge(
+                    f"at most {lim.max_frames // 2} frames per append (half of the {lim.max_frames} "
+                    "frames a stream may hold)"
+                )
             if store.held_frames + len(frames) > lim.max_frames:
                 if self.settings.prefill == "eager" and not self.eager_stopped:  # frees them as it catches up
-                    raise RateLimited(f"the stream holds {store.held_frames} frames and may hold {lim.max_frames}: "
-                                      "they wait for its eager prefill; retry in a moment")
-                raise StreamFull(f"stream is full: it holds {store.held_frames} frames and may hold {lim.max_frames} "
-                                 "(frames are freed once a question has taken them and the conversation re-anchors)")
+                    raise RateLimited(
+                        f"the stream holds {store.held_frames} frames and may hold {lim.max_frames}: "
+                        "they wait for its eager prefill; retry in a moment"
+                    )
+                raise StreamFull(
+                    f"stream is full: it holds {store.held_frames} frames and may hold {lim.max_frames} "
+                    "(frames are freed once a question has taken them and the conversation re-anchors)"
+                )
             resized = [store.fit(f) for f in frames]
             add_bytes, stamps = store.check(resized, timestamps, self.settings.fps)
             new_steps = (len(store.frames) + len(resized)) // self.geometry.temporal_patch_size - store.steps
@@ -369,9 +403,13 @@ class Stream:
         new = store.frames[done * tps : store.steps * tps]  # not in a chunk yet: held
         tokens = self._step_tokens(np.stack([f for f in new if f is not None]), steps, reserved)
         d = getattr(self.encoder, "decision_dim", None) if self.feature else None
-        mask = self.decision.decide(tokens if d is None else tokens[..., :d])  # Qwen3-VL: the main output, not the DeepStack levels
+        mask = self.decision.decide(
+            tokens if d is None else tokens[..., :d]
+        )  # Qwen3-VL: the main output, not the DeepStack levels
         if self.feature:  # kept encoder outputs are held like frames: against the stream's and the server's byte caps
-            store.add_outputs([tokens[t][mask[t]].clone() for t in range(steps)], [tokens[t, 0, 0].clone() for t in range(steps)])
+            store.add_outputs(
+                [tokens[t][mask[t]].clone() for t in range(steps)], [tokens[t, 0, 0].clone() for t in range(steps)]
+            )
         kept = store.add_masks(mask)
         new_events = []
         for i, k in enumerate(kept):
@@ -380,8 +418,15 @@ class Stream:
             change = self.events.scene_change(step, frac)
             self.conversation.observe(step, k, change)
             if change:
-                new_events.append({"type": "scene_change", "step": step, "frame": step * tps,
-                                   "time": store.timestamps[step * tps], "kept_fraction": frac})
+                new_events.append(
+                    {
+                        "type": "scene_change",
+                        "step": step,
+                        "frame": step * tps,
+                        "time": store.timestamps[step * tps],
+                        "kept_fraction": frac,
+                    }
+                )
         store.add_kept(kept)  # now a chunk may take these steps
         return [self.events.add(e) for e in new_events]
 
@@ -390,29 +435,51 @@ class Stream:
         """An eager prefill has something to do: new kept tokens, or a static stretch of
         ``max_static_steps`` steps (cut so that its frames can be freed)."""
         conv = self.conversation
-        return (bool(conv.uncut_kept()) or len(conv.uncut_steps()) >= self.settings.max_static_steps
-                or (conv.full() and len(conv.uncut_steps()) > 0))
+        return (
+            bool(conv.uncut_kept())
+            or len(conv.uncut_steps()) >= self.settings.max_static_steps
+            or (conv.full() and len(conv.uncut_steps()) > 0)
+        )
 
     def status(self) -> dict:
         store, conv, dtd = self.store, self.conversation, self.settings.dtd
         return {
-            "id": self.id, "frames": len(store.frames), "steps": store.steps, "chunks": len(conv.chunks),
-            "questions": conv.questions, "prefills": conv.prefills, "events": self.events.count, "bytes": store.nbytes,
-            "size": list(store.size) if store.size else None, "fps": self.settings.fps,
-            "tokens_per_step": store.tokens_per_step, "kept_per_step": list(store.kept_per_step),
+            "id": self.id,
+            "frames": len(store.frames),
+            "steps": store.steps,
+            "chunks": len(conv.chunks),
+            "questions": conv.questions,
+            "prefills": conv.prefills,
+            "events": self.events.count,
+            "bytes": store.nbytes,
+            "size": list(store.size) if store.size else None,
+            "fps": self.settings.fps,
+            "tokens_per_step": store.tokens_per_step,
+            "kept_per_step": list(store.kept_per_step),
             "temporal_patch_size": self.geometry.temporal_patch_size,
             "time": store.timestamps[-1] if store.timestamps else None,
-            "dtd": {"enabled": dtd.enabled, "threshold": dtd.threshold, "metric": dtd.metric, "reference": dtd.reference,
-                    "criterion": dtd.criterion},
+            "dtd": {
+                "enabled": dtd.enabled,
+                "threshold": dtd.threshold,
+                "metric": dtd.metric,
+                "reference": dtd.reference,
+                "criterion": dtd.criterion,
+            },
             "prefill": self.settings.prefill,
             # eager: frames that arrived are not all in the KV cache yet (a prefill runs or is about to)
-            "prefill_pending": self.settings.prefill == "eager" and not self.eager_stopped
-                               and (self.prefill_task is not None or conv.uncut_kept() > 0),
+            "prefill_pending": self.settings.prefill == "eager"
+            and not self.eager_stopped
+            and (self.prefill_task is not None or conv.uncut_kept() > 0),
             "eager_stopped": self.eager_stopped,
-            "event_level": self.settings.event_level, "standing_question": self.settings.standing_question,
-            "memory": self.settings.memory.as_dict(), "context_tokens": conv.context_tokens,
-            "reanchors": conv.reanchors, "held_frames": store.held_frames, "evicted_frames": store.evicted_frames,
-            "chunk_ranges": [list(c) for c in conv.chunks], "keyframes": conv.keyframes(),
+            "event_level": self.settings.event_level,
+            "standing_question": self.settings.standing_question,
+            "memory": self.settings.memory.as_dict(),
+            "context_tokens": conv.context_tokens,
+            "reanchors": conv.reanchors,
+            "held_frames": store.held_frames,
+            "evicted_frames": store.evicted_frames,
+            "chunk_ranges": [list(c) for c in conv.chunks],
+            "keyframes": conv.keyframes(),
         }
 
 

@@ -7,7 +7,12 @@
 
 from vllm_plugin.core.references import last_kept, motion, previous  # noqa: F401  (registers them)
 from vllm_plugin.core.references.base import (
-    Comparison, Reference, get_reference, reference_names, register_reference, unregister_reference,
+    Comparison,
+    Reference,
+    get_reference,
+    reference_names,
+    register_reference,
+    unregister_reference,
 )
 
 __all__ = ["Comparison", "Reference", "get_reference", "reference_names", "register_reference", "unregister_reference"]

@@ -22,8 +22,9 @@ A new reference is one module in this package: a subclass with a ``name`` and a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +41,7 @@ class Comparison:
     ``offset``: (dy, dx) in tokens: place (h, w) was compared with the state's (h - dy, w - dx)."""
 
     scores: torch.Tensor
-    outside: Optional[torch.Tensor] = None
+    outside: torch.Tensor | None = None
     offset: tuple[int, int] = (0, 0)
 
 

@@ -58,8 +58,11 @@ def candidate_shifts(current: torch.Tensor, reference: torch.Tensor, count: int 
     floor = MIN_GAIN * max(float(corr[0, 0]), 0.0)
     peaks = corr.masked_fill(~allowed, float("-inf")).flatten()
     values, order = torch.sort(peaks, descending=True, stable=True)
-    return [(int(dys[i // W]), int(dxs[i % W])) for v, i in zip(values[:count].tolist(), order[:count].tolist())
-            if v > floor]
+    return [
+        (int(dys[i // W]), int(dxs[i % W]))
+        for v, i in zip(values[:count].tolist(), order[:count].tolist())
+        if v > floor
+    ]
 
 
 def shifted(state: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:

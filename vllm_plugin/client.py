@@ -73,7 +73,9 @@ class StreamClient:
     def url(self) -> str:
         return f"{self.base_url}/v1/streams/{self.id}"
 
-    def push(self, frames: Sequence[np.ndarray] | np.ndarray, timestamps: Sequence[float] | None = None) -> dict:
+    def push(
+        self, frames: Sequence[np.ndarray] | np.ndarray, timestamps: Sequence[float] | np.ndarray | None = None
+    ) -> dict:
         """Append frames; returns {frames, steps, events (raised by these frames), kept_per_step}."""
         items = []
         for i, f in enumerate(frames):

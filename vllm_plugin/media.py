@@ -30,14 +30,17 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vllm_plugin import settings
 from vllm_plugin.settings import SettingsError
 
-Source = Union[str, os.PathLike, bytes]
+if TYPE_CHECKING:
+    from av import VideoFrame
+
+Source = str | os.PathLike | bytes
 
 
 class VideoDecodeError(ValueError):
@@ -198,7 +201,7 @@ def sniff_container(data: bytes) -> str:
     raise VideoDecodeError(f"not a video container this server accepts (allowed: {allowed})")
 
 
-def _sample(container, stream, fps, start, end, max_frames, check=None) -> Iterator[tuple[object, float]]:
+def _sample(container, stream, fps, start, end, max_frames, check=None) -> Iterator[tuple[VideoFrame, float]]:
     """For every time ``start + k/fps`` yield the first decoded frame at or after it, with its time
     relative to ``start`` (``fps=None``: every frame; ``start=None``: the first frame's time).
     ``check(frame)`` sees every decoded frame."""
@@ -231,7 +234,7 @@ def resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if frame.shape[:2] == (height, width):
         return np.ascontiguousarray(frame)
-    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def decode_video(
@@ -256,7 +259,8 @@ def decode_video(
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise VideoDecodeError("empty video data")
-        handle, name = io.BytesIO(source), "<bytes>"
+        handle: io.BytesIO | str = io.BytesIO(source)
+        name = "<bytes>"
     else:
         name = str(source)
         if not Path(name).is_file():
@@ -352,7 +356,7 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
                 "max_streams": str(MAX_UPLOAD_TRACKS),
                 "codec_whitelist": codecs.probe,
             },
-            stream_options=[capped] * MAX_UPLOAD_TRACKS,
+            stream_options=[capped] * MAX_UPLOAD_TRACKS,  # type: ignore[list-item]  # PyAV's stub: per-stream dicts
         )
     except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
         raise MediaTooLarge(

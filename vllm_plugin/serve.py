@@ -33,7 +33,7 @@ def _arg(argv: list[str], flag: str) -> str | None:
 def dtd_architecture(model: str) -> str | None:
     """The DTD architecture for a checkpoint (from its config.json), or None when its family has none."""
     cfg_path = Path(model) / "config.json"
-    archs = []
+    archs: list[str] = []
     if cfg_path.is_file():
         archs = json.loads(cfg_path.read_text()).get("architectures", []) or []
     else:  # a hub id or remote path: let transformers resolve it (may use its local cache)

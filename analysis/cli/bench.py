@@ -649,7 +649,7 @@ def main(argv=None) -> int:
         held, uniform_paths = {}, {}
         for c in clips:
             kept = served[c.name]["kept"]
-            mask = dtd_keep_mask(c.pixel, cfg.threshold, metric=cfg.metric, reference=cfg.reference)
+            mask = dtd_keep_mask(c.pixel, cfg.threshold, metric=str(cfg.metric), reference=cfg.reference)
             uniform_paths[c.name], umask = uniform_subsample(c, kept, media)
             held[c.name] = {
                 "kept": kept,

@@ -37,6 +37,7 @@ its arguments, says so and prints ``gpu_check=skip cases=0 failed=0`` (exit 0); 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -46,8 +47,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from analysis.harness.tiny_model import FAMILIES
+
+if TYPE_CHECKING:
+    from analysis.lib.reference import ReferencePipeline
+    from analysis.lib.synthetic import SyntheticClip
 
 RUNNERS = {"v1": "0", "v2": "1"}  # VLLM_USE_V2_MODEL_RUNNER
 QUICK_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -246,7 +252,8 @@ def check_memory(
     if seen:
         api = {pid: mib for pid, mib in seen.items() if pid not in engine}
         assert sum(api.values()) <= carve / MIB, (
-            f"API-server processes hold {sum(api.values())} MiB of the GPU ({api}) > the carve-out {carve / MIB:.0f} MiB"
+            f"API-server processes hold {sum(api.values())} MiB of the GPU ({api}) "
+            f"> the carve-out {carve / MIB:.0f} MiB"
         )
         notes.append(f"api {sum(api.values())}/{carve / MIB:.0f} MiB ({len(api)} processes)")
         return "; ".join(notes)
@@ -270,9 +277,9 @@ class Family:
 
     name: str
     model: Path
-    clip: object  # analysis.lib.synthetic.SyntheticClip
+    clip: SyntheticClip
     mp4: Path
-    reference: object  # analysis.lib.reference.ReferencePipeline at the served dtype
+    reference: ReferencePipeline  # at the served dtype
 
     @property
     def qwen3(self) -> bool:
@@ -280,7 +287,8 @@ class Family:
 
     def prepare(self, dtd, whole_stream: bool = False):
         c = self.clip
-        kwargs = {"do_resize": False} if whole_stream and self.qwen3 else {}  # stream frames are at their size
+        # stream frames are at their size (processor kwargs: Qwen3VLReferencePipeline.prepare takes them)
+        kwargs: dict[str, Any] = {"do_resize": False} if whole_stream and self.qwen3 else {}
         return self.reference.prepare(Q, c.frames, c.fps, dtd, **kwargs)
 
 
@@ -301,7 +309,7 @@ def load_family(name: str, media: Path) -> Family:
 
 
 def video_cases(quick: bool) -> list[tuple[str, dict]]:
-    cases = [("video/pixel", {}), ("video/feature", {"dtd_criterion": "feature"})]
+    cases: list[tuple[str, dict]] = [("video/pixel", {}), ("video/feature", {"dtd_criterion": "feature"})]
     if not quick:
         cases = [
             ("video/off", {"dtd_enabled": False}),
@@ -443,6 +451,19 @@ def _up(srv):
     return srv
 
 
+def _on_server(case: Callable[[Any], str], srv) -> str:
+    """One case of :func:`server_cases` on the server, still alive."""
+    return case(_up(srv))
+
+
+def _load_reference(name: str, media: Path, loaded: dict[str, Family]) -> str:
+    """The ``reference`` case of a family: its checkpoint, clip and reference pipeline, into ``loaded``."""
+    from analysis.harness.server import served_dtype
+
+    fam = loaded.setdefault(name, load_family(name, media))
+    return f"{fam.model.name} at {served_dtype()}"
+
+
 def run_server(fam: Family, runner: str, args, media: Path, logs: Path) -> list[CaseResult]:
     from analysis.harness.checks import serve_args
     from analysis.harness.server import VLLMServer
@@ -485,24 +506,21 @@ def run_server(fam: Family, runner: str, args, media: Path, logs: Path) -> list[
         return results
     try:
         for name, fn in server_cases(fam, args.quick):
-            results.append(_timed(fam.name, runner, name, lambda fn=fn: fn(_up(srv))))
+            results.append(_timed(fam.name, runner, name, functools.partial(_on_server, fn, srv)))
         probes: list[dict] = []
 
         def runner_case() -> str:
             probes[:] = probe(_up(srv))
             return check_runner(probes, runner)
 
-        results.append(_timed(fam.name, runner, "engine/runner", runner_case))
-        results.append(
-            _timed(
-                fam.name,
-                runner,
-                "engine/memory",
-                lambda: check_memory(
-                    probes or probe(_up(srv)), group_pids(srv.proc.pid), nvidia_smi_apps(), args.api_gpu_gib
-                ),
+        def memory_case() -> str:
+            assert srv.proc is not None  # started
+            return check_memory(
+                probes or probe(_up(srv)), group_pids(srv.proc.pid), nvidia_smi_apps(), args.api_gpu_gib
             )
-        )
+
+        results.append(_timed(fam.name, runner, "engine/runner", runner_case))
+        results.append(_timed(fam.name, runner, "engine/memory", memory_case))
     finally:
         srv.stop()
     return results
@@ -543,21 +561,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(results[-1].line())
     else:
         for name in args.families:
-            loaded = {}
-            r = _timed(
-                name,
-                "-",
-                "reference",
-                lambda: (
-                    loaded.setdefault("f", load_family(name, media)),
-                    f"{loaded['f'].model.name} at {served_dtype()}",
-                )[1],
-            )
+            loaded: dict[str, Family] = {}  # per family: the previous family's reference pipeline is freed
+            r = _timed(name, "-", "reference", functools.partial(_load_reference, name, media, loaded))
             results.append(r)
             if not r.ok:
                 continue
             for runner in args.runners:
-                results += run_server(loaded["f"], runner, args, media, logs)
+                results += run_server(loaded[name], runner, args, media, logs)
     (out / "results.json").write_text(
         json.dumps(
             {

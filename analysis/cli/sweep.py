@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--model",
         default=None,
-        help="checkpoint of any family DTD serves (Qwen2.5-VL, Qwen3-VL, Qwen2-VL) for feature tokens (default: the tiny Qwen2.5-VL test one)",
+        help="checkpoint of any family DTD serves (Qwen2.5-VL, Qwen3-VL, Qwen2-VL) for feature tokens "
+        "(default: the tiny Qwen2.5-VL test one)",
     )
     ap.add_argument("--fps", type=float, default=1.0)
     ap.add_argument("--max-frames", type=int, default=64)

@@ -33,6 +33,8 @@ def chromium_driver(user_data_dir: str | Path, offline: bool = True):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        raise RuntimeError("chromium_driver: no chromium or chromedriver on PATH")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in (
@@ -59,7 +61,8 @@ return {
             svgs: d.querySelectorAll('.main-svg').length,
             width: box ? box.width : 0, height: box ? box.height : 0};
   }),
-  unclassed: Array.from(document.querySelectorAll('.js-plotly-plot')).filter(d => !d.classList.contains('plotly-graph-div')).length,
+  unclassed: Array.from(document.querySelectorAll('.js-plotly-plot'))
+    .filter(d => !d.classList.contains('plotly-graph-div')).length,
   scripts: Array.from(document.scripts).map(s => s.src),
   resources: performance.getEntriesByType('resource').map(e => e.name),
 };

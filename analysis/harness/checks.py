@@ -29,11 +29,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from analysis.harness.server import served_dtype
 from vllm_plugin.core import DTDConfig, mask_digest
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def assert_same_top_logprobs(a: list[dict[int, float]], b: list[dict[int, float]
             assert abs(x[tok] - y[tok]) <= atol, (step, tok, x[tok], y[tok])
         # a token may fall out of one top-5 only if it ties with the 5th
         for tok in set(x) ^ set(y):
-            lp = x.get(tok, y.get(tok))
+            lp = x[tok] if tok in x else y[tok]  # in exactly one of them
             fifth = min(min(x.values()), min(y.values()))
             assert abs(lp - fifth) <= atol, (step, tok, lp, fifth)
 
@@ -196,9 +200,11 @@ def near_threshold_per_step(tokens: torch.Tensor, dtd: DTDConfig, tol: Tolerance
 
     tol = _tol(tol)
     counts = [0] * int(tokens.shape[0])
+    threshold = dtd.threshold
+    assert threshold is not None  # DTDConfig resolves it on construction
 
     def observe(t: int, scores: torch.Tensor) -> None:
-        counts[t] = int(((scores.double() - dtd.threshold).abs() <= tol.score_atol).sum())
+        counts[t] = int(((scores.double() - threshold).abs() <= tol.score_atol).sum())
 
     decide_steps(tokens, dtd, observe=observe)
     return counts
@@ -222,7 +228,7 @@ def assert_same_kept(
     if served == want:
         return True
     near_ok = tol.score_atol > 0 and dtd is not None and dtd.enabled and dtd.criterion == "feature"
-    assert near_ok and len(served) == len(want), (served, want)
+    assert near_ok and dtd is not None and len(served) == len(want), (served, want)
     near = near_threshold_per_step(reference_tokens(reference, prepared), dtd, tol)
     off = [(t, s, w, n) for t, (s, w, n) in enumerate(zip(served, want, near)) if abs(s - w) > n]
     assert not off, (
@@ -316,7 +322,7 @@ def chat_with_stats(
 ):
     """One greedy chat request with a local video (top-5 logprobs with token ids) and the
     ``x-dtd-stats`` header's per-video stats (``[]`` without the header)."""
-    extra = {"return_tokens_as_token_ids": True}
+    extra: dict[str, Any] = {"return_tokens_as_token_ids": True}
     if mm:
         extra["mm_processor_kwargs"] = mm
     if media_io:
@@ -355,6 +361,8 @@ class GpuCheckProbe:
     method runs in every worker through ``collective_rpc``, which a server started with
     ``VLLM_SERVER_DEV_MODE=1`` exposes as ``POST /collective_rpc {"method": "dtd_gpu_check_probe"}``
     (vLLM 0.32: ``vllm/entrypoints/serve/dev/rpc/api_router.py``; dict results come back as JSON)."""
+
+    vllm_config: VllmConfig  # the worker's: vLLM adds this class to its worker class's bases
 
     def dtd_gpu_check_probe(self) -> dict:
         """This worker's process id, model runner and CUDA memory (bytes)."""

@@ -181,7 +181,7 @@ class VLLMServer:
             return ""
 
     def start(self) -> VLLMServer:
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115  # the server's log while it runs: closed by stop()
         self.proc = subprocess.Popen(
             self.args,
             stdout=self._log,
@@ -211,12 +211,15 @@ class VLLMServer:
         where the vision encoder and the LLM run)."""
         import psutil
 
+        if self.proc is None:
+            raise RuntimeError("the server is not started")
         children = psutil.Process(self.proc.pid).children(recursive=True)
         for p in children:
             if "Worker" in p.name():
-                for line in open(f"/proc/{p.pid}/status"):
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
+                with open(f"/proc/{p.pid}/status") as status:
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            return int(line.split()[1]) / 1024
         raise RuntimeError(f"no engine worker among {[p.name() for p in children]}")
 
     def stop(self) -> None:
@@ -283,9 +286,9 @@ class NotebookServer:
         if self.embedded is None:
             return f"Using the server at {self.url} (model {self.model()})."
         return (
-            f"Using an EMBEDDED server at {self.url}: python -m vllm_plugin.serve --dtd-streams on the tiny random-weight "
-            f"checkpoint {self.embedded.model} (nothing answered at {self.requested}). Its answers are random: it shows "
-            f"the mechanics, not accuracy. Set {SERVER_URL_ENV} to your server to use it."
+            f"Using an EMBEDDED server at {self.url}: python -m vllm_plugin.serve --dtd-streams on the tiny "
+            f"random-weight checkpoint {self.embedded.model} (nothing answered at {self.requested}). Its answers are "
+            f"random: it shows the mechanics, not accuracy. Set {SERVER_URL_ENV} to your server to use it."
         )
 
     def stop(self) -> None:

@@ -49,12 +49,15 @@ SPECIAL_TOKENS = [
 # Qwen2-VL style chat template: string or list content; image/video parts become placeholders.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}"
     "{% endfor %}"
@@ -248,7 +251,8 @@ def recipe(family: str = DEFAULT_FAMILY) -> TinyRecipe:
 
 def all_sizes() -> list[str]:
     """Every size some family's recipe has."""
-    return sorted({size for name in family_names() if get_family(name).tiny for size in get_family(name).tiny.sizes})
+    recipes = [get_family(name).tiny for name in family_names()]
+    return sorted({size for tiny in recipes if tiny for size in tiny.sizes})
 
 
 def spec_for(size: str, seed: int, family: str = DEFAULT_FAMILY) -> dict:

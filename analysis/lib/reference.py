@@ -132,10 +132,10 @@ class ReferencePipeline:
     def process_video(self, frames: np.ndarray, fps: float) -> ProcessedVideo:
         """Frames uint8 (N, H, W, 3) sampled at ``fps`` -> processed patches (no further sampling)."""
         out = self.processor.video_processor(videos=[np.asarray(frames)], return_tensors="pt", do_sample_frames=False)
-        grid = tuple(int(x) for x in out["video_grid_thw"][0].tolist())
+        t, h, w = (int(x) for x in out["video_grid_thw"][0].tolist())
         return ProcessedVideo(
             pixel_values=out["pixel_values_videos"],
-            grid_thw=grid,
+            grid_thw=(t, h, w),
             second_per_grid_t=self.temporal_patch_size / float(fps),
             merge_size=self.merge_size,
         )
@@ -299,10 +299,10 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
             do_sample_frames=False,
             **processor_kwargs,
         )
-        grid = tuple(int(x) for x in out["video_grid_thw"][0].tolist())
+        t, h, w = (int(x) for x in out["video_grid_thw"][0].tolist())
         return ProcessedVideo(
             pixel_values=out["pixel_values_videos"],
-            grid_thw=grid,
+            grid_thw=(t, h, w),
             second_per_grid_t=self.temporal_patch_size / float(fps),
             merge_size=self.merge_size,
             layout=self.layout,
@@ -341,6 +341,8 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
             ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
             pos = torch.arange(ids.shape[0]).expand(3, -1)
             return Prepared(ids, embed(ids), pos, None, None, None, int(ids.shape[0]))
+        if video.frames is None:  # the prompt's timestamps come from the frames
+            raise ValueError("a ProcessedVideo without its frames: make it with this pipeline's process_video")
         inputs = self.processor(
             text=[text],
             videos=[video.frames],

@@ -33,7 +33,8 @@ class VideoTokens:
 
     @property
     def grid(self) -> tuple[int, int, int]:
-        return tuple(self.pixel.shape[:3])
+        t, h, w = self.pixel.shape[:3]
+        return t, h, w
 
     @property
     def tokens_per_step(self) -> int:
@@ -69,7 +70,7 @@ def load_tokens(
 def tokens_from_frames(
     frames: np.ndarray,
     fps: float,
-    timestamps: Sequence[float] | None = None,
+    timestamps: Sequence[float] | np.ndarray | None = None,
     max_pixels: int = 448 * 448,
     name: str = "frames",
     path: str | None = None,
@@ -79,7 +80,7 @@ def tokens_from_frames(
     geo = Geometry(max_pixels=max_pixels)
     h, w = geo.target_size(*frames.shape[1:3])
     if frames.shape[1:3] != (h, w):
-        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
+        frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC)) for f in frames])
     if len(frames) % 2:
         frames = np.concatenate([frames, frames[-1:]])
     times = list(timestamps) if timestamps is not None else [i / fps for i in range(len(frames))]
@@ -103,7 +104,10 @@ def feature_tokens(video: VideoTokens, model_path: str | Path | None = None) -> 
     T, H, W = video.grid
     if cell * H != video.frames.shape[1] or cell * W != video.frames.shape[2]:
         frames = np.stack(
-            [np.asarray(Image.fromarray(f).resize((W * cell, H * cell), Image.BICUBIC)) for f in video.frames]
+            [
+                np.asarray(Image.fromarray(f).resize((W * cell, H * cell), Image.Resampling.BICUBIC))
+                for f in video.frames
+            ]
         )
         processed = pipe.process_video(frames, video.fps, do_resize=False)
     else:

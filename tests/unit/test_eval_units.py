@@ -154,7 +154,8 @@ def test_proactive_polls_every_second_until_gt_plus_4_and_a_yes_brings_the_quest
     polls = asks_for(q)
     assert [a.time for a in polls] == [9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0]
     assert polls[0].prompt.endswith(
-        'Question: When X, output "go". Is it the right time to output "go"? You can only answer yes or no.\n\nThe answer is:\n'
+        'Question: When X, output "go". Is it the right time to output "go"? You can only answer yes or no.'
+        "\n\nThe answer is:\n"
     )
     assert stream_start(q) == 8.0 and cv.last_ask_time(q) == 16.0
     assert follow_up(q, Reply(10.0, "no", role="poll")) is None
@@ -268,7 +269,10 @@ class RecordingStream:
         pass
 
 
-def _run(monkeypatch, questions, answer, mode=Mode("full"), lie=0.0, n=30, full_after=float("inf")):
+FULL = Mode("full")
+
+
+def _run(monkeypatch, questions, answer, mode=FULL, lie=0.0, n=30, full_after=float("inf")):
     made = []
 
     def fake_open(base_url, model=None, fps=None, **settings):

@@ -83,7 +83,7 @@ def test_reference_following_uploads_are_refused_before_ffmpeg_sees_them(monkeyp
     # the attack is real: FFmpeg's probing decodes a file the ffconcat list names
     frames, *_ = decode_video(_refs_inside_cwd()["ffconcat"], fps=1.0, max_frames=2)
     assert len(frames) == 2
-    for name, data in _refs_inside_cwd().items():
+    for data in _refs_inside_cwd().values():
         with pytest.raises(VideoDecodeError, match="not a video container"):
             decode_video_upload(data, 2.0, _keep, 256, 10**7, 10**9)
 

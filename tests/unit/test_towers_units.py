@@ -81,9 +81,11 @@ def _flaky_load(monkeypatch, failures: int = 1):
 def test_a_failed_load_is_answered_at_once_then_retried_after_the_retry_time(clock, monkeypatch, caplog):
     calls, tower = _flaky_load(monkeypatch)
     spec, mc = SPECS["qwen2_5_vl"], _model_config()
-    with caplog.at_level(logging.ERROR, logger="vllm.dtd_plugin"):
-        with pytest.raises(vision.EncoderUnavailable, match=r"dtd_criterion.*did not load.*out of memory.*after 30 s"):
-            vision.tower_for(spec, mc)
+    with (
+        caplog.at_level(logging.ERROR, logger="vllm.dtd_plugin"),
+        pytest.raises(vision.EncoderUnavailable, match=r"dtd_criterion.*did not load.*out of memory.*after 30 s"),
+    ):
+        vision.tower_for(spec, mc)
     assert "did not load" in caplog.text and vision.RETRY_ENV in caplog.text
     clock[0] += 20
     with pytest.raises(vision.EncoderUnavailable, match=r"out of memory.*after 10 s"):  # at once: no second load
@@ -186,9 +188,11 @@ def test_towers_load_only_in_api_server_processes(clock, monkeypatch, caplog, na
     monkeypatch.setattr(multiprocessing.current_process(), "name", name)
     if ray_mode is not None:
         monkeypatch.setitem(sys.modules, "ray", _fake_ray(ray_mode))
-    with caplog.at_level(logging.ERROR, logger="vllm.dtd_plugin"):
-        with pytest.raises(vision.EncoderUnavailable, match=f"not available in this process.*{name}.*API-server"):
-            vision.tower_for(SPECS["qwen2_5_vl"], _model_config())
+    with (
+        caplog.at_level(logging.ERROR, logger="vllm.dtd_plugin"),
+        pytest.raises(vision.EncoderUnavailable, match=f"not available in this process.*{name}.*API-server"),
+    ):
+        vision.tower_for(SPECS["qwen2_5_vl"], _model_config())
     assert calls == [] and "not an API-server process" in caplog.text and not vision._FAILED
 
 
@@ -289,7 +293,9 @@ def test_the_estimate_of_the_tiny_tower(cuda_tower):
     m = cuda_tower.memory
     with __import__("safetensors").safe_open(str(cuda_tower.model_config(0).model) + "/model.safetensors", "pt") as sf:
         numel = sum(
-            math.prod(sf.get_slice(k).get_shape()) for k in sf.keys() if k.startswith(("visual.", "model.visual."))
+            math.prod(sf.get_slice(k).get_shape())
+            for k in sf.keys()  # noqa: SIM118 (a safetensors safe_open is not iterable)
+            if k.startswith(("visual.", "model.visual."))
         )
     assert m.param_bytes == numel * 2  # bf16
     assert m.steps == 16 and m.context_bytes == vision.CUDA_CONTEXT_BYTES

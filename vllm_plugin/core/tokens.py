@@ -218,8 +218,8 @@ def _exact_scale_ok(rescale: float) -> bool:
 
 
 def _l1_scores_8bit(threshold: float, rescale: float) -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
-    """A :func:`vllm_plugin.core.decide.decide_steps` ``score`` for raw 8-bit tokens (uint8 (H, W, C)) that decides exactly as
-    :func:`vllm_plugin.core.masks.token_scores` on ``tokens.float() * rescale`` (the float path),
+    """A :func:`vllm_plugin.core.decide.decide_steps` ``score`` for raw 8-bit tokens (uint8 (H, W, C)) that
+    decides exactly as :func:`vllm_plugin.core.masks.token_scores` on ``tokens.float() * rescale`` (the float path),
     faster: the exact score ``Σ|a − b| · rescale / C`` from integer sums (uint8 max − min, no float
     copy of the pixels); a step with any token whose exact score lies within ``_EXACT_BAND`` of τ is
     scored by the float path itself, so every decision is the float path's bit for bit (for a

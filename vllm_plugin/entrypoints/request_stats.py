@@ -91,7 +91,7 @@ def record_timing(decision_s: float = 0.0, preprocess_s: float = 0.0) -> None:
 
 def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:
     """File the stats of these video items for the current request, count and log them."""
-    found = [s for h in mm_hashes if (s := lookup(h)) is not None]
+    found = [entry for h in mm_hashes if (entry := lookup(h)) is not None]
     if not found:
         return found
     holder = REQUEST_STATS.get()
@@ -99,19 +99,19 @@ def collect(mm_hashes: Iterable[str]) -> list[tuple[DTDStats, str]]:
         holder.extend(found)
     try:
         c = _counters()
-        for s, _ in found:
-            c["in"].inc(s.total)
-            c["kept"].inc(s.kept)
+        for stats, _ in found:
+            c["in"].inc(stats.total)
+            c["kept"].inc(stats.kept)
             c["videos"].inc()
     except Exception:  # metrics are best effort, never fail a request
         logger.debug("DTD metrics unavailable", exc_info=True)
-    for s, _ in found:
+    for stats, _ in found:
         logger.info(
             "DTD: video tokens kept %d of %d (%.1f%% dropped); kept per temporal step %s",
-            s.kept,
-            s.total,
-            100 * s.drop_ratio,
-            list(s.kept_per_step),
+            stats.kept,
+            stats.total,
+            100 * stats.drop_ratio,
+            list(stats.kept_per_step),
         )
     return found
 

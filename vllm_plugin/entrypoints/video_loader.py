@@ -53,11 +53,16 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vllm_plugin import settings
+
+if TYPE_CHECKING:  # FastDecodeMixin is put in front of these (loader_class, _FAST_BASES)
+    from vllm.multimodal.video import VideoBackend as _LoaderBase
+else:
+    _LoaderBase = object
 
 logger = logging.getLogger("vllm.dtd_plugin")
 
@@ -351,20 +356,19 @@ def decode_sampled(loader_cls, data: bytes, target, sampling_kwargs: dict, sizin
     return frames, source, frame_idx, valid
 
 
-class FastDecodeMixin:
+class FastDecodeMixin(_LoaderBase):
     """Put in front of the vLLM loader class vLLM would use (:func:`loader_class`): the same
     sampling, decoded with :func:`decode_sampled`; ``fast_decode=False``, and any file the plan
     does not fit, run the vLLM loader (behind the same guards)."""
 
     @classmethod
-    def load_bytes(cls, data: bytes, **kwargs: Any):
+    def load_bytes(cls, data: bytes, **kwargs: Any):  # type: ignore[override]  # vLLM passes keywords (bound below)
         from vllm.multimodal.video_decoders import VideoTargetMetadata, resolve_video_backend_kwargs
 
         fast = kwargs.pop(FAST_DECODE_KEY, True)
         if not isinstance(fast, bool):
             raise ValueError(f"media_io_kwargs.video.{FAST_DECODE_KEY} must be true or false, got {fast!r}")
-        base = super()
-        bound = inspect.signature(base.load_bytes).bind(data, **kwargs)
+        bound = inspect.signature(super().load_bytes).bind(data, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
         extra = dict(a.pop("kwargs", {}) or {})
@@ -373,7 +377,7 @@ class FastDecodeMixin:
             # exact mode, another codec (GPU ones included) or OpenCV's frame recovery: vLLM's loader
             with _guarded(data):
                 pass
-            return base.load_bytes(data, **kwargs)
+            return super().load_bytes(data, **kwargs)
         target = VideoTargetMetadata(
             num_frames=a.get("num_frames", -1), fps=a.get("fps", -1), max_duration=a.get("max_duration", 300)
         )
@@ -383,7 +387,7 @@ class FastDecodeMixin:
                 frames, source, frame_idx, valid = decode_sampled(cls, data, target, sampling_kwargs, _SIZING)
         except FastDecodeUnavailable as e:
             logger.debug("DTD video loader: vLLM's loader decodes this video (%s)", e)
-            return base.load_bytes(data, **kwargs)
+            return super().load_bytes(data, **kwargs)
         if len(valid) < len(frame_idx):
             logger.warning("DTD video loader: expected %d frames but got %d.", len(frame_idx), len(valid))
         return frames, cls.create_hf_metadata(

@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vllm_plugin import settings
 
@@ -99,7 +100,7 @@ def require(owner, name: str, params: list[str] | None = None, returns: str | No
         raise VLLMMismatch(
             f"vllm_plugin was written for vLLM 0.32 and relies on {where}, which vLLM {_vllm_version()} does not have"
         )
-    target = getattr(owner, name, None)
+    target: Any = getattr(owner, name, None)  # a method, a class attribute, a dataclass field (None: no default)
     if params is not None and (got := _params(target)) != params:
         raise VLLMMismatch(
             f"vllm_plugin was written for vLLM 0.32: {where} takes {params}, in vLLM {_vllm_version()} it takes {got}"
@@ -205,7 +206,7 @@ def check_sequential_video_encoding(source: str | None = None) -> None:
     installed = source is None
     if installed and _RUNNER_CHECKED:
         return
-    if installed:
+    if source is None:  # installed
         spec = importlib.util.find_spec(_RUNNER_MODULE)
         if spec is None or not spec.origin:
             raise VLLMMismatch(
@@ -367,7 +368,7 @@ def _install_validate() -> None:
 
 
 def _video_hashes(engine_inputs) -> list[str]:
-    out = []
+    out: list[str] = []
     for ei in engine_inputs or []:
         hashes = ei.get("mm_hashes") if isinstance(ei, dict) else None
         if hashes:
@@ -398,9 +399,9 @@ def _install_preprocess() -> None:
     chat = require(R, "preprocess_chat", returns="tuple[list, list]")
     cmpl = require(R, "preprocess_cmpl", returns="list")
     if not getattr(chat, _MARK, False):
-        R.preprocess_chat = _wrap_preprocess(chat, lambda r: r[1])
+        R.preprocess_chat = _wrap_preprocess(chat, lambda r: r[1])  # type: ignore[method-assign]  # the patch
     if not getattr(cmpl, _MARK, False):
-        R.preprocess_cmpl = _wrap_preprocess(cmpl, lambda r: r)
+        R.preprocess_cmpl = _wrap_preprocess(cmpl, lambda r: r)  # type: ignore[method-assign]  # the patch
 
 
 def _video_input_error_class():
@@ -531,16 +532,17 @@ def size_rotary_tables(model, positions: int) -> int:
                 f"max_position_embeddings, in vLLM {_vllm_version()} it does not"
             )
         if old.shape[0] < positions:
-            if getattr(m, "scaling_factor", None) is None:  # vLLM's own table code, for more positions
+            scaling = getattr(m, "scaling_factor", None)
+            if scaling is None:  # vLLM's own table code, for more positions
                 original = m.max_position_embeddings
                 m.max_position_embeddings = positions
                 try:
                     cache = m._compute_cos_sin_cache()
                 finally:
                     m.max_position_embeddings = original
-            else:  # YaRN: its frequencies depend on max_position_embeddings, which must stay (vLLM's formula, more rows)
+            else:  # YaRN: frequencies depend on max_position_embeddings, which must stay (vLLM's formula, more rows)
                 freqs = torch.einsum(
-                    "i,j -> ij", torch.arange(positions, dtype=torch.float32), m._compute_inv_freq(m.scaling_factor)
+                    "i,j -> ij", torch.arange(positions, dtype=torch.float32), m._compute_inv_freq(scaling)
                 )
                 cache = torch.cat((freqs.cos() * m.mscale, freqs.sin() * m.mscale), dim=-1)
             cache = cache.to(dtype=old.dtype, device=old.device)

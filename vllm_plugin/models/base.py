@@ -27,15 +27,15 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from vllm.exceptions import VLLMValidationError
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import BaseProcessingInfo, ProcessorInputs, PromptReplacement
+from vllm.multimodal.parse import MultiModalDataItems, VideoProcessorItems
+from vllm.multimodal.processing import BaseProcessingInfo, ProcessorInputs, PromptReplacement, PromptUpdate
 from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
 
 from vllm_plugin import settings
@@ -59,6 +59,61 @@ from vllm_plugin.entrypoints.options import (
 )
 from vllm_plugin.models import vision
 from vllm_plugin.models.vision import VisionTowerSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import BatchFeature
+    from vllm.config import VllmConfig
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItems
+    from vllm.multimodal.processing import BaseMultiModalProcessor
+
+    # The mixins below are put before vLLM's classes of a family (families.build_classes); to the type
+    # checker they extend what they are mixed into: vLLM's base classes, with what the Qwen-VL families'
+    # classes add (they share no vLLM base class declaring it).
+    class _ProcessingInfoBase(BaseProcessingInfo):
+        def get_image_processor(self, **kwargs: object) -> Any:
+            raise NotImplementedError
+
+    class _ProcessorBase(BaseMultiModalProcessor[_ProcessingInfoBase]):
+        # vLLM's abstract hooks, which the family's processor implements
+        def _get_mm_fields_config(
+            self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+        ) -> Mapping[str, MultiModalFieldConfig]:
+            raise NotImplementedError
+
+        def _get_prompt_updates(
+            self,
+            mm_items: MultiModalDataItems,
+            hf_processor_mm_kwargs: Mapping[str, object],
+            out_mm_kwargs: MultiModalKwargsItems,
+        ) -> Sequence[PromptUpdate]:
+            raise NotImplementedError
+
+    class _ModelBase(nn.Module):
+        """What :class:`DTDModelMixin` uses of vLLM's Qwen-VL model classes (Qwen2VLForConditionalGeneration,
+        Qwen2_5_VL..., Qwen3VL..., Qwen3VLMoe...), which share no base class declaring it."""
+
+        config: Any  # the checkpoint's HF config
+        visual: Any  # the vision tower (spatial_merge_size, dtype)
+
+        def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs: Any) -> None:
+            raise NotImplementedError
+
+        def get_encoder_cudagraph_config(self) -> EncoderCudaGraphConfig:
+            raise NotImplementedError
+
+        def _parse_and_validate_video_input(self, **kwargs: object) -> Any:
+            raise NotImplementedError
+
+        def _process_video_input(self, video_input: Any) -> tuple[torch.Tensor, ...]:
+            raise NotImplementedError
+
+        def iter_mm_grid_thw(
+            self, mm_features: list[MultiModalFeatureSpec]
+        ) -> Iterator[tuple[int, int, int, int, float]]:
+            raise NotImplementedError
+else:
+    _ProcessorBase = _ProcessingInfoBase = _ModelBase = object
 
 # read by the DTD decision: what the HF processor is asked to do, as vLLM resolves it per scope
 vllm_patches.require(BaseProcessingInfo, "_merge_and_resolve_mm_processor_kwargs", ["mm_kwargs"])
@@ -171,7 +226,7 @@ def _given(given, shape: tuple[int, int, int], feature: bool):
     return mask, embeds
 
 
-class DTDMultiModalProcessorMixin:
+class DTDMultiModalProcessorMixin(_ProcessorBase):
     """Adds the DTD keep mask to Qwen-VL style processors (at processing time, pixel or feature level).
 
     A video item may carry, in its metadata under :data:`GIVEN_MASK`, the keep mask its caller
@@ -230,7 +285,9 @@ class DTDMultiModalProcessorMixin:
                 given.append(None)
             data.append(item)
         if any(g is not None for g in given):
-            mm_items = MultiModalDataItems({**mm_items, "video": type(videos)(data, videos.metadata)})
+            # items with metadata are VideoProcessorItems (vllm/multimodal/parse.py: a (frames, metadata) tuple)
+            video_items = cast(VideoProcessorItems, videos)
+            mm_items = MultiModalDataItems({**mm_items, "video": type(video_items)(data, video_items.metadata)})
         return mm_items, given
 
     def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]):
@@ -292,7 +349,7 @@ class DTDMultiModalProcessorMixin:
             mask, embeds = _given(g, shape, feature)
             if mask is not None and not mask.any():
                 embeds = None  # the one token kept below is not among the given rows
-            if embeds is None and feature:
+            if embeds is None and tower is not None:  # tower: feature level
                 t_enc = time.perf_counter()
                 encoded = tower.encode(pv if normalized else layout.normalize(pv), grid)
                 encoding += time.perf_counter() - t_enc
@@ -382,17 +439,17 @@ class DTDMultiModalProcessorMixin:
 
     def _get_prompt_updates(
         self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs
-    ) -> Sequence[PromptReplacement]:
+    ) -> Sequence[PromptUpdate]:
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
 
-        def with_dtd(update: PromptReplacement) -> PromptReplacement:
-            full_replacement = update.replacement
+        def with_dtd(update: PromptUpdate) -> PromptReplacement:
+            full_replacement = update.content  # a PromptReplacement's replacement
 
             def replacement(item_idx: int):
                 out_item = out_mm_kwargs["video"][item_idx]
                 elem = out_item.get(MASK_KEY)
-                if elem is None:
-                    return full_replacement(item_idx)
+                if elem is None:  # resolved as vLLM does (PromptUpdate._resolve_content): a callable or the tokens
+                    return full_replacement(item_idx) if callable(full_replacement) else full_replacement
                 t, h, w = (int(x) for x in out_item["video_grid_thw"].data.tolist())
                 merge = self.info.get_hf_config().vision_config.spatial_merge_size
                 return self._dtd_replacement(elem.data.reshape(t, h // merge, w // merge).bool(), out_item)
@@ -506,28 +563,30 @@ class DTDMultiModalProcessorMixin:
                 e = self._dtd_item_extra(item)
                 ITEM_EXTRA_POSITIONS.record(mm_hash, e)
             else:
-                e = ITEM_EXTRA_POSITIONS.lookup(mm_hash)
-                if e is None:
+                recorded = ITEM_EXTRA_POSITIONS.lookup(mm_hash)
+                if recorded is None:
                     raise PositionLimitError(
                         "video: this video's M-RoPE positions could not be checked (its record left this "
                         "server's memory while vLLM's processor cache kept it): send the request again",
                         parameter="video",
                     )
+                e = recorded
             extra += e
         limit = rope_positions(self.info.get_hf_config())
         max_len = int(self.info.ctx.model_config.max_model_len)
         largest = max(len(result["prompt_token_ids"]), max_len) - 1 + max(0, extra)
         if largest >= limit:
             raise PositionLimitError(
-                f"video: this request's M-RoPE positions could reach {largest} ({max_len} tokens of context plus {extra} "
-                f"positions its videos span beyond their tokens: frames far apart in time, or DTD keeping few tokens of "
-                f"many steps, whose survivors keep their original positions), past the model's rotary table of {limit} "
-                f"positions (max_position_embeddings x {ROPE_POSITIONS_FACTOR}): send fewer or more closely spaced frames",
+                f"video: this request's M-RoPE positions could reach {largest} ({max_len} tokens of context plus "
+                f"{extra} positions its videos span beyond their tokens: frames far apart in time, or DTD keeping few "
+                f"tokens of many steps, whose survivors keep their original positions), past the model's rotary table "
+                f"of {limit} positions (max_position_embeddings x {ROPE_POSITIONS_FACTOR}): send fewer or more closely "
+                "spaced frames",
                 parameter="video",
             )
 
 
-class DTDProcessingInfoMixin:
+class DTDProcessingInfoMixin(_ProcessingInfoBase):
     """``dtd_*`` keys never reach the HF processor loader.
 
     vLLM 0.32 passes a request's ``mm_processor_kwargs`` to ``get_hf_processor(**kwargs)`` (e.g. from
@@ -542,7 +601,7 @@ class DTDProcessingInfoMixin:
         return super().get_hf_processor(**rest)
 
 
-class DTDModelMixin:
+class DTDModelMixin(_ModelBase):
     """Model side: keep the masked encoder outputs; survivors keep their original M-RoPE positions."""
 
     # vllm/v1/worker/gpu_model_runner.py (0.32) encodes a batch of videos one at a time when the model

@@ -85,6 +85,8 @@ class DTDTimestampedPositionsMixin:
     """Qwen3-VL's M-RoPE positions with DTD: text and survivors keep the full prompt's positions
     (shared by the dense and MoE model classes)."""
 
+    config: Any  # the checkpoint's HF config: an attribute of vLLM's model class this is mixed into
+
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         from vllm_plugin.models.base import MASK_KEY  # (base imports vLLM: this runs in the engine)
 

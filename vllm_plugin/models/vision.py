@@ -58,6 +58,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ def _plan(cu_seqlens: torch.Tensor, device: torch.device) -> tuple[int, list]:
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
             starts.setdefault(b - a, []).append(a)
-    groups = []
+    groups: list[tuple[int | torch.Tensor, int, int]] = []  # (first token or index tensor, count, length)
     for length, firsts in starts.items():
         if firsts == list(range(firsts[0], firsts[0] + length * len(firsts), length)):
             groups.append((firsts[0], len(firsts), length))
@@ -223,13 +224,14 @@ def set_attention(module: torch.nn.Module, name: str) -> None:
 def _probe_inputs(module: torch.nn.Module, device, dtype):
     """Two tiny videos whose attention has sequences of several lengths: unequal windows (a frame
     one merged unit wider than a window) and frames of two sizes."""
-    config = module.config
+    tower: Any = module  # transformers' vision tower: nn.Module types its attributes as Tensor | Module
+    config = tower.config
     merge = int(config.spatial_merge_size)
     window = getattr(config, "window_size", None)
     units = int(window) // int(config.patch_size) // merge + 1 if window else 3  # merged units per side
     side = units * merge
     grid = torch.tensor([[2, side, side], [1, merge, 2 * merge]], device=device)
-    weight = module.patch_embed.proj.weight  # Conv3d (hidden, C, tps, p, p) or Linear (hidden, C * tps * p * p)
+    weight = tower.patch_embed.proj.weight  # Conv3d (hidden, C, tps, p, p) or Linear (hidden, C * tps * p * p)
     in_dim = math.prod(weight.shape[1:])
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(int(grid.prod(-1).sum()), in_dim, generator=g).to(device=device, dtype=dtype)
@@ -327,7 +329,7 @@ class VisionTower:
         state = {}
         for f in files:
             with safe_open(f, "pt") as sf:
-                for key in sf.keys():
+                for key in sf.keys():  # noqa: SIM118 (a safetensors safe_open is not iterable)
                     for p in spec.prefixes:
                         if key.startswith(p):
                             state[key[len(p) :]] = sf.get_tensor(key)
@@ -408,7 +410,8 @@ def _weight_files(model_path: str, revision: str | None, prefixes: tuple[str, ..
     def pick(root: str, names: list[str]) -> list[str]:
         index = os.path.join(root, "model.safetensors.index.json")
         if os.path.isfile(index):
-            weight_map = json.load(open(index)).get("weight_map", {})
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
             names = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
         return [os.path.join(root, n) for n in names]
 
@@ -480,6 +483,7 @@ def step_activation_bytes(vision_config, step_patches: int, itemsize: int) -> in
 
 
 def _checkpoint_json(model_path: str, revision: str | None, name: str) -> dict | None:
+    path: object  # a file name, or what the hub cache answers (None, a not-there marker)
     try:
         if os.path.isdir(model_path):
             path = os.path.join(model_path, name)
@@ -533,7 +537,7 @@ def _param_bytes(files: list[str], prefixes: tuple[str, ...], itemsize: int) -> 
     numel = 0
     for f in files:
         with safe_open(f, "pt") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 (a safetensors safe_open is not iterable)
                 if key.startswith(prefixes):
                     numel += math.prod(sf.get_slice(key).get_shape())
     return numel * itemsize

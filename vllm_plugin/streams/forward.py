@@ -24,9 +24,13 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vllm_plugin import settings
 from vllm_plugin.streams.session import stream_owner
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("vllm.dtd_plugin")
 
@@ -85,9 +89,10 @@ class Peers:
             with contextlib.suppress(OSError):
                 os.rmdir(given)
         self._clients: dict[int, object] = {}
-        self._server = None
+        self._server: uvicorn.Server | None = None
 
     def path(self, index: int) -> str:
+        assert self.dir is not None, "peer sockets: several API-server processes only"
         return str(self.dir / f"api{index}.sock")
 
     async def serve(self, app) -> None:
@@ -104,10 +109,10 @@ class Peers:
         # log_config=None: this Config must not reconfigure the process's logging (vLLM's server owns it)
         config = uvicorn.Config(app, uds=path, lifespan="off", log_config=None, log_level=None)
         config.access_log = False
-        self._server = _PeerServer(config)
-        task = asyncio.get_running_loop().create_task(self._server.serve())
+        self._server = server = _PeerServer(config)
+        task = asyncio.get_running_loop().create_task(server.serve())
         for _ in range(200):  # until the socket accepts
-            if self._server.started or task.done():
+            if server.started or task.done():
                 break
             await asyncio.sleep(0.05)
         if task.done():

@@ -26,7 +26,7 @@ import base64
 import binascii
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -88,16 +88,14 @@ def http_status(error: BaseException) -> int:
 
 # the DTD options of an open request: DTDConfig's request options (dtd_enabled, dtd_threshold, dtd_metric,
 # dtd_reference, dtd_criterion, dtd_drop_ratio), as the chat API's mm_processor_kwargs; DTDConfig validates them
-DTDOptions = create_model(
-    "DTDOptions",
-    **{
-        key: (Optional[Any], Field(None, description=f"{key}: as in mm_processor_kwargs (vllm_plugin.core.DTDConfig)"))
-        for key in DTDConfig.option_keys()
-    },
-)
+_DTD_FIELDS: dict[str, Any] = {  # pydantic field definitions: (type, FieldInfo)
+    key: (Any | None, Field(None, description=f"{key}: as in mm_processor_kwargs (vllm_plugin.core.DTDConfig)"))
+    for key in DTDConfig.option_keys()
+}
+DTDOptions = create_model("DTDOptions", **_DTD_FIELDS)
 
 
-class OpenStreamRequest(DTDOptions):  # type: ignore[misc,valid-type]  (a model pydantic builds)
+class OpenStreamRequest(DTDOptions):  # type: ignore[misc,valid-type]  # a model pydantic builds at import
     model: str | None = None
     fps: float = Field(
         _DEFAULTS.fps, description="frame rate the stream is sampled at (frames without timestamps are spaced 1/fps)"

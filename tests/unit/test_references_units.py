@@ -174,3 +174,18 @@ def test_relative_mode_is_a_request_option(dtd_processor, synthetic_clip):
     T, H, W = frame_tokens(torch.from_numpy(frames)).shape[:3]
     per_step = mask.view(T, H * W).sum(1).tolist()
     assert per_step == [H * W] + [H * W - int(H * W * 0.75)] * (T - 1) and n_pad == sum(per_step)
+
+
+@pytest.mark.parametrize("reference", ["previous", "last_kept", "motion"])
+def test_a_stream_decides_each_append_as_the_whole_video(reference, synthetic_clip):
+    """Streams (DecisionState, what every append runs) with any reference: chunked = whole, on a pan
+    and on the synthetic clip (cuts, motion, a fade)."""
+    from vllm_plugin.streams.decision import DecisionState
+
+    for frames in (panned_frames(1, -1, steps=8), synthetic_clip.frames):
+        config = DTDConfig(threshold=0.05, reference=reference)
+        stream = DecisionState(config)
+        cuts = [0, 2, 6, 8, 14, len(frames)]
+        masks = [stream.decide(stream.pixel_tokens(frames[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
+        whole = decide_steps(frame_tokens(torch.from_numpy(frames)), config)
+        assert torch.equal(torch.cat(masks), whole.mask)

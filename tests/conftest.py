@@ -227,17 +227,11 @@ def stock_server(tiny_model_path, media_dir, tmp_path_factory):
 
 def chat_video(client, model: str, video_path: Path, question: str, max_tokens: int = 6, **extra):
     """One greedy chat request with a local video; top-5 logprobs with token ids."""
+    from analysis.harness.server import video_question
+
     return client.chat.completions.create(
         model=model,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": f"file://{video_path}"}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
+        messages=video_question(f"file://{video_path}", question),
         max_tokens=max_tokens,
         temperature=0.0,
         logprobs=True,
@@ -252,6 +246,63 @@ def chat_with_stats(srv, video, media_io=None, question: str = "what happens", *
     from analysis.harness.checks import chat_with_stats as shared
 
     return shared(srv, video, question=question, media_io=media_io, **mm)
+
+
+def decide_step_by_step(tokens, config):
+    """The keep mask of ``tokens`` (T, H, W, C) decided one temporal step at a time, the reference
+    state carried from step to step (what a stream does), for comparison with the whole video's."""
+    import torch
+
+    from vllm_plugin.core import decide_steps
+
+    state, masks = None, []
+    for t in range(tokens.shape[0]):
+        d = decide_steps(tokens[t : t + 1], config, state=state)
+        state = d.state
+        masks.append(d.mask)
+    return torch.cat(masks)
+
+
+NOTEBOOKS = REPO / "notebooks"  # the workbench notebooks (run_notebook)
+
+
+def run_notebook(name: str, env: dict | None = None, timeout: int = 600):
+    """Execute a notebook headless; ``timeout`` is per cell and below pytest's (900 s), so a stuck
+    cell fails as itself, with the tail of the embedded server's log when the notebook started one."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    old = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
+    except Exception as e:
+        pytest.fail(f"{name} failed: {type(e).__name__}: {str(e)[-3000:]}\n{server_log_tail(nb)}", pytrace=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return nb
+
+
+def server_log_tail(nb, lines: int = 80) -> str:
+    """The last lines of the embedded server's log named in the notebook's outputs, if any."""
+    import re
+
+    m = re.search(r"log: (/[^\s)]+\.log)", outputs_of(nb).replace("\\n", " "))
+    if not m or not Path(m.group(1)).is_file():
+        return "(no embedded server log)"
+    tail = Path(m.group(1)).read_text(errors="replace").splitlines()[-lines:]
+    return f"embedded server log {m.group(1)} (last {lines} lines):\n" + "\n".join(tail)
+
+
+def outputs_of(nb) -> str:
+    """Every cell's outputs, as JSON text."""
+    import json
+
+    return json.dumps([c.get("outputs", []) for c in nb.cells], ensure_ascii=False)
 
 
 def generated_when_settled(srv, within: float) -> float:

@@ -328,6 +328,23 @@ def _container_frame_size(data: bytes, fmt: str) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
+def _decoder_errors(what: str, max_frame_pixels: int):
+    """FFmpeg's errors inside as the plugin's: :class:`MediaTooLarge` for ENOMEM (what FFmpeg's
+    ``max_streams`` / ``max_pixels`` limits answer), :class:`VideoDecodeError` for any other."""
+    import av
+
+    try:
+        yield
+    except av.error.MemoryError as e:
+        raise MediaTooLarge(
+            f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
+            f"{max_frame_pixels} pixels per frame)"
+        ) from e
+    except av.error.FFmpegError as e:
+        raise VideoDecodeError(f"cannot decode {what}: {e}") from e
+
+
+@contextlib.contextmanager
 def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
     """Open a client's video bytes: ``(container, its first video stream)``, closed on exit.
 
@@ -345,7 +362,7 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
         raise VideoDecodeError("empty video data")
     fmt = sniff_container(data)
     capped = {"max_pixels": str(max_frame_pixels)}
-    try:
+    with _decoder_errors(what, max_frame_pixels):
         # codec_whitelist: the decoders FFmpeg's stream-info probing may open while the file is opened
         container = av.open(
             io.BytesIO(data),
@@ -358,13 +375,6 @@ def open_untrusted(data: bytes, max_frame_pixels: int, what: str = "the video"):
             },
             stream_options=[capped] * MAX_UPLOAD_TRACKS,  # type: ignore[list-item]  # PyAV's stub: per-stream dicts
         )
-    except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
-        raise MediaTooLarge(
-            f"{what} exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
-            f"{max_frame_pixels} pixels per frame)"
-        ) from e
-    except av.error.FFmpegError as e:
-        raise VideoDecodeError(f"cannot decode {what}: {e}") from e
     with container:
         if not container.streams.video:
             raise VideoDecodeError(f"{what} has no video stream")
@@ -409,46 +419,37 @@ def decode_video_upload(
     and again on every decoded frame; at most ``max_frames`` sampled frames are kept. Raises
     :class:`MediaTooLarge` over a limit, :class:`VideoDecodeError` for anything unusable.
     """
-    import av
-
     if not data:
         raise VideoDecodeError("empty video data")
     out: list[np.ndarray] = []
     times: list[float] = []
-    try:
-        with open_untrusted(data, max_frame_pixels, what="the video chunk") as (container, stream):
-            w, h = int(stream.codec_context.width), int(stream.codec_context.height)
-            declared = _frames_from_header(container, stream)
-            if declared * w * h > max_decoded_pixels:
+    what = "the video chunk"
+    with _decoder_errors(what, max_frame_pixels), open_untrusted(data, max_frame_pixels, what) as (container, stream):
+        w, h = int(stream.codec_context.width), int(stream.codec_context.height)
+        declared = _frames_from_header(container, stream)
+        if declared * w * h > max_decoded_pixels:
+            raise MediaTooLarge(
+                f"the video chunk declares {declared} frames of {w}x{h} = {declared * w * h} pixels; "
+                f"at most {max_decoded_pixels} decoded pixels per upload"
+            )
+        budget = [max_decoded_pixels]
+
+        def check(frame):
+            px = int(frame.width) * int(frame.height)
+            if px > max_frame_pixels:
                 raise MediaTooLarge(
-                    f"the video chunk declares {declared} frames of {w}x{h} = {declared * w * h} pixels; "
-                    f"at most {max_decoded_pixels} decoded pixels per upload"
+                    f"a decoded frame of {frame.width}x{frame.height} pixels exceeds the limit "
+                    f"of {max_frame_pixels} pixels per frame"
                 )
-            budget = [max_decoded_pixels]
+            budget[0] -= px
+            if budget[0] < 0:
+                raise MediaTooLarge(
+                    f"the video chunk decodes to more than {max_decoded_pixels} pixels (the limit per upload)"
+                )
 
-            def check(frame):
-                px = int(frame.width) * int(frame.height)
-                if px > max_frame_pixels:
-                    raise MediaTooLarge(
-                        f"a decoded frame of {frame.width}x{frame.height} pixels exceeds the limit "
-                        f"of {max_frame_pixels} pixels per frame"
-                    )
-                budget[0] -= px
-                if budget[0] < 0:
-                    raise MediaTooLarge(
-                        f"the video chunk decodes to more than {max_decoded_pixels} pixels (the limit per upload)"
-                    )
-
-            for frame, t in _sample(container, stream, fps, None, None, max_frames, check=check):
-                out.append(fit(frame.to_ndarray(format="rgb24")))
-                times.append(t)
-    except av.error.MemoryError as e:  # ENOMEM: what FFmpeg's max_streams / max_pixels limits answer
-        raise MediaTooLarge(
-            f"the video chunk exceeds the decoder's limits (at most {MAX_UPLOAD_TRACKS} tracks, "
-            f"{max_frame_pixels} pixels per frame)"
-        ) from e
-    except av.error.FFmpegError as e:
-        raise VideoDecodeError(f"cannot decode the video chunk: {e}") from e
+        for frame, t in _sample(container, stream, fps, None, None, max_frames, check=check):
+            out.append(fit(frame.to_ndarray(format="rgb24")))
+            times.append(t)
     if not out:
         raise VideoDecodeError("the video chunk has no decodable frames")
     return out, times

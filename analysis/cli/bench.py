@@ -37,7 +37,9 @@ kept tokens still show (``held_error``: mean |token − last kept token at its p
 0–1; lower is better). Writes ``bench.json`` and ``bench.html``. The last line is
 ``throughput_ratio=<dtd/stock requests/s> ceiling=<total/kept tokens> dtd_overhead=<share>`` (pixel
 level), followed by ``vllm_loader_throughput_ratio=…`` (DTD with vLLM's video loader / stock) and
-``feature_throughput_ratio=… feature_dtd_overhead=…`` when those ran.
+``feature_throughput_ratio=… feature_dtd_overhead=…`` when those ran. ``--reference motion`` (or any
+registered reference) runs the DTD server with that ``dtd_reference`` (pixel level), so its
+``dtd_overhead`` is the decision's share with that reference.
 A clip that cannot be read here, or that the DTD server refuses (a 400: e.g. a size limit), is reported
 on one line (``skipped <clip>: <reason>``) and left out; the run goes on with the others, and exits
 non-zero when none of the clips given (or found) is left.
@@ -64,10 +66,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import requests
 
-from analysis.harness.server import metric_sum
+from analysis.harness.server import context_args, metric_sum, video_question
 from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
-from analysis.lib.paths import default_videos, results_dir
-from analysis.lib.reports import write_report
+from analysis.lib.paths import check_videos, default_videos, results_dir
+from analysis.lib.reports import write_results
 from analysis.lib.summary import percentile
 from analysis.lib.video import write_video
 
@@ -177,15 +179,7 @@ def one_request(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": f"file://{video}"}},
-                    {"type": "text", "text": QUESTION},
-                ],
-            }
-        ],
+        "messages": video_question(f"file://{video}", QUESTION),
     }
     if mm:
         body["mm_processor_kwargs"] = mm
@@ -321,10 +315,7 @@ def measure(
 
 def server_args(media: Path, extra: list[str]) -> list[str]:
     return [
-        "--max-model-len",
-        "32768",
-        "--max-num-batched-tokens",
-        "32768",
+        *context_args(32768),
         "--block-size",
         "32",
         "--no-enable-prefix-caching",
@@ -353,15 +344,7 @@ def served_dtd_stats(srv, path: Path, mm: dict | None = None) -> dict:
     body = {
         "model": srv.model,
         "max_tokens": 1,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": f"file://{path}"}},
-                    {"type": "text", "text": QUESTION},
-                ],
-            }
-        ],
+        "messages": video_question(f"file://{path}", QUESTION),
     }
     if mm:
         body["mm_processor_kwargs"] = mm
@@ -493,6 +476,11 @@ def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict, feature:
             "throughput ratio vs ceiling",
         ),
     )
+    panels = (  # (row, col, what a clip's measure shows there); the first panel holds the legend
+        (1, 1, lambda m: m["cN"]["req_per_s"]),
+        (1, 2, lambda m: m["c1"].get("ttft_p50_s")),
+        (2, 1, lambda m: m["c1"].get("prompt_tokens")),
+    )
     for label, data, color in (
         ("stock", stock, "#888"),
         ("DTD pixel", dtd, "#d62728"),
@@ -500,35 +488,17 @@ def report_figure(summary: dict, dtd: dict, stock: dict, uniform: dict, feature:
         ("uniform (DTD budget)", uniform, "#1f77b4"),
     ):
         present = [n for n in names if n in data]
-        fig.add_bar(
-            x=present,
-            y=[data[n]["cN"]["req_per_s"] for n in present],
-            name=label,
-            marker_color=color,
-            row=1,
-            col=1,
-            legendgroup=label,
-        )
-        fig.add_bar(
-            x=present,
-            y=[data[n]["c1"].get("ttft_p50_s") for n in present],
-            name=label,
-            marker_color=color,
-            row=1,
-            col=2,
-            legendgroup=label,
-            showlegend=False,
-        )
-        fig.add_bar(
-            x=present,
-            y=[data[n]["c1"].get("prompt_tokens") for n in present],
-            name=label,
-            marker_color=color,
-            row=2,
-            col=1,
-            legendgroup=label,
-            showlegend=False,
-        )
+        for row, col, value in panels:
+            fig.add_bar(
+                x=present,
+                y=[value(data[n]) for n in present],
+                name=label,
+                marker_color=color,
+                row=row,
+                col=col,
+                legendgroup=label,
+                showlegend=None if (row, col) == (1, 1) else False,
+            )
     fig.add_bar(
         x=names,
         y=[r["throughput_ratio"] for r in summary["per_clip"]],
@@ -570,6 +540,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--no-evs", action="store_true", help="skip the EVS attempt")
     add_model_arguments(ap, "bench7b")
+    ap.add_argument(
+        "--reference",
+        default="previous",
+        help="the DTD server's dtd_reference (pixel level): previous, last_kept, motion or any registered one",
+    )
     ap.add_argument("--no-feature", action="store_true", help="skip feature-level DTD (the API server's vision tower)")
     ap.add_argument(
         "--no-loader-comparison",
@@ -579,16 +554,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=results_dir("bench"))
     args = ap.parse_args(argv)
     args.requests = args.requests or (2 if args.quick else 4)
+    from vllm_plugin.core import reference_names
+
+    if args.reference not in reference_names():
+        ap.error(f"--reference: {args.reference!r} is not one of {list(reference_names())}")
     args.frames = args.frames or (12 if args.quick else 32)
     if args.frames < 2:
         ap.error("--frames must be at least 2")
-    for v in args.video or []:
-        if not v.is_file():
-            ap.error(f"no such video: {v}")
+    check_videos(ap, args.video or [])
 
     from analysis.harness.server import VLLMServer
     from analysis.lib.workbench import held_error
-    from vllm_plugin.core import dtd_keep_mask
+    from vllm_plugin.core import decide_steps
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs
 
     t_start = time.perf_counter()
@@ -606,11 +583,12 @@ def main(argv=None) -> int:
             f"concurrency 1 and {args.concurrency}",
             flush=True,
         )
-        cfg = dtd_config_from_kwargs({})
+        cfg = dtd_config_from_kwargs({"dtd_reference": args.reference})
+        dtd_defaults = ["--mm-processor-kwargs", json.dumps({"dtd_reference": args.reference})]
 
         print("(1) DTD-vLLM", flush=True)
         with VLLMServer(
-            model, server_args(media, []), module="vllm_plugin.serve", log_path=args.out / "dtd.log"
+            model, server_args(media, dtd_defaults), module="vllm_plugin.serve", log_path=args.out / "dtd.log"
         ) as srv:
             served = {}
             for c in list(clips):  # the first request of each clip: one the server refuses is left out
@@ -649,13 +627,14 @@ def main(argv=None) -> int:
         held, uniform_paths = {}, {}
         for c in clips:
             kept = served[c.name]["kept"]
-            mask = dtd_keep_mask(c.pixel, cfg.threshold, metric=str(cfg.metric), reference=cfg.reference)
+            pixel_decision = decide_steps(c.pixel, cfg)  # (not `decision`: the timings above, summarized below)
+            mask = pixel_decision.mask
             uniform_paths[c.name], umask = uniform_subsample(c, kept, media)
             held[c.name] = {
                 "kept": kept,
                 "local_kept": int(mask.sum()),
                 "uniform_kept": int(umask.sum()),
-                "dtd": held_error(c.pixel, mask),
+                "dtd": held_error(c.pixel, mask, pixel_decision.offsets),
                 "uniform": held_error(c.pixel, umask),
             }
 
@@ -736,10 +715,8 @@ def main(argv=None) -> int:
         "dtd_vllm_loader": dtd_vllm_loader,
         "seconds": time.perf_counter() - t_start,
     }
-    (args.out / "bench.json").write_text(json.dumps(result, indent=2, default=float))
-    write_report(
-        args.out / "bench.html", [report_figure(summary, dtd, stock, uniform, feature)], "DTD serving benchmark"
-    )
+    figures = [report_figure(summary, dtd, stock, uniform, feature)]
+    write_results(args.out, "bench", result, figures, "DTD serving benchmark", default=float)
     last = (
         f"throughput_ratio={summary['throughput_ratio']:.3f} ceiling={summary['ceiling']:.3f} "
         f"dtd_overhead={summary['dtd_overhead']:.4f}"

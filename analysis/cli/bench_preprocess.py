@@ -39,24 +39,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from analysis.cli.bench import _metrics, one_request, run_load, server_args, timing
+from analysis.cli.bench import _metrics, none_left, one_request, run_load, server_args, skip, timing
 from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
-from analysis.lib.paths import default_videos, results_dir
-from analysis.lib.reports import write_report
+from analysis.lib.paths import check_videos, default_videos, results_dir
+from analysis.lib.reports import write_results
 
 EXACT = {"video": {"fast_decode": False}}
 FALLBACK_NOTE = " (the plugin's loader handed this file to vLLM's)"
-
-
-def skip(clip: str, reason: str) -> None:
-    """The one line a refused clip gets."""
-    print(f"  skipped {clip}: {reason}", flush=True)
-
-
-def none_left(refused: dict[str, str]) -> SystemExit:
-    return SystemExit(
-        f"every clip was refused ({'; '.join(f'{c}: {r}' for c, r in refused.items())}): nothing to measure"
-    )
 
 
 def equivalence(clips: dict[str, Path], model: Path, fps: float, dtd, refused: dict[str, str]) -> dict:
@@ -133,9 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=results_dir("bench_preprocess"))
     args = ap.parse_args(argv)
     videos = args.video or default_videos()
-    for v in videos:
-        if not v.is_file():
-            ap.error(f"no such video: {v}")
+    check_videos(ap, videos)
 
     from analysis.harness.server import VLLMServer
     from vllm_plugin.entrypoints.options import dtd_config_from_kwargs
@@ -237,9 +224,8 @@ def main(argv=None) -> int:
         "refused": refused,
         "seconds": time.perf_counter() - t_start,
     }
-    (args.out / "bench_preprocess.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_report(
-        args.out / "bench_preprocess.html", [figure(table)], "Video preprocessing: vLLM's loader vs the plugin's"
+    write_results(
+        args.out, "bench_preprocess", summary, [figure(table)], "Video preprocessing: vLLM's loader vs the plugin's"
     )
     print(f"wrote {args.out / 'bench_preprocess.json'} in {summary['seconds']:.0f} s")
     print(f"preprocess_speedup={speedup:.2f} mask_agreement={agreement:.4f}")

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.harness.server import context_args, video_question
 from analysis.harness.tiny_model import add_model_arguments, model_from_arguments
 from analysis.lib.paths import results_dir
 from analysis.lib.video import SAMPLE_VIDEO, VideoDecodeError, load_video, write_video
@@ -137,15 +138,7 @@ def run_stock(model: Path, frames, stamps, points, fps, server_args, media: Path
                 model=srv.model,
                 max_tokens=1,
                 temperature=0,
-                messages=[
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "video_url", "video_url": {"url": f"file://{path}"}},
-                            {"type": "text", "text": QUESTION},
-                        ],
-                    }
-                ],
+                messages=video_question(f"file://{path}", QUESTION),
             )
             dt = time.perf_counter() - t0
             cached = (r.usage.prompt_tokens_details.cached_tokens or 0) if r.usage.prompt_tokens_details else 0
@@ -202,10 +195,7 @@ def main(argv=None) -> int:
     model = model_from_arguments(ap, args)
     points = question_points(len(frames), args.fps, args.every)
     server_args = [
-        "--max-model-len",
-        "32768",
-        "--max-num-batched-tokens",
-        "32768",
+        *context_args(32768),
         "--block-size",
         "32",
         "--enable-prompt-tokens-details",

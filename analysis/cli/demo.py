@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from analysis.harness.server import video_question
 from analysis.lib.paths import SAMPLE_VIDEO, SCREEN_VIDEO, results_dir
 from vllm_plugin.core import METRICS, DTDConfig, default_threshold, reference_names
 
@@ -38,12 +39,7 @@ def _timed_chat(client, model: str, url: str, question: str, mm: dict) -> dict:
         stream_options={"include_usage": True},
         max_tokens=16,
         temperature=0.0,
-        messages=[
-            {
-                "role": "user",
-                "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}],
-            }
-        ],
+        messages=video_question(url, question),
         extra_body={"mm_processor_kwargs": mm},
     )
     stats = json.loads(raw.headers.get("x-dtd-stats", '{"videos": []}'))["videos"]

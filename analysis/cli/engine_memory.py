@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-frames", type=int, default=4, help="0: no warm-up request")
     args = ap.parse_args(argv)
 
-    from analysis.harness.server import VLLMServer
+    from analysis.harness.server import VLLMServer, context_args, video_question
     from analysis.harness.tiny_model import ensure_tiny_model
     from analysis.lib.video import write_video
 
@@ -42,10 +42,7 @@ def main(argv=None) -> int:
     video = write_video(media / "static.mp4", frames, 2.0)
     short = write_video(media / "short.mp4", frames[: max(2, args.warmup_frames)], 2.0)
     serve = [
-        "--max-model-len",
-        str(args.max_model_len),
-        "--max-num-batched-tokens",
-        str(args.max_model_len),
+        *context_args(args.max_model_len),
         "--media-io-kwargs",
         json.dumps({"video": {"num_frames": -1}}),
         "--allowed-local-media-path",
@@ -57,15 +54,7 @@ def main(argv=None) -> int:
             model=srv.model,
             max_tokens=4,
             temperature=0.0,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "video_url", "video_url": {"url": f"file://{path}"}},
-                        {"type": "text", "text": "what happens"},
-                    ],
-                }
-            ],
+            messages=video_question(f"file://{path}", "what happens"),
         )
         return json.loads(raw.headers.get("x-dtd-stats", '{"videos": [{}]}'))["videos"][0]
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from analysis.harness.tiny_model import FAMILIES
-from analysis.lib.paths import default_videos, results_dir
+from analysis.lib.paths import check_videos, default_videos, results_dir
 
 Q = "What happens in this video?"
 
@@ -92,16 +92,14 @@ def main(argv=None) -> int:
     if any(c not in ("pixel", "feature") for c in criteria):
         ap.error("--criterion: pixel and/or feature")
     videos = args.video or default_videos()
-    for v in videos:
-        if not v.is_file():
-            ap.error(f"no such video: {v}")
+    check_videos(ap, videos)
     for m in args.model:
         if not (m / "config.json").is_file():
             ap.error(f"--model {m}: no config.json there")
 
     import pandas as pd
 
-    from analysis.harness.server import VLLMServer
+    from analysis.harness.server import VLLMServer, context_args
     from analysis.harness.tiny_model import ensure_tiny_model
 
     checkpoints = [(f, ensure_tiny_model("test", family=f)) for f in families]
@@ -118,10 +116,7 @@ def main(argv=None) -> int:
         server_args = [
             "--allowed-local-media-path",
             str(media),
-            "--max-model-len",
-            "32768",
-            "--max-num-batched-tokens",
-            "32768",
+            *context_args(32768),
             "--media-io-kwargs",
             json.dumps({"video": {"fps": args.fps, "num_frames": -1}}),
         ]

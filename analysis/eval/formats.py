@@ -263,37 +263,21 @@ def _streamingbench(data: Any, name: str) -> tuple[list[Question], list[FormatIs
                 issues.append(_issue(where, e))
                 continue
             qid = f"sb/{vi}/{qi}"  # entry and question index: the same video recurs over entries
+            time = parse_clock(q.time_stamp)
+            by_kind: dict[str, Any]  # the fields of a proactive item, or of a multiple-choice one
             if q.proactive:
                 # SBQuestion._kind let no proactive item through without its ground truth
                 assert q.ground_truth_output is not None and q.ground_truth_time_stamp is not None
-                out.append(
-                    Question(
-                        qid,
-                        "streamingbench",
-                        v.video_path,
-                        q.task_type,
-                        "proactive",
-                        parse_clock(q.time_stamp),
-                        q.question,
-                        answer=q.ground_truth_output,
-                        gt_time=parse_clock(q.ground_truth_time_stamp),
-                    )
+                by_kind = dict(
+                    kind="proactive", answer=q.ground_truth_output, gt_time=parse_clock(q.ground_truth_time_stamp)
                 )
             else:
                 assert q.options is not None and q.answer is not None  # SBQuestion._kind: an MC item has both
-                out.append(
-                    Question(
-                        qid,
-                        "streamingbench",
-                        v.video_path,
-                        q.task_type,
-                        "mc",
-                        parse_clock(q.time_stamp),
-                        q.question,
-                        options=option_texts(q.options[:SB_SHOWN_OPTIONS]),
-                        answer=q.answer.strip().strip("().").upper(),
-                    )
-                )
+                options = option_texts(q.options[:SB_SHOWN_OPTIONS])
+                by_kind = dict(kind="mc", options=options, answer=q.answer.strip().strip("().").upper())
+            out.append(
+                Question(qid, "streamingbench", v.video_path, q.task_type, time=time, question=q.question, **by_kind)
+            )
     return out, issues
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from analysis.harness.server import served_dtype
+from analysis.harness.server import served_dtype, video_question
 from vllm_plugin.core import DTDConfig, mask_digest
 
 if TYPE_CHECKING:
@@ -334,15 +334,7 @@ def chat_with_stats(
         logprobs=True,
         top_logprobs=5,
         extra_body=extra,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": f"file://{video}"}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
+        messages=video_question(f"file://{video}", question),
     )
     stats = json.loads(raw.headers["x-dtd-stats"])["videos"] if "x-dtd-stats" in raw.headers else []
     return raw.parse(), stats

@@ -27,9 +27,27 @@ import requests
 
 from vllm_plugin import settings
 
+
+def context_args(tokens: int) -> list[str]:
+    """vLLM flags for a context of ``tokens``: the model's length, and a batch that prefills a whole
+    prompt of that length at once."""
+    return ["--max-model-len", str(tokens), "--max-num-batched-tokens", str(tokens)]
+
+
+def video_question(url: str, question: str) -> list[dict]:
+    """The ``messages`` of a chat request asking ``question`` about one video (``url``: ``file://``,
+    ``data:`` or ``http(s)://``)."""
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+
+
 # CPU defaults that fit the tiny checkpoints on a 2-core / 24 GB machine (``--dtype`` comes from
 # :func:`served_dtype`, on every platform: float32 here).
-CPU_DEFAULT_ARGS = ["--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
+CPU_DEFAULT_ARGS = context_args(16384)
 # The dtype servers are started at, and that the serving tests' reference pipelines and tolerances
 # follow (analysis/harness/checks.py): float32 / bfloat16; unset: :func:`served_dtype` decides.
 DTYPE_ENV = "DTD_TEST_DTYPE"  # float32 | bfloat16 (bf16, fp32 too): vllm_plugin.settings

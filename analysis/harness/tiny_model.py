@@ -64,39 +64,18 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Real checkpoints' shapes, for the cost ratio only (config.json of Qwen/Qwen2.5-VL-7B-Instruct and -3B-Instruct).
-_REAL_VISION = dict(
-    depth=32,
-    hidden_size=1280,
-    num_heads=16,
-    intermediate_size=3420,
-    in_channels=3,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-)
-REAL_SHAPES: dict[str, dict] = {
+# Real checkpoints' shapes, for the cost ratio only (config.json of Qwen/Qwen2.5-VL-7B-Instruct and -3B-Instruct):
+# their LLMs, and the vision tower they share.
+_REAL_VISION = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420, **TinyRecipe.vision_patches())
+_REAL_TEXT = {
     "Qwen2.5-VL-7B": dict(
-        text=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-        ),
-        vision=_REAL_VISION,
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4
     ),
     "Qwen2.5-VL-3B": dict(
-        text=dict(
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=36,
-            num_attention_heads=16,
-            num_key_value_heads=2,
-        ),
-        vision=_REAL_VISION,
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2
     ),
 }
+REAL_SHAPES: dict[str, dict] = {name: dict(text=text, vision=_REAL_VISION) for name, text in _REAL_TEXT.items()}
 
 # Video preprocessing of the tiny checkpoints: the paper's 448x448 budget per frame.
 VIDEO_MIN_PIXELS = 4 * 28 * 28

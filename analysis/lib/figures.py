@@ -258,15 +258,21 @@ def long_stream_figure(
         specs=[[{"secondary_y": True}], [{}]],
     )
     t = [q["time"] / 60 for q in questions]
-    fig.add_scatter(
-        x=t,
-        y=[q["context_tokens"] for q in questions],
-        name="context tokens",
-        mode="lines",
-        line=dict(color="#2b7bba"),
-        row=1,
-        col=1,
-    )
+
+    def curve(key: str, name: str, color: str, secondary_y: bool = False) -> None:
+        """One row of ``questions`` over stream time, in the top panel (frames: right axis)."""
+        fig.add_scatter(
+            x=t,
+            y=[q[key] for q in questions],
+            name=name,
+            mode="lines",
+            line=dict(color=color),
+            row=1,
+            col=1,
+            secondary_y=secondary_y,
+        )
+
+    curve("context_tokens", "context tokens", "#2b7bba")
     if budget:
         fig.add_scatter(
             x=[t[0], t[-1]] if t else [],
@@ -277,26 +283,8 @@ def long_stream_figure(
             row=1,
             col=1,
         )
-    fig.add_scatter(
-        x=t,
-        y=[q["held_frames"] for q in questions],
-        name="frames held",
-        mode="lines",
-        line=dict(color="#2ca02c"),
-        row=1,
-        col=1,
-        secondary_y=True,
-    )
-    fig.add_scatter(
-        x=t,
-        y=[q["evicted_frames"] for q in questions],
-        name="frames evicted",
-        mode="lines",
-        line=dict(color="#ff7f0e"),
-        row=1,
-        col=1,
-        secondary_y=True,
-    )
+    curve("held_frames", "frames held", "#2ca02c", secondary_y=True)
+    curve("evicted_frames", "frames evicted", "#ff7f0e", secondary_y=True)
     keys = sorted(set(keyframes))
     if keys:
         fig.add_scatter(

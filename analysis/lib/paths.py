@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterable
 from pathlib import Path
 
 from vllm_plugin import settings
@@ -22,6 +24,13 @@ def shared_videos() -> list[Path]:
 def default_videos() -> list[Path]:
     """The clips a benchmark runs when given none: the shared real clips, else the bundled one."""
     return shared_videos() or [SAMPLE_VIDEO]
+
+
+def check_videos(ap: argparse.ArgumentParser, videos: Iterable[Path]) -> None:
+    """A command line's clips: argparse's error (exit status 2) at the first that is not a file."""
+    for v in videos:
+        if not v.is_file():
+            ap.error(f"no such video: {v}")
 
 
 def results_dir(name: str, root: Path | None = None) -> Path:

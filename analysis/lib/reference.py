@@ -132,12 +132,18 @@ class ReferencePipeline:
     def process_video(self, frames: np.ndarray, fps: float) -> ProcessedVideo:
         """Frames uint8 (N, H, W, 3) sampled at ``fps`` -> processed patches (no further sampling)."""
         out = self.processor.video_processor(videos=[np.asarray(frames)], return_tensors="pt", do_sample_frames=False)
+        return self._processed(out, fps)
+
+    def _processed(self, out, sampled_fps: float, **fields) -> ProcessedVideo:
+        """The video processor's output ``out`` (one video sampled at ``sampled_fps``) as a
+        :class:`ProcessedVideo` (``fields``: its other fields)."""
         t, h, w = (int(x) for x in out["video_grid_thw"][0].tolist())
         return ProcessedVideo(
             pixel_values=out["pixel_values_videos"],
             grid_thw=(t, h, w),
-            second_per_grid_t=self.temporal_patch_size / float(fps),
+            second_per_grid_t=self.temporal_patch_size / float(sampled_fps),
             merge_size=self.merge_size,
+            **fields,
         )
 
     @torch.no_grad()
@@ -154,17 +160,24 @@ class ReferencePipeline:
         fps: float = 1.0,
         dtd: DTDConfig | None = None,
         video: ProcessedVideo | None = None,
+        **processor_kwargs,
     ) -> Prepared:
-        """Tokenize the chat prompt, encode the video, apply DTD, keep original positions."""
+        """Tokenize the chat prompt, encode the video, apply DTD, keep original positions
+        (``processor_kwargs``: more arguments of the family's :meth:`process_video`, which takes
+        ``frames``, and of its prompt's processor)."""
         if video is None and frames is not None:
-            video = self.process_video(frames, fps)
+            video = self.process_video(frames, fps, **processor_kwargs)
         text = self.chat_text(question, with_video=video is not None)
+        if video is None:
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+            pos = torch.arange(ids.shape[0]).expand(3, -1)
+            return Prepared(ids, self.model.get_input_embeddings()(ids), pos, None, None, None, int(ids.shape[0]))
+        return self._prepare_video(text, video, dtd, **processor_kwargs)
+
+    def _prepare_video(self, text: str, video: ProcessedVideo, dtd: DTDConfig | None, **processor_kwargs) -> Prepared:
+        """:meth:`prepare` of a prompt with a video: one grid, positions computed for the full sequence."""
         ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
         embed = self.model.get_input_embeddings()
-        if video is None:
-            pos = torch.arange(ids.shape[0]).expand(3, -1)
-            return Prepared(ids, embed(ids), pos, None, None, None, int(ids.shape[0]))
-
         vid_tok = self.config.video_token_id
         (where,) = (ids == vid_tok).nonzero(as_tuple=True)
         if where.numel() != 1:
@@ -235,18 +248,21 @@ class ReferencePipeline:
         gen.text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
         return gen
 
+    @staticmethod
+    def _metadata(n: int, fps: float):
+        """transformers' metadata of ``n`` frames sampled at ``fps`` (every one of them kept)."""
+        from transformers.video_utils import VideoMetadata
+
+        return VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps, frames_indices=list(range(n)))
+
     @torch.no_grad()
     def plain_logits(self, question: str, frames: np.ndarray, fps: float) -> torch.Tensor:
         """Logits of the UNMODIFIED transformers model (its own forward and position ids)."""
-        from transformers.video_utils import VideoMetadata
-
         text = self.chat_text(question, with_video=True)
-        n = len(frames)
-        meta = VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps, frames_indices=list(range(n)))
         inputs = self.processor(
             text=[text],
             videos=[np.asarray(frames)],
-            video_metadata=[meta],
+            video_metadata=[self._metadata(len(frames), fps)],
             return_tensors="pt",
             do_sample_frames=False,
         )
@@ -282,12 +298,6 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
             image_std=tuple(vp.image_std),
         )
 
-    @staticmethod
-    def _metadata(n: int, fps: float):
-        from transformers.video_utils import VideoMetadata
-
-        return VideoMetadata(total_num_frames=n, fps=fps, duration=n / fps, frames_indices=list(range(n)))
-
     def process_video(self, frames: np.ndarray, fps: float, **processor_kwargs) -> ProcessedVideo:
         """Frames uint8 (N, H, W, 3) sampled at ``fps`` -> processed patches (no further sampling;
         ``processor_kwargs`` e.g. ``do_resize=False`` for frames already at their size)."""
@@ -299,16 +309,7 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
             do_sample_frames=False,
             **processor_kwargs,
         )
-        t, h, w = (int(x) for x in out["video_grid_thw"][0].tolist())
-        return ProcessedVideo(
-            pixel_values=out["pixel_values_videos"],
-            grid_thw=(t, h, w),
-            second_per_grid_t=self.temporal_patch_size / float(fps),
-            merge_size=self.merge_size,
-            layout=self.layout,
-            frames=frames,
-            fps=float(fps),
-        )
+        return self._processed(out, fps, layout=self.layout, frames=frames, fps=float(fps))
 
     @torch.no_grad()
     def _features(self, video: ProcessedVideo) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -323,24 +324,10 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
         """The vision tower's main output (num_tokens, hidden), in (t, h, w) raster order."""
         return self._features(video)[0]
 
-    @torch.no_grad()
-    def prepare(
-        self,
-        question: str,
-        frames: np.ndarray | None = None,
-        fps: float = 1.0,
-        dtd: DTDConfig | None = None,
-        video: ProcessedVideo | None = None,
-        **processor_kwargs,
-    ) -> Prepared:
-        if video is None and frames is not None:
-            video = self.process_video(frames, fps, **processor_kwargs)
-        text = self.chat_text(question, with_video=video is not None)
+    def _prepare_video(self, text: str, video: ProcessedVideo, dtd: DTDConfig | None, **processor_kwargs) -> Prepared:
+        """:meth:`prepare` of a prompt with a video: transformers' prompt (timestamps) and positions,
+        the dropped tokens removed from both."""
         embed = self.model.get_input_embeddings()
-        if video is None:
-            ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
-            pos = torch.arange(ids.shape[0]).expand(3, -1)
-            return Prepared(ids, embed(ids), pos, None, None, None, int(ids.shape[0]))
         if video.frames is None:  # the prompt's timestamps come from the frames
             raise ValueError("a ProcessedVideo without its frames: make it with this pipeline's process_video")
         inputs = self.processor(
@@ -376,19 +363,6 @@ class Qwen3VLReferencePipeline(ReferencePipeline):
             "deepstack_visual_embeds": [d[flat].to(embeds.dtype) for d in deepstack],
         }
         return Prepared(kept_ids, embeds, full_pos[:, keep], mask, mask_stats(mask), video, int(ids.shape[0]), extra)
-
-    @torch.no_grad()
-    def plain_logits(self, question: str, frames: np.ndarray, fps: float) -> torch.Tensor:
-        """Logits of the UNMODIFIED transformers model (its own forward and position ids)."""
-        text = self.chat_text(question, with_video=True)
-        inputs = self.processor(
-            text=[text],
-            videos=[np.asarray(frames)],
-            video_metadata=[self._metadata(len(frames), fps)],
-            return_tensors="pt",
-            do_sample_frames=False,
-        )
-        return self.model(**inputs).logits[0].float()
 
 
 def reference_pipeline(model_path: str | Path, dtype: torch.dtype = torch.float32) -> ReferencePipeline:

@@ -8,8 +8,10 @@ plotly.js inside the page instead (one self-contained file, ~4.6 MB).
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 PLOTLY_JS = "plotly.min.js"
 
@@ -46,3 +48,12 @@ def write_report(path: str | Path, figures: Iterable, title: str, extra_html: st
     )
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def write_results(
+    out: Path, name: str, result: dict, figures: Iterable, title: str, default: Callable[[Any], Any] = str
+) -> Path:
+    """A tool's results in ``out``: ``<name>.json`` (``result``, indented; ``default`` converts what
+    JSON has no type for) and the report ``<name>.html`` (:func:`write_report`), whose path it returns."""
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=default))
+    return write_report(out / f"{name}.html", figures, title)

@@ -257,18 +257,15 @@ def served_video_request(client, model: str, video_url: str, mm: dict, question:
     response, the video's ``x-dtd-stats`` entry or ``{}``, seconds)."""
     import json
 
+    from analysis.harness.server import video_question
+
     t0 = time.perf_counter()
     raw = client.chat.completions.with_raw_response.create(
         model=model,
         max_tokens=1,
         temperature=0.0,
         extra_body={"mm_processor_kwargs": mm},
-        messages=[
-            {
-                "role": "user",
-                "content": [{"type": "video_url", "video_url": {"url": video_url}}, {"type": "text", "text": question}],
-            }
-        ],
+        messages=video_question(video_url, question),
     )
     latency = time.perf_counter() - t0
     return raw.parse(), json.loads(raw.headers.get("x-dtd-stats", '{"videos": [{}]}'))["videos"][0], latency

@@ -8,40 +8,19 @@ import threading
 
 import pytest
 
-from analysis.harness.checks import assert_same_greedy, assert_same_kept, assert_same_mask, served_top_logprobs
+from analysis.harness.checks import (
+    assert_same_greedy,
+    assert_same_kept,
+    assert_same_mask,
+    chat_with_stats,
+    served_top_logprobs,
+)
 from conftest import BLOCK_SIZE
 from vllm_plugin.client import open_stream
 from vllm_plugin.core import DTDConfig
 
 Q = "what happens"
 ENCODED = "vllm_dtd_encoder_steps_total"
-
-
-def _chat(srv, video, media_io=None, **mm):
-    import json
-
-    client = srv.client()
-    extra = {"return_tokens_as_token_ids": True, "mm_processor_kwargs": mm}
-    if media_io:  # e.g. vLLM's own video loader: {"video": {"fast_decode": false}}
-        extra["media_io_kwargs"] = media_io
-    raw = client.chat.completions.with_raw_response.create(
-        model=srv.model,
-        max_tokens=6,
-        temperature=0.0,
-        logprobs=True,
-        top_logprobs=5,
-        extra_body=extra,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": f"file://{video}"}},
-                    {"type": "text", "text": Q},
-                ],
-            }
-        ],
-    )
-    return raw.parse(), json.loads(raw.headers["x-dtd-stats"])["videos"]
 
 
 @pytest.mark.parametrize(
@@ -73,7 +52,8 @@ def test_served_feature_dtd_equals_the_reference_pipeline(
     before = dtd_server.metric(ENCODED) or 0.0
     # the real clip through vLLM's own loader: the reference resizes with the HF processor (the
     # plugin's loader with swscale; tests/serving/test_video_loader_serving.py); the synthetic one is not resized
-    resp, (s,) = _chat(dtd_server, path, None if clip == "synthetic" else {"video": {"fast_decode": False}}, **mm)
+    media_io = None if clip == "synthetic" else {"video": {"fast_decode": False}}
+    resp, (s,) = chat_with_stats(dtd_server, path, Q, media_io=media_io, **mm)
     same_mask = assert_same_mask(s, reference, prepared, cfg)  # float32: the same digest
     assert dtd_server.metric(ENCODED) - before == video.grid_thw[0]  # every temporal step once, none in the engine
     if not same_mask:  # bf16: a near-threshold tie decided the other way, the prompts differ

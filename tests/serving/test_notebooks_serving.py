@@ -1,51 +1,9 @@
-"""The workbench notebooks execute headless (nbclient) and are committed without outputs."""
+"""The workbench notebooks that need a server execute headless (nbclient): 03 against the test
+server, 04 with the server it starts itself."""
 
-import json
-import os
-
-import nbformat
 import pytest
 
-from conftest import REPO
-
-NOTEBOOKS = REPO / "notebooks"
-NAMES = ["01_explore_dtd.ipynb", "02_threshold_sweep.ipynb", "03_serving_latency.ipynb", "04_accuracy.ipynb"]
-
-
-def run_notebook(name: str, env: dict | None = None, timeout: int = 600):
-    """Execute a notebook headless; ``timeout`` is per cell and below pytest's (900 s), so a stuck
-    cell fails as itself, with the tail of the embedded server's log when the notebook started one."""
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        NotebookClient(
-            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-        ).execute()
-    except Exception as e:
-        pytest.fail(f"{name} failed: {type(e).__name__}: {str(e)[-3000:]}\n{server_log_tail(nb)}", pytrace=False)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    return nb
-
-
-def server_log_tail(nb, lines: int = 80) -> str:
-    """The last lines of the embedded server's log named in the notebook's outputs, if any."""
-    import re
-    from pathlib import Path
-
-    m = re.search(r"log: (/[^\s)]+\.log)", outputs_of(nb).replace("\\n", " "))
-    if not m or not Path(m.group(1)).is_file():
-        return "(no embedded server log)"
-    tail = Path(m.group(1)).read_text(errors="replace").splitlines()[-lines:]
-    return f"embedded server log {m.group(1)} (last {lines} lines):\n" + "\n".join(tail)
-
-
-def outputs_of(nb) -> str:
-    return json.dumps([c.get("outputs", []) for c in nb.cells], ensure_ascii=False)
+from conftest import outputs_of, run_notebook
 
 
 def test_03_serving_runs_against_a_live_server(dtd_server, real_clip_mp4):

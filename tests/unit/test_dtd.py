@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import decide_step_by_step
 from vllm_plugin.core import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -123,13 +124,7 @@ def test_chunked_equals_whole(x, split, mt, reference):
     second = decide_steps(x[split:], config, state=first.state)
     assert torch.equal(torch.cat([first.mask, second.mask]), whole.mask)
     assert torch.equal(second.state, whole.state) and whole.offsets == first.offsets + second.offsets
-    # step by step (what a stream does), the state carried
-    state, masks = None, []
-    for t in range(x.shape[0]):
-        d = decide_steps(x[t : t + 1], config, state=state)
-        state = d.state
-        masks.append(d.mask)
-    assert torch.equal(torch.cat(masks), whole.mask)
+    assert torch.equal(decide_step_by_step(x, config), whole.mask)  # step by step (what a stream does)
     assert torch.equal(dtd_keep_mask(x[split:], thr, metric, reference, initial_reference=first.state), second.mask)
 
 

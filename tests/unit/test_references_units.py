@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import decide_step_by_step
 from vllm_plugin.core import DTDConfig, DTDOptionError, decide_steps, frame_tokens, reference_names
 from vllm_plugin.core.references import Comparison, Reference, register_reference, unregister_reference
 from vllm_plugin.core.references.motion import candidate_shifts
@@ -94,13 +95,7 @@ def test_zero_motion_is_previous_bit_for_bit():
 def test_chunked_equals_whole_for_a_pan():
     tokens = frame_tokens(torch.from_numpy(panned_frames(-1, 2, steps=6)))
     config = DTDConfig(reference="motion")
-    whole = decide_steps(tokens, config)
-    state, masks = None, []
-    for t in range(tokens.shape[0]):
-        d = decide_steps(tokens[t : t + 1], config, state=state)
-        state = d.state
-        masks.append(d.mask)
-    assert torch.equal(torch.cat(masks), whole.mask)
+    assert torch.equal(decide_step_by_step(tokens, config), decide_steps(tokens, config).mask)
 
 
 @pytest.fixture

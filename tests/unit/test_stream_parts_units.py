@@ -9,20 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_plugin import errors
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens
 from vllm_plugin.entrypoints.options import GIVEN_MASK
-from vllm_plugin.errors import (
-    DTDError,
-    InvalidOption,
-    InvalidRequest,
-    ModelNotFound,
-    RateLimited,
-    StreamFull,
-    StreamNotFound,
-    TooLarge,
-    TooManyStreams,
-    Unavailable,
-)
 from vllm_plugin.streams.memory import Anchor, MemoryPolicy, MemorySettings, register_policy, unregister_policy
 from vllm_plugin.streams.session import Limits, StreamManager, StreamSettings
 
@@ -87,11 +76,11 @@ def test_a_policy_registered_in_one_class_is_what_a_stream_re_anchors_with(toy_p
         ({"keep": "recent-only-last", "n": 0}, "memory.n"),
         ({"keep": "recent-only-last", "max_keyframes": 2}, "memory.max_keyframes"),
     ]:
-        with pytest.raises(InvalidOption) as e:
+        with pytest.raises(errors.InvalidOption) as e:
             MemorySettings.parse(memory)
         assert e.value.field == field
     unregister_policy(RecentOnlyLast.name)
-    with pytest.raises(InvalidOption, match="memory.keep must be one of"):
+    with pytest.raises(errors.InvalidOption, match="memory.keep must be one of"):
         MemorySettings.parse({"keep": "recent-only-last"})
 
 
@@ -152,7 +141,7 @@ def test_an_append_whose_analysis_fails_leaves_the_decision_as_it_was(synthetic_
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(s.store, "add_masks", broken)
-    with pytest.raises(Unavailable, match="nothing was added"):
+    with pytest.raises(errors.Unavailable, match="nothing was added"):
         s.add_frames(list(frames[8:16]))
     assert torch.equal(s.decision.state, state) and len(s.frames) == 8 and len(s.kept_per_step) == 4
     monkeypatch.undo()
@@ -172,9 +161,9 @@ def test_the_frame_store_accounts_for_every_byte(synthetic_clip):
     assert n == sum(f.nbytes for f in frames) and times == [0.0, 0.5, 1.0, 1.5]
     store.add(frames, times, n)
     assert store.nbytes == account.held == n and store.steps == 2
-    with pytest.raises(StreamFull, match="at most"):
+    with pytest.raises(errors.StreamFull, match="at most"):
         store.check(frames, None, fps=2.0)  # 8 frames > 6 frames' bytes
-    with pytest.raises(InvalidRequest, match="timestamps must increase") as e:
+    with pytest.raises(errors.InvalidRequest, match="timestamps must increase") as e:
         store.check(frames[:2], [1.0, 0.5], fps=2.0)
     assert e.value.field == "timestamps"
     store.add_masks(torch.ones(2, 8, 8, dtype=torch.bool))
@@ -184,7 +173,7 @@ def test_the_frame_store_accounts_for_every_byte(synthetic_clip):
     store.take_back(1, 0)  # (a test of the undo path only: frame 3, no bytes)
     store.release()
     assert account.held == 0 and store.account is None
-    with pytest.raises(RateLimited, match="retry when streams have closed"):
+    with pytest.raises(errors.RateLimited, match="retry when streams have closed"):
         ByteAccount(limit=1).reserve(2)
 
 
@@ -214,23 +203,23 @@ def test_every_error_of_the_plugin_has_one_http_status():
     from vllm_plugin.streams.routes import ERROR_TYPES, http_status
 
     expected = {
-        InvalidRequest("x"): 400,
-        InvalidOption("fps", "fps x"): 400,
-        StreamNotFound("x"): 404,
-        ModelNotFound("x"): 404,
-        StreamFull("x"): 409,
-        TooLarge("x"): 413,
-        RateLimited("x"): 429,
-        TooManyStreams("x"): 429,
-        Unavailable("x"): 503,
-        DTDError("x"): 400,
+        errors.InvalidRequest("x"): 400,
+        errors.InvalidOption("fps", "fps x"): 400,
+        errors.StreamNotFound("x"): 404,
+        errors.ModelNotFound("x"): 404,
+        errors.StreamFull("x"): 409,
+        errors.TooLarge("x"): 413,
+        errors.RateLimited("x"): 429,
+        errors.TooManyStreams("x"): 429,
+        errors.Unavailable("x"): 503,
+        errors.DTDError("x"): 400,
         ValueError("x"): 400,
         RuntimeError("x"): 500,
     }
     assert {type(e).__name__: http_status(e) for e in expected} == {type(e).__name__: s for e, s in expected.items()}
     assert set(ERROR_TYPES) == {400, 404, 409, 413, 429, 503}
     # the field an option error names is data, not part of a message to parse
-    assert InvalidOption("memory.keep", "anything").field == "memory.keep"
+    assert errors.InvalidOption("memory.keep", "anything").field == "memory.keep"
 
 
 # --- the service, driven through a fake engine ----------------------------------------------------
@@ -290,7 +279,9 @@ class FakeEngine:
         )
 
     def encoder(self, max_pending_steps):
-        raise InvalidOption("dtd_criterion", "dtd_criterion: 'feature' needs a vision tower; this engine has none")
+        raise errors.InvalidOption(
+            "dtd_criterion", "dtd_criterion: 'feature' needs a vision tower; this engine has none"
+        )
 
 
 def _service(tiny_model_path, **engine):
@@ -331,18 +322,18 @@ def test_a_service_built_on_a_fake_engine_opens_appends_asks_and_closes(tiny_mod
         assert status["context_tokens"] == r2["usage"]["prompt_tokens"] + len(engine.answer_ids) + 2
         assert status["context_budget"] == 3072  # 0.75 of the engine's 4096
         # a question that cannot fit the context is refused before anything changes
-        with pytest.raises(InvalidOption, match="max_tokens is too large") as e:
+        with pytest.raises(errors.InvalidOption, match="max_tokens is too large") as e:
             await svc.answer(stream, "?", max_tokens=5000)
         assert e.value.field == "max_tokens" and svc.status(stream)["questions"] == 2
         await svc.close(stream.id)
-        with pytest.raises(StreamNotFound) as e:
+        with pytest.raises(errors.StreamNotFound) as e:
             svc.get(stream.id)
         assert http_status(e.value) == 404
 
     asyncio.run(run())
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(errors.ModelNotFound):
         svc.check_model("another")
-    with pytest.raises(InvalidOption) as e:  # the engine's answer: no tower here
+    with pytest.raises(errors.InvalidOption) as e:  # the engine's answer: no tower here
         svc.open(svc.settings(OpenStreamRequest(dtd_criterion="feature")))
     assert e.value.field == "dtd_criterion" and len(svc.manager) == 0
 
@@ -396,12 +387,12 @@ def test_the_service_re_anchors_with_a_registered_toy_policy(toy_policy, tiny_mo
         assert stream.store.held_frames == sum(b - a for a, b in conv.chunks) < len(frames) // 2
 
     asyncio.run(run())
-    with pytest.raises(InvalidOption) as e:
+    with pytest.raises(errors.InvalidOption) as e:
         svc.settings(OpenStreamRequest(memory={"keep": "recent-only-last", "n": 99}))
     assert e.value.field == "memory.n"
-    with pytest.raises(InvalidOption) as e:  # one option given both ways
+    with pytest.raises(errors.InvalidOption) as e:  # one option given both ways
         svc.settings(OpenStreamRequest(memory={"keep": "recent"}, memory_keep="recent+keyframes"))
     assert e.value.field == "memory.keep"
-    with pytest.raises(InvalidOption, match="context_tokens 8000 is more than the model's context") as e:
+    with pytest.raises(errors.InvalidOption, match="context_tokens 8000 is more than the model's context") as e:
         svc.settings(OpenStreamRequest(context_tokens=8000))
     assert e.value.field == "context_tokens"

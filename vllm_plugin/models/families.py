@@ -118,6 +118,18 @@ class TinyRecipe:
     processor: Callable[[Mapping[str, Any], TinyContext], Any]
     legacy_hash: bool = False
 
+    @staticmethod
+    def vision_patches(patch_size: int = 14, layout: PatchLayout | None = None) -> dict[str, int]:
+        """A vision config's patch geometry, under transformers' names, from the family's
+        ``patch_size`` and ``patch_layout`` (default: Qwen2-VL's), so that its checkpoints agree with its spec."""
+        layout = layout or PatchLayout()
+        return dict(
+            in_channels=layout.channels,
+            patch_size=patch_size,
+            spatial_merge_size=layout.merge_size,
+            temporal_patch_size=layout.temporal_patch_size,
+        )
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -161,6 +173,24 @@ class FamilySpec:
     tiny: TinyRecipe | None = None
     reference_pipeline: str = "analysis.lib.reference:ReferencePipeline"
     module: str = ""
+
+    @classmethod
+    def named(cls, name: str, stem: str, vision_tower: VisionTowerSpec | None, **fields: Any) -> FamilySpec:
+        """A family named as transformers and vLLM name most: checkpoints of
+        ``<stem>ForConditionalGeneration`` (also transformers' class, the reference's), the DTD
+        architecture ``<stem>DTDForConditionalGeneration``, vLLM's classes :meth:`VLLMClasses.named` in
+        ``vllm.model_executor.models.<name>``. ``fields``: the spec's other fields (``vllm`` too, where
+        vLLM names its classes otherwise)."""
+        architecture = f"{stem}ForConditionalGeneration"
+        fields.setdefault("vllm", VLLMClasses.named(f"vllm.model_executor.models.{name}", stem))
+        return cls(
+            name=name,
+            hf_architectures=(architecture,),
+            dtd_architecture=f"{stem}DTDForConditionalGeneration",
+            vision_tower=vision_tower,
+            reference_class=architecture,
+            **fields,
+        )
 
     def __post_init__(self):
         if not self.name.isidentifier():

@@ -20,8 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_plugin.core import PatchLayout
-from vllm_plugin.models.families import FamilySpec, TinyContext, TinyRecipe, VLLMClasses, lazy_classes, register_family
+from vllm_plugin.models.families import FamilySpec, TinyContext, TinyRecipe, lazy_classes, register_family
 from vllm_plugin.models.vision import VisionTowerSpec
 
 TINY_VISION = dict(
@@ -29,10 +28,7 @@ TINY_VISION = dict(
     hidden_size=128,
     num_heads=2,
     intermediate_size=256,
-    in_channels=3,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
+    **TinyRecipe.vision_patches(),
     tokens_per_second=2,  # Qwen2.5-VL's value
     window_size=112,
     fullatt_block_indexes=[1],
@@ -121,17 +117,10 @@ def qwen2_tiny_processor(processor_class: str):
 
 
 SPEC = register_family(
-    FamilySpec(
-        name="qwen2_5_vl",
-        hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
-        dtd_architecture="Qwen2_5_VLDTDForConditionalGeneration",
-        vllm=VLLMClasses.named("vllm.model_executor.models.qwen2_5_vl", "Qwen2_5_VL"),
-        vision_tower=VisionTowerSpec(
-            "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"
-        ),
-        reference_class="Qwen2_5_VLForConditionalGeneration",
-        patch_layout=PatchLayout(),  # OpenAI CLIP's mean / std
-        patch_size=14,
+    FamilySpec.named(  # patch layout and size: the defaults (Qwen2-VL's; OpenAI CLIP's mean / std)
+        "qwen2_5_vl",
+        "Qwen2_5_VL",
+        VisionTowerSpec("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"),
         tiny=TinyRecipe(
             sizes=TINY_SIZES,
             config=qwen2_tiny_config("Qwen2_5_VLConfig", "out_hidden_size"),

@@ -11,37 +11,21 @@ config). Select it for any Qwen2-VL checkpoint with
 
 from __future__ import annotations
 
-from vllm_plugin.core import PatchLayout
-from vllm_plugin.models.families import FamilySpec, TinyRecipe, VLLMClasses, lazy_classes, register_family
+from vllm_plugin.models.families import FamilySpec, TinyRecipe, lazy_classes, register_family
 from vllm_plugin.models.qwen2_5_vl import TINY_TEXT, qwen2_tiny_config, qwen2_tiny_processor
 from vllm_plugin.models.vision import VisionTowerSpec
 
 # Qwen2-VL's vision config: no window attention, no tokens_per_second (temporal position = step index).
 TINY_VISION = dict(
-    depth=2,
-    embed_dim=128,
-    num_heads=2,
-    mlp_ratio=2,
-    in_channels=3,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    hidden_act="quick_gelu",
+    depth=2, embed_dim=128, num_heads=2, mlp_ratio=2, **TinyRecipe.vision_patches(), hidden_act="quick_gelu"
 )
 
 SPEC = register_family(
-    FamilySpec(
-        name="qwen2_vl",
-        hf_architectures=("Qwen2VLForConditionalGeneration",),
-        dtd_architecture="Qwen2VLDTDForConditionalGeneration",
-        vllm=VLLMClasses.named("vllm.model_executor.models.qwen2_vl", "Qwen2VL"),
-        vision_tower=VisionTowerSpec(
-            "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"
-        ),
-        reference_class="Qwen2VLForConditionalGeneration",
+    FamilySpec.named(  # patch layout and size: the defaults (Qwen2-VL's; OpenAI CLIP's mean / std)
+        "qwen2_vl",
+        "Qwen2VL",
+        VisionTowerSpec("transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"),
         reference_pipeline="analysis.lib.reference:Qwen2VLReferencePipeline",
-        patch_layout=PatchLayout(),  # OpenAI CLIP's mean / std
-        patch_size=14,
         tiny=TinyRecipe(
             sizes={
                 size: dict(text=TINY_TEXT[size], vision=TINY_VISION, vocab_words=1024) for size in ("test", "bench")

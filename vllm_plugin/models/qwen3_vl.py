@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from vllm_plugin.core import PatchLayout, timestamped_mrope_positions, timestamped_position_span
-from vllm_plugin.models.families import FamilySpec, TinyContext, TinyRecipe, VLLMClasses, lazy_classes, register_family
+from vllm_plugin.models.families import FamilySpec, TinyContext, TinyRecipe, lazy_classes, register_family
 from vllm_plugin.models.qwen2_5_vl import TINY_TEXT
 from vllm_plugin.models.vision import VisionTowerSpec
 
 LAYOUT = PatchLayout(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))  # Qwen3-VL normalizes to [-1, 1]
+PATCH_SIZE = 16
 
 
 def step_text_lens(
@@ -139,10 +140,7 @@ TINY_VISION = dict(
     hidden_size=64,
     num_heads=1,
     intermediate_size=128,
-    in_channels=3,
-    patch_size=16,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
+    **TinyRecipe.vision_patches(PATCH_SIZE, LAYOUT),
     num_position_embeddings=256,
     deepstack_visual_indexes=[0, 1],
     hidden_act="gelu_pytorch_tanh",
@@ -202,18 +200,13 @@ def qwen3_tiny_processor(shape: Mapping[str, Any], ctx: TinyContext):
 
 
 SPEC = register_family(
-    FamilySpec(
-        name="qwen3_vl",
-        hf_architectures=("Qwen3VLForConditionalGeneration",),
-        dtd_architecture="Qwen3VLDTDForConditionalGeneration",
-        vllm=VLLMClasses.named("vllm.model_executor.models.qwen3_vl", "Qwen3VL"),
-        vision_tower=VisionTowerSpec(
-            "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel", deepstack=True
-        ),
-        reference_class="Qwen3VLForConditionalGeneration",
+    FamilySpec.named(
+        "qwen3_vl",
+        "Qwen3VL",
+        VisionTowerSpec("transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel", deepstack=True),
         reference_pipeline="analysis.lib.reference:Qwen3VLReferencePipeline",
         patch_layout=LAYOUT,
-        patch_size=16,
+        patch_size=PATCH_SIZE,
         position_span=timestamped_span,
         prompt_replacement=timestamped_replacement,
         model_mixins=(DTDTimestampedPositionsMixin,),

@@ -32,20 +32,16 @@ def tiny_config(shape: Mapping[str, Any], ctx: TinyContext):
 
 
 SPEC = register_family(
-    FamilySpec(
-        name="qwen3_vl_moe",
-        hf_architectures=("Qwen3VLMoeForConditionalGeneration",),
-        dtd_architecture="Qwen3VLMoeDTDForConditionalGeneration",
-        vllm=VLLMClasses(
+    FamilySpec.named(
+        "qwen3_vl_moe",
+        "Qwen3VLMoe",
+        VisionTowerSpec("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionModel", deepstack=True),
+        vllm=VLLMClasses(  # Qwen3-VL's processor and dummy inputs
             processing_info="vllm.model_executor.models.qwen3_vl_moe:Qwen3VLMoeProcessingInfo",
             processor="vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor",
             dummy_inputs="vllm.model_executor.models.qwen3_vl:Qwen3VLDummyInputsBuilder",
             model="vllm.model_executor.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
         ),
-        vision_tower=VisionTowerSpec(
-            "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeVisionModel", deepstack=True
-        ),
-        reference_class="Qwen3VLMoeForConditionalGeneration",
         reference_pipeline=qwen3_vl.SPEC.reference_pipeline,
         patch_layout=qwen3_vl.SPEC.patch_layout,
         patch_size=qwen3_vl.SPEC.patch_size,

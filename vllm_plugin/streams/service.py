@@ -779,19 +779,11 @@ class StreamService:
             timing.saw(out)
         return openai_format.completion(out, self.served_names[0], self.state(stream, out, timing, with_ids))
 
-    async def answer_sse(
-        self,
-        stream: Stream,
-        question: str,
-        max_tokens: int,
-        temperature: float,
-        ignore_eos: bool = False,
-        remember: bool = True,
-    ):
-        """``(first output, async iterator of SSE lines)``: errors before the first output raise here,
-        so the route can answer them with a 4xx before the event stream starts."""
+    async def answer_sse(self, stream: Stream, gen):
+        """The async iterator of SSE lines of ``gen`` (:meth:`generate`'s outputs for one question):
+        errors before the first output raise here, so the route can answer them with a 4xx before the
+        event stream starts."""
         timing = openai_format.Timing()
-        gen = self.generate(stream, question, max_tokens, temperature, ignore_eos, remember)
         first = await gen.__anext__()
         model = self.served_names[0]
 

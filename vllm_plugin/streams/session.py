@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,6 +217,11 @@ class StreamSettings:
             raise InvalidOption("event_level", f"event_level must be in (0, 1], got {self.event_level!r}")
 
 
+def _view(part: str, name: str) -> Any:
+    """A read-only attribute of :class:`Stream`: ``<part>.<name>`` (a value, or a bound method)."""
+    return property(lambda stream: getattr(getattr(stream, part), name), doc=f"``self.{part}.{name}``")
+
+
 class Stream:
     """One live stream, composed of its parts:
 
@@ -265,46 +271,18 @@ class Stream:
         self.closed = False
         self._submitted = False  # this append's steps went to the encoder (it releases their reservation)
 
-    # -- the parts' most used views -----------------------------------------------------------------
-    @property
-    def frames(self) -> list:
-        return self.store.frames
-
-    @property
-    def steps(self) -> int:
-        return self.store.steps
-
-    @property
-    def nbytes(self) -> int:
-        return self.store.nbytes
-
-    @property
-    def kept_per_step(self) -> list[int]:
-        return self.store.kept_per_step
-
-    @property
-    def step_masks(self) -> list:
-        return self.store.step_masks
-
-    @property
-    def step_embeds(self) -> list:
-        return self.store.step_embeds
-
-    @property
-    def step_first(self) -> list:
-        return self.store.step_first
-
-    def cut_chunk(self) -> tuple[int, int] | None:
-        return self.conversation.cut_chunk()
-
-    def video_items(self) -> list[tuple[np.ndarray, dict]]:
-        return self.conversation.video_items()
-
-    def chunk_frames(self) -> int:
-        return self.conversation.chunk_frames()
-
-    def backlog(self) -> bool:
-        return self.conversation.backlog()
+    # -- the parts' most used views: ``stream.<name>`` is ``stream.<part>.<name>`` -------------------
+    frames = _view("store", "frames")
+    steps = _view("store", "steps")
+    nbytes = _view("store", "nbytes")
+    kept_per_step = _view("store", "kept_per_step")
+    step_masks = _view("store", "step_masks")
+    step_embeds = _view("store", "step_embeds")
+    step_first = _view("store", "step_first")
+    cut_chunk = _view("conversation", "cut_chunk")
+    video_items = _view("conversation", "video_items")
+    chunk_frames = _view("conversation", "chunk_frames")
+    backlog = _view("conversation", "backlog")
 
     # -- appends ------------------------------------------------------------------------------------
     def touch(self) -> None:

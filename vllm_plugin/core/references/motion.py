@@ -44,7 +44,8 @@ def spectrum(tokens: torch.Tensor) -> torch.Tensor:
     if k % SIGNATURE_GROUPS == 0:
         sig = sig.view(H, W, SIGNATURE_GROUPS, k // SIGNATURE_GROUPS).mean(-1)
     sig = sig.permute(2, 0, 1)
-    return torch.fft.rfft2(sig - sig.mean(dim=(1, 2), keepdim=True))
+    spec: torch.Tensor = torch.fft.rfft2(sig - sig.mean(dim=(1, 2), keepdim=True))
+    return spec
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "DTD_"
+REMOVED_PREFIX = "VLLM_DTD_"  # release 0.1's names: refused at start (check), never read
 
 # where a setting applies (the process that reads it)
 LAUNCHER = "launcher"  # python -m vllm_plugin.serve, and vLLM's process that starts the API servers
@@ -422,7 +423,18 @@ def get(name: str, env: Mapping[str, str] | None = None) -> Any:
 def check(where: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Read every variable (of those read in ``where``, e.g. :data:`API_SERVER`) now: a process calls
     it at start, so that a bad value fails there and not at the first request that reads it.
-    Returns name -> value; raises :class:`SettingsError` for the first bad one."""
+    Returns name -> value; raises :class:`SettingsError` for the first bad one, or for a variable of
+    release 0.1 (``VLLM_DTD_*``) that is still set: it is no longer read, and a deployment relying on it
+    would otherwise run on defaults without a word."""
+    source = os.environ if env is None else env
+    stale = sorted(k for k in source if k.startswith(REMOVED_PREFIX))
+    if stale:
+        raise SettingsError(
+            stale[0],
+            str(source[stale[0]]),
+            f"{stale[0]} is no longer read (release 0.1's name): use {PREFIX}{stale[0][len(REMOVED_PREFIX) :]} "
+            f"(for VLLM_DTD_CACHE: {PREFIX}CACHE_DIR)",
+        )
     return {s.name: get(s.name, env) for s in _TABLE if not s.is_option and (where is None or where in s.where)}
 
 

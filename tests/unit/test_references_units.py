@@ -184,3 +184,32 @@ def test_a_stream_decides_each_append_as_the_whole_video(reference, synthetic_cl
         masks = [stream.decide(stream.pixel_tokens(frames[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
         whole = decide_steps(frame_tokens(torch.from_numpy(frames)), config)
         assert torch.equal(torch.cat(masks), whole.mask)
+
+
+def test_request_options_round_trip_and_hostile_numbers_are_option_errors():
+    for kwargs in (
+        {},
+        {"dtd_reference": "motion", "dtd_threshold": 0.1},
+        {"dtd_drop_ratio": 0.5, "dtd_metric": "cosine"},
+        {"dtd_criterion": "feature", "dtd_enabled": False},
+    ):
+        c = DTDConfig.from_kwargs(kwargs)
+        assert DTDConfig.from_kwargs(c.to_kwargs()) == c
+    relative = DTDConfig.from_kwargs({"dtd_drop_ratio": 0.5})
+    assert "dtd_threshold" not in relative.to_kwargs()  # one mode: relative mode reads no threshold
+    # a server default of relative mode is switched off per request with null
+    assert DTDConfig.from_kwargs({"dtd_drop_ratio": None, "dtd_threshold": 0.1}).drop_ratio is None
+    for key in ("dtd_threshold", "dtd_drop_ratio"):
+        for value in (10**400, -(10**400), float("nan"), "0.1", True):
+            with pytest.raises(DTDOptionError) as e:
+                DTDConfig.from_kwargs({key: value})
+            assert e.value.field == key
+
+
+def test_nan_feature_tokens_are_refused_by_a_stream_decision():
+    from vllm_plugin.streams.decision import DecisionState
+
+    tokens = torch.rand(2, 3, 3, 16)
+    tokens[1, 1, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        DecisionState(DTDConfig(criterion="feature", reference="motion")).decide(tokens)

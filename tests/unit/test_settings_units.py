@@ -296,6 +296,12 @@ def test_release_0_1_names_are_not_read(monkeypatch):
 
     entry = header_entry(mask_stats(torch.tensor([[[True, True]], [[True, False]]])), "d")
     assert entry["kept_per_step"] == [2, 1] and not {"kept_per_frame", "tokens_per_frame"} & set(entry)
+    # ... and a server that still sets one refuses to start, naming its new name (never silently on defaults)
+    with pytest.raises(
+        settings.SettingsError, match="VLLM_DTD_STREAM_MAX_STREAMS is no longer read.*DTD_STREAM_MAX_STREAMS"
+    ):
+        settings.check(settings.API_SERVER, {"VLLM_DTD_STREAM_MAX_STREAMS": "3"})
+    settings.check(settings.API_SERVER, {"DTD_STREAM_MAX_STREAMS": "3"})
 
 
 # ----------------------------------------------------------------------------------- the README's table

@@ -396,3 +396,36 @@ def test_the_service_re_anchors_with_a_registered_toy_policy(toy_policy, tiny_mo
     with pytest.raises(errors.InvalidOption, match="context_tokens 8000 is more than the model's context") as e:
         svc.settings(OpenStreamRequest(context_tokens=8000))
     assert e.value.field == "context_tokens"
+
+
+def test_a_memory_policy_that_raises_leaves_the_stream_as_it_was(synthetic_clip, monkeypatch):
+    """A registered policy whose observe() raises: the append fails (503), and frames, per-step masks,
+    counts and the DTD state are as before it, so the next append's steps line up."""
+    frames = synthetic_clip.frames
+    s = StreamManager().open(_settings())
+    s.add_frames(list(frames[:8]))
+    before = (
+        len(s.store.frames),
+        len(s.store.step_masks),
+        list(s.store.kept_per_step),
+        s.decision.state.clone(),
+        s.store.nbytes,
+    )
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("policy bug")
+
+    monkeypatch.setattr(s.conversation, "observe", broken)
+    with pytest.raises(errors.Unavailable):
+        s.add_frames(list(frames[8:12]))
+    after = (
+        len(s.store.frames),
+        len(s.store.step_masks),
+        list(s.store.kept_per_step),
+        s.decision.state,
+        s.store.nbytes,
+    )
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3]) and after[4] == before[4]
+    monkeypatch.undo()
+    s.add_frames(list(frames[8:12]))
+    assert len(s.store.step_masks) == len(s.store.kept_per_step) == 6

@@ -143,8 +143,9 @@ def test_every_reference_serves_streams_and_the_server_default_applies():
     with pytest.raises(InvalidOption, match="dtd_reference") as e:
         svc.settings(OpenStreamRequest(dtd_reference="nearest"))
     assert e.value.field == "dtd_reference" and http_status(e.value) == 400
+    assert svc.settings(OpenStreamRequest(dtd_threshold="0.2")).dtd.threshold == 0.2  # coerced, as always
     with pytest.raises(InvalidOption) as e:
-        svc.settings(OpenStreamRequest(dtd_threshold="high"))
+        svc.settings(OpenStreamRequest(dtd_threshold=2.0))
     assert e.value.field == "dtd_threshold" and http_status(e.value) == 400
 
 

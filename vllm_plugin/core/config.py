@@ -61,9 +61,21 @@ def reference_names() -> tuple[str, ...]:
 
 def validate_drop_ratio(drop_ratio: object, name: str = "drop_ratio") -> float:
     """``drop_ratio`` as a float in [0, 1], or ``ValueError``."""
-    if isinstance(drop_ratio, bool) or not isinstance(drop_ratio, (int, float)) or not 0.0 <= float(drop_ratio) <= 1.0:
+    if (
+        isinstance(drop_ratio, bool)
+        or not isinstance(drop_ratio, (int, float))
+        or not 0.0 <= _as_float(drop_ratio) <= 1.0
+    ):
         raise ValueError(f"{name} must be a number in [0, 1], got {drop_ratio!r}")
     return float(drop_ratio)
+
+
+def _as_float(value: int | float) -> float:
+    """``float(value)``; an integer too large for a float is infinity (never an OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def validate_threshold(threshold: object, metric: str, name: str = "threshold") -> float:
@@ -72,7 +84,7 @@ def validate_threshold(threshold: object, metric: str, name: str = "threshold") 
     check_choice("metric", metric, METRICS)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise ValueError(f"{name} must be a number, got {threshold!r}")
-    value = float(threshold)
+    value = _as_float(threshold)
     lo, hi = THRESHOLD_RANGE[metric]
     if not math.isfinite(value) or not lo <= value <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}] for metric {metric!r}, got {threshold!r}")
@@ -139,9 +151,12 @@ class DTDConfig:
         unknown = sorted(set(given) - set(keys))
         if unknown:
             raise DTDOptionError(unknown[0], f"unknown DTD option; known options are {list(keys)}")
-        for key in ("dtd_threshold", "dtd_enabled", "dtd_criterion", "dtd_reference", "dtd_drop_ratio"):
+        for key in ("dtd_threshold", "dtd_enabled", "dtd_criterion", "dtd_reference"):
             if key in given and given[key] is None:
                 raise DTDOptionError(key, "must not be null (leave it out for the default)")
+        # dtd_drop_ratio: null is absolute mode (it switches a server default of relative mode off); with a
+        # drop ratio the setting is relative mode, whatever dtd_threshold says (a server default threshold
+        # must not refuse a request's relative mode): the README says so
         criterion = given.get("dtd_criterion", "pixel")
         if criterion not in criteria:
             raise DTDOptionError("dtd_criterion", f"must be one of {list(criteria)}, got {criterion!r}")
@@ -149,11 +164,8 @@ class DTDConfig:
 
     def to_kwargs(self) -> dict[str, Any]:
         """The request options that give this setting (``from_kwargs(c.to_kwargs()) == c``)."""
-        return {
-            OPTION_PREFIX + f.name: getattr(self, f.name)
-            for f in fields(self)
-            if not (f.name == "drop_ratio" and self.drop_ratio is None)
-        }
+        skip = "drop_ratio" if self.drop_ratio is None else "threshold"  # one mode: the other option stays out
+        return {OPTION_PREFIX + f.name: getattr(self, f.name) for f in fields(self) if f.name != skip}
 
 
 OPTION_PREFIX = "dtd_"

@@ -170,7 +170,16 @@ def _concurrency() -> int:
 _SIZING: FrameSizing | None = None
 _LOGGED_CODECS: list = [None]  # the codec list install() last logged
 _THREADS = min(16, _cpus())  # FFmpeg frame threads per decode (FFmpeg's own automatic choice caps at 16 too)
-_SLOTS = threading.BoundedSemaphore(_concurrency())
+_SLOTS: list[threading.BoundedSemaphore] = []  # made at the first decode (a bad setting fails there, not at import)
+_SLOTS_LOCK = threading.Lock()
+
+
+def _slots() -> threading.BoundedSemaphore:
+    """The process's decode slots (``DTD_VIDEO_DECODE_CONCURRENCY``, read once)."""
+    with _SLOTS_LOCK:
+        if not _SLOTS:
+            _SLOTS.append(threading.BoundedSemaphore(_concurrency()))
+        return _SLOTS[0]
 
 
 def _cv2_fps(stream) -> float:
@@ -383,7 +392,7 @@ class FastDecodeMixin(_LoaderBase):
         )
         sampling_kwargs, _ = resolve_video_backend_kwargs(backend, extra)
         try:
-            with _SLOTS:
+            with _slots():
                 frames, source, frame_idx, valid = decode_sampled(cls, data, target, sampling_kwargs, _SIZING)
         except FastDecodeUnavailable as e:
             logger.debug("DTD video loader: vLLM's loader decodes this video (%s)", e)

@@ -49,6 +49,7 @@ from vllm_plugin.core import (
     pixel_decide,
     video_position_span,
 )
+from vllm_plugin.core.masks import check_tokens
 from vllm_plugin.entrypoints import request_stats, video_loader, vllm_patches
 from vllm_plugin.entrypoints.options import (
     GIVEN_EMBEDS,
@@ -354,7 +355,8 @@ class DTDMultiModalProcessorMixin(_ProcessorBase):
                 encoded = tower.encode(pv if normalized else layout.normalize(pv), grid)
                 encoding += time.perf_counter() - t_enc
                 if mask is None:
-                    mask = decide_steps(tower.decision_view(encoded).view(*shape, -1), config).mask
+                    # NaN/inf encoder outputs are a 400, never served (check_tokens)
+                    mask = decide_steps(check_tokens(tower.decision_view(encoded).view(*shape, -1)), config).mask
             if mask is None and not config.enabled:
                 mask = torch.ones(shape, dtype=torch.bool)
             elif mask is None:

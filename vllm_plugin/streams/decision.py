@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vllm_plugin.core import DTDConfig, decide_steps, frame_tokens
+from vllm_plugin.core.masks import check_tokens
 
 
 class DecisionState:
@@ -46,7 +47,7 @@ class DecisionState:
         with self._lock:
             if not self.config.enabled:
                 return torch.ones(tokens.shape[:3], dtype=torch.bool)
-            decision = decide_steps(tokens, self.config, state=self.state)
+            decision = decide_steps(check_tokens(tokens), self.config, state=self.state)  # NaN/inf: refused
             self.state = decision.state
             return decision.mask
 

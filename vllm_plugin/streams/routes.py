@@ -26,6 +26,7 @@ import base64
 import binascii
 import logging
 import math
+import typing
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -34,6 +35,7 @@ from pydantic import BaseModel, Field, create_model
 from vllm.entrypoints.serve.utils.api_utils import load_aware_call, with_cancellation
 
 from vllm_plugin.core import DTDConfig
+from vllm_plugin.core.config import OPTION_PREFIX
 from vllm_plugin.entrypoints import vllm_patches
 from vllm_plugin.errors import (
     DTDError,
@@ -87,10 +89,14 @@ def http_status(error: BaseException) -> int:
 
 
 # the DTD options of an open request: DTDConfig's request options (dtd_enabled, dtd_threshold, dtd_metric,
-# dtd_reference, dtd_criterion, dtd_drop_ratio), as the chat API's mm_processor_kwargs; DTDConfig validates them
+# dtd_reference, dtd_criterion, dtd_drop_ratio), typed as DTDConfig's fields (pydantic coerces "0.1" as it
+# always did), absent = the server's default; DTDConfig validates the values
 _DTD_FIELDS: dict[str, Any] = {  # pydantic field definitions: (type, FieldInfo)
-    key: (Any | None, Field(None, description=f"{key}: as in mm_processor_kwargs (vllm_plugin.core.DTDConfig)"))
-    for key in DTDConfig.option_keys()
+    OPTION_PREFIX + name: (
+        hint | None,
+        Field(None, description=f"as in mm_processor_kwargs (vllm_plugin.core.DTDConfig.{name})"),
+    )
+    for name, hint in typing.get_type_hints(DTDConfig).items()
 }
 DTDOptions = create_model("DTDOptions", **_DTD_FIELDS)
 

@@ -47,6 +47,7 @@ A :class:`Stream` is its parts, each with its own lock: :class:`~vllm_plugin.str
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
@@ -346,6 +347,7 @@ class Stream:
             except Exception as e:  # nothing of this append is kept: the stream stays as it was
                 if reserved and not self._submitted:
                     self.encoder.release(reserved)  # the queue releases what it was given
+                store.take_back_steps(done)
                 store.take_back(len(resized), add_bytes)
                 self.decision.rewind(state)
                 if isinstance(e, DTDError):
@@ -436,13 +438,7 @@ class Stream:
             "kept_per_step": list(store.kept_per_step),
             "temporal_patch_size": self.geometry.temporal_patch_size,
             "time": store.timestamps[-1] if store.timestamps else None,
-            "dtd": {
-                "enabled": dtd.enabled,
-                "threshold": dtd.threshold,
-                "metric": dtd.metric,
-                "reference": dtd.reference,
-                "criterion": dtd.criterion,
-            },
+            "dtd": dataclasses.asdict(dtd),  # enabled, threshold, metric, reference, criterion, drop_ratio
             "prefill": self.settings.prefill,
             # eager: frames that arrived are not all in the KV cache yet (a prefill runs or is about to)
             "prefill_pending": self.settings.prefill == "eager"

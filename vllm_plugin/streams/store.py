@@ -152,6 +152,20 @@ class FrameStore:
         self.step_masks.extend(mask.unbind(0))
         return [int(k) for k in mask.reshape(mask.shape[0], -1).sum(1).tolist()]
 
+    def take_back_steps(self, steps: int) -> None:
+        """Undo :meth:`add_outputs` / :meth:`add_masks` back to ``steps`` steps (an append whose analysis
+        failed after they were recorded: a memory policy that raised), the bytes with them."""
+        freed = 0
+        while len(self.step_embeds) > steps:
+            for t in (self.step_embeds.pop(), self.step_first.pop()):
+                freed += 0 if t is None else _nbytes(t)
+        del self.step_masks[steps:]
+        if freed:
+            self._count(-freed)
+            with self._lock:
+                if self.account is not None:
+                    self.account.release(freed)
+
     def add_kept(self, kept: Sequence[int]) -> None:
         self.kept_per_step.extend(kept)
 

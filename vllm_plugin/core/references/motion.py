@@ -80,7 +80,9 @@ def candidate_shifts(
     cross = (a * b.conj()).sum(0)
     corr = torch.fft.irfft2(cross / cross.abs().clamp_min(1e-12), s=(H, W)).flatten()
     floor = MIN_GAIN * max(float(corr[0]), 0.0)
-    values, order = torch.topk(corr.masked_fill(~allowed, float("-inf")), min(count, int(allowed.sum())))
+    values, order = torch.topk(
+        corr.masked_fill(~allowed.to(corr.device), float("-inf")), min(count, int(allowed.sum()))
+    )
     return [(int(dys[i]), int(dxs[i])) for v, i in zip(values.tolist(), order.tolist()) if v > floor]
 
 

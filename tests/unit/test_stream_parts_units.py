@@ -429,3 +429,180 @@ def test_a_memory_policy_that_raises_leaves_the_stream_as_it_was(synthetic_clip,
     monkeypatch.undo()
     s.add_frames(list(frames[8:12]))
     assert len(s.store.step_masks) == len(s.store.kept_per_step) == 6
+
+
+# --- re-anchoring off the question's path ----------------------------------------------------------
+
+
+class GatedEngine(FakeEngine):
+    """A fake engine whose re-anchor prefills (request ids ``…-reanchor…``) wait for :attr:`gate`, and
+    which checks that every prompt holds one placeholder per video item it carries."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate: asyncio.Event | None = None
+        self.by_id: dict[str, dict] = {}
+
+    async def generate(self, prompt, params, request_id, data_parallel_rank=None):
+        self.by_id[request_id] = prompt
+        items = prompt.get("multi_modal_data", {}).get("video", [])
+        assert prompt["prompt_token_ids"].count(self.video_pad) == len(items), "placeholders and items differ"
+        if "-reanchor" in request_id and self.gate is not None:
+            await self.gate.wait()
+        async for out in super().generate(prompt, params, request_id, data_parallel_rank):
+            yield out
+
+
+def _gated_service(tiny_model_path):
+    from vllm_plugin.streams.service import StreamService
+
+    return StreamService(GatedEngine(tiny_model_path), StreamManager(Limits(max_streams=8)))
+
+
+async def _until(predicate, seconds=20.0):
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def _reanchor_pending(svc, stream, frames):
+    """Append 4 steps at a time, letting the eager prefill run, until a re-anchor is being prefilled
+    ahead (held at the engine's gate). Returns the frames appended."""
+    n = 0
+    while stream.reanchoring is None:
+        assert n < len(frames), "no re-anchor was planned"
+        await svc.append(stream, list(frames[n : n + 8]))
+        n += 8
+        await _until(lambda: stream.reanchoring is not None or stream.prefill_task is None)
+    return n
+
+
+def _eager_request(**memory):
+    from vllm_plugin.streams.routes import OpenStreamRequest
+
+    return OpenStreamRequest(fps=2.0, memory={"keep": "recent", "context_tokens": 800, "keep_turns": 1, **memory})
+
+
+def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was(tiny_model_path, synthetic_clip):
+    """While the re-anchored conversation is prefilled ahead (held at the gate), a question is answered
+    at once on the old conversation, with every frame that arrived before it; after the switch the
+    next question's prompt is the new anchor, the turn answered meanwhile and the frames since."""
+    frames = np.concatenate([synthetic_clip.frames] * 12)
+    svc = _gated_service(tiny_model_path)
+    engine = svc.engine
+
+    async def run():
+        engine.gate = asyncio.Event()
+        stream = svc.open(svc.settings(_eager_request()))
+        conv = stream.conversation
+        n = await _reanchor_pending(svc, stream, frames)
+        plan = stream.reanchoring
+        old_chunks = list(conv.chunks)
+        assert conv.reanchors == 0 and plan.anchor.ranges[-1] == old_chunks[-1]
+        await svc.append(stream, list(frames[n : n + 4]))  # frames after the plan: no eager prefill takes them
+        n += 4
+        r = await asyncio.wait_for(svc.answer(stream, "What is new?", max_tokens=8), 10)
+        prompt = engine.requests[-1][0]
+        st = r["stream_state"]
+        assert st["answered_during_reanchor"] is True and st["reanchor_wait_s"] == 0.0 and st["reanchors"] == 0
+        # the old conversation, and one new item with exactly the frames that arrived before the question
+        assert [list(c) for c in old_chunks] == st["chunk_ranges"][:-1] and st["chunk_ranges"][-1] == [
+            old_chunks[-1][1],
+            n,
+        ]
+        assert prompt["multi_modal_uuids"]["video"] == [f"{stream.id}/frames{a}-{b}" for a, b in st["chunk_ranges"]]
+        assert stream.reanchoring is plan and not plan.done.is_set()
+        engine.gate.set()
+        await _until(lambda: stream.reanchoring is None)
+        # the switch: the anchor's items, then the chunk the question cut; the turn answered meanwhile stays
+        assert conv.reanchors == 1 and conv.chunks == [*plan.anchor.ranges, (old_chunks[-1][1], n)]
+        event = [e for e in stream.events if e["type"] == "reanchor"][-1]
+        assert event["answered_meanwhile"] == 1 and event["prefilled_s"] is not None
+        assert [q for q, _, _ in conv.prompt.turns_since(0)][-1] == "What is new?"
+        held = {i for a, b in conv.chunks for i in range(a, b)}
+        assert all((f is None) == (i not in held) for i, f in enumerate(stream.store.frames[:n]))
+        await _until(lambda: stream.prefill_task is None)
+        r2 = await svc.answer(stream, "And now?", max_tokens=8)
+        second = engine.requests[-1][0]
+        assert r2["stream_state"]["answered_during_reanchor"] is False and r2["stream_state"]["reanchored"] is False
+        assert second["multi_modal_uuids"]["video"][: len(conv.chunks)] == [
+            f"{stream.id}/frames{a}-{b}" for a, b in conv.chunks
+        ]
+        text = engine.tokenizer.decode(second["prompt_token_ids"])
+        assert text.count("What is new?") == 1 and text.index("What is new?") < text.index("And now?")
+        # the re-anchor's own prefill is a prefix of the next question's prompt (the prefix cache serves it)
+        (warm,) = (p for rid, p in engine.by_id.items() if "-reanchor" in rid)
+        assert warm["multi_modal_uuids"]["video"] == [f"{stream.id}/frames{a}-{b}" for a, b in plan.anchor.ranges]
+        assert second["prompt_token_ids"][: len(warm["prompt_token_ids"])] == warm["prompt_token_ids"]
+
+    asyncio.run(run())
+
+
+def test_a_question_the_old_conversation_cannot_take_waits_for_the_switch(tiny_model_path, synthetic_clip, monkeypatch):
+    frames = np.concatenate([synthetic_clip.frames] * 12)
+    svc = _gated_service(tiny_model_path)
+    engine = svc.engine
+
+    async def run():
+        engine.gate = asyncio.Event()
+        stream = svc.open(svc.settings(_eager_request()))
+        await _reanchor_pending(svc, stream, frames)
+        plan = stream.reanchoring
+        monkeypatch.setattr(svc, "old_can_take", lambda stream, room: False)
+        asked = asyncio.ensure_future(svc.answer(stream, "Still there?", max_tokens=8))
+        await asyncio.sleep(0.3)
+        assert not asked.done()  # it waits for the switch, not on the old conversation
+        engine.gate.set()
+        r = await asyncio.wait_for(asked, 10)
+        st = r["stream_state"]
+        assert st["answered_during_reanchor"] is False and st["reanchor_wait_s"] >= 0.25 and st["reanchors"] == 1
+        assert engine.requests[-1][0]["multi_modal_uuids"]["video"][: len(plan.anchor.ranges)] == [
+            f"{stream.id}/frames{a}-{b}" for a, b in plan.anchor.ranges
+        ]
+
+    asyncio.run(run())
+
+
+def test_under_load_no_answer_is_lost_or_duplicated_across_re_anchors(tiny_model_path, synthetic_clip):
+    """8 eager streams, appends and questions interleaved, re-anchor prefills slowed: every question
+    gets one answer, and every conversation holds its questions in order, each at most once, the
+    latest always (the earlier ones as many as ``keep_turns`` keeps)."""
+    import random
+
+    frames = np.concatenate([synthetic_clip.frames] * 8)
+    svc = _gated_service(tiny_model_path)
+    engine = svc.engine
+    rng = random.Random(0)
+
+    class Slow(asyncio.Event):
+        async def wait(self):
+            await asyncio.sleep(rng.uniform(0.0, 0.05))
+            return True
+
+    async def one(k):
+        stream = svc.open(svc.settings(_eager_request(keep_turns=3)))
+        asked, during = 0, 0
+        for a in range(0, len(frames), 4):
+            await svc.append(stream, list(frames[a : a + 4]))
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            if a % 8 == 4:
+                r = await svc.answer(stream, f"s{k} q{asked}?", max_tokens=4)
+                asked += 1
+                during += r["stream_state"]["answered_during_reanchor"]
+                assert r["stream_state"]["question"] == asked
+                questions = [q for q, _, _ in stream.conversation.prompt.turns_since(0)]
+                assert questions[-1] == f"s{k} q{asked - 1}?"
+                numbers = [int(q.split("q")[1][:-1]) for q in questions]
+                assert numbers == sorted(set(numbers)), questions
+        await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+        return stream.conversation.reanchors, during, asked
+
+    async def run():
+        engine.gate = Slow()
+        return await asyncio.gather(*(one(k) for k in range(8)))
+
+    results = asyncio.run(run())
+    assert all(reanchors >= 2 for reanchors, _, _ in results), results
+    assert sum(during for _, during, _ in results) > 0, results

@@ -163,7 +163,10 @@ class Conversation:
         """Cache identities of the chunks (vLLM's ``multi_modal_uuids``): the content of a frame range
         of a stream never changes (its masks were decided on arrival, its DTD settings are fixed), so
         (stream, range) names it, before and after re-anchors; vLLM then need not hash past frames."""
-        return [f"{self.stream_id}/frames{a}-{b}" for a, b in self.chunks]
+        return [self._uuid(r) for r in self.chunks]
+
+    def _uuid(self, r: tuple[int, int]) -> str:
+        return f"{self.stream_id}/frames{r[0]}-{r[1]}"
 
     def keyframes(self) -> list[int]:
         """The temporal steps of the one-step items the policy added at the last re-anchor."""
@@ -171,11 +174,18 @@ class Conversation:
 
     # -- memory ----------------------------------------------------------------------------------------
     def reanchor(self, target: int, item_overhead: int = 2, step_overhead: float = 0.0) -> Anchor:
-        """Replace the conversation's video items by the memory policy's selection (at most ``target``
-        tokens; a quarter of the frame limit, and ``anchor_fraction`` of the item limit: a re-anchor
-        leaves room before the next), build the items it adds (their frames copied out of the chunks
-        that go), and free every frame, mask and kept encoder output before :attr:`next_frame` that no
-        selected item holds. The caller rebuilds the conversation's text (:meth:`ChatPrompt.restart`)."""
+        """Re-anchor now: :meth:`plan` then :meth:`apply` (nothing carried). The caller rebuilds the
+        conversation's text (:meth:`ChatPrompt.restart`)."""
+        anchor = self.plan(target, item_overhead, step_overhead)
+        self.apply(anchor, len(self.chunks))
+        return anchor
+
+    def plan(self, target: int, item_overhead: int = 2, step_overhead: float = 0.0) -> Anchor:
+        """The memory policy's selection for a re-anchor (at most ``target`` tokens; a quarter of the
+        frame limit, and ``anchor_fraction`` of the item limit: a re-anchor leaves room before the
+        next), with the items it adds built (their frames copied out of the chunks that go). Nothing
+        else changes: the conversation goes on as it is (its questions may still be answered on it)
+        until :meth:`apply`."""
         tps, store = self.tps, self.store
         with self.lock:
             plain = [c for c in self.chunks if c not in self.key_ranges]
@@ -191,7 +201,20 @@ class Conversation:
                 raise RuntimeError(f"memory policy {self.policy.name!r} did not keep the latest chunk {plain[-1]}")
             if any(not (0 <= a < b <= self.next_frame) for a, b in anchor.ranges):
                 raise RuntimeError(f"memory policy {self.policy.name!r} selected frames outside the conversation")
-            self.chunks = list(anchor.ranges)
+            for r in anchor.ranges:
+                if r not in self._items:
+                    self._items[r] = self._build_item(*r)
+            return anchor
+
+    def apply(self, anchor: Anchor, planned_chunks: int) -> list[tuple[int, int]]:
+        """Make a :meth:`plan` the conversation: its items, then the chunks cut after the plan (the
+        conversation had ``planned_chunks`` then: questions answered on it meanwhile cut the rest),
+        which are returned; every frame, mask and kept encoder output before :attr:`next_frame` that
+        no item holds is freed."""
+        tps = self.tps
+        with self.lock:
+            carried = self.chunks[planned_chunks:]
+            self.chunks = list(anchor.ranges) + carried
             self.key_ranges = {(s * tps, (s + 1) * tps) for s in anchor.keyframes}
             for r in self.chunks:
                 if r not in self._items:
@@ -202,7 +225,13 @@ class Conversation:
                 held[a:b] = True
             self._free(np.flatnonzero(~held).tolist())
             self.reanchors += 1
-            return anchor
+            return carried
+
+    def items_of(self, ranges) -> tuple[list[tuple[np.ndarray, dict]], list[str]]:
+        """The video items and cache identities of these chunk ranges (built: planned or in the
+        conversation)."""
+        with self.lock:
+            return [self._items[r] for r in ranges], [self._uuid(r) for r in ranges]
 
     def _free(self, frames: list[int]) -> None:
         """Free these frames (cut, in no selected item) and what their steps hold; the policy forgets

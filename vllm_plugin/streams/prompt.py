@@ -111,6 +111,21 @@ class ChatPrompt:
         eager prefill, so the next question's prompt starts with this one's up to its last video."""
         self.open_videos = videos
 
+    def turns_since(self, messages: int) -> list[tuple[str, int, str]]:
+        """The turns committed after the first ``messages`` messages, as (question, videos, answer)."""
+        out = []
+        msgs = self.messages[messages:]
+        for user, assistant in zip(msgs[::2], msgs[1::2]):
+            text = "".join(p.get("text", "") for p in user["content"] if p.get("type") == "text")
+            videos = sum(1 for p in user["content"] if p.get("type") == "video")
+            out.append((text, videos, assistant["content"]))
+        return out
+
+    def replay(self, question: str, videos: int, answer: str) -> None:
+        """Append a finished turn given as text (a turn answered on a conversation this one replaced)."""
+        prompt_ids = self.next_turn(question, videos)
+        self.commit(prompt_ids, question, videos, self.tokenizer.encode(answer, add_special_tokens=False), answer)
+
     def last_turns(self, k: int) -> list[tuple[str, str]]:
         """The last ``k`` remembered turns as (question, answer) text."""
         pairs = []

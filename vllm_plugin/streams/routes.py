@@ -336,7 +336,7 @@ async def ask(stream_id: str, body: StreamChatRequest, raw_request: Request):
                 )
             )
         events = await svc.answer_sse(
-            stream, svc.generate(stream, question, body.max_tokens, body.temperature, body.ignore_eos, body.remember)
+            stream, question, body.max_tokens, body.temperature, body.ignore_eos, body.remember
         )
         return StreamingResponse(events, media_type="text/event-stream")
 

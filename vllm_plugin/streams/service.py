@@ -16,9 +16,11 @@ import asyncio
 import json
 import logging
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from vllm_plugin.entrypoints import vllm_patches
@@ -28,7 +30,7 @@ from vllm_plugin.models import vision
 from vllm_plugin.streams import openai_format
 from vllm_plugin.streams.encoding import EncodeQueue, processor_patchify
 from vllm_plugin.streams.forward import Peers
-from vllm_plugin.streams.memory import MemorySettings
+from vllm_plugin.streams.memory import Anchor, MemorySettings
 from vllm_plugin.streams.prompt import ChatPrompt
 from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamManager, StreamSettings
 
@@ -38,6 +40,25 @@ MIN_CHUNK_STEPS = 16  # a stream's fps must let a chunk of this many temporal st
 QUESTION_ROOM = (
     128  # tokens an eager prefill leaves for the next question's text and answer (at most a quarter of the budget)
 )
+
+
+@dataclass
+class ReanchorPlan:
+    """A re-anchor planned on a conversation (:meth:`StreamService.plan_reanchor`), applied later
+    (:meth:`StreamService.apply_reanchor`): what the conversation had then, to carry what questions
+    add before the switch."""
+
+    anchor: Anchor  # the memory policy's selection
+    prompt: ChatPrompt  # the re-anchored text: the kept turns
+    trigger: str
+    budget: int | None
+    context_before: int
+    chunks: int  # the conversation's chunks when planned
+    messages: int  # its prompt's messages when planned
+    open_videos: int  # its open user turn's videos when planned
+    cut: bool  # the latest chunk was just cut by the request that planned it
+    prefilled_s: float | None = None  # the re-anchored conversation's prefill, when it ran ahead
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def describe(e: BaseException) -> str:
@@ -418,6 +439,13 @@ class StreamService:
         steps = (b - a) // stream.geometry.temporal_patch_size
         return conv.chunk_tokens(a, b) + 2 + int(conv.step_overhead * steps)
 
+    def next_chunk_cost(self, stream: Stream) -> int:
+        """Tokens the next chunk cut now would add (0 when no step waits)."""
+        conv = stream.conversation
+        decided = len(stream.store.kept_per_step) * stream.geometry.temporal_patch_size
+        end = min(decided, conv.next_frame + conv.chunk_frames())
+        return self.item_cost(stream, (conv.next_frame, end)) if end > conv.next_frame else 0
+
     def _dropped(self, stream: Stream, frames: int, message: str) -> None:
         stream.events.add(
             {
@@ -466,20 +494,22 @@ class StreamService:
                     "(they were more than the budget leaves for new frames)",
                 )
 
-    def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> bool:
-        """Re-anchor (under the stream's chat lock) when ``incoming`` more tokens would take the
-        conversation past its budget, or the stream nears its frame or item limit: the conversation starts
-        over from the memory policy's selection (:meth:`Conversation.reanchor`; ``cut``: the chunk the
-        request just cut is the latest and stays) and the last ``keep_turns`` turns, as many as fit a
-        quarter of the re-anchored share (:meth:`ChatPrompt.restart`); the request that called it
-        prefills it."""
+    def plan_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> ReanchorPlan | None:
+        """A re-anchor, when ``incoming`` more tokens would take the conversation past its budget or the
+        stream nears its frame or item limit (under the stream's chat lock; None when none is due, or
+        one is already being prefilled): the memory policy's selection (:meth:`Conversation.plan`;
+        ``cut``: the chunk the request just cut is the latest and stays) and the last ``keep_turns``
+        turns, as many as fit a quarter of the re-anchored share (:meth:`ChatPrompt.restart`). Nothing
+        changes until :meth:`apply_reanchor`."""
         conv = stream.conversation
+        if stream.reanchoring is not None:
+            return None
         budget = self.budget(stream)
         # positions: the items' span beyond their tokens must stay within the rotary table's room
         full = conv.full() or self.extra_positions(stream) > self.engine.position_room * 3 // 4
         older = len(conv.chunks) - int(cut)
         if older < 1 or (not full and (budget is None or conv.context_tokens + incoming <= budget)):
-            return False
+            return None
         memory = stream.settings.memory
         share = int(memory.anchor_fraction * (budget or self.max_model_len or 4096))
         prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template)
@@ -490,26 +520,53 @@ class StreamService:
             prompt.restart(turns, 0)
         target = share - len(prompt.ids) - 16
         if not full and conv.context_tokens <= target:
-            return False  # what is in would stay: the new frames (or a long answer) are too many for any re-anchor
-        before, chunks_before = conv.context_tokens, len(conv.chunks)
-        anchor = conv.reanchor(max(1, target), step_overhead=conv.step_overhead)
-        prompt.open_videos = len(conv.chunks) - int(cut)  # the cut chunk opens when its request is done
-        # until the engine counts it (the cut chunk, in the anchor's tokens, is counted again by the caller)
-        conv.restart(prompt, len(prompt.ids) + anchor.tokens + 16)
+            return None  # what is in would stay: the new frames (or a long answer) are too many for any re-anchor
+        anchor = conv.plan(max(1, target), step_overhead=conv.step_overhead)
+        return ReanchorPlan(
+            anchor=anchor,
+            prompt=prompt,
+            trigger=trigger,
+            budget=budget,
+            context_before=conv.context_tokens,
+            chunks=len(conv.chunks),
+            messages=len(conv.prompt.messages),
+            open_videos=conv.prompt.open_videos,
+            cut=cut,
+        )
+
+    def apply_reanchor(self, stream: Stream, plan: ReanchorPlan) -> None:
+        """Make ``plan`` the stream's conversation (under the stream's chat lock): its items, then the
+        chunks questions cut since it was planned; its text, then the turns answered since (as text).
+        The next request prefills what the engine does not hold yet."""
+        conv, prompt = stream.conversation, plan.prompt
+        old = conv.prompt
+        carried = conv.apply(plan.anchor, plan.chunks)
+        # the re-anchored items open the user turn (the cut chunk, if any, opens when its request is done)
+        prompt.open_videos = len(plan.anchor.ranges) - int(plan.cut)
+        turns = old.turns_since(plan.messages)
+        for i, (question, videos, answer) in enumerate(turns):
+            # the first turn's videos began with the ones open at the plan: they are in the anchor now
+            prompt.replay(question, prompt.open_videos + videos - plan.open_videos if i == 0 else videos, answer)
+        prompt.open_videos += old.open_videos - (plan.open_videos if not turns else 0)
+        # until the engine counts it (a cut chunk, in the anchor's tokens, is counted again by its request)
+        tokens = plan.anchor.tokens + sum(self.item_cost(stream, c) for c in carried)
+        conv.restart(prompt, len(prompt.ids) + tokens + 16)
         store = stream.store
         stream.events.add(
             {
                 "type": "reanchor",
                 "time": store.timestamps[conv.next_frame - 1],
                 "reanchor": conv.reanchors,
-                "budget": budget,
-                "trigger": trigger,
-                "context_tokens_before": before,
+                "budget": plan.budget,
+                "trigger": plan.trigger,
+                "context_tokens_before": plan.context_before,
                 "context_tokens_after": conv.context_tokens,
-                "chunks_before": chunks_before,
+                "chunks_before": plan.chunks,
                 "chunk_ranges": [list(c) for c in conv.chunks],
-                "keyframes": anchor.keyframes,
+                "keyframes": plan.anchor.keyframes,
                 "turns_kept": len(prompt.messages) // 2,
+                "answered_meanwhile": len(turns),
+                "prefilled_s": plan.prefilled_s,
                 "evicted_frames": store.evicted_frames,
                 "held_frames": store.held_frames,
             }
@@ -517,13 +574,73 @@ class StreamService:
         logger.info(
             "DTD stream %s: re-anchored at %d tokens (budget %s): %d video items (%d keyframes), %d turns",
             stream.id,
-            before,
-            budget,
+            plan.context_before,
+            plan.budget,
             len(conv.chunks),
-            len(anchor.keyframes),
+            len(plan.anchor.keyframes),
             len(prompt.messages) // 2,
         )
+
+    def maybe_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> bool:
+        """Re-anchor now, if due (:meth:`plan_reanchor`, :meth:`apply_reanchor`): the request that called
+        it prefills the re-anchored conversation (a lazy stream's question, or an eager stream that
+        must re-anchor before its next chunk fits; an eager stream's prefill otherwise re-anchors off
+        the question path: :meth:`reanchor_ahead`)."""
+        plan = self.plan_reanchor(stream, incoming, trigger, cut)
+        if plan is None:
+            return False
+        self.apply_reanchor(stream, plan)
         return True
+
+    def old_can_take(self, stream: Stream, room: int) -> bool:
+        """While a re-anchor is prefilled: whether the conversation as it is can still take a question
+        of ``room`` tokens (text and answer) with the frames not in it yet, within the model's context,
+        the item limit and the rotary table's room."""
+        conv = stream.conversation
+        tps = stream.geometry.temporal_patch_size
+        steps = conv.uncut_steps()
+        new = conv.chunk_tokens(steps.start * tps, steps.stop * tps) if len(steps) else 0
+        items = -(-len(steps) * tps // conv.chunk_frames())
+        incoming = new + items * 2 + int(conv.step_overhead * len(steps)) + room
+        if self.max_model_len and conv.context_tokens + incoming + 16 > self.max_model_len:
+            return False
+        if len(conv.chunks) + items + 1 >= stream.limits.max_chunks:
+            return False
+        return self.extra_positions(stream) <= self.engine.position_room * 3 // 4
+
+    async def reanchor_ahead(self, stream: Stream, plan: ReanchorPlan) -> None:
+        """An eager stream's re-anchor, off the question path: the re-anchored conversation (its items,
+        kept turns and the open user turn's videos) is prefilled as a one-token request WITHOUT the
+        stream's chat lock; questions meanwhile are answered on the conversation as it is (its KV is
+        in the prefix cache), then the stream switches (:meth:`apply_reanchor`). A prefill that fails
+        costs speed only: the switch happens all the same and the next request prefills it."""
+        t0 = time.perf_counter()
+        try:
+            prompt_ids = await off_loop(plan.prompt.video_prefix, len(plan.anchor.ranges))
+            items, uuids = stream.conversation.items_of(plan.anchor.ranges)
+            request = {
+                "prompt_token_ids": prompt_ids,
+                "mm_processor_kwargs": self.dtd_kwargs(stream),
+                "multi_modal_data": {"video": items},
+                "multi_modal_uuids": {"video": uuids},
+            }
+            rid = f"{stream.id[:12]}-reanchor{stream.conversation.reanchors + 1}-{uuid.uuid4().hex[:8]}"
+            params = self.engine.sampling_params(1, 0.0)
+            async for _ in self.engine.generate(request, params, rid, data_parallel_rank=self.dp_rank(stream)):
+                pass
+            plan.prefilled_s = round(time.perf_counter() - t0, 4)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("DTD stream %s: the re-anchored conversation's prefill failed: %s", stream.id, describe(e))
+        finally:
+            try:
+                async with stream.chat_lock:
+                    if not stream.closed:
+                        await off_loop(self.apply_reanchor, stream, plan)
+            finally:
+                stream.reanchoring = None
+                plan.done.set()
 
     def relieve(self, stream: Stream) -> None:
         """An eager stream refused frames because it holds too many and no prefill is running (all it
@@ -586,13 +703,21 @@ class StreamService:
         Its KV blocks stay in vLLM's prefix cache, so the next question prefills only its own text
         (plus the partial block before it). Eviction costs speed only: every question sends its
         whole prompt."""
+        ahead_at = -1  # the conversation's next frame at the last re-anchor prefilled ahead: one per chunk
         try:
             while True:
+                plan = None
                 async with stream.chat_lock:
                     if stream.closed or stream.eager_stopped or not stream.eager_due():
                         return
+                    room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
                     try:
-                        if not await self._prefill_chunk(stream, min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)):
+                        # a re-anchor due before the next chunk is prefilled ahead, off the question path
+                        if stream.conversation.next_frame != ahead_at:
+                            plan = await off_loop(
+                                self.plan_reanchor, stream, self.next_chunk_cost(stream) + room, "prefill"
+                            )
+                        if plan is None and not await self._prefill_chunk(stream, room):
                             return
                     except Exception as e:
                         # stop, once: the stream goes on lazily (questions prefill what arrived)
@@ -604,6 +729,10 @@ class StreamService:
                             {"type": "error", "message": f"{stream.eager_stopped}; questions now prefill new frames"}
                         )
                         return
+                    stream.reanchoring = plan
+                if plan is not None:
+                    await self.reanchor_ahead(stream, plan)
+                    ahead_at = stream.conversation.next_frame
         finally:
             stream.prefill_task = None
 
@@ -681,34 +810,50 @@ class StreamService:
         temperature: float,
         ignore_eos: bool = False,
         remember: bool = True,
+        timing: openai_format.Timing | None = None,
     ):
         """Async generator of the engine's outputs for one question at the stream's current point.
-        ``remember=False``: the turn does not stay in the conversation (:meth:`ChatPrompt.forget`)."""
+        ``remember=False``: the turn does not stay in the conversation (:meth:`ChatPrompt.forget`).
+        While a re-anchor is prefilled ahead (:meth:`reanchor_ahead`) the question is answered on the
+        conversation as it is, unless that can no longer take it (:meth:`old_can_take`): then it waits
+        for the switch. ``timing`` records that wait and whether this question re-anchored itself."""
         self.check_text(question, "the question", "messages")
         conv = stream.conversation
-        async with stream.chat_lock:
-            # tokenizing, rendering the chat template and stacking frames run off the event loop
-            question_tokens = await off_loop(self._question_tokens, question)
-            if (
-                self.max_model_len and question_tokens + max_tokens > self.max_model_len
-            ):  # refused before any state changes
-                raise InvalidOption(
-                    "max_tokens",
-                    f"max_tokens is too large: {max_tokens}; the model's context is "
-                    f"{self.max_model_len} tokens and the question alone takes {question_tokens}",
-                )
+        timing = timing if timing is not None else openai_format.Timing()
+        # tokenizing runs off the event loop
+        question_tokens = await off_loop(self._question_tokens, question)
+        if self.max_model_len and question_tokens + max_tokens > self.max_model_len:  # refused before any change
+            raise InvalidOption(
+                "max_tokens",
+                f"max_tokens is too large: {max_tokens}; the model's context is "
+                f"{self.max_model_len} tokens and the question alone takes {question_tokens}",
+            )
+        room = question_tokens + max_tokens
+        while True:  # no await between taking the lock and the try below: a cancellation cannot leak it
+            await stream.chat_lock.acquire()
+            pending = stream.reanchoring
+            if pending is None or self.old_can_take(stream, room):
+                break
+            stream.chat_lock.release()
+            t0 = time.perf_counter()
+            await pending.done.wait()
+            timing.reanchor_wait_s += time.perf_counter() - t0
+        try:
+            timing.during_reanchor = pending is not None
+            reanchors = conv.reanchors
             # a backlog longer than one chunk: all but its last chunk are prefilled first, as an eager stream
             # would have (each video item bounded in frames and bytes); an error here fails the question,
             # with its reason
             while conv.backlog():
-                await self._prefill_chunk(stream, question_tokens + max_tokens)
+                await self._prefill_chunk(stream, room)
             cut: list = []
             try:
-                await off_loop(self._cut_into, stream, question_tokens + max_tokens, cut)
+                # rendering the chat template and stacking frames run off the event loop
+                await off_loop(self._cut_into, stream, room, cut)
                 chunk = cut[0] if cut else None
-                videos, prompt_ids = await off_loop(
-                    self._question_prompt, stream, chunk, question, question_tokens + max_tokens
-                )
+                videos, prompt_ids = await off_loop(self._question_prompt, stream, chunk, question, room)
+                # the question prefills a re-anchored conversation itself (lazy, or one no prefill ran ahead for)
+                timing.reanchored = conv.reanchors > reanchors
                 if self.max_model_len and len(prompt_ids) + max_tokens > self.max_model_len:
                     raise InvalidOption(
                         "max_tokens",
@@ -739,6 +884,8 @@ class StreamService:
             conv.prompt.commit(
                 prompt_ids, question, videos, ids, o.text if o is not None else "", stop_ids=ids[-1:] if stopped else ()
             )
+        finally:
+            stream.chat_lock.release()
 
     def state(self, stream: Stream, out, timing: openai_format.Timing, with_ids: bool = False) -> dict:
         prompt_ids = list(out.prompt_token_ids or [])
@@ -758,6 +905,12 @@ class StreamService:
             "reanchors": conv.reanchors,
             "held_frames": store.held_frames,
             "evicted_frames": store.evicted_frames,
+            # answered on the conversation as it was while a re-anchor was prefilled ahead
+            "answered_during_reanchor": timing.during_reanchor,
+            # this question's prompt was a re-anchored conversation it prefilled itself
+            "reanchored": timing.reanchored,
+            # waited for a re-anchor's prefill: another request's, and this one's own when it re-anchored
+            "reanchor_wait_s": round(timing.reanchor_wait_s + (timing.ttft_s or 0.0) * timing.reanchored, 4),
         }
         if with_ids:
             state["prompt_token_ids"] = prompt_ids
@@ -775,15 +928,24 @@ class StreamService:
         remember: bool = True,
     ) -> dict:
         timing, out = openai_format.Timing(), None
-        async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos, remember):
+        async for out in self.generate(stream, question, max_tokens, temperature, ignore_eos, remember, timing):
             timing.saw(out)
         return openai_format.completion(out, self.served_names[0], self.state(stream, out, timing, with_ids))
 
-    async def answer_sse(self, stream: Stream, gen):
-        """The async iterator of SSE lines of ``gen`` (:meth:`generate`'s outputs for one question):
-        errors before the first output raise here, so the route can answer them with a 4xx before the
-        event stream starts."""
+    async def answer_sse(
+        self,
+        stream: Stream,
+        question: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        ignore_eos: bool = False,
+        remember: bool = True,
+    ):
+        """The async iterator of SSE lines of one question's answer (:meth:`generate`'s outputs): errors
+        before the first output raise here, so the route can answer them with a 4xx before the event
+        stream starts."""
         timing = openai_format.Timing()
+        gen = self.generate(stream, question, max_tokens, temperature, ignore_eos, remember, timing)
         first = await gen.__anext__()
         model = self.served_names[0]
 

@@ -268,6 +268,7 @@ class Stream:
         self.append_lock = threading.Lock()  # one append at a time (held while its steps are decided, or encoded)
         self.chat_lock = asyncio.Lock()  # one question (or eager prefill) at a time per stream
         self.prefill_task: asyncio.Task | None = None  # the running eager prefill, if any
+        self.reanchoring: Any = None  # a re-anchor being prefilled ahead (service.ReanchorPlan), if any
         self.eager_stopped: str | None = None  # why eager prefill stopped for this stream (then lazy)
         self.closed = False
         self._submitted = False  # this append's steps went to the encoder (it releases their reservation)

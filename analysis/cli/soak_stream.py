@@ -12,14 +12,23 @@ short question every ``--ask-every`` seconds of stream time. Without ``--url`` a
 must be on this machine (loopback). Streams re-anchor as their policy says (``--context-tokens``,
 ``--memory-keep``, ``--max-keyframes``, ``--keep-turns``; the server's defaults otherwise).
 
-Per ``--window`` seconds of stream time (default 600): questions, TTFT p50/p95 (measured by the
-server), prefilled and context tokens, re-anchors, frames held, the server's RSS by process kind and
-KV-cache usage. Writes soak.json, windows.csv and soak.html (context tokens, frames held / evicted,
-re-anchors, keyframes and TTFT over stream time; ``--png``: a screenshot of it, headless Chromium).
-The last line is ``hours=… questions=… errors=… ttft_p95_first=… ttft_p95_last=… rss_growth_mb=…``;
-goals: errors=0, ttft_p95_last ≤ 1.5 × ttft_p95_first, RSS flat after the first re-anchor. "First"
-is, for both, after the first re-anchor: the first window that starts after it (TTFT), the first
-sample after it (RSS); before it the conversation is still filling up to its budget.
+Per ``--window`` seconds of stream time (default 600): questions answered and failed (a failed
+question is counted, the soak goes on), TTFT p50/p95 (measured by the server), the questions that
+waited for a re-anchor's prefill (``stream_state.reanchor_wait_s`` > 0.01 s; their sum and max) and
+those answered during one (``answered_during_reanchor``), prefilled and context tokens, re-anchors,
+frames held, the server's RSS by process kind and KV-cache usage. Writes soak.json, windows.csv and
+soak.html (offline: context tokens, frames held / evicted, re-anchors, keyframes and TTFT of stream 0
+over stream time, its questions that waited marked; per window TTFT p50/p95 and the waits; ``--png``:
+a screenshot of it, headless Chromium).
+
+Goals (:func:`analysis.lib.soak.goals`), each printed with its value and "met" / "NOT met"; the exit
+status is 1 when one is not met: errors = 0 (failed questions included); after the first re-anchor
+(the windows that start after it), every window's TTFT p95 ≤ 2 × the TTFT p50 of all the soak's
+answered questions; no question waited for a re-anchor's prefill (unknown, from a server that does
+not report it: not met); the RSS of every server process within ±5% of its first sample over the
+last hour of stream time (the second half when the soak is shorter than 2 h; only with a server pid).
+The last line is ``hours=… questions=… errors=… ttft_p95_first=… ttft_p95_last=… rss_growth_mb=…
+reanchor_waits=… window_p95_max_ratio=…`` (the first/last p95 and the RSS growth: information).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ def _mb(v) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m analysis.soak_stream", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hours", type=float, default=2.0, help="stream time per stream")
     ap.add_argument("--speed", type=float, default=20.0, help="stream seconds per wall second")
@@ -63,6 +72,11 @@ def main(argv=None) -> int:
     add_model_arguments(ap, "test")
     ap.add_argument("--out", type=Path, default=results_dir("soak"))
     ap.add_argument("--png", type=Path, help="also save the plot as a PNG (headless Chromium)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.hours <= 0 or args.hours > 48 or args.speed <= 0 or args.streams < 1 or args.fps <= 0 or args.window <= 0:
         ap.error("--hours in (0, 48], --speed, --fps, --window > 0, --streams >= 1")
@@ -129,6 +143,58 @@ def main(argv=None) -> int:
             soak = go(srv.base_url, srv.proc.pid)
         info = {"model": str(model), "server_args": server_args}
 
+    return finish(soak, args, info)
+
+
+def table(wins: list[dict]) -> list[str]:
+    """The per-window table's lines (a window without questions, or a field missing, shows "-")."""
+
+    def num(row, key, fmt):
+        v = row.get(key)
+        return format(v, fmt) if v is not None else "-"
+
+    out = [
+        f"{'window (min)':>12} {'q':>4} {'fail':>4} {'TTFT p50':>9} {'p95 ms':>7} {'waits':>5} {'sum s':>6} "
+        f"{'max s':>6} {'during':>6} {'prefilled':>9} {'context':>8} {'max':>6} {'re-anch':>7} {'held fr':>7} "
+        f"{'RSS MB':>7} {'KV use':>6}  RSS by process"
+    ]
+    for row in wins:
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in sorted((row.get("rss_by_process") or {}).items()))
+        out.append(
+            f"{row['start_s'] / 60:5.0f}-{row['end_s'] / 60:<6.0f} {num(row, 'questions', '4d')} "
+            f"{num(row, 'failed', '4d')} {num(row, 'ttft_p50_ms', '9.1f')} {num(row, 'ttft_p95_ms', '7.1f')} "
+            f"{num(row, 'reanchor_waits', '5d')} {num(row, 'reanchor_wait_sum_s', '6.2f')} "
+            f"{num(row, 'reanchor_wait_max_s', '6.2f')} {num(row, 'answered_during_reanchor', '6d')} "
+            f"{num(row, 'prefilled_mean', '9.1f')} {num(row, 'context_mean', '8.0f')} "
+            f"{num(row, 'context_max', '6.0f')} {num(row, 'reanchors', '7d')} {num(row, 'held_frames_max', '7.0f')} "
+            f"{num(row, 'rss_total_mb', '7.0f')} {num(row, 'kv_usage_max', '6.3f')}  {rss}"
+        )
+    return out
+
+
+def verdict(s: dict, out=print) -> int:
+    """Print each goal of the summary ``s`` with its measured value and "met" / "NOT met", then the
+    old numbers as information; the exit status: 1 when a goal is not met, else 0."""
+    gs = lib.goals(s)
+    for g in gs:
+        out(f"goal: {g['goal']}: {'met' if g['met'] else 'NOT met'} ({g['value']})")
+    if not s["rss_sampled"]:
+        out("RSS: not measured (no server pid: --server-pid with --url)")
+    ratio = float("nan") if s["ttft_ratio"] is None else s["ttft_ratio"]
+    p95_window0 = float("nan") if s["ttft_p95_window0"] is None else s["ttft_p95_window0"]
+    out(
+        f"information: ttft_p95_last / ttft_p95_first {ratio:.2f} (first = window {s['ttft_first_window']}; "
+        f"window 0: p95 {p95_window0:.4f} s); re-anchors {s['reanchors']} (first at {s['first_reanchor_s']} s); "
+        f"RSS after the first re-anchor {_mb(s['rss_after_first_reanchor_mb'])} MB -> end {_mb(s['rss_end_mb'])} "
+        f"MB, growth by process { {k: round(v) for k, v in s['rss_growth_by_process_mb'].items()} }, in the "
+        f"second half {_mb(s['rss_growth_second_half_mb'])} MB"
+    )
+    return 0 if all(g["met"] for g in gs) else 1
+
+
+def finish(soak: lib.Soak, args: argparse.Namespace, info: dict) -> int:
+    """After the streams: windows, summary, soak.json, windows.csv, the table, soak.html (and the
+    PNG), the goals and the last line; returns the exit status (:func:`verdict`)."""
     wins = lib.windows(soak, args.window, end_s=args.hours * 3600)
     s = lib.summary(soak, wins, args.hours)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +206,7 @@ def main(argv=None) -> int:
                 "summary": s,
                 "windows": wins,
                 "questions": soak.questions,
+                "failed": soak.failed,
                 "samples": soak.samples,
                 "events": soak.events,
                 "errors": soak.errors,
@@ -151,8 +218,14 @@ def main(argv=None) -> int:
         "window",
         "start_s",
         "questions",
+        "failed",
         "ttft_p50_ms",
         "ttft_p95_ms",
+        "reanchor_waits",
+        "reanchor_wait_sum_s",
+        "reanchor_wait_max_s",
+        "reanchor_wait_unknown",
+        "answered_during_reanchor",
         "prefilled_mean",
         "context_mean",
         "context_max",
@@ -167,32 +240,19 @@ def main(argv=None) -> int:
         w.writeheader()
         for row in wins:
             w.writerow({**row, "rss_by_process": json.dumps(row.get("rss_by_process", {}))})
-    print(
-        f"\n{'window (min)':>12} {'q':>4} {'TTFT p50':>9} {'p95 ms':>7} {'prefilled':>9} {'context':>8} {'max':>6} "
-        f"{'re-anch':>7} {'held fr':>7} {'RSS MB':>7} {'KV use':>6}  RSS by process"
-    )
-
-    def num(row, key, fmt):
-        v = row.get(key)
-        return format(v, fmt) if v is not None else "-"
-
-    for row in wins:
-        rss = ", ".join(f"{k} {v:.0f}" for k, v in sorted((row.get("rss_by_process") or {}).items()))
-        print(
-            f"{row['start_s'] / 60:5.0f}-{row['end_s'] / 60:<6.0f} {row['questions']:4d} "
-            f"{num(row, 'ttft_p50_ms', '9.1f')} {num(row, 'ttft_p95_ms', '7.1f')} "
-            f"{num(row, 'prefilled_mean', '9.1f')} {num(row, 'context_mean', '8.0f')} "
-            f"{num(row, 'context_max', '6d')} {row['reanchors']:7d} {num(row, 'held_frames_max', '7d')} "
-            f"{num(row, 'rss_total_mb', '7.0f')} {num(row, 'kv_usage_max', '6.3f')}  {rss}"
-        )
+    print()
+    for line in table(wins):
+        print(line)
     for err in soak.errors[:20]:
         print("error:", err)
     from analysis.lib.figures import long_stream_figure
     from analysis.lib.reports import write_report
 
-    first = [q for q in soak.questions if q["stream"] == 0]
-    reanchors = [e["time"] for e in soak.events if e["stream"] == 0 and e["type"] == "reanchor"]
-    budget = args.context_tokens or next((e["budget"] for e in soak.events if e["type"] == "reanchor"), None)
+    first = lib.stream_questions(soak, 0)
+    reanchors = [e["time"] for e in soak.events if e.get("stream") == 0 and e.get("type") == "reanchor"]
+    budget = args.context_tokens or next(
+        (e.get("budget") for e in soak.events if e.get("type") == "reanchor" and e.get("budget")), None
+    )
     fig = long_stream_figure(
         first,
         reanchors,
@@ -200,7 +260,11 @@ def main(argv=None) -> int:
         budget=budget,
         title=f"Stream 0 of {args.streams}: {args.hours:g} h at {args.speed:g}x, {len(reanchors)} re-anchors",
     )
-    html = write_report(args.out / "soak.html", [fig], "DTD stream soak")
+    lib.mark_waits(fig, first)
+    per_window = lib.windows_figure(
+        wins, s["ttft_p50_s"], title=f"All {args.streams} stream(s), per {args.window:g} s of stream time"
+    )
+    html = write_report(args.out / "soak.html", [fig, per_window], "DTD stream soak")
     print(f"report: {html}")
     if args.png:
         import tempfile
@@ -209,24 +273,13 @@ def main(argv=None) -> int:
 
         driver = chromium_driver(tempfile.mkdtemp(prefix="soak-chrome-"))
         try:
-            assert_report_renders(driver, html, args.png, expected_plots=1)
+            assert_report_renders(driver, html, args.png, expected_plots=2)
         finally:
             driver.quit()
         print(f"plot: {args.png}")
-    ok_ttft = s["ttft_ratio"] is not None and s["ttft_ratio"] <= 1.5
-    ratio = s["ttft_ratio"] if s["ttft_ratio"] is not None else float("nan")
-    p95_window0 = float("nan") if s["ttft_p95_window0"] is None else s["ttft_p95_window0"]
-    print(
-        f"goals: errors=0 {'met' if s['errors'] == 0 else 'NOT met'}; ttft_p95_last <= 1.5 x first "
-        f"{'met' if ok_ttft else 'NOT met'} (ratio {ratio:.2f}, "
-        f"first = window {s['ttft_first_window']}; window 0: p95 {p95_window0:.4f} s); "
-        f"re-anchors {s['reanchors']} (first at {s['first_reanchor_s']} s); RSS after the first re-anchor "
-        f"{_mb(s['rss_after_first_reanchor_mb'])} MB -> end {_mb(s['rss_end_mb'])} MB, growth by process "
-        f"{ {k: round(v) for k, v in s['rss_growth_by_process_mb'].items()} }, in the second half "
-        f"{_mb(s['rss_growth_second_half_mb'])} MB"
-    )
+    code = verdict(s)
     print(lib.last_line(s))
-    return 0
+    return code
 
 
 if __name__ == "__main__":

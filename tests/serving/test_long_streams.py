@@ -2,6 +2,7 @@
 prompt holds after each re-anchor, appends and questions while one runs, and the soak tool."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -110,6 +111,43 @@ def test_appends_and_questions_while_streams_reanchor(dtd_server, synthetic_clip
     s.close()
 
 
+def test_eight_streams_asked_every_two_seconds_lose_and_duplicate_no_answer(
+    dtd_server, synthetic_clip, tiny_model_path
+):
+    """Under load (8 eager streams re-anchoring, a question every 2 s of video) every question is
+    answered once: its prompt holds its own text once, after every earlier question the re-anchors
+    kept (each at most once, in order); the per-stream question count never skips."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    frames = np.concatenate([synthetic_clip.frames] * 4)
+
+    def one(k):
+        s = _open(dtd_server.base_url, keep_turns=3)
+        seen = []
+        try:
+            for i, a in enumerate(range(0, len(frames), 4)):  # 2 s of video at 2 fps, then a question
+                s.push(frames[a : a + 4], [t / 2.0 for t in range(a, a + 4)])
+                r = s.ask(f"s{k}q{i}?", max_tokens=2, ignore_eos=True, return_token_ids=True)
+                st = r["stream_state"]
+                text = tok.decode(st["prompt_token_ids"])
+                asked = [int(q) for q in re.findall(rf"s{k}q(\d+)\?", text)]
+                assert st["question"] == i + 1 and asked[-1] == i and asked == sorted(set(asked)), (i, asked)
+                seen.append((st["reanchors"], st["answered_during_reanchor"], st["reanchor_wait_s"]))
+            s.wait_prefilled()
+            return seen
+        finally:
+            s.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(one, range(8)))
+    assert all(seen[-1][0] >= 1 for seen in runs), [seen[-1] for seen in runs]  # every stream re-anchored
+    assert all(isinstance(w, float) and w >= 0 for seen in runs for _, _, w in seen)
+    assert dtd_server.alive()
+
+
 def test_big_appends_and_a_lazy_stream_asked_late_never_wedge(dtd_server, synthetic_clip):
     """The frame limit re-anchors an eager stream fed large appends (the test server lets a stream hold
     256 frames); a lazy stream asked nothing for longer than its budget holds drops its oldest frames
@@ -181,10 +219,20 @@ def test_soak_tool_runs_a_short_soak_against_the_server(dtd_server, tmp_path):
         str(out),
     ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    # exit status 1 exactly when a goal it printed is NOT met (6 minutes on a shared CI machine: not a goal gate)
+    assert p.returncode in (0, 1) and (p.returncode == 1) == ("NOT met" in p.stdout), p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in last.split())
-    assert list(fields) == ["hours", "questions", "errors", "ttft_p95_first", "ttft_p95_last", "rss_growth_mb"]
+    assert list(fields) == [
+        "hours",
+        "questions",
+        "errors",
+        "ttft_p95_first",
+        "ttft_p95_last",
+        "rss_growth_mb",
+        "reanchor_waits",
+        "window_p95_max_ratio",
+    ]
     assert fields["hours"] == "0.1" and int(fields["questions"]) >= 30 and fields["errors"] == "0"
     data = json.loads((out / "soak.json").read_text())
     assert data["summary"]["reanchors"] >= 2 and len(data["windows"]) == 3

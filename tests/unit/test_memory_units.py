@@ -310,7 +310,8 @@ def test_soak_windows_summary_and_figure():
     assert s["rss_growth_by_process_mb"] == {"python": 0.0, "VLLM::EngineCore": pytest.approx(15.0)}
     assert s["rss_growth_second_half_mb"] == pytest.approx((1800 - 900) / 100)
     assert (
-        last_line(s) == "hours=0.5 questions=179 errors=0 ttft_p95_first=0.0240 ttft_p95_last=0.0300 rss_growth_mb=15.0"
+        last_line(s) == "hours=0.5 questions=179 errors=0 ttft_p95_first=0.0240 ttft_p95_last=0.0300 "
+        "rss_growth_mb=15.0 reanchor_waits=nan window_p95_max_ratio=1.250"  # no reanchor_wait_s: an older server
     )
     assert keyframe_times(soak, fps=1.0) == [80.0]  # held after the last re-anchor
     fig = long_stream_figure(soak.questions, [300.0, 900.0], [0.0, 80.0], budget=1024)

@@ -326,6 +326,13 @@ _TABLE: tuple[Setting, ...] = (
     ),
     _stream("MAX_CHUNK_FRAMES", int, 64, "frames of one video item a stream sends (a request's encoder work)"),
     _stream("MAX_CHUNK_BYTES", int, 64 * MiB, "decoded bytes of one video item a stream sends", "64 MiB"),
+    _stream(
+        "ENGINE_TIMEOUT_S",
+        float,
+        300.0,
+        "a stream request the engine gives no output for this long is aborted and answered 503 "
+        "(an engine node lost under data parallelism: vLLM does not notice a dead remote rank)",
+    ),
     Setting(
         "DTD_STREAM_SOCKET_DIR",
         str,

@@ -606,3 +606,41 @@ def test_under_load_no_answer_is_lost_or_duplicated_across_re_anchors(tiny_model
     results = asyncio.run(run())
     assert all(reanchors >= 2 for reanchors, _, _ in results), results
     assert sum(during for _, during, _ in results) > 0, results
+
+
+def test_an_engine_that_goes_silent_gets_the_request_aborted_and_a_503(tiny_model_path, synthetic_clip):
+    """A remote data-parallel rank that died gives no output and no error (vLLM 0.32): after
+    ``engine_timeout_s`` the question fails with Unavailable, vLLM's generate is cancelled (which
+    aborts the request in the engine), and the stream answers again once the engine does."""
+    from vllm_plugin.streams.routes import OpenStreamRequest, http_status
+    from vllm_plugin.streams.service import StreamService
+
+    class Silent(FakeEngine):
+        silent = True
+        cancelled = 0
+
+        async def generate(self, prompt, params, request_id, data_parallel_rank=None):
+            if self.silent:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    type(self).cancelled += 1
+                    raise
+            async for out in super().generate(prompt, params, request_id, data_parallel_rank):
+                yield out
+
+    engine = Silent(tiny_model_path)
+    svc = StreamService(engine, StreamManager(Limits(engine_timeout_s=0.2)))
+
+    async def run():
+        stream = svc.open(svc.settings(OpenStreamRequest(fps=2.0, prefill="lazy")))
+        await svc.append(stream, list(synthetic_clip.frames[:8]))
+        with pytest.raises(errors.Unavailable, match="gave no output for 0.2 s") as e:
+            await asyncio.wait_for(svc.answer(stream, "Hello?", max_tokens=4), 10)
+        assert http_status(e.value) == 503 and Silent.cancelled == 1
+        assert svc.status(stream)["questions"] == 0 and stream.conversation.chunks == []  # the turn did not happen
+        engine.silent = False
+        r = await svc.answer(stream, "Hello?", max_tokens=4)
+        assert r["stream_state"]["chunk_ranges"] == [[0, 8]]
+
+    asyncio.run(run())

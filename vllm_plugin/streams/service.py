@@ -626,7 +626,7 @@ class StreamService:
             }
             rid = f"{stream.id[:12]}-reanchor{stream.conversation.reanchors + 1}-{uuid.uuid4().hex[:8]}"
             params = self.engine.sampling_params(1, 0.0)
-            async for _ in self.engine.generate(request, params, rid, data_parallel_rank=self.dp_rank(stream)):
+            async for _ in self.engine_outputs(stream, request, params, rid):
                 pass
             plan.prefilled_s = round(time.perf_counter() - t0, 4)
         except asyncio.CancelledError:
@@ -654,17 +654,38 @@ class StreamService:
         if stream.prefill_task is None:
             self._spawn(run())
 
+    async def engine_outputs(self, stream: Stream, prompt: dict, params, rid: str):
+        """The engine's outputs for one request of the stream (on its data-parallel rank), each within
+        ``engine_timeout_s`` of the one before: an engine that goes silent (a remote data-parallel rank
+        that died: vLLM 0.32 does not notice) gets the request aborted (cancelling vLLM's ``generate``
+        aborts it) and :class:`Unavailable`, instead of a question and its stream hanging forever."""
+        rank = self.dp_rank(stream)
+        timeout = self.manager.limits.engine_timeout_s
+        outputs = aiter(self.engine.generate(prompt, params, rid, data_parallel_rank=rank))
+        while True:
+            try:
+                out = await asyncio.wait_for(anext(outputs), timeout)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                where = f" (data-parallel rank {rank})" if rank is not None else ""
+                logger.error(
+                    "DTD stream %s: request %s: no output from the engine%s for %.0f s", stream.id, rid, where, timeout
+                )
+                raise Unavailable(
+                    f"the engine{where} gave no output for {timeout:g} s (DTD_STREAM_ENGINE_TIMEOUT_S); "
+                    "the request was aborted: retry, or check the engine node"
+                ) from None
+            yield out
+
     async def _engine_generate(self, stream: Stream, prompt_ids: list[int], params, rid: str):
         """The engine's ``generate`` for a request of the stream's conversation. vLLM ends a request
         whose items its engine-side processor cache lost (P0/P1 drift) with ``finish_reason`` "error"
         and no token, and drops them from the API server's cache: the request is sent again once, with
         every item's data (the stream holds it). A request that still fails raises :class:`Unavailable`."""
         for attempt in range(2):
-            async for out in self.engine.generate(
-                self._prompt(stream, prompt_ids),
-                params,
-                rid if not attempt else f"{rid}-retry",
-                data_parallel_rank=self.dp_rank(stream),
+            async for out in self.engine_outputs(
+                stream, self._prompt(stream, prompt_ids), params, rid if not attempt else f"{rid}-retry"
             ):
                 o = out.outputs[0] if out.outputs else None
                 if out.finished and o is not None and o.finish_reason == "error" and not o.token_ids:

@@ -113,6 +113,7 @@ class Limits:
     max_pending_encode_steps: int = 256  # temporal steps waiting for the vision tower, all feature streams (429 beyond)
     max_chunk_frames: int = 64  # frames of one video item (a request's encoder work and the engine's copy of it)
     max_chunk_bytes: int = 64 * 1024**2  # decoded bytes of one video item
+    engine_timeout_s: float = 300.0  # no output from the engine for this long: the request is aborted (503)
 
     @classmethod
     def from_env(cls, env=None) -> Limits:

@@ -170,7 +170,14 @@ def kv_capacity_tokens(text: str) -> int | None:
 
 
 def one_request(
-    base_url: str, model: str, video: Path, max_tokens: int, mm: dict | None = None, media_io: dict | None = None
+    base_url: str,
+    model: str,
+    video: Path,
+    max_tokens: int,
+    mm: dict | None = None,
+    media_io: dict | None = None,
+    question: str = QUESTION,
+    timeout: float = 1800,
 ) -> dict:
     body: dict[str, Any] = {
         "model": model,
@@ -179,7 +186,7 @@ def one_request(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "messages": video_question(f"file://{video}", QUESTION),
+        "messages": video_question(f"file://{video}", question),
     }
     if mm:
         body["mm_processor_kwargs"] = mm
@@ -187,7 +194,7 @@ def one_request(
         body["media_io_kwargs"] = media_io
     t0 = time.perf_counter()
     ttft, usage = None, None
-    with requests.post(base_url + "/v1/chat/completions", json=body, stream=True, timeout=1800) as r:
+    with requests.post(base_url + "/v1/chat/completions", json=body, stream=True, timeout=timeout) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": r.text[:300]}
         for line in r.iter_lines():

@@ -120,6 +120,7 @@ def record_answer(soak: Soak, stream: int, t: float, r, e2e_s: float, lag_s: flo
         "evicted_frames": st.get("evicted_frames"),
         "video_tokens": None if None in chunk_tokens else int(sum(v or 0.0 for v in chunk_tokens)),
         "reanchor_wait_s": _number(st.get("reanchor_wait_s")),
+        "stream_wait_s": _number(st.get("stream_wait_s")),
         "answered_during_reanchor": bool(st.get("answered_during_reanchor", False)),
     }
     with soak.lock:

@@ -485,10 +485,15 @@ def _eager_request(**memory):
     return OpenStreamRequest(fps=2.0, memory={"keep": "recent", "context_tokens": 800, "keep_turns": 1, **memory})
 
 
-def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was(tiny_model_path, synthetic_clip):
+def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was(
+    tiny_model_path, synthetic_clip, monkeypatch
+):
     """While the re-anchored conversation is prefilled ahead (held at the gate), a question is answered
     at once on the old conversation, with every frame that arrived before it; after the switch the
     next question's prompt is the new anchor, the turn answered meanwhile and the frames since."""
+    from vllm_plugin.streams import service
+
+    monkeypatch.setattr(service, "AHEAD_PIECE_TOKENS", 64)  # the re-anchor goes to the engine in several pieces
     frames = np.concatenate([synthetic_clip.frames] * 12)
     svc = _gated_service(tiny_model_path)
     engine = svc.engine
@@ -533,7 +538,11 @@ def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was
         text = engine.tokenizer.decode(second["prompt_token_ids"])
         assert text.count("What is new?") == 1 and text.index("What is new?") < text.index("And now?")
         # the re-anchor's own prefill is a prefix of the next question's prompt (the prefix cache serves it)
-        (warm,) = (p for rid, p in engine.by_id.items() if "-reanchor" in rid)
+        pieces = [p for rid, p in engine.by_id.items() if "-reanchor" in rid]
+        assert len(pieces) >= 2 and len(pieces) == len(svc.ahead_pieces(stream, plan.anchor.ranges))
+        for before, after in zip(pieces, pieces[1:]):  # growing prefixes: the prefix cache serves each piece's start
+            assert after["prompt_token_ids"][: len(before["prompt_token_ids"])] == before["prompt_token_ids"]
+        warm = pieces[-1]
         assert warm["multi_modal_uuids"]["video"] == [f"{stream.id}/frames{a}-{b}" for a, b in plan.anchor.ranges]
         assert second["prompt_token_ids"][: len(warm["prompt_token_ids"])] == warm["prompt_token_ids"]
 

@@ -17,9 +17,14 @@ class Timing:
     def __init__(self):
         self.t0 = time.perf_counter()
         self.ttft_s: float | None = None
+        self.sent_s: float | None = None  # when its request reached the engine
         self.reanchor_wait_s = 0.0  # waited for a re-anchor prefilled ahead (the old conversation could not take it)
         self.during_reanchor = False  # answered on the old conversation while a re-anchor was prefilled ahead
         self.reanchored = False  # its own prompt was a re-anchored conversation (it prefilled the re-anchor)
+
+    def sent(self) -> None:
+        """The question's request goes to the engine now."""
+        self.sent_s = time.perf_counter() - self.t0
 
     def saw(self, out) -> None:
         if self.ttft_s is None and out.outputs and out.outputs[0].token_ids:

@@ -37,6 +37,7 @@ from vllm_plugin.streams.session import Geometry, Limits, Stream, StreamManager,
 logger = logging.getLogger("vllm.dtd_plugin")
 MAX_CHARS_PER_TOKEN = 32  # a text longer than the context's tokens × this is refused before tokenizing
 MIN_CHUNK_STEPS = 16  # a stream's fps must let a chunk of this many temporal steps fit half the position room
+AHEAD_PIECE_TOKENS = 1024  # a re-anchor prefilled ahead goes to the engine in pieces of about this many tokens
 QUESTION_ROOM = (
     128  # tokens an eager prefill leaves for the next question's text and answer (at most a quarter of the budget)
 )
@@ -610,24 +611,28 @@ class StreamService:
 
     async def reanchor_ahead(self, stream: Stream, plan: ReanchorPlan) -> None:
         """An eager stream's re-anchor, off the question path: the re-anchored conversation (its items,
-        kept turns and the open user turn's videos) is prefilled as a one-token request WITHOUT the
-        stream's chat lock; questions meanwhile are answered on the conversation as it is (its KV is
-        in the prefix cache), then the stream switches (:meth:`apply_reanchor`). A prefill that fails
-        costs speed only: the switch happens all the same and the next request prefills it."""
+        kept turns and the open user turn's videos) is prefilled WITHOUT the stream's chat lock, in
+        pieces of about :data:`AHEAD_PIECE_TOKENS` (one-token requests for growing prefixes, each
+        served from the prefix cache up to the piece before: a question reaches the engine between two
+        pieces instead of waiting behind the whole prefill); questions meanwhile are answered on the
+        conversation as it is (its KV is in the prefix cache), then the stream switches
+        (:meth:`apply_reanchor`). A prefill that fails costs speed only: the switch happens all the
+        same and the next request prefills it."""
         t0 = time.perf_counter()
         try:
-            prompt_ids = await off_loop(plan.prompt.video_prefix, len(plan.anchor.ranges))
-            items, uuids = stream.conversation.items_of(plan.anchor.ranges)
-            request = {
-                "prompt_token_ids": prompt_ids,
-                "mm_processor_kwargs": self.dtd_kwargs(stream),
-                "multi_modal_data": {"video": items},
-                "multi_modal_uuids": {"video": uuids},
-            }
-            rid = f"{stream.id[:12]}-reanchor{stream.conversation.reanchors + 1}-{uuid.uuid4().hex[:8]}"
+            ranges = plan.anchor.ranges
+            items, uuids = stream.conversation.items_of(ranges)
             params = self.engine.sampling_params(1, 0.0)
-            async for _ in self.engine_outputs(stream, request, params, rid):
-                pass
+            for piece, k in enumerate(self.ahead_pieces(stream, ranges)):
+                request = {
+                    "prompt_token_ids": await off_loop(plan.prompt.video_prefix, k),
+                    "mm_processor_kwargs": self.dtd_kwargs(stream),
+                    "multi_modal_data": {"video": items[:k]},
+                    "multi_modal_uuids": {"video": uuids[:k]},
+                }
+                rid = f"{stream.id[:12]}-reanchor{stream.conversation.reanchors + 1}.{piece}-{uuid.uuid4().hex[:8]}"
+                async for _ in self.engine_outputs(stream, request, params, rid):
+                    pass
             plan.prefilled_s = round(time.perf_counter() - t0, 4)
         except asyncio.CancelledError:
             raise
@@ -641,6 +646,18 @@ class StreamService:
             finally:
                 stream.reanchoring = None
                 plan.done.set()
+
+    def ahead_pieces(self, stream: Stream, ranges: list[tuple[int, int]]) -> list[int]:
+        """How many of the re-anchored items each piece of :meth:`reanchor_ahead` ends with: every
+        piece adds at most :data:`AHEAD_PIECE_TOKENS` (or one item), the last one ends with all."""
+        ends, added = [], 0
+        for k, r in enumerate(ranges):
+            cost = self.item_cost(stream, r)
+            if k and added + cost > AHEAD_PIECE_TOKENS:
+                ends.append(k)
+                added = 0
+            added += cost
+        return [*ends, len(ranges)] if ranges else []
 
     def relieve(self, stream: Stream) -> None:
         """An eager stream refused frames because it holds too many and no prefill is running (all it
@@ -817,7 +834,12 @@ class StreamService:
         """(video items in the prompt, prompt ids) of the question's turn, re-anchoring first if due; the
         items are built here (frames stacked), not on the event loop."""
         conv = stream.conversation
-        self.maybe_reanchor(stream, self.item_cost(stream, chunk) + room, "question", cut=chunk is not None)
+        incoming = self.item_cost(stream, chunk) + room
+        # an eager stream's re-anchor is prefilled ahead by its next prefill: the question is answered on the
+        # conversation as it is while the model's context takes it (the budget is passed by one question)
+        ahead = stream.settings.prefill == "eager" and not stream.eager_stopped and self.engine.prefix_caching
+        if not (ahead and not conv.full() and self.old_can_take(stream, incoming)):
+            self.maybe_reanchor(stream, incoming, "question", cut=chunk is not None)
         videos = conv.prompt.open_videos + (chunk is not None)
         prompt_ids = conv.prompt.next_turn(question, videos)
         conv.video_items()
@@ -884,6 +906,7 @@ class StreamService:
                 params = self.engine.sampling_params(max_tokens, temperature, ignore_eos)
                 rid = f"{stream.id[:12]}-q{conv.questions}-{uuid.uuid4().hex[:8]}"
                 last = None
+                timing.sent()
                 async for out in self._engine_generate(stream, prompt_ids, params, rid):
                     last = out
                     yield out
@@ -931,6 +954,9 @@ class StreamService:
             # this question's prompt was a re-anchored conversation it prefilled itself
             "reanchored": timing.reanchored,
             # waited for a re-anchor's prefill: another request's, and this one's own when it re-anchored
+            # from the question's arrival to its request reaching the engine: waiting for the stream (a prefill
+            # of its running, a re-anchor), its backlog's prefills, rendering; the rest of ttft_s is the engine's
+            "stream_wait_s": None if timing.sent_s is None else round(timing.sent_s, 4),
             "reanchor_wait_s": round(timing.reanchor_wait_s + (timing.ttft_s or 0.0) * timing.reanchored, 4),
         }
         if with_ids:

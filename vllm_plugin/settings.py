@@ -331,7 +331,7 @@ _TABLE: tuple[Setting, ...] = (
         float,
         300.0,
         "a stream request the engine gives no output for this long is aborted and answered 503 "
-        "(an engine node lost under data parallelism: vLLM does not notice a dead remote rank)",
+        "(an engine node lost under data parallelism: vLLM does not notice a dead remote rank); 0: none",
     ),
     Setting(
         "DTD_STREAM_SOCKET_DIR",

@@ -528,7 +528,10 @@ def main(argv=None) -> int:
             env = {"DTD_STREAM_MAX_STREAMS": str(args.max_streams + 2)} if kind == "dtd" else {}
             module = "vllm_plugin.serve" if kind == "dtd" else "vllm.entrypoints.openai.api_server"
             print(f"server: {kind} ({module} {' '.join(extra)})", flush=True)
-            with VLLMServer(model, extra, module=module, env=env, log_path=args.out / f"{kind}.log") as srv:
+            # die_with_parent: a tool killed mid-run (SIGTERM, SIGKILL) leaves no server behind holding memory
+            with VLLMServer(
+                model, extra, module=module, env=env, log_path=args.out / f"{kind}.log", die_with_parent=True
+            ) as srv:
                 url = check_loopback(srv.base_url)
                 pid = srv.proc.pid if srv.proc is not None else None
                 for clip in clips:

@@ -68,13 +68,15 @@ class Conversation:
         frames = min(self.limits.max_chunk_frames, self.limits.max_chunk_bytes // frame_bytes)
         return max(self.tps, frames // self.tps * self.tps)
 
-    def cut_chunk(self) -> tuple[int, int] | None:
+    def cut_chunk(self, steps: int | None = None) -> tuple[int, int] | None:
         """Make the oldest decided temporal steps not yet in a chunk the next video item, at most
         :meth:`chunk_frames` of them (None if there are none): a backlog becomes several items, each
-        bounded in frames and bytes (see :meth:`backlog`)."""
+        bounded in frames and bytes (see :meth:`backlog`). ``steps``: of the first ``steps`` decided
+        steps only (those a caller measured before; an append may decide more meanwhile)."""
         with self.lock:
             start = self.next_frame
-            end = min(len(self.store.kept_per_step) * self.tps, start + self.chunk_frames())
+            decided = len(self.store.kept_per_step) if steps is None else min(steps, len(self.store.kept_per_step))
+            end = min(decided * self.tps, start + self.chunk_frames())
             if end <= start:
                 return None
             if len(self.chunks) >= self.limits.max_chunks:

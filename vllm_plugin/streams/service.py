@@ -440,10 +440,10 @@ class StreamService:
         steps = (b - a) // stream.geometry.temporal_patch_size
         return conv.chunk_tokens(a, b) + 2 + int(conv.step_overhead * steps)
 
-    def next_chunk_cost(self, stream: Stream) -> int:
-        """Tokens the next chunk cut now would add (0 when no step waits)."""
+    def next_chunk_cost(self, stream: Stream, steps: int) -> int:
+        """Tokens the next chunk of the first ``steps`` decided steps would add (0 when none waits)."""
         conv = stream.conversation
-        decided = len(stream.store.kept_per_step) * stream.geometry.temporal_patch_size
+        decided = steps * stream.geometry.temporal_patch_size
         end = min(decided, conv.next_frame + conv.chunk_frames())
         return self.item_cost(stream, (conv.next_frame, end)) if end > conv.next_frame else 0
 
@@ -607,7 +607,10 @@ class StreamService:
             return False
         if len(conv.chunks) + items + 1 >= stream.limits.max_chunks:
             return False
-        return self.extra_positions(stream) <= self.engine.position_room * 3 // 4
+        # positions: the conversation's items and the ones the question cuts (the processor refuses past the room)
+        a, b, frames = steps.start * tps, steps.stop * tps, conv.chunk_frames()
+        new_extra = sum(max(0, self.chunk_extra_positions(stream, s, min(s + frames, b))) for s in range(a, b, frames))
+        return self.extra_positions(stream) + new_extra <= self.engine.position_room
 
     async def reanchor_ahead(self, stream: Stream, plan: ReanchorPlan) -> None:
         """An eager stream's re-anchor, off the question path: the re-anchored conversation (its items,
@@ -624,6 +627,8 @@ class StreamService:
             items, uuids = stream.conversation.items_of(ranges)
             params = self.engine.sampling_params(1, 0.0)
             for piece, k in enumerate(self.ahead_pieces(stream, ranges)):
+                if stream.closed:  # nobody switches to it (the switch is skipped)
+                    return
                 request = {
                     "prompt_token_ids": await off_loop(plan.prompt.video_prefix, k),
                     "mm_processor_kwargs": self.dtd_kwargs(stream),
@@ -677,7 +682,7 @@ class StreamService:
         that died: vLLM 0.32 does not notice) gets the request aborted (cancelling vLLM's ``generate``
         aborts it) and :class:`Unavailable`, instead of a question and its stream hanging forever."""
         rank = self.dp_rank(stream)
-        timeout = self.manager.limits.engine_timeout_s
+        timeout = self.manager.limits.engine_timeout_s or None  # 0: none
         outputs = aiter(self.engine.generate(prompt, params, rid, data_parallel_rank=rank))
         while True:
             try:
@@ -723,13 +728,20 @@ class StreamService:
         """Record what the engine counted for a request of the conversation (:meth:`Conversation.counted`)."""
         stream.conversation.counted(len(out.prompt_token_ids or []), len(prompt_ids), answer)
 
+    def past_budget(self, stream: Stream) -> bool:
+        """The conversation is past its budget (a question on an eager stream passed it: the re-anchor
+        follows ahead, frames or not)."""
+        budget = self.budget(stream)
+        return budget is not None and stream.conversation.context_tokens > budget
+
     def after_append(self, stream: Stream) -> None:
-        """Eager prefill: start the stream's prefill task when complete steps wait and none runs."""
+        """Eager prefill: start the stream's prefill task when complete steps wait, or the conversation is
+        past its budget, and none runs."""
         if (
             stream.settings.prefill != "eager"
             or stream.eager_stopped
             or stream.prefill_task is not None
-            or not stream.eager_due()
+            or not (stream.eager_due() or self.past_budget(stream))
         ):
             return
         stream.prefill_task = self._spawn(self.prefill(stream))
@@ -741,21 +753,26 @@ class StreamService:
         Its KV blocks stay in vLLM's prefix cache, so the next question prefills only its own text
         (plus the partial block before it). Eviction costs speed only: every question sends its
         whole prompt."""
-        ahead_at = -1  # the conversation's next frame at the last re-anchor prefilled ahead: one per chunk
+        # the conversation's next frame when the last re-anchor was planned ahead: one plan per point (chunks
+        # questions cut meanwhile move it, and the switch may leave the conversation due again: planned ahead too)
+        ahead_at = -1
         try:
             while True:
                 plan = None
                 async with stream.chat_lock:
-                    if stream.closed or stream.eager_stopped or not stream.eager_due():
+                    if stream.closed or stream.eager_stopped or not (stream.eager_due() or self.past_budget(stream)):
                         return
                     room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
+                    steps = len(stream.store.kept_per_step)  # what the check and the cut below both take
                     try:
                         # a re-anchor due before the next chunk is prefilled ahead, off the question path
                         if stream.conversation.next_frame != ahead_at:
                             plan = await off_loop(
-                                self.plan_reanchor, stream, self.next_chunk_cost(stream) + room, "prefill"
+                                self.plan_reanchor, stream, self.next_chunk_cost(stream, steps) + room, "prefill"
                             )
-                        if plan is None and not await self._prefill_chunk(stream, room):
+                            if plan is not None:
+                                ahead_at = stream.conversation.next_frame
+                        if plan is None and not await self._prefill_chunk(stream, room, steps):
                             return
                     except Exception as e:
                         # stop, once: the stream goes on lazily (questions prefill what arrived)
@@ -770,11 +787,10 @@ class StreamService:
                     stream.reanchoring = plan
                 if plan is not None:
                     await self.reanchor_ahead(stream, plan)
-                    ahead_at = stream.conversation.next_frame
         finally:
             stream.prefill_task = None
 
-    async def _prefill_chunk(self, stream: Stream, room: int) -> bool:
+    async def _prefill_chunk(self, stream: Stream, room: int, steps: int | None = None) -> bool:
         """Under the stream's chat lock: cut the next chunk (at most :meth:`Conversation.chunk_frames`)
         and prefill the conversation up to it (a one-token request), re-anchoring first if due. False
         when nothing waits. On failure the chunk is dropped (its steps go with the next request) and
@@ -783,7 +799,7 @@ class StreamService:
         cut: list = []
         try:
             # off the event loop; a cancellation waits for it, then the handler below sees the cut
-            await off_loop(self._cut_into, stream, room, cut)
+            await off_loop(self._cut_into, stream, room, cut, steps)
             if not cut:
                 return False
             # the re-anchored conversation is prefilled here, with the new chunk, off the question path
@@ -816,10 +832,11 @@ class StreamService:
     def _question_tokens(self, question: str) -> int:
         return len(self.engine.tokenizer.encode(question, add_special_tokens=False)) + 16
 
-    def _cut_into(self, stream: Stream, room: int, cut: list) -> None:
-        """Bound what waits (:meth:`bound_next_chunk`), cut the next chunk into ``cut`` (none: empty)."""
+    def _cut_into(self, stream: Stream, room: int, cut: list, steps: int | None = None) -> None:
+        """Bound what waits (:meth:`bound_next_chunk`), cut the next chunk into ``cut`` (none: empty; of
+        the first ``steps`` decided steps: :meth:`Conversation.cut_chunk`)."""
         self.bound_next_chunk(stream, room)
-        chunk = stream.conversation.cut_chunk()
+        chunk = stream.conversation.cut_chunk(steps)
         if chunk is not None:
             cut.append(chunk)
 
@@ -921,13 +938,19 @@ class StreamService:
                 self.counted(stream, prompt_ids, last, answer=len(ids) + 2 if remember else 0)
             if not remember:
                 conv.prompt.forget(videos)
-                return
-            # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
-            # which vLLM keeps in token_ids); a stop string (str) is not in the ids
-            stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
-            conv.prompt.commit(
-                prompt_ids, question, videos, ids, o.text if o is not None else "", stop_ids=ids[-1:] if stopped else ()
-            )
+            else:
+                # ended on a stop TOKEN (EOS: stop_reason None, or a generation-config EOS / stop token id,
+                # which vLLM keeps in token_ids); a stop string (str) is not in the ids
+                stopped = o is not None and o.finish_reason == "stop" and not isinstance(o.stop_reason, str)
+                conv.prompt.commit(
+                    prompt_ids,
+                    question,
+                    videos,
+                    ids,
+                    o.text if o is not None else "",
+                    stop_ids=ids[-1:] if stopped else (),
+                )
+            self.after_append(stream)  # an eager stream this question took past its budget: the re-anchor follows ahead
         finally:
             stream.chat_lock.release()
 

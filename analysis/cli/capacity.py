@@ -230,6 +230,17 @@ class Measured:
 # ------------------------------------------------------------------------------------------------ the streams
 
 
+def measured_threads(url: str, pid: int | None, soak, run, n: int) -> Measured:
+    """``run(i)`` for i < ``n``, one thread each, measured (:class:`Measured`) until all have ended."""
+    with Measured(url, pid, soak) as m:
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return m
+
+
 def live_step(url: str, pid: int | None, clip: Clip, mode: str, n: int, args) -> tuple[lib.StepSamples, dict]:
     """N live streams (:func:`analysis.lib.soak.play_stream`, one thread each) for one step."""
     from analysis.lib.soak import Soak, play_stream
@@ -272,12 +283,7 @@ def live_step(url: str, pid: int | None, clip: Clip, mode: str, n: int, args) ->
         finally:
             ended[i] = time.monotonic()
 
-    with Measured(url, pid, soak) as m:
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    m = measured_threads(url, pid, soak, run, n)
     lags = [a["lag_s"] for a in appends]
     last = (frames - 1) / args.fps
     for i, sent in soak.progress.items():  # a stream the deadline cut: how late its next frame was then
@@ -356,12 +362,7 @@ def resend_step(
                     }
                 )
 
-    with Measured(url, pid, soak) as m:
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    m = measured_threads(url, pid, soak, run, n)
     samples = lib.StepSamples(
         streams=n,
         wall_s=m.wall_s,

@@ -3,19 +3,18 @@ question answered while a re-anchor is prefilled ahead may send, what the switch
 placeholders, frames and bytes), and what the prefill task does around it."""
 
 import asyncio
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from fake_engine import FakeEngine
 
-from vllm_plugin import errors
 from vllm_plugin.entrypoints.options import GIVEN_MASK
 from vllm_plugin.streams.session import Limits, StreamManager
 
 TPS = 2
 
 
-class Engine:
+class Engine(FakeEngine):
     """An engine with no model behind it (the tiny checkpoint's tokenizer and template; every answer is
     "a cat"). It checks what the served processor would: one placeholder per video item, and the
     positions the items span beyond their tokens within :attr:`position_room` (a ValueError, as vLLM's
@@ -23,36 +22,18 @@ class Engine:
     (``…-q…``) for :attr:`question_gate`; :attr:`fail` names request ids that end in an error."""
 
     def __init__(self, model_path, max_model_len=4096):
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.chat_template = (model_path / "chat_template.jinja").read_text()
-        self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.answer_ids = self.tokenizer.encode("a cat", add_special_tokens=False) + [im_end]
-        self.served_names = ["tiny"]
-        self.max_model_len = max_model_len
-        self.server_dtd = {"dtd_threshold": 0.05}
-        self.prefix_caching = True
-        self.dp_ranks = 1
-        self.position_room = 10**6
+        super().__init__(model_path, max_model_len)
         self.positions_per_step: int | None = None  # None: a step spans as few positions as it has tokens
         self.gate: asyncio.Event | None = None
         self.question_gate: asyncio.Event | None = None
         self.fail = lambda request_id: False
-        self.requests: list[tuple[str, dict]] = []
+        self.sent: list[tuple[str, dict]] = []
         self.refused: list[str] = []
-
-    def step_positions(self, fps):
-        return 2.0 / fps
 
     def item_positions(self, steps, h, w, fps):
         if self.positions_per_step is not None:
             return steps * self.positions_per_step
         return int((steps - 1) * self.step_positions(fps)) + max(h, w)
-
-    def sampling_params(self, max_tokens, temperature=0.0, ignore_eos=False):
-        return {"max_tokens": max_tokens, "temperature": temperature, "ignore_eos": ignore_eos}
 
     def extra(self, prompt) -> int:
         out = 0
@@ -62,7 +43,7 @@ class Engine:
         return out
 
     async def generate(self, prompt, params, request_id, data_parallel_rank=None):
-        self.requests.append((request_id, prompt))
+        self.sent.append((request_id, prompt))
         items = prompt.get("multi_modal_data", {}).get("video", [])
         if prompt["prompt_token_ids"].count(self.video_pad) != len(items):
             self.refused.append(request_id)
@@ -75,28 +56,8 @@ class Engine:
             await gate.wait()
         if self.fail(request_id):
             raise RuntimeError("the engine failed this request")
-        videos = iter(items)
-        ids = []
-        for t in prompt["prompt_token_ids"]:
-            ids += [t] * (max(1, int(np.asarray(next(videos)[1][GIVEN_MASK]).sum())) if t == self.video_pad else 1)
-        out = self.answer_ids[: params["max_tokens"]]
-        yield SimpleNamespace(
-            request_id=request_id,
-            prompt_token_ids=ids,
-            num_cached_tokens=0,
-            finished=True,
-            outputs=[
-                SimpleNamespace(
-                    text=self.tokenizer.decode(out, skip_special_tokens=True),
-                    token_ids=out,
-                    finish_reason="stop" if len(out) == len(self.answer_ids) else "length",
-                    stop_reason=None,
-                )
-            ],
-        )
-
-    def encoder(self, max_pending_steps):
-        raise errors.InvalidOption("dtd_criterion", "no vision tower here")
+        async for out in super().generate(prompt, params, request_id, data_parallel_rank):
+            yield out
 
 
 def _service(tiny_model_path, **limits):
@@ -238,7 +199,7 @@ def test_a_stream_closed_during_the_ahead_prefill_sends_the_engine_no_more_piece
         await svc.close(stream.id)
         engine.gate.set()
         await _until(lambda: stream.prefill_task is None and plan.done.is_set())
-        pieces = [rid for rid, _ in engine.requests if "-reanchor" in rid]
+        pieces = [rid for rid, _ in engine.sent if "-reanchor" in rid]
         assert len(pieces) == 1, pieces  # the one in flight when the stream closed
         await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10)
 
@@ -394,7 +355,7 @@ def test_whatever_is_answered_during_an_ahead_prefill_the_switch_is_consistent(t
         await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
         r = await svc.answer(stream, "And now?", max_tokens=4)
         assert engine.refused == []
-        text = engine.tokenizer.decode(engine.requests[-1][1]["prompt_token_ids"])
+        text = engine.tokenizer.decode(engine.sent[-1][1]["prompt_token_ids"])
         if conv.reanchors == 1:  # no second re-anchor dropped them: the turns answered meanwhile, in order
             at = [text.index(q) for q in remembered]
             assert at == sorted(at) and all(text.count(q) == 1 for q in remembered)
@@ -423,7 +384,7 @@ def test_a_question_cancelled_while_it_waits_or_answers_during_a_re_anchor_leaks
         await svc.append(stream, list(frames[n : n + 8]))
         n += 8
         answering = asyncio.ensure_future(svc.answer(stream, "Slow?", max_tokens=4))
-        await _until(lambda: any("-q" in rid for rid, _ in engine.requests))
+        await _until(lambda: any("-q" in rid for rid, _ in engine.sent))
         assert len(conv.chunks) == plan.chunks + 1
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)

@@ -1,6 +1,7 @@
 """A fake :class:`vllm_plugin.streams.service.Engine` for unit tests of the stream service (no model,
 no vLLM): the tiny checkpoint's tokenizer and chat template, and a ``generate`` that answers "a cat"."""
 
+import asyncio
 from types import SimpleNamespace
 
 import numpy as np
@@ -66,3 +67,12 @@ class FakeEngine:
         raise errors.InvalidOption(
             "dtd_criterion", "dtd_criterion: 'feature' needs a vision tower; this engine has none"
         )
+
+
+async def until(predicate, seconds: float = 20.0) -> None:
+    """Wait (polling every 10 ms) until ``predicate()`` holds; AssertionError after ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")

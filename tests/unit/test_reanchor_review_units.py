@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, until
 
 from vllm_plugin.entrypoints.options import GIVEN_MASK
 from vllm_plugin.streams.session import Limits, StreamManager
@@ -73,14 +73,6 @@ def _open(svc, **memory):
     return svc.open(svc.settings(OpenStreamRequest(fps=2.0, memory=memory)))
 
 
-async def _until(predicate, seconds=20.0):
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
-
-
 async def _pending(svc, stream, frames):
     """Append 8 frames at a time, letting the eager prefill run, until a re-anchor is prefilled ahead
     (held at the engine's gate). Returns the frames appended."""
@@ -89,7 +81,7 @@ async def _pending(svc, stream, frames):
         assert n < len(frames), "no re-anchor was planned"
         await svc.append(stream, list(frames[n : n + 8]))
         n += 8
-        await _until(lambda: stream.reanchoring is not None or stream.prefill_task is None)
+        await until(lambda: stream.reanchoring is not None or stream.prefill_task is None)
     return n
 
 
@@ -166,7 +158,7 @@ def test_questions_during_an_ahead_prefill_do_not_leave_the_next_re_anchor_on_th
             raise AssertionError("the questions never carried enough")
         await svc.append(stream, list(frames[n : n + 8]))  # a chunk that waits for the prefill task
         engine.gate.set()
-        await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+        await until(lambda: stream.prefill_task is None and stream.reanchoring is None)
         anchors = [e for e in stream.events if e["type"] == "reanchor"]
         assert len(anchors) >= 2
         assert [e["prefilled_s"] is not None for e in anchors] == [True] * len(anchors), anchors
@@ -198,7 +190,7 @@ def test_a_stream_closed_during_the_ahead_prefill_sends_the_engine_no_more_piece
         await asyncio.sleep(0.1)
         await svc.close(stream.id)
         engine.gate.set()
-        await _until(lambda: stream.prefill_task is None and plan.done.is_set())
+        await until(lambda: stream.prefill_task is None and plan.done.is_set())
         pieces = [rid for rid, _ in engine.sent if "-reanchor" in rid]
         assert len(pieces) == 1, pieces  # the one in flight when the stream closed
         await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10)
@@ -255,7 +247,7 @@ def test_frames_decided_between_the_prefill_s_check_and_its_cut_do_not_put_the_r
         while n[0] + 8 <= len(frames):
             await svc.append(stream, list(frames[n[0] : n[0] + 8]))
             n[0] += 8
-            await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+            await until(lambda: stream.prefill_task is None and stream.reanchoring is None)
         anchors = [e for e in stream.events if e["type"] == "reanchor"]
         assert anchors and [e["prefilled_s"] is not None for e in anchors] == [True] * len(anchors)
 
@@ -276,12 +268,12 @@ def test_an_eager_stream_asked_while_no_frame_arrives_does_not_stay_past_its_bud
         conv = stream.conversation
         for a in range(0, 48, 8):
             await svc.append(stream, list(frames[a : a + 8]))
-            await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+            await until(lambda: stream.prefill_task is None and stream.reanchoring is None)
         budget, most = svc.budget(stream), 0
         for i in range(40):  # no frame arrives meanwhile
             r = await svc.answer(stream, f"Is anything moving in the scene right now, question {i}?", max_tokens=4)
             assert r["stream_state"]["reanchored"] is False  # never re-anchored on the question's path
-            await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+            await until(lambda: stream.prefill_task is None and stream.reanchoring is None)
             most = max(most, conv.context_tokens)
         assert conv.reanchors >= 1 and most <= budget + 64, (most, budget, conv.reanchors)
 
@@ -345,14 +337,14 @@ def test_whatever_is_answered_during_an_ahead_prefill_the_switch_is_consistent(t
         assert conv.chunks[: plan.chunks] == before
         carried = conv.chunks[plan.chunks :]
         engine.gate.set()
-        await _until(lambda: stream.reanchoring is None)
+        await until(lambda: stream.reanchoring is None)
         assert switched[0] == [*plan.anchor.ranges, *carried]
         event = [e for e in stream.events if e["type"] == "reanchor"][0]
         assert event["answered_meanwhile"] == len(remembered)
-        await _until(lambda: stream.prefill_task is None)
+        await until(lambda: stream.prefill_task is None)
         _consistent(svc, stream)
         await svc.append(stream, list(frames[n : n + 8]))
-        await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+        await until(lambda: stream.prefill_task is None and stream.reanchoring is None)
         r = await svc.answer(stream, "And now?", max_tokens=4)
         assert engine.refused == []
         text = engine.tokenizer.decode(engine.sent[-1][1]["prompt_token_ids"])
@@ -384,7 +376,7 @@ def test_a_question_cancelled_while_it_waits_or_answers_during_a_re_anchor_leaks
         await svc.append(stream, list(frames[n : n + 8]))
         n += 8
         answering = asyncio.ensure_future(svc.answer(stream, "Slow?", max_tokens=4))
-        await _until(lambda: any("-q" in rid for rid, _ in engine.sent))
+        await until(lambda: any("-q" in rid for rid, _ in engine.sent))
         assert len(conv.chunks) == plan.chunks + 1
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)
@@ -398,7 +390,7 @@ def test_a_question_cancelled_while_it_waits_or_answers_during_a_re_anchor_leaks
         del svc.old_can_take
         engine.gate.set()
         engine.question_gate.set()
-        await _until(lambda: stream.reanchoring is None and stream.prefill_task is None)
+        await until(lambda: stream.reanchoring is None and stream.prefill_task is None)
         assert conv.reanchors == 1
         _consistent(svc, stream)
         r = await asyncio.wait_for(svc.answer(stream, "Now?", max_tokens=4), 10)
@@ -423,7 +415,7 @@ def test_an_ahead_prefill_the_engine_fails_still_switches_and_a_relieve_meanwhil
         svc.relieve(stream)
         engine.fail = lambda rid: "-reanchor" in rid
         engine.gate.set()
-        await _until(lambda: stream.reanchoring is None and stream.prefill_task is None and not svc.tasks)
+        await until(lambda: stream.reanchoring is None and stream.prefill_task is None and not svc.tasks)
         anchors = [e for e in stream.events if e["type"] == "reanchor"]
         assert len(anchors) == 1 and anchors[0]["prefilled_s"] is None
         _consistent(svc, stream)
@@ -447,7 +439,7 @@ def test_an_eager_stream_that_stays_due_after_each_switch_still_ends_its_prefill
         conv = stream.conversation
         for a in range(0, 96, 16):
             await svc.append(stream, list(frames[a : a + 16]))
-            await asyncio.wait_for(_until(lambda: stream.prefill_task is None and stream.reanchoring is None), 20)
+            await asyncio.wait_for(until(lambda: stream.prefill_task is None and stream.reanchoring is None), 20)
         assert 1 <= conv.reanchors <= 2 * conv.prefills
         _consistent(svc, stream)
         r = await svc.answer(stream, "Done?", max_tokens=4)

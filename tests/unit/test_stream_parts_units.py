@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, until
 
 from vllm_plugin import errors
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens
@@ -399,14 +399,6 @@ def _gated_service(tiny_model_path):
     return StreamService(GatedEngine(tiny_model_path), StreamManager(Limits(max_streams=8)))
 
 
-async def _until(predicate, seconds=20.0):
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out")
-
-
 async def _reanchor_pending(svc, stream, frames):
     """Append 4 steps at a time, letting the eager prefill run, until a re-anchor is being prefilled
     ahead (held at the engine's gate). Returns the frames appended."""
@@ -415,7 +407,7 @@ async def _reanchor_pending(svc, stream, frames):
         assert n < len(frames), "no re-anchor was planned"
         await svc.append(stream, list(frames[n : n + 8]))
         n += 8
-        await _until(lambda: stream.reanchoring is not None or stream.prefill_task is None)
+        await until(lambda: stream.reanchoring is not None or stream.prefill_task is None)
     return n
 
 
@@ -460,7 +452,7 @@ def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was
         assert prompt["multi_modal_uuids"]["video"] == [f"{stream.id}/frames{a}-{b}" for a, b in st["chunk_ranges"]]
         assert stream.reanchoring is plan and not plan.done.is_set()
         engine.gate.set()
-        await _until(lambda: stream.reanchoring is None)
+        await until(lambda: stream.reanchoring is None)
         # the switch: the anchor's items, then the chunk the question cut; the turn answered meanwhile stays
         assert conv.reanchors == 1 and conv.chunks == [*plan.anchor.ranges, (old_chunks[-1][1], n)]
         event = [e for e in stream.events if e["type"] == "reanchor"][-1]
@@ -468,7 +460,7 @@ def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was
         assert [q for q, _, _ in conv.prompt.turns_since(0)][-1] == "What is new?"
         held = {i for a, b in conv.chunks for i in range(a, b)}
         assert all((f is None) == (i not in held) for i, f in enumerate(stream.store.frames[:n]))
-        await _until(lambda: stream.prefill_task is None)
+        await until(lambda: stream.prefill_task is None)
         r2 = await svc.answer(stream, "And now?", max_tokens=8)
         second = engine.requests[-1][0]
         assert r2["stream_state"]["answered_during_reanchor"] is False and r2["stream_state"]["reanchored"] is False
@@ -545,7 +537,7 @@ def test_under_load_no_answer_is_lost_or_duplicated_across_re_anchors(tiny_model
                 assert questions[-1] == f"s{k} q{asked - 1}?"
                 numbers = [int(q.split("q")[1][:-1]) for q in questions]
                 assert numbers == sorted(set(numbers)), questions
-        await _until(lambda: stream.prefill_task is None and stream.reanchoring is None)
+        await until(lambda: stream.prefill_task is None and stream.reanchoring is None)
         return stream.conversation.reanchors, during, asked
 
     async def run():

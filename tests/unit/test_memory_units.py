@@ -363,7 +363,7 @@ print(after[39], after[-1])
 
 
 def test_the_cpu_workers_growth_is_onednns_primitive_cache_and_it_has_a_cap():
-    """Why vLLM's CPU worker grows over a stream's first hour (README, "Streams of hours"): every new
+    """Why vLLM's CPU worker grows over a stream's first hour (docs/benchmarks.md, "Soak"): every new
     token count of a step creates oneDNN matmul primitives, kept in oneDNN's process-wide primitive
     cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024 by default); the cache is capped, so the growth stops.
     Live heap bytes from TCMalloc, the allocator vLLM preloads on the CPU."""

@@ -1,5 +1,5 @@
 """vllm_plugin/settings.py: the one table of environment variables (and server options), its parsers,
-and the README's copy of its table."""
+and the copy of its table in docs/serving.md."""
 
 import ast
 import dataclasses
@@ -304,7 +304,7 @@ def test_release_0_1_names_are_not_read(monkeypatch):
     settings.check(settings.API_SERVER, {"DTD_STREAM_MAX_STREAMS": "3"})
 
 
-# ----------------------------------------------------------------------------------- the README's table
+# ------------------------------------------------------------------------ the table in docs/serving.md
 
 
 def test_the_table_renders_every_setting_once():
@@ -324,11 +324,11 @@ def test_python_dash_m_prints_the_table():
     assert out.stdout == settings.markdown_table()
 
 
-def test_the_readme_has_the_generated_table_verbatim():
-    readme = (REPO / "README.md").read_text()
-    assert readme.count(settings.BEGIN) == 1 and readme.count(settings.END) == 1, (
-        "README.md lacks the settings markers: paste `python -m vllm_plugin.settings` between them"
+def test_the_docs_have_the_generated_table_verbatim():
+    page = (REPO / "docs" / "serving.md").read_text()
+    assert page.count(settings.BEGIN) == 1 and page.count(settings.END) == 1, (
+        "docs/serving.md lacks the settings markers: paste `python -m vllm_plugin.settings` between them"
     )
-    assert settings.readme_block() in readme, (
-        "the README's settings table is stale: paste `python -m vllm_plugin.settings` between its markers"
+    assert settings.readme_block() in page, (
+        "the settings table of docs/serving.md is stale: paste `python -m vllm_plugin.settings` between its markers"
     )

@@ -1,7 +1,7 @@
 """DTD settings: metrics, criteria, the ONE table of default thresholds, and :class:`DTDConfig`,
 the only place a setting is validated and converted to and from request options (``dtd_*``).
 
-vLLM-free: the serving options, the streams, the reference pipeline, the workbench and the README all
+vLLM-free: the serving options, the streams, the reference pipeline, the workbench and the docs all
 read their defaults from here. References are registered in :mod:`vllm_plugin.core.references`.
 """
 
@@ -156,7 +156,7 @@ class DTDConfig:
                 raise DTDOptionError(key, "must not be null (leave it out for the default)")
         # dtd_drop_ratio: null is absolute mode (it switches a server default of relative mode off); with a
         # drop ratio the setting is relative mode, whatever dtd_threshold says (a server default threshold
-        # must not refuse a request's relative mode): the README says so
+        # must not refuse a request's relative mode): docs/serving.md says so
         criterion = given.get("dtd_criterion", "pixel")
         if criterion not in criteria:
             raise DTDOptionError("dtd_criterion", f"must be one of {list(criteria)}, got {criterion!r}")

@@ -35,7 +35,7 @@ does not fit:
   :func:`check_sequential_video_encoding` verifies that vLLM's GPU runner still acts on the
   ``requires_sequential_video_encoding`` attribute the DTD models set.
 
-No public extension point serves these (see the README's "vLLM internals" table).
+No public extension point serves these (see the "vLLM internals" table of docs/internals.md).
 """
 
 from __future__ import annotations

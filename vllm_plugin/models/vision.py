@@ -4,7 +4,7 @@ Feature-level DTD needs the vision encoder's merged outputs BEFORE the prompt is
 count is the number of placeholder tokens). The API server therefore runs the checkpoint's own vision
 tower (transformers' module of the family, only the ``visual.*`` weights are read) and hands the
 engine the KEPT outputs as embedding inputs (``video_embeds`` + grid + keep mask): the engine never
-encodes that video again. Why this route and not vLLM's encoder disaggregation: README, "Feature-level
+encodes that video again. Why this route and not vLLM's encoder disaggregation: docs/serving.md, "Feature-level
 DTD: where the encoder runs".
 
 One tower per API-server process, loaded on first use (or at start when the server's default

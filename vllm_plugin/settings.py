@@ -17,7 +17,7 @@ variable and the value. All names carry the ``DTD_`` prefix (vLLM warns about un
 names and refuses them under ``--fail-on-environ-validation``); vLLM's own variables (``VLLM_*``)
 are vLLM's and are read where they are used.
 
-    python -m vllm_plugin.settings      # the README's table (:func:`markdown_table`)
+    python -m vllm_plugin.settings      # the table of docs/serving.md (:func:`markdown_table`)
 
 This module imports nothing but the standard library: every process may read it cheaply.
 """
@@ -334,6 +334,15 @@ _TABLE: tuple[Setting, ...] = (
         "(an engine node lost under data parallelism: vLLM does not notice a dead remote rank); 0: none",
     ),
     Setting(
+        "DTD_STREAM_REALTIME",
+        bool,
+        True,
+        "with `--dtd-streams`: serve streams on OpenAI's Realtime API at `/v1/realtime` (WebSocket); "
+        "`0`: not (a server where vLLM's own `/v1/realtime` serves a speech model: the plugin refuses "
+        "to start while both would claim the path)",
+        _API,
+    ),
+    Setting(
         "DTD_STREAM_SOCKET_DIR",
         str,
         None,
@@ -455,7 +464,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | {n for n in SETTINGS if n.startswith(PREFIX)})
 
 
-# -- the README's table -----------------------------------------------------------------------------------
+# -- the table of docs/serving.md -------------------------------------------------------------------------
 
 
 def _default(s: Setting) -> str:
@@ -479,7 +488,7 @@ def _type(s: Setting) -> str:
 
 
 def markdown_table() -> str:
-    """The table of every setting, in Markdown (the README has it between ``<!-- settings:begin -->``
+    """The table of every setting, in Markdown (docs/serving.md has it between ``<!-- settings:begin -->``
     and ``<!-- settings:end -->``; ``python -m vllm_plugin.settings`` prints it)."""
     lines = [
         "Generated from `vllm_plugin/settings.py` (`python -m vllm_plugin.settings`). Unset or blank: the "
@@ -499,7 +508,7 @@ BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
 def readme_block() -> str:
-    """The README's block: :func:`markdown_table` between its markers."""
+    """The block of docs/serving.md ("Settings"): :func:`markdown_table` between its markers."""
     return f"{BEGIN}\n{markdown_table()}{END}\n"
 
 

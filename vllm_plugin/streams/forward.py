@@ -25,6 +25,7 @@ import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from vllm_plugin import settings
 from vllm_plugin.streams.session import stream_owner
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.dtd_plugin")
 
 _PATH = re.compile(r"^/v1/streams/([^/]+)")
+REALTIME_PATH = "/v1/realtime"  # vllm_plugin.streams.realtime.PATH (that module imports this one)
 FORWARDED = b"x-dtd-forwarded-from"
 _HOP = {
     b"host",
@@ -190,6 +192,8 @@ class StreamForwarder:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and scope.get("path") == REALTIME_PATH:
+            return await self._realtime(scope, receive, send)
         if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/streams"):
             return await self.app(scope, receive, send)
         svc = getattr(getattr(scope.get("app"), "state", None), "dtd_streams", None)
@@ -209,6 +213,69 @@ class StreamForwarder:
         if owner >= peers.count or any(k == FORWARDED for k, _ in scope["headers"]):
             return await _json(send, 404, "no such stream (unknown id, closed, or expired after being idle)")
         await self._forward(peers, owner, scope, receive, send, svc.max_body_bytes)
+
+    async def _realtime(self, scope, receive, send) -> None:
+        """A Realtime socket resuming a stream (``?stream_id=``) of another API-server process is
+        relayed there, message by message, both ways; everything else is this process's."""
+        svc = getattr(getattr(scope.get("app"), "state", None), "dtd_streams", None)
+        peers: Peers | None = getattr(svc, "peers", None)
+        sid = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("stream_id", [None])[0]
+        owner = stream_owner(sid) if sid else None
+        forwarded = any(k == FORWARDED for k, _ in scope["headers"])
+        if (
+            peers is None
+            or peers.count <= 1
+            or owner is None
+            or owner == peers.index
+            or owner >= peers.count
+            or forwarded
+        ):
+            return await self.app(scope, receive, send)
+        await self._forward_socket(peers, owner, scope, receive, send)
+
+    async def _forward_socket(self, peers: Peers, owner: int, scope, receive, send) -> None:
+        from websockets.asyncio.client import unix_connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+        if (await receive())["type"] != "websocket.connect":
+            return
+        qs = scope.get("query_string", b"").decode("latin-1")
+        url = "ws://dtd-peer" + scope["path"] + (f"?{qs}" if qs else "")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k.lower() not in _HOP and not k.lower().startswith(b"sec-websocket")
+        ]
+        headers.append((FORWARDED.decode(), str(peers.index)))
+        try:
+            peer = await unix_connect(peers.path(owner), url, additional_headers=headers, max_size=None)
+        except (OSError, InvalidHandshake) as e:
+            logger.warning("DTD streams: API server %d cannot reach API server %d: %s", peers.index, owner, e)
+            await send({"type": "websocket.close", "code": 1011})  # before accepting: the handshake is refused
+            return
+        await send({"type": "websocket.accept"})
+
+        async def up():  # client -> owner
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                await peer.send(msg["text"] if msg.get("text") is not None else msg.get("bytes") or b"")
+
+        async def down():  # owner -> client
+            with contextlib.suppress(ConnectionClosed):
+                async for msg in peer:
+                    key = "text" if isinstance(msg, str) else "bytes"
+                    await send({"type": "websocket.send", key: msg})
+            await send({"type": "websocket.close", "code": peer.close_code or 1000})
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await peer.close()  # the owner sees the client leave: its socket's end (response aborted, ...)
 
     async def _forward(self, peers: Peers, owner: int, scope, receive, send, max_body: int) -> None:
         body = bytearray()

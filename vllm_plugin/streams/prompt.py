@@ -23,15 +23,28 @@ class ChatPrompt:
     Args:
         tokenizer: the served tokenizer (``encode``, ``decode``, ``apply_chat_template``).
         template: the chat template (Jinja source) vLLM resolved for the served model.
+        system: the stream's instructions: a system message before every turn (kept by re-anchors);
+            None: the template's default.
     """
 
-    def __init__(self, tokenizer, template: str | None):
+    def __init__(self, tokenizer, template: str | None, system: str | None = None):
         self.tokenizer = tokenizer
         self.template = template
+        self.system = system
         self.messages: list[dict] = []  # the conversation as text, only to render the next turn's delta
         self.ids: list[int] = []  # the conversation as served: prompt ids, generated ids, end-of-turn ids
         self.open_videos = 0  # videos of the open user turn already prefilled (eager), before its question
         self.end_of_turn = self._end_of_turn()
+        self.restart([], 0)
+
+    def _with_system(self, messages: Sequence[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + list(messages)
+
+    def _rendered(self, messages: Sequence[dict]) -> str:
+        """The conversation ``messages`` (after the system message, if any) as the template writes it."""
+        if not messages and not self.system:
+            return ""
+        return self.render(self._with_system(messages), add_generation_prompt=False)
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
@@ -52,9 +65,9 @@ class ChatPrompt:
     def _turn(self, question: str, videos: int) -> tuple[str, str]:
         """(text the template adds for the user turn up to and including its last video placeholder,
         the rest of the turn up to the generation prompt)."""
-        before = self.render(self.messages, add_generation_prompt=False) if self.messages else ""
-        after = self.render([*self.messages, self.user_message(question, videos)], add_generation_prompt=True)
-        probe = self.render([*self.messages, self.user_message(_PROBE, videos)], add_generation_prompt=True)
+        before = self._rendered(self.messages)
+        after = self.render(self._with_system([*self.messages, self.user_message(question, videos)]), True)
+        probe = self.render(self._with_system([*self.messages, self.user_message(_PROBE, videos)]), True)
         if not after.startswith(before) or not probe.startswith(before):
             raise ValueError(
                 "the chat template does not render a conversation as a prefix of its continuation; "
@@ -143,6 +156,6 @@ class ChatPrompt:
         self.messages = []
         for question, answer in turns:
             self.messages += [self.user_message(question, 0), {"role": "assistant", "content": answer}]
-        text = self.render(self.messages, add_generation_prompt=False) if self.messages else ""
+        text = self._rendered(self.messages)
         self.ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
         self.open_videos = videos

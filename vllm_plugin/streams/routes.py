@@ -10,6 +10,7 @@ Opt-in as vLLM requires: ``VLLM_PLUGINS=dtd,dtd_streams`` (``python -m vllm_plug
 * ``GET    /v1/streams/{id}/events?after=N``     scene-change events and proactive answers
 * ``GET    /v1/streams/{id}``                    status (frames, kept tokens per step, ...)
 * ``DELETE /v1/streams/{id}``                    close
+* ``WS     /v1/realtime``                        the same streams over OpenAI's Realtime API (:mod:`.realtime`)
 
 Limits (env ``DTD_STREAM_<FIELD>`` for every field of :class:`vllm_plugin.streams.session.Limits`):
 a full stream or server, an upload too large or decoding to too many pixels gets a clear 4xx,
@@ -115,6 +116,9 @@ class OpenStreamRequest(DTDOptions):  # type: ignore[misc,valid-type]  # a model
         _DEFAULTS.event_level, description="kept fraction of a temporal step that signals a scene change"
     )
     standing_question: str | None = Field(None, description="asked automatically at every scene change")
+    instructions: str | None = Field(
+        None, description="a system message before every turn of the conversation (None: the chat template's default)"
+    )
     answer_max_tokens: int = Field(_DEFAULTS.answer_max_tokens, ge=1, le=4096)
     memory: dict[str, Any] | None = Field(
         None,
@@ -221,7 +225,7 @@ def _service(request: Request) -> StreamService:
     return svc
 
 
-def _decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest):
+def decode_append(svc: StreamService, stream: Stream, body: AppendFramesRequest):
     lim = svc.manager.limits
     if (body.frames is None) == (body.video is None):
         raise InvalidRequest("give either frames or video")
@@ -306,7 +310,7 @@ async def append_frames(stream_id: str, body: AppendFramesRequest, request: Requ
         svc = _service(request)
         stream = svc.get(stream_id)
         stream.admit_append()
-        frames, stamps = await asyncio.to_thread(_decode_append, svc, stream, body)
+        frames, stamps = await asyncio.to_thread(decode_append, svc, stream, body)
         return JSONResponse(await svc.append(stream, frames, stamps))
 
     return await _guard(run())
@@ -379,6 +383,9 @@ class DTDStreamPlugin:
     def attach_router(self, app: FastAPI) -> None:
         vllm_patches.apply("stream routes")  # the API server's process: bad videos -> 400, dtd_* keys accepted
         app.include_router(router)
+        from vllm_plugin.streams import realtime  # it builds on this module's models and error table
+
+        realtime.attach(app)
         app.add_middleware(StreamForwarder)  # several API-server processes: requests reach the stream's owner
         self.app = app
 

@@ -327,6 +327,8 @@ class StreamService:
             )
         if req.standing_question is not None:
             self.check_text(req.standing_question, "standing_question")
+        if req.instructions is not None:
+            self.check_text(req.instructions, "instructions", "instructions")
         positions = self.engine.step_positions
         step = positions(req.fps) if isinstance(req.fps, (int, float)) and req.fps > 0 else 0.0
         room = self.engine.position_room
@@ -343,15 +345,15 @@ class StreamService:
             event_level=req.event_level,
             prefill=req.prefill,
             standing_question=req.standing_question,
+            instructions=req.instructions,
             answer_max_tokens=req.answer_max_tokens,
             memory=memory,
         )
 
     def open(self, settings: StreamSettings) -> Stream:
         """Open a stream (feature criterion: call :meth:`encoder` first, off the event loop)."""
-        prompt = ChatPrompt(
-            self.engine.tokenizer, self.engine.chat_template
-        )  # a template that cannot serve fails before a slot is taken
+        # a template that cannot serve fails before a slot is taken
+        prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template, settings.instructions)
         feature = settings.dtd.enabled and settings.dtd.criterion == "feature"
         stream = self.manager.open(settings, encoder=self.encoder() if feature else None)
         if settings.prefill == "eager" and not self.engine.prefix_caching:
@@ -513,7 +515,7 @@ class StreamService:
             return None
         memory = stream.settings.memory
         share = int(memory.anchor_fraction * (budget or self.max_model_len or 4096))
-        prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template)
+        prompt = ChatPrompt(self.engine.tokenizer, self.engine.chat_template, stream.settings.instructions)
         turns = conv.prompt.last_turns(memory.keep_turns)
         prompt.restart(turns, 0)
         while turns and len(prompt.ids) > share // 4:  # long questions do not wedge the stream

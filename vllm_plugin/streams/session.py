@@ -203,6 +203,7 @@ class StreamSettings:
     dtd: DTDConfig = field(default_factory=DTDConfig)
     event_level: float = 0.5  # kept fraction of a step that signals a scene change
     standing_question: str | None = None
+    instructions: str | None = None  # a system message before every turn of the stream's conversation
     answer_max_tokens: int = 64
     prefill: str = "eager"
     memory: MemorySettings = field(default_factory=MemorySettings)
@@ -449,6 +450,7 @@ class Stream:
             "eager_stopped": self.eager_stopped,
             "event_level": self.settings.event_level,
             "standing_question": self.settings.standing_question,
+            "instructions": self.settings.instructions,
             "memory": self.settings.memory.as_dict(),
             "context_tokens": conv.context_tokens,
             "reanchors": conv.reanchors,

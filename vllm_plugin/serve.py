@@ -4,7 +4,8 @@
 
 Adds, unless given: ``--hf-overrides`` selecting the DTD architecture of the checkpoint (read from
 its config.json), and ``--middleware vllm_plugin.entrypoints.middleware.DTDStatsMiddleware`` (the
-``x-dtd-stats`` response header). Everything else goes to vLLM unchanged. Server-wide DTD
+``x-dtd-stats`` response header); on vLLM's CPU platform, a KV cache that fits the free memory when
+none is given (:func:`cpu_kv_cache`). Everything else goes to vLLM unchanged. Server-wide DTD
 defaults: ``--mm-processor-kwargs '{"dtd_threshold": 0.05, "dtd_metric": "l1"}'``.
 """
 
@@ -96,6 +97,39 @@ def build_argv(argv: list[str], streams: bool = False) -> list[str]:
     return out
 
 
+KV_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+KV_FRACTION = 0.5  # of the memory free at start, less the checkpoint's weights
+
+
+def checkpoint_bytes(model: str) -> int:
+    """Bytes of a local checkpoint's weight files (0 for a hub id: nothing to measure here)."""
+    path = Path(model)
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt") for f in path.glob(pattern))
+
+
+def cpu_kv_cache(argv: list[str], env, available_bytes: int, on_cpu: bool) -> tuple[list[str], str | None]:
+    """On vLLM's CPU platform, where neither ``VLLM_CPU_KVCACHE_SPACE`` nor ``--gpu-memory-utilization``
+    (nor ``--kv-cache-memory-bytes``) is given: a KV cache that fits the machine as it is, instead of
+    vLLM's default (92% of ALL memory reserved, refused at start when other processes hold more than
+    8%): half of the memory free now less the checkpoint's weights, in whole GiB, at least 1 GiB, as
+    ``--kv-cache-memory-bytes``. Returns the arguments and the line to log (None: nothing chosen)."""
+    if not on_cpu or (env.get("VLLM_CPU_KVCACHE_SPACE") or "").strip():
+        return argv, None
+    if any(_arg(argv, flag) is not None for flag in KV_FLAGS):
+        return argv, None
+    model = _arg(argv, "--model") or ""
+    weights = checkpoint_bytes(model)
+    gib = max(1, int((available_bytes - weights) * KV_FRACTION) >> 30)
+    message = (
+        f"vllm_plugin.serve: vLLM's CPU platform, and neither VLLM_CPU_KVCACHE_SPACE nor "
+        f"--gpu-memory-utilization given: KV cache {gib} GiB (half of the {available_bytes / 2**30:.1f} GiB "
+        f"free less {weights / 2**30:.1f} GiB of weights); set VLLM_CPU_KVCACHE_SPACE=<GiB> to choose"
+    )
+    return [*argv, "--kv-cache-memory-bytes", str(gib << 30)], message
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run ``vllm serve`` with these arguments, through vLLM's own ``serve`` subcommand, so that
     ``--api-server-count`` / ``--data-parallel-size`` start several API-server processes exactly as
@@ -113,12 +147,18 @@ def main(argv: list[str] | None = None) -> None:
     if streams:
         argv = enable_streams(argv, os.environ)
     argv = build_argv(argv, streams=streams)
+    import psutil
+    from vllm.platforms import current_platform
+
+    argv, kv_message = cpu_kv_cache(argv, os.environ, psutil.virtual_memory().available, current_platform.is_cpu())
     cli_env_setup()
     parser = FlexibleArgumentParser(prog="python -m vllm_plugin.serve", description=__doc__)
     command = ServeSubcommand()
     command.subparser_init(parser.add_subparsers(dest="subparser"))
     args = parser.parse_args(["serve", *argv])
     configure_logging_from_args(args)
+    if kv_message:
+        logger.info(kv_message)
     command.validate(args)
     command.cmd(args)
 

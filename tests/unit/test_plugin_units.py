@@ -103,3 +103,24 @@ def test_launcher_refuses_dtd_options_for_an_architecture_without_dtd(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(SystemExit, match="sets DTD options"):
         build_argv(["--model", str(tmp_path), "--mm-processor-kwargs", '{"dtd_threshold": 0.1}'])
+
+
+def test_the_launcher_sizes_the_cpu_kv_cache_only_when_none_is_given(tmp_path):
+    from vllm_plugin.serve import cpu_kv_cache
+
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * (2 << 20))
+    argv = ["--model", str(tmp_path), "--dtype", "float32"]
+    free = 10 << 30
+    out, message = cpu_kv_cache(argv, {}, free, on_cpu=True)
+    size = int(out[out.index("--kv-cache-memory-bytes") + 1])
+    assert size == 4 << 30 and out[: len(argv)] == argv  # half of (10 GiB - 2 MiB), whole GiB
+    assert "KV cache 4 GiB" in message and "VLLM_CPU_KVCACHE_SPACE" in message
+    assert cpu_kv_cache(argv, {}, 1 << 30, on_cpu=True)[0][-1] == str(1 << 30)  # at least 1 GiB
+    for given_argv, env in (
+        (argv, {"VLLM_CPU_KVCACHE_SPACE": "2"}),
+        ([*argv, "--gpu-memory-utilization", "0.3"], {}),
+        ([*argv, "--gpu-memory-utilization=0.3"], {}),
+        ([*argv, "--kv-cache-memory-bytes", "123"], {}),
+    ):
+        assert cpu_kv_cache(given_argv, env, free, on_cpu=True) == (given_argv, None)
+    assert cpu_kv_cache(argv, {}, free, on_cpu=False) == (argv, None)  # a GPU: vLLM's own sizing

@@ -11,7 +11,7 @@ import pytest
 from analysis.harness.browser import CHROMEDRIVER, CHROMIUM, chromium_driver
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_MAX_STREAMS = 9  # streams the DTD test server holds (8 concurrent ones in a test, plus its fixture's)
+TEST_MAX_STREAMS = 17  # streams the DTD test server holds (16 concurrent Realtime sockets in a test, plus a fixture's)
 BLOCK_SIZE = 32  # KV block size of the DTD test server (the CPU backend needs a multiple of 32)
 DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
 # CI must run the browser tests (scripts/setup.sh installs Chromium there); elsewhere they may be skipped

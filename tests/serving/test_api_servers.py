@@ -187,3 +187,55 @@ def test_streams_open_while_any_process_has_room(dp_server):
         for sid in ids:
             with requests.Session() as fresh:
                 fresh.delete(f"{base}/v1/streams/{sid}", timeout=60)
+
+
+def test_a_realtime_stream_resumes_from_either_process(dp_server):
+    """Realtime sockets land on either API-server process; a kept stream resumed by id is relayed to
+    the process that holds it (``?stream_id=``), and works there as on a direct socket."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=dp_server.base_url + "/v1", api_key="unused", max_retries=0)
+    frame = {"type": "input_image", "image_url": "data:image/png;base64," + _frames(7, 1)[0]["image"]}
+
+    async def until(conn, kind):
+        async for e in conn:
+            assert e.type != "error", e
+            if e.type == kind:
+                return e
+
+    async def run():
+        sids = []
+        for _ in range(8):
+            async with client.realtime.connect(model=dp_server.model) as conn:
+                await until(conn, "session.created")
+                await conn.session.update(session={"dtd": {"keep_stream": True, "fps": 2.0}})
+                sids.append((await until(conn, "session.updated")).session.dtd["stream_id"])
+                await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [frame, frame]})
+                await until(conn, "conversation.item.done")
+        relayed = 0
+        for round_ in range(2):
+            for sid in sids:
+                async with client.realtime.connect(model=dp_server.model, extra_query={"stream_id": sid}) as conn:
+                    dtd = (await until(conn, "session.created")).session.dtd
+                    assert dtd["stream_id"] == sid and dtd["stream"]["frames"] == 2 + round_
+                    relayed += dtd["relayed_from"] is not None
+                    await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [frame]})
+                    await until(conn, "conversation.item.done")
+                    if round_:
+                        text = {"type": "input_text", "text": "what?"}
+                        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [text]})
+                        await conn.response.create(response={"max_output_tokens": 2})
+                        assert (await until(conn, "response.done")).response.status in ("completed", "incomplete")
+                        await conn.session.update(session={"dtd": {"keep_stream": False}})
+                        await until(conn, "session.updated")
+        return sids, relayed
+
+    sids, relayed = asyncio.run(run())
+    assert relayed > 0  # 16 resumes on random processes: some reached the other one and were relayed
+    for sid in sids:
+        deadline = time.time() + 10
+        while _get(f"{dp_server.base_url}/v1/streams/{sid}").status_code != 404:
+            assert time.time() < deadline, f"{sid} outlived its last socket"
+            time.sleep(0.2)

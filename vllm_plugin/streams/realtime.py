@@ -61,7 +61,7 @@ from starlette.websockets import WebSocketState
 from vllm_plugin import settings as plugin_settings
 from vllm_plugin.errors import DTDError, InvalidRequest, NotFound, StreamFull, TooManyStreams
 from vllm_plugin.streams import openai_format
-from vllm_plugin.streams.forward import REALTIME_PATH
+from vllm_plugin.streams.forward import FORWARDED, REALTIME_PATH
 from vllm_plugin.streams.routes import (
     AppendFramesRequest,
     FrameIn,
@@ -147,6 +147,8 @@ class RealtimeSession:
         self.first_frame_at: float | None = None
         self.events_seen = -1
         self._send_lock = asyncio.Lock()
+        relayed = ws.headers.get(FORWARDED.decode())
+        self.relayed_from = int(relayed) if relayed and relayed.isdigit() else None
 
     # -- sending ---------------------------------------------------------------------------------------
     async def send(self, event: dict) -> bool:
@@ -188,7 +190,12 @@ class RealtimeSession:
             "output_modalities": ["text"],
             "instructions": stream.settings.instructions if stream is not None else None,
             "max_output_tokens": self.max_output_tokens or (stream.settings.answer_max_tokens if stream else None),
-            "dtd": {"stream_id": stream.id if stream else None, "keep_stream": self.keep_stream, "stream": dtd},
+            "dtd": {
+                "stream_id": stream.id if stream else None,
+                "keep_stream": self.keep_stream,
+                "relayed_from": self.relayed_from,  # the API-server process that relayed this socket, if any
+                "stream": dtd,
+            },
         }
 
     # -- the stream ------------------------------------------------------------------------------------

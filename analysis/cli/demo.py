@@ -10,7 +10,9 @@ recording ``screen_recording.mp4``): 1) one request with the whole clip, DTD off
 API): prompt tokens and time to first token; 2) the clip played into a live stream at real-time
 speed with a question every few seconds: latency, cached tokens, scene-change events; 3) the same
 stream with feature-level DTD (the paper's criterion: cosine of the vision tower's outputs, each
-temporal step encoded once, on arrival, in the API server; eager prefill). Prints the kept
+temporal step encoded once, on arrival, in the API server; eager prefill); 4) at the end, the first
+clip's pixel-level stream again through OpenAI's Realtime API (``/v1/realtime``, the official
+``openai`` SDK): its kept tokens per step match the HTTP stream's. Prints the kept
 tokens per temporal step and a side-by-side table of both clips, writes an HTML report that renders
 offline (plotly.js beside it), stops the server.
 """
@@ -18,6 +20,7 @@ offline (plotly.js beside it), stops the server.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import sys
@@ -124,13 +127,29 @@ def run_served(args) -> dict:
                     "stream": pixel,
                     "stream_feature": feature,
                 }
+            first = args.video[0]
+            print(
+                f"\nthe same pixel-level stream of {first.name} through OpenAI's Realtime API "
+                f"({srv.base_url.replace('http', 'ws')}/v1/realtime, the official openai SDK):",
+                flush=True,
+            )
+            realtime = _play(srv.base_url, first, args, realtime_model=srv.model)
+            http = out[first.name]["stream"]["kept_per_step"]
+            print(
+                f"kept tokens per step {'identical to' if realtime['kept_per_step'] == http else 'DIFFERENT from'} "
+                f"the HTTP stream's ({sum(realtime['kept_per_step'])} of "
+                f"{len(http) * out[first.name]['stream']['tokens_per_step']})",
+                flush=True,
+            )
+            out[first.name]["stream_realtime"] = realtime
     finally:
         shutil.rmtree(media, ignore_errors=True)
     return out
 
 
-def _play(base_url: str, video: Path, args, criterion: str = "pixel") -> dict:
-    from analysis.lib.play import play, print_answer, print_event
+def _play(base_url: str, video: Path, args, criterion: str = "pixel", realtime_model: str | None = None) -> dict:
+    """Play ``video`` into a stream: the HTTP routes, or ``/v1/realtime`` (``realtime_model``: the served name)."""
+    from analysis.lib.play import play, play_realtime, print_answer, print_event
     from analysis.lib.video import load_video
     from vllm_plugin.client import open_stream
 
@@ -140,6 +159,28 @@ def _play(base_url: str, video: Path, args, criterion: str = "pixel") -> dict:
         if criterion == "pixel"
         else {"dtd_criterion": criterion}
     )
+    if realtime_model is not None:
+        rec = asyncio.run(
+            play_realtime(
+                base_url,
+                realtime_model,
+                v.frames,
+                v.timestamps,
+                ask_every=args.ask_every,
+                question=args.question,
+                speed=args.speed,
+                on_answer=print_answer,
+                on_event=print_event,
+                stream_settings={"fps": args.fps, **settings},
+            )
+        )
+        return {
+            "questions": rec.questions,
+            "events": rec.events,
+            "kept_per_step": rec.kept_per_step,
+            "tokens_per_step": rec.tokens_per_step,
+            "step_seconds": rec.step_seconds,
+        }
     s = open_stream(base_url, fps=args.fps, **settings)
     try:
         rec = play(

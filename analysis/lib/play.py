@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import numpy as np
 
 from vllm_plugin.client import StreamClient, open_stream
 
-__all__ = ["PlayRecord", "open_stream", "play", "print_answer", "print_event"]
+__all__ = ["PlayRecord", "data_uri", "open_stream", "play", "play_realtime", "print_answer", "print_event"]
 
 
 @dataclass
@@ -92,3 +93,84 @@ def print_event(e: dict) -> None:
         print(f"[t={e['time']:6.1f}s] PROACTIVE {e['question']!r} -> {e['text']!r}", flush=True)
     else:
         print(f"EVENT {e}", flush=True)
+
+
+def data_uri(frame: np.ndarray) -> str:
+    """A frame as an ``input_image`` URL of OpenAI's Realtime API (PNG: the pixels the HTTP client sends)."""
+    import base64
+
+    from vllm_plugin.media import encode_png
+
+    return "data:image/png;base64," + base64.b64encode(encode_png(frame)).decode()
+
+
+async def play_realtime(
+    base_url: str,
+    model: str,
+    frames: np.ndarray,
+    timestamps: np.ndarray,
+    ask_every: float = 4.0,
+    question: str = "What is happening?",
+    speed: float = 1.0,
+    max_tokens: int = 16,
+    on_answer: Callable[[dict], None] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    stream_settings: dict | None = None,
+) -> PlayRecord:
+    """:func:`play` over OpenAI's Realtime API (``/v1/realtime``) with the official ``openai`` SDK:
+    one ``input_image`` item per frame (acknowledged once the server holds it), a question as an
+    ``input_text`` item then ``response.create``; the stream's settings in ``session.dtd``. Events
+    (``dtd.scene_change``, ``dtd.proactive_answer``) are recorded as :func:`play` records them."""
+    from openai import AsyncOpenAI
+
+    rec = PlayRecord()
+    client = AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    async with client.realtime.connect(model=model) as conn:
+
+        async def until(kind: str):
+            async for e in conn:
+                if e.type.startswith("dtd."):
+                    event = {**e.model_dump(), "type": "answer" if e.type == "dtd.proactive_answer" else e.type[4:]}
+                    rec.events.append(event)
+                    on_event and on_event(event)
+                elif e.type == "error":
+                    raise RuntimeError(f"realtime error {e.error.code}: {e.error.message}")
+                elif e.type == kind:
+                    return e
+            raise RuntimeError(f"the socket closed before {kind}")
+
+        await conn.session.update(session={"type": "realtime", "dtd": stream_settings or {}})
+        await until("session.updated")
+        t_start, next_q = time.monotonic(), ask_every
+        for i, (frame, t) in enumerate(zip(frames, timestamps)):
+            if speed > 0:
+                wait = t_start + float(t) / speed - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            image = {"type": "input_image", "image_url": data_uri(frame), "dtd": {"timestamp": float(t)}}
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [image]})
+            await until("conversation.item.done")
+            if float(t) + 1e-9 < next_q and i + 1 < len(frames):
+                continue
+            t0 = time.perf_counter()
+            text = {"type": "input_text", "text": question}
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [text]})
+            await until("conversation.item.done")
+            await conn.response.create(response={"max_output_tokens": max_tokens})
+            done = (await until("response.done")).response
+            q = {
+                "time": float(t),
+                "ttft_s": done.dtd["stream_state"]["ttft_s"],
+                "e2e_s": time.perf_counter() - t0,
+                "prompt_tokens": done.usage.input_tokens,
+                "cached_tokens": done.usage.input_token_details.cached_tokens,
+                "answer": done.output[0].content[0].text,
+            }
+            rec.questions.append(q)
+            on_answer and on_answer(q)
+            next_q = float(t) + ask_every
+        await conn.session.update(session={})  # session.updated carries the stream's status
+        st = (await until("session.updated")).session.dtd["stream"]
+    rec.kept_per_step, rec.tokens_per_step = st["kept_per_step"], st["tokens_per_step"]
+    rec.step_seconds = st["temporal_patch_size"] / st["fps"]
+    return rec

@@ -42,3 +42,8 @@ def test_demo_serves_and_reports(tmp_path, request):
     assert "feature-level: kept" in text and "temporal steps encoded" in text
     assert (tmp_path / "kept_tokens.html").stat().st_size > 1000 and (tmp_path / "plotly.min.js").is_file()
     renders_offline(request, tmp_path / "kept_tokens.html", expected_plots=4)
+    # it ends with the first clip's stream through OpenAI's Realtime API: the same DTD decisions
+    rt = res["moviepy_airplane.mp4"]["stream_realtime"]
+    assert rt["kept_per_step"] == res["moviepy_airplane.mp4"]["stream"]["kept_per_step"]
+    assert len(rt["questions"]) >= 2 and rt["questions"][-1]["cached_tokens"] > 0
+    assert "through OpenAI's Realtime API" in text and "identical to the HTTP stream's" in text

@@ -159,42 +159,24 @@ def _play(base_url: str, video: Path, args, criterion: str = "pixel", realtime_m
         if criterion == "pixel"
         else {"dtd_criterion": criterion}
     )
+    common = dict(
+        ask_every=args.ask_every,
+        question=args.question,
+        speed=args.speed,
+        on_answer=print_answer,
+        on_event=print_event,
+    )
     if realtime_model is not None:
+        stream_settings = {"fps": args.fps, **settings}
         rec = asyncio.run(
-            play_realtime(
-                base_url,
-                realtime_model,
-                v.frames,
-                v.timestamps,
-                ask_every=args.ask_every,
-                question=args.question,
-                speed=args.speed,
-                on_answer=print_answer,
-                on_event=print_event,
-                stream_settings={"fps": args.fps, **settings},
-            )
+            play_realtime(base_url, realtime_model, v.frames, v.timestamps, stream_settings=stream_settings, **common)
         )
-        return {
-            "questions": rec.questions,
-            "events": rec.events,
-            "kept_per_step": rec.kept_per_step,
-            "tokens_per_step": rec.tokens_per_step,
-            "step_seconds": rec.step_seconds,
-        }
-    s = open_stream(base_url, fps=args.fps, **settings)
-    try:
-        rec = play(
-            s,
-            v.frames,
-            v.timestamps,
-            ask_every=args.ask_every,
-            question=args.question,
-            speed=args.speed,
-            on_answer=print_answer,
-            on_event=print_event,
-        )
-    finally:
-        s.close()
+    else:
+        s = open_stream(base_url, fps=args.fps, **settings)
+        try:
+            rec = play(s, v.frames, v.timestamps, **common)
+        finally:
+            s.close()
     return {
         "questions": rec.questions,
         "events": rec.events,

@@ -15,28 +15,19 @@ in :func:`analysis.lib.play.play_realtime`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 import requests
 
+from analysis.cli.stream_example import parser
 from analysis.lib.play import play_realtime, print_answer, print_event
-from analysis.lib.video import SAMPLE_VIDEO, load_video
+from analysis.lib.video import load_video
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.cli.realtime_example", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", required=True)
+    ap = parser("python -m analysis.cli.realtime_example", __doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="default: the server's first served model")
-    ap.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
-    ap.add_argument("--fps", type=float, default=2.0)
-    ap.add_argument("--ask-every", type=float, default=4.0, help="seconds of stream time between questions")
-    ap.add_argument("--question", default="What is happening?")
-    ap.add_argument("--standing-question", default=None)
-    ap.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
-    ap.add_argument("--threshold", type=float, default=None)
     ap.add_argument("--criterion", default=None, choices=["pixel", "feature"])
     args = ap.parse_args(argv)
     model = args.model or requests.get(args.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]

@@ -19,8 +19,9 @@ from analysis.lib.video import SAMPLE_VIDEO, load_video
 from vllm_plugin.client import open_stream
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.cli.stream_example", description=__doc__.split("\n\n")[0])
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options of both stream examples (this one, over HTTP, and ``realtime_example``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--url", required=True)
     ap.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
     ap.add_argument("--fps", type=float, default=2.0)
@@ -29,6 +30,11 @@ def main(argv=None) -> int:
     ap.add_argument("--standing-question", default=None)
     ap.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
     ap.add_argument("--threshold", type=float, default=None)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser("python -m analysis.cli.stream_example", __doc__.split("\n\n")[0])
     args = ap.parse_args(argv)
     v = load_video(args.video, fps=args.fps)
     settings = {"standing_question": args.standing_question}

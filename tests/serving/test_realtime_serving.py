@@ -268,3 +268,29 @@ def test_keep_stream_survives_the_socket_and_resumes_with_proactive_events(dtd_s
         time.sleep(0.2)
     else:
         raise AssertionError("the stream outlived a socket that no longer kept it")
+
+
+def test_the_example_scripts_play_a_clip_with_the_same_decisions(dtd_server, real_clip_mp4):
+    """``python -m analysis.cli.realtime_example`` (the socket, the SDK) and ``stream_example`` (HTTP)
+    play the same clip with the same settings: answers with cached prompts, the same kept tokens."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    kept = []
+    for example in ("realtime_example", "stream_example"):
+        args = ["--url", dtd_server.base_url, "--video", str(real_clip_mp4), "--speed", "0", "--ask-every", "3"]
+        out = subprocess.run(
+            [sys.executable, "-m", f"analysis.cli.{example}", *args, "--threshold", "0.05"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        answers = re.findall(r"ttft +\d+ ms \| prompt +(\d+) tokens, +(\d+) from cache", out.stdout)
+        assert len(answers) >= 2 and int(answers[-1][1]) > 0, out.stdout
+        kept.append(json.loads(re.search(r"kept tokens per temporal step: (\[[\d, ]+\])", out.stdout).group(1)))
+    assert kept[0] == kept[1] and kept[0][0] > 0

@@ -182,6 +182,16 @@ def _limited(receive, max_body: int):
     return wrapped
 
 
+def _sendable_close_code(code: int | None) -> int:
+    """The owner's close code as the relay may send it on: 1005 (none given) and 1006 (no close frame:
+    the owner's process died) are reserved for what a peer observed, never sent (1011 then)."""
+    if code is None or code == 1005:
+        return 1000
+    if code in (1004, 1006, 1015) or not 1000 <= code < 5000:
+        return 1011
+    return code
+
+
 class StreamForwarder:
     """ASGI middleware in front of the stream routes: a body larger than an append may be is
     refused before it is read (413; FastAPI would parse all of it first), and a
@@ -253,7 +263,6 @@ class StreamForwarder:
             logger.warning("DTD streams: API server %d cannot reach API server %d: %s", peers.index, owner, e)
             await send({"type": "websocket.close", "code": 1011})  # before accepting: the handshake is refused
             return
-        await send({"type": "websocket.accept"})
 
         async def up():  # client -> owner
             while True:
@@ -267,15 +276,25 @@ class StreamForwarder:
                 async for msg in peer:
                     key = "text" if isinstance(msg, str) else "bytes"
                     await send({"type": "websocket.send", key: msg})
-            await send({"type": "websocket.close", "code": peer.close_code or 1000})
+            await send({"type": "websocket.close", "code": _sendable_close_code(peer.close_code)})
 
-        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-        try:
+        accept = {"type": "websocket.accept"}
+        if "realtime" in scope.get("subprotocols", ()):  # as the owner's route answers it (OpenAI's browser SDK)
+            accept["subprotocol"] = "realtime"
+        tasks: list[asyncio.Future] = []
+        try:  # whatever happens from here (a client gone at the handshake too), the owner sees the client leave
+            await send(accept)
+            tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in tasks:
                 t.cancel()
-            await peer.close()  # the owner sees the client leave: its socket's end (response aborted, ...)
+            try:
+                await peer.close()  # the owner sees the client leave: its socket's end (response aborted, ...)
+            finally:
+                for t in tasks:  # a side that failed (a peer gone mid-send): the relay's end, not an error to log
+                    if t.done() and not t.cancelled():
+                        t.exception()
 
     async def _forward(self, peers: Peers, owner: int, scope, receive, send, max_body: int) -> None:
         body = bytearray()

@@ -36,7 +36,9 @@ The subset of OpenAI's GA events a text-out video session needs (the rest is an 
 
 The socket owns its stream: closing it ends any response in flight (the engine aborts the request)
 and closes the stream, unless ``session.dtd.keep_stream`` is true; then ``?stream_id=<id>`` on a new
-connection resumes it within the stream's idle time-out (``DTD_STREAM_IDLE_SECONDS``). Several
+connection resumes it within the stream's idle time-out (``DTD_STREAM_IDLE_SECONDS``; an open socket's
+stream does not expire, and one closed under it, by ``DELETE /v1/streams/{id}``, ends the session: an
+``error`` event, 404, and the socket closes). Several
 API-server processes: a resume reaching another process than the stream's is relayed there by
 :class:`vllm_plugin.streams.forward.StreamForwarder`.
 
@@ -59,7 +61,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from vllm_plugin import settings as plugin_settings
-from vllm_plugin.errors import DTDError, InvalidRequest, NotFound, StreamFull, TooManyStreams
+from vllm_plugin.errors import DTDError, InvalidRequest, NotFound, StreamFull, StreamNotFound, TooManyStreams
 from vllm_plugin.streams import openai_format
 from vllm_plugin.streams.forward import FORWARDED, REALTIME_PATH
 from vllm_plugin.streams.routes import (
@@ -70,7 +72,7 @@ from vllm_plugin.streams.routes import (
     http_status,
 )
 from vllm_plugin.streams.service import StreamService, describe
-from vllm_plugin.streams.session import Stream
+from vllm_plugin.streams.session import Stream, StreamSettings
 
 logger = logging.getLogger("vllm.dtd_plugin")
 router = APIRouter()
@@ -90,6 +92,11 @@ EVENT_POLL_S = 0.2  # how often the stream's own events (proactive answers) are 
 SESSION_FIELDS = {"type", "model", "instructions", "output_modalities", "max_output_tokens", "dtd"}
 # session.dtd: the HTTP open's fields, and this socket's own
 SOCKET_FIELDS = {"keep_stream"}
+# what one socket keeps of its items, whatever its client sends over hours
+MAX_ITEM_ID = 64  # characters of a client's item id
+MAX_ITEMS = 1024  # item ids remembered (duplicates, conversation.item.delete); older ones are forgotten
+MAX_PENDING_QUESTIONS = 64  # questions waiting for a response.create (their text together must fit a question)
+GONE = "the stream was closed (DELETE /v1/streams/{id}) or expired: this session has ended"
 
 
 class RealtimeError(InvalidRequest):
@@ -146,9 +153,14 @@ class RealtimeSession:
         self.response: asyncio.Task | None = None
         self.first_frame_at: float | None = None
         self.events_seen = -1
+        self.attached = ATTACHED  # the streams with an open socket (run() says which set)
+        self.client_event_id: str | None = None  # of the client event being handled
         self._send_lock = asyncio.Lock()
+        self._flush_lock = asyncio.Lock()  # the stream's events go out once each, in order
+        self._gone = False  # the stream closed under the socket: said once, the socket closes
         relayed = ws.headers.get(FORWARDED.decode())
-        self.relayed_from = int(relayed) if relayed and relayed.isdigit() else None
+        # (latin-1 headers: "\xb2" is a digit to str.isdigit, and no number)
+        self.relayed_from = int(relayed) if relayed and relayed.isascii() and relayed.isdigit() else None
 
     # -- sending ---------------------------------------------------------------------------------------
     async def send(self, event: dict) -> bool:
@@ -199,10 +211,10 @@ class RealtimeSession:
         }
 
     # -- the stream ------------------------------------------------------------------------------------
-    async def open_stream(self) -> Stream:
-        """A new stream with the settings given so far (``session.dtd``), validated as the HTTP open."""
+    async def prepare(self, fields: dict[str, Any]) -> StreamSettings:
+        """The settings of ``fields`` (``session.dtd``), validated as the HTTP open; nothing changes."""
         try:
-            req = OpenStreamRequest(**self.open_fields)
+            req = OpenStreamRequest(**fields)
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(p) for p in first.get("loc", ())) or "dtd"
@@ -211,27 +223,75 @@ class RealtimeSession:
         settings = self.svc.settings(req)
         if settings.dtd.enabled and settings.dtd.criterion == "feature":
             await asyncio.to_thread(self.svc.encoder)  # the vision tower loads once, off the event loop
-        return self.svc.open(settings)
+        return settings
+
+    async def open_stream(self) -> Stream:
+        """A new stream with the settings given so far (``session.dtd``), validated as the HTTP open."""
+        return self.svc.open(await self.prepare(self.open_fields))
+
+    def _set_stream(self, stream: Stream | None) -> None:
+        """This socket's stream is ``stream`` (attached: no other socket resumes it)."""
+        if self.stream is not None:
+            self.attached.discard(self.stream.id)
+        self.stream = stream
+        if stream is not None:
+            self.attached.add(stream.id)
 
     async def resume(self, stream_id: str, attached: set[str]) -> None:
         stream = self.svc.get(stream_id)  # 404: unknown, closed or expired
         if stream.id in attached:
             raise RealtimeConflict(f"stream {stream_id} is attached to another open socket", "stream_attached")
-        self.stream = stream
+        self._set_stream(stream)
         self.keep_stream = True  # resumed: the client keeps it until it says otherwise
         stream.touch()
 
+    async def reopen(self, settings: StreamSettings) -> None:
+        """This socket's stream (it holds no frame) replaced by a new one with ``settings``; a full server
+        gives the new one the old one's place (the old one is closed first)."""
+        old = self.stream
+        try:
+            new = self.svc.open(settings)
+        except TooManyStreams:
+            if old is None:
+                raise
+            self._set_stream(None)  # the next event opens one with the settings before, if this fails
+            await self._close(old.id)
+            new = self.svc.open(settings)
+        else:
+            if old is not None:
+                self._set_stream(None)
+                await self._close(old.id)
+        self._set_stream(new)
+
+    async def _close(self, stream_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.svc.close(stream_id)
+
     async def close_stream(self) -> None:
         if self.stream is not None:
-            with contextlib.suppress(NotFound):
-                await self.svc.close(self.stream.id)
+            await self._close(self.stream.id)
+
+    async def gone(self, client_event_id: str | None = None) -> bool:
+        """Whether the stream closed under this open socket (``DELETE /v1/streams/{id}``, an expiry): then,
+        once, an error event and the socket closes. A closed stream takes nothing more: no cap counts it."""
+        if self.stream is None or not self.stream.closed:
+            return False
+        if not self._gone:
+            self._gone = True
+            await self.error(StreamNotFound(GONE), client_event_id)
+            with contextlib.suppress(Exception):
+                await self.ws.close(code=1000, reason="stream closed")
+        return True
 
     # -- client events ---------------------------------------------------------------------------------
     async def handle(self, raw: str | bytes) -> None:
+        self.client_event_id = None
         try:
             event = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # (nested past the parser's depth)
             raise RealtimeError(f"not a JSON event: {e}", "invalid_json") from None
+        if isinstance(event, dict) and isinstance(event.get("event_id"), str):
+            self.client_event_id = event["event_id"]
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise RealtimeError("an event is a JSON object with a string 'type'", "invalid_event", "type")
         handler = self.HANDLERS.get(event["type"])
@@ -251,7 +311,7 @@ class RealtimeSession:
         if session.get("type", "realtime") != "realtime":
             raise RealtimeError("only 'realtime' sessions (no transcription)", "invalid_event", "session.type")
         modalities = session.get("output_modalities")
-        if modalities is not None and list(modalities) != ["text"]:
+        if modalities is not None and modalities != ["text"]:
             raise RealtimeError(
                 "this video session answers in text: output_modalities ['text']",
                 "invalid_event",
@@ -267,26 +327,25 @@ class RealtimeSession:
             raise RealtimeError(
                 "max_output_tokens is an integer >= 1 or 'inf'", "invalid_event", "session.max_output_tokens"
             )
+        if "keep_stream" in dtd and not isinstance(dtd["keep_stream"], bool):
+            raise RealtimeError("session.dtd.keep_stream is true or false", "invalid_event", "session.dtd.keep_stream")
         fields = {k: v for k, v in dtd.items() if k not in SOCKET_FIELDS}
         if "instructions" in session:
             fields["instructions"] = session["instructions"]
         merged = {**self.open_fields, **fields}
         stream = self.stream
-        if fields and merged != self.open_fields:
-            if stream is not None and len(stream.store.frames):
+        if stream is None or (fields and merged != self.open_fields):
+            settings = await self.prepare(merged)  # validated as the HTTP open; nothing changes on error
+            if stream is not None and settings == stream.settings:
+                pass  # the settings it has (a client sending its session again, a default spelled out)
+            elif stream is not None and len(stream.store.frames):
                 raise StreamFull(
                     "the stream's settings (session.dtd, instructions) are fixed once it holds frames; "
                     "open a new session for other settings"
                 )
-            before, self.open_fields = self.open_fields, merged
-            try:
-                new = await self.open_stream()  # validated as the HTTP open; the old stream stays on error
-            except BaseException:
-                self.open_fields = before
-                raise
-            if stream is not None:
-                await self.svc.close(stream.id)
-            self.stream = new
+            else:
+                await self.reopen(settings)
+            self.open_fields = merged
         if "keep_stream" in dtd:
             self.keep_stream = bool(dtd["keep_stream"])
         if max_out is not None:
@@ -306,9 +365,9 @@ class RealtimeSession:
                     "invalid_image",
                     f"item.content[{i}].image_url",
                 )
-            ext = p.get("dtd") if isinstance(p.get("dtd"), dict) else {}
-            frames.append(FrameIn(image=url, timestamp=ext.get("timestamp")))
-        return AppendFramesRequest(frames=frames)
+            ext = p.get("dtd")
+            frames.append(FrameIn(image=url, timestamp=ext.get("timestamp") if isinstance(ext, dict) else None))
+        return AppendFramesRequest(frames=frames, video=None, start_time=None)
 
     def _stamps(self, stream: Stream, count: int) -> list[float]:
         """Stream times of ``count`` frames without timestamps: their arrival (seconds since the
@@ -333,7 +392,7 @@ class RealtimeSession:
                 "item.role",
             )
         prev = event.get("previous_item_id")
-        if prev is not None and prev != self.last_item:
+        if prev is not None and prev != self.last_item and not (prev == "root" and self.last_item is None):
             raise RealtimeError(
                 "items are appended in order: previous_item_id must be the last item (frames cannot go back in time)",
                 "invalid_item",
@@ -352,7 +411,11 @@ class RealtimeSession:
             if p.get("type") == "input_text" and not isinstance(p.get("text"), str):
                 raise RealtimeError("input_text needs a string 'text'", "invalid_item", f"item.content[{i}].text")
         item_id = item.get("id") or _id("item")
-        if not isinstance(item_id, str) or item_id in self.items:
+        if not isinstance(item_id, str) or len(item_id) > MAX_ITEM_ID:
+            raise RealtimeError(
+                f"an item id is a string of at most {MAX_ITEM_ID} characters", "invalid_item", "item.id"
+            )
+        if item_id in self.items:
             raise RealtimeError(f"item id {item_id!r} is already used", "invalid_item", "item.id")
         stream = await self.ensure_stream()
         text = "".join(p["text"] for p in parts if p.get("type") == "input_text")
@@ -363,6 +426,15 @@ class RealtimeSession:
                 raise RealtimeError(
                     "a question before any frame: add input_image frames first", "no_frames", "item.content"
                 )
+            # questions wait for a response.create, which asks them as one: their number and their text are bounded
+            if len(self.questions) >= MAX_PENDING_QUESTIONS:
+                raise RealtimeError(
+                    f"{len(self.questions)} questions wait for a response: send response.create first",
+                    "too_many_questions",
+                    "item.content",
+                )
+            pending = "\n".join([*(self.items[q]["text"] for q in self.questions), text])
+            self.svc.check_text(pending, "the questions waiting for a response", "item.content")
         added: dict | None = None
         if body is not None:
             # validated, decoded and held (as POST /frames) before the item is acknowledged
@@ -371,10 +443,12 @@ class RealtimeSession:
             if stamps is None:
                 stamps = self._stamps(stream, len(frames))
             added = await self.svc.append(stream, frames, stamps)
-        self.items[item_id] = {"kind": "question" if text else "frames", "text": text}
+            if stream.closed:  # closed meanwhile: not held by any stream (gone() tells the client)
+                return
         if text:
             self.questions.append(item_id)
-        self.last_item = item_id
+        self._remember(item_id, {"kind": "question", "text": text} if text else {"kind": "frames"})
+        prev, self.last_item = self.last_item, item_id
         out = {
             "id": item_id,
             "type": "message",
@@ -392,6 +466,16 @@ class RealtimeSession:
             done["dtd"] = {k: added[k] for k in ("frames", "steps", "kept_per_step")}
         await self.send(done)
         await self.flush_events()
+
+    def _remember(self, item_id: str, item: dict) -> None:
+        """Keep ``item`` under ``item_id``: the latest :data:`MAX_ITEMS` items, and every question waiting
+        for a response (frames and answered turns of hours must not grow a socket's memory)."""
+        self.items[item_id] = item
+        while len(self.items) > MAX_ITEMS:
+            old = next((i for i in self.items if i not in self.questions), None)
+            if old is None:
+                break
+            del self.items[old]
 
     async def item_delete(self, event: dict) -> None:
         item_id = event.get("item_id")
@@ -444,6 +528,8 @@ class RealtimeSession:
             raise RealtimeError("response.dtd.temperature is in [0, 2]", "invalid_event", "response.dtd.temperature")
         question_ids, self.questions = self.questions, []
         question = "\n".join(self.items[i]["text"] for i in question_ids)
+        for i in question_ids:  # asked: no longer deletable, their text no longer kept here
+            self.items[i] = {"kind": "answered"}
         self.response = asyncio.get_running_loop().create_task(
             self.respond(
                 stream,
@@ -463,8 +549,7 @@ class RealtimeSession:
         if task is None or task.done():
             raise RealtimeError("no response in flight", "response_cancel_not_active", "response_id")
         task.cancel()  # the task sends response.done (cancelled); the engine aborts the request
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait([task])  # (not `await task`: that would swallow this handler's own cancellation)
 
     HANDLERS = {
         "session.update": session_update,
@@ -476,8 +561,8 @@ class RealtimeSession:
 
     async def ensure_stream(self) -> Stream:
         if self.stream is None:
-            self.stream = await self.open_stream()
-        return self.stream
+            self._set_stream(await self.open_stream())
+        return self.stream  # type: ignore[return-value]
 
     # -- a response ------------------------------------------------------------------------------------
     async def respond(
@@ -515,17 +600,7 @@ class RealtimeSession:
                 timing.saw(out)
                 if not started:
                     started = True
-                    await self.send(
-                        {
-                            "type": "response.output_item.added",
-                            "response_id": rid,
-                            "output_index": 0,
-                            "item": {**item, "status": "in_progress"},
-                        }
-                    )
-                    await self.send(
-                        {"type": "response.content_part.added", **where, "part": {"type": "output_text", "text": ""}}
-                    )
+                    await self.output_started(item, where)
                 text = out.outputs[0].text
                 if len(text) > sent:
                     await self.send({"type": "response.output_text.delta", **where, "delta": text[sent:]})
@@ -547,6 +622,27 @@ class RealtimeSession:
             return
         finally:
             await gen.aclose()  # now, not when collected: a cancelled answer frees the stream at once
+        # the answer is complete (and in the conversation): a cancel arriving now does not stop its closing
+        # events, nor its response.done
+        closing = asyncio.ensure_future(self.finish(stream, out, timing, with_ids, started, item, where, response))
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing
+        if remember:
+            self._remember(item_id, {"kind": "answer"})
+        await self.flush_events()
+
+    async def output_started(self, item: dict, where: dict) -> None:
+        """The answer's output item and its text part begin (before its first delta)."""
+        rid = where["response_id"]
+        added = {"type": "response.output_item.added", "response_id": rid, "output_index": 0}
+        await self.send({**added, "item": {**item, "status": "in_progress"}})
+        await self.send({"type": "response.content_part.added", **where, "part": {"type": "output_text", "text": ""}})
+
+    async def finish(self, stream, out, timing, with_ids: bool, started: bool, item: dict, where: dict, response):
+        """A complete answer's closing events, then its ``response.done``."""
+        rid = response["id"]
         text = out.outputs[0].text if out is not None else ""
         finish = out.outputs[0].finish_reason if out is not None else None
         done_item = {
@@ -555,24 +651,10 @@ class RealtimeSession:
             "content": [{"type": "output_text", "text": text}],
         }
         if not started:
-            await self.send(
-                {
-                    "type": "response.output_item.added",
-                    "response_id": rid,
-                    "output_index": 0,
-                    "item": {**item, "status": "in_progress"},
-                }
-            )
-            await self.send(
-                {"type": "response.content_part.added", **where, "part": {"type": "output_text", "text": ""}}
-            )
+            await self.output_started(item, where)
         await self.send({"type": "response.output_text.done", **where, "text": text})
         await self.send({"type": "response.content_part.done", **where, "part": {"type": "output_text", "text": text}})
         await self.send({"type": "response.output_item.done", "response_id": rid, "output_index": 0, "item": done_item})
-        if remember:
-            self.items[item_id] = {"kind": "answer", "text": text}
-            for q in question_ids:
-                self.items[q]["kind"] = "answered"
         state = self.svc.state(stream, out, timing, with_ids) if out is not None else {}
         response.update(
             status="completed" if finish != "length" else "incomplete",
@@ -582,7 +664,6 @@ class RealtimeSession:
             dtd={"finish_reason": finish, "stream_state": state},
         )
         await self.send({"type": "response.done", "response": response})
-        await self.flush_events()
 
     # -- the stream's own events -----------------------------------------------------------------------
     async def flush_events(self) -> None:
@@ -590,20 +671,28 @@ class RealtimeSession:
         stream = self.stream
         if stream is None:
             return
-        for e in stream.events.after(self.events_seen):
-            self.events_seen = e["index"]
-            kind = "proactive_answer" if e.get("type") == "answer" else e.get("type", "event")
-            await self.send(
-                {**{k: v for k, v in e.items() if k != "type"}, "type": f"dtd.{kind}", "stream_id": stream.id}
-            )
+        async with self._flush_lock:  # the watcher, an item's acknowledgement, a response's end: one at a time
+            for e in stream.events.after(self.events_seen):
+                self.events_seen = e["index"]
+                kind = "proactive_answer" if e.get("type") == "answer" else e.get("type", "event")
+                await self.send(
+                    {**{k: v for k, v in e.items() if k != "type"}, "type": f"dtd.{kind}", "stream_id": stream.id}
+                )
 
     async def watch_events(self) -> None:
+        """The stream's events as they happen; the open socket is the stream's client (it does not expire
+        while the socket is open), and a stream closed under it ends the session."""
         while True:
             await asyncio.sleep(EVENT_POLL_S)
+            if await self.gone():
+                return
+            if self.stream is not None:
+                self.stream.touch()
             await self.flush_events()
 
     # -- the socket's life -----------------------------------------------------------------------------
     async def run(self, resume_id: str | None, attached: set[str]) -> None:
+        self.attached = attached
         try:
             if resume_id is not None:
                 await self.resume(resume_id, attached)
@@ -614,9 +703,8 @@ class RealtimeSession:
             code = 1013 if isinstance(e, TooManyStreams) else 1008  # try again later / policy violation
             await self.ws.close(code=code, reason=str(e)[:120])
             return
-        attached.add(self.stream.id)
         if resume_id is not None:
-            self.events_seen = self.stream.events.last_index  # a resumed socket sees what happens from now
+            self.events_seen = self.stream.events.last_index  # type: ignore[union-attr]  # what happens from now
         await self.send({"type": "session.created", "session": self.session_object()})
         watcher = asyncio.get_running_loop().create_task(self.watch_events())
         try:
@@ -624,43 +712,47 @@ class RealtimeSession:
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     break
-                raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
-                client_event_id = None
+                text = msg.get("text")
+                raw = text if text is not None else (msg.get("bytes") or b"")
                 try:
-                    with contextlib.suppress(Exception):
-                        client_event_id = json.loads(raw).get("event_id")
-                    await self.handle(raw)
+                    if not await self.gone():
+                        await self.handle(raw)
                 except (DTDError, ValueError) as e:  # the client's mistake or a limit: the socket stays open
-                    await self.error(e, client_event_id)
+                    await self.error(e, self.client_event_id)
                 except Exception as e:  # noqa: BLE001 - never let one event take the socket down
-                    logger.warning("DTD realtime %s: %s", self.id, describe(e))
-                    await self.error(e, client_event_id)
+                    logger.warning("DTD realtime %s: %s", self.id, describe(e), exc_info=True)
+                    # its details stay in the server's log
+                    await self.error(Exception("the server failed on this event (see its log)"), self.client_event_id)
+                if await self.gone(self.client_event_id):
+                    break
         finally:
             watcher.cancel()
             # shielded: a server (or test client) that cancels the handler still gets the request
             # aborted and the stream closed
-            end = asyncio.ensure_future(self.end(attached))
+            end = asyncio.ensure_future(self.end())
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(end)
 
-    async def end(self, attached: set[str]) -> None:
+    async def end(self) -> None:
         """The socket is gone: the response in flight ends (the engine aborts its request), and the
-        stream closes unless the client keeps it."""
+        stream closes unless the client keeps it (attached until then: no resume gets a closing stream)."""
         task = self.response
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        attached.discard(self.stream.id)
         if not self.keep_stream:
             await self.close_stream()
+        self._set_stream(None)
 
 
 @router.websocket(PATH)
 async def realtime(websocket: WebSocket):
     """OpenAI Realtime API (GA) for video streams: see :mod:`vllm_plugin.streams.realtime`."""
     svc: StreamService | None = getattr(websocket.app.state, "dtd_streams", None)
-    await websocket.accept()
+    # OpenAI's browser SDK offers "realtime" (and its key) as subprotocols: a browser fails a handshake
+    # whose answer names none of those it offered
+    await websocket.accept(subprotocol="realtime" if "realtime" in websocket.scope.get("subprotocols", ()) else None)
     model = websocket.query_params.get("model")
     session = RealtimeSession(websocket, svc, model or (svc.served_names[0] if svc else ""))  # type: ignore[arg-type]
     if svc is None:

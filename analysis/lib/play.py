@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -104,6 +105,12 @@ def data_uri(frame: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_png(frame)).decode()
 
 
+def user_message(*parts: dict) -> Any:
+    """A user message item of OpenAI's Realtime API with these content parts (typed ``Any``: the SDK's
+    TypedDicts have no ``dtd`` extension)."""
+    return {"type": "message", "role": "user", "content": list(parts)}
+
+
 async def play_realtime(
     base_url: str,
     model: str,
@@ -139,7 +146,8 @@ async def play_realtime(
                     return e
             raise RuntimeError(f"the socket closed before {kind}")
 
-        await conn.session.update(session={"type": "realtime", "dtd": stream_settings or {}})
+        session: Any = {"type": "realtime", "dtd": stream_settings or {}}  # (the SDK's types lack the extension)
+        await conn.session.update(session=session)
         await until("session.updated")
         t_start, next_q = time.monotonic(), ask_every
         for i, (frame, t) in enumerate(zip(frames, timestamps)):
@@ -148,13 +156,12 @@ async def play_realtime(
                 if wait > 0:
                     await asyncio.sleep(wait)
             image = {"type": "input_image", "image_url": data_uri(frame), "dtd": {"timestamp": float(t)}}
-            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [image]})
+            await conn.conversation.item.create(item=user_message(image))
             await until("conversation.item.done")
             if float(t) + 1e-9 < next_q and i + 1 < len(frames):
                 continue
             t0 = time.perf_counter()
-            text = {"type": "input_text", "text": question}
-            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [text]})
+            await conn.conversation.item.create(item=user_message({"type": "input_text", "text": question}))
             await until("conversation.item.done")
             await conn.response.create(response={"max_output_tokens": max_tokens})
             done = (await until("response.done")).response
@@ -169,7 +176,7 @@ async def play_realtime(
             rec.questions.append(q)
             on_answer and on_answer(q)
             next_q = float(t) + ask_every
-        await conn.session.update(session={})  # session.updated carries the stream's status
+        await conn.session.update(session={"type": "realtime"})  # session.updated carries the stream's status
         st = (await until("session.updated")).session.dtd["stream"]
     rec.kept_per_step, rec.tokens_per_step = st["kept_per_step"], st["tokens_per_step"]
     rec.step_seconds = st["temporal_patch_size"] / st["fps"]

@@ -339,3 +339,20 @@ def test_the_plugin_refuses_to_start_beside_vllms_own_realtime_route(monkeypatch
     free = FastAPI()
     realtime.attach(free)
     assert [r.endpoint for r in free.routes if getattr(r, "path", None) == "/v1/realtime"] == [realtime.realtime]
+
+
+def test_frames_without_timestamps_take_their_arrival_time_at_least_one_step_apart(app):
+    svc = app.state.dtd_streams
+    with TestClient(app) as client, _session(client) as ws:
+        sid = ws.receive_json()["session"]["dtd"]["stream_id"]
+        ws.send_json({"type": "session.update", "session": {"dtd": {"fps": 2.0}}})
+        sid = _until(ws, "session.updated")[-1]["session"]["dtd"]["stream_id"]
+        for i in range(3):  # a burst: spaced 1/fps, as the HTTP route spaces frames without timestamps
+            ws.send_json(_frames_item(1, start=i))
+            _until(ws, "conversation.item.done")
+        time.sleep(2.0)  # then a frame 2 s after the first one arrived: its arrival time
+        ws.send_json(_frames_item(1, start=3))
+        _until(ws, "conversation.item.done")
+        stamps = svc.get(sid).store.timestamps
+        assert stamps[:3] == [0.0, 0.5, 1.0]
+        assert 2.0 <= stamps[3] < 3.5

@@ -239,3 +239,58 @@ def test_a_realtime_stream_resumes_from_either_process(dp_server):
         while _get(f"{dp_server.base_url}/v1/streams/{sid}").status_code != 404:
             assert time.time() < deadline, f"{sid} outlived its last socket"
             time.sleep(0.2)
+
+
+def test_new_realtime_sockets_go_where_there_is_room(dp_server):
+    """Each API-server process holds half of the server's streams (8 of 16 here). With API server 0
+    full (8 HTTP streams), new sockets still land on either process; one reaching the full process is
+    relayed to its peer, which opens the stream: all 8 open there; the next one gets an error event
+    (429) and close code 1013."""
+    import asyncio
+
+    import websockets
+
+    base = dp_server.base_url
+    url = base.replace("http", "ws") + f"/v1/realtime?model={dp_server.model}"
+    held = []  # HTTP streams on API server 0, until it is full
+    try:
+        for _ in range(100):
+            r = _post(base + "/v1/streams", json={})
+            assert r.status_code == 200, r.text
+            sid = r.json()["id"]
+            if sid.startswith("strm-0-"):
+                held.append(sid)
+            else:
+                assert requests.delete(f"{base}/v1/streams/{sid}", timeout=30).ok
+            if len(held) == 8:
+                break
+        assert len(held) == 8
+
+        async def run():
+            socks, owners, relayed = [], [], 0
+            try:
+                for _ in range(8):  # one after the other: each sees the streams the ones before opened
+                    ws = await websockets.connect(url, max_size=None)
+                    socks.append(ws)
+                    created = json.loads(await ws.recv())
+                    assert created["type"] == "session.created", created
+                    owners.append(int(created["session"]["dtd"]["stream_id"].split("-")[1]))
+                    relayed += created["session"]["dtd"]["relayed_from"] is not None
+                ws = await websockets.connect(url, max_size=None)
+                socks.append(ws)
+                e = json.loads(await ws.recv())
+                assert e["type"] == "error" and e["error"]["status"] == 429, e
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+                assert closed.value.rcvd.code == 1013
+            finally:
+                for ws in socks:
+                    await ws.close()
+            return owners, relayed
+
+        owners, relayed = asyncio.run(run())
+        # the kernel hands connections to either process: those reaching the full one were relayed
+        assert owners == [1] * 8 and relayed > 0, (owners, relayed)
+    finally:
+        for sid in held:
+            requests.delete(f"{base}/v1/streams/{sid}", timeout=30)

@@ -38,6 +38,9 @@ logger = logging.getLogger("vllm.dtd_plugin")
 _PATH = re.compile(r"^/v1/streams/([^/]+)")
 REALTIME_PATH = "/v1/realtime"  # vllm_plugin.streams.realtime.PATH (that module imports this one)
 FORWARDED = b"x-dtd-forwarded-from"
+# a relayed Realtime socket whose stream was opened for it in its owner (this process was full): the
+# owner's session treats it as a new one (closing the socket closes it), not as a resume
+OPENED_FOR_SOCKET = b"x-dtd-opened-for-socket"
 _HOP = {
     b"host",
     b"connection",
@@ -192,6 +195,11 @@ def _sendable_close_code(code: int | None) -> int:
     return code
 
 
+def _full(svc, peers: Peers) -> bool:
+    """Whether this process holds all the streams it may while it has peers (they may have room)."""
+    return peers.count > 1 and svc is not None and len(svc.manager) >= svc.manager.limits.max_streams
+
+
 class StreamForwarder:
     """ASGI middleware in front of the stream routes: a body larger than an append may be is
     refused before it is read (413; FastAPI would parse all of it first), and a
@@ -226,12 +234,16 @@ class StreamForwarder:
 
     async def _realtime(self, scope, receive, send) -> None:
         """A Realtime socket resuming a stream (``?stream_id=``) of another API-server process is
-        relayed there, message by message, both ways; everything else is this process's."""
+        relayed there, message by message, both ways; so is a new socket reaching a process that holds
+        all the streams it may, to a peer with room (:meth:`_realtime_elsewhere`); everything else is
+        this process's."""
         svc = getattr(getattr(scope.get("app"), "state", None), "dtd_streams", None)
         peers: Peers | None = getattr(svc, "peers", None)
         sid = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("stream_id", [None])[0]
         owner = stream_owner(sid) if sid else None
         forwarded = any(k == FORWARDED for k, _ in scope["headers"])
+        if sid is None and not forwarded and peers is not None and _full(svc, peers):  # a new socket: a peer's
+            return await self._realtime_elsewhere(peers, scope, receive, send)
         if (
             peers is None
             or peers.count <= 1
@@ -241,6 +253,31 @@ class StreamForwarder:
             or forwarded
         ):
             return await self.app(scope, receive, send)
+        await self._forward_socket(peers, owner, scope, receive, send)
+
+    async def _realtime_elsewhere(self, peers: Peers, scope, receive, send) -> None:
+        """A new Realtime socket reaching a process that holds all the streams it may: a peer with room
+        opens the stream (with the server's defaults, as the socket's own would be) and the socket is
+        relayed there; no peer has room: this process answers (429 as an error event)."""
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope["headers"]
+            if k.lower() not in _HOP and not k.lower().startswith(b"sec-websocket")
+        }
+        headers["content-type"] = "application/json"
+        resp = await peers.open_elsewhere(headers, b"{}")
+        if resp is None or resp.status_code != 200:
+            return await self.app(scope, receive, send)
+        sid = resp.json()["id"]
+        owner = stream_owner(sid)
+        if owner is None:
+            return await self.app(scope, receive, send)
+        qs = scope.get("query_string", b"").decode("latin-1")
+        scope = {
+            **scope,
+            "query_string": ((qs + "&") if qs else "").encode("latin-1") + f"stream_id={sid}".encode(),
+            "headers": [*scope["headers"], (OPENED_FOR_SOCKET, b"1")],
+        }
         await self._forward_socket(peers, owner, scope, receive, send)
 
     async def _forward_socket(self, peers: Peers, owner: int, scope, receive, send) -> None:

@@ -63,7 +63,7 @@ from starlette.websockets import WebSocketState
 from vllm_plugin import settings as plugin_settings
 from vllm_plugin.errors import DTDError, InvalidRequest, NotFound, StreamFull, StreamNotFound, TooManyStreams
 from vllm_plugin.streams import openai_format
-from vllm_plugin.streams.forward import FORWARDED, REALTIME_PATH
+from vllm_plugin.streams.forward import FORWARDED, OPENED_FOR_SOCKET, REALTIME_PATH
 from vllm_plugin.streams.routes import (
     AppendFramesRequest,
     FrameIn,
@@ -161,6 +161,8 @@ class RealtimeSession:
         relayed = ws.headers.get(FORWARDED.decode())
         # (latin-1 headers: "\xb2" is a digit to str.isdigit, and no number)
         self.relayed_from = int(relayed) if relayed and relayed.isascii() and relayed.isdigit() else None
+        # a stream a peer opened for this socket (its own process was full): the socket's own, not a resume
+        self.opened_for_socket = self.relayed_from is not None and ws.headers.get(OPENED_FOR_SOCKET.decode()) == "1"
 
     # -- sending ---------------------------------------------------------------------------------------
     async def send(self, event: dict) -> bool:
@@ -242,7 +244,7 @@ class RealtimeSession:
         if stream.id in attached:
             raise RealtimeConflict(f"stream {stream_id} is attached to another open socket", "stream_attached")
         self._set_stream(stream)
-        self.keep_stream = True  # resumed: the client keeps it until it says otherwise
+        self.keep_stream = not self.opened_for_socket  # resumed: the client keeps it until it says otherwise
         stream.touch()
 
     async def reopen(self, settings: StreamSettings) -> None:

@@ -2,6 +2,7 @@
 no vLLM): the tiny checkpoint's tokenizer and chat template, and a ``generate`` that answers "a cat"."""
 
 import asyncio
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,6 +68,18 @@ class FakeEngine:
         raise errors.InvalidOption(
             "dtd_criterion", "dtd_criterion: 'feature' needs a vision tower; this engine has none"
         )
+
+
+_KIND = re.compile(r"-(q|prefill|reanchor)[0-9]")
+
+
+def request_kind(request_id: str) -> str:
+    """What a stream's engine request is: ``"q"`` (a question), ``"prefill"`` (an eager prefill),
+    ``"reanchor"`` (a piece of a re-anchor) or ``""``. Read right after the stream id's first 12
+    characters, as the service names them (``<stream id[:12]>-<kind><n>-<hex>``), never searched for in
+    the whole id: the id's random part may hold ``-q`` itself (1 stream in ~60)."""
+    m = _KIND.match(request_id, 12)
+    return m.group(1) if m else ""
 
 
 async def until(predicate, seconds: float = 20.0) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from fake_engine import FakeEngine, until
+from fake_engine import FakeEngine, request_kind, until
 
 from vllm_plugin.entrypoints.options import GIVEN_MASK
 from vllm_plugin.streams.session import Limits, StreamManager
@@ -51,7 +51,8 @@ class Engine(FakeEngine):
         if self.extra(prompt) > self.position_room:
             self.refused.append(request_id)
             raise ValueError("this request's M-RoPE positions could pass the rotary table")
-        gate = self.gate if "-reanchor" in request_id else self.question_gate if "-q" in request_id else None
+        kind = request_kind(request_id)
+        gate = self.gate if kind == "reanchor" else self.question_gate if kind == "q" else None
         if gate is not None:
             await gate.wait()
         if self.fail(request_id):
@@ -191,7 +192,7 @@ def test_a_stream_closed_during_the_ahead_prefill_sends_the_engine_no_more_piece
         await svc.close(stream.id)
         engine.gate.set()
         await until(lambda: stream.prefill_task is None and plan.done.is_set())
-        pieces = [rid for rid, _ in engine.sent if "-reanchor" in rid]
+        pieces = [rid for rid, _ in engine.sent if request_kind(rid) == "reanchor"]
         assert len(pieces) == 1, pieces  # the one in flight when the stream closed
         await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10)
 
@@ -324,8 +325,8 @@ def test_whatever_is_answered_during_an_ahead_prefill_the_switch_is_consistent(t
                 continue
             q = f"{what} {i}?"
             if what.endswith("fail"):  # the question's request, or the prefill of its backlog, fails
-                failing = "-prefill" if what == "backlog-fail" else "-q"
-                engine.fail = lambda rid, failing=failing: failing in rid
+                failing = "prefill" if what == "backlog-fail" else "q"
+                engine.fail = lambda rid, failing=failing: request_kind(rid) == failing
                 with pytest.raises(RuntimeError):
                     await svc.answer(stream, q, max_tokens=4)
                 engine.fail = lambda rid: False
@@ -357,12 +358,18 @@ def test_whatever_is_answered_during_an_ahead_prefill_the_switch_is_consistent(t
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("stream_id", ["random", "holding -q"])
 def test_a_question_cancelled_while_it_waits_or_answers_during_a_re_anchor_leaks_no_lock(
-    tiny_model_path, synthetic_clip
+    tiny_model_path, synthetic_clip, stream_id, monkeypatch
 ):
     """A client that hangs up while its question waits for the switch, or while it is answered on the
     old conversation: the stream's lock is free, the cut chunk dropped, the switch happens, and the next
-    question is answered."""
+    question is answered. Also with a stream id whose random part starts with ``q`` (its requests hold
+    ``-q``, as 1 stream in ~60 does): the engine's gates tell a question by its kind, not by a search."""
+    if stream_id != "random":
+        import vllm_plugin.streams.session as session
+
+        monkeypatch.setattr(session.secrets, "token_urlsafe", lambda n=None: "q" + "A" * 31)
     frames = np.concatenate([synthetic_clip.frames] * 12)
     svc = _service(tiny_model_path)
     engine = svc.engine
@@ -376,7 +383,7 @@ def test_a_question_cancelled_while_it_waits_or_answers_during_a_re_anchor_leaks
         await svc.append(stream, list(frames[n : n + 8]))
         n += 8
         answering = asyncio.ensure_future(svc.answer(stream, "Slow?", max_tokens=4))
-        await until(lambda: any("-q" in rid for rid, _ in engine.sent))
+        await until(lambda: any(request_kind(rid) == "q" for rid, _ in engine.sent))
         assert len(conv.chunks) == plan.chunks + 1
         answering.cancel()
         await asyncio.gather(answering, return_exceptions=True)
@@ -413,7 +420,7 @@ def test_an_ahead_prefill_the_engine_fails_still_switches_and_a_relieve_meanwhil
         stream = _open(svc)
         await _pending(svc, stream, frames)
         svc.relieve(stream)
-        engine.fail = lambda rid: "-reanchor" in rid
+        engine.fail = lambda rid: request_kind(rid) == "reanchor"
         engine.gate.set()
         await until(lambda: stream.reanchoring is None and stream.prefill_task is None and not svc.tasks)
         anchors = [e for e in stream.events if e["type"] == "reanchor"]

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from fake_engine import FakeEngine, until
+from fake_engine import FakeEngine, request_kind, until
 
 from vllm_plugin import errors
 from vllm_plugin.core import DTDConfig, dtd_keep_mask, frame_tokens
@@ -387,7 +387,7 @@ class GatedEngine(FakeEngine):
         self.by_id[request_id] = prompt
         items = prompt.get("multi_modal_data", {}).get("video", [])
         assert prompt["prompt_token_ids"].count(self.video_pad) == len(items), "placeholders and items differ"
-        if "-reanchor" in request_id and self.gate is not None:
+        if request_kind(request_id) == "reanchor" and self.gate is not None:
             await self.gate.wait()
         async for out in super().generate(prompt, params, request_id, data_parallel_rank):
             yield out
@@ -470,7 +470,7 @@ def test_a_question_during_a_re_anchor_is_answered_on_the_conversation_as_it_was
         text = engine.tokenizer.decode(second["prompt_token_ids"])
         assert text.count("What is new?") == 1 and text.index("What is new?") < text.index("And now?")
         # the re-anchor's own prefill is a prefix of the next question's prompt (the prefix cache serves it)
-        pieces = [p for rid, p in engine.by_id.items() if "-reanchor" in rid]
+        pieces = [p for rid, p in engine.by_id.items() if request_kind(rid) == "reanchor"]
         assert len(pieces) >= 2 and len(pieces) == len(svc.ahead_pieces(stream, plan.anchor.ranges))
         for before, after in zip(pieces, pieces[1:]):  # growing prefixes: the prefix cache serves each piece's start
             assert after["prompt_token_ids"][: len(before["prompt_token_ids"])] == before["prompt_token_ids"]

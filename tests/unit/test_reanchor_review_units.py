@@ -453,3 +453,71 @@ def test_an_eager_stream_that_stays_due_after_each_switch_still_ends_its_prefill
         assert r["stream_state"]["chunk_ranges"][-1][1] == 96 and engine.refused == []
 
     asyncio.run(run())
+
+
+def _no_hole(stream) -> None:
+    """Every frame before the conversation's next one is in an item or was freed by a re-anchor, and
+    the chunks after the re-anchor's keyframes follow each other (nothing skipped)."""
+    conv = stream.conversation
+    recent = [c for c in conv.chunks if c not in conv.key_ranges]
+    assert all(b == c for (_, b), (c, _) in zip(recent, recent[1:])), conv.chunks
+    assert recent[-1][1] == conv.next_frame
+
+
+@pytest.mark.parametrize("path", ["eager prefill", "question"])
+def test_an_eager_stream_behind_its_frames_cuts_them_in_several_chunks_and_drops_none(
+    tiny_model_path, synthetic_clip, path
+):
+    """More kept tokens wait than the next chunk may hold (frames pushed faster than prefilled, or held
+    back by a question): an eager stream cuts them in chunks of at most that many kept tokens (re-anchoring
+    between), on its prefill's path or the question's, and drops none (a lazy stream keeps the latest, below).
+    Before: the oldest were dropped (a ``dropped`` event) — holes in the conversation of a stream that
+    prefills everything, 1 CI run in ~3 of the accelerated serving test."""
+    frames = np.concatenate([synthetic_clip.frames] * 3)
+    N = 80
+    svc = _service(tiny_model_path)
+    if path == "question":  # no prefill runs: the question's own path meets the backlog
+        svc.after_append = lambda stream: None
+
+    async def run():
+        stream = _open(svc, context_tokens=256)
+        conv = stream.conversation
+        await svc.append(stream, list(frames[:N]))  # decided on return; the prefill has not run yet
+        limit = svc.new_frames_limit(stream, 0)
+        assert conv.next_frame == 0 and conv.chunk_tokens(0, N) > 2 * limit  # more than two chunks'
+        await until(lambda: stream.prefill_task is None)
+        if path == "eager prefill":
+            assert len(conv.chunks) > 2 and conv.next_frame == N
+        r = await svc.answer(stream, "What?", max_tokens=4)
+        await until(lambda: stream.prefill_task is None)
+        assert not [e for e in stream.events.after(-1) if e["type"] == "dropped"]
+        assert conv.next_frame == N and stream.store.evicted_frames + stream.store.held_frames == N
+        _no_hole(stream)
+        _consistent(svc, stream)
+        chunks = [tuple(c) for c in r["stream_state"]["chunk_ranges"]]
+        assert chunks[-1][1] == N and conv.reanchors >= 1
+        big = [(a, b) for a, b in chunks if (b - a) > 2 and conv.chunk_tokens(a, b) > limit]
+        assert not big, (big, limit)
+
+    asyncio.run(run())
+
+
+def test_a_lazy_stream_asked_late_keeps_its_latest_frames(tiny_model_path, synthetic_clip):
+    """A lazy stream nobody asked for longer than its budget holds: the oldest frames not asked about
+    are dropped before the cut (a ``dropped`` event), the latest kept."""
+    frames = np.concatenate([synthetic_clip.frames] * 3)
+    svc = _service(tiny_model_path)
+
+    async def run():
+        from vllm_plugin.streams.routes import OpenStreamRequest
+
+        stream = svc.open(
+            svc.settings(OpenStreamRequest(fps=2.0, prefill="lazy", memory={"keep": "recent", "context_tokens": 256}))
+        )
+        await svc.append(stream, list(frames[:80]))
+        await svc.answer(stream, "What?", max_tokens=4)
+        dropped = [e for e in stream.events.after(-1) if e["type"] == "dropped"]
+        assert dropped and stream.store.evicted_frames == dropped[0]["frames"] > 0
+        assert stream.conversation.chunks == [(dropped[0]["frames"], 80)]
+
+    asyncio.run(run())

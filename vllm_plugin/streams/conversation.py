@@ -240,6 +240,19 @@ class Conversation:
         the steps left with no frame. Under :attr:`lock`."""
         self.policy.forget(self.store.free(frames))
 
+    def steps_within(self, max_tokens: int) -> int:
+        """How many of the oldest steps not in a chunk yet hold at most ``max_tokens`` kept tokens
+        together (at least one when any waits): an eager stream's next chunk, when more wait."""
+        kept = self.store.kept_per_step
+        steps = self.uncut_steps()
+        total, n = 0, 0
+        for s in steps:
+            total += kept[s]
+            if n and total > max_tokens:
+                break
+            n += 1
+        return n
+
     def drop_uncut(self, max_tokens: int, keep_steps: int | None = None) -> int:
         """Bound the next chunk: free the oldest steps not in a chunk yet while their kept tokens are
         more than ``max_tokens`` (the latest step always stays), or (``keep_steps``) all but the latest

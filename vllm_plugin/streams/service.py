@@ -459,12 +459,32 @@ class StreamService:
             }
         )
 
-    def bound_next_chunk(self, stream: Stream, room: int) -> None:
-        """Before a cut: the steps not in a chunk yet may hold at most the share of the budget a
-        re-anchor leaves free, less ``room`` (the question); older ones are dropped (a lazy stream
-        nobody asked for longer than its budget holds, or one whose prefill fell far behind)."""
-        conv = stream.conversation
+    def eager(self, stream: Stream) -> bool:
+        """The stream prefills its frames as they arrive (eager, and its prefill never failed)."""
+        return stream.settings.prefill == "eager" and not stream.eager_stopped
+
+    def new_frames_limit(self, stream: Stream, room: int) -> int | None:
+        """Kept tokens the next chunk may hold: the share of the budget a re-anchor leaves free, less
+        ``room`` (the question); None without a budget."""
         budget = self.budget(stream)
+        if budget is None:
+            return None
+        return max(1, int((1 - stream.settings.memory.anchor_fraction) * budget) - room)
+
+    def over_limit(self, stream: Stream, room: int) -> bool:
+        """More kept tokens wait, not in a chunk yet, than the next chunk may hold (:meth:`new_frames_limit`)."""
+        limit = self.new_frames_limit(stream, room)
+        conv, tps = stream.conversation, stream.geometry.temporal_patch_size
+        steps = conv.uncut_steps()
+        return limit is not None and len(steps) > 0 and conv.chunk_tokens(steps.start * tps, steps.stop * tps) > limit
+
+    def bound_next_chunk(self, stream: Stream, room: int) -> int | None:
+        """Before a cut: the next chunk holds at most :meth:`new_frames_limit` kept tokens. When more
+        steps wait, an eager stream (whose prefill fell behind: frames pushed faster than prefilled, or
+        held back by a question) cuts them in several chunks, re-anchoring between: the decided steps the
+        next cut may take are returned (None: all), nothing is dropped. A lazy stream nobody asked for
+        longer than its budget holds keeps the latest (the older ones are dropped, with an event)."""
+        conv = stream.conversation
         steps = conv.uncut_steps()
         tps = stream.geometry.temporal_patch_size
         # positions: the next chunk spans at most half of the room the rotary table leaves (re-anchoring frees the rest)
@@ -484,18 +504,20 @@ class StreamService:
                 "than the model's rotary table leaves room for (a long stretch at a low fps)",
             )
             steps = conv.uncut_steps()
-        if budget is None:
-            return
-        limit = max(1, int((1 - stream.settings.memory.anchor_fraction) * budget) - room)
-        if len(steps) and conv.chunk_tokens(steps.start * tps, steps.stop * tps) > limit:
-            dropped = conv.drop_uncut(limit)
-            if dropped:
-                self._dropped(
-                    stream,
-                    dropped,
-                    f"{dropped} frames not asked about or prefilled in time were dropped "
-                    "(they were more than the budget leaves for new frames)",
-                )
+        limit = self.new_frames_limit(stream, room)
+        if limit is None or not self.over_limit(stream, room):
+            return None
+        if self.eager(stream):
+            return steps.start + conv.steps_within(limit)
+        dropped = conv.drop_uncut(limit)
+        if dropped:
+            self._dropped(
+                stream,
+                dropped,
+                f"{dropped} frames not asked about were dropped "
+                "(they were more than the budget leaves for new frames; an eager stream prefills them instead)",
+            )
+        return None
 
     def plan_reanchor(self, stream: Stream, incoming: int, trigger: str, cut: bool = False) -> ReanchorPlan | None:
         """A re-anchor, when ``incoming`` more tokens would take the conversation past its budget or the
@@ -837,7 +859,9 @@ class StreamService:
     def _cut_into(self, stream: Stream, room: int, cut: list, steps: int | None = None) -> None:
         """Bound what waits (:meth:`bound_next_chunk`), cut the next chunk into ``cut`` (none: empty; of
         the first ``steps`` decided steps: :meth:`Conversation.cut_chunk`)."""
-        self.bound_next_chunk(stream, room)
+        bound = self.bound_next_chunk(stream, room)
+        if bound is not None:
+            steps = bound if steps is None else min(steps, bound)
         chunk = stream.conversation.cut_chunk(steps)
         if chunk is not None:
             cut.append(chunk)
@@ -856,7 +880,7 @@ class StreamService:
         incoming = self.item_cost(stream, chunk) + room
         # an eager stream's re-anchor is prefilled ahead by its next prefill: the question is answered on the
         # conversation as it is while the model's context takes it (the budget is passed by one question)
-        ahead = stream.settings.prefill == "eager" and not stream.eager_stopped and self.engine.prefix_caching
+        ahead = self.eager(stream) and self.engine.prefix_caching
         if not (ahead and not conv.full() and self.old_can_take(stream, incoming)):
             self.maybe_reanchor(stream, incoming, "question", cut=chunk is not None)
         videos = conv.prompt.open_videos + (chunk is not None)
@@ -904,10 +928,11 @@ class StreamService:
             timing.during_reanchor = pending is not None
             reanchors = conv.reanchors
             # a backlog longer than one chunk: all but its last chunk are prefilled first, as an eager stream
-            # would have (each video item bounded in frames and bytes); an error here fails the question,
-            # with its reason
-            while conv.backlog():
-                await self._prefill_chunk(stream, room)
+            # would have (each video item bounded in frames and bytes, and an eager stream's in kept tokens:
+            # :meth:`bound_next_chunk`); an error here fails the question, with its reason
+            while conv.backlog() or (self.eager(stream) and self.over_limit(stream, room)):
+                if not await self._prefill_chunk(stream, room):
+                    break
             cut: list = []
             try:
                 # rendering the chat template and stacking frames run off the event loop

@@ -521,3 +521,36 @@ def test_a_lazy_stream_asked_late_keeps_its_latest_frames(tiny_model_path, synth
         assert stream.conversation.chunks == [(dropped[0]["frames"], 80)]
 
     asyncio.run(run())
+
+
+def test_an_eager_question_behind_its_frames_takes_the_steps_decided_when_it_started(tiny_model_path, synthetic_clip):
+    """Frames keep arriving while a question prefills an eager stream's backlog in chunks: the question
+    takes the steps decided when it got the stream (its time to first token does not grow with a
+    client that pushes faster than the prefill); the later frames wait for the next prefill, none lost."""
+    frames = np.concatenate([synthetic_clip.frames] * 5)
+    svc = _service(tiny_model_path)
+    svc.after_append = lambda stream: None  # no prefill runs: the question's path meets the backlog
+    engine = svc.engine
+    more = {"n": 80}
+
+    async def run():
+        stream = _open(svc, context_tokens=256)
+        await svc.append(stream, list(frames[:80]))
+        generate = engine.generate
+
+        async def pushing(prompt, params, request_id, data_parallel_rank=None):
+            if request_kind(request_id) == "prefill" and more["n"] < len(frames):  # a client faster than the prefill
+                await svc.append(stream, list(frames[more["n"] : more["n"] + 8]))
+                more["n"] += 8
+            async for out in generate(prompt, params, request_id, data_parallel_rank):
+                yield out
+
+        engine.generate = pushing
+        r = await svc.answer(stream, "What?", max_tokens=4)
+        assert more["n"] > 80  # frames arrived while the question prefilled its backlog
+        assert r["stream_state"]["chunk_ranges"][-1][1] == 80
+        assert not [e for e in stream.events.after(-1) if e["type"] == "dropped"]
+        _no_hole(stream)
+        _consistent(svc, stream)
+
+    asyncio.run(run())

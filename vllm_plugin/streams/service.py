@@ -471,19 +471,27 @@ class StreamService:
             return None
         return max(1, int((1 - stream.settings.memory.anchor_fraction) * budget) - room)
 
-    def over_limit(self, stream: Stream, room: int) -> bool:
-        """More kept tokens wait, not in a chunk yet, than the next chunk may hold (:meth:`new_frames_limit`)."""
+    def prefill_room(self, stream: Stream) -> int:
+        """Tokens an eager prefill leaves for the next question (:data:`QUESTION_ROOM`, at most a quarter
+        of the budget)."""
+        return min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
+
+    def over_limit(self, stream: Stream, room: int, steps: int | None = None) -> bool:
+        """More kept tokens wait, not in a chunk yet (of the first ``steps`` decided steps), than the next
+        chunk may hold (:meth:`new_frames_limit`)."""
         limit = self.new_frames_limit(stream, room)
         conv, tps = stream.conversation, stream.geometry.temporal_patch_size
-        steps = conv.uncut_steps()
-        return limit is not None and len(steps) > 0 and conv.chunk_tokens(steps.start * tps, steps.stop * tps) > limit
+        uncut = conv.uncut_steps()
+        stop = uncut.stop if steps is None else min(uncut.stop, steps)
+        return limit is not None and stop > uncut.start and conv.chunk_tokens(uncut.start * tps, stop * tps) > limit
 
-    def bound_next_chunk(self, stream: Stream, room: int) -> int | None:
+    def bound_next_chunk(self, stream: Stream, room: int, decided: int | None = None) -> int | None:
         """Before a cut: the next chunk holds at most :meth:`new_frames_limit` kept tokens. When more
         steps wait, an eager stream (whose prefill fell behind: frames pushed faster than prefilled, or
         held back by a question) cuts them in several chunks, re-anchoring between: the decided steps the
-        next cut may take are returned (None: all), nothing is dropped. A lazy stream nobody asked for
-        longer than its budget holds keeps the latest (the older ones are dropped, with an event)."""
+        next cut may take are returned (None: all), nothing is dropped (``decided``: of the first
+        ``decided`` steps). A lazy stream nobody asked for longer than its budget holds keeps the latest
+        (the older ones are dropped, with an event)."""
         conv = stream.conversation
         steps = conv.uncut_steps()
         tps = stream.geometry.temporal_patch_size
@@ -505,7 +513,7 @@ class StreamService:
             )
             steps = conv.uncut_steps()
         limit = self.new_frames_limit(stream, room)
-        if limit is None or not self.over_limit(stream, room):
+        if limit is None or not self.over_limit(stream, room, decided if self.eager(stream) else None):
             return None
         if self.eager(stream):
             return steps.start + conv.steps_within(limit)
@@ -626,6 +634,9 @@ class StreamService:
         steps = conv.uncut_steps()
         new = conv.chunk_tokens(steps.start * tps, steps.stop * tps) if len(steps) else 0
         items = -(-len(steps) * tps // conv.chunk_frames())
+        limit = self.new_frames_limit(stream, self.prefill_room(stream))
+        if self.eager(stream) and limit and len(steps):  # an eager stream cuts chunks of at most ``limit`` kept tokens
+            items = max(items, -(-new // limit) + 1)
         incoming = new + items * 2 + int(conv.step_overhead * len(steps)) + room
         if self.max_model_len and conv.context_tokens + incoming + 16 > self.max_model_len:
             return False
@@ -786,7 +797,7 @@ class StreamService:
                 async with stream.chat_lock:
                     if stream.closed or stream.eager_stopped or not (stream.eager_due() or self.past_budget(stream)):
                         return
-                    room = min(QUESTION_ROOM, (self.budget(stream) or 0) // 4)
+                    room = self.prefill_room(stream)
                     steps = len(stream.store.kept_per_step)  # what the check and the cut below both take
                     try:
                         # a re-anchor due before the next chunk is prefilled ahead, off the question path
@@ -859,7 +870,7 @@ class StreamService:
     def _cut_into(self, stream: Stream, room: int, cut: list, steps: int | None = None) -> None:
         """Bound what waits (:meth:`bound_next_chunk`), cut the next chunk into ``cut`` (none: empty; of
         the first ``steps`` decided steps: :meth:`Conversation.cut_chunk`)."""
-        bound = self.bound_next_chunk(stream, room)
+        bound = self.bound_next_chunk(stream, room, steps)
         if bound is not None:
             steps = bound if steps is None else min(steps, bound)
         chunk = stream.conversation.cut_chunk(steps)
@@ -929,14 +940,18 @@ class StreamService:
             reanchors = conv.reanchors
             # a backlog longer than one chunk: all but its last chunk are prefilled first, as an eager stream
             # would have (each video item bounded in frames and bytes, and an eager stream's in kept tokens:
-            # :meth:`bound_next_chunk`); an error here fails the question, with its reason
-            while conv.backlog() or (self.eager(stream) and self.over_limit(stream, room)):
-                if not await self._prefill_chunk(stream, room):
+            # :meth:`bound_next_chunk`, in the chunks its prefill cuts); an error here fails the question, with
+            # its reason. An eager stream's question takes the steps decided when it got the stream: frames
+            # arriving meanwhile wait for the next prefill (the question does not chase a fast client)
+            eager = self.eager(stream)
+            decided = len(stream.store.kept_per_step) if eager else None
+            while conv.backlog() or (eager and self.over_limit(stream, room, decided)):
+                if not await self._prefill_chunk(stream, self.prefill_room(stream) if eager else room, decided):
                     break
             cut: list = []
             try:
                 # rendering the chat template and stacking frames run off the event loop
-                await off_loop(self._cut_into, stream, room, cut)
+                await off_loop(self._cut_into, stream, room, cut, decided)
                 chunk = cut[0] if cut else None
                 videos, prompt_ids = await off_loop(self._question_prompt, stream, chunk, question, room)
                 # the question prefills a re-anchored conversation itself (lazy, or one no prefill ran ahead for)

@@ -345,6 +345,25 @@ def test_oldest_steps_not_in_a_chunk_are_dropped_to_bound_the_next_one(synthetic
     assert conv.drop_uncut(0) == 0  # nothing uncut: nothing to drop
 
 
+@pytest.mark.parametrize("max_tokens", [None, 1, 64, 70, 100, 1000])
+@pytest.mark.parametrize("max_chunk_frames", [4, 8, 64])
+def test_the_chunks_to_cut_are_the_chunks_cut(synthetic_clip, max_tokens, max_chunk_frames):
+    """``chunks_to_cut`` (what a question while a re-anchor is prefilled counts against the item limit)
+    equals the chunks cut one after the other, bounded in frames and (an eager stream's) kept tokens."""
+    m = StreamManager(Limits(max_chunk_frames=max_chunk_frames))
+    s = m.open(StreamSettings(fps=2.0, dtd=DTDConfig(threshold=0.05), event_level=0.5, prefill="lazy"))
+    s.add_frames(list(synthetic_clip.frames))  # 24 steps; 64 kept at steps 0, 12, 16, 20
+    conv = s.conversation
+    expected = conv.chunks_to_cut(max_tokens)
+    cut = 0
+    while True:
+        bound = None if max_tokens is None else conv.uncut_steps().start + conv.steps_within(max_tokens)
+        if conv.cut_chunk(bound) is None:
+            break
+        cut += 1
+    assert expected == cut > 0 and conv.chunks_to_cut(max_tokens) == 0
+
+
 _ONEDNN_PROBE = r"""
 import ctypes, random, torch
 import vllm._custom_ops as ops

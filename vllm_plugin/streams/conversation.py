@@ -85,9 +85,10 @@ class Conversation:
             self.next_frame = end
             return start, end
 
-    def backlog(self) -> bool:
-        """More decided frames wait than one chunk may hold."""
-        return len(self.store.kept_per_step) * self.tps - self.next_frame > self.chunk_frames()
+    def backlog(self, steps: int | None = None) -> bool:
+        """More decided frames wait (of the first ``steps`` decided steps) than one chunk may hold."""
+        decided = len(self.store.kept_per_step) if steps is None else min(steps, len(self.store.kept_per_step))
+        return decided * self.tps - self.next_frame > self.chunk_frames()
 
     def uncut_steps(self) -> range:
         """The decided temporal steps not in a chunk yet."""
@@ -252,6 +253,23 @@ class Conversation:
                 break
             n += 1
         return n
+
+    def chunks_to_cut(self, max_tokens: int | None = None) -> int:
+        """The chunks :meth:`cut_chunk` would make of the steps not in a chunk yet, each of at most
+        :meth:`chunk_frames` frames and (``max_tokens``, an eager stream's bound) that many kept tokens
+        (:meth:`steps_within`), as its callers cut them one after the other."""
+        kept, per_chunk = self.store.kept_per_step, self.chunk_frames() // self.tps
+        steps = self.uncut_steps()
+        s, chunks = steps.start, 0
+        while s < steps.stop:
+            n, total = 0, 0
+            while s + n < steps.stop and n < per_chunk:
+                total += kept[s + n]
+                if n and max_tokens is not None and total > max_tokens:
+                    break
+                n += 1
+            s, chunks = s + n, chunks + 1
+        return chunks
 
     def drop_uncut(self, max_tokens: int, keep_steps: int | None = None) -> int:
         """Bound the next chunk: free the oldest steps not in a chunk yet while their kept tokens are

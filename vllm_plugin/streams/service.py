@@ -633,10 +633,10 @@ class StreamService:
         tps = stream.geometry.temporal_patch_size
         steps = conv.uncut_steps()
         new = conv.chunk_tokens(steps.start * tps, steps.stop * tps) if len(steps) else 0
-        items = -(-len(steps) * tps // conv.chunk_frames())
-        limit = self.new_frames_limit(stream, self.prefill_room(stream))
-        if self.eager(stream) and limit and len(steps):  # an eager stream cuts chunks of at most ``limit`` kept tokens
-            items = max(items, -(-new // limit) + 1)
+        # the items the question and the prefills before it cut (an eager stream's are bounded in kept tokens too)
+        items = conv.chunks_to_cut(
+            self.new_frames_limit(stream, self.prefill_room(stream)) if self.eager(stream) else None
+        )
         incoming = new + items * 2 + int(conv.step_overhead * len(steps)) + room
         if self.max_model_len and conv.context_tokens + incoming + 16 > self.max_model_len:
             return False
@@ -945,7 +945,7 @@ class StreamService:
             # arriving meanwhile wait for the next prefill (the question does not chase a fast client)
             eager = self.eager(stream)
             decided = len(stream.store.kept_per_step) if eager else None
-            while conv.backlog() or (eager and self.over_limit(stream, room, decided)):
+            while conv.backlog(decided) or (eager and self.over_limit(stream, room, decided)):
                 if not await self._prefill_chunk(stream, self.prefill_room(stream) if eager else room, decided):
                     break
             cut: list = []

@@ -241,34 +241,32 @@ class Conversation:
         the steps left with no frame. Under :attr:`lock`."""
         self.policy.forget(self.store.free(frames))
 
-    def steps_within(self, max_tokens: int) -> int:
-        """How many of the oldest steps not in a chunk yet hold at most ``max_tokens`` kept tokens
-        together (at least one when any waits): an eager stream's next chunk, when more wait."""
+    def _chunk_steps(self, start: int, stop: int, max_tokens: int | None, max_steps: int) -> int:
+        """How many steps from ``start`` (before ``stop``) one chunk takes: at most ``max_steps``, and
+        (``max_tokens``) at most that many kept tokens together; at least one when any waits."""
         kept = self.store.kept_per_step
-        steps = self.uncut_steps()
-        total, n = 0, 0
-        for s in steps:
-            total += kept[s]
-            if n and total > max_tokens:
+        n, total = 0, 0
+        while start + n < stop and n < max_steps:
+            total += kept[start + n]
+            if n and max_tokens is not None and total > max_tokens:
                 break
             n += 1
         return n
+
+    def steps_within(self, max_tokens: int) -> int:
+        """How many of the oldest steps not in a chunk yet hold at most ``max_tokens`` kept tokens
+        together (at least one when any waits): an eager stream's next chunk, when more wait."""
+        steps = self.uncut_steps()
+        return self._chunk_steps(steps.start, steps.stop, max_tokens, len(steps))
 
     def chunks_to_cut(self, max_tokens: int | None = None) -> int:
         """The chunks :meth:`cut_chunk` would make of the steps not in a chunk yet, each of at most
         :meth:`chunk_frames` frames and (``max_tokens``, an eager stream's bound) that many kept tokens
         (:meth:`steps_within`), as its callers cut them one after the other."""
-        kept, per_chunk = self.store.kept_per_step, self.chunk_frames() // self.tps
-        steps = self.uncut_steps()
+        steps, per_chunk = self.uncut_steps(), self.chunk_frames() // self.tps
         s, chunks = steps.start, 0
         while s < steps.stop:
-            n, total = 0, 0
-            while s + n < steps.stop and n < per_chunk:
-                total += kept[s + n]
-                if n and max_tokens is not None and total > max_tokens:
-                    break
-                n += 1
-            s, chunks = s + n, chunks + 1
+            s, chunks = s + self._chunk_steps(s, steps.stop, max_tokens, per_chunk), chunks + 1
         return chunks
 
     def drop_uncut(self, max_tokens: int, keep_steps: int | None = None) -> int:

@@ -3,6 +3,7 @@
 that turns the plugin's errors into HTTP statuses."""
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -585,3 +586,72 @@ def test_an_engine_that_goes_silent_gets_the_request_aborted_and_a_503(tiny_mode
         assert r["stream_state"]["chunk_ranges"] == [[0, 8]]
 
     asyncio.run(run())
+
+
+def test_a_cancelled_question_stops_however_fast_the_engine_streams(tiny_model_path, synthetic_clip):
+    """Cancelling a question (a client's ``response.cancel``, a disconnect) ends it and aborts its request,
+    even when the engine's next output is already there as the cancel lands. Python 3.11's
+    ``asyncio.wait_for`` returns that output and swallows the cancel: the answer ran to ``max_tokens``
+    (a fresh-clone CI run: ``response.done`` "incomplete" after ``response.cancel``)."""
+    from types import SimpleNamespace
+
+    from vllm_plugin.streams.routes import OpenStreamRequest
+    from vllm_plugin.streams.service import StreamService
+
+    class Fast(FakeEngine):
+        """Questions stream ``max_tokens`` outputs, each as soon as the loop turns once."""
+
+        produced = 0
+        closed = 0
+
+        async def generate(self, prompt, params, request_id, data_parallel_rank=None):
+            if request_kind(request_id) != "q":
+                async for out in super().generate(prompt, params, request_id, data_parallel_rank):
+                    yield out
+                return
+            try:
+                for i in range(params["max_tokens"]):
+                    await asyncio.sleep(0)
+                    type(self).produced += 1
+                    o = SimpleNamespace(
+                        text="a" * (i + 1), token_ids=[1] * (i + 1), finish_reason=None, stop_reason=None
+                    )
+                    yield SimpleNamespace(
+                        request_id=request_id, prompt_token_ids=[1], num_cached_tokens=0, finished=False, outputs=[o]
+                    )
+            finally:
+                type(self).closed += 1
+
+    engine = Fast(tiny_model_path)
+    svc = StreamService(engine, StreamManager(Limits(engine_timeout_s=60)))
+
+    async def run():
+        stream = svc.open(svc.settings(OpenStreamRequest(fps=2.0, prefill="lazy")))
+        await svc.append(stream, list(synthetic_clip.frames[:4]))
+        ends = []
+        for k in range(1, 41):  # the cancel lands at 40 different points of the stream of outputs
+            seen = 0
+
+            async def ask():
+                nonlocal seen
+                async for _ in svc.generate(stream, "Hello?", 2000, 0.0):
+                    seen += 1
+
+            before = Fast.produced
+            task = asyncio.ensure_future(ask())
+            while seen < k and not task.done():
+                await asyncio.sleep(0)
+            if task.done():
+                task.result()  # (fails the test with the question's error)
+            for _ in range(k % 3):  # and at different phases of the engine's step
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            ends.append((k, task.cancelled(), Fast.produced - before))
+        return ends
+
+    closed_before = Fast.closed
+    ends = asyncio.run(run())
+    assert all(cancelled and produced < 100 for _, cancelled, produced in ends), ends
+    assert Fast.closed - closed_before == 40  # every request's generate was closed (vLLM aborts it then)

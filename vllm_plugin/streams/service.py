@@ -721,7 +721,10 @@ class StreamService:
         outputs = aiter(self.engine.generate(prompt, params, rid, data_parallel_rank=rank))
         while True:
             try:
-                out = await asyncio.wait_for(anext(outputs), timeout)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an output that is already there
+                # when the caller is cancelled, and swallows the cancel (a response.cancel ran to max_tokens)
+                async with asyncio.timeout(timeout):
+                    out = await anext(outputs)
             except StopAsyncIteration:
                 return
             except TimeoutError:

@@ -271,13 +271,20 @@ def run_notebook(name: str, env: dict | None = None, timeout: int = 600):
     cell fails as itself, with the tail of the embedded server's log when the notebook started one."""
     import nbformat
     from nbclient import NotebookClient
+    from notebook_kernel import SlicedKernelManager
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     old = dict(os.environ)
     os.environ.update(env or {})
     try:
         NotebookClient(
-            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+            nb,
+            timeout=timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(NOTEBOOKS)}},
+            # its channels poll in slices: a reply whose wake-up the socket missed waits ~1 s, not the
+            # whole per-cell timeout (tests/notebook_kernel.py)
+            kernel_manager_class=SlicedKernelManager,
         ).execute()
     except Exception as e:
         pytest.fail(f"{name} failed: {type(e).__name__}: {str(e)[-3000:]}\n{server_log_tail(nb)}", pytrace=False)

@@ -11,6 +11,10 @@ import pytest
 from analysis.harness.browser import CHROMEDRIVER, CHROMIUM, chromium_driver
 
 REPO = Path(__file__).resolve().parent.parent
+# the servers the harness starts here (fixtures, tools run as subprocesses, notebooks' embedded ones) skip vLLM's
+# compilation (--enforce-eager: each start ~10-15 s shorter on 2 cores); the main servers keep it (COMPILED)
+os.environ.setdefault("DTD_TEST_ENFORCE_EAGER", "1")
+COMPILED = ["--no-enforce-eager"]  # vLLM's default: the compiled model, as a user's server runs it
 TEST_MAX_STREAMS = 17  # streams the DTD test server holds (16 concurrent Realtime sockets in a test, plus a fixture's)
 BLOCK_SIZE = 32  # KV block size of the DTD test server (the CPU backend needs a multiple of 32)
 DTD_ARCH = "Qwen2_5_VLDTDForConditionalGeneration"
@@ -204,13 +208,17 @@ def dtd_server(tiny_model_path, media_dir, tmp_path_factory):
         "DTD_ENCODER_GROUP_TOKENS": "128",
     }
     # a processor cache of ~2 stream chunks of the synthetic clip: streams outgrow it within a test (test_never_down)
-    args = serve_args(media_dir) + [
-        "--dtd-streams",
-        "--block-size",
-        str(BLOCK_SIZE),
-        "--mm-processor-cache-gb",
-        "0.008",
-    ]
+    args = (
+        serve_args(media_dir)
+        + COMPILED
+        + [
+            "--dtd-streams",
+            "--block-size",
+            str(BLOCK_SIZE),
+            "--mm-processor-cache-gb",
+            "0.008",
+        ]
+    )
     with VLLMServer(tiny_model_path, args, module="vllm_plugin.serve", log_path=log, env=env) as srv:
         yield srv
 
@@ -221,7 +229,7 @@ def stock_server(tiny_model_path, media_dir, tmp_path_factory):
     from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "stock.log"
-    with VLLMServer(tiny_model_path, serve_args(media_dir), log_path=log) as srv:
+    with VLLMServer(tiny_model_path, serve_args(media_dir) + COMPILED, log_path=log) as srv:
         yield srv
 
 

@@ -363,6 +363,15 @@ _TABLE: tuple[Setting, ...] = (
         shown="`float32` on vLLM's CPU platform, `bfloat16` with CUDA",
     ),
     Setting(
+        "DTD_TEST_ENFORCE_EAGER",
+        bool,
+        False,
+        "servers the harness starts with its CPU defaults skip vLLM's compilation (`--enforce-eager`: "
+        "~10-15 s less per start on 2 cores) unless their flags say `--enforce-eager` or `--no-enforce-eager`; "
+        "the test suite sets it (its main servers pass `--no-enforce-eager`: the compiled path stays tested)",
+        (TOOLS,),
+    ),
+    Setting(
         "DTD_CACHE_DIR",
         str,
         None,

@@ -51,6 +51,7 @@ CPU_DEFAULT_ARGS = context_args(16384)
 # The dtype servers are started at, and that the serving tests' reference pipelines and tolerances
 # follow (analysis/harness/checks.py): float32 / bfloat16; unset: :func:`served_dtype` decides.
 DTYPE_ENV = "DTD_TEST_DTYPE"  # float32 | bfloat16 (bf16, fp32 too): vllm_plugin.settings
+EAGER_ENV = "DTD_TEST_ENFORCE_EAGER"  # CPU-default servers skip vLLM's compilation: vllm_plugin.settings
 SERVER_URL_ENV = "DTD_SERVER_URL"  # the server notebooks use (default http://127.0.0.1:8000)
 
 
@@ -162,6 +163,8 @@ class VLLMServer:
         for flag, value in zip(defaults[::2], defaults[1::2]):
             if flag not in given:
                 self.args += [flag, value]
+        if cpu_defaults and settings.get(EAGER_ENV) and not given & {"--enforce-eager", "--no-enforce-eager"}:
+            self.args.append("--enforce-eager")  # (the test suite: a start ~10-15 s shorter on 2 cores)
         self.args += list(extra_args)
         self.env = {
             **os.environ,

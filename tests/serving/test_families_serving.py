@@ -17,7 +17,7 @@ from analysis.harness.checks import (
     assert_same_tokens,
     served_top_logprobs,
 )
-from conftest import chat_video, chat_with_stats, serve_args
+from conftest import COMPILED, chat_video, chat_with_stats, serve_args
 from vllm_plugin.client import open_stream
 from vllm_plugin.core import DTDConfig
 
@@ -37,7 +37,7 @@ def qwen3_stock_answers(qwen3_path, media_dir, clips, tmp_path_factory):
     from analysis.harness.server import VLLMServer
 
     log = tmp_path_factory.mktemp("logs") / "qwen3-stock.log"
-    with VLLMServer(qwen3_path, serve_args(media_dir), log_path=log) as srv:
+    with VLLMServer(qwen3_path, serve_args(media_dir) + COMPILED, log_path=log) as srv:
         return {name: chat_video(srv.client(), srv.model, path, Q) for name, path in clips.items()}
 
 
@@ -60,7 +60,10 @@ def qwen3_server(qwen3_stock_answers, qwen3_path, media_dir, tmp_path_factory):
         str(QWEN3_POSITIONS),
     ]
     with VLLMServer(
-        qwen3_path, serve_args(media_dir) + ["--dtd-streams"] + small_table, module="vllm_plugin.serve", log_path=log
+        qwen3_path,
+        serve_args(media_dir) + COMPILED + ["--dtd-streams"] + small_table,
+        module="vllm_plugin.serve",
+        log_path=log,
     ) as srv:
         yield srv
 

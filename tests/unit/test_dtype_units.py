@@ -24,6 +24,7 @@ from vllm_plugin.core import DTDConfig, mask_digest
 @pytest.fixture
 def no_env(monkeypatch):
     monkeypatch.delenv(server.DTYPE_ENV, raising=False)
+    monkeypatch.delenv(server.EAGER_ENV, raising=False)
 
 
 @pytest.fixture
@@ -76,6 +77,22 @@ def test_servers_get_the_served_dtype_on_every_platform(no_env, tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(server, "_vllm_cpu_build", lambda: False)
     assert _args(tmp_path, cpu_defaults=False)[i:] == ["--dtype", "bfloat16"]
+
+
+def test_the_suite_s_servers_skip_compilation_unless_their_flags_say(no_env, tmp_path, monkeypatch):
+    """DTD_TEST_ENFORCE_EAGER (set by tests/conftest.py): CPU-default servers get ``--enforce-eager``; one
+    whose flags name it either way keeps them, and a server without the CPU defaults (a GPU) never gets it."""
+    assert "--enforce-eager" not in _args(tmp_path)  # unset: vLLM's default (compiled)
+    monkeypatch.setenv(server.EAGER_ENV, "1")
+    assert _args(tmp_path).count("--enforce-eager") == 1
+    assert "--enforce-eager" not in _args(tmp_path, ["--no-enforce-eager"])
+    assert _args(tmp_path, ["--enforce-eager"]).count("--enforce-eager") == 1
+    assert "--enforce-eager" not in _args(tmp_path, cpu_defaults=False)
+    monkeypatch.setenv(server.EAGER_ENV, "0")
+    assert "--enforce-eager" not in _args(tmp_path)
+    monkeypatch.setenv(server.EAGER_ENV, "maybe")
+    with pytest.raises(ValueError, match="DTD_TEST_ENFORCE_EAGER"):
+        _args(tmp_path)
 
 
 def test_the_table_has_both_dtypes_and_follows_the_served_one(no_env, monkeypatch):

@@ -10,6 +10,7 @@ slice, and a timeout still raises :class:`queue.Empty` when it is due."""
 
 from __future__ import annotations
 
+import math
 import time
 from queue import Empty
 
@@ -28,7 +29,7 @@ class SlicedChannel(AsyncZMQSocketChannel):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = SLICE_S if deadline is None else min(SLICE_S, max(0.0, deadline - time.monotonic()))
-            if await self.socket.poll(int(left * 1000)):
+            if await self.socket.poll(math.ceil(left * 1000)):
                 return await self._recv()
             if deadline is not None and time.monotonic() >= deadline:
                 raise Empty

@@ -2,9 +2,10 @@
 asyncio client, whose channels wait for a message in slices of at most :data:`SLICE_S`.
 
 Why: a headless run of notebook 04 sat idle for ~600 s (the per-cell timeout) twice in fresh-clone CI
-runs, then went on and passed: the kernel had answered, and nbclient's single ``poll(600 s)`` on the shell
-socket missed the socket's wake-up (libzmq signals readiness by an edge of the socket's fd; a send on the
-same socket can consume that edge) and saw the reply only in pyzmq's final ``poll(0)`` at the timeout.
+runs, then went on and passed. Read from py-spy (every kernel thread idle, nbclient in its event loop) and
+nbclient's code (one ``poll(600 s)`` on the shell socket per cell; at the timeout pyzmq polls once more with 0
+and nbclient raises only if that finds nothing): the kernel had answered and the poll missed the socket's
+wake-up (libzmq signals readiness by an edge of the socket's fd; which operation consumed it was not found).
 Each slice here is a fresh poll, which reads the socket's events first: a missed wake-up costs at most one
 slice, and a timeout still raises :class:`queue.Empty` when it is due."""
 
